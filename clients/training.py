@@ -1,0 +1,96 @@
+"""A client's local work: attach its task head to theta0, fine-tune, score.
+
+The per-task head is a linear probe fitted on the *frozen base* features (our analogue of
+CLIP's zero-shot head in the paper) and stays frozen while the backbone is fine-tuned, so
+only the shared backbone moves and the same head scores the base, fine-tuned and merged
+backbones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clients.tasks import TaskData
+from fl_merge.evaluation import evaluate
+from fl_merge.models import TaskModel, build_model, is_merged_key
+from fl_merge.training import fit
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.lr <= 0 or self.batch_size <= 0:
+            raise ValueError(f"local training needs positive steps, lr and batch size: {self}")
+
+
+# L2 strength of the probe head: keeps its logits moderate, so fine-tuning starts from a
+# calibrated loss instead of huge gradients through an over-confident head.
+PROBE_L2 = 1e-2
+
+
+@torch.no_grad()
+def _features(backbone: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    backbone.eval()
+    return torch.cat([backbone(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def fit_probe_head(model: TaskModel, task: TaskData, seed: int, max_iter: int = 200) -> None:
+    """Fit model.head by L2-regularized logistic regression (L-BFGS) on frozen features of
+    the train split. Deterministic given the backbone, the data and `seed`."""
+    x, y = task.train.tensors
+    feats = _features(model.backbone, x)
+    torch.manual_seed(seed)
+    head = model.head
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(feats), y) + PROBE_L2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def model_for_task(model_name: str, task: TaskData, state: Mapping[str, torch.Tensor],
+                   seed: int) -> TaskModel:
+    """A TaskModel with `state` loaded. `state` must hold the backbone; if it also holds a
+    head of the right shape that head is used, else a probe head is fitted."""
+    model = build_model(model_name, task.num_classes)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if is_merged_key(k)}
+    model.backbone.load_state_dict(backbone)
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    if head and tuple(head["weight"].shape) == tuple(model.head.weight.shape):
+        model.head.load_state_dict(head)
+    else:
+        fit_probe_head(model, task, seed)
+    return model
+
+
+def fine_tune(model: TaskModel, task: TaskData, cfg: LocalTrainConfig) -> dict[str, float]:
+    """Fine-tune the backbone (head frozen) for exactly cfg.steps SGD steps; return metrics."""
+    for p in model.head.parameters():
+        p.requires_grad_(False)
+    res = fit(model, task.train, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+              seed=cfg.seed, params=list(model.backbone.parameters()))
+    val_acc, _ = evaluate(model, task.val)
+    test_acc, test_loss = evaluate(model, task.test)
+    return {
+        "train-loss": res.last_loss,
+        "train-loss-first": res.first_loss,
+        "finetuned-accuracy": test_acc,
+        "finetuned-val-accuracy": val_acc,
+        "finetuned-loss": test_loss,
+    }

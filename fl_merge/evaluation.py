@@ -1,0 +1,52 @@
+"""Scoring a model on a split, normalized accuracy and choosing eta."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of `model` on `data`."""
+    model.eval()
+    x, y = data.tensors
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i : i + batch_size])
+        yb = y[i : i + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == yb).sum())
+    return correct / len(y), loss_sum / len(y)
+
+
+def normalized_accuracy(merged_accuracy: float, finetuned_accuracy: float) -> float:
+    """acc(merged on task t) / acc(model fine-tuned on task t): 1.0 = nothing lost by merging."""
+    if finetuned_accuracy <= 0:
+        return float("nan")
+    return merged_accuracy / finetuned_accuracy
+
+
+def select_eta(
+    etas: Sequence[float],
+    val_accuracy: Mapping[str, Sequence[float]],
+    finetuned_val_accuracy: Mapping[str, float],
+) -> tuple[float, list[float]]:
+    """Pick eta maximizing the mean over tasks of normalized validation accuracy.
+
+    val_accuracy[task][j] is the merged model's accuracy with etas[j]; only eta > 0 is a
+    candidate (eta = 0 is the pretrained base, kept as the reference). Ties go to the
+    smaller eta. Returns (best eta, mean normalized accuracy per eta).
+    """
+    if not val_accuracy:
+        raise ValueError("no validation accuracies to choose eta from")
+    means = []
+    for j, _ in enumerate(etas):
+        vals = [normalized_accuracy(acc[j], finetuned_val_accuracy[t]) for t, acc in val_accuracy.items()]
+        means.append(sum(vals) / len(vals))
+    candidates = [j for j, e in enumerate(etas) if e > 0] or list(range(len(etas)))
+    best = max(candidates, key=lambda j: (means[j], -etas[j]))
+    return float(etas[best]), means

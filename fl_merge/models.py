@@ -1,0 +1,154 @@
+"""Model registry: a model is a backbone builder, a per-task head, and the rule saying which
+parameters are merged.
+
+Every model is ``TaskModel(backbone, head)``: parameters under ``backbone.`` are shared and
+merged; parameters under ``head.`` belong to one task (its own label space) and are never
+merged. The base model theta0 is a pretrained backbone, built once and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+MERGED_PREFIX = "backbone."
+HEAD_PREFIX = "head."
+
+
+def is_merged_key(key: str) -> bool:
+    """True for shared backbone parameters (merged), False for per-task head parameters."""
+    return key.startswith(MERGED_PREFIX)
+
+
+class TaskModel(nn.Module):
+    """backbone (shared, merged) -> head (per task, never merged)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def mnist_cnn_backbone() -> nn.Module:
+    """Two conv blocks and a 128-d feature layer for 1x28x28 inputs (~210k parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
+    )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 40  # a weakly pretrained base: tasks gain a lot from fine-tuning
+    lr: float = 0.05
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build_backbone: Callable[[], nn.Module]
+    feature_dim: int
+    input_shape: tuple[int, ...]
+    # Builds the pretraining dataset (inputs, labels, num_classes).
+    pretrain_data: Callable[[], tuple[TensorDataset, int]]
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model '{spec.name}' registered twice")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}") from None
+
+
+def build_model(name: str, num_classes: int) -> TaskModel:
+    spec = get_model_spec(name)
+    return TaskModel(spec.build_backbone(), spec.feature_dim, num_classes)
+
+
+def _mnist_pretrain_data() -> tuple[TensorDataset, int]:
+    # Pretraining uses the first half of MNIST train; tasks draw from the second half.
+    from fl_merge.data import load_mnist, mnist_to_tensor
+
+    m = load_mnist()
+    n = PRETRAIN_POOL
+    return TensorDataset(mnist_to_tensor(m["train_images"][:n]),
+                         torch.as_tensor(m["train_labels"][:n], dtype=torch.int64)), 10
+
+
+PRETRAIN_POOL = 30000  # MNIST train images [0, 30000) are the base model's pretraining data
+
+register_model(ModelSpec("mnist-cnn", mnist_cnn_backbone, 128, (1, 28, 28), _mnist_pretrain_data))
+
+# Bump when pretraining code changes what it produces: old cache entries are then ignored.
+_PRETRAIN_CODE_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Absolute cache directory: $FL_MERGE_CACHE, else $XDG_CACHE_HOME/fl-merge, else
+    ~/.cache/fl-merge."""
+    if os.environ.get("FL_MERGE_CACHE"):
+        return Path(os.environ["FL_MERGE_CACHE"]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return (base / "fl-merge").resolve()
+
+
+def base_model_path(name: str, cfg: PretrainConfig) -> Path:
+    key = json.dumps({"model": name, **asdict(cfg), "code": _PRETRAIN_CODE_VERSION}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "base" / f"{name}-{digest}.safetensors"
+
+
+def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
+                        progress: bool = True) -> dict[str, torch.Tensor]:
+    """theta0: the pretrained backbone's state dict with ``backbone.`` keys.
+
+    Pretrained once (deterministic from cfg.seed) and cached at an absolute user path;
+    an unreadable cache file is rebuilt, and the file is written atomically.
+    """
+    spec = get_model_spec(name)
+    path = base_model_path(name, cfg)
+    if path.exists():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError):
+            path.unlink(missing_ok=True)  # corrupt or partial: rebuild below
+    torch.manual_seed(cfg.seed)
+    data, num_classes = spec.pretrain_data()
+    model = TaskModel(spec.build_backbone(), spec.feature_dim, num_classes)
+    from fl_merge.training import fit
+
+    fit(model, data, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        desc=f"pretraining {name}" if progress else None)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_merged_key(k)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"model": name, **{k: str(v) for k, v in asdict(cfg).items()}})
+    os.replace(tmp, path)
+    return state

@@ -1,0 +1,118 @@
+"""Task vectors over state dicts.
+
+A task vector is tau_i = theta_i - theta0, taken over the *merged* parameters only (the
+shared backbone). Per-task parameters (heads with task-specific label spaces) are never part
+of a task vector and never merged: `split_state` keeps the two apart explicitly.
+
+Everything here is a small pure function on ``dict[str, torch.Tensor]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+class MergeInputError(ValueError):
+    """Task vectors or merge arguments that cannot be merged, with the reason."""
+
+
+def split_state(
+    state: Mapping[str, torch.Tensor], is_merged: Callable[[str], bool]
+) -> tuple[StateDict, StateDict]:
+    """Split a state dict into (merged parameters, per-task parameters)."""
+    merged = {k: v for k, v in state.items() if is_merged(k)}
+    per_task = {k: v for k, v in state.items() if not is_merged(k)}
+    return merged, per_task
+
+
+def task_vector(
+    finetuned: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    keys: Iterable[str] | None = None,
+) -> StateDict:
+    """tau = theta_finetuned - theta_base over `keys` (default: every key of `base`).
+
+    Differences are taken in float32 at least (float64 stays float64), so low-precision
+    weights do not lose the small update.
+    """
+    keys = list(base.keys()) if keys is None else list(keys)
+    missing = [k for k in keys if k not in finetuned]
+    if missing:
+        raise MergeInputError(f"fine-tuned weights lack merged parameters {missing[:5]}")
+    out: StateDict = {}
+    for k in keys:
+        b, f = base[k], finetuned[k]
+        if tuple(b.shape) != tuple(f.shape):
+            raise MergeInputError(
+                f"parameter '{k}' has shape {tuple(f.shape)} but the base has {tuple(b.shape)}"
+            )
+        dtype = _work_dtype(b.dtype)
+        out[k] = f.detach().to(dtype) - b.detach().to(dtype)
+    return out
+
+
+def apply_update(
+    base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], eta: float
+) -> StateDict:
+    """theta = theta0 + eta * Delta on the keys of `delta`; other keys of `base` are copied.
+
+    The result keeps each base tensor's dtype and device.
+    """
+    unknown = [k for k in delta if k not in base]
+    if unknown:
+        raise MergeInputError(f"update has parameters the base model lacks: {unknown[:5]}")
+    out: StateDict = {k: v.detach().clone() for k, v in base.items()}
+    for k, d in delta.items():
+        b = base[k]
+        dtype = _work_dtype(b.dtype)
+        out[k] = (b.to(dtype) + eta * d.to(device=b.device, dtype=dtype)).to(b.dtype)
+    return out
+
+
+def check_task_vectors(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None
+) -> None:
+    """Raise MergeInputError unless all task vectors share keys, shapes and dtypes and are
+    finite. `names` label the clients in the message (default: client 0, 1, ...)."""
+    if len(task_vectors) == 0:
+        raise MergeInputError("no task vectors to merge")
+    names = list(names) if names is not None else [f"client {i}" for i in range(len(task_vectors))]
+    if len(names) != len(task_vectors):
+        raise MergeInputError(f"{len(names)} names for {len(task_vectors)} task vectors")
+    ref = task_vectors[0]
+    if len(ref) == 0:
+        raise MergeInputError(f"{names[0]} sent an empty update")
+    for name, tv in zip(names, task_vectors):
+        if set(tv.keys()) != set(ref.keys()):
+            diff = sorted(set(tv.keys()) ^ set(ref.keys()))
+            raise MergeInputError(f"{name} has different parameters than {names[0]}: {diff[:5]}")
+        for k, v in tv.items():
+            if not isinstance(v, torch.Tensor):
+                raise MergeInputError(f"{name}: parameter '{k}' is {type(v).__name__}, not a tensor")
+            r = ref[k]
+            if tuple(v.shape) != tuple(r.shape):
+                raise MergeInputError(
+                    f"{name}: parameter '{k}' has shape {tuple(v.shape)}, "
+                    f"{names[0]} has {tuple(r.shape)}"
+                )
+            if v.dtype != r.dtype:
+                raise MergeInputError(
+                    f"{name}: parameter '{k}' has dtype {v.dtype}, {names[0]} has {r.dtype}"
+                )
+            if not v.dtype.is_floating_point:
+                raise MergeInputError(f"{name}: parameter '{k}' is {v.dtype}, not floating point")
+            if not bool(torch.isfinite(v).all()):
+                raise MergeInputError(f"{name}: update of '{k}' contains NaN or Inf")
+
+
+def flat_norm(tv: Mapping[str, torch.Tensor]) -> float:
+    """Euclidean norm of a task vector over all its tensors (float64 accumulation)."""
+    return float(sum(float(v.double().pow(2).sum()) for v in tv.values()) ** 0.5)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
