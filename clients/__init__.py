@@ -1,0 +1,1 @@
+"""Flower ClientApp, tasks and local training."""

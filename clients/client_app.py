@@ -1,0 +1,120 @@
+"""The fl-merge ClientApp: one task per client, fine-tuned locally, scored on request.
+
+Which task a node runs is ``tasks[partition-id]`` (task list from the server's config,
+partition id from the node config, as in simulation and ``--node-config`` deployments).
+Per-client training values arrive as a scalar (all clients alike) or a list indexed by
+partition id: that is how training heterogeneity travels in one shared message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.tasks import load_task
+from clients.training import LocalTrainConfig, fine_tune, model_for_task
+from fl_merge.evaluation import evaluate
+from fl_merge.task_vectors import apply_update
+
+app = ClientApp()
+
+
+def _partition_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise ValueError("node config lacks 'partition-id': start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<K>'") from None
+
+
+def _pick(config: ConfigRecord, key: str, pid: int) -> Any:
+    """A per-client value: scalar for everyone, or the list entry for this partition."""
+    if key not in config:
+        raise ValueError(f"training config lacks '{key}'")
+    value = config[key]
+    if isinstance(value, list):
+        if pid >= len(value):
+            raise ValueError(f"'{key}' has {len(value)} values but this is partition {pid}")
+        return value[pid]
+    return value
+
+
+def _task_for(config: ConfigRecord, pid: int):
+    tasks = list(config["tasks"])
+    if pid >= len(tasks):
+        raise ValueError(f"partition-id {pid} but the run has only {len(tasks)} tasks")
+    return load_task(tasks[pid], int(config.get("data-seed", 0)))
+
+
+def _limit_threads() -> None:
+    # Simulated clients share the machine's cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    _limit_threads()
+    pid = _partition_id(context)
+    config = msg.content["config"]
+    cfg = LocalTrainConfig(
+        steps=int(_pick(config, "local-steps", pid)),
+        lr=float(_pick(config, "lr", pid)),
+        batch_size=int(_pick(config, "batch-size", pid)),
+        seed=int(_pick(config, "seed", pid)),
+    )
+    task = _task_for(config, pid)
+    theta0 = msg.content["arrays"].to_torch_state_dict()
+    t0 = time.perf_counter()
+    model = model_for_task(str(config["model"]), task, theta0, cfg.seed)
+    metrics = fine_tune(model, task, cfg)
+    metrics.update({
+        "num-examples": len(task.train),
+        "local-steps": cfg.steps,
+        "lr": cfg.lr,
+        "batch-size": cfg.batch_size,
+        "seed": cfg.seed,
+        "partition-id": pid,
+        "train-seconds": time.perf_counter() - t0,
+    })
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return Message(
+        RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate_model(msg: Message, context: Context) -> Message:
+    """Score the received model. With a 'delta' ArrayRecord and an 'etas' list, score
+    theta + eta * delta for every eta on both val and test (one message, Delta sent once);
+    else score the received model on config 'split' (default test)."""
+    _limit_threads()
+    pid = _partition_id(context)
+    config = msg.content["config"]
+    task = _task_for(config, pid)
+    state = msg.content["arrays"].to_torch_state_dict()
+    model_name = str(config["model"])
+    seed = int(_pick(config, "seed", pid)) if "seed" in config else 0  # for a probe head only
+    metrics: dict[str, Any] = {"num-examples": len(task.test), "partition-id": pid}
+    if "delta" in msg.content.array_records:
+        delta = msg.content["delta"].to_torch_state_dict()
+        etas = [float(e) for e in config["etas"]]
+        scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in ("val", "test") for m in ("accuracy", "loss")}
+        for eta in etas:
+            model = model_for_task(model_name, task, apply_update(state, delta, eta), seed)
+            for split, data in (("val", task.val), ("test", task.test)):
+                acc, loss = evaluate(model, data)
+                scores[f"{split}-accuracy"].append(acc)
+                scores[f"{split}-loss"].append(loss)
+        metrics.update(scores)
+    else:
+        split = str(config.get("split", "test"))
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got '{split}'")
+        model = model_for_task(model_name, task, state, seed)
+        metrics["accuracy"], metrics["loss"] = evaluate(model, task.val if split == "val" else task.test)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

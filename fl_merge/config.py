@@ -1,0 +1,219 @@
+"""Typed run configuration, shared by the ServerApp, the launcher and tests.
+
+The Flower run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden with
+``--run-config 'k=v'``) uses dashed keys; `RunConfig` is the same set with underscores.
+Its defaults are the single source: a test checks pyproject.toml carries the same values.
+Everything is validated by `RunConfig.resolve()` before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_clients: int = 4
+    suite: str = "mnist8"
+    tasks: str = ""  # comma list of task names; empty: the first num-clients of the suite
+    model: str = "mnist-cnn"
+    pretrain_steps: int = 40
+    pretrain_seed: int = 0
+    method: str = "task_arithmetic"
+    method_params: str = ""  # "name=value name=value", e.g. "density=0.2"
+    etas: str = "0.5,1,1.5,2,2.5,3"  # server learning rates scored on validation; 0 (base) is added
+    weighting: str = "uniform"  # uniform | num-examples
+    local_steps: str = "150"  # one value for all clients, or a comma list of num-clients values
+    lr: str = "0.01"
+    batch_size: str = "64"
+    seed: int = 0  # client i trains with seed + i
+    data_seed: int = 0
+    device: str = "auto"  # where the server aggregates: auto | cpu | cuda
+    output_dir: str = ""  # empty: ./outputs/<time>-<method>
+    round_timeout: float = 1800.0
+    connect_timeout: float = 120.0
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from a Flower run config (dashed keys); unknown keys are an error."""
+        names = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown run-config key '{key}'; known: {', '.join(flower_keys())}")
+            kwargs[name] = _coerce(key, value, names[name].type)
+        return cls(**kwargs)
+
+    def to_flower(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def resolve(self) -> ResolvedConfig:
+        """Validate every field and expand per-client lists; raises ConfigError."""
+        from clients.tasks import UnknownTaskError, check_tasks, suite_tasks
+        from fl_merge.aggregation import check_method_params
+        from fl_merge.models import MODELS
+        from fl_merge.task_vectors import MergeInputError
+
+        k = self.num_clients
+        if k < 1:
+            raise ConfigError(f"num-clients must be at least 1, got {k}")
+        try:
+            if self.tasks.strip():
+                tasks = _split(self.tasks)
+                check_tasks(tasks)
+            else:
+                tasks = suite_tasks(self.suite)
+        except UnknownTaskError as e:
+            raise ConfigError(str(e)) from None
+        if k > len(tasks):
+            raise ConfigError(
+                f"num-clients={k} but only {len(tasks)} tasks are available ({', '.join(tasks)})"
+            )
+        tasks = tasks[:k]
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"tasks repeat: {tasks}")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model '{self.model}'; known: {', '.join(sorted(MODELS))}")
+        try:
+            params = parse_method_params(self.method_params)
+            check_method_params(self.method, params)
+        except MergeInputError as e:
+            raise ConfigError(str(e)) from None
+        etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas))})
+        if any(e < 0 for e in etas) or len(etas) < 2:
+            raise ConfigError(f"etas must be non-negative with at least one above 0, got '{self.etas}'")
+        if self.weighting not in ("uniform", "num-examples"):
+            raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.pretrain_steps <= 0:
+            raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
+        steps = _per_client("local-steps", self.local_steps, k, int)
+        lrs = _per_client("lr", self.lr, k, float)
+        batches = _per_client("batch-size", self.batch_size, k, int)
+        return ResolvedConfig(
+            run=self,
+            tasks=tasks,
+            method_params=params,
+            etas=etas,
+            local_steps=steps,
+            lrs=lrs,
+            batch_sizes=batches,
+            seeds=[self.seed + i for i in range(k)],
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated RunConfig with per-client values expanded (index = partition id)."""
+
+    run: RunConfig
+    tasks: list[str]
+    method_params: dict[str, Any]
+    etas: list[float]
+    local_steps: list[int]
+    lrs: list[float]
+    batch_sizes: list[int]
+    seeds: list[int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def train_config(self) -> dict[str, Any]:
+        """The training config every client receives: task list and per-client lists,
+        indexed by the client's partition id (scalars when all clients agree)."""
+
+        def compact(values: list) -> Any:
+            return values[0] if len(set(values)) == 1 else list(values)
+
+        return {
+            "model": self.run.model,
+            "tasks": list(self.tasks),
+            "data-seed": self.run.data_seed,
+            "local-steps": compact(self.local_steps),
+            "lr": compact(self.lrs),
+            "batch-size": compact(self.batch_sizes),
+            "seed": list(self.seeds),
+        }
+
+    def output_dir(self) -> Path:
+        if self.run.output_dir:
+            return Path(self.run.output_dir).expanduser().resolve()
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return (Path.cwd() / "outputs" / f"{stamp}-{self.run.method}").resolve()
+
+    def as_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+
+def flower_keys() -> list[str]:
+    return [f.name.replace("_", "-") for f in fields(RunConfig)]
+
+
+def parse_method_params(text: str) -> dict[str, Any]:
+    """'density=0.2 rho=0.5' (spaces or commas) -> {'density': 0.2, 'rho': 0.5}."""
+    out: dict[str, Any] = {}
+    for item in text.replace(",", " ").split():
+        if "=" not in item:
+            raise ConfigError(f"method-params item '{item}' is not name=value")
+        name, value = item.split("=", 1)
+        out[name.strip()] = _literal(value.strip())
+    return out
+
+
+def _literal(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _split(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in str(text).replace(" ", ",").split(",")) if t]
+
+
+def _number(key: str, value: Any, conv: type) -> Any:
+    try:
+        out = conv(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: '{value}' is not a valid {conv.__name__}") from None
+    if conv is int and isinstance(value, float) and value != out:
+        raise ConfigError(f"{key}: '{value}' is not a whole number")
+    return out
+
+
+def _per_client(key: str, value: Any, k: int, conv: type) -> list:
+    items = _split(value) if isinstance(value, str) else [value]
+    if not items:
+        raise ConfigError(f"{key} is missing: give one value or a comma list of {k} values")
+    nums = [_number(key, v, conv) for v in items]
+    if any(n <= 0 for n in nums):
+        raise ConfigError(f"{key} must be positive, got '{value}'")
+    if len(nums) == 1:
+        return nums * k
+    if len(nums) != k:
+        raise ConfigError(f"{key} lists {len(nums)} values for {k} clients")
+    return nums
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str)
+    if kind == "int":
+        return _number(key, value, int)
+    if kind == "float":
+        return _number(key, value, float)
+    return str(value)  # str fields also take TOML numbers: local-steps=200

@@ -1,0 +1,244 @@
+"""OneShotMerge: model merging as exactly one round of federated learning.
+
+Thin Flower glue over fl_merge: replies (full local weights + num-examples, from any
+standard ClientApp) become task vectors over the merged parameters, one call to
+`fl_merge.merge` gives Delta, and every client scores theta0 + eta * Delta for a grid of
+eta in ONE evaluate message. eta is chosen by mean normalized validation accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from fl_merge.aggregation import check_method_params, merge
+from fl_merge.evaluation import normalized_accuracy, select_eta
+from fl_merge.models import is_merged_key
+from fl_merge.task_vectors import StateDict, apply_update, split_state, task_vector
+
+
+class MergeRoundError(RuntimeError):
+    """The merge round cannot complete (failed clients, unusable replies)."""
+
+
+@dataclass
+class ClientUpdate:
+    """One client's reply to the training message."""
+
+    node_id: int
+    metrics: dict[str, Any]
+    state: StateDict  # full local weights as sent
+    per_task: StateDict = field(default_factory=dict)  # its non-merged parameters (head)
+
+    @property
+    def label(self) -> str:
+        pid = self.metrics.get("partition-id")
+        return f"node {self.node_id}" + (f" (partition {int(pid)})" if pid is not None else "")
+
+
+class OneShotMerge(FedAvg):
+    """One-shot FL merge with any registered method.
+
+    method, method_params: a name from `fl_merge.available_methods()` and its parameters.
+    etas: server learning rates to score (0 is always added: the pretrained base).
+    weighting: 'uniform' (p_i = 1/K, Task Arithmetic's convention) or 'num-examples'.
+    is_merged: which parameter names are merged (the rest are per-task, never merged).
+    task_names: label clients by partition id in results (default: 'client-<pid>').
+    """
+
+    def __init__(
+        self,
+        method: str = "fedavg",
+        method_params: dict[str, Any] | None = None,
+        etas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+        weighting: str = "uniform",
+        is_merged: Callable[[str], bool] = is_merged_key,
+        device: str = "cpu",
+        task_names: Sequence[str] | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.method = method
+        self.method_params = dict(method_params or {})
+        check_method_params(method, self.method_params)  # fail before any training
+        self.etas = sorted({0.0, *map(float, etas)})
+        if weighting not in ("uniform", "num-examples"):
+            raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
+        self.weighting = weighting
+        self.is_merged = is_merged
+        self.device = device
+        self.task_names = list(task_names) if task_names is not None else None
+        # Filled in by the round, read by callers after start().
+        self.theta0: StateDict = {}
+        self.clients: list[ClientUpdate] = []
+        self.delta: StateDict = {}
+        self.best_eta: float | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> One-shot merge: method=%s params=%s weighting=%s etas=%s",
+            self.method, self.method_params, self.weighting, self.etas)
+        super().summary()
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1,
+              *args: Any, **kwargs: Any) -> Result:
+        if num_rounds != 1:
+            raise ValueError(f"OneShotMerge runs exactly one round, not {num_rounds}")
+        result = super().start(grid, initial_arrays, 1, *args, **kwargs)
+        if self.best_eta is not None:
+            result.arrays = ArrayRecord(self.merged_state(self.best_eta))
+        return result
+
+    def merged_state(self, eta: float) -> StateDict:
+        """theta0 + eta * Delta over the merged parameters."""
+        return apply_update(self.theta0, self.delta, eta)
+
+    def task_name(self, client: ClientUpdate) -> str:
+        pid = client.metrics.get("partition-id")
+        if pid is None:
+            return f"node-{client.node_id}"
+        pid = int(pid)
+        if self.task_names is not None and pid < len(self.task_names):
+            return self.task_names[pid]
+        return f"client-{pid}"
+
+    # ---------------------------------------------------------------- train
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.theta0 = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid, failed = self._check_and_log_replies(replies, is_train=True)
+        if failed:
+            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+            raise MergeRoundError(f"{len(failed)} client(s) failed during training: {reasons}")
+        if not valid:
+            raise MergeRoundError("no client replied to the training message")
+        t0 = time.perf_counter()
+        clients = []
+        for msg in valid:
+            content = msg.content
+            state = next(iter(content.array_records.values())).to_torch_state_dict()
+            metrics = dict(next(iter(content.metric_records.values())))
+            clients.append(ClientUpdate(msg.metadata.src_node_id, metrics, state))
+        # Deterministic order (partition id, else node id): merge results never depend on
+        # which reply arrived first.
+        clients.sort(key=lambda c: (c.metrics.get("partition-id", math.inf), c.node_id))
+        merged_keys = [k for k in self.theta0 if self.is_merged(k)]
+        if not merged_keys:
+            raise MergeRoundError("the initial model has no merged parameters")
+        for c in clients:
+            _, c.per_task = split_state(c.state, self.is_merged)
+        task_vectors = [task_vector(c.state, self.theta0, merged_keys) for c in clients]
+        weights = None
+        if self.weighting == "num-examples":
+            weights = [float(c.metrics[self.weighted_by_key]) for c in clients]
+        steps = None
+        if all("local-steps" in c.metrics for c in clients):
+            steps = [float(c.metrics["local-steps"]) for c in clients]
+        self.delta = merge(self.method, task_vectors, weights, steps,
+                           names=[c.label for c in clients], device=self.device,
+                           **self.method_params)
+        self.clients = clients
+        self.timings["aggregate-seconds"] = time.perf_counter() - t0
+        log(INFO, "aggregate_train: merged %d task vectors with '%s' in %.2fs",
+            len(clients), self.method, self.timings["aggregate-seconds"])
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return ArrayRecord(self.merged_state(1.0)), metrics
+
+    # ------------------------------------------------------------- evaluate
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """One message per trained client: theta0 with its own per-task parameters, Delta
+        once, and the eta grid."""
+        if not self.clients:
+            return []
+        delta_record = ArrayRecord(self.delta)
+        messages = []
+        for c in self.clients:
+            cfg = ConfigRecord(dict(config))
+            cfg["etas"] = list(self.etas)
+            cfg["server-round"] = server_round
+            content = RecordDict({
+                self.arrayrecord_key: ArrayRecord({**self.theta0, **c.per_task}),
+                "delta": delta_record,
+                self.configrecord_key: cfg,
+            })
+            messages.append(Message(content=content, dst_node_id=c.node_id,
+                                    message_type=MessageType.EVALUATE))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        valid, failed = self._check_and_log_replies(list(replies), is_train=False)
+        if failed:
+            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+            raise MergeRoundError(f"{len(failed)} client(s) failed during evaluation: {reasons}")
+        by_node = {c.node_id: c for c in self.clients}
+        scores: dict[str, dict[str, Any]] = {}
+        for msg in valid:
+            client = by_node.get(msg.metadata.src_node_id)
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            if client is None or "val-accuracy" not in metrics:
+                raise MergeRoundError(
+                    f"node {msg.metadata.src_node_id} did not score the eta grid "
+                    "(its evaluate reply lacks 'val-accuracy' per eta)")
+            scores[self.task_name(client)] = {"client": client, **metrics}
+        ft_val = {t: float(s["client"].metrics["finetuned-val-accuracy"]) for t, s in scores.items()}
+        val_acc = {t: [float(a) for a in s["val-accuracy"]] for t, s in scores.items()}
+        self.best_eta, _ = select_eta(self.etas, val_acc, ft_val)
+        self.rows = self._rows(scores)
+        merged = [r for r in self.rows if r["model"] == "merged" and r["selected"] and r["split"] == "test"]
+        base = [r for r in self.rows if r["model"] == "base" and r["split"] == "test"]
+        fine = [r for r in self.rows if r["model"] == "finetuned" and r["split"] == "test"]
+
+        def mean(rows: list[dict], key: str) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
+        return MetricRecord({
+            "eta": self.best_eta,
+            "merged-test-accuracy": mean(merged, "accuracy"),
+            "merged-normalized-accuracy": mean(merged, "normalized_accuracy"),
+            "base-test-accuracy": mean(base, "accuracy"),
+            "finetuned-test-accuracy": mean(fine, "accuracy"),
+        })
+
+    def _rows(self, scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Tidy rows: one per (model, eta, task, split). model is base (eta 0), finetuned
+        (the client's own model) or merged (eta > 0; `selected` marks the chosen eta)."""
+        params = json.dumps(self.method_params, sort_keys=True)
+        rows = []
+        for task, s in scores.items():
+            c: ClientUpdate = s["client"]
+            common = {"method": self.method, "params": params, "task": task,
+                      "partition_id": c.metrics.get("partition-id"), "node_id": c.node_id}
+            ft = {"val": float(c.metrics["finetuned-val-accuracy"]),
+                  "test": float(c.metrics["finetuned-accuracy"])}
+            for split in ("val", "test"):
+                rows.append({**common, "model": "finetuned", "eta": float("nan"), "selected": False,
+                             "split": split, "accuracy": ft[split],
+                             "loss": float(c.metrics["finetuned-loss"]) if split == "test" else float("nan"),
+                             "finetuned_accuracy": ft[split], "normalized_accuracy": 1.0})
+                for j, eta in enumerate(self.etas):
+                    acc = float(s[f"{split}-accuracy"][j])
+                    rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
+                                 "selected": eta == self.best_eta, "split": split,
+                                 "accuracy": acc, "loss": float(s[f"{split}-loss"][j]),
+                                 "finetuned_accuracy": ft[split],
+                                 "normalized_accuracy": normalized_accuracy(acc, ft[split])})
+        return rows
