@@ -1,0 +1,110 @@
+"""A heterogeneity-aware weighting of our own design ("hetero")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fl_merge.aggregation import _stream
+from fl_merge.aggregation.registry import register
+from fl_merge.task_vectors import MergeInputError, StateDict
+
+
+def hetero_coefficients(
+    gram: torch.Tensor,
+    weights: torch.Tensor,
+    local_steps: torch.Tensor | None,
+    gamma: float,
+    clip: bool,
+) -> torch.Tensor:
+    """Per-client coefficients a_i with Delta = sum_i a_i tau_i, from the Gram matrix
+    G_ij = <tau_i, tau_j> (float64 [K, K]); see `hetero` for the formula."""
+    g = gram.to(torch.float64)
+    k = g.shape[0]
+    p = weights.to(torch.float64).cpu()
+    steps = torch.ones(k, dtype=torch.float64) if local_steps is None else local_steps.cpu().double()
+    scale = (p * steps).sum() if local_steps is not None else torch.tensor(1.0, dtype=torch.float64)
+    # u_i = tau_i / K_i, then clip to the median norm: z_i = c_i u_i.
+    s = 1.0 / steps
+    norms = (torch.diagonal(g).clamp_min(0).sqrt()) * s
+    if clip:
+        r = norms.median()
+        c = torch.where(norms > r, r / norms.clamp_min(1e-300), torch.ones_like(norms))
+    else:
+        c = torch.ones_like(norms)
+    d = s * c  # z_i = d_i tau_i
+    z = g * d[:, None] * d[None, :]
+    zn = torch.diagonal(z).clamp_min(0).sqrt()
+    if k == 1:
+        cos = torch.ones(1, dtype=torch.float64)
+    else:
+        cos = torch.zeros(k, dtype=torch.float64)
+        for i in range(k):
+            o = torch.ones(k, dtype=torch.bool)
+            o[i] = False
+            po = p[o]
+            if float(po.sum()) <= 0:
+                cos[i] = 1.0
+                continue
+            m = po / po.sum()  # leave-one-out consensus weights
+            dot = float((z[i, o] * m).sum())
+            mnorm2 = float(m @ z[o][:, o] @ m)
+            den = float(zn[i]) * max(mnorm2, 0.0) ** 0.5
+            cos[i] = dot / den if den > 0 else 0.0
+    q = p * cos.clamp_min(0.0).pow(gamma) if gamma > 0 else p * (cos > -2).double()
+    if float(q.sum()) <= 0:
+        q = p.clone()
+    q = q / q.sum()
+    return scale * q * d
+
+
+def _check_hetero(params: dict) -> None:
+    if not float(params["gamma"]) >= 0:
+        raise MergeInputError(f"gamma must be >= 0, got {params['gamma']}")
+    if not isinstance(params["clip"], bool):
+        raise MergeInputError(f"clip must be true or false, got {params['clip']!r}")
+
+
+@register("hetero", coordinatewise=False, check_params=_check_hetero)
+def hetero(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    local_steps: torch.Tensor | None = None,
+    device: torch.device = torch.device("cpu"),
+    gamma: float = 1.0,
+    clip: bool = True,
+) -> StateDict:
+    """Heterogeneity-aware weighting (ours): step-normalised, norm-clipped, agreement-weighted
+    average.
+
+        u_i   = tau_i / K_i                        (K_i local steps; 1 when unknown)
+        z_i   = min(1, r / ||u_i||) u_i,  r = median_j ||u_j||   (clip=True)
+        c_i   = cos(z_i, sum_{j!=i} p_j z_j)       (leave-one-out consensus)
+        q_i   = p_i * max(c_i, 0)^gamma / sum_j (same)   (q = p if all are 0)
+        Delta = K_eff * sum_i q_i z_i,   K_eff = sum_i p_i K_i  (1 when steps unknown)
+
+    Motivation: clients differ in (1) how long they trained: like FedNova we divide by K_i so
+    long runs do not dominate, and K_eff restores the step scale; (2) how large their update
+    is (learning rate, data size, or a scaled malicious update): clipping to the median norm
+    bounds any one client's pull without touching typical ones; (3) which direction they
+    pull (non-IID data, conflicting tasks, sign-flipped updates): a client whose update
+    points away from the consensus of the *others* (it cannot vote for itself) gets less
+    weight, and none when the cosine is <= 0. gamma sharpens the agreement weighting
+    (gamma = 0 keeps p). Identical clients with equal steps give back their common vector.
+
+    Cost: one streamed pass for the K x K Gram matrix (float64 accumulation over blocks),
+    one for the weighted sum; memory one block plus the result.
+    """
+    ref = task_vectors[0]
+    dtype = _stream.work_dtype(next(iter(ref.values())).dtype)
+    k = len(task_vectors)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+    for _, _, _, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
+        gram += (x @ x.T).double()
+    a = hetero_coefficients(gram.cpu(), weights, local_steps, float(gamma), bool(clip))
+    aw = a.to(device=device, dtype=dtype)
+    out = _stream.empty_like_flat(ref, device, dtype)
+    for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
+        torch.mv(x.T, aw, out=out[key][s:e])
+    return _stream.to_output(out, ref)

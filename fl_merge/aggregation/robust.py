@@ -1,0 +1,286 @@
+"""Byzantine-robust aggregators: coordinate-wise median and trimmed mean, centered clipping,
+Krum / Multi-Krum and the geometric median.
+
+Median and trimmed mean are coordinate-wise (blocks ``[K, n]`` from `merge`); the others use
+whole-vector norms or distances, computed by streaming blocks with float64 accumulation, so
+memory stays at one block plus a couple of model-sized results, never K models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fl_merge.aggregation import _stream
+from fl_merge.aggregation.registry import register
+from fl_merge.task_vectors import MergeInputError, StateDict
+
+
+# ------------------------------------------------------------------ coordinate-wise
+
+
+@register("median", coordinatewise=True)
+def median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Delta = coordinate-wise median of tau_1..tau_K (Yin et al., ICML 2018,
+    "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates").
+
+    Even K: the mean of the two middle values (numpy's rule). Client weights are ignored:
+    every client counts once, as in the paper and Flower's `aggregate_median` (a weighted
+    median would let one client with a large weight decide alone).
+    """
+    k = stacked.shape[0]
+    mid = [k // 2] if k % 2 else [k // 2 - 1, k // 2]
+    rows = _stream.sorted_rows(stacked, mid)
+    if k % 2:
+        return rows[k // 2].clone()
+    return torch.add(rows[k // 2 - 1], rows[k // 2]).mul_(0.5)
+
+
+def _trim_count(k: int, beta: float) -> int:
+    return int(beta * k)
+
+
+def _check_beta(params: dict) -> None:
+    beta = float(params["beta"])
+    if not 0.0 <= beta <= 0.5:
+        raise MergeInputError(f"beta must lie in [0, 0.5], got {params['beta']}")
+
+
+def _trimmed_min_clients(k: int, params: dict) -> None:
+    t = _trim_count(k, params["beta"])
+    if k - 2 * t < 1:
+        raise MergeInputError(
+            f"beta={params['beta']} drops {t} lowest and {t} highest of {k} values per "
+            f"coordinate, leaving none"
+        )
+
+
+@register(
+    "trimmed_mean", coordinatewise=True, check_params=_check_beta,
+    min_clients=_trimmed_min_clients,
+)
+def trimmed_mean(stacked: torch.Tensor, weights: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Delta = per coordinate, the mean of tau_1..tau_K after dropping the t = floor(beta*K)
+    lowest and t highest values (Yin et al., ICML 2018; scipy/Flower `trim_mean` rule).
+
+    Client weights are ignored (every client counts once), as in the paper and Flower. With
+    t = 0 (e.g. beta = 0.1, K < 10) this is the unweighted mean; beta = 0.5 with odd K is
+    the median, with even K it drops everything and is refused.
+    """
+    k = stacked.shape[0]
+    t = _trim_count(k, beta)
+    if t == 0:
+        return stacked.mean(0)
+    keep = list(range(t, k - t))
+    rows = _stream.sorted_rows(stacked, keep)
+    out = rows[t].clone()
+    for i in keep[1:]:
+        out.add_(rows[i])
+    return out.div_(len(keep))
+
+
+# ------------------------------------------------------------------ whole-vector
+
+
+def _flat_center(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    center,
+    weights: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Flat per-key starting point on `device`: zeros, the weighted mean, the coordinate-wise
+    median, or a given state dict."""
+    ref = task_vectors[0]
+    if isinstance(center, Mapping):
+        return {k: center[k].reshape(-1).to(device=device, dtype=dtype).clone() for k in ref}
+    out = _stream.empty_like_flat(ref, device, dtype)
+    if center == "zero":
+        return out
+    pw = weights.to(device=device, dtype=dtype)
+    for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
+        out[key][s:e] = pw @ x if center == "mean" else median(x, pw)
+    return out
+
+
+_CENTERS = ("zero", "mean", "median")
+
+
+def _check_cclip(params: dict) -> None:
+    if not float(params["tau"]) > 0:
+        raise MergeInputError(f"tau (clipping radius) must be > 0, got {params['tau']}")
+    if int(params["iters"]) != params["iters"] or params["iters"] < 1:
+        raise MergeInputError(f"iters must be an integer >= 1, got {params['iters']}")
+    c = params["center"]
+    if not isinstance(c, Mapping) and c not in _CENTERS:
+        raise MergeInputError(f"center must be one of {_CENTERS} or a state dict, got {c!r}")
+
+
+@register("cclip", coordinatewise=False, check_params=_check_cclip)
+def cclip(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    tau: float = 1.0,
+    iters: int = 1,
+    center="zero",
+) -> StateDict:
+    """Centered clipping (Karimireddy, He & Jaggi, ICML 2021, "Learning from History for
+    Byzantine Robust Optimization"): starting from v = center, repeat `iters` times
+        v <- v + sum_i p_i (tau_i - v) * min(1, tau / ||tau_i - v||),
+    the norm taken over the whole flattened task vector (all tensors together).
+
+    center: "zero" (the paper's v0 = 0 in one-shot use: the previous aggregate is theta0),
+    "mean" (weighted mean), "median" (coordinate-wise median) or a state dict.
+    Each iteration is one streamed pass: the new v and its distances to every tau_i are
+    computed block by block (float64 accumulation), so memory is ~2 model-sized vectors.
+    """
+    ref = task_vectors[0]
+    dtype = _stream.work_dtype(next(iter(ref.values())).dtype)
+    v = _flat_center(task_vectors, center, weights, device, dtype)
+    p = weights.to(torch.float64)
+    d2 = _stream.sq_norms_to(task_vectors, v, device, dtype)
+    for _ in range(int(iters)):
+        d = d2.sqrt()
+        scale = torch.where(d > tau, tau / d.clamp_min(1e-300), torch.ones_like(d))
+        c = (p * scale).to(device=device, dtype=dtype)
+        csum = float(c.sum())
+        new_d2 = torch.zeros(len(task_vectors), dtype=torch.float64, device=device)
+        for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
+            vb = v[key][s:e]
+            # v + sum c_i (tau_i - v) = (1 - sum c_i) v + sum c_i tau_i
+            vb.mul_(1.0 - csum).add_(c @ x)
+            x.sub_(vb)
+            new_d2 += torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+        d2 = new_d2.cpu()
+    return _stream.to_output(v, ref)
+
+
+def _check_f(params: dict) -> None:
+    f = params["f"]
+    if int(f) != f or f < 0:
+        raise MergeInputError(f"f (number of Byzantine clients) must be an integer >= 0, got {f}")
+    m = params.get("m")
+    if m is not None and (int(m) != m or m < 1):
+        raise MergeInputError(f"m (clients to average) must be an integer >= 1, got {m}")
+
+
+def _krum_min_clients(k: int, params: dict) -> None:
+    f = int(params["f"])
+    if k <= 2 * f + 2:
+        raise MergeInputError(
+            f"Krum with f={f} needs more than 2f+2 = {2 * f + 2} clients, got {k}"
+        )
+    m = params.get("m")
+    if m is not None and m > k - f:
+        raise MergeInputError(f"multikrum m={m} exceeds K - f = {k - f}")
+
+
+def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
+    """score_i = sum of the K-f-2 smallest squared distances from tau_i to the others."""
+    k = d2.shape[0]
+    others = d2 + torch.diag(torch.full((k,), float("inf"), dtype=d2.dtype))
+    return others.sort(dim=1).values[:, : k - f - 2].sum(1)
+
+
+def _select_mean(task_vectors, weights, idx, device) -> StateDict:
+    ref = task_vectors[0]
+    sel = [task_vectors[i] for i in idx]
+    p = weights[idx]
+    p = p / p.sum()
+    dtype = _stream.work_dtype(next(iter(ref.values())).dtype)
+    out = _stream.empty_like_flat(ref, device, dtype)
+    pw = p.to(device=device, dtype=dtype)
+    for key, s, e, x, _ in _stream.iter_blocks(sel, device, dtype):
+        out[key][s:e] = pw @ x
+    return _stream.to_output(out, ref)
+
+
+@register("krum", coordinatewise=False, check_params=_check_f, min_clients=_krum_min_clients)
+def krum(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    f: int = 1,
+) -> StateDict:
+    """Delta = tau_{i*},  i* = argmin_i score_i,  score_i = sum of squared distances from
+    tau_i to its K-f-2 nearest other task vectors (Krum, Blanchard et al., NeurIPS 2017).
+
+    Needs K > 2f+2. Weights are ignored (selection is by geometry); ties go to the lowest
+    client index, so the result is order-dependent only on exact score ties.
+    Distances are streamed block by block with float64 accumulation.
+    """
+    d2 = _stream.sq_distances(task_vectors, device, _dtype(task_vectors))
+    best = int(torch.argmin(krum_scores(d2, int(f))))
+    return {k: v.detach().clone() for k, v in task_vectors[best].items()}
+
+
+@register(
+    "multikrum", coordinatewise=False, check_params=_check_f, min_clients=_krum_min_clients
+)
+def multikrum(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    f: int = 1,
+    m: int | None = None,
+) -> StateDict:
+    """Delta = sum_{i in S} p_i tau_i / sum_{i in S} p_i with S the m clients of lowest Krum
+    score (Multi-Krum, Blanchard et al. 2017; El Mhamdi et al. 2018). m = None means K - f.
+
+    Like Flower's `aggregate_krum(..., to_keep=m)` the selected updates are averaged with
+    the client weights. Needs K > 2f+2 and m <= K - f.
+    """
+    k = len(task_vectors)
+    m = k - int(f) if m is None else int(m)
+    d2 = _stream.sq_distances(task_vectors, device, _dtype(task_vectors))
+    scores = krum_scores(d2, int(f))
+    idx = sorted(torch.argsort(scores, stable=True)[:m].tolist())
+    return _select_mean(task_vectors, weights, idx, device)
+
+
+def _dtype(task_vectors) -> torch.dtype:
+    return _stream.work_dtype(next(iter(task_vectors[0].values())).dtype)
+
+
+def _check_gm(params: dict) -> None:
+    if not float(params["nu"]) > 0:
+        raise MergeInputError(f"nu (smoothing) must be > 0, got {params['nu']}")
+    if int(params["iters"]) != params["iters"] or params["iters"] < 1:
+        raise MergeInputError(f"iters must be an integer >= 1, got {params['iters']}")
+
+
+@register("geometric_median", coordinatewise=False, check_params=_check_gm)
+def geometric_median(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    nu: float = 1e-6,
+    iters: int = 10,
+) -> StateDict:
+    """Delta ~= argmin_v sum_i p_i ||v - tau_i|| by the smoothed Weiszfeld algorithm
+    (RFA, Pillutla, Kakade & Harchaoui, IEEE TSP 2022): from v = sum p_i tau_i, repeat
+        beta_i = p_i / max(nu, ||v - tau_i||),   v <- sum_i beta_i tau_i / sum_i beta_i
+    `iters` times, norms over the whole flattened vector.
+
+    One streamed pass per iteration: a block of the new v is formed and its distances to
+    every tau_i accumulated (float64) before moving on, so memory is ~1 model + 1 block.
+    """
+    ref = task_vectors[0]
+    dtype = _dtype(task_vectors)
+    k = len(task_vectors)
+    p = weights.to(torch.float64)
+    v = _flat_center(task_vectors, "mean", weights, device, dtype)
+    d2 = _stream.sq_norms_to(task_vectors, v, device, dtype)
+    for _ in range(int(iters)):
+        beta = p / d2.sqrt().clamp_min(nu)
+        c = (beta / beta.sum()).to(device=device, dtype=dtype)
+        new_d2 = torch.zeros(k, dtype=torch.float64, device=device)
+        for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
+            vb = v[key][s:e]
+            torch.mv(x.T, c, out=vb)
+            x.sub_(vb)
+            new_d2 += torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+        d2 = new_d2.cpu()
+    return _stream.to_output(v, ref)

@@ -1,0 +1,224 @@
+"""Interference-reducing merges from the model-merging literature: TIES, DARE and Model
+Breadcrumbs. Each sparsifies the task vectors before averaging.
+
+Global top-k (TIES) needs the k-th largest |value| of each client's *whole* task vector: it
+is found exactly with torch.kthvalue over one client's flattened vector at a time (memory
+~2P values, independent of K), then the merge itself streams over ``[K, n]`` blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from fl_merge.aggregation import _stream
+from fl_merge.aggregation.registry import register
+from fl_merge.task_vectors import MergeInputError, StateDict
+
+
+def _dtype(task_vectors) -> torch.dtype:
+    return _stream.work_dtype(next(iter(task_vectors[0].values())).dtype)
+
+
+def ties_block(x: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """TIES on one block x[K, n] (overwritten): trim |x_i| < thresholds_i to 0, elect
+    s = sign(sum_i p_i x_i), return the p-weighted mean over the clients whose trimmed entry
+    has sign s (0 where none does)."""
+    x.mul_(x.abs() >= thresholds.reshape(-1, 1))
+    w = weights.reshape(-1, 1)
+    elected = torch.sign(w.T @ x)  # [1, n]
+    agree = (torch.sign(x) == elected) & (elected != 0)
+    wa = agree.to(x.dtype).mul_(w)  # [K, n]: p_i where client i agrees
+    num = (wa * x).sum(0)
+    den = wa.sum(0)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+
+
+def _top_count(total: int, density: float) -> int:
+    return max(1, int(density * total))
+
+
+def ties_merge(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device,
+    density: float,
+    transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+) -> StateDict:
+    """TIES over whole task vectors; `transform(client, key, flat_tensor)` optionally rewrites
+    each client's tensor first (DARE). Without a transform the merge streams [K, n] blocks;
+    with one it stacks whole tensors (memory K x largest tensor) so each random mask is
+    generated once per (client, tensor), independent of the block size."""
+    ref = task_vectors[0]
+    dtype = _dtype(task_vectors)
+    total = sum(v.numel() for v in ref.values())
+    count = _top_count(total, density)
+    thr = torch.tensor(
+        [
+            _stream.kth_largest_abs(
+                tv, count, device, dtype,
+                None if transform is None else (lambda key, x, i=i: transform(i, key, x)),
+            )
+            for i, tv in enumerate(task_vectors)
+        ],
+        dtype=dtype, device=device,
+    )
+    pw = weights.to(device=device, dtype=dtype)
+    out = _stream.empty_like_flat(ref, device, dtype)
+    if transform is None:
+        for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
+            out[key][s:e] = ties_block(x, thr, pw)
+    else:
+        for key in ref:
+            x = torch.stack([
+                transform(i, key, tv[key].reshape(-1).to(device=device, dtype=dtype))
+                for i, tv in enumerate(task_vectors)
+            ])
+            out[key] = ties_block(x, thr, pw)
+    return _stream.to_output(out, ref)
+
+
+def _check_density(params: dict) -> None:
+    d = float(params["density"])
+    if not 0.0 < d <= 1.0:
+        raise MergeInputError(f"density must lie in (0, 1], got {params['density']}")
+
+
+@register("ties", coordinatewise=False, check_params=_check_density)
+def ties(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    density: float = 0.2,
+) -> StateDict:
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+    1. trim: per client keep the top k = max(1, floor(density * P)) entries of |tau_i| over
+       the whole flattened vector (all tensors; entries tied with the k-th largest are kept
+       too), zero the rest -> hat tau_i;
+    2. elect: s = sign(sum_i p_i hat tau_i) per coordinate (the paper's mass vote; uniform p
+       gives the same sign);
+    3. disjoint mean: Delta = sum_{i in A} p_i hat tau_i / sum_{i in A} p_i over
+       A = {i : sign(hat tau_i) = s}, 0 where A is empty.
+
+    Mean-convention scaling: the disjoint mean already *is* a mean over the agreeing
+    clients, so Delta is used as is (no factor K): identical clients give back their common
+    vector (at density 1), and eta plays exactly the paper's lambda (theta = theta0 +
+    lambda * tau_m). Unlike fedavg's mean it is not diluted by clients that are silent on a
+    coordinate, which is the point of the disjoint merge.
+    Memory: ~2P values for one client's threshold, then one [K, n] block at a time.
+    """
+    return ties_merge(task_vectors, weights, device, density)
+
+
+def _dare_seed(seed: int, client: int, key_index: int) -> int:
+    return (int(seed) * 0x9E3779B1 + client * 0x85EBCA6B + key_index * 0xC2B2AE35) % (2**63)
+
+
+def _check_dare(params: dict) -> None:
+    r = float(params["drop_rate"])
+    if not 0.0 <= r < 1.0:
+        raise MergeInputError(f"drop_rate must lie in [0, 1), got {params['drop_rate']}")
+    if params["base"] not in ("fedavg", "ties"):
+        raise MergeInputError(f"base must be 'fedavg' or 'ties', got {params['base']!r}")
+    _check_density(params)
+    if int(params["seed"]) != params["seed"]:
+        raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
+
+
+@register("dare", coordinatewise=False, check_params=_check_dare)
+def dare(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    base: str = "fedavg",
+    density: float = 1.0,
+) -> StateDict:
+    """DARE, Drop And REscale (Yu et al., ICML 2024, "Language Models are Super Mario"):
+    hat tau_i = m_i * tau_i / (1 - drop_rate), m_i ~ Bernoulli(1 - drop_rate) per entry,
+    then base="fedavg": Delta = sum_i p_i hat tau_i (unbiased: E[Delta] = fedavg), or
+    base="ties": TIES(hat tau, density) (DARE-TIES; density 1 = sign election and
+    disjoint mean without further trimming).
+
+    Masks come from a CPU generator seeded by (seed, client index, tensor index), so a
+    given seed gives the same masks on every device and in every call.
+    """
+    ref = task_vectors[0]
+    keys = list(ref)
+    dtype = _dtype(task_vectors)
+    keep_p = 1.0 - float(drop_rate)
+
+    def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
+        if drop_rate == 0:
+            return x
+        g = torch.Generator().manual_seed(_dare_seed(seed, i, keys.index(key)))
+        keep = torch.rand(x.numel(), generator=g) < keep_p
+        return x * keep.to(x.device).reshape(x.shape) / keep_p
+
+    if base == "ties":
+        return ties_merge(task_vectors, weights, device, density, transform)
+    p = weights.tolist()
+    out = {}
+    for key in keys:
+        acc = torch.zeros(ref[key].numel(), dtype=dtype, device=device)
+        for i, tv in enumerate(task_vectors):
+            acc.add_(transform(i, key, tv[key].reshape(-1).to(device=device, dtype=dtype)), alpha=p[i])
+        out[key] = acc
+    return _stream.to_output(out, ref)
+
+
+def _check_breadcrumbs(params: dict) -> None:
+    b, g = float(params["beta"]), float(params["gamma"])
+    if not (0.0 <= b < 1.0 and 0.0 <= g < 1.0 and b + g < 1.0):
+        raise MergeInputError(
+            f"beta and gamma must lie in [0, 1) with beta + gamma < 1, got beta={b}, gamma={g}"
+        )
+
+
+def breadcrumbs_mask(x: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Bool mask of one flat tensor keeping |x| ranks in [floor(gamma n), n - floor(beta n)):
+    the floor(beta n) largest and floor(gamma n) smallest magnitudes are dropped (entries
+    tied with a cut-off value are dropped with it)."""
+    n = x.numel()
+    top, bottom = int(beta * n), int(gamma * n)
+    a = x.abs()
+    keep = torch.ones(n, dtype=torch.bool, device=x.device)
+    if top + bottom >= n:
+        return ~keep
+    if bottom > 0:
+        keep &= a > torch.kthvalue(a, bottom).values
+    if top > 0:
+        keep &= a < torch.kthvalue(a, n - top + 1).values
+    return keep
+
+
+@register("breadcrumbs", coordinatewise=False, check_params=_check_breadcrumbs)
+def breadcrumbs(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    beta: float = 0.01,
+    gamma: float = 0.85,
+) -> StateDict:
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per tensor and per client, mask
+    out the beta fraction of largest-|tau| entries (outliers) and the gamma fraction of
+    smallest (noise), then Delta = sum_i p_i m_i tau_i.
+
+    Mean convention: the paper's theta0 + alpha * sum_i m_i tau_i is eta = K * alpha here.
+    Defaults (drop top 1%, bottom 85%) are ours, in the sparse regime the paper studies.
+    Memory: one tensor of one client at a time plus the result.
+    """
+    ref = task_vectors[0]
+    dtype = _dtype(task_vectors)
+    p = weights.tolist()
+    out = {}
+    for key in ref:
+        acc = torch.zeros(ref[key].numel(), dtype=dtype, device=device)
+        for i, tv in enumerate(task_vectors):
+            x = tv[key].reshape(-1).to(device=device, dtype=dtype)
+            acc.add_(x * breadcrumbs_mask(x, beta, gamma), alpha=p[i])
+        out[key] = acc
+    return _stream.to_output(out, ref)

@@ -1,0 +1,177 @@
+"""Invariants of the merge methods: client permutation, identical clients, robustness to
+one wild outlier, and hypothesis property tests over random shapes and client counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_merge.aggregation import available_methods, merge
+
+SHAPES = {"a": (6, 5), "b": (5,), "c": (2, 3, 4)}
+K = 7
+
+
+def make(k=K, seed=0, shapes=SHAPES, center=None, noise=1.0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        tv = {n: torch.randn(s, generator=g) * noise for n, s in shapes.items()}
+        if center is not None:
+            tv = {n: v + center[n] for n, v in tv.items()}
+        out.append(tv)
+    return out
+
+
+def fisher(k=K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{n: torch.rand(s, generator=g) + 0.1 for n, s in SHAPES.items()} for _ in range(k)]
+
+
+def call(method, tvs, weights=None, steps=None, fis=None, **kw):
+    steps = steps if steps is not None else [5] * len(tvs)
+    extras = {"fisher": fis if fis is not None else fisher(len(tvs))}
+    return merge(method, tvs, weights, steps, extras=extras, **kw)
+
+
+def dist(a, b):
+    return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)) ** 0.5
+
+
+# DARE's masks are seeded by client index, so permuting clients permutes the masks; every
+# other method is symmetric in its clients (Krum/Multi-Krum up to exact score ties).
+ORDER_DEPENDENT = {"dare"}
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_permutation_of_clients(method):
+    tvs, w = make(), [1.0, 2.0, 0.5, 3.0, 1.0, 1.5, 2.5]
+    steps, fis = [1, 2, 3, 4, 5, 6, 7], fisher()
+    perm = [3, 0, 6, 2, 5, 1, 4]
+    a = call(method, tvs, w, steps, fis)
+    b = call(method, [tvs[i] for i in perm], [w[i] for i in perm], [steps[i] for i in perm],
+             [fis[i] for i in perm])
+    if method in ORDER_DEPENDENT:
+        assert dist(a, b) > 1e-3
+    else:
+        assert dist(a, b) < 1e-5 * (1 + dist(a, {k: torch.zeros_like(v) for k, v in a.items()}))
+
+
+# (method, params) for which K identical clients must give back their common vector.
+IDENTICAL = [
+    ("fedavg", {}), ("task_arithmetic", {}), ("fednova", {}), ("fedgma", {"rho": 0.9}),
+    ("median", {}), ("trimmed_mean", {"beta": 0.3}), ("cclip", {"tau": 100.0}),
+    ("cclip", {"tau": 0.5, "iters": 200}), ("krum", {}), ("multikrum", {"m": 2}),
+    ("geometric_median", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0}),
+    ("dare", {"drop_rate": 0.0, "base": "ties"}), ("breadcrumbs", {"beta": 0.0, "gamma": 0.0}),
+    ("fisher", {"eps": 0.0}), ("hetero", {}), ("hetero", {"gamma": 3.0, "clip": False}),
+]
+
+
+def test_identical_list_covers_every_method():
+    assert {m for m, _ in IDENTICAL} == set(available_methods())
+
+
+@pytest.mark.parametrize("method,kw", IDENTICAL)
+def test_identical_clients_give_the_common_vector(method, kw):
+    common = make(1, seed=5)[0]
+    tvs = [{k: v.clone() for k, v in common.items()} for _ in range(K)]
+    out = call(method, tvs, [1, 2, 3, 4, 5, 6, 7], **kw)
+    for k in SHAPES:
+        torch.testing.assert_close(out[k], common[k], rtol=1e-5, atol=1e-5)
+
+
+def test_sparsifiers_do_not_return_the_common_vector_by_default():
+    """...and the exceptions above are real: at their defaults they do sparsify."""
+    common = make(1, seed=5)[0]
+    tvs = [{k: v.clone() for k, v in common.items()} for _ in range(K)]
+    for method in ("ties", "dare", "breadcrumbs"):
+        assert dist(call(method, tvs), common) > 0.1
+
+
+ROBUST = [
+    ("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum", {"f": 1}),
+    ("multikrum", {"f": 1}), ("geometric_median", {}), ("cclip", {"tau": 1.0, "iters": 60}),
+    ("cclip", {"tau": 1.0, "iters": 3, "center": "median"}), ("hetero", {}),
+]
+
+
+@pytest.mark.parametrize("method,kw", ROBUST)
+@pytest.mark.parametrize("outlier", ["huge", "flipped"])
+def test_robust_methods_ignore_one_wild_outlier(method, kw, outlier):
+    center = make(1, seed=9)[0]
+    center = {k: v * 2.0 for k, v in center.items()}
+    honest = make(K - 1, seed=10, center=center, noise=0.05)
+    wild = ({k: torch.full_like(v, 1e4) for k, v in center.items()} if outlier == "huge"
+            else {k: -20.0 * v for k, v in center.items()})
+    tvs = honest[:3] + [wild] + honest[3:]
+    honest_mean = merge("fedavg", honest)
+    fed = merge("fedavg", tvs)
+    out = call(method, tvs, **kw)
+    spread = max(dist(h, honest_mean) for h in honest)  # ~0.35: one honest client's noise
+    assert dist(fed, honest_mean) > 40.0  # the outlier drags plain averaging far away
+    # robust ones stay within the honest clients' own spread (cclip: within tau/6 at its
+    # fixed point; Krum returns one honest client)
+    assert dist(out, honest_mean) < 1.1 * spread, (dist(out, honest_mean), spread)
+
+
+# ------------------------------------------------------------------ hypothesis
+
+shape_st = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
+shapes_st = st.lists(shape_st, min_size=1, max_size=4).map(
+    lambda ss: {f"p{i}": s for i, s in enumerate(ss)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=shapes_st, k=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_median_and_trimmed_mean_match_numpy(shapes, k, seed):
+    tvs = make(k, seed, shapes)
+    x = np.stack([np.concatenate([tv[n].numpy().ravel() for n in shapes]) for tv in tvs])
+    out = merge("median", tvs)
+    got = np.concatenate([out[n].numpy().ravel() for n in shapes])
+    np.testing.assert_allclose(got, np.median(x, axis=0), rtol=1e-6, atol=1e-6)
+    t = int(0.3 * k)
+    out = merge("trimmed_mean", tvs, beta=0.3)
+    got = np.concatenate([out[n].numpy().ravel() for n in shapes])
+    np.testing.assert_allclose(got, np.sort(x, axis=0)[t:k - t].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=shapes_st, k=st.integers(1, 8), seed=st.integers(0, 2**16),
+       w=st.lists(st.floats(0.1, 10.0), min_size=8, max_size=8))
+def test_means_are_convex_combinations(shapes, k, seed, w):
+    """fedavg, fisher, geometric_median, cclip (big radius), hetero and ties lie inside the
+    coordinate-wise range of the clients, and fedavg equals the weighted sum."""
+    tvs = make(k, seed, shapes)
+    w = w[:k]
+    lo = {n: torch.stack([tv[n] for tv in tvs]).amin(0) for n in shapes}
+    hi = {n: torch.stack([tv[n] for tv in tvs]).amax(0) for n in shapes}
+    p = torch.tensor(w, dtype=torch.float64) / sum(w)
+    fed = merge("fedavg", tvs, w)
+    for n in shapes:
+        ref = sum(float(p[i]) * tvs[i][n].double() for i in range(k))
+        torch.testing.assert_close(fed[n].double(), ref, rtol=1e-5, atol=1e-6)
+    fis = [{n: torch.rand(s) for n, s in shapes.items()} for _ in range(k)]
+    outs = [merge("fisher", tvs, w, extras={"fisher": fis}), merge("geometric_median", tvs, w),
+            merge("cclip", tvs, w, tau=1e6), merge("ties", tvs, w, density=0.5)]
+    for out in outs:
+        for n in shapes:
+            assert bool((out[n] >= lo[n] - 1e-5).all() or (out[n] == 0).any())
+            # ties may emit 0 where nobody agrees; everything else is inside [lo, hi]
+            inside = (out[n] >= lo[n] - 1e-5) & (out[n] <= hi[n] + 1e-5)
+            assert bool((inside | (out[n] == 0)).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(4, 9), f=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_krum_selects_a_client_and_multikrum_averages(k, f, seed):
+    if k <= 2 * f + 2:
+        return
+    tvs = make(k, seed)
+    out = merge("krum", tvs, f=f)
+    assert any(all(torch.equal(out[n], tv[n]) for n in SHAPES) for tv in tvs)
+    mk = merge("multikrum", tvs, f=f, m=1)
+    assert all(torch.allclose(mk[n], out[n]) for n in SHAPES)
