@@ -98,7 +98,7 @@ def _mnist_pretrain_data() -> tuple[TensorDataset, int]:
     m = load_mnist()
     n = PRETRAIN_POOL
     return TensorDataset(mnist_to_tensor(m["train_images"][:n]),
-                         torch.as_tensor(m["train_labels"][:n], dtype=torch.int64)), 10
+                         torch.tensor(m["train_labels"][:n], dtype=torch.int64)), 10
 
 
 PRETRAIN_POOL = 30000  # MNIST train images [0, 30000) are the base model's pretraining data

@@ -47,6 +47,18 @@ class ClientUpdate:
         return f"node {self.node_id}" + (f" (partition {int(pid)})" if pid is not None else "")
 
 
+# Train metrics worth averaging over clients (ids and seeds are not).
+_MEAN_TRAIN_METRICS = ("train-loss", "train-loss-first", "finetuned-accuracy",
+                       "finetuned-val-accuracy", "local-steps", "train-seconds")
+
+
+def mean_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Unweighted mean over clients of the metrics in _MEAN_TRAIN_METRICS they all report."""
+    records = [dict(next(iter(c.metric_records.values()))) for c in contents]
+    keys = [k for k in _MEAN_TRAIN_METRICS if all(k in r for r in records)]
+    return MetricRecord({k: sum(float(r[k]) for r in records) / len(records) for k in keys})
+
+
 class OneShotMerge(FedAvg):
     """One-shot FL merge with any registered method.
 
@@ -68,6 +80,7 @@ class OneShotMerge(FedAvg):
         task_names: Sequence[str] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
+        fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_train_metrics)
         super().__init__(**fedavg_kwargs)
         self.method = method
         self.method_params = dict(method_params or {})
@@ -189,15 +202,15 @@ class OneShotMerge(FedAvg):
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
             raise MergeRoundError(f"{len(failed)} client(s) failed during evaluation: {reasons}")
-        by_node = {c.node_id: c for c in self.clients}
+        by_node = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values())))
+                   for m in valid}
         scores: dict[str, dict[str, Any]] = {}
-        for msg in valid:
-            client = by_node.get(msg.metadata.src_node_id)
-            metrics = dict(next(iter(msg.content.metric_records.values())))
-            if client is None or "val-accuracy" not in metrics:
+        for client in self.clients:  # client order, not arrival order
+            metrics = by_node.get(client.node_id)
+            if metrics is None or "val-accuracy" not in metrics:
                 raise MergeRoundError(
-                    f"node {msg.metadata.src_node_id} did not score the eta grid "
-                    "(its evaluate reply lacks 'val-accuracy' per eta)")
+                    f"{client.label} did not score the eta grid "
+                    "(no evaluate reply with 'val-accuracy' per eta)")
             scores[self.task_name(client)] = {"client": client, **metrics}
         ft_val = {t: float(s["client"].metrics["finetuned-val-accuracy"]) for t, s in scores.items()}
         val_acc = {t: [float(a) for a in s["val-accuracy"]] for t, s in scores.items()}

@@ -1,0 +1,23 @@
+"""Shared fixtures. Every test session gets its own model cache (FL_MERGE_CACHE), so tests
+never read or write a user's cache and always exercise pretraining once."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="fl-merge-test-cache-")
+os.environ["FL_MERGE_CACHE"] = _CACHE  # set before any test (and any Ray worker) starts
+
+
+@pytest.fixture(scope="session")
+def theta0():
+    """The default pretrained base backbone (pretrained once per session)."""
+    from fl_merge.config import RunConfig
+    from fl_merge.models import PretrainConfig, pretrained_backbone
+
+    cfg = RunConfig()
+    return pretrained_backbone(cfg.model, PretrainConfig(steps=cfg.pretrain_steps,
+                                                         seed=cfg.pretrain_seed), progress=False)

@@ -1,0 +1,78 @@
+"""Run configuration: one source of defaults, clear one-line errors before any training."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fl_merge.config import ConfigError, RunConfig
+from fl_merge.launch import main as launch_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_mirrors_runconfig_defaults():
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        flwr_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    assert flwr_config == RunConfig().to_flower()
+    # And the defaults resolve: the demo config is valid.
+    cfg = RunConfig.from_flower(flwr_config).resolve()
+    assert len(cfg.tasks) == cfg.run.num_clients == 4
+    assert cfg.etas[0] == 0.0
+
+
+def test_per_client_training_values_expand_by_partition():
+    cfg = RunConfig.from_flower({"num-clients": 3, "local-steps": "10,20,30", "lr": 0.05}).resolve()
+    assert cfg.local_steps == [10, 20, 30]
+    assert cfg.lrs == [0.05] * 3
+    train = cfg.train_config()
+    assert train["local-steps"] == [10, 20, 30]  # heterogeneous: a list by partition id
+    assert train["lr"] == 0.05  # uniform: a scalar any standard client can read
+    assert train["seed"] == [0, 1, 2]
+    assert train["tasks"] == cfg.tasks
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "nope"}, "unknown merge method 'nope'"),
+        ({"tasks": "rotate90,nope"}, "unknown task(s) ['nope']"),
+        ({"suite": "nope"}, "unknown task suite 'nope'"),
+        ({"num-clients": 9}, "num-clients=9 but only 8 tasks are available"),
+        ({"local-steps": ""}, "local-steps is missing"),
+        ({"local-steps": "10,20"}, "local-steps lists 2 values for 4 clients"),
+        ({"local-steps": "0"}, "local-steps must be positive"),
+        ({"lr": "fast"}, "lr: 'fast' is not a valid float"),
+        ({"method-params": "rho=0.5"}, "unknown parameter(s) ['rho'] for merge method"),
+        ({"weighting": "size"}, "weighting must be"),
+        ({"etas": "0"}, "etas must be non-negative with at least one above 0"),
+        ({"no-such-key": 1}, "unknown run-config key 'no-such-key'"),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flower(overrides).resolve()
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run-config", "method=nope"], "unknown merge method 'nope'"),
+        (["--run-config", "num-clients=9"], "only 8 tasks are available"),
+        (["--run-config", 'local-steps=""'], "local-steps is missing"),
+        (["--run-config", "num-clients=4", "--num-supernodes", "2"],
+         "num-clients=4 is larger than the 2 available clients"),
+    ],
+)
+def test_launcher_rejects_bad_config_before_starting_anything(args, message, capsys, tmp_path):
+    out = tmp_path / "out"
+    code = launch_main(["--app", str(ROOT), "--run-config", f'output-dir="{out}"', *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("fl-merge-run: error:") and message in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()  # nothing written, nothing trained

@@ -1,0 +1,141 @@
+"""The whole one-shot round through Flower: in-process simulation and the `flwr run` demo.
+
+Each Flower run costs ~10 s of Ray start-up, so one simulation feeds several checks and the
+launcher is run twice (a good run and a deliberately broken app).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+from safetensors.torch import load_file
+
+from clients.client_app import app as client_app
+from fl_merge import results
+from fl_merge.config import RunConfig
+from fl_merge.evaluation import select_eta
+from fl_merge.launch import main as launch_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """One K=2 run with heterogeneous local steps; returns (strategy, output dir)."""
+    from strategies.server_app import run_one_shot
+
+    out = tmp_path_factory.mktemp("sim")
+    cfg = RunConfig.from_flower({
+        "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60",
+        "etas": "0.5,1,2", "output-dir": str(out),
+    }).resolve()
+    holder = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        holder["strategy"] = run_one_shot(grid, cfg, run_id=context.run_id)
+
+    run_simulation(app, client_app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    assert "strategy" in holder, "the ServerApp did not finish"
+    return holder["strategy"], out
+
+
+def test_each_client_ran_its_own_task_and_steps(simulated):
+    strategy, _ = simulated
+    by_task = {strategy.task_name(c): c.metrics for c in strategy.clients}
+    assert set(by_task) == {"rotate90", "parity"}
+    assert by_task["rotate90"]["local-steps"] == 40 and by_task["parity"]["local-steps"] == 60
+    assert by_task["parity"]["num-examples"] == 2000
+    for m in by_task.values():
+        assert m["train-loss"] < m["train-loss-first"]
+
+
+def test_delta_is_the_mean_of_client_updates(simulated):
+    strategy, _ = simulated
+    theta0 = strategy.theta0
+    for key in theta0:
+        expected = sum(c.state[key] - theta0[key] for c in strategy.clients) / 2
+        torch.testing.assert_close(strategy.delta[key], expected, rtol=1e-5, atol=1e-6)
+    # Heads are per task (2 and 10 classes) and never merged.
+    assert all(not k.startswith("head.") for k in strategy.delta)
+    shapes = sorted(c.per_task["head.weight"].shape[0] for c in strategy.clients)
+    assert shapes == [2, 10]
+
+
+def test_results_file_and_merged_model(simulated):
+    strategy, out = simulated
+    rows = results.read_rows(out / results.RESULTS_FILE)
+    etas = [0.0, 0.5, 1.0, 2.0]
+    # per task and split: one fine-tuned row + one row per eta (eta 0 = base)
+    assert len(rows) == 2 * 2 * (1 + len(etas))
+    val = [r for r in rows if r["split"] == "val" and r["model"] != "finetuned"]
+    acc = {t: [r["accuracy"] for r in sorted((r for r in val if r["task"] == t), key=lambda r: r["eta"])]
+           for t in ("rotate90", "parity")}
+    ft = {t: next(r["finetuned_accuracy"] for r in val if r["task"] == t) for t in acc}
+    best, _ = select_eta(etas, acc, ft)
+    assert best == strategy.best_eta > 0
+    chosen = [r for r in rows if r["selected"] and r["split"] == "test"]
+    assert len(chosen) == 2 and all(r["eta"] == best for r in chosen)
+    for r in chosen:
+        assert math.isclose(r["normalized_accuracy"], r["accuracy"] / r["finetuned_accuracy"])
+        assert r["accuracy"] > 0.5  # far above chance (0.1 and 0.5)
+    saved = load_file(str(out / results.MODEL_FILE))
+    for k, v in strategy.theta0.items():
+        torch.testing.assert_close(saved[k], v + best * strategy.delta[k], rtol=1e-5, atol=1e-6)
+    assert saved["heads.parity.weight"].shape == (2, 128)
+    assert (out / results.RUN_FILE).exists()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_flwr_run_demo_path(tmp_path, capsys, monkeypatch):
+    """`fl-merge-run` (the README demo) with K=2: real SuperLink, status read, summary
+    printed, nothing left running."""
+    out = tmp_path / "run"
+    ports = []
+    real_free_port = __import__("fl_merge.launch", fromlist=["_free_port"])._free_port
+
+    def spy():
+        ports.append(real_free_port())
+        return ports[-1]
+
+    monkeypatch.setattr("fl_merge.launch._free_port", spy)
+    code = launch_main(["--app", str(ROOT), "--run-config",
+                        f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "fine-tuned" in printed and "mean" in printed and str(out) in printed
+    rows = results.read_rows(out / results.RESULTS_FILE)
+    assert {r["task"] for r in rows} == {"rotate90", "invert"}
+    assert ports and not any(_port_open(p) for p in ports)  # SuperLink stopped
+
+
+def test_flwr_run_failure_is_reported(tmp_path, capsys):
+    """flwr run exits 0 when the run fails: the launcher must read the status and fail."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, app / name)
+    for pkg in ("fl_merge", "clients", "strategies"):
+        shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    server = app / "strategies" / "server_app.py"
+    server.write_text(server.read_text() + "\n\ndef _broken(grid, context):\n"
+                      "    raise RuntimeError('deliberately broken')\n\n"
+                      "app = ServerApp()\napp.main()(_broken)\n")
+    code = launch_main(["--app", str(app), "--run-config",
+                        f'num-clients=2 output-dir="{tmp_path / "out"}"'])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "ended as 'finished:failed'" in err

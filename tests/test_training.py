@@ -1,0 +1,48 @@
+"""Tasks and a client's local training on real data."""
+
+from __future__ import annotations
+
+import torch
+
+from clients.tasks import SUITES, TASKS, load_task
+from clients.training import LocalTrainConfig, fine_tune, model_for_task
+from fl_merge.evaluation import evaluate
+
+
+def test_suite_tasks_are_registered_with_disjoint_deterministic_splits():
+    assert len(SUITES["mnist8"]) == 8 and set(SUITES["mnist8"]) <= set(TASKS)
+    a, b = load_task("parity", 0), load_task.__wrapped__("parity", 0)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])  # same seed, same data
+    assert a.num_classes == 2 and set(a.train.tensors[1].unique().tolist()) == {0, 1}
+    c = load_task.__wrapped__("parity", 1)
+    assert not torch.equal(a.train.tensors[0], c.train.tensors[0])
+    sub = load_task("rot180-5to9")
+    assert sub.num_classes == 5 and int(sub.test.tensors[1].max()) == 4
+
+
+def test_local_fine_tuning_lowers_loss_and_beats_chance_and_base(theta0):
+    task = load_task("invert")
+    model = model_for_task("mnist-cnn", task, theta0, seed=0)
+    base_acc, base_loss = evaluate(model, task.test)
+    head_before = model.head.weight.detach().clone()
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    metrics = fine_tune(model, task, LocalTrainConfig(steps=80, lr=0.01, batch_size=64, seed=0))
+    assert metrics["train-loss"] < 0.5 * metrics["train-loss-first"]
+    chance = 1 / task.num_classes
+    assert metrics["finetuned-accuracy"] > chance + 0.5
+    assert metrics["finetuned-accuracy"] > base_acc + 0.1
+    # Only the backbone moved; the task head stayed frozen.
+    assert torch.equal(model.head.weight, head_before)
+    assert any(not torch.equal(v, backbone_before[k]) for k, v in model.backbone.state_dict().items())
+
+
+def test_received_head_is_reused_instead_of_refitted(theta0):
+    task = load_task("parity")
+    model = model_for_task("mnist-cnn", task, theta0, seed=0)
+    state = model.state_dict()
+    state["head.bias"] = torch.tensor([5.0, -5.0])  # a head that always says class 0
+    again = model_for_task("mnist-cnn", task, state, seed=0)
+    assert torch.equal(again.head.bias, state["head.bias"])
+    acc, _ = evaluate(again, task.test)
+    share_class0 = float((task.test.tensors[1] == 0).float().mean())
+    assert abs(acc - share_class0) < 0.05
