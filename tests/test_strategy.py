@@ -1,0 +1,97 @@
+"""OneShotMerge as Flower glue, driven with hand-made reply Messages (no simulation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app.error import Error
+
+from fl_merge import MergeInputError
+from strategies import MergeRoundError, OneShotMerge
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """Instruction Messages read the run id of the process they are built in (set by Flower
+    inside a real ServerApp)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def _reply(node_id: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
+    md = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
+                  reply_to_message_id="i", group_id="1", created_at=0.0, ttl=60.0,
+                  message_type=MessageType.TRAIN)
+    return Message(content, metadata=md) if error is None else Message(error, metadata=md)
+
+
+def _theta0() -> dict[str, torch.Tensor]:
+    return {"backbone.w": torch.zeros(3, 2), "backbone.b": torch.zeros(2)}
+
+
+def _standard_reply(node_id: int, shift: float, n: int, classes: int = 4) -> Message:
+    """What a plain Flower ClientApp sends: full weights + num-examples, nothing else ours."""
+    state = {"backbone.w": torch.full((3, 2), shift), "backbone.b": torch.full((2,), -shift),
+             "head.weight": torch.randn(classes, 2), "head.bias": torch.zeros(classes)}
+    return _reply(node_id, RecordDict({"arrays": ArrayRecord(state),
+                                       "metrics": MetricRecord({"num-examples": n, "train_loss": 0.1})}))
+
+
+def test_standard_client_replies_merge_weighted_by_examples():
+    s = OneShotMerge(method="fedavg", weighting="num-examples", etas=[1.0])
+    s.theta0 = _theta0()
+    arrays, metrics = s.aggregate_train(1, [_standard_reply(11, 1.0, 100), _standard_reply(12, 4.0, 300, 7)])
+    expected = (100 * 1.0 + 300 * 4.0) / 400  # = 3.25
+    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), expected))
+    torch.testing.assert_close(s.delta["backbone.b"], torch.full((2,), -expected))
+    assert set(s.delta) == {"backbone.w", "backbone.b"}  # heads never merged
+    merged = arrays.to_torch_state_dict()
+    torch.testing.assert_close(merged["backbone.w"], torch.full((3, 2), expected))
+    assert [c.per_task["head.weight"].shape[0] for c in s.clients] == [4, 7]
+    assert [s.task_name(c) for c in s.clients] == ["node-11", "node-12"]
+
+
+def test_uniform_weighting_is_the_plain_mean():
+    s = OneShotMerge(method="task_arithmetic", etas=[1.0])
+    s.theta0 = _theta0()
+    s.aggregate_train(1, [_standard_reply(1, 1.0, 100), _standard_reply(2, 4.0, 300)])
+    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), 2.5))
+
+
+def test_evaluate_messages_carry_own_head_delta_and_eta_grid():
+    s = OneShotMerge(method="fedavg", etas=[2.0, 0.5])
+    s.theta0 = _theta0()
+    s.aggregate_train(1, [_standard_reply(1, 1.0, 10, classes=3), _standard_reply(2, 2.0, 10, classes=5)])
+    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({"model": "m"}), grid=None))
+    assert [m.metadata.dst_node_id for m in msgs] == [1, 2]
+    for m, classes in zip(msgs, (3, 5)):
+        assert m.metadata.message_type == MessageType.EVALUATE
+        state = m.content["arrays"].to_torch_state_dict()
+        assert state["head.weight"].shape[0] == classes
+        torch.testing.assert_close(state["backbone.w"], torch.zeros(3, 2))  # theta0, not merged
+        torch.testing.assert_close(m.content["delta"].to_torch_state_dict()["backbone.w"],
+                                   torch.full((3, 2), 1.5))
+        assert list(m.content["config"]["etas"]) == [0.0, 0.5, 2.0]
+
+
+def test_failed_client_is_named():
+    s = OneShotMerge(method="fedavg")
+    s.theta0 = _theta0()
+    with pytest.raises(MergeRoundError, match="node 12: out of memory"):
+        s.aggregate_train(1, [_standard_reply(11, 1.0, 10), _reply(12, error=Error(code=0, reason="out of memory"))])
+
+
+def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
+    with pytest.raises(MergeInputError, match="unknown merge method"):
+        OneShotMerge(method="nope")
+    with pytest.raises(ValueError, match="exactly one round"):
+        OneShotMerge().start(grid=None, initial_arrays=ArrayRecord(_theta0()), num_rounds=3)
+    s = OneShotMerge(method="fednova")
+    s.theta0 = _theta0()
+    # Standard replies carry no local-steps: FedNova cannot normalise and says so.
+    with pytest.raises(MergeInputError, match="local_steps"):
+        s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 2.0, 10)])
