@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FL_MERGE_CACHE": str(cache_root()),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(app_dir), os.environ.get("PYTHONPATH")])),
+        # The SuperLink starts its helpers (superexec, simulation) by name: they must be
+        # this environment's, also when the venv is not activated (e.g. `make test`).
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     link = LocalSuperLink(flwr_home, env)
     ok = False
