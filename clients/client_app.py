@@ -16,9 +16,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.tasks import load_task
-from clients.training import LocalTrainConfig, fine_tune, model_for_task
+from clients.training import LocalTrainConfig, diagonal_fisher, fine_tune, model_for_task
 from fl_merge.evaluation import evaluate
-from fl_merge.task_vectors import apply_update
+from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
 
@@ -81,6 +81,11 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": time.perf_counter() - t0,
     })
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    if bool(config.get("compute-fisher", False)):
+        # Extra per-client arrays travel in the same ArrayRecord under "extra.<name>.":
+        # Flower's strategies expect exactly one ArrayRecord per reply.
+        fisher = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), cfg.seed)
+        state.update({f"{EXTRA_PREFIX}fisher.{k}": v for k, v in fisher.items()})
     return Message(
         RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
         reply_to=msg,

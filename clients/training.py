@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from clients.tasks import TaskData
 from fl_merge.evaluation import evaluate
@@ -94,3 +95,37 @@ def fine_tune(model: TaskModel, task: TaskData, cfg: LocalTrainConfig) -> dict[s
         "finetuned-val-accuracy": val_acc,
         "finetuned-loss": test_loss,
     }
+
+
+def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed: int,
+                    chunk: int = 64) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the backbone (Matena & Raffel 2022), keyed like the state dict:
+
+        F_j = 1/N sum_n (d/d theta_j log p(y_n | x_n))^2,   y_n ~ p(. | x_n) (the model's own
+        predictive distribution, so this estimates the true Fisher, not the empirical one)
+
+    over the first N = n_samples training examples, with exact per-example gradients
+    (torch.func.vmap over grad)."""
+    from torch.func import functional_call, grad, vmap
+
+    model.eval()
+    x_all = data.tensors[0][:n_samples]
+    gen = torch.Generator().manual_seed(seed)
+    params = {k: v.detach() for k, v in model.named_parameters() if is_merged_key(k)}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not is_merged_key(k)}
+    buffers = dict(model.named_buffers())
+
+    def log_lik(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
+        return torch.log_softmax(logits, dim=1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
+
+    per_example = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(0, len(x_all), chunk):
+        x = x_all[i : i + chunk]
+        with torch.no_grad():
+            probs = torch.softmax(model(x), dim=1)
+        y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        for k, g in per_example(params, x, y).items():
+            fisher[k] += g.pow(2).sum(0)
+    return {k: v / len(x_all) for k, v in fisher.items()}

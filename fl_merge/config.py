@@ -38,6 +38,7 @@ class RunConfig:
     batch_size: str = "64"
     seed: int = 0  # client i trains with seed + i
     data_seed: int = 0
+    fisher_samples: int = 256  # examples per client for the diagonal Fisher (method=fisher)
     device: str = "auto"  # where the server aggregates: auto | cpu | cuda
     output_dir: str = ""  # empty: ./outputs/<time>-<method>
     round_timeout: float = 1800.0
@@ -97,6 +98,8 @@ class RunConfig:
             raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.fisher_samples <= 0:
+            raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
         if self.pretrain_steps <= 0:
             raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
         steps = _per_client("local-steps", self.local_steps, k, int)
@@ -143,6 +146,7 @@ class ResolvedConfig:
             "lr": compact(self.lrs),
             "batch-size": compact(self.batch_sizes),
             "seed": list(self.seeds),
+            "fisher-samples": self.run.fisher_samples,
         }
 
     def output_dir(self) -> Path:

@@ -106,7 +106,7 @@ PRETRAIN_POOL = 30000  # MNIST train images [0, 30000) are the base model's pret
 register_model(ModelSpec("mnist-cnn", mnist_cnn_backbone, 128, (1, 28, 28), _mnist_pretrain_data))
 
 # Bump when pretraining code changes what it produces: old cache entries are then ignored.
-_PRETRAIN_CODE_VERSION = 1
+_PRETRAIN_CODE_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -144,8 +144,15 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
     model = TaskModel(spec.build_backbone(), spec.feature_dim, num_classes)
     from fl_merge.training import fit
 
-    fit(model, data, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        desc=f"pretraining {name}" if progress else None)
+    # One thread: CPU kernels reduce in a thread-count-dependent order, so this keeps theta0
+    # bit-identical across machines (same seed, same torch) at a few seconds' cost.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(model, data, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+            desc=f"pretraining {name}" if progress else None)
+    finally:
+        torch.set_num_threads(threads)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_merged_key(k)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -20,6 +20,24 @@ class MergeInputError(ValueError):
     """Task vectors or merge arguments that cannot be merged, with the reason."""
 
 
+# Per-client extra arrays (e.g. diagonal Fisher) ride in a reply's ArrayRecord under
+# "extra.<name>.<parameter>"; they are never weights.
+EXTRA_PREFIX = "extra."
+
+
+def split_extras(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, dict[str, StateDict]]:
+    """Split "extra.<name>.<param>" entries off a state dict: (weights, {name: {param: t}})."""
+    weights: StateDict = {}
+    extras: dict[str, StateDict] = {}
+    for k, v in state.items():
+        if k.startswith(EXTRA_PREFIX):
+            name, _, param = k[len(EXTRA_PREFIX):].partition(".")
+            extras.setdefault(name, {})[param] = v
+        else:
+            weights[k] = v
+    return weights, extras
+
+
 def split_state(
     state: Mapping[str, torch.Tensor], is_merged: Callable[[str], bool]
 ) -> tuple[StateDict, StateDict]:

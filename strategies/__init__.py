@@ -1,5 +1,37 @@
-"""Flower strategies: thin glue over fl_merge."""
+"""Flower strategies: thin glue over fl_merge.
 
-from strategies.one_shot import ClientUpdate, MergeRoundError, OneShotMerge
+`OneShotMerge(method=..., method_params=...)` runs any registered method; the named
+subclasses fix the method for readability (`FedNovaMerge()`, `TiesMerge(method_params=...)`).
+"""
 
-__all__ = ["ClientUpdate", "MergeRoundError", "OneShotMerge"]
+from strategies.one_shot import (
+    CClipMerge,
+    ClientUpdate,
+    DareMerge,
+    FedGMAMerge,
+    FedNovaMerge,
+    FisherMerge,
+    KrumMerge,
+    MedianMerge,
+    MergeRoundError,
+    OneShotMerge,
+    TaskArithmeticMerge,
+    TiesMerge,
+    TrimmedMeanMerge,
+)
+
+__all__ = [
+    "CClipMerge",
+    "ClientUpdate",
+    "DareMerge",
+    "FedGMAMerge",
+    "FedNovaMerge",
+    "FisherMerge",
+    "KrumMerge",
+    "MedianMerge",
+    "MergeRoundError",
+    "OneShotMerge",
+    "TaskArithmeticMerge",
+    "TiesMerge",
+    "TrimmedMeanMerge",
+]

@@ -22,10 +22,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fl_merge.aggregation import check_method_params, merge
+from fl_merge.aggregation import check_method_params, get_method, merge
 from fl_merge.evaluation import normalized_accuracy, select_eta
 from fl_merge.models import is_merged_key
-from fl_merge.task_vectors import StateDict, apply_update, split_state, task_vector
+from fl_merge.task_vectors import MergeInputError, StateDict, apply_update, split_extras, split_state, task_vector
 
 
 class MergeRoundError(RuntimeError):
@@ -40,6 +40,7 @@ class ClientUpdate:
     metrics: dict[str, Any]
     state: StateDict  # full local weights as sent
     per_task: StateDict = field(default_factory=dict)  # its non-merged parameters (head)
+    extras: dict[str, StateDict] = field(default_factory=dict)  # e.g. {"fisher": {...}}
 
     @property
     def label(self) -> str:
@@ -131,24 +132,23 @@ class OneShotMerge(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.theta0 = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+        config = ConfigRecord(dict(config))
+        if "fisher" in get_method(self.method).needs_extras:
+            config["compute-fisher"] = True  # clients add their diagonal Fisher to the reply
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid, failed = self._check_and_log_replies(replies, is_train=True)
+        # Flower's own consistency check names no node; ours below does (see _unpack).
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
             raise MergeRoundError(f"{len(failed)} client(s) failed during training: {reasons}")
         if not valid:
             raise MergeRoundError("no client replied to the training message")
         t0 = time.perf_counter()
-        clients = []
-        for msg in valid:
-            content = msg.content
-            state = next(iter(content.array_records.values())).to_torch_state_dict()
-            metrics = dict(next(iter(content.metric_records.values())))
-            clients.append(ClientUpdate(msg.metadata.src_node_id, metrics, state))
+        clients = [self._unpack(msg) for msg in valid]
         # Deterministic order (partition id, else node id): merge results never depend on
         # which reply arrived first.
         clients.sort(key=lambda c: (c.metrics.get("partition-id", math.inf), c.node_id))
@@ -157,22 +157,48 @@ class OneShotMerge(FedAvg):
             raise MergeRoundError("the initial model has no merged parameters")
         for c in clients:
             _, c.per_task = split_state(c.state, self.is_merged)
-        task_vectors = [task_vector(c.state, self.theta0, merged_keys) for c in clients]
+        task_vectors = []
+        for c in clients:
+            try:
+                task_vectors.append(task_vector(c.state, self.theta0, merged_keys))
+            except MergeInputError as e:
+                raise MergeInputError(f"{c.label}: {e}") from None
         weights = None
         if self.weighting == "num-examples":
             weights = [float(c.metrics[self.weighted_by_key]) for c in clients]
         steps = None
         if all("local-steps" in c.metrics for c in clients):
             steps = [float(c.metrics["local-steps"]) for c in clients]
+        needed = get_method(self.method).needs_extras
+        extras = {n: [c.extras.get(n, {}) for c in clients] for n in needed}
+        for n, per_client in extras.items():
+            lacking = [c.label for c, e in zip(clients, per_client) if not e]
+            if lacking:
+                raise MergeRoundError(f"method '{self.method}' needs '{n}' from every client; "
+                                      f"missing from {', '.join(lacking)}")
         self.delta = merge(self.method, task_vectors, weights, steps,
                            names=[c.label for c in clients], device=self.device,
-                           **self.method_params)
+                           extras=extras or None, **self.method_params)
         self.clients = clients
         self.timings["aggregate-seconds"] = time.perf_counter() - t0
         log(INFO, "aggregate_train: merged %d task vectors with '%s' in %.2fs",
             len(clients), self.method, self.timings["aggregate-seconds"])
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return ArrayRecord(self.merged_state(1.0)), metrics
+
+    def _unpack(self, msg: Message) -> ClientUpdate:
+        """A reply as a ClientUpdate: exactly one ArrayRecord (weights, plus any
+        "extra.<name>." arrays) and one MetricRecord; errors name the node."""
+        content, node = msg.content, msg.metadata.src_node_id
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise MergeRoundError(
+                f"node {node} replied {len(content.array_records)} ArrayRecord(s) and "
+                f"{len(content.metric_records)} MetricRecord(s); expected one of each")
+        state, extras = split_extras(next(iter(content.array_records.values())).to_torch_state_dict())
+        metrics = dict(next(iter(content.metric_records.values())))
+        if self.weighting == "num-examples" and self.weighted_by_key not in metrics:
+            raise MergeRoundError(f"node {node} sent no '{self.weighted_by_key}' metric")
+        return ClientUpdate(node, metrics, state, extras=extras)
 
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -255,3 +281,25 @@ class OneShotMerge(FedAvg):
                                  "finetuned_accuracy": ft[split],
                                  "normalized_accuracy": normalized_accuracy(acc, ft[split])})
         return rows
+
+
+def _named_merge(name: str, method: str, doc: str) -> type[OneShotMerge]:
+    """A thin OneShotMerge subclass fixed to one method (params still keyword arguments)."""
+
+    def __init__(self: OneShotMerge, *, method_params: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        OneShotMerge.__init__(self, method=method, method_params=method_params, **kwargs)
+
+    return type(name, (OneShotMerge,), {"__init__": __init__, "__doc__": doc})
+
+
+TaskArithmeticMerge = _named_merge("TaskArithmeticMerge", "task_arithmetic", "Task Arithmetic = one-shot FedAvg (eta = K*lambda).")
+FedNovaMerge = _named_merge("FedNovaMerge", "fednova", "One-shot FedNova: task vectors normalised by local steps.")
+FedGMAMerge = _named_merge("FedGMAMerge", "fedgma", "One-shot FedGMA: sign-agreement masked mean.")
+MedianMerge = _named_merge("MedianMerge", "median", "Coordinate-wise median of task vectors.")
+TrimmedMeanMerge = _named_merge("TrimmedMeanMerge", "trimmed_mean", "Coordinate-wise trimmed mean of task vectors.")
+CClipMerge = _named_merge("CClipMerge", "cclip", "Centred clipping of task vectors.")
+KrumMerge = _named_merge("KrumMerge", "krum", "Krum: the task vector closest to its neighbours.")
+TiesMerge = _named_merge("TiesMerge", "ties", "TIES merging: trim, elect sign, disjoint mean.")
+DareMerge = _named_merge("DareMerge", "dare", "DARE: random drop and rescale, then average.")
+FisherMerge = _named_merge("FisherMerge", "fisher", "Fisher merging with clients' diagonal Fisher estimates.")

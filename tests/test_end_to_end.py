@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    """One K=2 run with heterogeneous local steps; returns (strategy, output dir)."""
+    """One K=2 Fisher-merging run with heterogeneous local steps (clients compute and send
+    their diagonal Fisher); returns (strategy, output dir)."""
     from strategies.server_app import run_one_shot
 
     out = tmp_path_factory.mktemp("sim")
     cfg = RunConfig.from_flower({
         "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60",
-        "etas": "0.5,1,2", "output-dir": str(out),
+        "etas": "0.5,1,2", "output-dir": str(out), "method": "fisher", "fisher-samples": 64,
     }).resolve()
     holder = {}
     app = ServerApp()
@@ -59,16 +60,21 @@ def test_each_client_ran_its_own_task_and_steps(simulated):
         assert m["train-loss"] < m["train-loss-first"]
 
 
-def test_delta_is_the_mean_of_client_updates(simulated):
+def test_delta_is_fisher_weighted_mean_of_client_updates(simulated):
     strategy, _ = simulated
     theta0 = strategy.theta0
+    eps = strategy.method_params.get("eps", 1e-8)
     for key in theta0:
-        expected = sum(c.state[key] - theta0[key] for c in strategy.clients) / 2
-        torch.testing.assert_close(strategy.delta[key], expected, rtol=1e-5, atol=1e-6)
-    # Heads are per task (2 and 10 classes) and never merged.
+        taus = [c.state[key] - theta0[key] for c in strategy.clients]
+        fishers = [c.extras["fisher"][key] for c in strategy.clients]
+        assert all(bool((f >= 0).all()) for f in fishers) and any(bool((f > 0).any()) for f in fishers)
+        expected = sum(0.5 * f * t for f, t in zip(fishers, taus)) / (sum(0.5 * f for f in fishers) + eps)
+        torch.testing.assert_close(strategy.delta[key], expected, rtol=1e-4, atol=1e-6)
+    # Heads are per task (2 and 10 classes) and never merged; Fisher covers the backbone only.
     assert all(not k.startswith("head.") for k in strategy.delta)
     shapes = sorted(c.per_task["head.weight"].shape[0] for c in strategy.clients)
     assert shapes == [2, 10]
+    assert all(set(c.extras["fisher"]) == set(theta0) for c in strategy.clients)
 
 
 def test_results_file_and_merged_model(simulated):

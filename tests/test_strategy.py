@@ -95,3 +95,44 @@ def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
     # Standard replies carry no local-steps: FedNova cannot normalise and says so.
     with pytest.raises(MergeInputError, match="local_steps"):
         s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 2.0, 10)])
+
+
+def _rich_reply(node_id: int, seed: int, steps: int) -> Message:
+    """Our ClientApp's reply: weights, head, local-steps, partition id and a Fisher extra."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"backbone.w": torch.randn(3, 2, generator=g), "backbone.b": torch.randn(2, generator=g),
+             "head.weight": torch.randn(4, 2, generator=g), "head.bias": torch.zeros(4)}
+    state.update({f"extra.fisher.{k}": torch.rand(v.shape, generator=g)
+                  for k, v in state.items() if k.startswith("backbone.")})
+    metrics = {"num-examples": 10 * (seed + 1), "local-steps": steps, "partition-id": seed}
+    return _reply(node_id, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}))
+
+
+@pytest.mark.parametrize("method", __import__("fl_merge").available_methods())
+def test_every_method_runs_through_the_strategy_as_merge_would(method):
+    """The glue hands merge() the right task vectors, weights, local steps and extras."""
+    from fl_merge import merge
+    from fl_merge.task_vectors import split_extras, task_vector
+
+    steps = [10, 20, 40, 80, 160, 320]
+    replies = [_rich_reply(100 + i, i, s) for i, s in reversed(list(enumerate(steps)))]
+    s = OneShotMerge(method=method, weighting="num-examples")
+    s.theta0 = _theta0()
+    s.aggregate_train(1, replies)
+    # Independent: clients ordered by partition id, task vectors over the backbone only.
+    states = [split_extras(r.content["arrays"].to_torch_state_dict()) for r in reversed(replies)]
+    taus = [task_vector(w, s.theta0, list(s.theta0)) for w, _ in states]
+    fisher = {"fisher": [e["fisher"] for _, e in states]}
+    expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(6)], local_steps=steps,
+                     extras=fisher if method == "fisher" else None)
+    assert set(s.delta) == set(s.theta0)
+    for k in s.theta0:
+        torch.testing.assert_close(s.delta[k], expected[k])
+        assert bool(torch.isfinite(s.delta[k]).all())
+
+
+def test_fisher_merge_names_clients_without_fisher():
+    s = OneShotMerge(method="fisher")
+    s.theta0 = _theta0()
+    with pytest.raises(MergeRoundError, match="needs 'fisher' from every client; missing from node 2"):
+        s.aggregate_train(1, [_rich_reply(1, 0, 10), _standard_reply(2, 1.0, 10, classes=4)])

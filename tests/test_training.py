@@ -46,3 +46,26 @@ def test_received_head_is_reused_instead_of_refitted(theta0):
     acc, _ = evaluate(again, task.test)
     share_class0 = float((task.test.tensors[1] == 0).float().mean())
     assert abs(acc - share_class0) < 0.05
+
+
+def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
+    from fl_merge.models import PretrainConfig, base_model_path, pretrained_backbone
+
+    cfg = PretrainConfig(steps=5)
+    states = []
+    before = torch.get_num_threads()
+    try:
+        for i, threads in enumerate((2, 1)):  # the machine's thread count must not matter
+            monkeypatch.setenv("FL_MERGE_CACHE", str(tmp_path / f"c{i}"))
+            torch.set_num_threads(threads)
+            states.append(pretrained_backbone("mnist-cnn", cfg, progress=False))
+            path = base_model_path("mnist-cnn", cfg)
+            assert path.is_absolute() and path.exists()
+    finally:
+        torch.set_num_threads(before)
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k])
+    # A corrupt cache file is rebuilt, not trusted.
+    path.write_bytes(b"not a safetensors file")
+    again = pretrained_backbone("mnist-cnn", cfg, progress=False)
+    assert all(torch.equal(again[k], states[1][k]) for k in again)
