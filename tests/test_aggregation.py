@@ -406,3 +406,19 @@ def test_sorted_rows_large_k(k):
     x = torch.randn(k, 300)
     rows = _stream.sorted_rows(x.clone(), list(range(k)))
     torch.testing.assert_close(torch.stack(rows), torch.sort(x, dim=0).values)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fednova"])
+def test_linear_fast_path_matches_the_stacked_function(method):
+    """merge streams linear methods through their coefficients; the registered function on a
+    stacked block must give the same update."""
+    from fl_merge.aggregation import get_method, normalized_weights
+
+    tvs, w, steps = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3, 1, 4, 1, 5]
+    out = merge(method, tvs, w, steps)
+    p = normalized_weights(w, 5).float()
+    extra = {"local_steps": torch.tensor(steps, dtype=torch.float64)} if method == "fednova" else {}
+    for k in SHAPES:
+        stacked = torch.stack([tv[k].reshape(-1) for tv in tvs])
+        ref = get_method(method).fn(stacked, p, **extra).reshape(SHAPES[k])
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6)

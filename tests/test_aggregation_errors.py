@@ -50,6 +50,37 @@ def test_task_vectors_must_match():
     raises("no task vectors", "fedavg", [])
 
 
+def _bad_inputs():
+    t = tvs(); t[2] = {"w": t[2]["w"]}; yield t, None  # noqa: E702
+    t = tvs(); t[3]["w"] = torch.randn(2, 3); yield t, None  # noqa: E702
+    t = tvs(); t[1]["b"] = t[1]["b"].double(); yield t, None  # noqa: E702
+    t = tvs(); t[1]["b"] = torch.ones(2, dtype=torch.int64); yield t, None  # noqa: E702
+    t = tvs(); t[4]["w"][0, 0] = float("nan"); yield t, list("abcdef")  # noqa: E702
+    t = tvs(); t[0]["b"][1] = -float("inf"); yield t, None  # noqa: E702
+    t = tvs(); t[0]["w"] = [1.0]; yield t, None  # noqa: E702
+    yield tvs(), ["x"]
+    yield [{}], None
+    yield [], None
+
+
+def test_messages_match_check_task_vectors():
+    """merge's fast validation says exactly what task_vectors.check_task_vectors says."""
+    from fl_merge.task_vectors import check_task_vectors
+
+    for t, names in _bad_inputs():
+        with pytest.raises(MergeInputError) as ref:
+            check_task_vectors(t, names)
+        with pytest.raises(MergeInputError) as got:
+            merge("fedavg", t, names=names)
+        assert str(got.value) == str(ref.value)
+
+
+def test_finite_overflowing_sum_is_not_an_error():
+    big = [{"w": torch.full((4,), 3e38), "b": torch.zeros(2)} for _ in range(3)]
+    out = merge("median", big)
+    assert float(out["w"][0]) == pytest.approx(3e38, rel=1e-6)
+
+
 def test_weights_and_steps():
     raises("3 weights for 6 task vectors", "fedavg", tvs(), [1, 2, 3])
     raises("weights must be finite, non-negative", "fedavg", tvs(), [1, -1, 1, 1, 1, 1])

@@ -206,3 +206,134 @@ def kth_largest_abs(
         torch.abs(x, out=flat[s : s + n])
         s += n
     return float(torch.kthvalue(flat, total - count + 1).values)
+
+
+# --------------------------------------------------------------------------------------
+# Exact order statistics of |values| by a two-pass radix select, streamed over blocks.
+
+_BUCKET_BITS = 15  # sign bit excluded: buckets 0 .. 2^15 - 1
+
+
+def _abs_buckets(a: torch.Tensor) -> torch.Tensor:
+    """Bucket id = top bits of the IEEE pattern of a non-negative float (exponent and the
+    leading mantissa bits). For non-negative floats the integer order of the bit patterns
+    is the float order, so buckets are ordered like the values they hold."""
+    if a.dtype == torch.float64:
+        return a.view(torch.int64) >> (63 - _BUCKET_BITS)
+    if a.dtype == torch.float32:
+        return a.view(torch.int32) >> (31 - _BUCKET_BITS)
+    raise TypeError(f"order statistics need float32 or float64, got {a.dtype}")
+
+
+def abs_order_stats(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    ranks: Sequence[Sequence[int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    keys: Sequence[str] | None = None,
+) -> list[list[float]]:
+    """Exact order statistics of |tau_i| over the tensors `keys` of each client i:
+    ``out[i][j]`` is the ranks[i][j]-th smallest |value| (1-based) of client i.
+
+    Two streamed passes over [K, n] blocks: (1) a histogram per client of the top 15 bits of
+    |x| (its IEEE bit pattern orders like the value), which locates the bucket holding each
+    wanted rank; (2) the values falling in those buckets, from which torch.kthvalue picks
+    the exact one. Memory: one block, K x 32768 counts and the candidate values (typically
+    a tiny fraction of P; all of P only if nearly all values share one bucket).
+    """
+    k = len(task_vectors)
+    nb = 1 << _BUCKET_BITS
+    # int32 like the bucket ids: an int64 offset would promote (and copy) the whole block
+    offsets = (torch.arange(k, device=device, dtype=torch.int32) * nb).reshape(k, 1)
+    hist = torch.zeros(k * nb, dtype=torch.int64, device=device)
+    for _, _, _, x, _ in iter_blocks(task_vectors, device, dtype, keys=keys):
+        b = _abs_buckets(x.abs_())
+        if b.dtype == torch.int64:
+            b += offsets
+        else:
+            b.add_(offsets)
+        hist += torch.bincount(b.reshape(-1), minlength=k * nb)
+    cum = hist.reshape(k, nb).cumsum(1).cpu()
+    total = int(cum[0, -1])
+    wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, rs in enumerate(ranks):
+        for j, r in enumerate(rs):
+            if not 1 <= r <= total:
+                raise ValueError(f"rank {r} outside 1..{total}")
+            bucket = int(torch.searchsorted(cum[i], r))
+            below = int(cum[i, bucket - 1]) if bucket > 0 else 0
+            wanted.setdefault((i, bucket), []).append((j, r - below))
+    cands: dict[tuple[int, int], list[torch.Tensor]] = {w: [] for w in wanted}
+    for _, _, _, x, _ in iter_blocks(task_vectors, device, dtype, keys=keys):
+        a = x.abs_()
+        b = _abs_buckets(a)
+        for i, bucket in wanted:
+            cands[(i, bucket)].append(a[i][b[i] == bucket])
+    out = [[0.0] * len(rs) for rs in ranks]
+    for (i, bucket), items in wanted.items():
+        vals = torch.cat(cands[(i, bucket)])
+        for j, r in items:
+            out[i][j] = float(torch.kthvalue(vals, r).values)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Linear combinations and Gram matrices.
+
+
+def linear_combination(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    coef: Sequence[float] | torch.Tensor,
+    device: torch.device,
+    extra: tuple[float, Mapping[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """sum_i coef_i tau_i (+ a * v for ``extra=(a, v)``, v flat per key on `device`), on CPU
+    in the task vectors' dtypes. Streamed per block of each client's flat tensor with fused
+    multiply-adds into the output block, which stays in cache across clients: one read of
+    every input value, one write of the result, no [K, n] gather."""
+    c = [float(x) for x in coef]
+    out: dict[str, torch.Tensor] = {}
+    row = block_numel(8, device) if device.type == "cpu" else None
+    for key, r in task_vectors[0].items():
+        work = work_dtype(r.dtype)
+        flats = [tv[key].reshape(-1) for tv in task_vectors]
+        numel = r.numel()
+        step = max(1, row or numel)
+        acc = torch.empty(numel, dtype=work, device=device)
+        for s in range(0, numel, step):
+            e = min(numel, s + step)
+            o = acc[s:e]
+            torch.mul(flats[0][s:e].to(device=device, dtype=work), c[0], out=o)
+            for ci, fl in zip(c[1:], flats[1:]):
+                o.add_(fl[s:e].to(device=device, dtype=work), alpha=ci)
+            if extra is not None and extra[0] != 0:
+                o.add_(extra[1][key][s:e], alpha=float(extra[0]))
+        out[key] = acc.reshape(r.shape).to(device="cpu", dtype=r.dtype)
+    return out
+
+
+def gram(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    also: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """float64 Gram matrix G_ij = <tau_i, tau_j> over all tensors, one streamed pass, each
+    block's products computed in float64. With `also` (flat per key on `device`) it is
+    appended as row/column K: G[K, i] = <also, tau_i>, G[K, K] = ||also||^2."""
+    k = len(task_vectors) + (also is not None)
+    g = torch.zeros(k, k, dtype=torch.float64, device=device)
+    for key, s, e, x, _ in iter_blocks(task_vectors, device, dtype):
+        xd = x.double()
+        if also is not None:
+            xd = torch.cat([xd, also[key][s:e].double().reshape(1, -1)])
+        g += xd @ xd.T
+    return g.cpu()
+
+
+def sq_dist_to_combination(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """||x_i - v||^2 for every row x_i, v = sum_j c_j x_j, from the rows' Gram matrix g
+    (float64): G_ii - 2 (G c)_i + c'Gc, clamped at 0. Exact up to float64 cancellation:
+    distances below ~1e-7 of the vectors' norms are not resolved."""
+    gc = g @ c
+    return (torch.diagonal(g) - 2 * gc + c @ gc).clamp_min(0.0)

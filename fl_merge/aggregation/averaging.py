@@ -21,7 +21,17 @@ def _wsum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
 
 
-@register("fedavg", coordinatewise=True, aliases=("task_arithmetic",))
+def _fedavg_coef(weights, local_steps):
+    return weights
+
+
+def _fednova_coef(weights, local_steps):
+    p = weights.to(torch.float64)
+    steps = local_steps.to(torch.float64).cpu()
+    return (p * steps).sum() * p / steps
+
+
+@register("fedavg", coordinatewise=True, aliases=("task_arithmetic",), coefficients=_fedavg_coef)
 def fedavg(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Delta = sum_i p_i tau_i  (FedAvg, McMahan et al. 2017; Task Arithmetic, Ilharco et al. 2023).
 
@@ -37,7 +47,7 @@ def eta_for_task_arithmetic(lam: float, num_clients: int) -> float:
     return num_clients * lam
 
 
-@register("fednova", coordinatewise=True, needs_local_steps=True)
+@register("fednova", coordinatewise=True, needs_local_steps=True, coefficients=_fednova_coef)
 def fednova(stacked: torch.Tensor, weights: torch.Tensor, local_steps: torch.Tensor) -> torch.Tensor:
     """Delta = K_eff * sum_i p_i tau_i / K_i,  K_eff = sum_i p_i K_i  (FedNova, Wang et al.
     NeurIPS 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous FL").
@@ -46,10 +56,8 @@ def fednova(stacked: torch.Tensor, weights: torch.Tensor, local_steps: torch.Ten
     normaliser ||a_i||_1 = K_i), removing the bias towards clients that ran longer; K_eff
     restores the step scale. Equal K_i reduce it to FedAvg.
     """
-    steps = local_steps.to(device=stacked.device, dtype=torch.float64)
-    p = weights.to(torch.float64)
-    k_eff = (p * steps).sum()
-    return _wsum((k_eff * p / steps).to(stacked.dtype), stacked)
+    coef = _fednova_coef(weights.cpu(), local_steps.cpu())
+    return _wsum(coef.to(device=stacked.device, dtype=stacked.dtype), stacked)
 
 
 def _check_rho(params: dict) -> None:

@@ -133,28 +133,32 @@ def cclip(
 
     center: "zero" (the paper's v0 = 0 in one-shot use: the previous aggregate is theta0),
     "mean" (weighted mean), "median" (coordinate-wise median) or a state dict.
-    Each iteration is one streamed pass: the new v and its distances to every tau_i are
-    computed block by block (float64 accumulation), so memory is ~2 model-sized vectors.
+
+    Streaming: every iterate is v = a v0 + sum_j c_j tau_j, so all distances follow from
+    the float64 Gram matrix of (tau_1..tau_K, v0), built in one streamed pass; the
+    iterations update (a, c) only and a last pass forms v. Two passes over the clients
+    whatever `iters` (three with center="median"), memory one block plus the result.
     """
     ref = task_vectors[0]
-    dtype = _stream.work_dtype(next(iter(ref.values())).dtype)
-    v = _flat_center(task_vectors, center, weights, device, dtype)
-    p = weights.to(torch.float64)
-    d2 = _stream.sq_norms_to(task_vectors, v, device, dtype)
+    k = len(task_vectors)
+    dtype = _dtype(task_vectors)
+    p = weights.to(torch.float64).cpu()
+    if isinstance(center, Mapping) or center == "median":
+        v0 = _flat_center(task_vectors, center, weights, device, dtype)
+        g = _stream.gram(task_vectors, device, dtype, also=v0)
+        coef = torch.zeros(k + 1, dtype=torch.float64)
+        coef[k] = 1.0
+    else:
+        v0 = None
+        g = _stream.gram(task_vectors, device, dtype)
+        coef = p.clone() if center == "mean" else torch.zeros(k, dtype=torch.float64)
     for _ in range(int(iters)):
-        d = d2.sqrt()
-        scale = torch.where(d > tau, tau / d.clamp_min(1e-300), torch.ones_like(d))
-        c = (p * scale).to(device=device, dtype=dtype)
-        csum = float(c.sum())
-        new_d2 = torch.zeros(len(task_vectors), dtype=torch.float64, device=device)
-        for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
-            vb = v[key][s:e]
-            # v + sum c_i (tau_i - v) = (1 - sum c_i) v + sum c_i tau_i
-            vb.mul_(1.0 - csum).add_(c @ x)
-            x.sub_(vb)
-            new_d2 += torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
-        d2 = new_d2.cpu()
-    return _stream.to_output(v, ref)
+        d = _stream.sq_dist_to_combination(g, coef)[:k].sqrt()
+        w = p * torch.where(d > tau, tau / d.clamp_min(1e-300), torch.ones_like(d))
+        coef = coef * (1.0 - w.sum())
+        coef[:k] += w
+    extra = (float(coef[k]), v0) if v0 is not None else None
+    return _stream.linear_combination(task_vectors, coef[:k], device, extra=extra)
 
 
 def _check_f(params: dict) -> None:
@@ -264,23 +268,17 @@ def geometric_median(
         beta_i = p_i / max(nu, ||v - tau_i||),   v <- sum_i beta_i tau_i / sum_i beta_i
     `iters` times, norms over the whole flattened vector.
 
-    One streamed pass per iteration: a block of the new v is formed and its distances to
-    every tau_i accumulated (float64) before moving on, so memory is ~1 model + 1 block.
+    Streaming: every iterate is v = sum_j c_j tau_j, so ||v - tau_i||^2 = G_ii - 2(Gc)_i +
+    c'Gc from the float64 Gram matrix G (one streamed pass); the iterations run on the K
+    coefficients and one more pass forms v: two passes whatever `iters`, memory one block
+    plus the result. (Distances below ~1e-7 of the norms are not resolved, i.e. well under
+    any useful nu relative to the update size.)
     """
-    ref = task_vectors[0]
-    dtype = _dtype(task_vectors)
-    k = len(task_vectors)
-    p = weights.to(torch.float64)
-    v = _flat_center(task_vectors, "mean", weights, device, dtype)
-    d2 = _stream.sq_norms_to(task_vectors, v, device, dtype)
+    p = weights.to(torch.float64).cpu()
+    g = _stream.gram(task_vectors, device, _dtype(task_vectors))
+    c = p.clone()
     for _ in range(int(iters)):
-        beta = p / d2.sqrt().clamp_min(nu)
-        c = (beta / beta.sum()).to(device=device, dtype=dtype)
-        new_d2 = torch.zeros(k, dtype=torch.float64, device=device)
-        for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
-            vb = v[key][s:e]
-            torch.mv(x.T, c, out=vb)
-            x.sub_(vb)
-            new_d2 += torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
-        d2 = new_d2.cpu()
-    return _stream.to_output(v, ref)
+        d = _stream.sq_dist_to_combination(g, c).sqrt()
+        beta = p / d.clamp_min(nu)
+        c = beta / beta.sum()
+    return _stream.linear_combination(task_vectors, c, device)

@@ -2,8 +2,11 @@
 Breadcrumbs. Each sparsifies the task vectors before averaging.
 
 Global top-k (TIES) needs the k-th largest |value| of each client's *whole* task vector: it
-is found exactly with torch.kthvalue over one client's flattened vector at a time (memory
-~2P values, independent of K), then the merge itself streams over ``[K, n]`` blocks.
+is found exactly by a streamed two-pass radix select (`_stream.abs_order_stats`: histogram
+of the float bit patterns, then kthvalue inside one bucket), so nothing model-sized is
+flattened; the merge itself streams over ``[K, n]`` blocks. Only DARE-TIES, whose random
+masks are drawn per whole tensor, flattens one client's (masked) vector at a time
+(`_stream.kth_largest_abs`, memory ~2P values, independent of K).
 """
 
 from __future__ import annotations
@@ -54,16 +57,15 @@ def ties_merge(
     dtype = _dtype(task_vectors)
     total = sum(v.numel() for v in ref.values())
     count = _top_count(total, density)
-    thr = torch.tensor(
-        [
-            _stream.kth_largest_abs(
-                tv, count, device, dtype,
-                None if transform is None else (lambda key, x, i=i: transform(i, key, x)),
-            )
+    if transform is None:
+        ranks = [[total - count + 1]] * len(task_vectors)
+        thr_list = [r[0] for r in _stream.abs_order_stats(task_vectors, ranks, device, dtype)]
+    else:
+        thr_list = [
+            _stream.kth_largest_abs(tv, count, device, dtype, lambda key, x, i=i: transform(i, key, x))
             for i, tv in enumerate(task_vectors)
-        ],
-        dtype=dtype, device=device,
-    )
+        ]
+    thr = torch.tensor(thr_list, dtype=dtype, device=device)
     pw = weights.to(device=device, dtype=dtype)
     out = _stream.empty_like_flat(ref, device, dtype)
     if transform is None:
@@ -107,7 +109,8 @@ def ties(
     vector (at density 1), and eta plays exactly the paper's lambda (theta = theta0 +
     lambda * tau_m). Unlike fedavg's mean it is not diluted by clients that are silent on a
     coordinate, which is the point of the disjoint merge.
-    Memory: ~2P values for one client's threshold, then one [K, n] block at a time.
+    Memory: one [K, n] block at a time, K x 32768 histogram counts and the candidate values
+    of one radix bucket per client; nothing model-sized besides the result.
     """
     return ties_merge(task_vectors, weights, device, density)
 
@@ -181,7 +184,8 @@ def _check_breadcrumbs(params: dict) -> None:
 def breadcrumbs_mask(x: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """Bool mask of one flat tensor keeping |x| ranks in [floor(gamma n), n - floor(beta n)):
     the floor(beta n) largest and floor(gamma n) smallest magnitudes are dropped (entries
-    tied with a cut-off value are dropped with it)."""
+    tied with a cut-off value are dropped with it). Reference helper; `breadcrumbs` finds
+    the same cut-offs by a streamed radix select."""
     n = x.numel()
     top, bottom = int(beta * n), int(gamma * n)
     a = x.abs()
@@ -207,18 +211,32 @@ def breadcrumbs(
     out the beta fraction of largest-|tau| entries (outliers) and the gamma fraction of
     smallest (noise), then Delta = sum_i p_i m_i tau_i.
 
-    Mean convention: the paper's theta0 + alpha * sum_i m_i tau_i is eta = K * alpha here.
-    Defaults (drop top 1%, bottom 85%) are ours, in the sparse regime the paper studies.
-    Memory: one tensor of one client at a time plus the result.
+    Counts are floor(beta n) and floor(gamma n) for a tensor of n entries; entries tied
+    with a cut-off value are dropped with it. Mean convention: the paper's
+    theta0 + alpha * sum_i m_i tau_i is eta = K * alpha here. Defaults (drop top 1%,
+    bottom 85%) are ours, in the sparse regime the paper studies.
+    Cut-offs per (tensor, client) by the streamed radix select of `_stream.abs_order_stats`;
+    memory one [K, n] block plus the result.
     """
     ref = task_vectors[0]
     dtype = _dtype(task_vectors)
-    p = weights.tolist()
-    out = {}
-    for key in ref:
-        acc = torch.zeros(ref[key].numel(), dtype=dtype, device=device)
-        for i, tv in enumerate(task_vectors):
-            x = tv[key].reshape(-1).to(device=device, dtype=dtype)
-            acc.add_(x * breadcrumbs_mask(x, beta, gamma), alpha=p[i])
-        out[key] = acc
+    k = len(task_vectors)
+    pw = weights.to(device=device, dtype=dtype)
+    out = _stream.empty_like_flat(ref, device, dtype)
+    for key, r in ref.items():
+        n = r.numel()
+        top, bottom = int(beta * n), int(gamma * n)
+        if top + bottom >= n:
+            continue  # everything masked: this tensor contributes 0
+        # ranks (1-based, ascending) of the two cut-offs: the bottom-th smallest |tau| and
+        # the top-th largest one
+        want = [([bottom] if bottom > 0 else []) + ([n - top + 1] if top > 0 else [])] * k
+        stats = _stream.abs_order_stats(task_vectors, want, device, dtype, keys=[key])
+        lo = torch.tensor([st[0] if bottom > 0 else -1.0 for st in stats], dtype=dtype, device=device)
+        hi = torch.tensor([st[-1] if top > 0 else float("inf") for st in stats], dtype=dtype, device=device)
+        lo, hi = lo.reshape(k, 1), hi.reshape(k, 1)
+        for _, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype, keys=[key]):
+            a = x.abs()
+            x.mul_((a > lo) & (a < hi))
+            out[key][s:e] = pw @ x
     return _stream.to_output(out, ref)
