@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl_merge.aggregation import available_methods, merge
@@ -125,7 +125,7 @@ shapes_st = st.lists(shape_st, min_size=1, max_size=4).map(
     lambda ss: {f"p{i}": s for i, s in enumerate(ss)})
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes=shapes_st, k=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_median_and_trimmed_mean_match_numpy(shapes, k, seed):
     tvs = make(k, seed, shapes)
@@ -139,7 +139,7 @@ def test_median_and_trimmed_mean_match_numpy(shapes, k, seed):
     np.testing.assert_allclose(got, np.sort(x, axis=0)[t:k - t].mean(0), rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shapes=shapes_st, k=st.integers(1, 8), seed=st.integers(0, 2**16),
        w=st.lists(st.floats(0.1, 10.0), min_size=8, max_size=8))
 def test_means_are_convex_combinations(shapes, k, seed, w):
@@ -165,7 +165,7 @@ def test_means_are_convex_combinations(shapes, k, seed, w):
             assert bool((inside | (out[n] == 0)).all())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(k=st.integers(4, 9), f=st.integers(0, 3), seed=st.integers(0, 2**16))
 def test_krum_selects_a_client_and_multikrum_averages(k, f, seed):
     if k <= 2 * f + 2:

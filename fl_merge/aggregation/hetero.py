@@ -79,7 +79,8 @@ def hetero(
     average.
 
         u_i   = tau_i / K_i                        (K_i local steps; 1 when unknown)
-        z_i   = min(1, r / ||u_i||) u_i,  r = median_j ||u_j||   (clip=True)
+        z_i   = min(1, r / ||u_i||) u_i,  r = median_j ||u_j||   (clip=True; lower middle
+                                                          value for even K)
         c_i   = cos(z_i, sum_{j!=i} p_j z_j)       (leave-one-out consensus)
         q_i   = p_i * max(c_i, 0)^gamma / sum_j (same)   (q = p if all are 0)
         Delta = K_eff * sum_i q_i z_i,   K_eff = sum_i p_i K_i  (1 when steps unknown)
