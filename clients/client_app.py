@@ -15,8 +15,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.tasks import load_task
-from clients.training import LocalTrainConfig, diagonal_fisher, fine_tune, model_for_task
+from clients.partitions import load_partitioned_task
+from clients.tasks import TaskData, load_task
+from clients.training import (
+    LocalTrainConfig,
+    diagonal_fisher,
+    fine_tune,
+    mean_gradient,
+    model_for_task,
+)
 from fl_merge.evaluation import evaluate
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
@@ -43,11 +50,18 @@ def _pick(config: ConfigRecord, key: str, pid: int) -> Any:
     return value
 
 
-def _task_for(config: ConfigRecord, pid: int):
+def _task_for(config: ConfigRecord, pid: int) -> TaskData:
+    """tasks[pid] (data=tasks), or partition pid of one task split across all clients."""
     tasks = list(config["tasks"])
     if pid >= len(tasks):
         raise ValueError(f"partition-id {pid} but the run has only {len(tasks)} tasks")
-    return load_task(tasks[pid], int(config.get("data-seed", 0)))
+    seed = int(config.get("data-seed", 0))
+    scheme = str(config.get("data", "tasks"))
+    if scheme == "tasks":
+        return load_task(tasks[pid], seed)
+    return load_partitioned_task(
+        str(config["partition-task"]), scheme, len(tasks), pid, float(config["alpha"]),
+        int(config["classes-per-client"]), seed, int(config["partition-pool"]))
 
 
 def _limit_threads() -> None:
@@ -70,6 +84,10 @@ def train(msg: Message, context: Context) -> Message:
     theta0 = msg.content["arrays"].to_torch_state_dict()
     t0 = time.perf_counter()
     model = model_for_task(str(config["model"]), task, theta0, cfg.seed)
+    extras: dict[str, dict] = {}
+    if bool(config.get("compute-grad0", False)):
+        # The gradient at theta0, before any local step: for gradient dissimilarity.
+        extras["grad0"] = mean_gradient(model, task.train, int(config.get("grad0-samples", 1024)))
     metrics = fine_tune(model, task, cfg)
     metrics.update({
         "num-examples": len(task.train),
@@ -82,10 +100,11 @@ def train(msg: Message, context: Context) -> Message:
     })
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if bool(config.get("compute-fisher", False)):
-        # Extra per-client arrays travel in the same ArrayRecord under "extra.<name>.":
-        # Flower's strategies expect exactly one ArrayRecord per reply.
-        fisher = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), cfg.seed)
-        state.update({f"{EXTRA_PREFIX}fisher.{k}": v for k, v in fisher.items()})
+        extras["fisher"] = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), cfg.seed)
+    # Extra per-client arrays travel in the same ArrayRecord under "extra.<name>.":
+    # Flower's strategies expect exactly one ArrayRecord per reply.
+    for name, arrays in extras.items():
+        state.update({f"{EXTRA_PREFIX}{name}.{k}": v for k, v in arrays.items()})
     return Message(
         RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
         reply_to=msg,
@@ -94,9 +113,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_model(msg: Message, context: Context) -> Message:
-    """Score the received model. With a 'delta' ArrayRecord and an 'etas' list, score
-    theta + eta * delta for every eta on both val and test (one message, Delta sent once);
-    else score the received model on config 'split' (default test)."""
+    """Score the received model. With a 'delta' ArrayRecord (and maybe 'delta-1', 'delta-2',
+    ... for more methods) and an 'etas' list, score theta + eta * delta for every delta and
+    eta on both val and test (one message, each Delta sent once); lists come back
+    delta-major. Without a delta, score the received model on config 'split' (default test)."""
     _limit_threads()
     pid = _partition_id(context)
     config = msg.content["config"]
@@ -105,16 +125,20 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     model_name = str(config["model"])
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0  # for a probe head only
     metrics: dict[str, Any] = {"num-examples": len(task.test), "partition-id": pid}
-    if "delta" in msg.content.array_records:
-        delta = msg.content["delta"].to_torch_state_dict()
+    records = msg.content.array_records
+    deltas = [records[k] for k in ["delta", *(f"delta-{i}" for i in range(1, len(records)))]
+              if k in records]
+    if deltas:
         etas = [float(e) for e in config["etas"]]
         scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in ("val", "test") for m in ("accuracy", "loss")}
-        for eta in etas:
-            model = model_for_task(model_name, task, apply_update(state, delta, eta), seed)
-            for split, data in (("val", task.val), ("test", task.test)):
-                acc, loss = evaluate(model, data)
-                scores[f"{split}-accuracy"].append(acc)
-                scores[f"{split}-loss"].append(loss)
+        for record in deltas:
+            delta = record.to_torch_state_dict()
+            for eta in etas:
+                model = model_for_task(model_name, task, apply_update(state, delta, eta), seed)
+                for split, data in (("val", task.val), ("test", task.test)):
+                    acc, loss = evaluate(model, data)
+                    scores[f"{split}-accuracy"].append(acc)
+                    scores[f"{split}-loss"].append(loss)
         metrics.update(scores)
     else:
         split = str(config.get("split", "test"))

@@ -32,6 +32,9 @@ class TaskData:
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
+    # Data the task head is fitted on (default: train). Partitioned tasks share one head
+    # fitted on public data, so every client of the task has the same head.
+    probe: TensorDataset | None = None
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ def _features(backbone: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.
 
 def fit_probe_head(model: TaskModel, task: TaskData, seed: int, max_iter: int = 200) -> None:
     """Fit model.head by L2-regularized logistic regression (L-BFGS) on frozen features of
-    the train split. Deterministic given the backbone, the data and `seed`."""
-    x, y = task.train.tensors
+    the task's probe data (default: its train split). Deterministic given the backbone,
+    the data and `seed`."""
+    x, y = (task.probe if task.probe is not None else task.train).tensors
     feats = _features(model.backbone, x)
     torch.manual_seed(seed)
     head = model.head
@@ -129,3 +130,22 @@ def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed:
         for k, g in per_example(params, x, y).items():
             fisher[k] += g.pow(2).sum(0)
     return {k: v / len(x_all) for k, v in fisher.items()}
+
+
+def mean_gradient(model: TaskModel, data: TensorDataset, n_samples: int = 1024,
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """g = grad of the mean cross-entropy over the first n_samples examples, for the
+    backbone parameters (keyed like the state dict). At theta0 this is the client's
+    gradient for the gradient-dissimilarity measurements."""
+    model.eval()
+    params = {k: p for k, p in model.named_parameters() if is_merged_key(k)}
+    model.zero_grad(set_to_none=True)
+    x_all, y_all = data.tensors
+    n = min(n_samples, len(y_all))
+    for i in range(0, n, batch_size):
+        x, y = x_all[i : min(i + batch_size, n)], y_all[i : min(i + batch_size, n)]
+        # sum over batches of (batch mean * batch share) = mean over all n examples
+        (nn.functional.cross_entropy(model(x), y) * (len(y) / n)).backward()
+    grads = {k: p.grad.detach().clone() for k, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    return grads

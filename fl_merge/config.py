@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot run; the message says what is wrong."""
 
@@ -24,16 +27,23 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     num_clients: int = 4
+    data: str = "tasks"  # tasks: one task per client | iid | dirichlet | pathological split
     suite: str = "mnist8"
     tasks: str = ""  # comma list of task names; empty: the first num-clients of the suite
+    partition_task: str = "rotate90"  # the one task split across clients (data != tasks)
+    alpha: float = 0.5  # Dirichlet concentration (data=dirichlet): small = skewed labels
+    classes_per_client: int = 2  # data=pathological
+    partition_pool: int = 8000  # training examples split across the clients
     model: str = "mnist-cnn"
     pretrain_steps: int = 40
     pretrain_seed: int = 0
-    method: str = "task_arithmetic"
-    method_params: str = ""  # "name=value name=value", e.g. "density=0.2"
+    method: str = "task_arithmetic"  # one method, or a comma list scored on the same updates
+    method_params: str = ""  # "name=value ..." (every listed method taking it) or "ties.density=0.2"
     etas: str = "0.5,1,1.5,2,2.5,3"  # server learning rates scored on validation; 0 (base) is added
     weighting: str = "uniform"  # uniform | num-examples
-    local_steps: str = "150"  # one value for all clients, or a comma list of num-clients values
+    # Per-client training values: one for all, a comma list of num-clients values, or a
+    # seeded spread "lo..hi" (steps uniform, lr log-uniform): training heterogeneity.
+    local_steps: str = "150"
     lr: str = "0.01"
     batch_size: str = "64"
     seed: int = 0  # client i trains with seed + i
@@ -69,8 +79,13 @@ class RunConfig:
         k = self.num_clients
         if k < 1:
             raise ConfigError(f"num-clients must be at least 1, got {k}")
+        if self.data not in ("tasks", *PARTITION_SCHEMES):
+            raise ConfigError(f"data must be tasks, {', '.join(PARTITION_SCHEMES)}; got '{self.data}'")
         try:
-            if self.tasks.strip():
+            if self.data != "tasks":
+                check_tasks([self.partition_task])
+                tasks = [f"{self.partition_task}/{i}" for i in range(k)]
+            elif self.tasks.strip():
                 tasks = _split(self.tasks)
                 check_tasks(tasks)
             else:
@@ -84,11 +99,16 @@ class RunConfig:
         tasks = tasks[:k]
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"tasks repeat: {tasks}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be positive, got {self.alpha}")
+        if not 1 <= self.classes_per_client:
+            raise ConfigError(f"classes-per-client must be at least 1, got {self.classes_per_client}")
+        if self.partition_pool < 10 * k:
+            raise ConfigError(f"partition-pool={self.partition_pool} is too small for {k} clients")
         if self.model not in MODELS:
             raise ConfigError(f"unknown model '{self.model}'; known: {', '.join(sorted(MODELS))}")
         try:
-            params = parse_method_params(self.method_params)
-            check_method_params(self.method, params)
+            methods = resolve_methods(self.method, self.method_params)
         except MergeInputError as e:
             raise ConfigError(str(e)) from None
         etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas))})
@@ -102,13 +122,13 @@ class RunConfig:
             raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
         if self.pretrain_steps <= 0:
             raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
-        steps = _per_client("local-steps", self.local_steps, k, int)
-        lrs = _per_client("lr", self.lr, k, float)
-        batches = _per_client("batch-size", self.batch_size, k, int)
+        steps = _per_client("local-steps", self.local_steps, k, int, self.seed)
+        lrs = _per_client("lr", self.lr, k, float, self.seed)
+        batches = _per_client("batch-size", self.batch_size, k, int, self.seed)
         return ResolvedConfig(
             run=self,
             tasks=tasks,
-            method_params=params,
+            methods=methods,
             etas=etas,
             local_steps=steps,
             lrs=lrs,
@@ -123,7 +143,7 @@ class ResolvedConfig:
 
     run: RunConfig
     tasks: list[str]
-    method_params: dict[str, Any]
+    methods: list[tuple[str, dict[str, Any]]]  # (method name, its parameters), primary first
     etas: list[float]
     local_steps: list[int]
     lrs: list[float]
@@ -131,17 +151,24 @@ class ResolvedConfig:
     seeds: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def task_config(self) -> dict[str, Any]:
+        """What a client needs to build its data and model (train and evaluate messages)."""
+        run = self.run
+        return {
+            "model": run.model, "tasks": list(self.tasks), "data-seed": run.data_seed,
+            "data": run.data, "partition-task": run.partition_task, "alpha": run.alpha,
+            "classes-per-client": run.classes_per_client, "partition-pool": run.partition_pool,
+        }
+
     def train_config(self) -> dict[str, Any]:
-        """The training config every client receives: task list and per-client lists,
+        """The training config every client receives: task config plus per-client lists,
         indexed by the client's partition id (scalars when all clients agree)."""
 
         def compact(values: list) -> Any:
             return values[0] if len(set(values)) == 1 else list(values)
 
         return {
-            "model": self.run.model,
-            "tasks": list(self.tasks),
-            "data-seed": self.run.data_seed,
+            **self.task_config(),
             "local-steps": compact(self.local_steps),
             "lr": compact(self.lrs),
             "batch-size": compact(self.batch_sizes),
@@ -149,11 +176,17 @@ class ResolvedConfig:
             "fisher-samples": self.run.fisher_samples,
         }
 
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """The primary (first) method's parameters."""
+        return self.methods[0][1]
+
     def output_dir(self) -> Path:
         if self.run.output_dir:
             return Path(self.run.output_dir).expanduser().resolve()
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return (Path.cwd() / "outputs" / f"{stamp}-{self.run.method}").resolve()
+        name = "-".join(m for m, _ in self.methods)[:60]
+        return (Path.cwd() / "outputs" / f"{stamp}-{name}").resolve()
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
@@ -172,6 +205,42 @@ def parse_method_params(text: str) -> dict[str, Any]:
         name, value = item.split("=", 1)
         out[name.strip()] = _literal(value.strip())
     return out
+
+
+def resolve_methods(method: str, method_params: str) -> list[tuple[str, dict[str, Any]]]:
+    """'fedavg,ties' + 'ties.density=0.2 seed=1' -> [(fedavg, {}), (ties, {density: 0.2})].
+
+    A prefixed parameter goes to that method; an unprefixed one to every listed method
+    that takes it. A parameter no listed method takes, or a prefix naming a method not
+    listed, is an error; so are unknown methods.
+    """
+    from fl_merge.aggregation import check_method_params, get_method
+    from fl_merge.task_vectors import MergeInputError
+
+    names = _split(method)
+    if not names:
+        raise ConfigError("method is empty: name at least one merge method")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method lists a method twice: '{method}'")
+    taken = {n: get_method(n).params for n in names}  # raises on unknown methods
+    params: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in parse_method_params(method_params).items():
+        prefix, _, pname = key.rpartition(".")
+        if prefix:
+            if prefix not in params:
+                raise ConfigError(f"method-params '{key}': '{prefix}' is not among the methods {names}")
+            params[prefix][pname] = value
+            continue
+        takers = [n for n in names if pname in taken[n]]
+        if not takers:
+            if len(names) == 1:  # let the registry name the method's parameters
+                check_method_params(names[0], {pname: value})
+            raise MergeInputError(f"unknown parameter(s) ['{pname}'] for merge methods {names}")
+        for n in takers:
+            params[n][pname] = value
+    for n in names:
+        check_method_params(n, params[n])
+    return [(n, params[n]) for n in names]
 
 
 def _literal(value: str) -> Any:
@@ -200,7 +269,11 @@ def _number(key: str, value: Any, conv: type) -> Any:
     return out
 
 
-def _per_client(key: str, value: Any, k: int, conv: type) -> list:
+def _per_client(key: str, value: Any, k: int, conv: type, seed: int = 0) -> list:
+    """One value for all, a comma list of k values, or a spread 'lo..hi' drawn per client
+    (seeded): integers uniformly in [lo, hi], floats log-uniformly (lr 0.003..0.03)."""
+    if isinstance(value, str) and ".." in value:
+        return _draw_spread(key, value, k, conv, seed)
     items = _split(value) if isinstance(value, str) else [value]
     if not items:
         raise ConfigError(f"{key} is missing: give one value or a comma list of {k} values")
@@ -212,6 +285,22 @@ def _per_client(key: str, value: Any, k: int, conv: type) -> list:
     if len(nums) != k:
         raise ConfigError(f"{key} lists {len(nums)} values for {k} clients")
     return nums
+
+
+def _draw_spread(key: str, value: str, k: int, conv: type, seed: int) -> list:
+    import hashlib
+
+    import numpy as np
+
+    lo_text, _, hi_text = value.partition("..")
+    lo, hi = _number(key, lo_text.strip(), conv), _number(key, hi_text.strip(), conv)
+    if not 0 < lo <= hi:
+        raise ConfigError(f"{key}: spread '{value}' needs 0 < lo <= hi")
+    digest = hashlib.sha256(f"{key}:{seed}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    if conv is int:
+        return [int(v) for v in rng.integers(lo, hi + 1, size=k)]
+    return [float(v) for v in np.exp(rng.uniform(np.log(lo), np.log(hi), size=k))]
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

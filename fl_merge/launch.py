@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LaunchError(f"Flower run {run_id} ended as '{status}'")
         rows = results.read_rows(out_dir / results.RESULTS_FILE)
         print()
-        print(results.format_summary(rows, f"fl-merge: method={run_cfg.method} (test accuracy)"))
+        print(results.format_summary(rows, "fl-merge: test accuracy per task (merged at the eta chosen on validation)"))
         print(f"\nresults: {out_dir}")
         ok = True
         return 0

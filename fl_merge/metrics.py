@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from fl_merge.aggregation.registry import normalized_weights
 from fl_merge.task_vectors import MergeInputError, check_task_vectors
 
 TensorDicts = Sequence[Mapping[str, torch.Tensor]]
@@ -41,20 +42,6 @@ def _check(tvs: TensorDicts, what: str = "task vectors") -> int:
     if n == 0:
         raise MergeInputError(f"{what} have no coordinates (all tensors are empty)")
     return n
-
-
-def _weights(weights: Sequence[float] | torch.Tensor | None, k: int) -> torch.Tensor:
-    """p_i = w_i / sum_j w_j in float64 (uniform 1/K when weights is None)."""
-    if weights is None:
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if w.numel() != k:
-        raise MergeInputError(f"{w.numel()} weights for {k} clients")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise MergeInputError(
-            f"weights must be finite, non-negative and not all zero: {w.tolist()}"
-        )
-    return w / w.sum()
 
 
 def _blocks(tvs: TensorDicts) -> Iterator[torch.Tensor]:
@@ -134,7 +121,7 @@ def gradient_dissimilarity(
     exactly 0 up to rounding for identical clients.
     """
     _check(grads, "gradients")
-    p = _weights(weights, len(grads))
+    p = normalized_weights(weights, len(grads))
     mean_sq = 0.0  # sum_i p_i ||g_i||^2
     g_sq = 0.0     # ||g||^2
     div = 0.0      # sum_i p_i ||g_i - g||^2
@@ -167,7 +154,7 @@ def sign_agreement(
     n = _check(tvs)
     if rho is not None and not 0.0 <= float(rho) <= 1.0:
         raise MergeInputError(f"rho must lie in [0, 1], got {rho}")
-    p = _weights(weights, len(tvs))
+    p = normalized_weights(weights, len(tvs))
     total = 0.0
     unanimous = 0
     above = 0
@@ -250,7 +237,7 @@ def heterogeneity_report(
     """
     _check(tvs)
     k = len(tvs)
-    p = _weights(weights, k)
+    p = normalized_weights(weights, k)
     g = _gram(tvs)
     norms = [float(v) for v in g.diagonal().clamp_min(0).sqrt()]
     cos = _cosine_from_gram(g)

@@ -68,9 +68,19 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str)))
 
 
+def model_file(method_label: str, primary: bool) -> str:
+    """merged.safetensors for the run's primary method, merged-<label>.safetensors else."""
+    if primary:
+        return MODEL_FILE
+    safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in method_label)
+    return f"merged-{safe}.safetensors"
+
+
 def summary_rows(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list[dict[str, Any]]:
-    """Per task: base, fine-tuned, merged (selected eta) accuracy and normalized accuracy."""
+    """Per task: base and fine-tuned accuracy and, per method, the merged accuracy at its
+    chosen eta; then a 'mean' row and a 'normalized' row (mean normalized accuracy)."""
     table: dict[str, dict[str, Any]] = {}
+    normalized: dict[str, list[float]] = {}
     for r in rows:
         if r["split"] != split:
             continue
@@ -80,32 +90,46 @@ def summary_rows(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list
         elif r["model"] == "finetuned":
             t["finetuned"] = r["accuracy"]
         elif r["model"] == "merged" and _truthy(r["selected"]):
-            t["merged"], t["normalized"], t["eta"] = r["accuracy"], r["normalized_accuracy"], r["eta"]
+            t[r["method"]] = r["accuracy"]
+            normalized.setdefault(r["method"], []).append(r["normalized_accuracy"])
     out = list(table.values())
     if out:
-        mean = {"task": "mean"}
-        for key in ("base", "finetuned", "merged", "normalized"):
-            vals = [t[key] for t in out if key in t]
-            mean[key] = sum(vals) / len(vals) if vals else math.nan
-        out.append(mean)
+        keys = ["base", "finetuned", *normalized]
+        out.append({"task": "mean", **{k: _mean([t[k] for t in out if k in t]) for k in keys}})
+        out.append({"task": "normalized", "finetuned": 1.0,
+                    **{m: _mean(v) for m, v in normalized.items()}})
     return out
 
 
+def chosen_etas(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    return {r["method"]: r["eta"] for r in rows if r["model"] == "merged" and _truthy(r["selected"])}
+
+
 def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
-    """A plain-text table of `summary_rows` (readable in logs and terminals alike)."""
+    """A plain-text table of `summary_rows` (readable in logs and terminals alike): one
+    column per method, its chosen eta in the header."""
+    rows = list(rows)
     table = summary_rows(rows)
+    etas = chosen_etas(rows)
+    columns = [("base", "base"), ("finetuned", "fine-tuned"),
+               *((m, f"{m} (eta={etas[m]:g})") for m in etas)]
+    widths = [max(10, len(h) + 2) for _, h in columns]
     lines = [title] if title else []
-    lines.append(f"{'task':<16}{'base':>8}{'fine-tuned':>12}{'merged':>9}{'normalized':>12}")
+    lines.append(f"{'task':<16}" + "".join(f"{h:>{w}}" for (_, h), w in zip(columns, widths)))
     for t in table:
         if t["task"] == "mean":
-            lines.append("-" * 57)
+            lines.append("-" * (16 + sum(widths)))
 
         def fmt(key: str) -> str:
             v = t.get(key)
             return f"{v:.3f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-"
 
-        lines.append(f"{t['task']:<16}{fmt('base'):>8}{fmt('finetuned'):>12}{fmt('merged'):>9}{fmt('normalized'):>12}")
+        lines.append(f"{t['task']:<16}" + "".join(f"{fmt(k):>{w}}" for (k, _), w in zip(columns, widths)))
     return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def _truthy(v: Any) -> bool:

@@ -2,8 +2,12 @@
 
 Thin Flower glue over fl_merge: replies (full local weights + num-examples, from any
 standard ClientApp) become task vectors over the merged parameters, one call to
-`fl_merge.merge` gives Delta, and every client scores theta0 + eta * Delta for a grid of
-eta in ONE evaluate message. eta is chosen by mean normalized validation accuracy.
+`fl_merge.merge` per method gives its Delta, and every client scores theta0 + eta * Delta
+for every method and every eta of a grid in ONE evaluate message (each Delta sent once).
+eta is chosen per method by mean normalized validation accuracy.
+
+Several methods in one run share the same client updates: a methods x eta table costs one
+training pass.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_merge.aggregation import check_method_params, get_method, merge
 from fl_merge.evaluation import normalized_accuracy, select_eta
+from fl_merge.metrics import heterogeneity_report
 from fl_merge.models import is_merged_key
 from fl_merge.task_vectors import MergeInputError, StateDict, apply_update, split_extras, split_state, task_vector
 
@@ -64,28 +69,40 @@ class OneShotMerge(FedAvg):
     """One-shot FL merge with any registered method.
 
     method, method_params: a name from `fl_merge.available_methods()` and its parameters.
+    methods: instead of one method, a list of names or (name, params) pairs, all merged
+        from the same updates and all scored; the first is the primary (`delta`,
+        `best_eta`, the returned arrays).
     etas: server learning rates to score (0 is always added: the pretrained base).
     weighting: 'uniform' (p_i = 1/K, Task Arithmetic's convention) or 'num-examples'.
     is_merged: which parameter names are merged (the rest are per-task, never merged).
     task_names: label clients by partition id in results (default: 'client-<pid>').
+    measure_heterogeneity: ask clients for their gradient at theta0 and compute
+        `fl_merge.metrics.heterogeneity_report` from the round's updates (`heterogeneity`).
     """
 
     def __init__(
         self,
         method: str = "fedavg",
         method_params: dict[str, Any] | None = None,
+        methods: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
         etas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
         weighting: str = "uniform",
         is_merged: Callable[[str], bool] = is_merged_key,
         device: str = "cpu",
         task_names: Sequence[str] | None = None,
+        measure_heterogeneity: bool = True,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_train_metrics)
         super().__init__(**fedavg_kwargs)
-        self.method = method
-        self.method_params = dict(method_params or {})
-        check_method_params(method, self.method_params)  # fail before any training
+        if methods is None:
+            methods = [(method, dict(method_params or {}))]
+        elif method_params:
+            raise ValueError("give method_params inside `methods`, not both")
+        self.methods = _label_methods(methods)  # label -> (name, params); checked here
+        if not self.methods:
+            raise ValueError("no merge method given")
+        self.method, self.method_params = next(iter(self.methods.values()))
         self.etas = sorted({0.0, *map(float, etas)})
         if weighting not in ("uniform", "num-examples"):
             raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
@@ -93,17 +110,33 @@ class OneShotMerge(FedAvg):
         self.is_merged = is_merged
         self.device = device
         self.task_names = list(task_names) if task_names is not None else None
+        self.measure_heterogeneity = measure_heterogeneity
         # Filled in by the round, read by callers after start().
         self.theta0: StateDict = {}
         self.clients: list[ClientUpdate] = []
-        self.delta: StateDict = {}
-        self.best_eta: float | None = None
+        self.deltas: dict[str, StateDict] = {}  # method label -> Delta
+        self.best_etas: dict[str, float] = {}  # method label -> chosen eta
         self.rows: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
+        self.heterogeneity: dict[str, Any] = {}  # fl_merge.metrics.heterogeneity_report
+
+    @property
+    def primary(self) -> str:
+        return next(iter(self.methods))
+
+    @property
+    def delta(self) -> StateDict:
+        """The primary method's Delta."""
+        return self.deltas.get(self.primary, {})
+
+    @property
+    def best_eta(self) -> float | None:
+        """The primary method's chosen eta."""
+        return self.best_etas.get(self.primary)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> One-shot merge: method=%s params=%s weighting=%s etas=%s",
-            self.method, self.method_params, self.weighting, self.etas)
+        log(INFO, "\t├──> One-shot merge: methods=%s weighting=%s etas=%s",
+            self.methods, self.weighting, self.etas)
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1,
@@ -115,9 +148,9 @@ class OneShotMerge(FedAvg):
             result.arrays = ArrayRecord(self.merged_state(self.best_eta))
         return result
 
-    def merged_state(self, eta: float) -> StateDict:
-        """theta0 + eta * Delta over the merged parameters."""
-        return apply_update(self.theta0, self.delta, eta)
+    def merged_state(self, eta: float, method: str | None = None) -> StateDict:
+        """theta0 + eta * Delta (of `method`, a label; default the primary)."""
+        return apply_update(self.theta0, self.deltas[method or self.primary], eta)
 
     def task_name(self, client: ClientUpdate) -> str:
         pid = client.metrics.get("partition-id")
@@ -133,8 +166,10 @@ class OneShotMerge(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.theta0 = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         config = ConfigRecord(dict(config))
-        if "fisher" in get_method(self.method).needs_extras:
+        if any("fisher" in get_method(name).needs_extras for name, _ in self.methods.values()):
             config["compute-fisher"] = True  # clients add their diagonal Fisher to the reply
+        if self.measure_heterogeneity:
+            config["compute-grad0"] = True  # clients add their gradient at theta0
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -169,22 +204,45 @@ class OneShotMerge(FedAvg):
         steps = None
         if all("local-steps" in c.metrics for c in clients):
             steps = [float(c.metrics["local-steps"]) for c in clients]
-        needed = get_method(self.method).needs_extras
-        extras = {n: [c.extras.get(n, {}) for c in clients] for n in needed}
+        names = [c.label for c in clients]
+        self.deltas = {}
+        for label, (name, params) in self.methods.items():
+            extras = self._extras_for(name, clients)
+            self.deltas[label] = merge(name, task_vectors, weights, steps, names=names,
+                                       device=self.device, extras=extras, **params)
+        self.clients = clients
+        self.timings["aggregate-seconds"] = time.perf_counter() - t0
+        if self.measure_heterogeneity:
+            self.heterogeneity = self._measure(clients, task_vectors, weights, steps)
+        log(INFO, "aggregate_train: merged %d task vectors with %s in %.2fs",
+            len(clients), list(self.methods), self.timings["aggregate-seconds"])
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return ArrayRecord(self.merged_state(1.0)), metrics
+
+    @staticmethod
+    def _measure(clients: list[ClientUpdate], task_vectors: list[StateDict],
+                 weights: list[float] | None, steps: list[float] | None) -> dict[str, Any]:
+        """Heterogeneity of this round, from whatever the clients sent (gradients at theta0,
+        steps and learning rates are optional)."""
+        grads = [c.extras.get("grad0") for c in clients]
+        lrs = [c.metrics.get("lr") for c in clients]
+        return heterogeneity_report(
+            task_vectors, weights,
+            grads=grads if all(grads) else None,
+            local_steps=steps,
+            lrs=[float(v) for v in lrs] if steps is not None and None not in lrs else None,
+        )
+
+    @staticmethod
+    def _extras_for(method: str, clients: list[ClientUpdate]) -> dict[str, list[StateDict]] | None:
+        """The per-client extra arrays `method` needs, or a MergeRoundError naming who lacks them."""
+        extras = {n: [c.extras.get(n, {}) for c in clients] for n in get_method(method).needs_extras}
         for n, per_client in extras.items():
             lacking = [c.label for c, e in zip(clients, per_client) if not e]
             if lacking:
-                raise MergeRoundError(f"method '{self.method}' needs '{n}' from every client; "
+                raise MergeRoundError(f"method '{method}' needs '{n}' from every client; "
                                       f"missing from {', '.join(lacking)}")
-        self.delta = merge(self.method, task_vectors, weights, steps,
-                           names=[c.label for c in clients], device=self.device,
-                           extras=extras or None, **self.method_params)
-        self.clients = clients
-        self.timings["aggregate-seconds"] = time.perf_counter() - t0
-        log(INFO, "aggregate_train: merged %d task vectors with '%s' in %.2fs",
-            len(clients), self.method, self.timings["aggregate-seconds"])
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return ArrayRecord(self.merged_state(1.0)), metrics
+        return extras or None
 
     def _unpack(self, msg: Message) -> ClientUpdate:
         """A reply as a ClientUpdate: exactly one ArrayRecord (weights, plus any
@@ -203,19 +261,22 @@ class OneShotMerge(FedAvg):
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """One message per trained client: theta0 with its own per-task parameters, Delta
-        once, and the eta grid."""
+        """One message per trained client: theta0 with its own per-task parameters, each
+        method's Delta once (ArrayRecords "delta", "delta-1", ... in `delta-methods` order),
+        and the eta grid."""
         if not self.clients:
             return []
-        delta_record = ArrayRecord(self.delta)
+        labels = list(self.deltas)
+        delta_records = {_delta_key(i): ArrayRecord(self.deltas[m]) for i, m in enumerate(labels)}
         messages = []
         for c in self.clients:
             cfg = ConfigRecord(dict(config))
             cfg["etas"] = list(self.etas)
+            cfg["delta-methods"] = labels
             cfg["server-round"] = server_round
             content = RecordDict({
                 self.arrayrecord_key: ArrayRecord({**self.theta0, **c.per_task}),
-                "delta": delta_record,
+                **delta_records,
                 self.configrecord_key: cfg,
             })
             messages.append(Message(content=content, dst_node_id=c.node_id,
@@ -224,47 +285,54 @@ class OneShotMerge(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
+        """Scores arrive as lists of len(methods) * len(etas), method-major."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=False)
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
             raise MergeRoundError(f"{len(failed)} client(s) failed during evaluation: {reasons}")
         by_node = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values())))
                    for m in valid}
-        scores: dict[str, dict[str, Any]] = {}
+        n_etas, labels = len(self.etas), list(self.deltas)
+        # scores[label][task] = {"val-accuracy": [per eta], ..., "client": ClientUpdate}
+        scores: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in labels}
         for client in self.clients:  # client order, not arrival order
             metrics = by_node.get(client.node_id)
-            if metrics is None or "val-accuracy" not in metrics:
+            if metrics is None or len(metrics.get("val-accuracy", [])) != n_etas * len(labels):
                 raise MergeRoundError(
-                    f"{client.label} did not score the eta grid "
-                    "(no evaluate reply with 'val-accuracy' per eta)")
-            scores[self.task_name(client)] = {"client": client, **metrics}
-        ft_val = {t: float(s["client"].metrics["finetuned-val-accuracy"]) for t, s in scores.items()}
-        val_acc = {t: [float(a) for a in s["val-accuracy"]] for t, s in scores.items()}
-        self.best_eta, _ = select_eta(self.etas, val_acc, ft_val)
-        self.rows = self._rows(scores)
-        merged = [r for r in self.rows if r["model"] == "merged" and r["selected"] and r["split"] == "test"]
-        base = [r for r in self.rows if r["model"] == "base" and r["split"] == "test"]
-        fine = [r for r in self.rows if r["model"] == "finetuned" and r["split"] == "test"]
+                    f"{client.label} did not score the methods x eta grid "
+                    "(no evaluate reply with 'val-accuracy' per method and eta)")
+            for i, label in enumerate(labels):
+                part = {k: list(metrics[k])[i * n_etas:(i + 1) * n_etas]
+                        for k in ("val-accuracy", "val-loss", "test-accuracy", "test-loss")}
+                scores[label][self.task_name(client)] = {"client": client, **part}
+        self.rows = []
+        for label in labels:
+            ft_val = {t: float(s["client"].metrics["finetuned-val-accuracy"]) for t, s in scores[label].items()}
+            val_acc = {t: [float(a) for a in s["val-accuracy"]] for t, s in scores[label].items()}
+            self.best_etas[label], _ = select_eta(self.etas, val_acc, ft_val)
+            self.rows += self._rows(label, scores[label])
+        out: dict[str, float] = {}
+        test = [r for r in self.rows if r["split"] == "test"]
+        for label in labels:
+            merged = [r for r in test if r["method"] == label and r["model"] == "merged" and r["selected"]]
+            out[f"{label}-eta"] = self.best_etas[label]
+            out[f"{label}-test-accuracy"] = _mean(r["accuracy"] for r in merged)
+            out[f"{label}-normalized-accuracy"] = _mean(r["normalized_accuracy"] for r in merged)
+        first = [r for r in test if r["method"] == labels[0]]
+        out["base-test-accuracy"] = _mean(r["accuracy"] for r in first if r["model"] == "base")
+        out["finetuned-test-accuracy"] = _mean(r["accuracy"] for r in first if r["model"] == "finetuned")
+        return MetricRecord(out)
 
-        def mean(rows: list[dict], key: str) -> float:
-            return sum(r[key] for r in rows) / len(rows)
-
-        return MetricRecord({
-            "eta": self.best_eta,
-            "merged-test-accuracy": mean(merged, "accuracy"),
-            "merged-normalized-accuracy": mean(merged, "normalized_accuracy"),
-            "base-test-accuracy": mean(base, "accuracy"),
-            "finetuned-test-accuracy": mean(fine, "accuracy"),
-        })
-
-    def _rows(self, scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def _rows(self, label: str, scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Tidy rows: one per (model, eta, task, split). model is base (eta 0), finetuned
         (the client's own model) or merged (eta > 0; `selected` marks the chosen eta)."""
-        params = json.dumps(self.method_params, sort_keys=True)
+        name, params = self.methods[label]
+        params_json = json.dumps(params, sort_keys=True)
+        best = self.best_etas[label]
         rows = []
         for task, s in scores.items():
             c: ClientUpdate = s["client"]
-            common = {"method": self.method, "params": params, "task": task,
+            common = {"method": label, "method_name": name, "params": params_json, "task": task,
                       "partition_id": c.metrics.get("partition-id"), "node_id": c.node_id}
             ft = {"val": float(c.metrics["finetuned-val-accuracy"]),
                   "test": float(c.metrics["finetuned-accuracy"])}
@@ -276,11 +344,39 @@ class OneShotMerge(FedAvg):
                 for j, eta in enumerate(self.etas):
                     acc = float(s[f"{split}-accuracy"][j])
                     rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
-                                 "selected": eta == self.best_eta, "split": split,
+                                 "selected": eta == best, "split": split,
                                  "accuracy": acc, "loss": float(s[f"{split}-loss"][j]),
                                  "finetuned_accuracy": ft[split],
                                  "normalized_accuracy": normalized_accuracy(acc, ft[split])})
         return rows
+
+
+def _delta_key(i: int) -> str:
+    return "delta" if i == 0 else f"delta-{i}"
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _label_methods(methods: Sequence[str | tuple[str, dict[str, Any]]]
+                   ) -> dict[str, tuple[str, dict[str, Any]]]:
+    """label -> (method name, full params). A method listed once is labelled by its name;
+    one listed several times as name[k=v,...] with the params given. Params are checked."""
+    pairs = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
+    counts: dict[str, int] = {}
+    for name, _ in pairs:
+        counts[name] = counts.get(name, 0) + 1
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, params in pairs:
+        full = check_method_params(name, params)  # fail before any training
+        label = name if counts[name] == 1 else (
+            f"{name}[{','.join(f'{k}={v}' for k, v in sorted(params.items()))}]")
+        if label in out:
+            raise ValueError(f"method '{label}' listed twice")
+        out[label] = (name, full)  # full parameters: results record every value used
+    return out
 
 
 def _named_merge(name: str, method: str, doc: str) -> type[OneShotMerge]:

@@ -39,32 +39,39 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMe
                                                            seed=run.pretrain_seed), progress=False)
     k = run.num_clients
     strategy = OneShotMerge(
-        method=run.method, method_params=cfg.method_params, etas=cfg.etas,
+        methods=cfg.methods, etas=cfg.etas,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
         min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
     )
     wait_for_clients(grid, k, run.connect_timeout)
-    result = strategy.start(
+    strategy.start(
         grid, ArrayRecord(theta0), num_rounds=1, timeout=run.round_timeout,
         train_config=ConfigRecord(cfg.train_config()),
-        evaluate_config=ConfigRecord({"model": run.model, "tasks": list(cfg.tasks),
-                                      "data-seed": run.data_seed}),
+        evaluate_config=ConfigRecord(cfg.task_config()),
     )
     out = cfg.output_dir()
-    extra = {"run_id": run_id, "num_clients": k}
+    extra = {"run_id": run_id, "num_clients": k, "data": run.data,
+             **{f"het_{name}": v for name, v in strategy.heterogeneity.items()
+                if isinstance(v, (int, float))}}
     results.write_rows(out / results.RESULTS_FILE, strategy.rows, extra)
     heads = {strategy.task_name(c): c.per_task for c in strategy.clients}
-    meta = {"method": run.method, "params": cfg.method_params, "eta": strategy.best_eta,
-            "tasks": ",".join(cfg.tasks), "run_id": run_id}
-    results.save_merged_model(out / results.MODEL_FILE, result.arrays.to_torch_state_dict(), heads, meta)
+    for i, (label, (name, params)) in enumerate(strategy.methods.items()):
+        eta = strategy.best_etas[label]
+        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(cfg.tasks),
+                "run_id": run_id}
+        results.save_merged_model(out / results.model_file(label, primary=i == 0),
+                                  strategy.merged_state(eta, label), heads, meta)
     results.write_json(out / results.RUN_FILE, {
-        "run_id": run_id, "config": run.to_flower(), "tasks": cfg.tasks, "eta": strategy.best_eta,
+        "run_id": run_id, "config": run.to_flower(), "tasks": cfg.tasks,
+        "methods": {label: {"name": n, "params": p, "eta": strategy.best_etas[label]}
+                    for label, (n, p) in strategy.methods.items()},
         "clients": [{"task": strategy.task_name(c), "node_id": c.node_id, **c.metrics}
                     for c in strategy.clients],
+        "heterogeneity": strategy.heterogeneity,
         "timings": {**strategy.timings, "total-seconds": time.perf_counter() - t0},
     })
-    summary = results.format_summary(strategy.rows, f"method={run.method} eta={strategy.best_eta}")
+    summary = results.format_summary(strategy.rows, "test accuracy")
     for line in summary.splitlines():
         log(INFO, "%s", line)
     log(INFO, "fl-merge results: %s", out)

@@ -76,3 +76,22 @@ def test_launcher_rejects_bad_config_before_starting_anything(args, message, cap
     assert err.startswith("fl-merge-run: error:") and message in err
     assert len(err.splitlines()) == 1
     assert not out.exists()  # nothing written, nothing trained
+
+
+def test_several_methods_and_their_parameters():
+    cfg = RunConfig.from_flower({"method": "fedavg,ties,dare",
+                                 "method-params": "ties.density=0.3 drop_rate=0.5"}).resolve()
+    methods = dict(cfg.methods)
+    assert list(methods) == ["fedavg", "ties", "dare"]
+    assert methods["fedavg"] == {}
+    assert methods["ties"]["density"] == 0.3  # prefixed: that method only
+    assert methods["dare"] == {"drop_rate": 0.5}  # ties.density did not leak into dare
+    for bad, message in [
+        ({"method": "fedavg,ties", "method-params": "rho=0.5"}, "unknown parameter(s) ['rho']"),
+        ({"method": "fedavg", "method-params": "ties.density=0.5"}, "'ties' is not among the methods"),
+        ({"method": "fedavg,fedavg"}, "lists a method twice"),
+        ({"method": ","}, "method is empty"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_flower(bad).resolve()
+        assert message in str(err.value)

@@ -136,3 +136,40 @@ def test_fisher_merge_names_clients_without_fisher():
     s.theta0 = _theta0()
     with pytest.raises(MergeRoundError, match="needs 'fisher' from every client; missing from node 2"):
         s.aggregate_train(1, [_rich_reply(1, 0, 10), _standard_reply(2, 1.0, 10, classes=4)])
+
+
+def _eval_reply(node_id: int, per_method_val: list[list[float]], pid: int) -> Message:
+    flat = [a for accs in per_method_val for a in accs]
+    metrics = {"num-examples": 10, "partition-id": pid, "val-accuracy": flat, "test-accuracy": flat,
+               "val-loss": [0.0] * len(flat), "test-loss": [0.0] * len(flat)}
+    return _reply(node_id, RecordDict({"metrics": MetricRecord(metrics)}))
+
+
+def test_several_methods_share_one_training_pass_and_one_evaluate_message():
+    s = OneShotMerge(methods=["fedavg", ("ties", {"density": 0.5}), ("ties", {"density": 1.0})],
+                     etas=[1.0, 2.0])
+    assert list(s.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
+    assert s.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
+    s.theta0 = _theta0()
+    replies = [_rich_reply(100 + i, i, 10) for i in range(3)]
+    for r in replies:
+        r.content["metrics"]["finetuned-val-accuracy"] = 0.8
+        r.content["metrics"]["finetuned-accuracy"] = 0.8
+        r.content["metrics"]["finetuned-loss"] = 0.1
+    s.aggregate_train(1, replies)
+    assert set(s.deltas) == set(s.methods)
+    torch.testing.assert_close(s.delta["backbone.w"], s.deltas["fedavg"]["backbone.w"])
+    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=None))
+    content = msgs[0].content
+    assert list(content["config"]["delta-methods"]) == list(s.methods)
+    for i, label in enumerate(s.methods):
+        key = "delta" if i == 0 else f"delta-{i}"
+        torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"], s.deltas[label]["backbone.b"])
+    # etas [0, 1, 2]; each method has its own best eta on validation.
+    scores = [[0.5, 0.7, 0.6], [0.5, 0.6, 0.75], [0.5, 0.4, 0.3]]
+    metrics = s.aggregate_evaluate(1, [_eval_reply(100 + i, scores, i) for i in range(3)])
+    assert s.best_etas == {"fedavg": 1.0, "ties[density=0.5]": 2.0, "ties[density=1.0]": 1.0}
+    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.75)
+    assert metrics["base-test-accuracy"] == pytest.approx(0.5)
+    selected = [r for r in s.rows if r["selected"] and r["split"] == "val"]
+    assert len(selected) == 3 * 3 and {r["method_name"] for r in selected} == {"fedavg", "ties"}
