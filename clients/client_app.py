@@ -91,7 +91,6 @@ def train(msg: Message, context: Context) -> Message:
     metrics = fine_tune(model, task, cfg)
     metrics.update({
         "num-examples": len(task.train),
-        "local-steps": cfg.steps,
         "lr": cfg.lr,
         "batch-size": cfg.batch_size,
         "seed": cfg.seed,

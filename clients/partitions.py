@@ -44,6 +44,8 @@ def partition_indices(labels: np.ndarray, scheme: str, num_partitions: int, part
     import datasets
 
     ds = datasets.Dataset.from_dict({"idx": np.arange(len(labels)), "label": np.asarray(labels)})
+    # IidPartitioner cuts contiguous chunks: shuffle (seeded) so order carries no labels.
+    ds = ds.shuffle(seed=seed)
     part = make_partitioner(scheme, num_partitions, alpha, classes_per_client, seed)
     part.dataset = ds
     return np.sort(np.asarray(part.load_partition(partition_id)["idx"], dtype=np.int64))

@@ -90,6 +90,7 @@ def fine_tune(model: TaskModel, task: TaskData, cfg: LocalTrainConfig) -> dict[s
     val_acc, _ = evaluate(model, task.val)
     test_acc, test_loss = evaluate(model, task.test)
     return {
+        "local-steps": res.steps,  # the SGD steps that actually ran
         "train-loss": res.last_loss,
         "train-loss-first": res.first_loss,
         "finetuned-accuracy": test_acc,

@@ -108,7 +108,7 @@ class RunConfig:
         if self.model not in MODELS:
             raise ConfigError(f"unknown model '{self.model}'; known: {', '.join(sorted(MODELS))}")
         try:
-            methods = resolve_methods(self.method, self.method_params)
+            methods = resolve_methods(self.method, self.method_params, k)
         except MergeInputError as e:
             raise ConfigError(str(e)) from None
         etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas))})
@@ -207,12 +207,14 @@ def parse_method_params(text: str) -> dict[str, Any]:
     return out
 
 
-def resolve_methods(method: str, method_params: str) -> list[tuple[str, dict[str, Any]]]:
+def resolve_methods(method: str, method_params: str, num_clients: int | None = None
+                    ) -> list[tuple[str, dict[str, Any]]]:
     """'fedavg,ties' + 'ties.density=0.2 seed=1' -> [(fedavg, {}), (ties, {density: 0.2})].
 
     A prefixed parameter goes to that method; an unprefixed one to every listed method
     that takes it. A parameter no listed method takes, or a prefix naming a method not
-    listed, is an error; so are unknown methods.
+    listed, is an error; so are unknown methods, invalid values, and (given num_clients)
+    a method that cannot run with that many clients.
     """
     from fl_merge.aggregation import check_method_params, get_method
     from fl_merge.task_vectors import MergeInputError
@@ -239,7 +241,7 @@ def resolve_methods(method: str, method_params: str) -> list[tuple[str, dict[str
         for n in takers:
             params[n][pname] = value
     for n in names:
-        check_method_params(n, params[n])
+        check_method_params(n, params[n], num_clients)
     return [(n, params[n]) for n in names]
 
 

@@ -59,8 +59,8 @@ def fit(
         loss = loss_fn(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # one entry per step taken
         bar.update(1)
     bar.close()
     model.eval()
-    return FitResult(steps, sum(losses[:window]) / window, sum(losses[-window:]) / window)
+    return FitResult(len(losses), sum(losses[:window]) / window, sum(losses[-window:]) / window)

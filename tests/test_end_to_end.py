@@ -101,6 +101,22 @@ def test_results_file_and_merged_model(simulated):
     assert (out / results.RUN_FILE).exists()
 
 
+def test_heterogeneity_is_measured_from_the_round(simulated):
+    """Clients sent their gradient at theta0; the report matches the updates it came from."""
+    from fl_merge.metrics import cosine_matrix
+
+    strategy, out = simulated
+    het = strategy.heterogeneity
+    assert all("grad0" in c.extras for c in strategy.clients)
+    taus = [{k: c.state[k] - strategy.theta0[k] for k in strategy.theta0} for c in strategy.clients]
+    expected = float(cosine_matrix(taus)[0, 1])
+    assert het["cosine_matrix"][0][1] == pytest.approx(expected, rel=1e-6)
+    assert het["b_dissimilarity"] >= 1.0 and het["grad_diversity"] > 0
+    assert het["steps_cv"] == pytest.approx(0.2)  # steps 40 and 60: std 10 / mean 50
+    rows = results.read_rows(out / results.RESULTS_FILE)
+    assert all(r["het_mean_cosine"] == pytest.approx(expected, rel=1e-6) for r in rows)
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0

@@ -123,9 +123,10 @@ def get_method(name: str) -> MergeMethod:
         ) from None
 
 
-def check_method_params(method: str, params: Mapping) -> dict:
+def check_method_params(method: str, params: Mapping, num_clients: int | None = None) -> dict:
     """Return the method's full parameters (defaults updated by `params`); raise on unknown
-    names. Usable before any training, to fail fast on bad config."""
+    names or invalid values, and, given `num_clients`, when the method cannot run with that
+    many clients. Usable before any training, to fail fast on bad config."""
     m = get_method(method)
     unknown = sorted(set(params) - set(m.params))
     if unknown:
@@ -139,6 +140,8 @@ def check_method_params(method: str, params: Mapping) -> dict:
             m.check_params(full)
         except MergeInputError as e:
             raise MergeInputError(f"merge method '{method}': {e}") from None
+    if num_clients is not None and m.min_clients is not None:
+        m.min_clients(num_clients, full)
     return full
 
 
