@@ -9,12 +9,14 @@ partition id: that is how training heterogeneity travels in one shared message.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.cache import load_update, save_update, state_digest, update_key
 from clients.partitions import load_partitioned_task
 from clients.tasks import TaskData, load_task
 from clients.training import (
@@ -69,26 +71,41 @@ def _limit_threads() -> None:
     torch.set_num_threads(1)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    _limit_threads()
-    pid = _partition_id(context)
-    config = msg.content["config"]
+def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Client `pid`'s whole training step, Flower-free: attach its head to theta0,
+    fine-tune, and return (full local weights + "extra.<name>." arrays, metrics).
+
+    With config "cache" true (the default) an identical earlier update is reused from the
+    client-update cache (metrics then carry cached=1) instead of training again.
+    """
     cfg = LocalTrainConfig(
         steps=int(_pick(config, "local-steps", pid)),
         lr=float(_pick(config, "lr", pid)),
         batch_size=int(_pick(config, "batch-size", pid)),
         seed=int(_pick(config, "seed", pid)),
     )
+    tasks = list(config["tasks"])
+    spec = {
+        "task": tasks[pid] if pid < len(tasks) else None, "pid": pid, "num-clients": len(tasks),
+        **{k: config.get(k) for k in ("model", "data", "data-seed", "partition-task", "alpha",
+                                      "classes-per-client", "partition-pool", "compute-grad0",
+                                      "grad0-samples", "compute-fisher", "fisher-samples")},
+        "steps": cfg.steps, "lr": cfg.lr, "batch-size": cfg.batch_size, "seed": cfg.seed,
+    }
+    use_cache = bool(config.get("cache", True))
+    key = update_key(state_digest(theta0), spec) if use_cache else ""
+    if use_cache and (hit := load_update(key)) is not None:
+        state, metrics = hit
+        return state, {**metrics, "cached": 1}
     task = _task_for(config, pid)
-    theta0 = msg.content["arrays"].to_torch_state_dict()
     t0 = time.perf_counter()
     model = model_for_task(str(config["model"]), task, theta0, cfg.seed)
     extras: dict[str, dict] = {}
     if bool(config.get("compute-grad0", False)):
         # The gradient at theta0, before any local step: for gradient dissimilarity.
         extras["grad0"] = mean_gradient(model, task.train, int(config.get("grad0-samples", 1024)))
-    metrics = fine_tune(model, task, cfg)
+    metrics: dict[str, Any] = fine_tune(model, task, cfg)
     metrics.update({
         "num-examples": len(task.train),
         "lr": cfg.lr,
@@ -104,6 +121,17 @@ def train(msg: Message, context: Context) -> Message:
     # Flower's strategies expect exactly one ArrayRecord per reply.
     for name, arrays in extras.items():
         state.update({f"{EXTRA_PREFIX}{name}.{k}": v for k, v in arrays.items()})
+    if use_cache:
+        save_update(key, state, metrics)
+    return state, {**metrics, "cached": 0}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    _limit_threads()
+    config = msg.content["config"]
+    state, metrics = local_train(config, _partition_id(context),
+                                 msg.content["arrays"].to_torch_state_dict())
     return Message(
         RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
         reply_to=msg,

@@ -50,6 +50,7 @@ class RunConfig:
     data_seed: int = 0
     fisher_samples: int = 256  # examples per client for the diagonal Fisher (method=fisher)
     device: str = "auto"  # where the server aggregates: auto | cpu | cuda
+    cache: bool = True  # reuse identical client updates from the client-update cache
     output_dir: str = ""  # empty: ./outputs/<time>-<method>
     round_timeout: float = 1800.0
     connect_timeout: float = 120.0
@@ -174,6 +175,7 @@ class ResolvedConfig:
             "batch-size": compact(self.batch_sizes),
             "seed": list(self.seeds),
             "fisher-samples": self.run.fisher_samples,
+            "cache": self.run.cache,
         }
 
     @property
@@ -307,6 +309,12 @@ def _draw_spread(key: str, value: str, k: int, conv: type, seed: int) -> list:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise ConfigError(f"{key}: '{value}' is not true or false")
     if kind == "int":
         return _number(key, value, int)
     if kind == "float":

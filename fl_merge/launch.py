@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, default=None,
                         help="simulated SuperNodes (default: num-clients)")
     parser.add_argument("--app", default=".", help="the Flower app directory (default: .)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="retrain every client even when its update is cached")
     parser.add_argument("--keep-superlink", action="store_true",
                         help="leave the SuperLink running afterwards (prints how to stop it)")
     args = parser.parse_args(argv)
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = _parse_run_config(args.run_config)
+        if args.no_cache:
+            overrides["cache"] = False
         run_cfg = RunConfig.from_flower({**_app_defaults(app_dir), **overrides})
         cfg = run_cfg.resolve()
         supernodes = args.num_supernodes or run_cfg.num_clients

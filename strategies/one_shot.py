@@ -214,6 +214,10 @@ class OneShotMerge(FedAvg):
         self.timings["aggregate-seconds"] = time.perf_counter() - t0
         if self.measure_heterogeneity:
             self.heterogeneity = self._measure(clients, task_vectors, weights, steps)
+        cached = sum(int(c.metrics.get("cached", 0)) for c in clients)
+        if cached:
+            log(INFO, "aggregate_train: %d of %d clients reused a cached update (no training)",
+                cached, len(clients))
         log(INFO, "aggregate_train: merged %d task vectors with %s in %.2fs",
             len(clients), list(self.methods), self.timings["aggregate-seconds"])
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)

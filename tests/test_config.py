@@ -97,3 +97,10 @@ def test_several_methods_and_their_parameters():
         with pytest.raises(ConfigError) as err:
             RunConfig.from_flower(bad).resolve()
         assert message in str(err.value)
+
+
+def test_boolean_keys_accept_toml_and_text():
+    assert RunConfig.from_flower({"cache": False}).cache is False
+    assert RunConfig.from_flower({"cache": "true"}).cache is True
+    with pytest.raises(ConfigError, match="cache: 'maybe' is not true or false"):
+        RunConfig.from_flower({"cache": "maybe"})
