@@ -9,6 +9,7 @@ Everything here is a small pure function on ``dict[str, torch.Tensor]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -95,7 +96,12 @@ def check_task_vectors(
     task_vectors: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None
 ) -> None:
     """Raise MergeInputError unless all task vectors share keys, shapes and dtypes and are
-    finite. `names` label the clients in the message (default: client 0, 1, ...)."""
+    finite. `names` label the clients in the message (default: client 0, 1, ...).
+
+    Finiteness is checked by summing each tensor first (a read-only reduction: NaN and
+    +-Inf always make the sum non-finite); only a non-finite sum pays for the exact
+    element-wise check. Materialising isfinite(v) everywhere cost more than fedavg itself.
+    """
     if len(task_vectors) == 0:
         raise MergeInputError("no task vectors to merge")
     names = list(names) if names is not None else [f"client {i}" for i in range(len(task_vectors))]
@@ -123,13 +129,8 @@ def check_task_vectors(
                 )
             if not v.dtype.is_floating_point:
                 raise MergeInputError(f"{name}: parameter '{k}' is {v.dtype}, not floating point")
-            if not bool(torch.isfinite(v).all()):
+            if not math.isfinite(float(v.sum())) and not bool(torch.isfinite(v).all()):
                 raise MergeInputError(f"{name}: update of '{k}' contains NaN or Inf")
-
-
-def flat_norm(tv: Mapping[str, torch.Tensor]) -> float:
-    """Euclidean norm of a task vector over all its tensors (float64 accumulation)."""
-    return float(sum(float(v.double().pow(2).sum()) for v in tv.values()) ** 0.5)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
