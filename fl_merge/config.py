@@ -73,7 +73,6 @@ class RunConfig:
     def resolve(self) -> ResolvedConfig:
         """Validate every field and expand per-client lists; raises ConfigError."""
         from clients.tasks import UnknownTaskError, check_tasks, suite_tasks
-        from fl_merge.aggregation import check_method_params
         from fl_merge.models import MODELS
         from fl_merge.task_vectors import MergeInputError
 

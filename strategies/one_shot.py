@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -393,13 +392,17 @@ def _named_merge(name: str, method: str, doc: str) -> type[OneShotMerge]:
     return type(name, (OneShotMerge,), {"__init__": __init__, "__doc__": doc})
 
 
-TaskArithmeticMerge = _named_merge("TaskArithmeticMerge", "task_arithmetic", "Task Arithmetic = one-shot FedAvg (eta = K*lambda).")
-FedNovaMerge = _named_merge("FedNovaMerge", "fednova", "One-shot FedNova: task vectors normalised by local steps.")
+TaskArithmeticMerge = _named_merge(
+    "TaskArithmeticMerge", "task_arithmetic", "Task Arithmetic = one-shot FedAvg (eta = K*lambda).")
+FedNovaMerge = _named_merge(
+    "FedNovaMerge", "fednova", "One-shot FedNova: task vectors normalised by local steps.")
 FedGMAMerge = _named_merge("FedGMAMerge", "fedgma", "One-shot FedGMA: sign-agreement masked mean.")
 MedianMerge = _named_merge("MedianMerge", "median", "Coordinate-wise median of task vectors.")
-TrimmedMeanMerge = _named_merge("TrimmedMeanMerge", "trimmed_mean", "Coordinate-wise trimmed mean of task vectors.")
+TrimmedMeanMerge = _named_merge(
+    "TrimmedMeanMerge", "trimmed_mean", "Coordinate-wise trimmed mean of task vectors.")
 CClipMerge = _named_merge("CClipMerge", "cclip", "Centred clipping of task vectors.")
 KrumMerge = _named_merge("KrumMerge", "krum", "Krum: the task vector closest to its neighbours.")
 TiesMerge = _named_merge("TiesMerge", "ties", "TIES merging: trim, elect sign, disjoint mean.")
 DareMerge = _named_merge("DareMerge", "dare", "DARE: random drop and rescale, then average.")
-FisherMerge = _named_merge("FisherMerge", "fisher", "Fisher merging with clients' diagonal Fisher estimates.")
+FisherMerge = _named_merge(
+    "FisherMerge", "fisher", "Fisher merging with clients' diagonal Fisher estimates.")

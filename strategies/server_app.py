@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_merge import results
 from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.models import PretrainConfig, pretrained_backbone
+from fl_merge.report import run_figure
 from strategies.one_shot import OneShotMerge
 
 
@@ -71,6 +72,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMe
         "heterogeneity": strategy.heterogeneity,
         "timings": {**strategy.timings, "total-seconds": time.perf_counter() - t0},
     })
+    run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     summary = results.format_summary(strategy.rows, "test accuracy")
     for line in summary.splitlines():
         log(INFO, "%s", line)

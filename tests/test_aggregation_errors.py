@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_merge.aggregation import check_method_params, get_method, merge
+from fl_merge.aggregation import check_method_params, merge
 from fl_merge.task_vectors import MergeInputError
 
 

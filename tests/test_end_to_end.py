@@ -99,6 +99,7 @@ def test_results_file_and_merged_model(simulated):
         torch.testing.assert_close(saved[k], v + best * strategy.delta[k], rtol=1e-5, atol=1e-6)
     assert saved["heads.parity.weight"].shape == (2, 128)
     assert (out / results.RUN_FILE).exists()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_heterogeneity_is_measured_from_the_round(simulated):

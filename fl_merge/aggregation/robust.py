@@ -139,7 +139,6 @@ def cclip(
     iterations update (a, c) only and a last pass forms v. Two passes over the clients
     whatever `iters` (three with center="median"), memory one block plus the result.
     """
-    ref = task_vectors[0]
     k = len(task_vectors)
     dtype = _dtype(task_vectors)
     p = weights.to(torch.float64).cpu()
