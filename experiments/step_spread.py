@@ -41,7 +41,7 @@ def main() -> None:
         runs.append(out)
     from fl_merge.report import across_runs_figure
 
-    fig = across_runs_figure(runs, "steps_cv", ROOT / "docs" / "step_spread.png")
+    fig = across_runs_figure(runs, "steps_cv", ROOT / "docs" / "step_spread.png", y="accuracy")
     print(f"wrote {fig} and {fig.with_suffix('.csv')}")
 
 

@@ -250,13 +250,23 @@ def collect_points(run_dirs: Iterable[str | os.PathLike], measure: str,
     return sorted(points, key=lambda p: (p["x"], order[p["method"]]))
 
 
+def _mean_accuracy(rows: list[Mapping[str, Any]], model: str, split: str) -> float:
+    vals = [r["accuracy"] for r in rows if r["model"] == model and r["split"] == split]
+    # Rows repeat base/fine-tuned once per method: the mean is unchanged by that.
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
 def across_runs_figure(run_dirs: Iterable[str | os.PathLike], measure: str,
                        out_path: str | os.PathLike, split: str = "test",
-                       logx: bool = False) -> Path:
-    """Plot normalized accuracy versus `measure`, one line per method, over `run_dirs`;
-    write the PNG at `out_path` and the plotted points as CSV next to it (same stem,
-    ``.csv``). Returns the PNG path."""
+                       logx: bool = False, y: str = "normalized_accuracy") -> Path:
+    """Plot `y` (normalized_accuracy, or accuracy: absolute, with the base and fine-tuned
+    means of each run as dashed references) versus `measure`, one line per method, over
+    `run_dirs`; write the PNG at `out_path` and the plotted points as CSV next to it (same
+    stem, ``.csv``). Returns the PNG path."""
+    if y not in ("normalized_accuracy", "accuracy"):
+        raise ValueError(f"y must be 'normalized_accuracy' or 'accuracy', got {y!r}")
     out_path = Path(out_path)
+    run_dirs = list(run_dirs)
     points = collect_points(run_dirs, measure, split=split)
     if logx and any(p["x"] <= 0 for p in points):
         raise ValueError(f"--logx needs positive values of {measure!r}; got "
@@ -264,13 +274,19 @@ def across_runs_figure(run_dirs: Iterable[str | os.PathLike], measure: str,
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for method in _method_order(points):
         mine = [p for p in points if p["method"] == method]
-        ax.plot([p["x"] for p in mine], [p["normalized_accuracy"] for p in mine],
-                marker="o", label=method)
+        ax.plot([p["x"] for p in mine], [p[y] for p in mine], marker="o", label=method)
     if logx:
         ax.set_xscale("log")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="fine-tuned (=1)")
+    if y == "accuracy":
+        refs = sorted((measure_value(*load_run(d), measure, where=str(d)), load_run(d)[0]) for d in run_dirs)
+        for model, style, label in (("base", "--", "base"), ("finetuned", ":", "fine-tuned (mean)")):
+            ax.plot([x for x, _ in refs], [_mean_accuracy(rows, model, split) for _, rows in refs],
+                    color="black", ls=style, lw=1.2, label=label)
+        ax.set_ylabel(f"{split} accuracy (mean over tasks)")
+    else:
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="fine-tuned (=1)")
+        ax.set_ylabel(f"normalized {split} accuracy (mean over tasks)")
     ax.set_xlabel(measure)
-    ax.set_ylabel(f"normalized {split} accuracy (mean over tasks)")
     n_runs = len({p["run_dir"] for p in points})
     ax.set_title(f"merged accuracy at selected eta vs {measure} ({n_runs} runs)")
     ax.grid(alpha=0.3)

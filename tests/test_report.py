@@ -152,6 +152,13 @@ def test_across_runs_figure(runs: list[Path], tmp_path: Path) -> None:
     assert csv_rows[0]["normalized_accuracy"] == pytest.approx(_expected(1, "fedavg"))
 
 
+def test_across_runs_absolute_accuracy(runs: list[Path], tmp_path: Path) -> None:
+    out = across_runs_figure(runs, "alpha", tmp_path / "abs.png", y="accuracy")
+    assert_png(out)
+    with pytest.raises(ValueError, match="y must be"):
+        across_runs_figure(runs, "alpha", tmp_path / "bad.png", y="loss")
+
+
 def test_logx_rejects_nonpositive(runs: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mean_cosine"):
         across_runs_figure(runs, "mean_cosine", tmp_path / "c.png", logx=True)
