@@ -153,7 +153,18 @@ def _noise(x: np.ndarray, _: np.random.Generator) -> np.ndarray:
     return x + rng.normal(0.0, 0.6, size=x.shape).astype(np.float32)
 
 
+def _rotate(angle: float) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    def rotate(x: np.ndarray, _: np.random.Generator) -> np.ndarray:
+        from scipy.ndimage import rotate as nd_rotate
+
+        return nd_rotate(x, angle, axes=(1, 2), reshape=False, order=1)
+
+    return rotate
+
+
 register_task("rotate90")(_mnist_task("rotate90", _rotate90))
+register_task("rotate15")(_mnist_task("rotate15", _rotate(15.0)))
+register_task("rotate-15")(_mnist_task("rotate-15", _rotate(-15.0)))
 register_task("invert")(_mnist_task("invert", _invert))
 register_task("patch-shuffle")(_mnist_task("patch-shuffle", _patch_shuffle))
 register_task("blur")(_mnist_task("blur", _blur))
@@ -187,6 +198,12 @@ def _digits8x8(seed: int, sizes: SplitSizes) -> TaskData:
     return TaskData("digits8x8", 10, *(make(p) for p in parts))
 
 
+# Suites of increasing task dissimilarity (4 tasks each): small perturbations of the same
+# digits and labels; geometric and label-space changes; changes that break the image
+# statistics the base model learned.
+SUITES["mnist-near"] = ["rotate15", "rotate-15", "blur", "noise"]
+SUITES["mnist-mid"] = ["rotate90", "rot180-5to9", "parity", "digits8x8"]
+SUITES["mnist-far"] = ["invert", "patch-shuffle", "rotate90", "digits8x8"]
 SUITES["mnist8"] = [
     "rotate90", "invert", "patch-shuffle", "digits8x8",
     "blur", "noise", "parity", "rot180-5to9",

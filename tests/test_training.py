@@ -11,6 +11,10 @@ from fl_merge.evaluation import evaluate
 
 def test_suite_tasks_are_registered_with_disjoint_deterministic_splits():
     assert len(SUITES["mnist8"]) == 8 and set(SUITES["mnist8"]) <= set(TASKS)
+    for name in ("mnist-near", "mnist-mid", "mnist-far"):
+        assert len(SUITES[name]) == 4 and set(SUITES[name]) <= set(TASKS)
+    tilted, upright = load_task("rotate15").test.tensors[0], load_task("rotate-15").test.tensors[0]
+    assert tilted.shape == upright.shape == (1000, 1, 28, 28) and not torch.equal(tilted, upright)
     a, b = load_task("parity", 0), load_task.__wrapped__("parity", 0)
     assert torch.equal(a.train.tensors[0], b.train.tensors[0])  # same seed, same data
     assert a.num_classes == 2 and set(a.train.tensors[1].unique().tolist()) == {0, 1}
