@@ -1,4 +1,7 @@
-"""configs/method/<name>.yaml exists for every registered method, with its defaults."""
+"""configs/method/<name>.yaml exists for every registered method, with its defaults.
+
+The files are flat (`name` plus the parameters as top-level keys) so Hydra overrides read
+`fl-merge method=ties method.density=0.3`."""
 
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ def test_every_method_has_a_yaml_with_its_defaults(name):
     path = CONFIGS / f"{name}.yaml"
     assert path.is_file(), f"missing {path}"
     cfg = yaml.safe_load(path.read_text())
-    assert set(cfg) == {"name", "params"}
-    assert cfg["name"] == name
-    assert (cfg["params"] or {}) == get_method(name).params
-    assert {type(v) for v in (cfg["params"] or {}).values()} == {
-        type(v) for v in get_method(name).params.values()
+    assert cfg.pop("name") == name
+    assert "name" not in get_method(name).params  # `name` is free to select the method
+    assert cfg == get_method(name).params
+    assert {k: type(v) for k, v in cfg.items()} == {
+        k: type(v) for k, v in get_method(name).params.items()
     }
 
 
@@ -41,10 +44,11 @@ def test_no_stray_yaml():
 def test_yaml_params_run_through_merge(name):
     import torch
 
-    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    params = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    method = params.pop("name")
     k = 6
     tvs = [{"a": torch.randn(4, 3), "b": torch.randn(3)} for _ in range(k)]
     extras = {"fisher": [{"a": torch.rand(4, 3), "b": torch.rand(3)} for _ in range(k)]}
-    out = merge(cfg["name"], tvs, local_steps=[3] * k, extras=extras, **(cfg["params"] or {}))
+    out = merge(method, tvs, local_steps=[3] * k, extras=extras, **params)
     assert set(out) == {"a", "b"} and out["a"].shape == (4, 3)
     assert bool(torch.isfinite(out["a"]).all())
