@@ -510,8 +510,9 @@ def _plot_eta(rows: list[dict[str, Any]], best: list[dict[str, Any]], path: Path
     for i, b in enumerate(best):
         color = f"C{i % 10}"
         curve = store.eta_curve(rows, b["method"], b["setting"], split)
+        label = b["method"] if b["setting"] == "(all runs)" else f"{b['method']}: {b['setting']}"
         ax.plot([e for e, _ in curve], [a for _, a in curve], marker="o", color=color,
-                label=f"{b['method']} ({b['setting']})"[:70])
+                label=label[:70])
         other = "val" if split == "test" else "test"
         curve2 = store.eta_curve(rows, b["method"], b["setting"], other)
         ax.plot([e for e, _ in curve2], [a for _, a in curve2], ls="--", color=color, alpha=0.6)
@@ -521,8 +522,9 @@ def _plot_eta(rows: list[dict[str, Any]], best: list[dict[str, Any]], path: Path
                 ax.plot([eta], [y], marker="*", ms=14, color=color, mec="black")
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("eta (server learning rate; 0 = base model)")
-    ax.set_ylabel(f"normalized accuracy (mean over tasks and runs); solid {split}, dashed "
-                  f"{'val' if split == 'test' else 'test'}")
+    ax.set_ylabel("normalized accuracy (mean over tasks, runs)")
+    ax.plot([], [], color="gray", label=split)
+    ax.plot([], [], color="gray", ls="--", label="val" if split == "test" else "test")
     ax.set_title("accuracy vs eta, each method at its best setting (* = eta chosen on val)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
