@@ -39,7 +39,7 @@ ETAS = [0.5, 1, 1.5, 2, 3]
 def fl_merge(args: list[str], env: dict, cwd: Path) -> tuple[float, Path]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fl_merge", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -64,10 +64,10 @@ def main() -> None:
     env = {**os.environ, "FL_MERGE_CACHE": str(work / "cache")}
     common = [f"num_clients={k}", f"training.local_steps={args.local_steps}"]
     try:
-        subprocess.run([sys.executable, "-c", "from fl_merge.config import RunConfig as R;"
-                        "from fl_merge.models import PretrainConfig as P, pretrained_backbone as b;"
-                        "r=R(); b(r.model, P(steps=r.pretrain_steps, seed=r.pretrain_seed), progress=False)"],
-                       env=env, check=True)
+        pretrain = ("from fl_merge.config import RunConfig as R;"
+                    "from fl_merge.models import PretrainConfig as P, pretrained_backbone as b;"
+                    "r=R(); b(r.model, P(steps=r.pretrain_steps, seed=r.pretrain_seed), progress=False)")
+        subprocess.run([sys.executable, "-c", pretrain], env=env, check=True)
         one, one_dir = fl_merge(["method=fedavg", "eval.etas=1", "seed=1", *common,
                                  f"hydra.run.dir={work / 'single'}"], env, work)
         sweep = [f"method.name=[{','.join(METHODS)}]", f"eval.etas=[{','.join(map(str, ETAS))}]", *common]

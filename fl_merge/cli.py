@@ -213,10 +213,11 @@ def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     """The jobs of a command line, as Hydra's basic sweeper forms them (cartesian product in
     the order given). A sweep without -m is a ConfigError."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except Exception as e:  # hydra's OverrideParseException
+    except HydraException as e:  # OverrideParseException
         raise ConfigError(_compose_error(e)) from None
     axes: list[list[str]] = []
     for o in parsed:
@@ -234,6 +235,8 @@ def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:
     """Compose and validate every job before anything runs; raises ConfigError naming the
     job (in a sweep) and what is wrong, in one line."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     mine = [o for o in overrides if not _is_hydra_override(o)]
     jobs: list[Job] = []
@@ -242,7 +245,7 @@ def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:
             where = f"job [{' '.join(job_overrides)}]: " if multirun else ""
             try:
                 cfg = compose(CONFIG_NAME, overrides=job_overrides)
-            except Exception as e:  # hydra/omegaconf composition errors
+            except (HydraException, OmegaConfBaseException) as e:  # composition errors
                 raise ConfigError(where + _compose_error(e)) from None
             try:
                 job = build_job(cfg, job_overrides)
@@ -266,7 +269,7 @@ def _child_env() -> dict[str, str]:
     }
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Stop the child's process group (the child, its Ray processes): SIGINT, then SIGKILL."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
         try:
@@ -291,7 +294,7 @@ def _sweep_group(proc: subprocess.Popen) -> None:
 def spawn(job: Job, log_path: Path, stream: bool) -> tuple[int, str]:
     """Run the job's simulation in a child process (own session); its output goes to
     `log_path` (and to stdout when `stream`). Returns (exit code, error line)."""
-    spec = {"run_config": job.flower, "num_supernodes": job.num_supernodes}
+    spec = {"run_config": job.flower, "num_supernodes": job.num_supernodes, "parent": os.getpid()}
     cmd = [sys.executable, "-m", "fl_merge.cli", "_job", json.dumps(spec)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -317,9 +320,27 @@ def spawn(job: Job, log_path: Path, stream: bool) -> tuple[int, str]:
     return code, error or last
 
 
+def _die_with_parent(parent: int | None) -> None:
+    """If the fl-merge process that started this child dies (even by SIGKILL), kill this
+    child's whole process group (it and its Ray processes): a watchdog thread polls the
+    parent pid, which keeps working while the main thread blocks inside Ray."""
+    import threading
+
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="fl-merge-parent-watch", daemon=True).start()
+
+
 def job_main(argv: Sequence[str]) -> int:
     """The child: one in-process Flower simulation of a validated job."""
     spec = json.loads(argv[0])
+    _die_with_parent(spec.get("parent"))
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -331,7 +352,7 @@ def job_main(argv: Sequence[str]) -> int:
     app = ServerApp()
 
     @app.main()
-    def _main(grid, context) -> None:  # noqa: ANN001 (Flower's types)
+    def _main(grid, context) -> None:
         try:
             run_one_shot(grid, cfg, run_id=context.run_id)
             holder["ok"] = True
@@ -475,6 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fl-merge: error: {e}", file=sys.stderr)
             return 2
     _SWEEP = _Sweep(jobs, multirun)
+
+    def _interrupt(signum: int, _frame: Any) -> None:  # terminal closed, `kill`: as Ctrl-C
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _hydra(argv)
     except KeyboardInterrupt:
@@ -489,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _SWEEP.close()
         sweep, _SWEEP = _SWEEP, None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if sweep.multirun and sweep.sweep_dir is not None:
         print(f"fl-merge: {sweep.done} job(s) in {time.monotonic() - sweep.started:.0f}s; "
               f"results: {sweep.sweep_dir / results.RESULTS_FILE}\n"

@@ -174,7 +174,7 @@ def test_bad_config_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monk
 
 
 def test_bad_config_through_the_module_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fl_merge", "method=nope"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "fl_merge", "method=nope"], check=False, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "method/nope" in proc.stderr
@@ -219,7 +219,7 @@ TINY = ["num_clients=2", "eval.etas=1"]
 
 def _fl_merge(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fl_merge", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +289,10 @@ def test_second_invocation_trains_nothing(sweeps):
     assert "2 of 2 clients reused a cached update" in (second / "0" / "simulation.log").read_text()
     # Same settings, same results.
     a, b = (read_rows(d / "results.csv") for d, _ in sweeps)
-    key = lambda r: (r["job"], r["task"], r["model"], str(r["eta"]), r["split"])  # noqa: E731
-    assert {key(r): r["accuracy"] for r in a} == {key(r): r["accuracy"] for r in b}
+    def by_key(rows):
+        return {(r["job"], r["task"], r["model"], str(r["eta"]), r["split"]): r["accuracy"] for r in rows}
+
+    assert by_key(a) == by_key(b)
 
 
 def test_report_prints_best_settings_and_writes_plots(sweeps, capsys):
