@@ -158,14 +158,21 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     if deltas:
         etas = [float(e) for e in config["etas"]]
         scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in ("val", "test") for m in ("accuracy", "loss")}
+        base: dict[str, float] = {}  # eta = 0 is theta0 whatever the delta: score it once
         for record in deltas:
             delta = record.to_torch_state_dict()
             for eta in etas:
+                if eta == 0 and base:
+                    for key, value in base.items():
+                        scores[key].append(value)
+                    continue
                 model = model_for_task(model_name, task, apply_update(state, delta, eta), seed)
                 for split, data in (("val", task.val), ("test", task.test)):
                     acc, loss = evaluate(model, data)
                     scores[f"{split}-accuracy"].append(acc)
                     scores[f"{split}-loss"].append(loss)
+                    if eta == 0:
+                        base.update({f"{split}-accuracy": acc, f"{split}-loss": loss})
         metrics.update(scores)
     else:
         split = str(config.get("split", "test"))

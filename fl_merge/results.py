@@ -95,9 +95,9 @@ def summary_rows(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list
     out = list(table.values())
     if out:
         keys = ["base", "finetuned", *normalized]
-        out.append({"task": "mean", **{k: _mean([t[k] for t in out if k in t]) for k in keys}})
+        out.append({"task": "mean", **{k: mean([t[k] for t in out if k in t]) for k in keys}})
         out.append({"task": "normalized", "finetuned": 1.0,
-                    **{m: _mean(v) for m, v in normalized.items()}})
+                    **{m: mean(v) for m, v in normalized.items()}})
     return out
 
 
@@ -128,7 +128,8 @@ def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _mean(values: list[float]) -> float:
+def mean(values: list[float]) -> float:
+    """Arithmetic mean; nan for no values."""
     return sum(values) / len(values) if values else math.nan
 
 

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fl_merge.aggregation import check_method_params, get_method, merge
 from fl_merge.evaluation import normalized_accuracy, select_eta
 from fl_merge.metrics import heterogeneity_report
+from fl_merge.results import mean
 from fl_merge.models import is_merged_key
 from fl_merge.task_vectors import MergeInputError, StateDict, apply_update, split_extras, split_state, task_vector
 
@@ -319,11 +320,11 @@ class OneShotMerge(FedAvg):
         for label in labels:
             merged = [r for r in test if r["method"] == label and r["model"] == "merged" and r["selected"]]
             out[f"{label}-eta"] = self.best_etas[label]
-            out[f"{label}-test-accuracy"] = _mean(r["accuracy"] for r in merged)
-            out[f"{label}-normalized-accuracy"] = _mean(r["normalized_accuracy"] for r in merged)
+            out[f"{label}-test-accuracy"] = mean([r["accuracy"] for r in merged])
+            out[f"{label}-normalized-accuracy"] = mean([r["normalized_accuracy"] for r in merged])
         first = [r for r in test if r["method"] == labels[0]]
-        out["base-test-accuracy"] = _mean(r["accuracy"] for r in first if r["model"] == "base")
-        out["finetuned-test-accuracy"] = _mean(r["accuracy"] for r in first if r["model"] == "finetuned")
+        out["base-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "base"])
+        out["finetuned-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "finetuned"])
         return MetricRecord(out)
 
     def _rows(self, label: str, scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -356,11 +357,6 @@ class OneShotMerge(FedAvg):
 
 def _delta_key(i: int) -> str:
     return "delta" if i == 0 else f"delta-{i}"
-
-
-def _mean(values: Iterable[float]) -> float:
-    vals = list(values)
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _label_methods(methods: Sequence[str | tuple[str, dict[str, Any]]]
