@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,12 +33,34 @@ from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 app = ClientApp()
 
 
-def _partition_id(context: Context) -> int:
-    try:
-        return int(context.node_config["partition-id"])
-    except KeyError:
-        raise ValueError("node config lacks 'partition-id': start the SuperNode with "
-                         "--node-config 'partition-id=<i> num-partitions=<K>'") from None
+def _partition_id(context: Context, config: ConfigRecord) -> int:
+    """This node's index into the run's task list.
+
+    Simulation gives every node 'partition-id' (and 'num-partitions'). A deployed SuperNode
+    sets them with --node-config, or names its task instead ('task=mnist-rot15'): its index
+    is then that task's position in the run's task list.
+    """
+    node = context.node_config
+    tasks = [str(t) for t in config["tasks"]] if "tasks" in config else []
+    if "task" in node:
+        task = str(node["task"])
+        if task not in tasks:
+            raise ValueError(f"node config task '{task}' is not one of this run's tasks {tasks}")
+        return tasks.index(task)
+    if "partition-id" not in node:
+        raise ValueError("node config lacks 'partition-id' (or 'task'): start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<K>'")
+    pid = int(node["partition-id"])
+    if "num-partitions" in node and tasks and int(node["num-partitions"]) != len(tasks):
+        raise ValueError(f"node config num-partitions={node['num-partitions']} but the run has "
+                         f"{len(tasks)} clients (num-clients)")
+    return pid
+
+
+def _cache_dir(context: Context) -> Path | None:
+    """A node-local cache directory from node config 'cache-dir' (default: $FL_MERGE_CACHE)."""
+    value = context.node_config.get("cache-dir")
+    return Path(str(value)).expanduser() if value else None
 
 
 def _pick(config: ConfigRecord, key: str, pid: int) -> Any:
@@ -71,8 +94,8 @@ def _limit_threads() -> None:
     torch.set_num_threads(1)
 
 
-def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
+                cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Client `pid`'s whole training step, Flower-free: attach its head to theta0,
     fine-tune, and return (full local weights + "extra.<name>." arrays, metrics).
 
@@ -95,7 +118,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     }
     use_cache = bool(config.get("cache", True))
     key = update_key(state_digest(theta0), spec) if use_cache else ""
-    if use_cache and (hit := load_update(key)) is not None:
+    if use_cache and (hit := load_update(key, cache_dir)) is not None:
         state, metrics = hit
         return state, {**metrics, "cached": 1}
     task = _task_for(config, pid)
@@ -122,7 +145,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     for name, arrays in extras.items():
         state.update({f"{EXTRA_PREFIX}{name}.{k}": v for k, v in arrays.items()})
     if use_cache:
-        save_update(key, state, metrics)
+        save_update(key, state, metrics, cache_dir)
     return state, {**metrics, "cached": 0}
 
 
@@ -130,8 +153,8 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
 def train(msg: Message, context: Context) -> Message:
     _limit_threads()
     config = msg.content["config"]
-    state, metrics = local_train(config, _partition_id(context),
-                                 msg.content["arrays"].to_torch_state_dict())
+    state, metrics = local_train(config, _partition_id(context, config),
+                                 msg.content["arrays"].to_torch_state_dict(), _cache_dir(context))
     return Message(
         RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
         reply_to=msg,
@@ -145,8 +168,8 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     eta on both val and test (one message, each Delta sent once); lists come back
     delta-major. Without a delta, score the received model on config 'split' (default test)."""
     _limit_threads()
-    pid = _partition_id(context)
     config = msg.content["config"]
+    pid = _partition_id(context, config)
     task = _task_for(config, pid)
     state = msg.content["arrays"].to_torch_state_dict()
     model_name = str(config["model"])
