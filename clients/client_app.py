@@ -163,10 +163,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_model(msg: Message, context: Context) -> Message:
-    """Score the received model. With a 'delta' ArrayRecord (and maybe 'delta-1', 'delta-2',
-    ... for more methods) and an 'etas' list, score theta + eta * delta for every delta and
-    eta on both val and test (one message, each Delta sent once); lists come back
-    delta-major. Without a delta, score the received model on config 'split' (default test)."""
+    """Score the received model.
+
+    With a 'delta' ArrayRecord (and maybe 'delta-1', 'delta-2', ... for more methods) and an
+    'etas' list, score theta + eta * delta for every delta and eta on config 'splits'
+    (default val and test), each Delta sent once. 'etas' is one grid for every delta, or,
+    with 'etas-per-delta' (one count per delta), consecutive slices: delta i gets the next
+    etas-per-delta[i] etas. Reply lists "<split>-accuracy"/"<split>-loss" run delta-major.
+    Without a delta, score the received model on config 'split' (default test)."""
     _limit_threads()
     config = msg.content["config"]
     pid = _partition_id(context, config)
@@ -179,23 +183,28 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     deltas = [records[k] for k in ["delta", *(f"delta-{i}" for i in range(1, len(records)))]
               if k in records]
     if deltas:
-        etas = [float(e) for e in config["etas"]]
-        scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in ("val", "test") for m in ("accuracy", "loss")}
-        base: dict[str, float] = {}  # eta = 0 is theta0 whatever the delta: score it once
-        for record in deltas:
+        splits = [str(s) for s in config.get("splits", ["val", "test"])]
+        bad = [s for s in splits if s not in ("val", "test")]
+        if bad or not splits:
+            raise ValueError(f"splits must be a non-empty list of 'val'/'test', got {splits}")
+        grids = _eta_grids(config, len(deltas))
+        data = {"val": task.val, "test": task.test}
+        scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in splits for m in ("accuracy", "loss")}
+        base: dict[str, tuple[float, float]] = {}  # eta = 0 is theta0 whatever the delta: score once
+        for record, etas in zip(deltas, grids):
             delta = record.to_torch_state_dict()
             for eta in etas:
-                if eta == 0 and base:
-                    for key, value in base.items():
-                        scores[key].append(value)
-                    continue
-                model = model_for_task(model_name, task, apply_update(state, delta, eta), seed)
-                for split, data in (("val", task.val), ("test", task.test)):
-                    acc, loss = evaluate(model, data)
+                model = None if eta == 0 and base else model_for_task(
+                    model_name, task, apply_update(state, delta, eta), seed)
+                for split in splits:
+                    if eta == 0 and split in base:
+                        acc, loss = base[split]
+                    else:
+                        acc, loss = evaluate(model, data[split])
+                        if eta == 0:
+                            base[split] = (acc, loss)
                     scores[f"{split}-accuracy"].append(acc)
                     scores[f"{split}-loss"].append(loss)
-                    if eta == 0:
-                        base.update({f"{split}-accuracy": acc, f"{split}-loss": loss})
         metrics.update(scores)
     else:
         split = str(config.get("split", "test"))
@@ -204,3 +213,16 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         model = model_for_task(model_name, task, state, seed)
         metrics["accuracy"], metrics["loss"] = evaluate(model, task.val if split == "val" else task.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _eta_grids(config: ConfigRecord, num_deltas: int) -> list[list[float]]:
+    """The etas to score for each delta (see evaluate_model)."""
+    etas = [float(e) for e in config["etas"]]
+    if "etas-per-delta" not in config:
+        return [etas] * num_deltas
+    counts = [int(n) for n in config["etas-per-delta"]]
+    if len(counts) != num_deltas or sum(counts) != len(etas) or min(counts) < 0:
+        raise ValueError(f"etas-per-delta {counts} does not split {len(etas)} etas over "
+                         f"{num_deltas} deltas")
+    starts = [sum(counts[:i]) for i in range(num_deltas)]
+    return [etas[a:a + n] for a, n in zip(starts, counts)]

@@ -539,11 +539,17 @@ def _plot_eta(rows: list[dict[str, Any]], best: list[dict[str, Any]], path: Path
         color = f"C{i % 10}"
         curve = store.eta_curve(rows, b["method"], b["setting"], split)
         label = b["method"] if b["setting"] == "(all runs)" else f"{b['method']}: {b['setting']}"
-        ax.plot([e for e, _ in curve], [a for _, a in curve], marker="o", color=color,
-                label=label[:70])
+        (solid,) = ax.plot([e for e, _ in curve], [a for _, a in curve], marker="o", color=color,
+                           label=label[:70])
         other = "val" if split == "test" else "test"
         curve2 = store.eta_curve(rows, b["method"], b["setting"], other)
-        ax.plot([e for e, _ in curve2], [a for _, a in curve2], ls="--", color=color, alpha=0.6)
+        (dashed,) = ax.plot([e for e, _ in curve2], [a for _, a in curve2], ls="--", marker=".",
+                            color=color, alpha=0.6)
+        # Test is usually scored only at the base and the chosen eta (eval.test_all_etas=false):
+        # two points say nothing about the curve in between, so no line through them.
+        for line, points in ((solid, curve), (dashed, curve2)):
+            if len(points) <= 2:
+                line.set_linestyle("none")
         for eta in b["etas"]:
             y = dict(curve).get(eta)
             if y is not None:

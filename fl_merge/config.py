@@ -41,6 +41,9 @@ class RunConfig:
     method_params: str = ""  # "name=value ..." (every listed method taking it) or "ties.density=0.2"
     etas: str = "0.5,1,1.5,2,2.5,3"  # server learning rates scored on validation; 0 (base) is added
     weighting: str = "uniform"  # uniform | num-examples
+    # Score the test split at every eta too (else only at the base and each method's eta
+    # chosen on validation: the selection protocol, at a fraction of the evaluation cost).
+    test_all_etas: bool = False
     # Per-client training values: one for all, a comma list of num-clients values, or a
     # seeded spread "lo..hi" (steps uniform, lr log-uniform): training heterogeneity.
     local_steps: str = "150"

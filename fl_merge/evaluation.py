@@ -9,9 +9,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of `model` on `data`."""
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of `model` on `data`.
+
+    batch 256: on one CPU thread the small CNN scores 1000 images ~2x faster than in
+    batches of 1024 (the activations stay in cache)."""
     model.eval()
     x, y = data.tensors
     correct, loss_sum = 0, 0.0

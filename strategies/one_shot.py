@@ -3,8 +3,10 @@
 Thin Flower glue over fl_merge: replies (full local weights + num-examples, from any
 standard ClientApp) become task vectors over the merged parameters, one call to
 `fl_merge.merge` per method gives its Delta, and every client scores theta0 + eta * Delta
-for every method and every eta of a grid in ONE evaluate message (each Delta sent once).
-eta is chosen per method by mean normalized validation accuracy.
+for every method and every eta of a grid on validation in ONE evaluate message (each Delta
+sent once). eta is chosen per method by mean normalized validation accuracy; a second
+message then scores the test split at the base and each method's chosen eta only
+(test_all_etas=True scores test at every eta in the first message instead).
 
 Several methods in one run share the same client updates: a methods x eta table costs one
 training pass.
@@ -73,6 +75,7 @@ class OneShotMerge(FedAvg):
         from the same updates and all scored; the first is the primary (`delta`,
         `best_eta`, the returned arrays).
     etas: server learning rates to score (0 is always added: the pretrained base).
+    test_all_etas: score the test split at every eta (else at eta 0 and the chosen eta).
     weighting: 'uniform' (p_i = 1/K, Task Arithmetic's convention) or 'num-examples'.
     is_merged: which parameter names are merged (the rest are per-task, never merged).
     task_names: label clients by partition id in results (default: 'client-<pid>').
@@ -86,6 +89,7 @@ class OneShotMerge(FedAvg):
         method_params: dict[str, Any] | None = None,
         methods: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
         etas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+        test_all_etas: bool = False,
         weighting: str = "uniform",
         is_merged: Callable[[str], bool] = is_merged_key,
         device: str = "cpu",
@@ -104,6 +108,7 @@ class OneShotMerge(FedAvg):
             raise ValueError("no merge method given")
         self.method, self.method_params = next(iter(self.methods.values()))
         self.etas = sorted({0.0, *map(float, etas)})
+        self.test_all_etas = test_all_etas
         if weighting not in ("uniform", "num-examples"):
             raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
         self.weighting = weighting
@@ -119,6 +124,10 @@ class OneShotMerge(FedAvg):
         self.rows: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.heterogeneity: dict[str, Any] = {}  # fl_merge.metrics.heterogeneity_report
+        # The test-phase evaluate message goes out from aggregate_evaluate: keep what it needs.
+        self._grid: Grid | None = None
+        self._evaluate_config = ConfigRecord()
+        self._timeout: float = 3600.0
 
     @property
     def primary(self) -> str:
@@ -143,6 +152,7 @@ class OneShotMerge(FedAvg):
               *args: Any, **kwargs: Any) -> Result:
         if num_rounds != 1:
             raise ValueError(f"OneShotMerge runs exactly one round, not {num_rounds}")
+        self._timeout = float(kwargs.get("timeout", args[0] if args else 3600.0))
         result = super().start(grid, initial_arrays, 1, *args, **kwargs)
         if self.best_eta is not None:
             result.arrays = ArrayRecord(self.merged_state(self.best_eta))
@@ -263,19 +273,32 @@ class OneShotMerge(FedAvg):
         return ClientUpdate(node, metrics, state, extras=extras)
 
     # ------------------------------------------------------------- evaluate
+    @property
+    def _first_splits(self) -> list[str]:
+        return ["val", "test"] if self.test_all_etas else ["val"]
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """One message per trained client: theta0 with its own per-task parameters, each
         method's Delta once (ArrayRecords "delta", "delta-1", ... in `delta-methods` order),
         and the eta grid."""
+        self._grid, self._evaluate_config = grid, ConfigRecord(dict(config))
         if not self.clients:
             return []
+        return self._evaluate_messages(server_round, config, {m: self.etas for m in self.deltas},
+                                       self._first_splits)
+
+    def _evaluate_messages(self, server_round: int, config: ConfigRecord,
+                           grids: dict[str, list[float]], splits: list[str]) -> list[Message]:
+        """Per client: theta0 + its head, every Delta, and the etas to score each Delta at."""
         labels = list(self.deltas)
         delta_records = {_delta_key(i): ArrayRecord(self.deltas[m]) for i, m in enumerate(labels)}
         messages = []
         for c in self.clients:
             cfg = ConfigRecord(dict(config))
-            cfg["etas"] = list(self.etas)
+            cfg["etas"] = [e for m in labels for e in grids[m]]
+            cfg["etas-per-delta"] = [len(grids[m]) for m in labels]
+            cfg["splits"] = list(splits)
             cfg["delta-methods"] = labels
             cfg["server-round"] = server_round
             content = RecordDict({
@@ -287,55 +310,86 @@ class OneShotMerge(FedAvg):
                                     message_type=MessageType.EVALUATE))
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        """Scores arrive as lists of len(methods) * len(etas), method-major."""
+    def _scores(self, replies: Iterable[Message], grids: dict[str, list[float]],
+                splits: list[str], phase: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """scores[label][task][split] = {"etas", "accuracy", "loss"} from the replies, whose
+        lists run method-major over each method's grid; errors name the node."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=False)
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
-            raise MergeRoundError(f"{len(failed)} client(s) failed during evaluation: {reasons}")
+            raise MergeRoundError(f"{len(failed)} client(s) failed during {phase}: {reasons}")
         by_node = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values())))
                    for m in valid}
-        n_etas, labels = len(self.etas), list(self.deltas)
-        # scores[label][task] = {"val-accuracy": [per eta], ..., "client": ClientUpdate}
-        scores: dict[str, dict[str, dict[str, Any]]] = {label: {} for label in labels}
+        labels = list(self.deltas)
+        total = sum(len(grids[m]) for m in labels)
+        scores: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in labels}
         for client in self.clients:  # client order, not arrival order
             metrics = by_node.get(client.node_id)
-            if metrics is None or len(metrics.get("val-accuracy", [])) != n_etas * len(labels):
+            if metrics is None or any(len(metrics.get(f"{s}-accuracy", [])) != total for s in splits):
                 raise MergeRoundError(
-                    f"{client.label} did not score the methods x eta grid "
-                    "(no evaluate reply with 'val-accuracy' per method and eta)")
-            for i, label in enumerate(labels):
-                part = {k: list(metrics[k])[i * n_etas:(i + 1) * n_etas]
-                        for k in ("val-accuracy", "val-loss", "test-accuracy", "test-loss")}
-                scores[label][self.task_name(client)] = {"client": client, **part}
+                    f"{client.label} did not score the methods x eta grid in {phase} (no reply "
+                    f"with {'/'.join(f'{s}-accuracy' for s in splits)} per method and eta)")
+            start = 0
+            for label in labels:
+                n, part = len(grids[label]), {}
+                for split in splits:
+                    part[split] = {"etas": list(grids[label]), **{
+                        k: [float(v) for v in list(metrics[f"{split}-{k}"])[start:start + n]]
+                        for k in ("accuracy", "loss")}}
+                scores[label][self.task_name(client)] = part
+                start += n
+        return scores
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Choose each method's eta on validation; unless test_all_etas, score the test split
+        at eta 0 and the chosen etas in a second message; build the tidy rows."""
+        labels = list(self.deltas)
+        grids = {m: self.etas for m in labels}
+        scores = self._scores(replies, grids, self._first_splits, "evaluation")
+        by_task = {self.task_name(c): c for c in self.clients}
+        for label in labels:
+            ft_val = {t: float(by_task[t].metrics["finetuned-val-accuracy"]) for t in scores[label]}
+            val_acc = {t: s["val"]["accuracy"] for t, s in scores[label].items()}
+            self.best_etas[label], _ = select_eta(self.etas, val_acc, ft_val)
+        if not self.test_all_etas:
+            if self._grid is None:
+                raise MergeRoundError("aggregate_evaluate before configure_evaluate: no grid")
+            test_grids = {m: [0.0, self.best_etas[m]] for m in labels}
+            messages = self._evaluate_messages(server_round, self._evaluate_config, test_grids, ["test"])
+            t0 = time.perf_counter()
+            test = self._scores(self._grid.send_and_receive(messages, timeout=self._timeout),
+                                test_grids, ["test"], "test evaluation")
+            self.timings["test-evaluate-seconds"] = time.perf_counter() - t0
+            for label in labels:
+                for task, part in test[label].items():
+                    scores[label][task].update(part)
         self.rows = []
         for label in labels:
-            ft_val = {t: float(s["client"].metrics["finetuned-val-accuracy"]) for t, s in scores[label].items()}
-            val_acc = {t: [float(a) for a in s["val-accuracy"]] for t, s in scores[label].items()}
-            self.best_etas[label], _ = select_eta(self.etas, val_acc, ft_val)
-            self.rows += self._rows(label, scores[label])
+            self.rows += self._rows(label, scores[label], by_task)
         out: dict[str, float] = {}
-        test = [r for r in self.rows if r["split"] == "test"]
+        test_rows = [r for r in self.rows if r["split"] == "test"]
         for label in labels:
-            merged = [r for r in test if r["method"] == label and r["model"] == "merged" and r["selected"]]
+            merged = [r for r in test_rows if r["method"] == label and r["model"] == "merged" and r["selected"]]
             out[f"{label}-eta"] = self.best_etas[label]
             out[f"{label}-test-accuracy"] = mean([r["accuracy"] for r in merged])
             out[f"{label}-normalized-accuracy"] = mean([r["normalized_accuracy"] for r in merged])
-        first = [r for r in test if r["method"] == labels[0]]
+        first = [r for r in test_rows if r["method"] == labels[0]]
         out["base-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "base"])
         out["finetuned-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "finetuned"])
         return MetricRecord(out)
 
-    def _rows(self, label: str, scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        """Tidy rows: one per (model, eta, task, split). model is base (eta 0), finetuned
-        (the client's own model) or merged (eta > 0; `selected` marks the chosen eta)."""
+    def _rows(self, label: str, scores: dict[str, dict[str, Any]],
+              by_task: dict[str, ClientUpdate]) -> list[dict[str, Any]]:
+        """Tidy rows: one per (model, eta, task, split) scored. model is base (eta 0),
+        finetuned (the client's own model) or merged (eta > 0; `selected` marks the chosen
+        eta)."""
         name, params = self.methods[label]
         params_json = json.dumps(params, sort_keys=True)
         best = self.best_etas[label]
         rows = []
         for task, s in scores.items():
-            c: ClientUpdate = s["client"]
+            c = by_task[task]
             common = {"method": label, "method_name": name, "params": params_json, "task": task,
                       "partition_id": c.metrics.get("partition-id"), "node_id": c.node_id}
             ft = {"val": float(c.metrics["finetuned-val-accuracy"]),
@@ -345,11 +399,11 @@ class OneShotMerge(FedAvg):
                              "split": split, "accuracy": ft[split],
                              "loss": float(c.metrics["finetuned-loss"]) if split == "test" else float("nan"),
                              "finetuned_accuracy": ft[split], "normalized_accuracy": 1.0})
-                for j, eta in enumerate(self.etas):
-                    acc = float(s[f"{split}-accuracy"][j])
+                got = s[split]
+                for eta, acc, loss in zip(got["etas"], got["accuracy"], got["loss"]):
                     rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
                                  "selected": eta == best, "split": split,
-                                 "accuracy": acc, "loss": float(s[f"{split}-loss"][j]),
+                                 "accuracy": acc, "loss": loss,
                                  "finetuned_accuracy": ft[split],
                                  "normalized_accuracy": normalized_accuracy(acc, ft[split])})
         return rows

@@ -40,7 +40,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMe
                                                            seed=run.pretrain_seed), progress=False)
     k = run.num_clients
     strategy = OneShotMerge(
-        methods=cfg.methods, etas=cfg.etas,
+        methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
         min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,

@@ -81,8 +81,9 @@ def test_results_file_and_merged_model(simulated):
     strategy, out = simulated
     rows = results.read_rows(out / results.RESULTS_FILE)
     etas = [0.0, 0.5, 1.0, 2.0]
-    # per task and split: one fine-tuned row + one row per eta (eta 0 = base)
-    assert len(rows) == 2 * 2 * (1 + len(etas))
+    # per task: val has a fine-tuned row + one per eta (eta 0 = base); test is scored only
+    # for the fine-tuned model, the base and the eta chosen on val
+    assert len(rows) == 2 * ((1 + len(etas)) + 3)
     val = [r for r in rows if r["split"] == "val" and r["model"] != "finetuned"]
     acc = {t: [r["accuracy"] for r in sorted((r for r in val if r["task"] == t), key=lambda r: r["eta"])]
            for t in ("rotate90", "parity")}
@@ -98,6 +99,17 @@ def test_results_file_and_merged_model(simulated):
     for k, v in strategy.theta0.items():
         torch.testing.assert_close(saved[k], v + best * strategy.delta[k], rtol=1e-5, atol=1e-6)
     assert saved["heads.parity.weight"].shape == (2, 128)
+    # The test accuracy reported at the chosen eta is that of the saved merged model.
+    from clients.tasks import load_task
+    from clients.training import model_for_task
+    from fl_merge.evaluation import evaluate
+
+    for r in chosen:
+        head = {f"head.{k.split('.')[-1]}": v for k, v in saved.items() if k.startswith(f"heads.{r['task']}.")}
+        backbone = {k: v for k, v in saved.items() if k.startswith("backbone.")}
+        task = load_task(r["task"], 0)
+        acc, _ = evaluate(model_for_task("mnist-cnn", task, {**backbone, **head}, 0), task.test)
+        assert acc == pytest.approx(r["accuracy"])
     assert (out / results.RUN_FILE).exists()
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

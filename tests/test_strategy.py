@@ -138,18 +138,34 @@ def test_fisher_merge_names_clients_without_fisher():
         s.aggregate_train(1, [_rich_reply(1, 0, 10), _standard_reply(2, 1.0, 10, classes=4)])
 
 
-def _eval_reply(node_id: int, per_method_val: list[list[float]], pid: int) -> Message:
-    flat = [a for accs in per_method_val for a in accs]
-    metrics = {"num-examples": 10, "partition-id": pid, "val-accuracy": flat, "test-accuracy": flat,
-               "val-loss": [0.0] * len(flat), "test-loss": [0.0] * len(flat)}
+def _eval_reply(node_id: int, msg_config: ConfigRecord, score) -> Message:
+    """What our ClientApp replies to an evaluate message: for each delta (method index i)
+    and each eta of its grid, score(i, eta, split) on every requested split."""
+    etas = [float(e) for e in msg_config["etas"]]
+    counts = list(msg_config["etas-per-delta"])
+    pairs = [(i, etas[sum(counts[:i]) + j]) for i, n in enumerate(counts) for j in range(n)]
+    metrics = {"num-examples": 10, "partition-id": node_id - 100}
+    for split in msg_config["splits"]:
+        metrics[f"{split}-accuracy"] = [score(i, eta, split) for i, eta in pairs]
+        metrics[f"{split}-loss"] = [0.0] * len(pairs)
     return _reply(node_id, RecordDict({"metrics": MetricRecord(metrics)}))
 
 
-def test_several_methods_share_one_training_pass_and_one_evaluate_message():
+class _ScoringGrid:
+    """A Grid whose nodes answer evaluate messages with `score` (records what was asked)."""
+
+    def __init__(self, score):
+        self.score, self.asked = score, []
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.asked += messages
+        return [_eval_reply(m.metadata.dst_node_id, m.content["config"], self.score) for m in messages]
+
+
+def _three_methods_trained() -> OneShotMerge:
     s = OneShotMerge(methods=["fedavg", ("ties", {"density": 0.5}), ("ties", {"density": 1.0})],
                      etas=[1.0, 2.0])
-    assert list(s.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
-    assert s.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
     s.theta0 = _theta0()
     replies = [_rich_reply(100 + i, i, 10) for i in range(3)]
     for r in replies:
@@ -157,19 +173,74 @@ def test_several_methods_share_one_training_pass_and_one_evaluate_message():
         r.content["metrics"]["finetuned-accuracy"] = 0.8
         r.content["metrics"]["finetuned-loss"] = 0.1
     s.aggregate_train(1, replies)
+    return s
+
+
+# etas [0, 1, 2]; each method has its own best eta on validation; test differs from val.
+_VAL = [[0.5, 0.7, 0.6], [0.5, 0.6, 0.75], [0.5, 0.4, 0.3]]
+
+
+def _score(i: int, eta: float, split: str) -> float:
+    return _VAL[i][int(eta)] - (0.1 if split == "test" and eta > 0 else 0.0)
+
+
+def test_several_methods_share_one_training_pass_and_one_evaluate_message():
+    s = _three_methods_trained()
+    assert list(s.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
+    assert s.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
     assert set(s.deltas) == set(s.methods)
     torch.testing.assert_close(s.delta["backbone.w"], s.deltas["fedavg"]["backbone.w"])
-    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=None))
+    grid = _ScoringGrid(_score)
+    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=grid))
     content = msgs[0].content
     assert list(content["config"]["delta-methods"]) == list(s.methods)
+    assert list(content["config"]["splits"]) == ["val"]  # the eta grid is scored on val only
+    assert list(content["config"]["etas"]) == [0.0, 1.0, 2.0] * 3
     for i, label in enumerate(s.methods):
         key = "delta" if i == 0 else f"delta-{i}"
         torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"], s.deltas[label]["backbone.b"])
-    # etas [0, 1, 2]; each method has its own best eta on validation.
-    scores = [[0.5, 0.7, 0.6], [0.5, 0.6, 0.75], [0.5, 0.4, 0.3]]
-    metrics = s.aggregate_evaluate(1, [_eval_reply(100 + i, scores, i) for i in range(3)])
+    metrics = s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
+                                       for m in msgs])
     assert s.best_etas == {"fedavg": 1.0, "ties[density=0.5]": 2.0, "ties[density=1.0]": 1.0}
-    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.75)
+    # The second message scores test at the base and each method's chosen eta only.
+    assert len(grid.asked) == 3
+    cfg = grid.asked[0].content["config"]
+    assert list(cfg["splits"]) == ["test"]
+    assert list(cfg["etas"]) == [0.0, 1.0, 0.0, 2.0, 0.0, 1.0]
+    assert list(cfg["etas-per-delta"]) == [2, 2, 2]
+    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
     assert metrics["base-test-accuracy"] == pytest.approx(0.5)
     selected = [r for r in s.rows if r["selected"] and r["split"] == "val"]
     assert len(selected) == 3 * 3 and {r["method_name"] for r in selected} == {"fedavg", "ties"}
+    test_rows = [r for r in s.rows if r["split"] == "test" and r["model"] != "finetuned"]
+    assert sorted({r["eta"] for r in test_rows if r["method"] == "ties[density=0.5]"}) == [0.0, 2.0]
+    assert len([r for r in s.rows if r["split"] == "val" and r["model"] != "finetuned"]) == 3 * 3 * 3
+
+
+def test_test_all_etas_scores_test_in_the_first_message():
+    s = _three_methods_trained()
+    s.test_all_etas = True
+    grid = _ScoringGrid(_score)
+    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=grid))
+    assert list(msgs[0].content["config"]["splits"]) == ["val", "test"]
+    metrics = s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
+                                       for m in msgs])
+    assert grid.asked == []  # no second message
+    assert s.best_etas["ties[density=0.5]"] == 2.0  # chosen on val, not on test
+    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
+    test_rows = [r for r in s.rows if r["split"] == "test" and r["model"] != "finetuned"]
+    assert len(test_rows) == 3 * 3 * 3
+
+
+def test_missing_test_scores_name_the_client():
+    s = _three_methods_trained()
+
+    class _Silent(_ScoringGrid):
+        def send_and_receive(self, messages, timeout=None):
+            return [_reply(m.metadata.dst_node_id, RecordDict({"metrics": MetricRecord(
+                {"num-examples": 10})})) for m in messages]
+
+    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=_Silent(_score)))
+    with pytest.raises(MergeRoundError, match=r"node 100 \(partition 0\) did not score .* in test evaluation"):
+        s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
+                                 for m in msgs])
