@@ -105,6 +105,21 @@ PRETRAIN_POOL = 30000  # MNIST train images [0, 30000) are the base model's pret
 
 register_model(ModelSpec("mnist-cnn", mnist_cnn_backbone, 128, (1, 28, 28), _mnist_pretrain_data))
 
+WIDE_MLP_WIDTH = 7168  # 784*W + W*W + W*128 (+ biases) = 57.9M float32 parameters = 232 MB
+
+
+def wide_mlp_backbone(width: int = WIDE_MLP_WIDTH) -> nn.Module:
+    """A plain MLP 784 -> W -> W -> 128 for 1x28x28 inputs; at the default width its backbone is
+    ~232 MB of float32, for measuring a >= 200 MB model through deployment. Never a default."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(28 * 28, width), nn.ReLU(),
+        nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, 128), nn.ReLU(),
+    )
+
+
+register_model(ModelSpec("wide-mlp", wide_mlp_backbone, 128, (1, 28, 28), _mnist_pretrain_data))
+
 # Bump when pretraining code changes what it produces: old cache entries are then ignored.
 _PRETRAIN_CODE_VERSION = 2
 
