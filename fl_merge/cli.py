@@ -52,10 +52,12 @@ from fl_merge import results, store
 from fl_merge.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
+# The copy inside the package in a wheel install; ./configs in a checkout or editable install.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else ROOT / "configs"
 CONFIG_NAME = "config"
 # A group's `name` key sets this run-config field.
-GROUP_FIELDS = {"model": "model", "data": "data", "method": "method"}
+GROUP_FIELDS = {"model": "model", "data": "data", "method": "method", "attack": "attack"}
 # Keys for the CLI itself, not the run config.
 CLI_OPTIONS = {"runtime.num_supernodes": "num_supernodes"}
 ERROR_TAG = "fl-merge job error: "

@@ -138,7 +138,7 @@ def test_every_runconfig_field_is_reachable():
     reachable = set(cli.GROUP_FIELDS.values()) | {"method_params"}  # method.* params
     for key, _ in _leaves(yaml.safe_load((CONFIGS / "config.yaml").read_text())):
         reachable.add(key)
-    for group in ("model", "data", "training", "eval", "runtime"):
+    for group in ("model", "data", "training", "eval", "runtime", "attack"):
         for path in (CONFIGS / group).glob("*.yaml"):
             reachable |= {k for k, _ in _leaves(yaml.safe_load(path.read_text()))}
     assert cli.run_config_fields() <= reachable
@@ -293,6 +293,37 @@ def test_second_invocation_trains_nothing(sweeps):
         return {(r["job"], r["task"], r["model"], str(r["eta"]), r["split"]): r["accuracy"] for r in rows}
 
     assert by_key(a) == by_key(b)
+
+
+def test_ctrl_c_mid_sweep_keeps_completed_jobs(sweeps, tmp_path, env):
+    """SIGINT (Ctrl-C) once job 0 has landed: exit 130, job 0's rows intact and readable,
+    nothing half-written. Same training as `sweeps`, so every job starts from the cache."""
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_merge", "-m", "method=fedavg,median,trimmed_mean", *TINY,
+         "training.local_steps=15", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (sweep_dir / "results.csv").exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "job 0 never finished"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    rows = read_rows(sweep_dir / "results.csv")
+    assert {r["job"] for r in rows} == {0} and {r["method"] for r in rows} == {"fedavg"}
+    job0 = read_rows(sweep_dir / "0" / "results.csv")
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in job0]
+    assert not [p for p in sweep_dir.rglob("*") if ".tmp" in p.name]
+    assert not (sweep_dir / "2").exists()  # the sweep stopped
 
 
 def test_report_prints_best_settings_and_writes_plots(sweeps, capsys):
