@@ -8,6 +8,7 @@ partition id: that is how training heterogeneity travels in one shared message.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import TensorDataset
 
 from clients.cache import load_update, save_update, state_digest, update_key
 from clients.partitions import load_partitioned_task
@@ -27,7 +29,10 @@ from clients.training import (
     mean_gradient,
     model_for_task,
 )
+from fl_merge.attacks import AttackPlan, attack_update, parse_plan
+from fl_merge.attacks import label_flip as flip_labels
 from fl_merge.evaluation import evaluate
+from fl_merge.models import is_merged_key
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
@@ -94,6 +99,13 @@ def _limit_threads() -> None:
     torch.set_num_threads(1)
 
 
+def attack_plan(config: Mapping[str, Any]) -> AttackPlan:
+    """The run's attackers and faults (fl_merge.attacks), from the training config."""
+    return parse_plan(str(config.get("attack", "")), str(config.get("attackers", "")),
+                      str(config.get("attack-params", "")), str(config.get("faults", "")),
+                      len(list(config["tasks"])), float(config.get("fault-delay", 0.0)))
+
+
 def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
                 cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Client `pid`'s whole training step, Flower-free: attach its head to theta0,
@@ -101,7 +113,24 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
 
     With config "cache" true (the default) an identical earlier update is reused from the
     client-update cache (metrics then carry cached=1) instead of training again.
+    An attacker (config "attack"/"attackers") trains honestly (label_flip: on flipped
+    labels), then replaces its task vector; the cache holds the honest update.
     """
+    plan = attack_plan(config)
+    state, metrics = _train(config, pid, theta0, cache_dir,
+                            label_flip=plan.attacks(pid) and plan.attack == "label_flip")
+    if plan.attacks(pid):
+        metrics["attacker"] = 1
+        if plan.where == "client":
+            tau = {k: state[k] - v for k, v in theta0.items() if is_merged_key(k)}
+            bad = attack_update(plan, tau, seed=int(_pick(config, "seed", pid)))
+            state = {**state, **{k: theta0[k] + v for k, v in bad.items()}}
+    return state, metrics
+
+
+def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
+           cache_dir: Path | None, label_flip: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The honest (or label-flipped) update, from the cache when an identical one exists."""
     cfg = LocalTrainConfig(
         steps=int(_pick(config, "local-steps", pid)),
         lr=float(_pick(config, "lr", pid)),
@@ -115,6 +144,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
                                       "classes-per-client", "partition-pool", "compute-grad0",
                                       "grad0-samples", "compute-fisher", "fisher-samples")},
         "steps": cfg.steps, "lr": cfg.lr, "batch-size": cfg.batch_size, "seed": cfg.seed,
+        **({"label-flip": True} if label_flip else {}),
     }
     use_cache = bool(config.get("cache", True))
     key = update_key(state_digest(theta0), spec) if use_cache else ""
@@ -122,6 +152,12 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
         state, metrics = hit
         return state, {**metrics, "cached": 1}
     task = _task_for(config, pid)
+    if label_flip:
+        # Train on y -> C-1-y, but keep the probe head fitted on the true labels: the attack
+        # is in the backbone's update, not in a head that would undo it.
+        x, y = task.train.tensors
+        task = dataclasses.replace(task, probe=task.probe or task.train,
+                                   train=TensorDataset(x, flip_labels(y, task.num_classes)))
     t0 = time.perf_counter()
     model = model_for_task(str(config["model"]), task, theta0, cfg.seed)
     extras: dict[str, dict] = {}
@@ -153,8 +189,19 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
 def train(msg: Message, context: Context) -> Message:
     _limit_threads()
     config = msg.content["config"]
-    state, metrics = local_train(config, _partition_id(context, config),
-                                 msg.content["arrays"].to_torch_state_dict(), _cache_dir(context))
+    pid = _partition_id(context, config)
+    fault = attack_plan(config).faults.get(pid)
+    if fault == "crash":
+        raise RuntimeError(f"injected fault: partition {pid} crashed during training")
+    theta0 = msg.content["arrays"].to_torch_state_dict()
+    state, metrics = local_train(config, pid, theta0, _cache_dir(context))
+    if fault == "nan":
+        state = {k: torch.full_like(v, float("nan")) if is_merged_key(k) else v for k, v in state.items()}
+    elif fault == "malformed":
+        first = next(k for k in state if is_merged_key(k))
+        state = {**state, first: state[first].flatten()[:-1]}  # wrong shape
+    elif fault == "timeout":
+        time.sleep(float(config.get("fault-delay", 0.0)))
     return Message(
         RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
         reply_to=msg,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fl_merge.attacks import AttackPlan
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 
@@ -57,6 +58,16 @@ class RunConfig:
     output_dir: str = ""  # empty: ./outputs/<time>-<method>
     round_timeout: float = 1800.0
     connect_timeout: float = 120.0
+    # Fewest clients that must deliver a usable update for the merge to go on (failed ones
+    # are named and left out); 0: every method's own minimum (e.g. krum's 2f+3).
+    min_clients: int = 0
+    # Byzantine clients and injected faults (fl_merge/attacks.py). attackers: partition ids
+    # "6,7" or "last:2"; attack-params e.g. "factor=10"; faults e.g. "crash@1,nan@2".
+    attack: str = ""  # sign_flip | scale | gaussian | random | label_flip | alie (empty: none)
+    attackers: str = ""
+    attack_params: str = ""
+    faults: str = ""  # <crash|nan|malformed|timeout>@<partition id>, comma separated
+    fault_delay: float = 0.0  # seconds a timeout@ client waits before replying
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -125,6 +136,15 @@ class RunConfig:
             raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
         if self.pretrain_steps <= 0:
             raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
+        if not 0 <= self.min_clients <= k:
+            raise ConfigError(f"min-clients must be in 0..num-clients={k}, got {self.min_clients}")
+        from fl_merge.attacks import AttackConfigError, parse_plan
+
+        try:
+            plan = parse_plan(self.attack, self.attackers, self.attack_params, self.faults, k,
+                              self.fault_delay)
+        except AttackConfigError as e:
+            raise ConfigError(str(e)) from None
         steps = _per_client("local-steps", self.local_steps, k, int, self.seed)
         lrs = _per_client("lr", self.lr, k, float, self.seed)
         batches = _per_client("batch-size", self.batch_size, k, int, self.seed)
@@ -137,6 +157,7 @@ class RunConfig:
             lrs=lrs,
             batch_sizes=batches,
             seeds=[self.seed + i for i in range(k)],
+            attack_plan=plan,
         )
 
 
@@ -153,6 +174,7 @@ class ResolvedConfig:
     batch_sizes: list[int]
     seeds: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
+    attack_plan: AttackPlan = field(default_factory=lambda: AttackPlan())
 
     def task_config(self) -> dict[str, Any]:
         """What a client needs to build its data and model (train and evaluate messages)."""
@@ -178,6 +200,10 @@ class ResolvedConfig:
             "seed": list(self.seeds),
             "fisher-samples": self.run.fisher_samples,
             "cache": self.run.cache,
+            # Attacks and faults: clients parse these with fl_merge.attacks.parse_plan.
+            "attack": self.run.attack, "attackers": self.run.attackers,
+            "attack-params": self.run.attack_params, "faults": self.run.faults,
+            "fault-delay": self.run.fault_delay,
         }
 
     @property

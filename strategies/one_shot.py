@@ -19,20 +19,29 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_merge.aggregation import check_method_params, get_method, merge
+from fl_merge.attacks import ATTACKS, AttackPlan
 from fl_merge.evaluation import normalized_accuracy, select_eta
 from fl_merge.metrics import heterogeneity_report
-from fl_merge.results import mean
 from fl_merge.models import is_merged_key
-from fl_merge.task_vectors import MergeInputError, StateDict, apply_update, split_extras, split_state, task_vector
+from fl_merge.results import mean
+from fl_merge.task_vectors import (
+    MergeInputError,
+    StateDict,
+    apply_update,
+    split_extras,
+    split_state,
+    task_vector,
+)
 
 
 class MergeRoundError(RuntimeError):
@@ -81,6 +90,11 @@ class OneShotMerge(FedAvg):
     task_names: label clients by partition id in results (default: 'client-<pid>').
     measure_heterogeneity: ask clients for their gradient at theta0 and compute
         `fl_merge.metrics.heterogeneity_report` from the round's updates (`heterogeneity`).
+    min_clients: fewest usable updates to merge. A client that fails, times out or sends a
+        malformed or non-finite update is left out and named (`failures`); the round
+        fails only when fewer than max(min_clients, each method's minimum) remain.
+    attack_plan: who attacks how (fl_merge.attacks); colluding attacks (alie) are applied
+        here to the attackers' updates, the others by the clients themselves.
     """
 
     def __init__(
@@ -95,6 +109,8 @@ class OneShotMerge(FedAvg):
         device: str = "cpu",
         task_names: Sequence[str] | None = None,
         measure_heterogeneity: bool = True,
+        min_clients: int = 0,
+        attack_plan: AttackPlan | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", mean_train_metrics)
@@ -116,6 +132,10 @@ class OneShotMerge(FedAvg):
         self.device = device
         self.task_names = list(task_names) if task_names is not None else None
         self.measure_heterogeneity = measure_heterogeneity
+        self.min_clients = min_clients
+        self.attack_plan = attack_plan or AttackPlan()
+        self.failures: list[dict[str, Any]] = []  # clients left out: who, at which stage, why
+        self._train_nodes: list[int] = []
         # Filled in by the round, read by callers after start().
         self.theta0: StateDict = {}
         self.clients: list[ClientUpdate] = []
@@ -180,34 +200,46 @@ class OneShotMerge(FedAvg):
             config["compute-fisher"] = True  # clients add their diagonal Fisher to the reply
         if self.measure_heterogeneity:
             config["compute-grad0"] = True  # clients add their gradient at theta0
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._train_nodes = [m.metadata.dst_node_id for m in messages]  # to name who never replies
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         # Flower's own consistency check names no node; ours below does (see _unpack).
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        if failed:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
-            raise MergeRoundError(f"{len(failed)} client(s) failed during training: {reasons}")
-        if not valid:
-            raise MergeRoundError("no client replied to the training message")
+        self.failures = [self._failure(m.metadata.src_node_id, "train", m.error.reason) for m in failed]
+        replied = {m.metadata.src_node_id for m in replies}
+        self.failures += [self._failure(n, "train", f"no reply within the round timeout ({self._timeout:g}s)")
+                          for n in self._train_nodes if n not in replied]
         t0 = time.perf_counter()
-        clients = [self._unpack(msg) for msg in valid]
-        # Deterministic order (partition id, else node id): merge results never depend on
-        # which reply arrived first.
-        clients.sort(key=lambda c: (c.metrics.get("partition-id", math.inf), c.node_id))
         merged_keys = [k for k in self.theta0 if self.is_merged(k)]
         if not merged_keys:
             raise MergeRoundError("the initial model has no merged parameters")
-        for c in clients:
-            _, c.per_task = split_state(c.state, self.is_merged)
-        task_vectors = []
-        for c in clients:
+        clients: list[ClientUpdate] = []
+        task_vectors: list[StateDict] = []
+        # Deterministic order (partition id, else node id): merge results never depend on
+        # which reply arrived first. A malformed or non-finite update is left out, named.
+        for c in sorted(self._unpack_all(valid), key=lambda c: (c.metrics.get("partition-id", math.inf),
+                                                                 c.node_id)):
             try:
-                task_vectors.append(task_vector(c.state, self.theta0, merged_keys))
+                tv = task_vector(c.state, self.theta0, merged_keys)
             except MergeInputError as e:
-                raise MergeInputError(f"{c.label}: {e}") from None
+                self.failures.append(self._failure(c.node_id, "train", f"malformed update: {e}", c))
+                continue
+            bad = [k for k, v in tv.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                self.failures.append(self._failure(c.node_id, "train", f"non-finite update in {bad[0]}", c))
+                continue
+            _, c.per_task = split_state(c.state, self.is_merged)
+            clients.append(c)
+            task_vectors.append(tv)
+        for f in self.failures:
+            log(WARNING, "left out %s (%s): %s", f["client"], f["stage"], f["reason"])
+        self._check_enough(len(clients))
+        if self.attack_plan.where == "collusion":
+            task_vectors = self._collude(clients, task_vectors)
         weights = None
         if self.weighting == "num-examples":
             weights = [float(c.metrics[self.weighted_by_key]) for c in clients]
@@ -272,6 +304,51 @@ class OneShotMerge(FedAvg):
             raise MergeRoundError(f"node {node} sent no '{self.weighted_by_key}' metric")
         return ClientUpdate(node, metrics, state, extras=extras)
 
+    def _unpack_all(self, valid: list[Message]) -> list[ClientUpdate]:
+        out = []
+        for msg in valid:
+            try:
+                out.append(self._unpack(msg))
+            except MergeRoundError as e:
+                self.failures.append(self._failure(msg.metadata.src_node_id, "train", str(e)))
+        return out
+
+    def _failure(self, node_id: int, stage: str, reason: str,
+                 client: ClientUpdate | None = None) -> dict[str, Any]:
+        """A failure record naming the client (node id, and partition id when known)."""
+        client = client or next((c for c in self.clients if c.node_id == node_id), None)
+        label = client.label if client is not None else f"node {node_id}"
+        pid = client.metrics.get("partition-id") if client is not None else None
+        return {"client": label, "node_id": node_id, "partition_id": pid, "stage": stage,
+                "reason": _short_reason(reason)}
+
+    def _check_enough(self, usable: int) -> None:
+        """Merge with the usable clients if there are at least min_clients of them and every
+        method's own minimum (e.g. krum: 2f+3); else one error naming every failure."""
+        why = "; ".join(f"{f['client']}: {f['reason']}" for f in self.failures) or "none failed"
+        if usable == 0 or usable < self.min_clients:
+            raise MergeRoundError(f"only {usable} usable client update(s), need at least "
+                                  f"{max(self.min_clients, 1)} (min-clients); failures: {why}")
+        for label, (name, params) in self.methods.items():
+            try:
+                check_method_params(name, params, usable)
+            except MergeInputError as e:
+                raise MergeRoundError(f"method '{label}' cannot merge the {usable} usable client "
+                                      f"update(s): {e}; failures: {why}") from None
+
+    def _collude(self, clients: list[ClientUpdate], task_vectors: list[StateDict]) -> list[StateDict]:
+        """Colluding attackers (e.g. ALIE) replace their task vectors together, from their
+        own honest updates only (fl_merge.attacks)."""
+        plan = self.attack_plan
+        idx = [i for i, c in enumerate(clients) if int(c.metrics.get("partition-id", -1)) in plan.attackers]
+        if not idx:
+            return task_vectors
+        spec = ATTACKS[plan.attack]
+        bad = spec.fn([task_vectors[i] for i in idx], len(self._train_nodes) or len(clients),
+                      **{**spec.defaults, **plan.params})
+        log(INFO, "attack %s: %d colluding client(s) replaced their updates", plan.attack, len(idx))
+        return [bad if i in idx else tv for i, tv in enumerate(task_vectors)]
+
     # ------------------------------------------------------------- evaluate
     @property
     def _first_splits(self) -> list[str]:
@@ -288,13 +365,13 @@ class OneShotMerge(FedAvg):
         return self._evaluate_messages(server_round, config, {m: self.etas for m in self.deltas},
                                        self._first_splits)
 
-    def _evaluate_messages(self, server_round: int, config: ConfigRecord,
-                           grids: dict[str, list[float]], splits: list[str]) -> list[Message]:
+    def _evaluate_messages(self, server_round: int, config: ConfigRecord, grids: dict[str, list[float]],
+                           splits: list[str], clients: list[ClientUpdate] | None = None) -> list[Message]:
         """Per client: theta0 + its head, every Delta, and the etas to score each Delta at."""
         labels = list(self.deltas)
         delta_records = {_delta_key(i): ArrayRecord(self.deltas[m]) for i, m in enumerate(labels)}
         messages = []
-        for c in self.clients:
+        for c in self.clients if clients is None else clients:
             cfg = ConfigRecord(dict(config))
             cfg["etas"] = [e for m in labels for e in grids[m]]
             cfg["etas-per-delta"] = [len(grids[m]) for m in labels]
@@ -310,25 +387,29 @@ class OneShotMerge(FedAvg):
                                     message_type=MessageType.EVALUATE))
         return messages
 
-    def _scores(self, replies: Iterable[Message], grids: dict[str, list[float]],
-                splits: list[str], phase: str) -> dict[str, dict[str, dict[str, Any]]]:
+    def _scores(self, replies: Iterable[Message], grids: dict[str, list[float]], splits: list[str],
+                phase: str, clients: list[ClientUpdate] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         """scores[label][task][split] = {"etas", "accuracy", "loss"} from the replies, whose
         lists run method-major over each method's grid; errors name the node."""
-        valid, failed = self._check_and_log_replies(list(replies), is_train=False)
-        if failed:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
-            raise MergeRoundError(f"{len(failed)} client(s) failed during {phase}: {reasons}")
+        replies = list(replies)
+        valid, failed = self._check_and_log_replies(replies, is_train=False)
+        lost = [self._failure(m.metadata.src_node_id, phase, m.error.reason) for m in failed]
         by_node = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values())))
                    for m in valid}
         labels = list(self.deltas)
         total = sum(len(grids[m]) for m in labels)
         scores: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in labels}
-        for client in self.clients:  # client order, not arrival order
+        failed_nodes = {f["node_id"] for f in lost}
+        for client in self.clients if clients is None else clients:  # client order, not arrival order
             metrics = by_node.get(client.node_id)
+            if client.node_id in failed_nodes:
+                continue
             if metrics is None or any(len(metrics.get(f"{s}-accuracy", [])) != total for s in splits):
-                raise MergeRoundError(
-                    f"{client.label} did not score the methods x eta grid in {phase} (no reply "
-                    f"with {'/'.join(f'{s}-accuracy' for s in splits)} per method and eta)")
+                lost.append(self._failure(client.node_id, phase, (
+                    "no reply within the round timeout" if metrics is None else
+                    f"did not score the methods x eta grid (no {'/'.join(f'{s}-accuracy' for s in splits)}"
+                    " per method and eta)"), client))
+                continue
             start = 0
             for label in labels:
                 n, part = len(grids[label]), {}
@@ -338,6 +419,12 @@ class OneShotMerge(FedAvg):
                         for k in ("accuracy", "loss")}}
                 scores[label][self.task_name(client)] = part
                 start += n
+        for f in lost:
+            log(WARNING, "no %s scores from %s: %s", phase, f["client"], f["reason"])
+        self.failures += lost
+        if not scores[labels[0]]:
+            why = "; ".join(f"{f['client']}: {f['reason']}" for f in lost)
+            raise MergeRoundError(f"no client returned {phase} scores: {why}")
         return scores
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -356,14 +443,18 @@ class OneShotMerge(FedAvg):
             if self._grid is None:
                 raise MergeRoundError("aggregate_evaluate before configure_evaluate: no grid")
             test_grids = {m: [0.0, self.best_etas[m]] for m in labels}
-            messages = self._evaluate_messages(server_round, self._evaluate_config, test_grids, ["test"])
+            scored = [c for c in self.clients if self.task_name(c) in scores[labels[0]]]
+            messages = self._evaluate_messages(server_round, self._evaluate_config, test_grids, ["test"],
+                                               scored)
             t0 = time.perf_counter()
             test = self._scores(self._grid.send_and_receive(messages, timeout=self._timeout),
-                                test_grids, ["test"], "test evaluation")
+                                test_grids, ["test"], "test evaluation", scored)
             self.timings["test-evaluate-seconds"] = time.perf_counter() - t0
             for label in labels:
                 for task, part in test[label].items():
                     scores[label][task].update(part)
+                for task in set(scores[label]) - set(test[label]):
+                    scores[label][task]["test"] = {"etas": [], "accuracy": [], "loss": []}
         self.rows = []
         for label in labels:
             self.rows += self._rows(label, scores[label], by_task)
@@ -390,8 +481,10 @@ class OneShotMerge(FedAvg):
         rows = []
         for task, s in scores.items():
             c = by_task[task]
+            pid = c.metrics.get("partition-id")
             common = {"method": label, "method_name": name, "params": params_json, "task": task,
-                      "partition_id": c.metrics.get("partition-id"), "node_id": c.node_id}
+                      "partition_id": pid, "node_id": c.node_id,
+                      "attacker": self.attack_plan.attacks(int(pid)) if pid is not None else False}
             ft = {"val": float(c.metrics["finetuned-val-accuracy"]),
                   "test": float(c.metrics["finetuned-accuracy"])}
             for split in ("val", "test"):
@@ -407,6 +500,14 @@ class OneShotMerge(FedAvg):
                                  "finetuned_accuracy": ft[split],
                                  "normalized_accuracy": normalized_accuracy(acc, ft[split])})
         return rows
+
+
+def _short_reason(reason: str) -> str:
+    """The exception line of a client's error (Flower/Ray wrap it in a whole traceback)."""
+    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "unknown error"
+    return lines[-1].removesuffix("'>").strip()
 
 
 def _delta_key(i: int) -> str:

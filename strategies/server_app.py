@@ -41,6 +41,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMe
     k = run.num_clients
     strategy = OneShotMerge(
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
+        min_clients=run.min_clients, attack_plan=cfg.attack_plan,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
         min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
@@ -70,12 +71,15 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMe
         "clients": [{"task": strategy.task_name(c), "node_id": c.node_id, **c.metrics}
                     for c in strategy.clients],
         "heterogeneity": strategy.heterogeneity,
+        "failures": strategy.failures,  # clients left out: who, at which stage, why
         "timings": {**strategy.timings, "total-seconds": time.perf_counter() - t0},
     })
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     summary = results.format_summary(strategy.rows, "test accuracy")
     for line in summary.splitlines():
         log(INFO, "%s", line)
+    for f in strategy.failures:
+        log(INFO, "left out %s at %s: %s", f["client"], f["stage"], f["reason"])
     log(INFO, "fl-merge results: %s", out)
     return strategy
 

@@ -6,6 +6,7 @@ launcher is run twice (a good run and a deliberately broken app).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import socket
@@ -128,6 +129,50 @@ def test_heterogeneity_is_measured_from_the_round(simulated):
     assert het["steps_cv"] == pytest.approx(0.2)  # steps 40 and 60: std 10 / mean 50
     rows = results.read_rows(out / results.RESULTS_FILE)
     assert all(r["het_mean_cosine"] == pytest.approx(expected, rel=1e-6) for r in rows)
+
+
+def test_crashing_client_is_left_out_and_attacker_flips_its_update(tmp_path):
+    """K=3: partition 1 crashes during training, partition 2 attacks with sign_flip. The run
+    still finishes with the other two, names the crashed client, flags the attacker's rows,
+    and the attacker really sent minus its honest update."""
+    from clients.client_app import local_train
+    from strategies.server_app import run_one_shot
+
+    cfg = RunConfig.from_flower({
+        "num-clients": 3, "tasks": "rotate90,parity,invert", "local-steps": "20", "etas": "1",
+        "output-dir": str(tmp_path), "method": "fedavg,median", "faults": "crash@1",
+        "attack": "sign_flip", "attackers": "2",
+    }).resolve()
+    holder = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        holder["strategy"] = run_one_shot(grid, cfg, run_id=context.run_id)
+
+    run_simulation(app, client_app, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    strategy = holder["strategy"]
+    assert [int(c.metrics["partition-id"]) for c in strategy.clients] == [0, 2]
+    (failure,) = json.loads((tmp_path / results.RUN_FILE).read_text())["failures"]
+    assert failure["stage"] == "train"
+    assert failure["reason"].endswith("injected fault: partition 1 crashed during training")
+    assert "\n" not in failure["reason"]  # the exception line, not Ray's whole traceback
+    rows = results.read_rows(tmp_path / results.RESULTS_FILE)
+    assert {r["task"] for r in rows} == {"rotate90", "invert"}
+    assert {r["attacker"] for r in rows if r["task"] == "invert"} == {True}
+    assert {r["attacker"] for r in rows if r["task"] == "rotate90"} == {False}
+    # The attacker's update is minus its honest one (the honest one is in the client cache).
+    honest, _ = local_train({**cfg.train_config(), "attack": "", "attackers": "", "compute-grad0": True},
+                            2, strategy.theta0)
+    attacker = strategy.clients[1]
+    for k, v in strategy.theta0.items():
+        torch.testing.assert_close(attacker.state[k] - v, -(honest[k] - v), rtol=1e-5, atol=1e-6)
+    # fedavg of an update and the negated other: the mean of the two task vectors.
+    tau0 = {k: strategy.clients[0].state[k] - v for k, v in strategy.theta0.items()}
+    for k, v in strategy.theta0.items():
+        torch.testing.assert_close(strategy.deltas["fedavg"][k], (tau0[k] + attacker.state[k] - v) / 2,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def _port_open(port: int) -> bool:

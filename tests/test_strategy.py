@@ -78,11 +78,63 @@ def test_evaluate_messages_carry_own_head_delta_and_eta_grid():
         assert list(m.content["config"]["etas"]) == [0.0, 0.5, 2.0]
 
 
-def test_failed_client_is_named():
+def test_failed_client_is_named_and_left_out():
     s = OneShotMerge(method="fedavg")
     s.theta0 = _theta0()
-    with pytest.raises(MergeRoundError, match="node 12: out of memory"):
-        s.aggregate_train(1, [_standard_reply(11, 1.0, 10), _reply(12, error=Error(code=0, reason="out of memory"))])
+    s.aggregate_train(1, [_standard_reply(11, 1.0, 10), _standard_reply(13, 3.0, 10),
+                          _reply(12, error=Error(code=0, reason="out of memory"))])
+    assert [c.node_id for c in s.clients] == [11, 13]
+    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), 2.0))  # mean of 1 and 3
+    assert s.failures == [{"client": "node 12", "node_id": 12, "partition_id": None, "stage": "train",
+                           "reason": "out of memory"}]
+
+
+def test_malformed_nan_and_silent_clients_are_left_out():
+    s = OneShotMerge(method="median")
+    s.theta0 = _theta0()
+    s._train_nodes = [1, 2, 3, 4, 5]  # node 5 was asked but never replied
+    nan = _standard_reply(3, 1.0, 10)
+    nan.content["arrays"]["backbone.b"] = ArrayRecord({"x": torch.full((2,), float("nan"))})["x"]
+    wrong = _standard_reply(4, 1.0, 10)
+    wrong.content["arrays"]["backbone.w"] = ArrayRecord({"x": torch.zeros(6)})["x"]
+    s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 5.0, 10), nan, wrong])
+    assert [c.node_id for c in s.clients] == [1, 2]
+    reasons = {f["node_id"]: f["reason"] for f in s.failures}
+    assert "non-finite update in backbone.b" in reasons[3]
+    assert "malformed update" in reasons[4] and "backbone.w" in reasons[4]
+    assert "no reply" in reasons[5]
+    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), 3.0))
+
+
+def test_too_few_usable_clients_is_one_clear_error():
+    s = OneShotMerge(method="krum", method_params={"f": 1})  # needs 2f+3 = 5 clients
+    s.theta0 = _theta0()
+    replies = [_standard_reply(i, float(i), 10) for i in range(1, 5)]
+    replies.append(_reply(9, error=Error(code=0, reason="killed")))
+    with pytest.raises(MergeRoundError, match=r"method 'krum' cannot merge the 4 usable .*node 9: killed"):
+        s.aggregate_train(1, replies)
+    s = OneShotMerge(method="fedavg", min_clients=3)
+    s.theta0 = _theta0()
+    with pytest.raises(MergeRoundError, match=r"only 2 usable client update\(s\), need at least 3"):
+        s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 1.0, 10),
+                              _reply(3, error=Error(code=0, reason="boom"))])
+
+
+def test_alie_attackers_collude_on_their_own_updates():
+    from fl_merge.attacks import alie_z, parse_plan
+
+    plan = parse_plan("alie", "2,3", "", "", 4)
+    s = OneShotMerge(method="fedavg", attack_plan=plan, measure_heterogeneity=False)
+    s.theta0 = _theta0()
+    replies = [_rich_reply(100 + i, i, 10) for i in range(4)]
+    honest = [{k: v.clone() for k, v in r.content["arrays"].to_torch_state_dict().items()} for r in replies]
+    s.aggregate_train(1, replies)
+    z = alie_z(4, 2)
+    tau = {k: [honest[i][k] - s.theta0[k] for i in (2, 3)] for k in s.theta0}
+    bad = {k: torch.stack(v).mean(0) - z * torch.stack(v).std(0, correction=0) for k, v in tau.items()}
+    for k in s.theta0:
+        expected = (honest[0][k] - s.theta0[k] + honest[1][k] - s.theta0[k] + 2 * bad[k]) / 4
+        torch.testing.assert_close(s.delta[k], expected)
 
 
 def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
@@ -241,6 +293,20 @@ def test_missing_test_scores_name_the_client():
                 {"num-examples": 10})})) for m in messages]
 
     msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=_Silent(_score)))
-    with pytest.raises(MergeRoundError, match=r"node 100 \(partition 0\) did not score .* in test evaluation"):
+    with pytest.raises(MergeRoundError, match=r"no client returned test evaluation scores: "
+                                              r"node 100 \(partition 0\): did not score"):
         s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
                                  for m in msgs])
+
+
+def test_client_failing_evaluation_is_left_out_of_the_results():
+    s = _three_methods_trained()
+    grid = _ScoringGrid(_score)
+    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=grid))
+    replies = [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score) for m in msgs[:2]]
+    replies.append(_reply(msgs[2].metadata.dst_node_id, error=Error(code=0, reason="evaluation crashed")))
+    metrics = s.aggregate_evaluate(1, replies)
+    assert {r["partition_id"] for r in s.rows} == {0, 1}
+    assert s.failures[-1]["client"] == "node 102 (partition 2)"
+    assert s.failures[-1]["stage"] == "evaluation" and s.failures[-1]["reason"] == "evaluation crashed"
+    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
