@@ -606,8 +606,8 @@ def _measures(rows: list[dict[str, Any]], run_dirs: list[str]) -> list[str]:
     for col in per_run[0]:
         if col.startswith(store.OVERRIDE_PREFIX):
             name = col.removeprefix(store.OVERRIDE_PREFIX).split(".")[-1]
-            if name not in fields:
-                continue
+            if name not in fields or name.endswith("seed"):
+                continue  # seeds are replicates to average over, not a measure to plot against
         elif not col.startswith("het_"):
             continue
         else:

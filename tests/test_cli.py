@@ -356,9 +356,10 @@ def test_report_on_a_fake_heterogeneous_sweep(tmp_path, capsys):
         write_rows(sweep / str(job) / "results.csv", run_rows)
         (sweep / str(job) / "run.json").write_text(json.dumps({"config": {"alpha": alpha}}))
         store.append_rows(sweep / "results.csv", store.job_rows(
-            run_rows, job, str(job), ["method.name=[fedavg,ties]", f"data.alpha={alpha}"], "h"))
+            run_rows, job, str(job), ["method.name=[fedavg,ties]", f"data.alpha={alpha}", f"seed={job}"], "h"))
     assert cli.main(["report", str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "data.alpha=1.0" in out.split("best setting")[1]
     for name in ("across_het_mean_cosine.png", "across_alpha.png"):
         assert (sweep / "report" / name).is_file(), out
+    assert not (sweep / "report" / "across_seed.png").exists()  # seeds are replicates
