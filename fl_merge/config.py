@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,7 +23,12 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 
 
 class ConfigError(ValueError):
-    """A run configuration that cannot run; the message says what is wrong."""
+    """A run configuration that cannot run; the message (one line) says what is wrong."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        from fl_merge.task_vectors import one_line
+
+        super().__init__(one_line(message), *args)
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,16 @@ class RunConfig:
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from a Flower run config (dashed keys); unknown keys are an error."""
+        if not isinstance(run_config, Mapping):
+            raise ConfigError(
+                f"run config must be a mapping of run-config keys to values, "
+                f"got {type(run_config).__name__}"
+            )
         names = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in run_config.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"run-config key {key!r} is not a string; known: {', '.join(flower_keys())}")
             name = key.replace("-", "_")
             if name not in names:
                 raise ConfigError(f"unknown run-config key '{key}'; known: {', '.join(flower_keys())}")
@@ -113,7 +126,7 @@ class RunConfig:
         tasks = tasks[:k]
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"tasks repeat: {tasks}")
-        if self.alpha <= 0:
+        if not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         if not 1 <= self.classes_per_client:
             raise ConfigError(f"classes-per-client must be at least 1, got {self.classes_per_client}")
@@ -138,6 +151,16 @@ class RunConfig:
             raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
         if not 0 <= self.min_clients <= k:
             raise ConfigError(f"min-clients must be in 0..num-clients={k}, got {self.min_clients}")
+        for key in ("round-timeout", "connect-timeout"):
+            value = getattr(self, key.replace("-", "_"))
+            if not value > 0:
+                raise ConfigError(f"{key} must be a positive number of seconds, got {value}")
+        for key in ("seed", "data-seed", "pretrain-seed"):
+            value = getattr(self, key.replace("-", "_"))
+            # client i trains with seed + i: every client's seed must be a valid 64-bit seed
+            top = INT64_MAX - (k - 1 if key == "seed" else 0)
+            if not 0 <= value <= top:
+                raise ConfigError(f"{key} must be in 0..{top}, got {value}")
         from fl_merge.attacks import AttackConfigError, parse_plan
 
         try:
@@ -291,13 +314,25 @@ def _split(text: str) -> list[str]:
     return [t for t in (s.strip() for s in str(text).replace(" ", ",").split(",")) if t]
 
 
+# Integers travel to clients in Flower config records: signed 64 bits.
+INT64_MAX = 2**63 - 1
+
+
 def _number(key: str, value: Any, conv: type) -> Any:
+    """`value` (a number or its text) as a finite `conv` (int or float); ConfigError naming
+    `key` otherwise. Booleans are not numbers; integers must fit in 64 bits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}: {value!r} is not a valid {conv.__name__}")
     try:
-        out = conv(value)
-    except (TypeError, ValueError):
+        out = conv(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: '{value}' is not a valid {conv.__name__}") from None
     if conv is int and isinstance(value, float) and value != out:
         raise ConfigError(f"{key}: '{value}' is not a whole number")
+    if conv is float and not math.isfinite(out):
+        raise ConfigError(f"{key}: '{value}' is not a finite number")
+    if conv is int and not -INT64_MAX - 1 <= out <= INT64_MAX:
+        raise ConfigError(f"{key}: {value} does not fit in 64 bits")
     return out
 
 
@@ -331,7 +366,7 @@ def _draw_spread(key: str, value: str, k: int, conv: type, seed: int) -> list:
     digest = hashlib.sha256(f"{key}:{seed}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     if conv is int:
-        return [int(v) for v in rng.integers(lo, hi + 1, size=k)]
+        return [int(v) for v in rng.integers(lo, hi, size=k, endpoint=True)]
     return [float(v) for v in np.exp(rng.uniform(np.log(lo), np.log(hi), size=k))]
 
 
@@ -340,11 +375,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if str(value).lower() in ("true", "false"):
-            return str(value).lower() == "true"
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
         raise ConfigError(f"{key}: '{value}' is not true or false")
     if kind == "int":
         return _number(key, value, int)
     if kind == "float":
         return _number(key, value, float)
-    return str(value)  # str fields also take TOML numbers: local-steps=200
+    # str fields also take TOML numbers (local-steps=200), nothing else: a list, a table or
+    # a boolean would silently become its repr.
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{key}: {value!r} is not a string or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: '{value}' is not a finite number")
+    return str(value)

@@ -17,8 +17,20 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
+def one_line(message: object) -> str:
+    """`message` as one line: line breaks and other control characters (from user-given
+    names and values) are shown escaped."""
+    text = str(message)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class MergeInputError(ValueError):
-    """Task vectors or merge arguments that cannot be merged, with the reason."""
+    """Task vectors or merge arguments that cannot be merged, with the reason (one line)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(one_line(message), *args)
 
 
 # Per-client extra arrays (e.g. diagonal Fisher) ride in a reply's ArrayRecord under
@@ -102,17 +114,29 @@ def check_task_vectors(
     +-Inf always make the sum non-finite); only a non-finite sum pays for the exact
     element-wise check. Materialising isfinite(v) everywhere cost more than fedavg itself.
     """
+    if isinstance(task_vectors, (Mapping, str, bytes)) or not isinstance(task_vectors, Sequence):
+        raise MergeInputError(
+            f"task_vectors must be a list of dicts of tensors (one per client), "
+            f"got {type(task_vectors).__name__}"
+        )
     if len(task_vectors) == 0:
         raise MergeInputError("no task vectors to merge")
-    names = list(names) if names is not None else [f"client {i}" for i in range(len(task_vectors))]
+    if names is None:
+        names = [f"client {i}" for i in range(len(task_vectors))]
+    elif isinstance(names, (str, bytes, Mapping)) or not isinstance(names, Iterable):
+        raise MergeInputError(f"names must be a list of client names, got {names!r}")
+    names = [str(n) for n in names]
     if len(names) != len(task_vectors):
         raise MergeInputError(f"{len(names)} names for {len(task_vectors)} task vectors")
+    for name, tv in zip(names, task_vectors):
+        if not isinstance(tv, Mapping):
+            raise MergeInputError(f"{name}'s update is {type(tv).__name__}, not a dict of tensors")
     ref = task_vectors[0]
     if len(ref) == 0:
         raise MergeInputError(f"{names[0]} sent an empty update")
     for name, tv in zip(names, task_vectors):
         if set(tv.keys()) != set(ref.keys()):
-            diff = sorted(set(tv.keys()) ^ set(ref.keys()))
+            diff = sorted(set(tv.keys()) ^ set(ref.keys()), key=str)
             raise MergeInputError(f"{name} has different parameters than {names[0]}: {diff[:5]}")
         for k, v in tv.items():
             if not isinstance(v, torch.Tensor):
@@ -129,8 +153,21 @@ def check_task_vectors(
                 )
             if not v.dtype.is_floating_point:
                 raise MergeInputError(f"{name}: parameter '{k}' is {v.dtype}, not floating point")
-            if not math.isfinite(float(v.sum())) and not bool(torch.isfinite(v).all()):
+            if v.layout != torch.strided or v.device.type == "meta":
+                raise MergeInputError(
+                    f"{name}: parameter '{k}' is a {v.layout} tensor on {v.device}; "
+                    f"merge needs dense tensors with data"
+                )
+            if not all_finite(v):
                 raise MergeInputError(f"{name}: update of '{k}' contains NaN or Inf")
+
+
+def all_finite(v: torch.Tensor) -> bool:
+    """No NaN or Inf in `v`: a read-only sum first (finite sum => finite entries), the
+    element-wise check only when the sum is not finite (NaN/Inf, or an overflowing sum of
+    large finite values)."""
+    with torch.no_grad():
+        return math.isfinite(float(v.sum())) or bool(torch.isfinite(v).all())
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

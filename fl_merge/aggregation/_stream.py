@@ -50,8 +50,8 @@ def iter_blocks(
     extra_rows = dict(extra_rows or {})
     if block is None:
         block = block_numel(k * (1 + len(extra_rows)), device)
-    largest = max(rows[0][key].numel() for key in keys)
-    row = min(block, largest)
+    largest = max((rows[0][key].numel() for key in keys), default=0)
+    row = max(1, min(block, largest))  # zero-size tensors yield no blocks
     buf = torch.empty(k * row, dtype=dtype, device=device)
     ebufs = {n: torch.empty(k * row, dtype=dtype, device=device) for n in extra_rows}
     for key in keys:
@@ -161,6 +161,9 @@ def sq_distances(
         for i in range(k - 1):
             diff = x[i + 1 :] - x[i]
             s = torch.linalg.vector_norm(diff, dim=1, dtype=torch.float64).square()
+            if not bool(torch.isfinite(s).all()):  # a difference overflowed `dtype`
+                diff = x[i + 1 :].double() - x[i].double()
+                s = torch.linalg.vector_norm(diff, dim=1).square()
             d2[i, i + 1 :] += s
     d2 = d2 + d2.T
     return d2.cpu()

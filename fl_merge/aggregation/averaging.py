@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fl_merge.aggregation.registry import register
+from fl_merge.aggregation.registry import number_param, register
 from fl_merge.task_vectors import MergeInputError
 
 
@@ -26,9 +26,11 @@ def _fedavg_coef(weights, local_steps):
 
 
 def _fednova_coef(weights, local_steps):
-    p = weights.to(torch.float64)
+    """c_i = K_eff p_i / K_i = p_i * sum_j p_j (K_j / K_i): ratios first, so huge step
+    counts cannot overflow K_eff."""
+    p = weights.to(torch.float64).cpu()
     steps = local_steps.to(torch.float64).cpu()
-    return (p * steps).sum() * p / steps
+    return p * (p[None, :] * (steps[None, :] / steps[:, None])).sum(1)
 
 
 @register("fedavg", coordinatewise=True, aliases=("task_arithmetic",), coefficients=_fedavg_coef)
@@ -62,7 +64,7 @@ def fednova(stacked: torch.Tensor, weights: torch.Tensor, local_steps: torch.Ten
 
 def _check_rho(params: dict) -> None:
     rho = params["rho"]
-    if not 0.0 <= float(rho) <= 1.0:
+    if not 0.0 <= number_param(params, "rho") <= 1.0:
         raise MergeInputError(f"rho must lie in [0, 1], got {rho}")
 
 
@@ -81,7 +83,7 @@ def fedgma(stacked: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> to
 
 
 def _check_eps(params: dict) -> None:
-    if not float(params["eps"]) >= 0.0:
+    if not number_param(params, "eps") >= 0.0:
         raise MergeInputError(f"eps must be >= 0, got {params['eps']}")
 
 

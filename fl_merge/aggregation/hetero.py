@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.aggregation import _stream
-from fl_merge.aggregation.registry import register
+from fl_merge.aggregation.registry import number_param, register
 from fl_merge.task_vectors import MergeInputError, StateDict
 
 
@@ -60,7 +60,7 @@ def hetero_coefficients(
 
 
 def _check_hetero(params: dict) -> None:
-    if not float(params["gamma"]) >= 0:
+    if not number_param(params, "gamma") >= 0:
         raise MergeInputError(f"gamma must be >= 0, got {params['gamma']}")
     if not isinstance(params["clip"], bool):
         raise MergeInputError(f"clip must be true or false, got {params['clip']!r}")
@@ -102,7 +102,11 @@ def hetero(
     k = len(task_vectors)
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     for _, _, _, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
-        gram += (x @ x.T).double()
+        g = (x @ x.T).double()
+        if not bool(torch.isfinite(g).all()):  # products overflowed `dtype`: redo in float64
+            xd = x.double()
+            g = xd @ xd.T
+        gram += g
     a = hetero_coefficients(gram.cpu(), weights, local_steps, float(gamma), bool(clip))
     aw = a.to(device=device, dtype=dtype)
     out = _stream.empty_like_flat(ref, device, dtype)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from fl_merge.aggregation._stream import iter_blocks, linear_combination, work_dtype
-from fl_merge.task_vectors import MergeInputError, StateDict, check_task_vectors
+from fl_merge.task_vectors import MergeInputError, StateDict, all_finite, check_task_vectors
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,43 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> MergeMethod:
+    if not isinstance(name, str):
+        raise MergeInputError(
+            f"merge method must be a name, got {name!r}; known: {', '.join(available_methods())}"
+        )
     try:
         return _METHODS[name]
     except KeyError:
         raise MergeInputError(
             f"unknown merge method '{name}'; known: {', '.join(available_methods())}"
         ) from None
+
+
+def is_number(value) -> bool:
+    """A finite real number (int or float; a bool or a numeric string is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def is_integer(value) -> bool:
+    """An integer, or a float with an integral value (1.0 from a config file); not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return is_number(value) and float(value).is_integer()
+
+
+def number_param(params: Mapping, name: str) -> float:
+    """params[name] as a float, or MergeInputError unless it is a finite real number."""
+    value = params[name]
+    if not is_number(value):
+        raise MergeInputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def check_method_params(method: str, params: Mapping, num_clients: int | None = None) -> dict:
@@ -160,33 +192,44 @@ def check_extras(
     uses. Every given array must be known to some method, hold one dict per client with the
     task vectors' keys and shapes, floating point, finite and non-negative (they are
     diagonal second-moment statistics such as Fisher estimates)."""
+    if extras is not None and not isinstance(extras, Mapping):
+        raise MergeInputError(
+            f"extras must be a dict {{name: [one dict of tensors per client]}}, got {extras!r}"
+        )
     extras = dict(extras or {})
     k = len(task_vectors)
-    names = list(names) if names is not None else [f"client {i}" for i in range(k)]
+    names = [str(n) for n in names] if names is not None else [f"client {i}" for i in range(k)]
     missing = [n for n in method.needs_extras if n not in extras]
     if missing:
         raise MergeInputError(
             f"merge method '{method.name}' needs extras {missing}: pass "
             f"extras={{'{missing[0]}': [one dict of tensors per client]}}"
         )
-    unknown = sorted(set(extras) - known_extras())
+    unknown = sorted(set(extras) - known_extras(), key=str)
     if unknown:
         raise MergeInputError(
             f"unknown extras {unknown}; methods use: {sorted(known_extras()) or 'none'}"
         )
     ref = task_vectors[0]
     for ename, per_client in extras.items():
-        if isinstance(per_client, Mapping) or len(per_client) != k:
-            got = "a dict" if isinstance(per_client, Mapping) else f"{len(per_client)} entries"
+        if isinstance(per_client, (Mapping, str, bytes)) or not isinstance(per_client, Sequence) \
+                or len(per_client) != k:
+            got = ("a dict" if isinstance(per_client, Mapping) else f"{len(per_client)} entries"
+                   if isinstance(per_client, Sequence) else type(per_client).__name__)
             raise MergeInputError(f"extras['{ename}'] must hold one dict per client ({k}), got {got}")
         for name, ex in zip(names, per_client):
+            if not isinstance(ex, Mapping):
+                raise MergeInputError(
+                    f"{name}: extras['{ename}'] is {type(ex).__name__}, not a dict of tensors"
+                )
             if set(ex.keys()) != set(ref.keys()):
                 diff = sorted(set(ex.keys()) ^ set(ref.keys()))
                 raise MergeInputError(
                     f"{name}: extras['{ename}'] keys differ from the task vector's: {diff[:5]}"
                 )
             for key, v in ex.items():
-                if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+                if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point \
+                        or v.layout != torch.strided or v.device.type == "meta":
                     raise MergeInputError(
                         f"{name}: extras['{ename}']['{key}'] must be a floating-point tensor"
                     )
@@ -195,7 +238,7 @@ def check_extras(
                         f"{name}: extras['{ename}']['{key}'] has shape {tuple(v.shape)}, "
                         f"the task vector has {tuple(ref[key].shape)}"
                     )
-                if not math.isfinite(float(v.sum())) and not bool(torch.isfinite(v).all()):
+                if not all_finite(v):
                     raise MergeInputError(f"{name}: extras['{ename}']['{key}'] contains NaN or Inf")
                 if v.numel() and float(v.min()) < 0:
                     raise MergeInputError(
@@ -204,25 +247,76 @@ def check_extras(
     return {n: extras[n] for n in method.needs_extras}
 
 
+def _numbers(what: str, values, k: int) -> torch.Tensor:
+    """float64 [k] from a sequence of k numbers (a list, tuple, tensor or array), or
+    MergeInputError naming `what`."""
+    if isinstance(values, (str, bytes, Mapping)):
+        raise MergeInputError(f"{what} must be {k} numbers, got {values!r}")
+    if isinstance(values, torch.Tensor):
+        items = values.detach().cpu().reshape(-1).tolist()
+    else:
+        try:
+            items = list(values)
+        except TypeError:
+            raise MergeInputError(f"{what} must be {k} numbers, got {values!r}") from None
+    items = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in items]
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+    if bad:
+        raise MergeInputError(f"{what} must be {k} numbers, got {bad[0]!r} among them")
+    if len(items) != k:
+        raise MergeInputError(f"{len(items)} {what} for {k} task vectors")
+    try:
+        return torch.tensor([float(v) for v in items], dtype=torch.float64)
+    except OverflowError:
+        raise MergeInputError(f"{what} must be finite numbers, got {items}") from None
+
+
 def normalized_weights(weights: Sequence[float] | torch.Tensor | None, k: int) -> torch.Tensor:
     """p_i = w_i / sum_j w_j in float64 (uniform when weights is None)."""
     if weights is None:
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if w.numel() != k:
-        raise MergeInputError(f"{w.numel()} weights for {k} task vectors")
+    w = _numbers("weights", weights, k)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise MergeInputError(f"weights must be finite, non-negative and not all zero: {w.tolist()}")
+    w = w / w.max()  # the sum of huge finite weights must not overflow
     return w / w.sum()
+
+
+def local_steps_tensor(local_steps: Sequence[float] | torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """The clients' local step counts as float64 [k] (None stays None); MergeInputError
+    unless they are k finite positive numbers."""
+    if local_steps is None:
+        return None
+    try:
+        steps = _numbers("local_steps", local_steps, k)
+    except MergeInputError as e:
+        raise MergeInputError(f"local_steps must be {k} positive numbers ({e})") from None
+    if not bool(torch.isfinite(steps).all()) or bool((steps <= 0).any()):
+        raise MergeInputError(f"local_steps must be {k} positive numbers, got {steps.tolist()}")
+    return steps
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' -> cuda when available else cpu."""
-    if device is None or device == "auto":
+    if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeInputError("device 'cuda' asked for, but no CUDA device is available")
+    if not isinstance(device, (str, torch.device)):
+        raise MergeInputError(f"device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise MergeInputError(
+            f"device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got {device!r}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeInputError("device 'cuda' asked for, but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeInputError(
+                f"device '{dev}' asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type != "cpu":
+        raise MergeInputError(f"device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got {device!r}")
     return dev
 
 
@@ -244,18 +338,16 @@ def merge(
     errors), weights, local steps where the method needs them, `extras` (per-client arrays
     such as ``{"fisher": [dict per client]}``) where it needs them, and the method's minimum
     client count. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
-    least; the result has the task vectors' dtypes and lives on the CPU.
+    least; the result has the task vectors' dtypes and lives on the CPU, and is finite (a
+    result that overflows its dtype is a MergeInputError naming the parameter). Every
+    invalid input is a MergeInputError with a one-line message, never an error from torch.
     """
     m = get_method(method)
     full_params = check_method_params(method, params)
     check_task_vectors(task_vectors, names)
     k = len(task_vectors)
     p = normalized_weights(weights, k)
-    steps = None
-    if local_steps is not None:
-        steps = torch.as_tensor(list(local_steps), dtype=torch.float64)
-        if steps.numel() != k or bool((steps <= 0).any()):
-            raise MergeInputError(f"local_steps must be {k} positive numbers, got {list(local_steps)}")
+    steps = local_steps_tensor(local_steps, k)
     if m.needs_local_steps and steps is None:
         raise MergeInputError(f"merge method '{method}' needs every client's local_steps")
     used_extras = check_extras(m, extras, task_vectors, names)
@@ -265,7 +357,20 @@ def merge(
         except MergeInputError as e:
             raise MergeInputError(f"merge method '{method}' with {k} clients: {e}") from None
     dev = resolve_device(device)
+    # Inputs that require grad must not drag autograd into the arithmetic (out= kernels
+    # refuse them); Delta is data, never part of a graph.
+    with torch.no_grad():
+        out = _run(m, task_vectors, p, steps, used_extras, full_params, dev)
+    for key, v in out.items():
+        if not all_finite(v):
+            raise MergeInputError(
+                f"merge method '{method}': the merged update of '{key}' overflows "
+                f"{v.dtype} (inputs or coefficients too large for the dtype)"
+            )
+    return out
 
+
+def _run(m: MergeMethod, task_vectors, p, steps, used_extras, full_params, dev) -> StateDict:
     extra = {"local_steps": steps} if m.takes_local_steps else {}
     if not m.coordinatewise:
         if m.takes_extras:

@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.aggregation import _stream
-from fl_merge.aggregation.registry import register
+from fl_merge.aggregation.registry import is_integer, number_param, register
 from fl_merge.task_vectors import MergeInputError, StateDict
-
 
 # ------------------------------------------------------------------ coordinate-wise
 
@@ -34,7 +33,8 @@ def median(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     rows = _stream.sorted_rows(stacked, mid)
     if k % 2:
         return rows[k // 2].clone()
-    return torch.add(rows[k // 2 - 1], rows[k // 2]).mul_(0.5)
+    # halves first: (a + b) / 2 would overflow for two values near the dtype's maximum
+    return torch.mul(rows[k // 2 - 1], 0.5).add_(rows[k // 2], alpha=0.5)
 
 
 def _trim_count(k: int, beta: float) -> int:
@@ -42,7 +42,7 @@ def _trim_count(k: int, beta: float) -> int:
 
 
 def _check_beta(params: dict) -> None:
-    beta = float(params["beta"])
+    beta = number_param(params, "beta")
     if not 0.0 <= beta <= 0.5:
         raise MergeInputError(f"beta must lie in [0, 0.5], got {params['beta']}")
 
@@ -71,13 +71,15 @@ def trimmed_mean(stacked: torch.Tensor, weights: torch.Tensor, beta: float = 0.1
     k = stacked.shape[0]
     t = _trim_count(k, beta)
     if t == 0:
-        return stacked.mean(0)
+        # sum_i x_i / k as one matrix-vector product (a plain sum could overflow)
+        return torch.full((k,), 1.0 / k, dtype=stacked.dtype, device=stacked.device) @ stacked
     keep = list(range(t, k - t))
     rows = _stream.sorted_rows(stacked, keep)
-    out = rows[t].clone()
+    inv = 1.0 / len(keep)
+    out = torch.mul(rows[t], inv)
     for i in keep[1:]:
-        out.add_(rows[i])
-    return out.div_(len(keep))
+        out.add_(rows[i], alpha=inv)
+    return out
 
 
 # ------------------------------------------------------------------ whole-vector
@@ -107,13 +109,23 @@ def _flat_center(
 _CENTERS = ("zero", "mean", "median")
 
 
+# More iterations than any of these fixed-point methods needs (each is O(K^2) work; a
+# typo like iters=1e9 would otherwise hang the merge).
+MAX_ITERS = 10_000
+
+
+def _check_iters(params: dict) -> None:
+    it = params["iters"]
+    if not is_integer(it) or not 1 <= it <= MAX_ITERS:
+        raise MergeInputError(f"iters must be an integer >= 1 (at most {MAX_ITERS}), got {it!r}")
+
+
 def _check_cclip(params: dict) -> None:
-    if not float(params["tau"]) > 0:
+    if not number_param(params, "tau") > 0:
         raise MergeInputError(f"tau (clipping radius) must be > 0, got {params['tau']}")
-    if int(params["iters"]) != params["iters"] or params["iters"] < 1:
-        raise MergeInputError(f"iters must be an integer >= 1, got {params['iters']}")
+    _check_iters(params)
     c = params["center"]
-    if not isinstance(c, Mapping) and c not in _CENTERS:
+    if not isinstance(c, Mapping) and not (isinstance(c, str) and c in _CENTERS):
         raise MergeInputError(f"center must be one of {_CENTERS} or a state dict, got {c!r}")
 
 
@@ -142,6 +154,8 @@ def cclip(
     k = len(task_vectors)
     dtype = _dtype(task_vectors)
     p = weights.to(torch.float64).cpu()
+    if isinstance(center, Mapping):
+        _check_center(center, task_vectors[0])
     if isinstance(center, Mapping) or center == "median":
         v0 = _flat_center(task_vectors, center, weights, device, dtype)
         g = _stream.gram(task_vectors, device, dtype, also=v0)
@@ -160,12 +174,32 @@ def cclip(
     return _stream.linear_combination(task_vectors, coef[:k], device, extra=extra)
 
 
+def _check_center(center: Mapping, ref: Mapping[str, torch.Tensor]) -> None:
+    """A state-dict center must match the task vectors: same keys and shapes, finite
+    floating-point tensors."""
+    from fl_merge.task_vectors import all_finite
+
+    if set(center) != set(ref):
+        diff = sorted(set(center) ^ set(ref), key=str)
+        raise MergeInputError(f"center has different parameters than the task vectors: {diff[:5]}")
+    for key, r in ref.items():
+        v = center[key]
+        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+            raise MergeInputError(f"center['{key}'] must be a floating-point tensor")
+        if tuple(v.shape) != tuple(r.shape):
+            raise MergeInputError(
+                f"center['{key}'] has shape {tuple(v.shape)}, the task vectors have {tuple(r.shape)}"
+            )
+        if not all_finite(v):
+            raise MergeInputError(f"center['{key}'] contains NaN or Inf")
+
+
 def _check_f(params: dict) -> None:
     f = params["f"]
-    if int(f) != f or f < 0:
+    if not is_integer(f) or f < 0:
         raise MergeInputError(f"f (number of Byzantine clients) must be an integer >= 0, got {f}")
     m = params.get("m")
-    if m is not None and (int(m) != m or m < 1):
+    if m is not None and (not is_integer(m) or m < 1):
         raise MergeInputError(f"m (clients to average) must be an integer >= 1, got {m}")
 
 
@@ -191,6 +225,10 @@ def _select_mean(task_vectors, weights, idx, device) -> StateDict:
     ref = task_vectors[0]
     sel = [task_vectors[i] for i in idx]
     p = weights[idx]
+    if float(p.sum()) <= 0:
+        raise MergeInputError(
+            f"multikrum selected clients {idx}, whose weights are all 0: nothing to average"
+        )
     p = p / p.sum()
     dtype = _stream.work_dtype(next(iter(ref.values())).dtype)
     out = _stream.empty_like_flat(ref, device, dtype)
@@ -248,10 +286,9 @@ def _dtype(task_vectors) -> torch.dtype:
 
 
 def _check_gm(params: dict) -> None:
-    if not float(params["nu"]) > 0:
+    if not number_param(params, "nu") > 0:
         raise MergeInputError(f"nu (smoothing) must be > 0, got {params['nu']}")
-    if int(params["iters"]) != params["iters"] or params["iters"] < 1:
-        raise MergeInputError(f"iters must be an integer >= 1, got {params['iters']}")
+    _check_iters(params)
 
 
 @register("geometric_median", coordinatewise=False, check_params=_check_gm)

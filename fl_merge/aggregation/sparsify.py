@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from fl_merge.aggregation import _stream
-from fl_merge.aggregation.registry import register
+from fl_merge.aggregation.registry import is_integer, number_param, register
 from fl_merge.task_vectors import MergeInputError, StateDict
 
 
@@ -56,6 +56,8 @@ def ties_merge(
     ref = task_vectors[0]
     dtype = _dtype(task_vectors)
     total = sum(v.numel() for v in ref.values())
+    if total == 0:  # only zero-size tensors: nothing to trim or merge
+        return {key: torch.empty_like(r, device="cpu") for key, r in ref.items()}
     count = _top_count(total, density)
     if transform is None:
         ranks = [[total - count + 1]] * len(task_vectors)
@@ -82,7 +84,7 @@ def ties_merge(
 
 
 def _check_density(params: dict) -> None:
-    d = float(params["density"])
+    d = number_param(params, "density")
     if not 0.0 < d <= 1.0:
         raise MergeInputError(f"density must lie in (0, 1], got {params['density']}")
 
@@ -120,13 +122,13 @@ def _dare_seed(seed: int, client: int, key_index: int) -> int:
 
 
 def _check_dare(params: dict) -> None:
-    r = float(params["drop_rate"])
+    r = number_param(params, "drop_rate")
     if not 0.0 <= r < 1.0:
         raise MergeInputError(f"drop_rate must lie in [0, 1), got {params['drop_rate']}")
-    if params["base"] not in ("fedavg", "ties"):
+    if not isinstance(params["base"], str) or params["base"] not in ("fedavg", "ties"):
         raise MergeInputError(f"base must be 'fedavg' or 'ties', got {params['base']!r}")
     _check_density(params)
-    if int(params["seed"]) != params["seed"]:
+    if not is_integer(params["seed"]):
         raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
 
 
@@ -174,7 +176,7 @@ def dare(
 
 
 def _check_breadcrumbs(params: dict) -> None:
-    b, g = float(params["beta"]), float(params["gamma"])
+    b, g = number_param(params, "beta"), number_param(params, "gamma")
     if not (0.0 <= b < 1.0 and 0.0 <= g < 1.0 and b + g < 1.0):
         raise MergeInputError(
             f"beta and gamma must lie in [0, 1) with beta + gamma < 1, got beta={b}, gamma={g}"
