@@ -6,13 +6,17 @@ must send, the model name, and TRAINER_VERSION (bump it when local training chan
 produces). An entry is one safetensors file written atomically, holding the update's
 tensors plus, in its metadata, the metrics and a SHA-256 of every tensor's bytes: an entry
 that fails to load or to verify is deleted and rebuilt, never used.
+
+Writes go through `fl_merge.results.atomic_write` (hidden temporary file in the same
+directory, fsync, rename): a client killed mid-write leaves no entry under the key's name,
+only a hidden temporary file that is never read and is removed by the next write. Entries
+written before the kill are whole, so a rerun resumes from them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fl_merge.models import cache_root
+from fl_merge.results import atomic_write
 
 TRAINER_VERSION = 1
 
@@ -70,13 +75,6 @@ def load_update(key: str, root: Path | None = None
 def save_update(key: str, state: Mapping[str, torch.Tensor], metrics: Mapping[str, Any],
                 root: Path | None = None) -> Path:
     path = entry_path(key, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"metrics": json.dumps(dict(metrics)),
-                                               "checksum": state_digest(tensors)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    meta = {"metrics": json.dumps(dict(metrics)), "checksum": state_digest(tensors)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))

@@ -1,7 +1,12 @@
 """A run's outputs: tidy results CSV, merged model (safetensors), run metadata, summary.
 
-All files are written atomically (temporary file, then rename): an interrupted run never
-leaves a half-written file behind.
+All files are written atomically by `atomic_write`: a temporary file in the target's
+directory, flushed to disk (fsync), then renamed over the target (and the directory entry
+fsync'd). A run interrupted at any point (Ctrl-C, SIGKILL, a crash) leaves the old file or
+the new one, never a half-written or empty one. Temporary files are hidden
+(``.<name>.tmp-<host>-<pid>-<random>``), so nothing that reads results or cache entries
+ever picks one up; one left behind by a killed writer is removed by the next write to the
+same directory.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +31,105 @@ RESULTS_FILE = "results.csv"
 MODEL_FILE = "merged.safetensors"
 RUN_FILE = "run.json"
 
+# A temp file of another host (shared directory) is only presumed dead after this long.
+STALE_TEMP_SECONDS = 3600.0
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+# ".<name>.tmp-<host>-<pid>-<hex>"; also the older ".<name>.tmp<pid>" some writers use.
+_TEMP_RE = re.compile(r"^\..+\.tmp(?:-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]+|(?P<old>\d+))$")
 
-def _atomic_write(path: Path, write: Any) -> None:
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden temporary name next to `path` (unique per host, process and call)."""
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is one of our (or an older writer's) temporary files."""
+    return _TEMP_RE.match(name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temporary files in `directory` left by writers that died mid-write: those of
+    a dead process on this host, and any older than STALE_TEMP_SECONDS. Returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None:
+            continue
+        pid = int(m["pid"] or m["old"])
+        ours = m["old"] is not None or m["host"] == _HOST
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+            if old or (ours and not _pid_alive(pid)):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # gone already (another cleaner), or not ours to remove
+            continue
+    return removed
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return  # a platform that cannot open directories: nothing to sync
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write `path` atomically: `write(tmp)` fills a temporary file in the same directory,
+    which is fsync'd and renamed over `path`; then the directory is fsync'd, so after a
+    crash `path` is the old content or the new one, whole. Stale temporary files of dead
+    writers in that directory are removed first."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale_temps(path.parent)
+    tmp = temp_path(path)
     try:
         write(tmp)
+        _fsync(tmp)  # data on disk before the rename makes it visible
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync(path.parent, directory=True)  # the rename itself survives a crash
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of a text file (UTF-8, newlines as given)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
 
 
 def write_rows(path: Path, rows: list[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
@@ -43,12 +142,12 @@ def write_rows(path: Path, rows: list[Mapping[str, Any]], extra: Mapping[str, An
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, lambda p: p.write_text(buf.getvalue()))
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Read a results CSV back, numbers as floats/ints and booleans as bool."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -61,11 +160,11 @@ def save_merged_model(path: Path, backbone: Mapping[str, torch.Tensor],
         for k, v in head.items():
             tensors[f"heads.{task}.{k.removeprefix('head.')}"] = v.detach().contiguous().cpu()
     meta = {k: str(v) for k, v in metadata.items()}
-    _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str)))
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def model_file(method_label: str, primary: bool) -> str:
@@ -120,7 +219,7 @@ def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
         if t["task"] == "mean":
             lines.append("-" * (16 + sum(widths)))
 
-        def fmt(key: str) -> str:
+        def fmt(key: str, t: Mapping[str, Any] = t) -> str:
             v = t.get(key)
             return f"{v:.3f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-"
 

@@ -1,10 +1,11 @@
 """The sweep store: one tidy results CSV per sweep, appended to by each job, and its queries.
 
 `append_rows` is safe against concurrent jobs and interruption: it takes an exclusive
-``fcntl.flock`` on a side lock file (``.<name>.lock``), reads the existing rows, writes all
-rows (old + new, columns the union in order of first appearance) to a temporary file in the
-same directory and ``os.replace``-s it over the CSV. Ctrl-C at any point leaves either the
-old file or the new one, never a half-written one; rows of completed jobs are never lost.
+``fcntl.flock`` on a side lock file (``.<name>.lock``), reads the existing rows, and writes
+all rows (old + new, columns the union in order of first appearance) with
+`fl_merge.results.atomic_write` (temporary file in the same directory, fsync, rename).
+Ctrl-C, SIGKILL or a crash at any point leaves either the old file or the new one, never a
+half-written one; rows of completed jobs are never lost. The lock dies with its holder.
 
 Sweep rows are a run's ``results.csv`` rows plus, per job: ``job`` (Hydra job number),
 ``run_dir`` (relative to the sweep dir), ``overrides`` (the job's command-line overrides,
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_merge.results import RESULTS_FILE, read_rows
+from fl_merge.results import RESULTS_FILE, atomic_write_text, read_rows
 
 OVERRIDE_PREFIX = "ov:"
 # Overrides that pick what is compared, not the setting it is compared in: the report
@@ -38,7 +39,7 @@ NOT_RESULTS = ("output-dir", "device", "cache", "round-timeout", "connect-timeou
 def _raw_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.exists():
         return [], []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
 
@@ -59,15 +60,7 @@ def append_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> P
             writer.writeheader()
             writer.writerows(existing)
             writer.writerows(rows)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            try:
-                with open(tmp, "w", newline="") as f:
-                    f.write(buf.getvalue())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_text(path, buf.getvalue())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
