@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge import results, store
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.config import ConfigError, RunConfig, check_client_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 # The copy inside the package in a wheel install; ./configs in a checkout or editable install.
@@ -59,7 +59,7 @@ CONFIG_NAME = "config"
 # A group's `name` key sets this run-config field.
 GROUP_FIELDS = {"model": "model", "data": "data", "method": "method", "attack": "attack"}
 # Keys for the CLI itself, not the run config.
-CLI_OPTIONS = {"runtime.num_supernodes": "num_supernodes"}
+CLI_OPTIONS = {"runtime.num_supernodes": "num_supernodes", "runtime.client_gpus": "client_gpus"}
 ERROR_TAG = "fl-merge job error: "
 # Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them).
 _HYDRA_PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version",
@@ -169,6 +169,7 @@ class Job:
     flower: dict[str, Any]
     run: RunConfig
     num_supernodes: int
+    client_gpus: float = 0.0
 
     @property
     def label(self) -> str:
@@ -184,7 +185,8 @@ def build_job(cfg: Any, overrides: Sequence[str] = ()) -> Job:
     if not isinstance(supernodes, int) or supernodes < run.num_clients:
         raise ConfigError(f"runtime.num_supernodes={supernodes} must be an integer of at least "
                           f"num_clients={run.num_clients}")
-    return Job(list(overrides), flower, run, supernodes)
+    gpus = check_client_gpus(options.get("client_gpus", 0.0), "runtime.client_gpus")
+    return Job(list(overrides), flower, run, supernodes, gpus)
 
 
 def _is_hydra_override(item: str) -> bool:
@@ -296,7 +298,8 @@ def _sweep_group(proc: subprocess.Popen) -> None:
 def spawn(job: Job, log_path: Path, stream: bool) -> tuple[int, str]:
     """Run the job's simulation in a child process (own session); its output goes to
     `log_path` (and to stdout when `stream`). Returns (exit code, error line)."""
-    spec = {"run_config": job.flower, "num_supernodes": job.num_supernodes, "parent": os.getpid()}
+    spec = {"run_config": job.flower, "num_supernodes": job.num_supernodes, "parent": os.getpid(),
+            "client_gpus": job.client_gpus}
     cmd = [sys.executable, "-m", "fl_merge.cli", "_job", json.dumps(spec)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -363,7 +366,8 @@ def job_main(argv: Sequence[str]) -> int:
             raise
 
     run_simulation(app, client_app, num_supernodes=int(spec["num_supernodes"]),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+                   backend_config={"client_resources": {"num_cpus": 1,
+                                                         "num_gpus": float(spec.get("client_gpus", 0.0))}})
     if not holder.get("ok"):
         print(ERROR_TAG + holder.get("error", "the ServerApp did not finish"), file=sys.stderr, flush=True)
         return 1

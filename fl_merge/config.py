@@ -245,6 +245,19 @@ class ResolvedConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
 
 
+def check_client_gpus(gpus: Any, where: str) -> float:
+    """A simulated client's GPU share (Flower client resources num_gpus): a number >= 0,
+    and > 0 only where torch sees a CUDA GPU (Ray would otherwise wait forever)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0:
+        raise ConfigError(f"{where}={gpus!r} must be a number >= 0 (GPU share per client)")
+    if gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}={gpus} but torch sees no CUDA GPU on this machine")
+    return float(gpus)
+
+
 def flower_keys() -> list[str]:
     return [f.name.replace("_", "-") for f in fields(RunConfig)]
 

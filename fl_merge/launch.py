@@ -27,7 +27,7 @@ import tomllib
 from pathlib import Path
 
 from fl_merge import results
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.config import ConfigError, RunConfig, check_client_gpus
 from fl_merge.models import PretrainConfig, cache_root, pretrained_backbone
 
 
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides of [tool.flwr.app.config], e.g. 'method=fedavg num-clients=6'")
     parser.add_argument("--num-supernodes", type=int, default=None,
                         help="simulated SuperNodes (default: num-clients)")
+    parser.add_argument("--client-gpus", type=float, default=0.0,
+                        help="GPU share per simulated client, e.g. 0.25 (default 0: CPU only)")
     parser.add_argument("--app", default=".", help="the Flower app directory (default: .)")
     parser.add_argument("--no-cache", action="store_true",
                         help="retrain every client even when its update is cached")
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["cache"] = False
         run_cfg = RunConfig.from_flower({**_app_defaults(app_dir), **overrides})
         cfg = run_cfg.resolve()
+        check_client_gpus(args.client_gpus, "--client-gpus")
         supernodes = args.num_supernodes or run_cfg.num_clients
         if supernodes < run_cfg.num_clients:
             raise ConfigError(f"num-clients={run_cfg.num_clients} is larger than the "
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         link.start()
         run_args = [f"{k}={_toml_value(v)}" for k, v in overrides.items()]
         cmd = [_bin("flwr"), "run", str(app_dir), "--stream",
-               "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1",
+               "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1 "
+                                      f"client-resources-num-gpus={args.client_gpus}",
                "--run-config", " ".join(run_args)]
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:

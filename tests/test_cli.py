@@ -163,6 +163,7 @@ def test_sweep_expands_like_hydra_and_is_validated_up_front():
     (["method=ties", "method.density=2"], "density"),
     (["-m", "method=fedavg,krum"], "job [method=krum]"),
     (["runtime.num_supernodes=1"], "runtime.num_supernodes=1 must be"),
+    (["runtime.client_gpus=-1"], "runtime.client_gpus=-1 must be a number >= 0"),
     (["method=fedgma", "method.name=[fedavg]", "method.rho=0.7"], "method.rho=0.7: none of the methods"),
 ])
 def test_bad_config_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -171,6 +172,17 @@ def test_bad_config_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monk
     err = capsys.readouterr().err
     assert message in err and err.startswith("fl-merge: error: ") and err.count("\n") == 1
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_client_gpus_reach_flower_client_resources_only_with_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="runtime.client_gpus=0.25 but torch sees no CUDA GPU"):
+        cli.build_job(composed("runtime.client_gpus=0.25"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.build_job(composed("runtime.client_gpus=0.25")).client_gpus == 0.25
+    assert cli.build_job(composed()).client_gpus == 0.0
 
 
 def test_bad_config_through_the_module_entry_point(tmp_path):
