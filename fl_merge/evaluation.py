@@ -13,14 +13,15 @@ from torch.utils.data import TensorDataset
 def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 256) -> tuple[float, float]:
     """(accuracy, mean cross-entropy loss) of `model` on `data`.
 
-    batch 256: on one CPU thread the small CNN scores 1000 images ~2x faster than in
+    Batches go to the model's device. batch 256: on one CPU thread the small CNN scores 1000 images ~2x faster than in
     batches of 1024 (the activations stay in cache)."""
     model.eval()
+    device = next(model.parameters()).device
     x, y = data.tensors
     correct, loss_sum = 0, 0.0
     for i in range(0, len(y), batch_size):
-        logits = model(x[i : i + batch_size])
-        yb = y[i : i + batch_size]
+        logits = model(x[i : i + batch_size].to(device))
+        yb = y[i : i + batch_size].to(device)
         loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(dim=1) == yb).sum())
     return correct / len(y), loss_sum / len(y)

@@ -33,7 +33,8 @@ def fit(
     """Run exactly `steps` SGD steps on cross-entropy, sampling batches from `data` by epochs
     of a seeded permutation. Only `params` move (default: all). Deterministic given `seed`.
 
-    A progress bar shows when `desc` is given and stderr is a terminal.
+    A progress bar shows when `desc` is given and stderr is a terminal. Batches go to the
+    model's device (the data may stay on the CPU).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -44,6 +45,7 @@ def fit(
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    device = next(model.parameters()).device
     model.train()
     window = max(1, min(10, steps // 5))
     losses: list[float] = []
@@ -56,7 +58,7 @@ def fit(
         idx = perm[pos : pos + bs]
         pos += bs
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn(model(x[idx].to(device)), y[idx].to(device))
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))  # one entry per step taken
