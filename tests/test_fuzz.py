@@ -406,21 +406,25 @@ def run_configs(draw):
 
 def _names_a_key(message: str, config: dict) -> bool:
     """The message names one of the given keys (dashed or underscored) or quotes a word of
-    one of the given values (e.g. the method or parameter a method-params string names)."""
+    one of the given values (e.g. the method or parameter a method-params string names),
+    in any case, control characters shown escaped."""
     import re
 
+    low = message.lower()
     for key, value in config.items():
         if repr(key) in message or f"'{key}'" in message:
             return True
-        key = str(key)
-        if key and (key in message or key.replace("-", "_") in message
-                    or key.replace("_", "-") in message):
+        key = str(key).lower()
+        if key and (key in low or key.replace("-", "_") in low or key.replace("_", "-") in low):
             return True
-        words = [w for w in re.split(r"[\s=,.@:]+", str(value)) if w]
-        if str(value) in message or any(w in message for w in words if len(w) >= 3):
+        text = str(value)
+        words = [w for w in re.split(r"[\s=,.@:]+", text) if w]
+        if text.lower() in low or repr(text)[1:-1] in message:
             return True
-        if any(f"'{w}'" in message for w in words):  # a short name, quoted
+        if any(w.lower() in low for w in words if len(w) >= 3):
             return True
+        if any(f"'{w}'" in message or repr(w)[1:-1] in message for w in words):
+            return True  # a short name, quoted; or an escaped control character
     return False
 
 

@@ -203,15 +203,19 @@ def _check_f(params: dict) -> None:
         raise MergeInputError(f"m (clients to average) must be an integer >= 1, got {m}")
 
 
-def _krum_min_clients(k: int, params: dict) -> None:
+def _krum_min_clients(k: int, params: dict, name: str = "Krum") -> None:
     f = int(params["f"])
     if k <= 2 * f + 2:
         raise MergeInputError(
-            f"Krum with f={f} needs more than 2f+2 = {2 * f + 2} clients, got {k}"
+            f"{name} with f={f} needs more than 2f+2 = {2 * f + 2} clients, got {k}"
         )
     m = params.get("m")
     if m is not None and m > k - f:
         raise MergeInputError(f"multikrum m={m} exceeds K - f = {k - f}")
+
+
+def _multikrum_min_clients(k: int, params: dict) -> None:
+    _krum_min_clients(k, params, "Multikrum")
 
 
 def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
@@ -258,7 +262,7 @@ def krum(
 
 
 @register(
-    "multikrum", coordinatewise=False, check_params=_check_f, min_clients=_krum_min_clients
+    "multikrum", coordinatewise=False, check_params=_check_f, min_clients=_multikrum_min_clients
 )
 def multikrum(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
