@@ -181,6 +181,9 @@ def parse_plan(attack: str, attackers: str, attack_params: str, faults: str,
         if not sep or kind not in FAULTS:
             raise AttackConfigError(f"fault '{item}' is not <kind>@<partition id> with kind in "
                                     f"{', '.join(FAULTS)}")
+        if not pid.isdigit():
+            raise AttackConfigError(f"fault '{item}' is not <kind>@<partition id>: '{pid}' is not "
+                                    "one partition id")
         (p,) = _client_ids("faults", pid, num_clients)
         fault_map[p] = kind
     if fault_delay < 0 or not math.isfinite(fault_delay):

@@ -182,7 +182,7 @@ def build_job(cfg: Any, overrides: Sequence[str] = ()) -> Job:
     run = RunConfig.from_flower(flower)
     run.resolve()
     supernodes = options.get("num_supernodes") or run.num_clients
-    if not isinstance(supernodes, int) or supernodes < run.num_clients:
+    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < run.num_clients:
         raise ConfigError(f"runtime.num_supernodes={supernodes} must be an integer of at least "
                           f"num_clients={run.num_clients}")
     gpus = check_client_gpus(options.get("client_gpus", 0.0), "runtime.client_gpus")

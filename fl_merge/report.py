@@ -30,7 +30,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fl_merge.results import RESULTS_FILE, RUN_FILE, read_rows, summary_rows, write_rows  # noqa: E402
+from fl_merge.results import (  # noqa: E402
+    RESULTS_FILE,
+    RUN_FILE,
+    atomic_write,
+    read_rows,
+    summary_rows,
+    write_rows,
+)
 
 REPORT_FILE = "report.png"
 HET_PREFIX = "het_"
@@ -56,16 +63,11 @@ def load_run(run_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str
 
 
 def _atomic_savefig(fig: Figure, path: Path) -> Path:
-    """Save `fig` as PNG at `path` via a temporary file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Save `fig` as PNG at `path` atomically (results.atomic_write: temp file, fsync, rename)."""
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
-    return path
 
 
 def _method_order(rows: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -459,11 +459,6 @@ def test_run_config_resolves_or_names_the_bad_key(config):
     cfg.train_config()  # what clients receive builds
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "fl_merge/attacks.py parse_plan unpacks `(p,) = _client_ids('faults', pid, ...)`: a fault "
-    "with no id or several ('crash@', 'crash@last:2', 'crash@ 1') raises a bare ValueError "
-    "('not enough values to unpack'), which RunConfig.resolve does not turn into a "
-    "ConfigError. Remove this marker once parse_plan raises AttackConfigError there."))
 @pytest.mark.parametrize("faults", ["crash@", "crash@last:2", "crash@ 1"])
 def test_malformed_fault_is_a_config_error(faults):
     with pytest.raises(ConfigError, match="fault"):
