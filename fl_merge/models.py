@@ -169,8 +169,8 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
     finally:
         torch.set_num_threads(threads)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_merged_key(k)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"model": name, **{k: str(v) for k, v in asdict(cfg).items()}})
-    os.replace(tmp, path)
+    from fl_merge.results import atomic_write  # temp file, fsync, rename, dead writers' temps removed
+
+    meta = {"model": name, **{k: str(v) for k, v in asdict(cfg).items()}}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return state

@@ -73,3 +73,11 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
     path.write_bytes(b"not a safetensors file")
     again = pretrained_backbone("mnist-cnn", cfg, progress=False)
     assert all(torch.equal(again[k], states[1][k]) for k in again)
+    # A dead writer's leftover temp file is cleaned by the next write and never read.
+    from fl_merge.results import _HOST
+
+    stale = path.parent / f".{path.name}.tmp-{_HOST}-999999999-dead"
+    stale.write_bytes(b"half a file")
+    path.unlink()
+    pretrained_backbone("mnist-cnn", cfg, progress=False)
+    assert not stale.exists() and sorted(p.name for p in path.parent.iterdir()) == [path.name]
