@@ -1,0 +1,127 @@
+"""fl-merge on Flower's deployment engine: a real SuperLink and 2 SuperNodes as separate
+processes on 127.0.0.1 (insecure mode), each node choosing its task by --node-config with
+its own cache dir; the merged model equals the one from the simulation engine.
+
+The commands are the ones in docs/deployment.md. Every process is stopped at the end, also
+on failure (own sessions, killed as groups).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fl_merge import results
+
+pytestmark = pytest.mark.deployment
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN_CONFIG = {"num-clients": 2, "local-steps": "20", "etas": "0.5,1", "cache": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A SuperLink + 2 SuperNodes (partition-id 0 and 1, node-local cache dirs) and an env
+    whose FLWR_HOME names the connection 'loopback'."""
+    port = _free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+    procs: list[subprocess.Popen] = []
+    ports = [port]
+
+    def start(cmd: list[str], log: str) -> None:
+        with open(tmp_path / log, "w") as f:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+
+    try:
+        start([str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")],
+              "superlink.log")
+        deadline = time.monotonic() + 60
+        while not _port_open(port):
+            assert procs[0].poll() is None, (tmp_path / "superlink.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "SuperLink did not start"
+            time.sleep(0.3)
+        for pid in (0, 1):
+            ports.append(_free_port())
+            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                   "--node-config", f'partition-id={pid} num-partitions=2 cache-dir="{tmp_path / f"node{pid}"}"',
+                   "--port", str(ports[-1])], f"supernode{pid}.log")
+        yield env, tmp_path
+    finally:
+        for p in procs:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                    p.wait(timeout=10)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+        assert all(p.poll() is not None for p in procs)
+        assert not any(_port_open(p) for p in ports)  # nothing left listening
+
+
+def test_deployed_merge_equals_simulated_merge(federation, tmp_path):
+    env, work = federation
+    out = work / "deployed"
+    items = " ".join(f"{k}={_toml(v)}" for k, v in {**RUN_CONFIG, "output-dir": str(out)}.items())
+    proc = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream",
+                           "--run-config", items], env=env, capture_output=True, text=True, timeout=600)
+    assert (out / results.MODEL_FILE).exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # The same run through the simulation engine.
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from fl_merge.config import RunConfig
+    from strategies.server_app import run_one_shot
+
+    sim_out = work / "simulated"
+    cfg = RunConfig.from_flower({**RUN_CONFIG, "output-dir": str(sim_out)}).resolve()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        run_one_shot(grid, cfg, run_id=context.run_id)
+
+    run_simulation(app, client_app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    deployed, simulated = (load_file(str(d / results.MODEL_FILE)) for d in (out, sim_out))
+    assert set(deployed) == set(simulated)
+    for k in deployed:  # same updates, same Delta, same eta: the same merged model
+        torch.testing.assert_close(deployed[k], simulated[k], rtol=1e-5, atol=1e-6)
+    dep_rows, sim_rows = (results.read_rows(d / results.RESULTS_FILE) for d in (out, sim_out))
+    assert [r["accuracy"] for r in dep_rows] == pytest.approx([r["accuracy"] for r in sim_rows])
+    assert {r["task"] for r in dep_rows} == {"rotate90", "invert"}
