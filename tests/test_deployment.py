@@ -1,6 +1,7 @@
 """fl-merge on Flower's deployment engine: a real SuperLink and 2 SuperNodes as separate
-processes on 127.0.0.1 (insecure mode), each node choosing its task by --node-config with
-its own cache dir; the merged model equals the one from the simulation engine.
+processes on 127.0.0.1, each node choosing its task by --node-config with its own cache
+dir. Insecure: the merged model equals the one from the simulation engine. Secure (TLS +
+SuperNode auth): an unregistered SuperNode is refused and the run completes without it.
 
 The commands are the ones in docs/deployment.md. Every process is stopped at the end, also
 on failure (own sessions, killed as groups).
@@ -8,6 +9,7 @@ on failure (own sessions, killed as groups).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,40 +47,65 @@ def _toml(v: object) -> str:
     return f'"{v}"' if isinstance(v, str) else str(v)
 
 
-@pytest.fixture
-def federation(tmp_path):
+@contextlib.contextmanager
+def _federation(tmp_path: Path, secure: bool = False, extra_nodes: int = 0):
     """A SuperLink + 2 SuperNodes (partition-id 0 and 1, node-local cache dirs) and an env
-    whose FLWR_HOME names the connection 'loopback'."""
+    whose FLWR_HOME names the connection 'loopback'. secure: TLS with a test CA and
+    SuperNode authentication, the 2 nodes' keys registered; `extra_nodes` more SuperNodes
+    start with keys that were never registered. Yields (env, logs dir, refused node procs)."""
     port = _free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    creds = tmp_path / "creds"
+    conn = f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\n'
+    tls: list[str] = ["--insecure"]
+    if secure:
+        from fl_merge.deploy import make_certificates, make_supernode_key
+
+        paths = make_certificates(creds)
+        conn += f'root-certificates = "{paths["ca"]}"\n'
+        tls = ["--ssl-ca-certfile", str(paths["ca"]), "--ssl-certfile", str(paths["cert"]),
+               "--ssl-keyfile", str(paths["key"]), "--enable-supernode-auth"]
+    else:
+        conn += "insecure = true\n"
+    (home / "config.toml").write_text(conn)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
     procs: list[subprocess.Popen] = []
     ports = [port]
 
-    def start(cmd: list[str], log: str) -> None:
+    def start(cmd: list[str], log: str) -> subprocess.Popen:
         with open(tmp_path / log, "w") as f:
             procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                           start_new_session=True))
+        return procs[-1]
 
     try:
-        start([str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
-               "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")],
-              "superlink.log")
+        start([str(BIN / "flower-superlink"), *tls, "--isolation", "subprocess", "--host", "127.0.0.1",
+               "--port", str(port), "--database", str(tmp_path / "state.db")], "superlink.log")
         deadline = time.monotonic() + 60
         while not _port_open(port):
             assert procs[0].poll() is None, (tmp_path / "superlink.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "SuperLink did not start"
             time.sleep(0.3)
-        for pid in (0, 1):
+        refused = []
+        for pid in range(2 + extra_nodes):
+            node_tls = ["--insecure"]
+            if secure:
+                key, pub = make_supernode_key(creds / f"supernode{pid}")
+                if pid < 2:  # registered; the extra nodes are not
+                    reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pub), "loopback"],
+                                         env=env, capture_output=True, text=True, timeout=120, check=False)
+                    assert "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+                node_tls = ["--root-certificates", str(creds / "ca.crt"), "--auth-supernode-private-key", str(key)]
             ports.append(_free_port())
-            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                   "--node-config", f'partition-id={pid} num-partitions=2 cache-dir="{tmp_path / f"node{pid}"}"',
-                   "--port", str(ports[-1])], f"supernode{pid}.log")
-        yield env, tmp_path
+            proc = start([str(BIN / "flower-supernode"), *node_tls, "--superlink", f"127.0.0.1:{port}",
+                          "--node-config", (f'partition-id={pid % 2} num-partitions=2 '
+                                            f'cache-dir="{tmp_path / f"node{pid}"}"'),
+                          "--port", str(ports[-1])], f"supernode{pid}.log")
+            if pid >= 2:
+                refused.append(proc)
+        yield env, tmp_path, refused
     finally:
         for p in procs:
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -92,12 +119,17 @@ def federation(tmp_path):
         assert not any(_port_open(p) for p in ports)  # nothing left listening
 
 
-def test_deployed_merge_equals_simulated_merge(federation, tmp_path):
-    env, work = federation
-    out = work / "deployed"
+def _flwr_run(env: dict, out: Path) -> subprocess.CompletedProcess:
     items = " ".join(f"{k}={_toml(v)}" for k, v in {**RUN_CONFIG, "output-dir": str(out)}.items())
-    proc = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream",
-                           "--run-config", items], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream",
+                           "--run-config", items], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def test_deployed_merge_equals_simulated_merge(tmp_path):
+    with _federation(tmp_path) as (env, work, _):
+        out = work / "deployed"
+        proc = _flwr_run(env, out)
     assert (out / results.MODEL_FILE).exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # The same run through the simulation engine.
@@ -125,3 +157,19 @@ def test_deployed_merge_equals_simulated_merge(federation, tmp_path):
     dep_rows, sim_rows = (results.read_rows(d / results.RESULTS_FILE) for d in (out, sim_out))
     assert [r["accuracy"] for r in dep_rows] == pytest.approx([r["accuracy"] for r in sim_rows])
     assert {r["task"] for r in dep_rows} == {"rotate90", "invert"}
+
+
+def test_secure_mode_refuses_an_unregistered_supernode(tmp_path):
+    """TLS + SuperNode auth: 2 registered nodes and 1 whose key was never registered. The
+    unregistered one is refused (it exits, saying it could not activate); the run completes
+    with the registered two."""
+    with _federation(tmp_path, secure=True, extra_nodes=1) as (env, work, refused):
+        (intruder,) = refused
+        assert intruder.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (work / "supernode2.log").read_text()
+        out = work / "secure"
+        proc = _flwr_run(env, out)
+        assert (out / results.MODEL_FILE).exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = results.read_rows(out / results.RESULTS_FILE)
+    assert {r["task"] for r in rows} == {"rotate90", "invert"}
+    assert "https" in (work / "superlink.log").read_text()
