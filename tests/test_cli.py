@@ -317,7 +317,10 @@ def test_ctrl_c_mid_sweep_keeps_completed_jobs(sweeps, tmp_path, env):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fl_merge", "-m", "method=fedavg,median,trimmed_mean", *TINY,
          "training.local_steps=15", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A background shell (`make test &`, nohup) starts us with SIGINT ignored, which the
+        # child would inherit; a terminal's Ctrl-C reaches a process with the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (sweep_dir / "results.csv").exists():
