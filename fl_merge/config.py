@@ -99,8 +99,8 @@ class RunConfig:
 
     def resolve(self) -> ResolvedConfig:
         """Validate every field and expand per-client lists; raises ConfigError."""
-        from clients.tasks import UnknownTaskError, check_tasks, suite_tasks
-        from fl_merge.models import MODELS
+        from clients.tasks import UnknownTaskError, check_model_fits, check_tasks, suite_tasks
+        from fl_merge.models import get_model_spec
         from fl_merge.task_vectors import MergeInputError
 
         k = self.num_clients
@@ -132,8 +132,13 @@ class RunConfig:
             raise ConfigError(f"classes-per-client must be at least 1, got {self.classes_per_client}")
         if self.partition_pool < 10 * k:
             raise ConfigError(f"partition-pool={self.partition_pool} is too small for {k} clients")
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model '{self.model}'; known: {', '.join(sorted(MODELS))}")
+        try:
+            spec = get_model_spec(self.model)
+            spec.check_installed()
+            check_model_fits(spec.input_kind, self.model,
+                             [self.partition_task] if self.data != "tasks" else tasks)
+        except (ValueError, OSError, ImportError) as e:  # unknown, missing path or extra, wrong kind
+            raise ConfigError(str(e)) from None
         try:
             methods = resolve_methods(self.method, self.method_params, k)
         except MergeInputError as e:
@@ -206,6 +211,7 @@ class ResolvedConfig:
             "model": run.model, "tasks": list(self.tasks), "data-seed": run.data_seed,
             "data": run.data, "partition-task": run.partition_task, "alpha": run.alpha,
             "classes-per-client": run.classes_per_client, "partition-pool": run.partition_pool,
+            "device": run.device,  # where clients train and score too (not part of a cache key)
         }
 
     def train_config(self) -> dict[str, Any]:

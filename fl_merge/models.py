@@ -3,7 +3,13 @@ parameters are merged.
 
 Every model is ``TaskModel(backbone, head)``: parameters under ``backbone.`` are shared and
 merged; parameters under ``head.`` belong to one task (its own label space) and are never
-merged. The base model theta0 is a pretrained backbone, built once and cached.
+merged. The base model theta0 is either pretrained here (the small MNIST CNN: built once and
+cached) or published weights loaded offline (fl_merge/hub.py: EfficientNet-Lite0, MiniLM-L6,
+and ``hf:``/``timm:``/``open_clip:`` local checkpoints).
+
+A model takes one input kind: ``image`` (float [N, 1, 28, 28], MNIST-normalised: the
+MNIST-family tasks) or ``text`` (uint8 [N, L], UTF-8 bytes zero-padded: the text tasks). Backbones adapt
+that input to what their weights expect (resize, channels, normalisation, tokenisation).
 """
 
 from __future__ import annotations
@@ -59,14 +65,37 @@ class PretrainConfig:
     seed: int = 0
 
 
+INPUT_KINDS = ("image", "text")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
+    # The architecture; its weights are overwritten by theta0 (or a client's state) after.
     build_backbone: Callable[[], nn.Module]
     feature_dim: int
-    input_shape: tuple[int, ...]
-    # Builds the pretraining dataset (inputs, labels, num_classes).
-    pretrain_data: Callable[[], tuple[TensorDataset, int]]
+    input_kind: str = "image"
+    # theta0 is either pretrained here on this data (inputs, labels, num_classes) ...
+    pretrain_data: Callable[[], tuple[TensorDataset, int]] | None = None
+    # ... or a backbone carrying published weights, loaded offline.
+    load_pretrained: Callable[[], nn.Module] | None = None
+    # Modules it imports and the install command that provides them (checked before a run).
+    requires: tuple[str, ...] = ()
+    install: str = ""
+
+    def check_installed(self) -> None:
+        """Raise ImportError naming the install command when a required module is missing."""
+        import importlib.util
+
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"model '{self.name}' needs {', '.join(missing)}: {self.install}")
+
+    def __post_init__(self) -> None:
+        if (self.pretrain_data is None) == (self.load_pretrained is None):
+            raise ValueError(f"model '{self.name}': give exactly one of pretrain_data, load_pretrained")
+        if self.input_kind not in INPUT_KINDS:
+            raise ValueError(f"model '{self.name}': input_kind must be one of {INPUT_KINDS}")
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -79,11 +108,21 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+class UnknownModelError(ValueError):
+    pass
+
+
 def get_model_spec(name: str) -> ModelSpec:
-    try:
+    """A registered model, or a hub checkpoint named ``hf:<dir>``, ``timm:<arch>[@<file>]`` or
+    ``open_clip:<arch>@<file>`` (fl_merge/hub.py). Raises UnknownModelError."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}") from None
+    from fl_merge import hub
+
+    if hub.is_hub_name(name):
+        return hub.hub_spec(name)
+    raise UnknownModelError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}, "
+                            "or hf:<dir>, timm:<arch>[@<file>], open_clip:<arch>@<file>")
 
 
 def build_model(name: str, num_classes: int) -> TaskModel:
@@ -103,7 +142,7 @@ def _mnist_pretrain_data() -> tuple[TensorDataset, int]:
 
 PRETRAIN_POOL = 30000  # MNIST train images [0, 30000) are the base model's pretraining data
 
-register_model(ModelSpec("mnist-cnn", mnist_cnn_backbone, 128, (1, 28, 28), _mnist_pretrain_data))
+register_model(ModelSpec("mnist-cnn", mnist_cnn_backbone, 128, pretrain_data=_mnist_pretrain_data))
 
 WIDE_MLP_WIDTH = 7168  # 784*W + W*W + W*128 (+ biases) = 57.9M float32 parameters = 232 MB
 
@@ -118,7 +157,7 @@ def wide_mlp_backbone(width: int = WIDE_MLP_WIDTH) -> nn.Module:
     )
 
 
-register_model(ModelSpec("wide-mlp", wide_mlp_backbone, 128, (1, 28, 28), _mnist_pretrain_data))
+register_model(ModelSpec("wide-mlp", wide_mlp_backbone, 128, pretrain_data=_mnist_pretrain_data))
 
 # Bump when pretraining code changes what it produces: old cache entries are then ignored.
 _PRETRAIN_CODE_VERSION = 2
@@ -144,10 +183,13 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
                         progress: bool = True) -> dict[str, torch.Tensor]:
     """theta0: the pretrained backbone's state dict with ``backbone.`` keys.
 
-    Pretrained once (deterministic from cfg.seed) and cached at an absolute user path;
+    A hub model's theta0 is its published weights. Ours is pretrained once (deterministic from cfg.seed) and cached at an absolute user path;
     an unreadable cache file is rebuilt, and the file is written atomically.
     """
     spec = get_model_spec(name)
+    if spec.load_pretrained is not None:  # published weights: nothing to pretrain or cache
+        backbone = spec.load_pretrained()
+        return {f"{MERGED_PREFIX}{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
     path = base_model_path(name, cfg)
     if path.exists():
         try:
@@ -174,3 +216,7 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
     meta = {"model": name, **{k: str(v) for k, v in asdict(cfg).items()}}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return state
+
+
+# The built-in pretrained backbones (EfficientNet-Lite0, MiniLM-L6) register themselves.
+from fl_merge import hub as _hub  # noqa: E402,F401
