@@ -46,17 +46,27 @@ class SplitSizes:
 
 TaskBuilder = Callable[[int, SplitSizes], TaskData]
 TASKS: dict[str, TaskBuilder] = {}
+TASK_KINDS: dict[str, str] = {}  # task -> its input kind (fl_merge.models.INPUT_KINDS)
 SUITES: dict[str, list[str]] = {}
 
 
-def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
+def register_task(name: str, kind: str = "image") -> Callable[[TaskBuilder], TaskBuilder]:
     def deco(fn: TaskBuilder) -> TaskBuilder:
         if name in TASKS:
             raise ValueError(f"task '{name}' registered twice")
         TASKS[name] = fn
+        TASK_KINDS[name] = kind
         return fn
 
     return deco
+
+
+def check_model_fits(model_kind: str, model: str, names: list[str]) -> None:
+    """Raise UnknownTaskError when a task's inputs are not the kind the model reads."""
+    wrong = [n for n in names if TASK_KINDS.get(n, model_kind) != model_kind]
+    if wrong:
+        raise UnknownTaskError(f"model '{model}' reads {model_kind} inputs but task(s) {wrong} are "
+                               f"{TASK_KINDS[wrong[0]]} tasks")
 
 
 def check_tasks(names: list[str]) -> None:
@@ -208,3 +218,7 @@ SUITES["mnist8"] = [
     "rotate90", "invert", "patch-shuffle", "digits8x8",
     "blur", "noise", "parity", "rot180-5to9",
 ]
+# The same 8 tasks, for the ImageNet-pretrained EfficientNet-Lite0 (configs/experiment/vision8).
+SUITES["vision8"] = list(SUITES["mnist8"])
+
+from clients import text_tasks as _text_tasks  # noqa: E402,F401  (registers the text suite)

@@ -41,7 +41,17 @@ PROBE_L2 = 1e-2
 @torch.no_grad()
 def _features(backbone: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     backbone.eval()
-    return torch.cat([backbone(x[i : i + batch]) for i in range(0, len(x), batch)])
+    device = next(backbone.parameters()).device
+    return torch.cat([backbone(x[i : i + batch].to(device)) for i in range(0, len(x), batch)])
+
+
+def client_device(requested: str) -> torch.device:
+    """Where a client trains and scores: cuda for 'cuda' (an error without a GPU) and for
+    'auto' when torch sees one; else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but this client's torch sees no CUDA GPU")
+    use_cuda = requested in ("cuda", "auto") and torch.cuda.is_available()
+    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def fit_probe_head(model: TaskModel, task: TaskData, seed: int, max_iter: int = 200) -> None:
@@ -50,6 +60,7 @@ def fit_probe_head(model: TaskModel, task: TaskData, seed: int, max_iter: int = 
     the data and `seed`."""
     x, y = (task.probe if task.probe is not None else task.train).tensors
     feats = _features(model.backbone, x)
+    y = y.to(feats.device)
     torch.manual_seed(seed)
     head = model.head
     nn.init.zeros_(head.weight)
@@ -67,10 +78,10 @@ def fit_probe_head(model: TaskModel, task: TaskData, seed: int, max_iter: int = 
 
 
 def model_for_task(model_name: str, task: TaskData, state: Mapping[str, torch.Tensor],
-                   seed: int) -> TaskModel:
-    """A TaskModel with `state` loaded. `state` must hold the backbone; if it also holds a
-    head of the right shape that head is used, else a probe head is fitted."""
-    model = build_model(model_name, task.num_classes)
+                   seed: int, device: torch.device | str = "cpu") -> TaskModel:
+    """A TaskModel on `device` with `state` loaded. `state` must hold the backbone; if it also
+    holds a head of the right shape that head is used, else a probe head is fitted."""
+    model = build_model(model_name, task.num_classes).to(device)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if is_merged_key(k)}
     model.backbone.load_state_dict(backbone)
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
@@ -106,11 +117,13 @@ def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed:
         F_j = 1/N sum_n (d/d theta_j log p(y_n | x_n))^2,   y_n ~ p(. | x_n) (the model's own
         predictive distribution, so this estimates the true Fisher, not the empirical one)
 
-    over the first N = n_samples training examples, with exact per-example gradients
-    (torch.func.vmap over grad)."""
+    over the first N = n_samples training examples, with exact per-example gradients:
+    torch.func.vmap over grad, or one backward per example for a backbone that cannot run
+    under vmap (``supports_vmap = False``, e.g. one that tokenises in its forward)."""
     from torch.func import functional_call, grad, vmap
 
     model.eval()
+    device = next(model.parameters()).device
     x_all = data.tensors[0][:n_samples]
     gen = torch.Generator().manual_seed(seed)
     params = {k: v.detach() for k, v in model.named_parameters() if is_merged_key(k)}
@@ -121,15 +134,25 @@ def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed:
         logits = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
         return torch.log_softmax(logits, dim=1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
 
+    vmap_ok = getattr(model.backbone, "supports_vmap", True)
     per_example = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    live = {k: p for k, p in model.named_parameters() if is_merged_key(k)}
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(0, len(x_all), chunk):
-        x = x_all[i : i + chunk]
+        x = x_all[i : i + chunk].to(device)
         with torch.no_grad():
             probs = torch.softmax(model(x), dim=1)
-        y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        for k, g in per_example(params, x, y).items():
-            fisher[k] += g.pow(2).sum(0)
+        y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
+        if vmap_ok:
+            for k, g in per_example(params, x, y).items():
+                fisher[k] += g.pow(2).sum(0)
+            continue
+        for n in range(len(y)):  # plain autograd, one example at a time
+            log_p = torch.log_softmax(model(x[n : n + 1]), dim=1)[0, y[n]]
+            grads = torch.autograd.grad(log_p, list(live.values()), allow_unused=True)
+            for k, g in zip(live, grads):
+                if g is not None:  # None: the parameter is outside the graph (zero gradient)
+                    fisher[k] += g.pow(2)
     return {k: v / len(x_all) for k, v in fisher.items()}
 
 
@@ -143,10 +166,14 @@ def mean_gradient(model: TaskModel, data: TensorDataset, n_samples: int = 1024,
     model.zero_grad(set_to_none=True)
     x_all, y_all = data.tensors
     n = min(n_samples, len(y_all))
+    device = next(model.parameters()).device
     for i in range(0, n, batch_size):
-        x, y = x_all[i : min(i + batch_size, n)], y_all[i : min(i + batch_size, n)]
+        x = x_all[i : min(i + batch_size, n)].to(device)
+        y = y_all[i : min(i + batch_size, n)].to(device)
         # sum over batches of (batch mean * batch share) = mean over all n examples
         (nn.functional.cross_entropy(model(x), y) * (len(y) / n)).backward()
-    grads = {k: p.grad.detach().clone() for k, p in params.items()}
+    # a parameter outside the forward graph (e.g. an unused pooler) has zero gradient
+    grads = {k: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+             for k, p in params.items()}
     model.zero_grad(set_to_none=True)
     return grads
