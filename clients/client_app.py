@@ -24,6 +24,7 @@ from clients.partitions import load_partitioned_task
 from clients.tasks import TaskData, load_task
 from clients.training import (
     LocalTrainConfig,
+    client_device,
     diagonal_fisher,
     fine_tune,
     mean_gradient,
@@ -159,7 +160,8 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
         task = dataclasses.replace(task, probe=task.probe or task.train,
                                    train=TensorDataset(x, flip_labels(y, task.num_classes)))
     t0 = time.perf_counter()
-    model = model_for_task(str(config["model"]), task, theta0, cfg.seed)
+    device = client_device(str(config.get("device", "cpu")))
+    model = model_for_task(str(config["model"]), task, theta0, cfg.seed, device)
     extras: dict[str, dict] = {}
     if bool(config.get("compute-grad0", False)):
         # The gradient at theta0, before any local step: for gradient dissimilarity.
@@ -173,13 +175,13 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
         "partition-id": pid,
         "train-seconds": time.perf_counter() - t0,
     })
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if bool(config.get("compute-fisher", False)):
         extras["fisher"] = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), cfg.seed)
     # Extra per-client arrays travel in the same ArrayRecord under "extra.<name>.":
     # Flower's strategies expect exactly one ArrayRecord per reply.
     for name, arrays in extras.items():
-        state.update({f"{EXTRA_PREFIX}{name}.{k}": v for k, v in arrays.items()})
+        state.update({f"{EXTRA_PREFIX}{name}.{k}": v.detach().cpu() for k, v in arrays.items()})
     if use_cache:
         save_update(key, state, metrics, cache_dir)
     return state, {**metrics, "cached": 0}
@@ -224,6 +226,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     task = _task_for(config, pid)
     state = msg.content["arrays"].to_torch_state_dict()
     model_name = str(config["model"])
+    device = client_device(str(config.get("device", "cpu")))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0  # for a probe head only
     metrics: dict[str, Any] = {"num-examples": len(task.test), "partition-id": pid}
     records = msg.content.array_records
@@ -242,7 +245,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
             delta = record.to_torch_state_dict()
             for eta in etas:
                 model = None if eta == 0 and base else model_for_task(
-                    model_name, task, apply_update(state, delta, eta), seed)
+                    model_name, task, apply_update(state, delta, eta), seed, device)
                 for split in splits:
                     if eta == 0 and split in base:
                         acc, loss = base[split]
@@ -257,7 +260,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         split = str(config.get("split", "test"))
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got '{split}'")
-        model = model_for_task(model_name, task, state, seed)
+        model = model_for_task(model_name, task, state, seed, device)
         metrics["accuracy"], metrics["loss"] = evaluate(model, task.val if split == "val" else task.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
