@@ -117,6 +117,9 @@ def get_model_spec(name: str) -> ModelSpec:
     ``open_clip:<arch>@<file>`` (fl_merge/hub.py). Raises UnknownModelError."""
     if name in MODELS:
         return MODELS[name]
+    if name == "???":  # Hydra's mandatory marker (configs/model/hf.yaml) left unset
+        raise UnknownModelError("model.name is not set: give model.name=hf:<dir>, "
+                                "timm:<arch>@<file> or open_clip:<arch>@<file>")
     from fl_merge import hub
 
     if hub.is_hub_name(name):

@@ -202,3 +202,8 @@ def test_a_model_whose_package_is_missing_is_refused_before_the_run(monkeypatch)
     monkeypatch.setitem(models.MODELS, "needs-absent", spec)
     with pytest.raises(ConfigError, match="model 'needs-absent' needs fl_merge_no_such_module"):
         RunConfig(model="needs-absent").resolve()
+
+
+def test_the_hf_group_without_a_path_says_what_to_set():
+    with pytest.raises(ConfigError, match="model.name is not set: give model.name=hf:<dir>"):
+        RunConfig(model="???").resolve()

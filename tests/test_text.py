@@ -78,3 +78,28 @@ def test_fisher_loop_equals_vmap_fisher():
     for k in vmapped:
         assert torch.allclose(vmapped[k], looped[k], rtol=1e-4, atol=1e-9), k
     assert sum(float(v.sum()) for v in looped.values()) > 0
+
+
+def test_a_text_client_trains_and_sends_fisher_and_gradient_extras():
+    """One MiniLM client, Flower-free: a couple of steps on tweets, with the per-example Fisher
+    loop and the gradient at theta0 travelling as extras shaped like the backbone."""
+    from clients.client_app import local_train
+    from fl_merge.models import is_merged_key, pretrained_backbone
+    from fl_merge.task_vectors import EXTRA_PREFIX
+
+    theta0 = pretrained_backbone("minilm-l6")
+    config = {"model": "minilm-l6", "tasks": ["tweets-apple"], "data": "tasks", "data-seed": 0,
+              "local-steps": 2, "lr": 0.01, "batch-size": 8, "seed": [0], "cache": False,
+              "compute-fisher": True, "fisher-samples": 3, "compute-grad0": True, "grad0-samples": 16}
+    state, metrics = local_train(config, 0, theta0)
+    assert metrics["local-steps"] == 2 and metrics["cached"] == 0
+    assert 0.0 <= metrics["finetuned-accuracy"] <= 1.0
+    moved = sum(float((state[k] - theta0[k]).abs().sum()) for k in theta0)
+    assert moved > 0
+    for extra in ("fisher", "grad0"):
+        arrays = {k[len(f"{EXTRA_PREFIX}{extra}."):]: v for k, v in state.items()
+                  if k.startswith(f"{EXTRA_PREFIX}{extra}.")}
+        assert set(arrays) == {k for k in theta0 if is_merged_key(k)}
+        assert all(arrays[k].shape == theta0[k].shape for k in arrays)
+    fisher = [v for k, v in state.items() if k.startswith(f"{EXTRA_PREFIX}fisher.")]
+    assert min(float(v.min()) for v in fisher) >= 0 and sum(float(v.sum()) for v in fisher) > 0
