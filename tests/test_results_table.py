@@ -66,7 +66,8 @@ def test_table_reports_test_accuracy_at_the_chosen_eta(tmp_path, results_table):
 def test_timing_line_says_cold_or_cached(tmp_path, results_table):
     (tmp_path / "run.json").write_text(json.dumps({"clients": [{"cached": 0}, {"cached": 0}]}))
     (tmp_path / "wall.json").write_text(json.dumps({"seconds": 600}))
-    assert results_table.timing_line(tmp_path) == "Run: 10.0 min wall on 2 CPU cores, cold: every client trained."
+    assert (results_table.timing_line(tmp_path)
+            == "Run: 10.0 min wall on 2 CPU cores, cold: every client trained.")
     (tmp_path / "run.json").write_text(json.dumps({"clients": [{"cached": 1}, {"cached": 0}]}))
     assert "1 of 2 client updates from the cache" in results_table.timing_line(tmp_path)
 
