@@ -93,12 +93,21 @@ def _leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def _group_and_key(path, leaf: str) -> tuple[str | None, str]:
+    """A leaf's config group and key. A `# @package _global_` file (experiment presets) sets
+    root paths: its first component names the group (data.suite -> data, suite)."""
+    if path.read_text().startswith("# @package _global_"):
+        head, _, rest = leaf.partition(".")
+        return (head, rest) if rest else (None, head)
+    return (path.parent.name if path.parent != CONFIGS else None), leaf
+
+
 @pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_yaml_leaf_maps_onto_a_runconfig_field_or_method_param(path):
     fields = cli.run_config_fields()
-    group = path.parent.name if path.parent != CONFIGS else None
     params = {p for m in available_methods() for p in get_method(m).params}
-    for key, _ in _leaves(yaml.safe_load(path.read_text()) or {}):
+    for leaf, _ in _leaves(yaml.safe_load(path.read_text()) or {}):
+        group, key = _group_and_key(path, leaf)
         full = f"{group}.{key}" if group else key
         if full in cli.CLI_OPTIONS:
             continue
