@@ -126,7 +126,8 @@ def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed:
     device = next(model.parameters()).device
     x_all = data.tensors[0][:n_samples]
     gen = torch.Generator().manual_seed(seed)
-    params = {k: v.detach() for k, v in model.named_parameters() if is_merged_key(k)}
+    live = {k: p for k, p in model.named_parameters() if is_merged_key(k)}
+    params = {k: p.detach() for k, p in live.items()}
     frozen = {k: v.detach() for k, v in model.named_parameters() if not is_merged_key(k)}
     buffers = dict(model.named_buffers())
 
@@ -136,7 +137,6 @@ def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed:
 
     vmap_ok = getattr(model.backbone, "supports_vmap", True)
     per_example = vmap(grad(log_lik), in_dims=(None, 0, 0))
-    live = {k: p for k, p in model.named_parameters() if is_merged_key(k)}
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(0, len(x_all), chunk):
         x = x_all[i : i + chunk].to(device)

