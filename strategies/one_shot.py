@@ -118,6 +118,9 @@ class OneShotMerge(FedAvg):
 
         if num_rounds != 1:
             raise ValueError(f"OneShotMerge runs exactly one round, not {num_rounds}")
+        if evaluate_fn is not None:
+            raise ValueError("OneShotMerge has the clients score every candidate; evaluate_fn is not used, "
+                             "leave it None")
         self.outcome = run_round(self, grid, initial_arrays.to_torch_state_dict(), dict(train_config or {}),
                                  dict(evaluate_config or {}), timeout)
         out = self.outcome

@@ -91,8 +91,8 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
     heads = {r.task_name(c): c.per_task for c in r.clients}
     for i, (label, (name, params)) in enumerate(r.methods.items()):
         eta = r.best_etas[label]
-        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(cfg.tasks),
-                "run_id": run_id}
+        # No run id or time here: identical runs give identical files (run.json has them).
+        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(heads)}  # heads inside
         results.save_merged_model(out / results.model_file(label, primary=i == 0),
                                   r.merged_state(eta, label), heads, meta)
     results.write_json(out / results.RUN_FILE, {

@@ -67,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = _seed(context)
     weights = local_fit(msg.content["arrays"].to_torch_state_dict(), seed)
     metrics = {"num-examples": len(dataset(seed, "train")[1]), "data-seed": seed}
-    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -66,7 +66,8 @@ def test_foreign_client_completes_a_round_in_simulation(tmp_path, base_checkpoin
     from strategies.server_app import make_server_app
 
     # Ray workers import the client app by module name: put this folder on their path.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
     out = tmp_path / "out"
     app = make_server_app({"num-clients": 2, "base-checkpoint": str(base_checkpoint),
                            "merge-keys": "enc.*", "output-dir": str(out)})

@@ -111,7 +111,8 @@ def test_collect_orders_by_partition_then_node_and_names_bad_updates():
     ups = [_client(9, None, 4), _client(8, None, 3), _client(7, 2, 2), _client(4, 0, 1), bad, short]
     clients, taus, failures = collect_updates(ups, theta0, key_matcher(["enc.*"]))
     assert [c.node_id for c in clients] == [4, 7, 8, 9]
-    assert [float(t["enc.w"][0]) for t in taus] == [1.0, 2.0, 3.0, 4.0] and all(set(t) == {"enc.w"} for t in taus)
+    assert [float(t["enc.w"][0]) for t in taus] == [1.0, 2.0, 3.0, 4.0]
+    assert all(set(t) == {"enc.w"} for t in taus)
     assert [set(c.per_task) for c in clients] == [{"cls.w"}] * 4
     assert failures[0] == {"client": "node 5 (partition 1)", "node_id": 5, "partition_id": 1,
                            "stage": "train", "reason": "non-finite update in enc.w"}
@@ -150,7 +151,8 @@ def test_plain_requests_score_the_base_once_and_each_candidate_once():
                                              ("b", 1.0, "val"), ("b", 2.0, "val")]
     tgrids = chosen_plan({"a": 2.0, "b": 1.0})
     assert tgrids == {"a": [0.0, 2.0], "b": [0.0, 1.0]}
-    answers = {(None, 0.0, "test"): (0.1, 9.0), ("a", 2.0, "test"): (0.7, 1.0), ("b", 1.0, "test"): (0.6, 2.0)}
+    answers = {(None, 0.0, "test"): (0.1, 9.0), ("a", 2.0, "test"): (0.7, 1.0),
+               ("b", 1.0, "test"): (0.6, 2.0)}
     assert assemble_plain(tgrids, ["test"], answers) == {
         "a": {"test": {"etas": [0.0, 2.0], "accuracy": [0.1, 0.7], "loss": [9.0, 1.0]}},
         "b": {"test": {"etas": [0.0, 1.0], "accuracy": [0.1, 0.6], "loss": [9.0, 2.0]}}}
@@ -197,7 +199,8 @@ def test_eta_is_chosen_by_normalized_accuracy_or_raw_accuracy_with_a_note():
 def test_rows_without_finetuned_scores_have_nan_normalized_accuracy():
     from fl_merge.attacks import AttackPlan
 
-    full = _client(1, 0, 1, **{"finetuned-val-accuracy": 0.5, "finetuned-accuracy": 0.8, "finetuned-loss": 0.3})
+    full = _client(1, 0, 1, **{"finetuned-val-accuracy": 0.5, "finetuned-accuracy": 0.8,
+                               "finetuned-loss": 0.3})
     plain = _client(2, None, 1)
     part = {"val": {"etas": [0.0, 1.0], "accuracy": [0.2, 0.4], "loss": [1.0, 0.5]},
             "test": {"etas": [0.0, 1.0], "accuracy": [0.1, 0.6], "loss": [1.0, 0.4]}}
@@ -212,4 +215,5 @@ def test_rows_without_finetuned_scores_have_nan_normalized_accuracy():
     assert len(p) == 4 and all(math.isnan(r["normalized_accuracy"]) for r in p)
     m = summary_metrics(rows, {"m": 1.0})
     assert m["m-test-accuracy"] == pytest.approx(0.6) and math.isnan(m["m-normalized-accuracy"])
-    assert m["finetuned-test-accuracy"] == pytest.approx(0.8) and m["base-test-accuracy"] == pytest.approx(0.1)
+    assert m["finetuned-test-accuracy"] == pytest.approx(0.8)
+    assert m["base-test-accuracy"] == pytest.approx(0.1)

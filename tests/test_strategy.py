@@ -92,7 +92,8 @@ class FakeGrid:
             return self.evaluate[node](m)
         cfg = m.content["config"]
         if "delta" not in m.content:
-            return RecordDict({"metrics": MetricRecord(self.plain(m.content["arrays"].to_torch_state_dict(), cfg))})
+            state = m.content["arrays"].to_torch_state_dict()
+            return RecordDict({"metrics": MetricRecord(self.plain(state, cfg))})
         etas = [float(e) for e in cfg["etas"]]
         counts = list(cfg["etas-per-delta"])
         pairs = [(i, etas[sum(counts[:i]) + j]) for i, n in enumerate(counts) for j in range(n)]
@@ -133,7 +134,8 @@ def test_train_message_carries_theta0_protocol_version_and_merge_keys():
     cfg = train[0].content["config"]
     assert cfg["fl-merge-protocol"] == 1 and list(cfg["merge-keys"]) == ["backbone.*", "other.*"]
     assert cfg["compute-grad0"] is True and "compute-fisher" not in cfg
-    torch.testing.assert_close(train[0].content["arrays"].to_torch_state_dict()["backbone.w"], torch.zeros(3, 2))
+    sent = train[0].content["arrays"].to_torch_state_dict()
+    torch.testing.assert_close(sent["backbone.w"], torch.zeros(3, 2))
 
 
 def test_grid_evaluate_messages_carry_own_head_delta_and_eta_grid():
@@ -246,7 +248,8 @@ def test_alie_attackers_collude_on_their_own_updates():
 
     plan = parse_plan("alie", "2,3", "", "", 4)
     replies = {100 + i: _rich(i, 10) for i in range(4)}
-    honest = [{k: v.clone() for k, v in replies[100 + i]["arrays"].to_torch_state_dict().items()} for i in range(4)]
+    honest = [{k: v.clone() for k, v in replies[100 + i]["arrays"].to_torch_state_dict().items()}
+              for i in range(4)]
     r = _run(OneShotMerge(method="fedavg", attack_plan=plan, measure_heterogeneity=False), FakeGrid(replies))
     z = alie_z(4, 2)
     theta0 = _theta0()
@@ -262,6 +265,8 @@ def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
         OneShotMerge(method="nope")
     with pytest.raises(ValueError, match="exactly one round"):
         OneShotMerge().start(grid=None, initial_arrays=ArrayRecord(_theta0()), num_rounds=3)
+    with pytest.raises(ValueError, match="evaluate_fn is not used"):
+        OneShotMerge().start(grid=None, initial_arrays=ArrayRecord(_theta0()), evaluate_fn=print)
     # Standard replies carry no local-steps: FedNova cannot normalise and says so.
     with pytest.raises(MergeInputError, match="local_steps"):
         _run(OneShotMerge(method="fednova"), FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
@@ -320,7 +325,8 @@ def test_several_methods_share_one_training_pass_and_one_evaluate_message():
     assert list(content["config"]["etas"]) == [0.0, 1.0, 2.0] * 3
     for i, label in enumerate(s.methods):
         key = "delta" if i == 0 else f"delta-{i}"
-        torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"], r.deltas[label]["backbone.b"])
+        torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"],
+                                   r.deltas[label]["backbone.b"])
     assert r.best_etas == {"fedavg": 1.0, "ties[density=0.5]": 2.0, "ties[density=1.0]": 1.0}
     # The second message scores test at the base and each method's chosen eta only.
     cfg = grid.asked[6].content["config"]

@@ -60,8 +60,8 @@ def parse_grid_reply(metrics: Mapping[str, Any], grids: Grids, splits: Sequence[
     for s in splits:
         got = metrics.get(f"{s}-{ACCURACY}")
         if not isinstance(got, list) or len(got) != total:
-            raise ValueError(f"did not score the methods x eta grid (no {'/'.join(f'{x}-accuracy' for x in splits)}"
-                             " per method and eta)")
+            wanted = "/".join(f"{x}-accuracy" for x in splits)
+            raise ValueError(f"did not score the methods x eta grid (no {wanted} per method and eta)")
     out: dict[str, Part] = {}
     start = 0
     for label, etas in grids.items():

@@ -51,7 +51,8 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
                 rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
                              "selected": eta == best_eta, "split": split, "accuracy": acc, "loss": loss,
                              "finetuned_accuracy": math.nan if ref is None else ref,
-                             "normalized_accuracy": math.nan if ref is None else normalized_accuracy(acc, ref)})
+                             "normalized_accuracy": (math.nan if ref is None
+                                                     else normalized_accuracy(acc, ref))})
     return rows
 
 
