@@ -386,3 +386,18 @@ def test_start_returns_the_merged_model_at_the_chosen_eta():
     result = s.start(FakeGrid(_three_clients()), ArrayRecord(_theta0()), num_rounds=1, timeout=10.0)
     merged = result.arrays.to_torch_state_dict()
     torch.testing.assert_close(merged["backbone.w"], 1.0 * s.outcome.deltas["fedavg"]["backbone.w"])
+
+
+def test_merge_keys_matching_nothing_stop_the_run_before_any_message(tmp_path):
+    from safetensors.torch import save_file
+
+    from fl_merge.config import ConfigError, RunConfig
+    from strategies.server_app import run_one_shot
+
+    save_file({"enc.w": torch.zeros(2), "cls.w": torch.zeros(3)}, str(tmp_path / "base.safetensors"))
+    cfg = RunConfig(num_clients=2, base_checkpoint=str(tmp_path / "base.safetensors"),
+                    output_dir=str(tmp_path / "out")).resolve()  # merge-keys: default backbone.*
+    grid = FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)})
+    with pytest.raises(ConfigError, match=r"merge-keys \['backbone\.\*'\] match none .*cls\.w, enc\.w"):
+        run_one_shot(grid, cfg)
+    assert grid.asked == [] and not (tmp_path / "out").exists()  # nothing sent, nothing written
