@@ -61,7 +61,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMe
     for i, (label, (name, params)) in enumerate(strategy.methods.items()):
         eta = strategy.best_etas[label]
         meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(cfg.tasks),
-                "run_id": run_id}
+                "model": run.model}
         results.save_merged_model(out / results.model_file(label, primary=i == 0),
                                   strategy.merged_state(eta, label), heads, meta)
     results.write_json(out / results.RUN_FILE, {
