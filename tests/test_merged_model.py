@@ -116,7 +116,8 @@ def test_metadata_order_does_not_change_the_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("metadata, message", [
-    ({"method": "fedavg", "run_id": 7}, r"may hold only eta, method, model, params, tasks .*\['run_id'\].*run.json"),
+    ({"method": "fedavg", "run_id": 7},
+     r"may hold only eta, method, model, params, tasks .*\['run_id'\].*run.json"),
     ({"eta": 1.0, "time": "12:00", "host": "x"}, r"got \['host', 'time'\]"),
     ({"params": {"when": datetime.datetime(2026, 1, 1)}}, r"plain JSON values"),
     ({"eta": float("nan")}, r"plain JSON values"),
