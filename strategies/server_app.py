@@ -92,7 +92,8 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
     for i, (label, (name, params)) in enumerate(r.methods.items()):
         eta = r.best_etas[label]
         # No run id or time here: identical runs give identical files (run.json has them).
-        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(heads)}  # heads inside
+        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(heads),  # heads inside
+                "model": cfg.run.model}
         results.save_merged_model(out / results.model_file(label, primary=i == 0),
                                   r.merged_state(eta, label), heads, meta)
     results.write_json(out / results.RUN_FILE, {
