@@ -43,7 +43,7 @@ class SplitSizes:
 TaskBuilder = Callable[[int, SplitSizes], TaskData]
 # Each table loads fl_merge.builtins on first use (fl_merge/registration.py).
 TASKS: MutableMapping[str, TaskBuilder] = BuiltinRegistry()
-TASK_KINDS: MutableMapping[str, str] = BuiltinRegistry()  # task -> its input kind (fl_merge.models.INPUT_KINDS)
+TASK_KINDS: MutableMapping[str, str] = BuiltinRegistry()  # task -> input kind (models.INPUT_KINDS)
 SUITES: MutableMapping[str, list[str]] = BuiltinRegistry()  # suite -> its tasks
 
 
