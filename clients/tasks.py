@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
 from torch.utils.data import TensorDataset
@@ -42,9 +42,9 @@ class SplitSizes:
 
 TaskBuilder = Callable[[int, SplitSizes], TaskData]
 # Each table loads fl_merge.builtins on first use (fl_merge/registration.py).
-TASKS: dict[str, TaskBuilder] = BuiltinRegistry()
-TASK_KINDS: dict[str, str] = BuiltinRegistry()  # task -> its input kind (fl_merge.models.INPUT_KINDS)
-SUITES: dict[str, list[str]] = BuiltinRegistry()  # suite -> its tasks
+TASKS: MutableMapping[str, TaskBuilder] = BuiltinRegistry()
+TASK_KINDS: MutableMapping[str, str] = BuiltinRegistry()  # task -> input kind (models.INPUT_KINDS)
+SUITES: MutableMapping[str, list[str]] = BuiltinRegistry()  # suite -> its tasks
 
 
 def register_task(name: str, kind: str = "image") -> Callable[[TaskBuilder], TaskBuilder]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,8 +97,8 @@ class ModelSpec:
 
 # Registered models and model families (names with a prefix, resolved on lookup); both load
 # fl_merge.builtins on first use (fl_merge/registration.py).
-MODELS: dict[str, ModelSpec] = BuiltinRegistry()
-FAMILIES: dict[str, tuple[Callable[[str], ModelSpec], str]] = BuiltinRegistry()
+MODELS: MutableMapping[str, ModelSpec] = BuiltinRegistry()
+FAMILIES: MutableMapping[str, tuple[Callable[[str], ModelSpec], str]] = BuiltinRegistry()
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
