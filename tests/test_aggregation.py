@@ -69,13 +69,20 @@ def test_fedavg(method, w):
 
 @pytest.mark.parametrize("w", WEIGHTS)
 def test_fednova(w):
-    tvs, steps = make_tvs(6, 1), [1, 5, 2, 10, 3, 7]
+    tvs, a = make_tvs(6, 1), [1.0, 5.5, 2.0, 100.0, 3.0, 7.25]
     x, p = stack(tvs), norm_p(w, 6)
-    k_eff = sum(p[i] * steps[i] for i in range(6))
-    ref = k_eff * sum(p[i] * x[i] / steps[i] for i in range(6))
-    assert_close(merge("fednova", tvs, w, steps), ref)
-    # equal step counts: fednova is fedavg
-    eq = merge("fednova", tvs, w, [4] * 6)
+    a_eff = sum(p[i] * a[i] for i in range(6))
+    ref = a_eff * sum(p[i] * x[i] / a[i] for i in range(6))
+    assert_close(merge("fednova", tvs, w, normalisers=a), ref)
+    # reported normalisers win over local steps
+    assert_close(merge("fednova", tvs, w, [1] * 6, normalisers=a), ref)
+    # local steps alone: the plain-SGD normaliser a_i = t_i, with a warning
+    steps = [1, 5, 2, 10, 3, 7]
+    with pytest.warns(UserWarning, match="plain-SGD normaliser"):
+        out = merge("fednova", tvs, w, steps)
+    assert_close(out, sum(p[i] * steps[i] for i in range(6)) * sum(p[i] * x[i] / steps[i] for i in range(6)))
+    # equal normalisers: fednova is fedavg
+    eq = merge("fednova", tvs, w, normalisers=[4.0] * 6)
     assert_close(eq, sum(p[i] * x[i] for i in range(6)))
 
 
@@ -324,7 +331,7 @@ def test_fisher(w):
 
 def ref_hetero(x, p, steps, gamma, clip):
     k = len(x)
-    s = np.ones(k) if steps is None else np.asarray(steps, dtype=float)
+    s = np.ones(k) if steps is None else np.asarray(steps, dtype=float)  # normalisers a_i
     u = x / s[:, None]
     n = np.linalg.norm(u, axis=1)
     r = np.median(n) if k % 2 else np.sort(n)[k // 2 - 1]  # torch.median: lower middle
@@ -353,7 +360,13 @@ def test_hetero(w, steps, gamma, clip):
     x, p = stack(tvs), norm_p(w, 6)
     ref, cos = ref_hetero(x, p, steps, gamma, clip)
     assert cos[4] < 0 < min(np.delete(cos, 4))
-    assert_close(merge("hetero", tvs, w, steps, gamma=gamma, clip=clip), ref, rtol=1e-4, atol=1e-4)
+    # normalisers as the clients report them; local steps alone are the plain-SGD fallback
+    assert_close(merge("hetero", tvs, w, normalisers=steps, gamma=gamma, clip=clip), ref,
+                 rtol=1e-4, atol=1e-4)
+    if steps is not None:
+        with pytest.warns(UserWarning, match="FedNova normaliser missing"):
+            out = merge("hetero", tvs, w, steps, gamma=gamma, clip=clip)
+        assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,kw", [
@@ -414,10 +427,10 @@ def test_linear_fast_path_matches_the_stacked_function(method):
     stacked block must give the same update."""
     from fl_merge.aggregation import get_method, normalized_weights
 
-    tvs, w, steps = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3, 1, 4, 1, 5]
-    out = merge(method, tvs, w, steps)
+    tvs, w, a = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3.0, 1.0, 4.5, 1.0, 5.2]
+    out = merge(method, tvs, w, normalisers=a)
     p = normalized_weights(w, 5).float()
-    extra = {"local_steps": torch.tensor(steps, dtype=torch.float64)} if method == "fednova" else {}
+    extra = {"normalisers": torch.tensor(a, dtype=torch.float64)} if method == "fednova" else {}
     for k in SHAPES:
         stacked = torch.stack([tv[k].reshape(-1) for tv in tvs])
         ref = get_method(method).fn(stacked, p, **extra).reshape(SHAPES[k])

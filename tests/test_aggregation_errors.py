@@ -87,6 +87,14 @@ def test_weights_and_steps():
     raises("needs every client's local_steps", "fednova", tvs())
     raises("local_steps must be 6 positive numbers", "fednova", tvs(), local_steps=[1, 2, 0, 1, 1, 1])
     raises("local_steps must be 6 positive numbers", "hetero", tvs(), local_steps=[1, 2])
+    raises("needs every client's local_steps or normalisers", "fednova", tvs(), normalisers=[None] * 6)
+    raises("2 normalisers for 6 task vectors", "fednova", tvs(), normalisers=[1.0, 2.0])
+    raises(r"normalisers must be 6 positive numbers \(None for a client without one\), got -1 for client 2",
+           "fednova", tvs(), normalisers=[1, 1, -1, 1, 1, 1])
+    raises("normalisers must be 6 positive numbers", "hetero", tvs(), normalisers="abc")
+    raises("normalisers must be 6 positive numbers", "fedavg", tvs(), normalisers=[True] * 6)
+    raises("c3 has no normaliser and there are no local_steps to fall back on", "fednova", tvs(),
+           normalisers=[1, 1, 1, None, 1, 1], names=[f"c{i}" for i in range(6)])
 
 
 @pytest.mark.parametrize("method,kw,match", [

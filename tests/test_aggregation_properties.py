@@ -31,10 +31,10 @@ def fisher(k=K, seed=1):
     return [{n: torch.rand(s, generator=g) + 0.1 for n, s in SHAPES.items()} for _ in range(k)]
 
 
-def call(method, tvs, weights=None, steps=None, fis=None, **kw):
+def call(method, tvs, weights=None, steps=None, fis=None, names=None, **kw):
     steps = steps if steps is not None else [5] * len(tvs)
     extras = {"fisher": fis if fis is not None else fisher(len(tvs))}
-    return merge(method, tvs, weights, steps, extras=extras, **kw)
+    return merge(method, tvs, weights, normalisers=steps, extras=extras, names=names, **kw)
 
 
 def dist(a, b):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clients.tasks import SUITES, TASKS, load_task
@@ -32,6 +33,10 @@ def test_local_fine_tuning_lowers_loss_and_beats_chance_and_base(theta0):
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     metrics = fine_tune(model, task, LocalTrainConfig(steps=80, lr=0.01, batch_size=64, seed=0))
     assert metrics["train-loss"] < 0.5 * metrics["train-loss-first"]
+    # FedNova's normaliser for 80 steps of SGD with momentum 0.9, simplified by hand:
+    # [80 - 0.9 (1 - 0.9^80) / 0.1] / 0.1 = 710 + 90 * 0.9^80
+    assert metrics["local-steps"] == 80
+    assert metrics["fednova-a"] == pytest.approx(710 + 90 * 0.9**80, rel=1e-12)
     chance = 1 / task.num_classes
     assert metrics["finetuned-accuracy"] > chance + 0.5
     assert metrics["finetuned-accuracy"] > base_acc + 0.1

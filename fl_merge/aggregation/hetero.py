@@ -14,19 +14,20 @@ from fl_merge.task_vectors import MergeInputError, StateDict
 def hetero_coefficients(
     gram: torch.Tensor,
     weights: torch.Tensor,
-    local_steps: torch.Tensor | None,
+    normalisers: torch.Tensor | None,
     gamma: float,
     clip: bool,
 ) -> torch.Tensor:
-    """Per-client coefficients a_i with Delta = sum_i a_i tau_i, from the Gram matrix
+    """Per-client coefficients b_i with Delta = sum_i b_i tau_i, from the Gram matrix
     G_ij = <tau_i, tau_j> (float64 [K, K]); see `hetero` for the formula."""
     g = gram.to(torch.float64)
     k = g.shape[0]
     p = weights.to(torch.float64).cpu()
-    steps = torch.ones(k, dtype=torch.float64) if local_steps is None else local_steps.cpu().double()
-    scale = (p * steps).sum() if local_steps is not None else torch.tensor(1.0, dtype=torch.float64)
-    # u_i = tau_i / K_i, then clip to the median norm: z_i = c_i u_i.
-    s = 1.0 / steps
+    known = normalisers is not None
+    a = normalisers.cpu().double() if known else torch.ones(k, dtype=torch.float64)
+    scale = (p * a).sum() if known else torch.tensor(1.0, dtype=torch.float64)
+    # u_i = tau_i / a_i, then clip to the median norm: z_i = c_i u_i.
+    s = 1.0 / a
     norms = (torch.diagonal(g).clamp_min(0).sqrt()) * s
     if clip:
         r = norms.median()
@@ -70,29 +71,32 @@ def _check_hetero(params: dict) -> None:
 def hetero(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
-    local_steps: torch.Tensor | None = None,
+    normalisers: torch.Tensor | None = None,
     device: torch.device = torch.device("cpu"),
     gamma: float = 1.0,
     clip: bool = True,
 ) -> StateDict:
-    """Heterogeneity-aware weighting (ours): step-normalised, norm-clipped, agreement-weighted
-    average.
+    """Heterogeneity-aware weighting (ours): normaliser-scaled, norm-clipped,
+    agreement-weighted average.
 
-        u_i   = tau_i / K_i                        (K_i local steps; 1 when unknown)
+        u_i   = tau_i / a_i        (a_i FedNova's normaliser of client i, see `fednova`;
+                                    1 for every client when neither normalisers nor
+                                    local steps are known)
         z_i   = min(1, r / ||u_i||) u_i,  r = median_j ||u_j||   (clip=True; lower middle
                                                           value for even K)
         c_i   = cos(z_i, sum_{j!=i} p_j z_j)       (leave-one-out consensus)
         q_i   = p_i * max(c_i, 0)^gamma / sum_j (same)   (q = p if all are 0)
-        Delta = K_eff * sum_i q_i z_i,   K_eff = sum_i p_i K_i  (1 when steps unknown)
+        Delta = a_eff * sum_i q_i z_i,   a_eff = sum_i p_i a_i  (1 when a is unknown)
 
-    Motivation: clients differ in (1) how long they trained: like FedNova we divide by K_i so
-    long runs do not dominate, and K_eff restores the step scale; (2) how large their update
-    is (learning rate, data size, or a scaled malicious update): clipping to the median norm
-    bounds any one client's pull without touching typical ones; (3) which direction they
-    pull (non-IID data, conflicting tasks, sign-flipped updates): a client whose update
-    points away from the consensus of the *others* (it cannot vote for itself) gets less
-    weight, and none when the cosine is <= 0. gamma sharpens the agreement weighting
-    (gamma = 0 keeps p). Identical clients with equal steps give back their common vector.
+    Motivation: clients differ in (1) how long and with which optimizer they trained: like
+    FedNova we divide by a_i so long runs do not dominate, and a_eff restores the step
+    scale; (2) how large their update is (learning rate, data size, or a scaled malicious
+    update): clipping to the median norm bounds any one client's pull without touching
+    typical ones; (3) which direction they pull (non-IID data, conflicting tasks,
+    sign-flipped updates): a client whose update points away from the consensus of the
+    *others* (it cannot vote for itself) gets less weight, and none when the cosine is
+    <= 0. gamma sharpens the agreement weighting (gamma = 0 keeps p).
+    Identical clients with equal normalisers give back their common vector.
 
     Cost: one streamed pass for the K x K Gram matrix (float64 accumulation over blocks),
     one for the weighted sum; memory one block plus the result.
@@ -107,9 +111,9 @@ def hetero(
             xd = x.double()
             g = xd @ xd.T
         gram += g
-    a = hetero_coefficients(gram.cpu(), weights, local_steps, float(gamma), bool(clip))
-    aw = a.to(device=device, dtype=dtype)
+    b = hetero_coefficients(gram.cpu(), weights, normalisers, float(gamma), bool(clip))
+    bw = b.to(device=device, dtype=dtype)
     out = _stream.empty_like_flat(ref, device, dtype)
     for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
-        torch.mv(x.T, aw, out=out[key][s:e])
+        torch.mv(x.T, bw, out=out[key][s:e])
     return _stream.to_output(out, ref)
