@@ -318,15 +318,17 @@ def test_fisher(w):
     fis = [{k: torch.rand(s, generator=g) ** 3 for k, s in SHAPES.items()} for _ in range(6)]
     fis[2]["fc.bias"][:3] = 0.0
     x, f, p = stack(tvs), stack(fis), norm_p(w, 6)
-    ref = np.array([sum(p[i] * f[i, j] * x[i, j] for i in range(6))
-                    / (sum(p[i] * f[i, j] for i in range(6)) + 1e-8) for j in range(x.shape[1])])
+    f0 = 1e-6  # the default floor added to every client's Fisher
+    ref = np.array([sum(p[i] * (f[i, j] + f0) * x[i, j] for i in range(6))
+                    / sum(p[i] * (f[i, j] + f0) for i in range(6)) for j in range(x.shape[1])])
     assert_close(merge("fisher", tvs, w, extras={"fisher": fis}), ref)
-    # Fisher 0 everywhere but one client: that client's update wins there
+    # Fisher 0 everywhere but one client: that client's update wins there (up to the floor)
     only = [{k: torch.zeros(s) if i else torch.ones(s) for k, s in SHAPES.items()} for i in range(6)]
-    assert_close(merge("fisher", tvs, w, extras={"fisher": only}, eps=0.0), x[0])
-    # all zero Fisher with eps=0 -> 0, not NaN
+    assert_close(merge("fisher", tvs, w, extras={"fisher": only}, min_fisher=1e-12), x[0])
+    # all-zero Fisher: no client is informative, the floor gives the plain weighted mean
+    # (this was 0 before the floor: eps only in the denominator)
     zero = [{k: torch.zeros(s) for k, s in SHAPES.items()} for _ in range(6)]
-    assert_close(merge("fisher", tvs, extras={"fisher": zero}, eps=0.0), np.zeros(x.shape[1]))
+    assert_close(merge("fisher", tvs, w, extras={"fisher": zero}), p @ x)
 
 
 def ref_hetero(x, p, steps, gamma, clip):

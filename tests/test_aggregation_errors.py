@@ -118,7 +118,8 @@ def test_weights_and_steps():
     ("breadcrumbs", {"gamma": -0.1}, r"must lie in \[0, 1\)"),
     ("krum", {"f": -1}, r"f \(number of Byzantine clients\) must be an integer >= 0"),
     ("multikrum", {"m": 0}, r"m \(clients to average\) must be an integer >= 1"),
-    ("fisher", {"eps": -1.0}, "eps must be >= 0"),
+    ("fisher", {"min_fisher": 0.0}, r"min_fisher must lie in \[1e-30, 1e30\], got 0.0"),
+    ("fisher", {"min_fisher": -1.0}, "min_fisher must lie in"),
     ("hetero", {"gamma": -1.0}, "gamma must be >= 0"),
     ("hetero", {"clip": "yes"}, "clip must be true or false"),
 ])

@@ -67,7 +67,8 @@ IDENTICAL = [
     ("cclip", {"tau": 0.5, "iters": 200}), ("krum", {}), ("multikrum", {"m": 2}),
     ("geometric_median", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0}),
     ("dare", {"drop_rate": 0.0, "base": "ties"}), ("breadcrumbs", {"beta": 0.0, "gamma": 0.0}),
-    ("fisher", {"eps": 0.0}), ("hetero", {}), ("hetero", {"gamma": 3.0, "clip": False}),
+    ("fisher", {}), ("fisher", {"min_fisher": 1e3}), ("hetero", {}),
+    ("hetero", {"gamma": 3.0, "clip": False}),
 ]
 
 

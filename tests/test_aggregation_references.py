@@ -1,6 +1,6 @@
 """The fixes of issue 14 item 3, each against an independent reference: FedNova's
 normaliser for the optimizer a client ran (closed form by hand, and unrolled torch
-optimizers)."""
+optimizers), and Fisher merging's floor."""
 
 from __future__ import annotations
 
@@ -110,3 +110,30 @@ def test_methods_without_normalisers_ignore_them_silently():
         warnings.simplefilter("error")  # no fallback warning for a method that has no use
         out = merge("fedavg", tvs, local_steps=[1, 2, 3], normalisers=[None, 4.0, None])
     assert out["w"].tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------ Fisher floor
+
+
+def test_fisher_single_client_returns_its_update_exactly():
+    out = merge("fisher", [{"w": torch.ones(4)}], extras={"fisher": [{"w": torch.full((4,), 1e-9)}]})
+    assert torch.equal(out["w"], torch.ones(4))  # was 0.091 with eps in the denominator only
+
+
+def test_fisher_all_zero_is_the_plain_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    tvs = [{"w": torch.randn(5, generator=g)} for _ in range(3)]
+    zero = [{"w": torch.zeros(5)} for _ in range(3)]
+    out = merge("fisher", tvs, [1.0, 2.0, 5.0], extras={"fisher": zero})["w"]
+    ref = (1 * tvs[0]["w"] + 2 * tvs[1]["w"] + 5 * tvs[2]["w"]) / 8
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_fisher_two_clients_by_hand():
+    # p = (1/4, 3/4), f0 = 0.5. Coordinate 0: F = (1, 3): weights 0.25 * 1.5 = 0.375 and
+    # 0.75 * 3.5 = 2.625, Delta = (0.375 * 1 + 2.625 * 3) / 3 = 2.75. Coordinate 1: F = 0:
+    # weights 0.25 * 0.5 and 0.75 * 0.5, the plain weighted mean 0.25 * 2 - 0.75 * 2 = -1.
+    tvs = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}]
+    fis = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}]
+    out = merge("fisher", tvs, [1.0, 3.0], extras={"fisher": fis}, min_fisher=0.5)["w"]
+    assert out.tolist() == pytest.approx([2.75, -1.0], abs=1e-6)

@@ -131,25 +131,27 @@ def fedgma(stacked: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> to
     return mask.mul_(_wsum(weights, stacked))
 
 
-def _check_eps(params: dict) -> None:
-    if not number_param(params, "eps") >= 0.0:
-        raise MergeInputError(f"eps must be >= 0, got {params['eps']}")
+def _check_min_fisher(params: dict) -> None:
+    # a positive floor that float32 blocks can hold (and that cannot overflow the weights)
+    if not 1e-30 <= number_param(params, "min_fisher") <= 1e30:
+        raise MergeInputError(f"min_fisher must lie in [1e-30, 1e30], got {params['min_fisher']}")
 
 
-@register("fisher", coordinatewise=True, needs_extras=("fisher",), check_params=_check_eps)
+@register("fisher", coordinatewise=True, needs_extras=("fisher",), check_params=_check_min_fisher)
 def fisher(
-    stacked: torch.Tensor, weights: torch.Tensor, extras: dict, eps: float = 1e-8
+    stacked: torch.Tensor, weights: torch.Tensor, extras: dict, min_fisher: float = 1e-6
 ) -> torch.Tensor:
-    """Delta = sum_i p_i F_i tau_i / (sum_i p_i F_i + eps)  (Fisher merging, Matena & Raffel,
-    NeurIPS 2022), per coordinate, with F_i client i's diagonal Fisher estimate
-    (``extras={"fisher": [dict per client]}``, same keys/shapes as the task vectors).
+    """Delta = sum_i p_i (F_i + f0) tau_i / sum_i p_i (F_i + f0)  (Fisher merging, Matena &
+    Raffel, NeurIPS 2022), per coordinate, with F_i client i's diagonal Fisher estimate
+    (``extras={"fisher": [dict per client]}``, same keys/shapes as the task vectors) and the
+    floor f0 = min_fisher > 0 added to every F_i, as FusionBench's Fisher merging does with
+    its ``minimal_fisher_weight`` (default 1e-6 there too).
 
-    The client weights p_i play the role of the paper's lambda_i; with uniform p this is
-    sum F_i tau_i / (sum F_i + K eps). Where every F_i is zero the coordinate gets 0 (no
-    client has information about it).
+    The client weights p_i play the role of the paper's lambda_i. The floor makes the
+    denominator >= f0 > 0: where no client's Fisher is informative (F_i << f0, e.g. the
+    many exactly-zero entries of unused units) a coordinate falls back to the plain mean
+    sum_i p_i tau_i, and K=1 returns tau exactly.
     """
-    f = extras["fisher"]
+    f = extras["fisher"].add_(min_fisher)
     wf = f.mul_(_expand(weights, f).to(f.dtype))
-    num = (wf * stacked).sum(0)
-    den = wf.sum(0).add_(eps)
-    return torch.where(den > 0, num / den, torch.zeros_like(num))
+    return (wf * stacked).sum(0).div_(wf.sum(0))
