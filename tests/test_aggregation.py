@@ -331,7 +331,7 @@ def test_fisher(w):
     assert_close(merge("fisher", tvs, w, extras={"fisher": zero}), p @ x)
 
 
-def ref_hetero(x, p, steps, gamma, clip):
+def ref_hetero(x, p, steps, gamma, clip, floor=0.01):
     k = len(x)
     s = np.ones(k) if steps is None else np.asarray(steps, dtype=float)  # normalisers a_i
     u = x / s[:, None]
@@ -343,7 +343,7 @@ def ref_hetero(x, p, steps, gamma, clip):
     for i in range(k):
         m = sum(p[j] * z[j] for j in range(k) if j != i) / sum(p[j] for j in range(k) if j != i)
         cos[i] = z[i] @ m / (np.linalg.norm(z[i]) * np.linalg.norm(m))
-    q = p * np.maximum(cos, 0) ** gamma
+    q = p * (np.minimum(np.maximum(cos, 0), 1) ** gamma + floor)
     q = q / q.sum()
     scale = 1.0 if steps is None else float(p @ s)
     return scale * (q[:, None] * z).sum(0), cos

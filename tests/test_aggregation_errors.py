@@ -120,6 +120,7 @@ def test_weights_and_steps():
     ("multikrum", {"m": 0}, r"m \(clients to average\) must be an integer >= 1"),
     ("fisher", {"min_fisher": 0.0}, r"min_fisher must lie in \[1e-30, 1e30\], got 0.0"),
     ("fisher", {"min_fisher": -1.0}, "min_fisher must lie in"),
+    ("hetero", {"floor": 0.0}, r"floor must lie in \[1e-12, 1e12\], got 0.0"),
     ("hetero", {"gamma": -1.0}, "gamma must be >= 0"),
     ("hetero", {"clip": "yes"}, "clip must be true or false"),
 ])

@@ -1,6 +1,6 @@
 """The fixes of issue 14 item 3, each against an independent reference: FedNova's
 normaliser for the optimizer a client ran (closed form by hand, and unrolled torch
-optimizers), and Fisher merging's floor."""
+optimizers), Fisher merging's floor and hetero's continuity."""
 
 from __future__ import annotations
 
@@ -137,3 +137,42 @@ def test_fisher_two_clients_by_hand():
     fis = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}]
     out = merge("fisher", tvs, [1.0, 3.0], extras={"fisher": fis}, min_fisher=0.5)["w"]
     assert out.tolist() == pytest.approx([2.75, -1.0], abs=1e-6)
+
+
+# ------------------------------------------------------------------ hetero continuity
+
+
+def _crossing(t):
+    """Three updates whose leave-one-out cosines all change sign at t = 0: orthogonal
+    a_i e_i plus t times a common direction."""
+    basis = torch.eye(3, dtype=torch.float64)
+    common = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    return [{"w": a * basis[i] + t * common} for i, a in enumerate((1.0, 2.0, 3.0))]
+
+
+@pytest.mark.parametrize("gamma,clip", [(1.0, True), (1.0, False), (2.0, False)])
+def test_hetero_is_continuous_when_every_cosine_crosses_zero(gamma, clip):
+    w = [1.0, 2.0, 4.0]
+
+    def jump(eps):
+        up = merge("hetero", _crossing(eps), w, gamma=gamma, clip=clip)["w"]
+        down = merge("hetero", _crossing(-eps), w, gamma=gamma, clip=clip)["w"]
+        return float((up - down).norm())
+
+    # the inputs themselves move by 2 eps sqrt(3); the update by O(eps), not by a jump
+    for eps in (1e-4, 1e-6, 1e-8):
+        assert jump(eps) < 300 * eps, (eps, jump(eps))
+    assert jump(1e-4) / jump(1e-6) == pytest.approx(100, rel=0.2)  # linear in eps
+
+
+@pytest.mark.parametrize("floor,expected", [(0.5, 2 / 3), (0.01, 0.255 / 0.26)])
+def test_hetero_weights_by_hand(floor, expected):
+    # p = (1/2, 1/4, 1/4), z = (1, 0), (1, 0), (-1, 0) (equal norms: no clipping, no
+    # normalisers: a_eff = 1). Leave-one-out consensus: client 0 sees (1/4 - 1/4) = 0, so
+    # c_0 = 0; client 1 sees (1/2 - 1/4)/(3/4) > 0, c_1 = 1; client 2 sees +, c_2 = -1.
+    # q ~ p (max(c, 0) + floor) = (f/2, (1 + f)/4, f/4); Delta_0 = q_0 + q_1 - q_2.
+    tvs = [{"w": torch.tensor(v)} for v in ([1.0, 0.0], [1.0, 0.0], [-1.0, 0.0])]
+    out = merge("hetero", tvs, [2.0, 1.0, 1.0], floor=floor)["w"]
+    assert out.tolist() == pytest.approx([expected, 0.0], abs=1e-7)
+    f = floor
+    assert expected == pytest.approx((f / 2 + (1 + f) / 4 - f / 4) / (f / 2 + (1 + f) / 4 + f / 4))

@@ -17,6 +17,7 @@ def hetero_coefficients(
     normalisers: torch.Tensor | None,
     gamma: float,
     clip: bool,
+    floor: float,
 ) -> torch.Tensor:
     """Per-client coefficients b_i with Delta = sum_i b_i tau_i, from the Gram matrix
     G_ij = <tau_i, tau_j> (float64 [K, K]); see `hetero` for the formula."""
@@ -53,9 +54,8 @@ def hetero_coefficients(
             mnorm2 = float(m @ z[o][:, o] @ m)
             den = float(zn[i]) * max(mnorm2, 0.0) ** 0.5
             cos[i] = dot / den if den > 0 else 0.0
-    q = p * cos.clamp_min(0.0).pow(gamma) if gamma > 0 else p * (cos > -2).double()
-    if float(q.sum()) <= 0:
-        q = p.clone()
+    # max(c, 0)^0 = 1 (torch's 0^0): gamma = 0 keeps p.
+    q = p * (cos.clamp(0.0, 1.0).pow(gamma) + floor)
     q = q / q.sum()
     return scale * q * d
 
@@ -65,6 +65,8 @@ def _check_hetero(params: dict) -> None:
         raise MergeInputError(f"gamma must be >= 0, got {params['gamma']}")
     if not isinstance(params["clip"], bool):
         raise MergeInputError(f"clip must be true or false, got {params['clip']!r}")
+    if not 1e-12 <= number_param(params, "floor") <= 1e12:
+        raise MergeInputError(f"floor must lie in [1e-12, 1e12], got {params['floor']}")
 
 
 @register("hetero", coordinatewise=False, check_params=_check_hetero)
@@ -75,6 +77,7 @@ def hetero(
     device: torch.device = torch.device("cpu"),
     gamma: float = 1.0,
     clip: bool = True,
+    floor: float = 0.01,
 ) -> StateDict:
     """Heterogeneity-aware weighting (ours): normaliser-scaled, norm-clipped,
     agreement-weighted average.
@@ -85,7 +88,7 @@ def hetero(
         z_i   = min(1, r / ||u_i||) u_i,  r = median_j ||u_j||   (clip=True; lower middle
                                                           value for even K)
         c_i   = cos(z_i, sum_{j!=i} p_j z_j)       (leave-one-out consensus)
-        q_i   = p_i * max(c_i, 0)^gamma / sum_j (same)   (q = p if all are 0)
+        q_i   = p_i (max(c_i, 0)^gamma + floor) / sum_j p_j (max(c_j, 0)^gamma + floor)
         Delta = a_eff * sum_i q_i z_i,   a_eff = sum_i p_i a_i  (1 when a is unknown)
 
     Motivation: clients differ in (1) how long and with which optimizer they trained: like
@@ -94,9 +97,16 @@ def hetero(
     update): clipping to the median norm bounds any one client's pull without touching
     typical ones; (3) which direction they pull (non-IID data, conflicting tasks,
     sign-flipped updates): a client whose update points away from the consensus of the
-    *others* (it cannot vote for itself) gets less weight, and none when the cosine is
-    <= 0. gamma sharpens the agreement weighting (gamma = 0 keeps p).
+    *others* (it cannot vote for itself) gets less weight, and only the floor's share
+    when its cosine is <= 0. gamma sharpens the agreement weighting (gamma = 0 keeps p).
     Identical clients with equal normalisers give back their common vector.
+
+    Continuity: every step is continuous in the task vectors, weights and normalisers
+    (wherever the cosines are defined, i.e. no zero update): the floor > 0 keeps the
+    normalising sum >= floor, so q varies by O(eps / floor) when the cosines move by eps,
+    also when all of them cross 0 (without it q jumped from p_i c_i^gamma / sum to a
+    fallback). The floor is the weight share, relative to a fully agreeing client, of a
+    client that disagrees.
 
     Cost: one streamed pass for the K x K Gram matrix (float64 accumulation over blocks),
     one for the weighted sum; memory one block plus the result.
@@ -111,7 +121,8 @@ def hetero(
             xd = x.double()
             g = xd @ xd.T
         gram += g
-    b = hetero_coefficients(gram.cpu(), weights, normalisers, float(gamma), bool(clip))
+    b = hetero_coefficients(gram.cpu(), weights, normalisers, float(gamma), bool(clip),
+                            float(floor))
     bw = b.to(device=device, dtype=dtype)
     out = _stream.empty_like_flat(ref, device, dtype)
     for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
