@@ -213,10 +213,12 @@ def ref_ties(x, p, density):
     for i in range(k):
         thr = sorted(np.abs(x[i]), reverse=True)[cnt - 1]
         trimmed[i] = np.where(np.abs(x[i]) >= thr, x[i], 0.0)
+    signs = [np.sign(sum(p[i] * trimmed[i, j] for i in range(k))) for j in range(n)]
+    majority = np.sign(sum(signs))  # breaks exact ties, as the TIES reference code does
     out = np.zeros(n)
     for j in range(n):
-        s = np.sign(sum(p[i] * trimmed[i, j] for i in range(k)))
-        agree = [i for i in range(k) if s != 0 and np.sign(trimmed[i, j]) == s]
+        s = signs[j] if signs[j] != 0 else (majority if majority != 0 else -1.0)
+        agree = [i for i in range(k) if np.sign(trimmed[i, j]) == s]
         if agree:
             out[j] = sum(p[i] * trimmed[i, j] for i in agree) / sum(p[i] for i in agree)
     return out

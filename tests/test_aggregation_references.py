@@ -1,13 +1,15 @@
 """The fixes of issue 14 item 3, each against an independent reference: FedNova's
 normaliser for the optimizer a client ran (closed form by hand, and unrolled torch
-optimizers), Fisher merging's floor and hetero's continuity."""
+optimizers), Fisher merging's floor, hetero's continuity and TIES tie-breaking as in the
+TIES reference code."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from fl_merge.aggregation import fednova_normaliser, merge, normalisers_tensor
+from fl_merge.aggregation import _stream, fednova_normaliser, merge, normalisers_tensor
 
 # ------------------------------------------------------------------ FedNova normaliser
 
@@ -176,3 +178,66 @@ def test_hetero_weights_by_hand(floor, expected):
     assert out.tolist() == pytest.approx([expected, 0.0], abs=1e-7)
     f = floor
     assert expected == pytest.approx((f / 2 + (1 + f) / 4 - f / 4) / (f / 2 + (1 + f) / 4 + f / 4))
+
+
+# ------------------------------------------------------------------ TIES tie-breaking
+
+
+def ref_ties_reference(x, p, density):
+    """TIES as the reference code does it (prateeky2806/ties-merging, merge_utils.py:
+    topk_values_mask, resolve_sign with resolve_zero_signs 'majority', disjoint_merge
+    'dis-mean'), written out with loops; weights enter the vote and the mean as p_i."""
+    k, n = x.shape
+    cnt = max(1, int(density * n))
+    trimmed = np.zeros_like(x)
+    for i in range(k):
+        thr = sorted(np.abs(x[i]), reverse=True)[cnt - 1]
+        trimmed[i] = [v if abs(v) >= thr else 0.0 for v in x[i]]
+    signs = [np.sign(sum(p[i] * trimmed[i, j] for i in range(k))) for j in range(n)]
+    majority = np.sign(sum(signs))
+    out = np.zeros(n)
+    for j in range(n):
+        s = signs[j] if signs[j] != 0 else majority
+        keep = [i for i in range(k) if (trimmed[i, j] > 0 if s > 0 else trimmed[i, j] < 0)]
+        if keep:
+            out[j] = sum(p[i] * trimmed[i, j] for i in keep) / sum(p[i] for i in keep)
+    return out
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    # elected sums (2, 3, 4, 0): majority +, the tie keeps the positive entry 2
+    ([1.0, 2.0, 3.0, 2.0], [1.0, 1.0, 1.0, -2.0], [1.0, 1.5, 2.0, 2.0]),
+    # all negated but the tie: majority -, the tie keeps -2
+    ([-1.0, -2.0, -3.0, 2.0], [-1.0, -1.0, -1.0, -2.0], [-1.0, -1.5, -2.0, -2.0]),
+    # elected (+, -, 0): no majority; the reference then keeps the negative entry
+    ([1.0, -1.0, 2.0], [1.0, -1.0, -2.0], [1.0, -1.0, -2.0]),
+])
+def test_ties_tie_breaking_by_hand(a, b, expected):
+    out = merge("ties", [{"w": torch.tensor(a)}, {"w": torch.tensor(b)}], density=1.0)["w"]
+    assert out.tolist() == expected
+
+
+@pytest.mark.parametrize("w", [None, [1.0, 3.0, 1.0, 3.0]])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+@pytest.mark.parametrize("flip", [False, True])
+def test_ties_matches_the_reference_with_exact_ties(monkeypatch, w, density, flip):
+    """Small integer updates: many elected sums are exactly 0. Tiny blocks, so ties and
+    the majority span several blocks and tensors."""
+    g = np.random.default_rng(3)
+    shapes = {"a": (7, 5), "b": (11,), "c": (3, 2, 2)}
+    k = 4
+    tvs = [{n: torch.tensor(g.integers(-3, 4, size=s).astype(np.float32)) for n, s in shapes.items()}
+           for _ in range(k)]
+    if flip:  # turn the majority negative
+        tvs = [{n: -v for n, v in tv.items()} for tv in tvs]
+    x = np.stack([np.concatenate([tv[n].numpy().ravel() for n in shapes]) for tv in tvs]).astype(float)
+    p = np.full(k, 1 / k) if w is None else np.asarray(w) / sum(w)
+    ref = ref_ties_reference(x, p, density)
+    monkeypatch.setattr(_stream, "CPU_BLOCK", k * 6)
+    monkeypatch.setattr(_stream, "MIN_ROW", 1)
+    for out in (merge("ties", tvs, w, density=density),
+                merge("dare", tvs, w, drop_rate=0.0, base="ties", density=density)):
+        got = np.concatenate([out[n].numpy().ravel() for n in shapes])
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    ties = [j for j in range(x.shape[1]) if np.sign(p @ (x[:, j])) == 0 and x[:, j].any()]
+    assert ties and any(ref[j] != 0 for j in ties)  # the tie-break really decided something
