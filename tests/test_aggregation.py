@@ -273,20 +273,15 @@ def test_dare_masks_and_rescale():
 
 def test_dare_ties_base_matches_reference_on_dropped_vectors():
     tvs = make_tvs(4, 13)
-    # recover the DARE masks from a single-client fedavg run per client (same seeding)
-    from fl_merge.aggregation.sparsify import _dare_seed  # noqa: F401  (seeding is by index)
-    dropped = []
-    for i in range(4):
-        # client i's masked vector = fedavg over clients where all but i are zero
-        zeros = [{k: torch.zeros_like(v) for k, v in tvs[0].items()} for _ in range(4)]
-        zeros[i] = tvs[i]
-        out = merge("dare", zeros, [1.0 if j == i else 1e-30 for j in range(4)],
-                    drop_rate=0.4, seed=5)
-        dropped.append(flat(out))
+    names = ["alpha", "beta", "gamma", "delta"]
+    # recover the DARE masks from a single-client fedavg run per client (masks are keyed by
+    # the client's name, so client i alone under its name gets the same mask)
+    dropped = [flat(merge("dare", [tvs[i]], names=[names[i]], drop_rate=0.4, seed=5))
+               for i in range(4)]
     x, p = np.stack(dropped), norm_p(None, 4)
     ref = ref_ties(x, p, 0.5)
-    assert_close(merge("dare", tvs, drop_rate=0.4, seed=5, base="ties", density=0.5), ref,
-                 rtol=1e-4, atol=1e-5)
+    assert_close(merge("dare", tvs, names=names, drop_rate=0.4, seed=5, base="ties", density=0.5),
+                 ref, rtol=1e-4, atol=1e-5)
 
 
 def ref_breadcrumbs(tvs, p, beta, gamma):

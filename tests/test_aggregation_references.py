@@ -1,7 +1,7 @@
 """The fixes of issue 14 item 3, each against an independent reference: FedNova's
 normaliser for the optimizer a client ran (closed form by hand, and unrolled torch
-optimizers), Fisher merging's floor, hetero's continuity and TIES tie-breaking as in the
-TIES reference code."""
+optimizers), Fisher merging's floor, hetero's continuity, TIES tie-breaking as in the TIES
+reference code, and DARE masks keyed by client identity."""
 
 from __future__ import annotations
 
@@ -241,3 +241,32 @@ def test_ties_matches_the_reference_with_exact_ties(monkeypatch, w, density, fli
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     ties = [j for j in range(x.shape[1]) if np.sign(p @ (x[:, j])) == 0 and x[:, j].any()]
     assert ties and any(ref[j] != 0 for j in ties)  # the tie-break really decided something
+
+
+# ------------------------------------------------------------------ DARE identity
+
+
+@pytest.mark.parametrize("base", ["fedavg", "ties"])
+def test_dare_does_not_depend_on_client_order(base):
+    g = torch.Generator().manual_seed(4)
+    tvs = [{"a": torch.randn(30, 7, generator=g), "b": torch.randn(13, generator=g)} for _ in range(5)]
+    w, names = [1.0, 2.0, 0.5, 3.0, 1.5], ["rot90", "invert", "parity", "blur", "noise"]
+    perm = [2, 4, 0, 3, 1]
+    kw = {"drop_rate": 0.6, "seed": 11, "base": base, "density": 0.5}
+    a = merge("dare", tvs, w, names=names, **kw)
+    b = merge("dare", [tvs[i] for i in perm], [w[i] for i in perm],
+              names=[names[i] for i in perm], **kw)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-7)
+    # without names a client is keyed by its position (documented): order then matters
+    c = merge("dare", [tvs[i] for i in perm], [w[i] for i in perm], **kw)
+    d = merge("dare", tvs, w, **kw)
+    assert not torch.allclose(c["a"], d["a"])
+
+
+def test_dare_needs_unique_names():
+    from fl_merge.task_vectors import MergeInputError
+
+    tvs = [{"a": torch.ones(3)} for _ in range(3)]
+    with pytest.raises(MergeInputError, match="names must be unique, got 'x' twice"):
+        merge("dare", tvs, names=["x", "y", "x"])

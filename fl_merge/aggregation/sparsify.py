@@ -11,6 +11,7 @@ masks are drawn per whole tensor, flattens one client's (masked) vector at a tim
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -155,8 +156,12 @@ def ties(
     return ties_merge(task_vectors, weights, device, density)
 
 
-def _dare_seed(seed: int, client: int, key_index: int) -> int:
-    return (int(seed) * 0x9E3779B1 + client * 0x85EBCA6B + key_index * 0xC2B2AE35) % (2**63)
+def dare_seed(seed: int, client: str, key: str) -> int:
+    """The seed of one DARE mask, from the run's seed, the client's name and the tensor's
+    name: a stable hash (BLAKE2b, the same in every process, unlike Python's hash), so a
+    client's mask does not depend on where it sits in the list."""
+    msg = "\x1f".join((str(int(seed)), client, key)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") % (2**63)
 
 
 def _check_dare(params: dict) -> None:
@@ -174,6 +179,7 @@ def _check_dare(params: dict) -> None:
 def dare(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
+    names: Sequence[str] | None = None,
     device: torch.device = torch.device("cpu"),
     drop_rate: float = 0.9,
     seed: int = 0,
@@ -186,18 +192,27 @@ def dare(
     base="ties": TIES(hat tau, density) (DARE-TIES; density 1 = sign election and
     disjoint mean without further trimming).
 
-    Masks come from a CPU generator seeded by (seed, client index, tensor index), so a
-    given seed gives the same masks on every device and in every call.
+    Masks come from a CPU generator seeded by (seed, client name, tensor name)
+    (`dare_seed`): a client keeps its mask wherever it sits in the list, so the result does
+    not depend on client order, and a given seed gives the same masks on every device and
+    in every call. Names must be unique and stable across runs (a task or partition, not a
+    node id that changes every run). Without `names` (merge(..., names=None)) a client is
+    named by its position, "client <i>", so reordering clients then changes the masks.
     """
     ref = task_vectors[0]
     keys = list(ref)
     dtype = _dtype(task_vectors)
     keep_p = 1.0 - float(drop_rate)
+    names = [f"client {i}" for i in range(len(task_vectors))] if names is None else list(names)
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise MergeInputError(f"dare keys its random masks by client name: names must be unique, "
+                              f"got {dup!r} twice")
 
     def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
         if drop_rate == 0:
             return x
-        g = torch.Generator().manual_seed(_dare_seed(seed, i, keys.index(key)))
+        g = torch.Generator().manual_seed(dare_seed(seed, names[i], key))
         keep = torch.rand(x.numel(), generator=g) < keep_p
         return x * keep.to(x.device).reshape(x.shape) / keep_p
 
