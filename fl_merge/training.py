@@ -43,6 +43,7 @@ def fit(
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    fednova_a = fednova_normaliser(steps, momentum, "sgd")  # also checks momentum, before training
     x, y = data.tensors
     n = len(y)
     bs = min(batch_size, n)
@@ -71,4 +72,4 @@ def fit(
     bar.close()
     model.eval()
     return FitResult(len(losses), sum(losses[:window]) / window, sum(losses[-window:]) / window,
-                     fednova_normaliser(len(losses), momentum, "sgd"))
+                     fednova_a)

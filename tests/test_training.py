@@ -86,3 +86,21 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
     path.unlink()
     pretrained_backbone("mnist-cnn", cfg, progress=False)
     assert not stale.exists() and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_fit_reports_the_momentum_normaliser_and_checks_momentum_first():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fl_merge.training import fit
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g))
+    model = nn.Linear(3, 2)
+    # 3 steps of momentum 0.5: the buffer weights sum to 1 + 1.5 + 1.75
+    res = fit(model, data, steps=3, lr=0.1, batch_size=4, seed=0, momentum=0.5)
+    assert res.steps == 3 and res.fednova_a == pytest.approx(4.25, rel=1e-12)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\), got 1.0"):
+        fit(model, data, steps=3, lr=0.1, batch_size=4, seed=0, momentum=1.0)
+    assert torch.equal(model.weight, before)  # refused before any training
