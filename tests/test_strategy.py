@@ -162,7 +162,7 @@ def _rich_reply(node_id: int, seed: int, steps: int) -> Message:
 
 @pytest.mark.parametrize("method", __import__("fl_merge").available_methods())
 def test_every_method_runs_through_the_strategy_as_merge_would(method):
-    """The glue hands merge() the right task vectors, weights, local steps and extras."""
+    """The glue hands merge() the right task vectors, weights, local steps, names and extras."""
     from fl_merge import merge
     from fl_merge.task_vectors import split_extras, task_vector
 
@@ -175,8 +175,10 @@ def test_every_method_runs_through_the_strategy_as_merge_would(method):
     states = [split_extras(r.content["arrays"].to_torch_state_dict()) for r in reversed(replies)]
     taus = [task_vector(w, s.theta0, list(s.theta0)) for w, _ in states]
     fisher = {"fisher": [e["fisher"] for _, e in states]}
+    # clients are named by node and partition (DARE keys its masks by these names)
+    names = [f"node {100 + i} (partition {i})" for i in range(6)]
     expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(6)], local_steps=steps,
-                     extras=fisher if method == "fisher" else None)
+                     names=names, extras=fisher if method == "fisher" else None)
     assert set(s.delta) == set(s.theta0)
     for k in s.theta0:
         torch.testing.assert_close(s.delta[k], expected[k])
