@@ -132,8 +132,10 @@ def test_merge_arguments_read_weights_and_steps_from_the_metrics():
     a, b = _client(1, 0, 1, **{"local-steps": 5}), _client(2, 1, 1, **{"local-steps": 7})
     b.metrics["num-examples"] = 30
     args = merge_arguments([a, b], "num-examples")
-    assert args == {"weights": [10.0, 30.0], "local_steps": [5.0, 7.0],
-                    "names": ["node 1 (partition 0)", "node 2 (partition 1)"]}
+    assert args == {"weights": [10.0, 30.0], "local_steps": [5.0, 7.0], "normalisers": None,
+                    "names": ["partition 0", "partition 1"]}  # run-stable identities, not node ids
+    a.metrics["fednova-a"] = 4.5  # b reports none: merge() falls back to its steps
+    assert merge_arguments([a, b], "uniform")["normalisers"] == [4.5, None]
     del b.metrics["local-steps"]
     assert merge_arguments([a, b], "uniform")["weights"] is None
     assert merge_arguments([a, b], "uniform")["local_steps"] is None  # not every client sent it

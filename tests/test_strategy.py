@@ -285,12 +285,32 @@ def test_every_method_runs_through_the_round_as_merge_would(method):
     states = [split_extras(replies[100 + i]["arrays"].to_torch_state_dict()) for i in range(6)]
     taus = [task_vector(w, r.theta0, list(r.theta0)) for w, _ in states]
     fisher = {"fisher": [e["fisher"] for _, e in states]}
+    # Clients are identified by partition (DARE keys its masks by it, stable across runs).
+    names = [f"partition {i}" for i in range(6)]
     expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(6)], local_steps=steps,
-                     extras=fisher if method == "fisher" else None)
+                     names=names, extras=fisher if method == "fisher" else None)
     assert set(r.delta) == set(r.theta0)
     for k in r.theta0:
         torch.testing.assert_close(r.delta[k], expected[k])
         assert bool(torch.isfinite(r.delta[k]).all())
+
+
+def test_fednova_uses_the_normalisers_clients_report():
+    """A client's reported fednova-a is its normaliser; Delta = a_eff * sum p_i tau_i / a_i,
+    checked against that formula written out here (not merge())."""
+    from fl_merge.task_vectors import task_vector
+
+    replies = {100 + i: _rich(i, 10) for i in range(3)}
+    a = [2.0, 5.0, 11.0]  # reported normalisers; the 10 local steps each would weigh all alike
+    for i, ai in enumerate(a):
+        replies[100 + i]["metrics"]["fednova-a"] = ai
+    r = _run(OneShotMerge(method="fednova", etas=[1.0]), FakeGrid(replies))
+    taus = [task_vector(replies[100 + i]["arrays"].to_torch_state_dict(), r.theta0, list(r.theta0))
+            for i in range(3)]
+    a_eff = sum(a) / 3
+    for k in r.theta0:
+        expected = a_eff * sum(t[k] / ai for t, ai in zip(taus, a)) / 3
+        torch.testing.assert_close(r.delta[k], expected)
 
 
 def test_fisher_merge_names_clients_without_fisher():

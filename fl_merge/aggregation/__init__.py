@@ -10,6 +10,7 @@ from fl_merge.aggregation.averaging import (
     fedavg,
     fedgma,
     fednova,
+    fednova_normaliser,
     fisher,
 )
 from fl_merge.aggregation.hetero import hetero as hetero_weighting
@@ -21,6 +22,7 @@ from fl_merge.aggregation.registry import (
     get_method,
     known_extras,
     merge,
+    normalisers_tensor,
     normalized_weights,
     register,
     resolve_device,
@@ -49,6 +51,7 @@ __all__ = [
     "fedavg",
     "fedgma",
     "fednova",
+    "fednova_normaliser",
     "fisher",
     "geometric_median",
     "get_method",
@@ -58,6 +61,7 @@ __all__ = [
     "median",
     "merge",
     "multikrum",
+    "normalisers_tensor",
     "normalized_weights",
     "register",
     "resolve_device",

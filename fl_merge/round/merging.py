@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from fl_merge.aggregation import check_method_params, get_method, merge
 from fl_merge.attacks import ATTACKS, AttackPlan
 from fl_merge.metrics import heterogeneity_report
-from fl_merge.round.protocol import LOCAL_STEPS, NUM_EXAMPLES
+from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, NUM_EXAMPLES
 from fl_merge.round.updates import ClientUpdate, MergeRoundError
 from fl_merge.task_vectors import StateDict
 
@@ -70,8 +70,10 @@ def merge_arguments(clients: Sequence[ClientUpdate], weighting: str) -> dict[str
     """What merge() gets from the clients' train metrics besides the task vectors.
 
     weights: num-examples (weighting='num-examples') or None (uniform); local_steps: when
-    every client reported local-steps; names: client labels for error messages. Per-client
-    metrics a method needs (e.g. FedNova's normaliser) are gathered here, in one place.
+    every client reported local-steps; normalisers: FedNova's a_i per client (`fednova-a`,
+    None where a client did not report it: merge() then falls back to its local steps, the
+    plain-SGD a_i, with a warning); names: each client's run-stable identity (DARE keys its
+    masks by it; errors name it). Per-client metrics a method needs are gathered here.
     """
     if weighting not in ("uniform", "num-examples"):
         raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
@@ -85,7 +87,10 @@ def merge_arguments(clients: Sequence[ClientUpdate], weighting: str) -> dict[str
     steps = None
     if all(LOCAL_STEPS in c.metrics for c in clients):
         steps = [float(c.metrics[LOCAL_STEPS]) for c in clients]
-    return {"weights": weights, "local_steps": steps, "names": [c.label for c in clients]}
+    normalisers = [float(c.metrics[FEDNOVA_A]) if FEDNOVA_A in c.metrics else None for c in clients]
+    return {"weights": weights, "local_steps": steps,
+            "normalisers": normalisers if any(a is not None for a in normalisers) else None,
+            "names": [c.identity for c in clients]}
 
 
 def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[StateDict]] | None:
@@ -104,7 +109,8 @@ def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vector
     """label -> Delta = fl_merge.merge(method, task_vectors, ...), all from the same updates."""
     args = merge_arguments(clients, weighting)
     return {label: merge(name, task_vectors, args["weights"], args["local_steps"], names=args["names"],
-                         device=device, extras=extras_for(name, clients), **params)
+                         normalisers=args["normalisers"], device=device, extras=extras_for(name, clients),
+                         **params)
             for label, (name, params) in methods.items()}
 
 

@@ -18,6 +18,7 @@ PROTOCOL_KEY = "fl-merge-protocol"
 NUM_EXAMPLES = "num-examples"
 # Optional; missing ones degrade with a note in the results (never an error):
 LOCAL_STEPS = "local-steps"  # FedNova-style methods need it from every client
+FEDNOVA_A = "fednova-a"  # optional: FedNova's ||a_i||_1 for the optimizer the client ran
 PARTITION_ID = "partition-id"  # names the client's task (task list index)
 FINETUNED_VAL_ACCURACY = "finetuned-val-accuracy"  # for normalized validation accuracy
 FINETUNED_ACCURACY = "finetuned-accuracy"  # the client's own model on its test split

@@ -46,6 +46,14 @@ class ClientUpdate:
         return f"node {self.node_id}" + (f" (partition {pid})" if pid is not None else "")
 
     @property
+    def identity(self) -> str:
+        """A name that stays the same across runs of one config: the partition (its task),
+        else the node id (a foreign client without partition-id). DARE keys its random masks
+        by it, so merged results never depend on node ids or reply order."""
+        pid = self.partition_id
+        return f"partition {pid}" if pid is not None else f"node {self.node_id}"
+
+    @property
     def grid_eval(self) -> bool:
         """The client announced the grid evaluation capability (fl_merge.round.protocol)."""
         return speaks_grid(self.metrics)
