@@ -35,6 +35,7 @@ from fl_merge.aggregation.robust import (
     multikrum,
     trimmed_mean,
 )
+from fl_merge.aggregation.scales import eta_for_lambda, lambda_for_eta, lambda_scale
 from fl_merge.aggregation.sparsify import breadcrumbs, dare, ties
 from fl_merge.task_vectors import MergeInputError
 
@@ -47,6 +48,7 @@ __all__ = [
     "check_extras",
     "check_method_params",
     "dare",
+    "eta_for_lambda",
     "eta_for_task_arithmetic",
     "fedavg",
     "fedgma",
@@ -57,6 +59,8 @@ __all__ = [
     "get_method",
     "hetero_weighting",
     "known_extras",
+    "lambda_for_eta",
+    "lambda_scale",
     "krum",
     "median",
     "merge",

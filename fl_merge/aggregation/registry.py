@@ -80,6 +80,11 @@ class MergeMethod:
     needs_normalisers: bool = False
     takes_normalisers: bool = False
     takes_names: bool = False
+    # How the method's paper scales its output: "sum" (Task Arithmetic's lambda multiplies the
+    # sum of K task vectors, so eta = K * lambda for our mean-like Delta) or "delta" (lambda
+    # multiplies the method's own merged vector: eta = lambda). A callable(params) -> either,
+    # for methods whose convention depends on a parameter (dare's base). fl_merge.aggregation.scales.
+    lambda_scale: str | Callable[[dict], str] = "sum"
 
 
 _METHODS: dict[str, MergeMethod] = {}
@@ -100,6 +105,7 @@ def register(
     check_params: Callable[[dict], None] | None = None,
     coefficients: Callable | None = None,
     needs_normalisers: bool = False,
+    lambda_scale: str | Callable[[dict], str] = "sum",
 ) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` as merge method `name` (and its aliases)."""
 
@@ -122,7 +128,7 @@ def register(
                 n, fn, coordinatewise, params, needs_local_steps, min_clients, summary,
                 takes_steps, tuple(needs_extras), check_params, "extras" in sig,
                 "device" in sig, coefficients, needs_normalisers, "normalisers" in sig,
-                "names" in sig,
+                "names" in sig, lambda_scale,
             )
         return fn
 

@@ -124,7 +124,7 @@ def _check_density(params: dict) -> None:
         raise MergeInputError(f"density must lie in (0, 1], got {params['density']}")
 
 
-@register("ties", coordinatewise=False, check_params=_check_density)
+@register("ties", coordinatewise=False, check_params=_check_density, lambda_scale="delta")
 def ties(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
@@ -175,7 +175,8 @@ def _check_dare(params: dict) -> None:
         raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
 
 
-@register("dare", coordinatewise=False, check_params=_check_dare)
+@register("dare", coordinatewise=False, check_params=_check_dare,
+          lambda_scale=lambda params: "delta" if params.get("base") == "ties" else "sum")
 def dare(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
