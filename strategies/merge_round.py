@@ -42,6 +42,9 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     for f in r.failures:
         log(WARNING, "left out %s (%s): %s", f["client"], f["stage"], f["reason"])
     check_enough(len(r.clients), s.min_clients, s.methods, r.failures)
+    cached = sum(int(c.metrics.get("cached", 0)) for c in r.clients)
+    if cached:
+        log(INFO, "%d of %d clients reused a cached update (no training)", cached, len(r.clients))
     # 3. Colluding attackers replace their task vectors (client-side attacks already happened).
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     task_vectors = collude(s.attack_plan, r.clients, task_vectors, asked)
