@@ -44,6 +44,10 @@ class RunConfig:
     model: str = "mnist-cnn"
     pretrain_steps: int = 40
     pretrain_seed: int = 0
+    # Merged parameters: fnmatch patterns of parameter names, comma separated (the rest,
+    # e.g. per-task heads, stays each client's own).
+    merge_keys: str = "backbone.*"
+    base_checkpoint: str = ""  # theta0 from a safetensors file / HF folder ("" = model registry)
     method: str = "task_arithmetic"  # one method, or a comma list scored on the same updates
     method_params: str = ""  # "name=value ..." (every listed method taking it) or "ties.density=0.2"
     etas: str = "0.5,1,1.5,2,2.5,3"  # server learning rates scored on validation; 0 (base) is added

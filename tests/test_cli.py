@@ -8,6 +8,7 @@ are few and shared: one single run, one 2-job multirun run twice (module-scoped 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -19,7 +20,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from fl_merge import cli, store
+from fl_merge import cli, selection, store
+from fl_merge.cli import schema
 from fl_merge.aggregation import available_methods, get_method
 from fl_merge.config import ConfigError, RunConfig
 from fl_merge.results import read_rows
@@ -150,6 +152,8 @@ def test_every_runconfig_field_is_reachable():
     for group in ("model", "data", "training", "eval", "runtime", "attack"):
         for path in (CONFIGS / group).glob("*.yaml"):
             reachable |= {k for k, _ in _leaves(yaml.safe_load(path.read_text()))}
+    for node in (schema.attack_schema(), schema.model_schema()):  # attack/_schema, model/_schema
+        reachable |= {f.name for f in dataclasses.fields(node)}
     assert cli.run_config_fields() <= reachable
     assert cfg.method.name == RunConfig().method
 
@@ -307,7 +311,7 @@ def test_second_invocation_trains_nothing(sweeps):
     second, proc = sweeps[1]
     assert _cached(second, 0) == [1, 1] and _cached(second, 1) == [1, 1]
     assert proc.stdout.count("2/2 clients cached") == 2
-    assert "2 of 2 clients reused a cached update" in (second / "0" / "simulation.log").read_text()
+    assert "2 of 2 clients reused a cached update" in (second / "0" / "run.log").read_text()
     # Same settings, same results.
     a, b = (read_rows(d / "results.csv") for d, _ in sweeps)
     def by_key(rows):

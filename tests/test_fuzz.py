@@ -369,7 +369,7 @@ PLAUSIBLE = {
     "round-timeout": [10.0, 1800], "connect-timeout": [5, 120.0], "min-clients": [0, 1, 2],
     "attack": ["", "sign_flip", "scale", "alie"], "attackers": ["", "last:1", "0"],
     "attack-params": ["", "scale=2", "factor=3"], "faults": ["", "crash@1", "nan@0"],
-    "fault-delay": [0.0, 1.5],
+    "fault-delay": [0.0, 1.5], "merge-keys": ["backbone.*"], "base-checkpoint": [""],
 }
 assert set(PLAUSIBLE) == set(KEYS), "a new run-config key: give it plausible values here"
 JUNK_CONFIG = st.one_of(
