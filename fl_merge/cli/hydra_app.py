@@ -22,6 +22,7 @@ from fl_merge import results, store
 from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, Job, _is_hydra_override, build_job, plan
 from fl_merge.config import ConfigError
 
+SUMMARY = "fl_merge.cli.callbacks.SweepSummary"
 # Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them).
 _HYDRA_PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version",
                       "--shell-completion", "-sc", "--experimental-rerun", "--resolve",
@@ -59,6 +60,16 @@ class Sweep:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    # A launcher that runs jobs in other processes (hydra/launcher=joblib) pickles the task
+    # function with this state: a copy there has no progress bar and its counts stay there
+    # (the sweep summary is read from the sweep store, fl_merge.cli.callbacks).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "multirun": self.multirun}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["jobs"], False)
+        self.multirun = state["multirun"]
 
 
 def _job_line(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
@@ -123,7 +134,7 @@ def _hydra(argv: Sequence[str], state: Sweep) -> None:
         task(cfg, state)
 
     old = sys.argv
-    sys.argv = ["fl-merge", *argv]
+    sys.argv = ["fl-merge", *argv, f"+hydra.callbacks.fl_merge_summary._target_={SUMMARY}"]
     try:
         hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")(job)()
     finally:
@@ -161,8 +172,4 @@ def main(argv: Sequence[str]) -> int:
         state.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if state.multirun and state.sweep_dir is not None:
-        print(f"fl-merge: {state.done} job(s) in {time.monotonic() - state.started:.0f}s; "
-              f"results: {state.sweep_dir / results.RESULTS_FILE}\n"
-              f"  best settings and plots: fl-merge report {state.sweep_dir}")
-    return 0
+    return 0  # a multirun's summary: fl_merge.cli.callbacks.SweepSummary

@@ -19,7 +19,6 @@ Mapping onto the Flower run config (`to_flower`), then ``RunConfig.from_flower(.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -197,25 +196,22 @@ def _compose_error(e: BaseException) -> str:
 
 
 def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
-    """The jobs of a command line, as Hydra's basic sweeper forms them (cartesian product in
-    the order given). A sweep without -m is a ConfigError."""
+    """The jobs of a command line, expanded by Hydra's own BasicSweeper (the sweeper
+    `fl-merge -m` runs; cartesian product in the order given). A sweep without -m is a
+    ConfigError."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as e:  # OverrideParseException
-        raise ConfigError(_compose_error(e)) from None
-    axes: list[list[str]] = []
-    for o in parsed:
-        if o.is_sweep_override():
-            if not multirun:
+        for o in parsed:
+            if o.is_sweep_override() and not multirun:
                 raise ConfigError(f"'{o.input_line}' is a sweep: add -m (--multirun) to run one job per value")
-            key = o.get_key_element()
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            axes.append([o.input_line])
-    return [list(c) for c in itertools.product(*axes)]
+        (batch,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as e:  # OverrideParseException, a sweep type BasicSweeper lacks
+        raise ConfigError(_compose_error(e)) from None
+    return batch
 
 
 def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:

@@ -1,4 +1,8 @@
-"""Hydra structured configs derived from `fl_merge.config.RunConfig` (ConfigStore).
+"""Hydra configs derived from the code (ConfigStore): from `fl_merge.config.RunConfig` and
+from the merge-method registry.
+
+``method/<name>`` for every registered method: ``name`` plus the parameters at their
+signature defaults (`method_configs`); there are no configs/method/*.yaml.
 
 ``model/_schema``: every model option takes name, pretrain_steps, pretrain_seed,
 merge_keys (fnmatch patterns of merged parameter names) and base_checkpoint (theta0 from a
@@ -46,6 +50,16 @@ def model_schema() -> type:
     return dataclasses.make_dataclass("ModelSchema", fields)
 
 
+def method_configs() -> dict[str, dict[str, Any]]:
+    """One Hydra config per registered merge method: ``name`` plus its parameters at the
+    defaults of the method function's signature (`fl_merge.aggregation.get_method(name)
+    .params`), the one place they are written. Flat, so overrides read
+    ``fl-merge method=ties method.density=0.3``."""
+    from fl_merge.aggregation import available_methods, get_method
+
+    return {name: {"name": name, **get_method(name).params} for name in available_methods()}
+
+
 def register() -> None:
     """Store the schemas in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
@@ -53,4 +67,6 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(group="attack", name="_schema", node=attack_schema())
     store.store(group="model", name="_schema", node=model_schema())
+    for name, node in method_configs().items():  # method/<name>: no yaml repeats a default
+        store.store(group="method", name=name, node=node)
 
