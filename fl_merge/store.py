@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,7 +95,7 @@ class LocalSuperLink:
         if self.proc is not None:
             proc, self.proc = self.proc, None
             stop_group(proc.pid, grace=10.0, wait=lambda t: proc.wait(timeout=t),
-                       first=__import__("signal").SIGTERM)
+                       first=signal.SIGTERM)
 
 
 def _run_status(env: dict[str, str]) -> tuple[str, str]:

@@ -1,18 +1,20 @@
 """Hydra configs derived from the code (ConfigStore): from `fl_merge.config.RunConfig` and
 from the merge-method registry.
 
+``<group>/_schema`` for the groups whose keys apply whatever option is chosen
+(`GROUP_KEYS`: model, training, eval, runtime, attack): every key of the group, typed as
+the RunConfig field of the same name, each null (unset: RunConfig's default applies).
+Every ``configs/<group>/<option>.yaml`` of these groups starts from it
+(``defaults: [_schema, _self_]``) and carries only what defines the option, so e.g.
+``fl-merge attack=scale attack.attack_params={factor:10} attack.faults=crash@1`` or
+``fl-merge eval=num_examples eval.test_all_etas=true`` works with any option, and a value of
+the wrong type fails at composition. Per-client values and comma lists (`LIST_KEYS`) take a
+Hydra list or a string: ``eval.etas=[0.5,1]``, ``training.local_steps=50..300``. (The data
+group is not here on purpose: its options take different keys, ``data=tasks data.alpha=1``
+is an error.)
+
 ``method/<name>`` for every registered method: ``name`` plus the parameters at their
 signature defaults (`method_configs`); there are no configs/method/*.yaml.
-
-``model/_schema``: every model option takes name, pretrain_steps, pretrain_seed,
-merge_keys (fnmatch patterns of merged parameter names) and base_checkpoint (theta0 from a
-file), typed as in RunConfig, null = RunConfig's default.
-
-``attack/_schema`` holds every attack and fault key (`ATTACK_KEYS`), typed as the RunConfig
-field of the same name, each null (unset: RunConfig's default applies); every
-``configs/attack/<name>.yaml`` starts from it (``defaults: [_schema, _self_]``), so
-``fl-merge attack=scale attack.attack_params={factor:10} attack.faults=crash@1`` works
-with any attack, and a value of the wrong type fails at composition.
 """
 
 from __future__ import annotations
@@ -22,8 +24,21 @@ from typing import Any, Optional
 
 from fl_merge.config import RunConfig
 
-ATTACK_KEYS = ("attackers", "attack_params", "faults", "fault_delay", "min_clients")
-# Keys every model/<name>.yaml takes (model/_schema), beside the option's own.
+# Keys a group takes whatever its option; "name" selects the group's RunConfig field.
+GROUP_KEYS = {
+    "model": ("name", "pretrain_steps", "pretrain_seed", "merge_keys", "base_checkpoint"),
+    "training": ("local_steps", "lr", "batch_size", "fisher_samples"),
+    "eval": ("etas", "weighting", "test_all_etas"),
+    "runtime": ("device", "cache", "output_dir", "round_timeout", "connect_timeout",
+                "num_supernodes", "client_gpus"),
+    "attack": ("name", "attackers", "attack_params", "faults", "fault_delay", "min_clients"),
+}
+# A list or a string (Flower's flat string is made by fl_merge.cli.mapping, parsed by
+# RunConfig.resolve); attack_params also a mapping {factor: 10}.
+LIST_KEYS = ("local_steps", "lr", "batch_size", "etas", "attack_params")
+# CLI options (not RunConfig fields), checked by fl_merge.cli.mapping.build_job.
+CLI_KEYS = ("num_supernodes", "client_gpus")
+ATTACK_KEYS = GROUP_KEYS["attack"][1:]
 MODEL_KEYS = ("merge_keys", "base_checkpoint")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
@@ -35,19 +50,26 @@ def _field_type(name: str) -> Any:
     return Optional[_TYPES[kind]]  # noqa: UP007 (OmegaConf reads typing.Optional)
 
 
+def group_schema(group: str) -> type:
+    """The structured config of `group` (see the module docstring)."""
+    fields = []
+    for key in GROUP_KEYS[group]:
+        if key == "name":
+            kind: Any = Optional[str]  # noqa: UP007
+        elif key in LIST_KEYS or key in CLI_KEYS:
+            kind = Optional[Any]  # noqa: UP007 (CLI options: build_job names a bad value)
+        else:
+            kind = _field_type(key)
+        fields.append((key, kind, None))
+    return dataclasses.make_dataclass(f"{group.capitalize()}Schema", fields)
+
+
 def attack_schema() -> type:
-    fields = [("name", Optional[str], None)]  # noqa: UP007
-    # attack_params: a "factor=10" string or a mapping {factor: 10} (fl_merge.cli.mapping).
-    fields += [(k, Optional[Any] if k == "attack_params" else _field_type(k), None)  # noqa: UP007
-               for k in ATTACK_KEYS]
-    return dataclasses.make_dataclass("AttackSchema", fields)
+    return group_schema("attack")
 
 
 def model_schema() -> type:
-    """name, pretrain_steps, pretrain_seed and MODEL_KEYS, typed from RunConfig."""
-    fields = [("name", Optional[str], None)]  # noqa: UP007
-    fields += [(k, _field_type(k), None) for k in ("pretrain_steps", "pretrain_seed", *MODEL_KEYS)]
-    return dataclasses.make_dataclass("ModelSchema", fields)
+    return group_schema("model")
 
 
 def method_configs() -> dict[str, dict[str, Any]]:
@@ -61,12 +83,11 @@ def method_configs() -> dict[str, dict[str, Any]]:
 
 
 def register() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    """Store the configs in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(group="attack", name="_schema", node=attack_schema())
-    store.store(group="model", name="_schema", node=model_schema())
+    for group in GROUP_KEYS:
+        store.store(group=group, name="_schema", node=group_schema(group))
     for name, node in method_configs().items():  # method/<name>: no yaml repeats a default
         store.store(group="method", name=name, node=node)
-
