@@ -33,7 +33,8 @@ from clients.training import (
 from fl_merge.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.attacks import label_flip as flip_labels
 from fl_merge.evaluation import evaluate
-from fl_merge.models import is_merged_key
+from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
+from fl_merge.round.protocol import PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
@@ -95,6 +96,11 @@ def _task_for(config: ConfigRecord, pid: int) -> TaskData:
         int(config["classes-per-client"]), seed, int(config["partition-pool"]))
 
 
+def _is_merged(config: Mapping[str, Any]):
+    """The server's merge-key patterns (sent in the train config), default backbone.*."""
+    return key_matcher([str(p) for p in config.get("merge-keys", DEFAULT_MERGE_KEYS)])
+
+
 def _limit_threads() -> None:
     # Simulated clients share the machine's cores: one thread each avoids oversubscription.
     torch.set_num_threads(1)
@@ -123,7 +129,8 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     if plan.attacks(pid):
         metrics["attacker"] = 1
         if plan.where == "client":
-            tau = {k: state[k] - v for k, v in theta0.items() if is_merged_key(k)}
+            is_merged = _is_merged(config)
+            tau = {k: state[k] - v for k, v in theta0.items() if is_merged(k)}
             bad = attack_update(plan, tau, seed=int(_pick(config, "seed", pid)))
             state = {**state, **{k: theta0[k] + v for k, v in bad.items()}}
     return state, metrics
@@ -197,10 +204,14 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected fault: partition {pid} crashed during training")
     theta0 = msg.content["arrays"].to_torch_state_dict()
     state, metrics = local_train(config, pid, theta0, _cache_dir(context))
+    # Announce the grid evaluation capability (docs/protocol.md): the server then sends
+    # theta0 + each Delta once + the eta grid instead of one model per candidate.
+    metrics[PROTOCOL_KEY] = PROTOCOL_VERSION
+    is_merged = _is_merged(config)
     if fault == "nan":
-        state = {k: torch.full_like(v, float("nan")) if is_merged_key(k) else v for k, v in state.items()}
+        state = {k: torch.full_like(v, float("nan")) if is_merged(k) else v for k, v in state.items()}
     elif fault == "malformed":
-        first = next(k for k in state if is_merged_key(k))
+        first = next(k for k in state if is_merged(k))
         state = {**state, first: state[first].flatten()[:-1]}  # wrong shape
     elif fault == "timeout":
         time.sleep(float(config.get("fault-delay", 0.0)))

@@ -102,6 +102,8 @@ def fine_tune(model: TaskModel, task: TaskData, cfg: LocalTrainConfig) -> dict[s
     test_acc, test_loss = evaluate(model, task.test)
     return {
         "local-steps": res.steps,  # the SGD steps that actually ran
+        # FedNova's normaliser for those steps of SGD with momentum: merge(normalisers=...)
+        "fednova-a": res.fednova_a,
         "train-loss": res.last_loss,
         "train-loss-first": res.first_loss,
         "finetuned-accuracy": test_acc,

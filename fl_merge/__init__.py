@@ -6,6 +6,7 @@ eta = K * lambda.
 """
 
 from fl_merge.aggregation import available_methods, eta_for_task_arithmetic, merge
+from fl_merge.merged import load_merged
 from fl_merge.task_vectors import MergeInputError, apply_update, split_state, task_vector
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "apply_update",
     "available_methods",
     "eta_for_task_arithmetic",
+    "load_merged",
     "merge",
     "split_state",
     "task_vector",

@@ -42,12 +42,13 @@ class RunConfig:
     classes_per_client: int = 2  # data=pathological
     partition_pool: int = 8000  # training examples split across the clients
     model: str = "mnist-cnn"
+    # Parameters merged: fnmatch patterns of their names (comma list); the rest are per-task.
+    merge_keys: str = "backbone.*"
+    # theta0 from a .safetensors file or a directory holding model.safetensors instead of
+    # the model registry (model then only tells fl-merge's own clients what to build).
+    base_checkpoint: str = ""
     pretrain_steps: int = 40
     pretrain_seed: int = 0
-    # Merged parameters: fnmatch patterns of parameter names, comma separated (the rest,
-    # e.g. per-task heads, stays each client's own).
-    merge_keys: str = "backbone.*"
-    base_checkpoint: str = ""  # theta0 from a safetensors file / HF folder ("" = model registry)
     method: str = "task_arithmetic"  # one method, or a comma list scored on the same updates
     method_params: str = ""  # "name=value ..." (every listed method taking it) or "ties.density=0.2"
     etas: str = "0.5,1,1.5,2,2.5,3"  # server learning rates scored on validation; 0 (base) is added
@@ -147,6 +148,15 @@ class RunConfig:
             methods = resolve_methods(self.method, self.method_params, k)
         except MergeInputError as e:
             raise ConfigError(str(e)) from None
+        from fl_merge.round.base import CheckpointError, checkpoint_file
+        from fl_merge.round.keys import MergeKeysError, parse_merge_keys
+
+        try:
+            merge_keys = parse_merge_keys(self.merge_keys)
+            if self.base_checkpoint:
+                checkpoint_file(self.base_checkpoint)
+        except (MergeKeysError, CheckpointError) as e:
+            raise ConfigError(str(e)) from None
         etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas))})
         if any(e < 0 for e in etas) or len(etas) < 2:
             raise ConfigError(f"etas must be non-negative with at least one above 0, got '{self.etas}'")
@@ -190,6 +200,7 @@ class RunConfig:
             batch_sizes=batches,
             seeds=[self.seed + i for i in range(k)],
             attack_plan=plan,
+            merge_keys=merge_keys,
         )
 
 
@@ -207,6 +218,7 @@ class ResolvedConfig:
     seeds: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
     attack_plan: AttackPlan = field(default_factory=lambda: AttackPlan())
+    merge_keys: tuple[str, ...] = ("backbone.*",)  # merge-keys, parsed
 
     def task_config(self) -> dict[str, Any]:
         """What a client needs to build its data and model (train and evaluate messages)."""

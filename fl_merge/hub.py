@@ -10,6 +10,8 @@ MiniLM-L6 (sentence embeddings), and loaders for a user's local checkpoints.
 Every backbone maps the task inputs to a feature vector (fl_merge/models.py has the input
 kinds); the per-task linear head sits on top and everything inside the backbone is merged.
 Nothing here downloads: transformers runs with HF_HUB_OFFLINE=1 and local_files_only.
+Importing this module registers the two built-ins and the three name families (fl_merge.builtins
+imports it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from fl_merge.data import MNIST_MEAN, MNIST_STD, decode_texts
-from fl_merge.models import ModelSpec, register_model
+from fl_merge.models import ModelSpec, register_model, register_model_family
 
 HUB_PREFIXES = ("hf:", "timm:", "open_clip:")
 VISION_EXTRA = "pip install 'fl-merge[vision]'"
@@ -277,3 +279,8 @@ def hub_spec(name: str) -> ModelSpec:
     dim = int(probe.net.num_features if kind == "timm" else probe.net.output_dim)
     return ModelSpec(name, lambda: cls(arch, None, name), dim,
                      load_pretrained=lambda: cls(arch, weights, name))
+
+
+for _prefix, _usage in (("hf:", "hf:<dir>"), ("timm:", "timm:<arch>[@<file>]"),
+                        ("open_clip:", "open_clip:<arch>@<file>")):
+    register_model_family(_prefix, hub_spec, _usage)

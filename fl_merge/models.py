@@ -7,6 +7,9 @@ merged. The base model theta0 is either pretrained here (the small MNIST CNN: bu
 cached) or published weights loaded offline (fl_merge/hub.py: EfficientNet-Lite0, MiniLM-L6,
 and ``hf:``/``timm:``/``open_clip:`` local checkpoints).
 
+This module is the registry only: the built-in models register themselves in
+fl_merge/backbones.py and fl_merge/hub.py, which fl_merge.builtins imports on the first lookup.
+
 A model takes one input kind: ``image`` (float [N, 1, 28, 28], MNIST-normalised: the
 MNIST-family tasks) or ``text`` (uint8 [N, L], UTF-8 bytes zero-padded: the text tasks).
 Backbones adapt that input to what their weights expect (resize, channels, normalisation,
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from fl_merge.registration import BuiltinRegistry
 
 MERGED_PREFIX = "backbone."
 HEAD_PREFIX = "head."
@@ -47,15 +52,6 @@ class TaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-def mnist_cnn_backbone() -> nn.Module:
-    """Two conv blocks and a 128-d feature layer for 1x28x28 inputs (~210k parameters)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
-    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,10 @@ class ModelSpec:
             raise ValueError(f"model '{self.name}': input_kind must be one of {INPUT_KINDS}")
 
 
-MODELS: dict[str, ModelSpec] = {}
+# Registered models and model families (names with a prefix, resolved on lookup); both load
+# fl_merge.builtins on first use (fl_merge/registration.py).
+MODELS: MutableMapping[str, ModelSpec] = BuiltinRegistry()
+FAMILIES: MutableMapping[str, tuple[Callable[[str], ModelSpec], str]] = BuiltinRegistry()
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -109,59 +108,37 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def register_model_family(prefix: str, resolve: Callable[[str], ModelSpec], usage: str) -> None:
+    """Names starting with `prefix` (e.g. ``hf:``) are models built by ``resolve(name)``;
+    `usage` (e.g. ``hf:<dir>``) is how error messages show the form."""
+    if prefix in FAMILIES:
+        raise ValueError(f"model family '{prefix}' registered twice")
+    FAMILIES[prefix] = (resolve, usage)
+
+
 class UnknownModelError(ValueError):
     pass
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """A registered model, or a hub checkpoint named ``hf:<dir>``, ``timm:<arch>[@<file>]`` or
-    ``open_clip:<arch>@<file>`` (fl_merge/hub.py). Raises UnknownModelError."""
+    """A registered model, or one of a registered family (fl_merge/hub.py: ``hf:<dir>``,
+    ``timm:<arch>[@<file>]``, ``open_clip:<arch>@<file>``). Raises UnknownModelError."""
     if name in MODELS:
         return MODELS[name]
+    forms = ", ".join(usage for _, usage in FAMILIES.values())
     if name == "???":  # Hydra's mandatory marker (configs/model/hf.yaml) left unset
-        raise UnknownModelError("model.name is not set: give model.name=hf:<dir>, "
-                                "timm:<arch>@<file> or open_clip:<arch>@<file>")
-    from fl_merge import hub
-
-    if hub.is_hub_name(name):
-        return hub.hub_spec(name)
-    raise UnknownModelError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}, "
-                            "or hf:<dir>, timm:<arch>[@<file>], open_clip:<arch>@<file>")
+        raise UnknownModelError(f"model.name is not set: give model.name={forms}")
+    for prefix, (resolve, _) in FAMILIES.items():
+        if name.startswith(prefix):
+            return resolve(name)
+    raise UnknownModelError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}"
+                            + (f", or {forms}" if forms else ""))
 
 
 def build_model(name: str, num_classes: int) -> TaskModel:
     spec = get_model_spec(name)
     return TaskModel(spec.build_backbone(), spec.feature_dim, num_classes)
 
-
-def _mnist_pretrain_data() -> tuple[TensorDataset, int]:
-    # Pretraining uses the first half of MNIST train; tasks draw from the second half.
-    from fl_merge.data import load_mnist, mnist_to_tensor
-
-    m = load_mnist()
-    n = PRETRAIN_POOL
-    return TensorDataset(mnist_to_tensor(m["train_images"][:n]),
-                         torch.tensor(m["train_labels"][:n], dtype=torch.int64)), 10
-
-
-PRETRAIN_POOL = 30000  # MNIST train images [0, 30000) are the base model's pretraining data
-
-register_model(ModelSpec("mnist-cnn", mnist_cnn_backbone, 128, pretrain_data=_mnist_pretrain_data))
-
-WIDE_MLP_WIDTH = 7168  # 784*W + W*W + W*128 (+ biases) = 57.9M float32 parameters = 232 MB
-
-
-def wide_mlp_backbone(width: int = WIDE_MLP_WIDTH) -> nn.Module:
-    """A plain MLP 784 -> W -> W -> 128 for 1x28x28 inputs; at the default width its backbone is
-    ~232 MB of float32, for measuring a >= 200 MB model through deployment. Never a default."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(28 * 28, width), nn.ReLU(),
-        nn.Linear(width, width), nn.ReLU(),
-        nn.Linear(width, 128), nn.ReLU(),
-    )
-
-
-register_model(ModelSpec("wide-mlp", wide_mlp_backbone, 128, pretrain_data=_mnist_pretrain_data))
 
 # Bump when pretraining code changes what it produces: old cache entries are then ignored.
 _PRETRAIN_CODE_VERSION = 2
@@ -222,6 +199,3 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return state
 
-
-# The built-in pretrained backbones (EfficientNet-Lite0, MiniLM-L6) register themselves.
-from fl_merge import hub as _hub  # noqa: E402,F401

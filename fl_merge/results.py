@@ -151,15 +151,39 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+# What merged.safetensors' metadata may hold: only what config and seeds fix, so two runs of one
+# config write the same bytes. Run ids, times and hosts belong in run.json.
+MERGED_FIELDS = ("eta", "method", "model", "params", "tasks")
+MERGED_METADATA_KEY = "fl_merge"
+
+
+def merged_metadata(fields: Mapping[str, Any]) -> dict[str, str]:
+    """The safetensors header metadata for a merged model: ONE key holding the fields as JSON
+    with sorted keys (safetensors writes a metadata map in a random order, so several keys
+    would give different bytes each time). Raises ValueError on a field outside MERGED_FIELDS
+    or a value JSON cannot write exactly (e.g. a datetime)."""
+    extra = sorted(set(fields) - set(MERGED_FIELDS))
+    if extra:
+        raise ValueError(f"merged model metadata may hold only {', '.join(MERGED_FIELDS)} (fixed by "
+                         f"config and seeds), got {extra}: run ids and times belong in {RUN_FILE}")
+    try:
+        text = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"merged model metadata must be plain JSON values (str, number, bool, "
+                         f"list, dict): {e}") from None
+    return {MERGED_METADATA_KEY: text}
+
+
 def save_merged_model(path: Path, backbone: Mapping[str, torch.Tensor],
                       heads: Mapping[str, Mapping[str, torch.Tensor]], metadata: Mapping[str, Any]) -> None:
     """One safetensors file: the merged backbone under its own keys and each task's head
-    under ``heads.<task>.<param>``."""
+    under ``heads.<task>.<param>``; `metadata` as `merged_metadata` checks it. The same
+    tensors and metadata always give the same bytes (fl_merge.load_merged reads it back)."""
+    meta = merged_metadata(metadata)
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.items()}
     for task, head in heads.items():
         for k, v in head.items():
             tensors[f"heads.{task}.{k.removeprefix('head.')}"] = v.detach().contiguous().cpu()
-    meta = {k: str(v) for k, v in metadata.items()}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 

@@ -24,24 +24,20 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fl_merge import results
 from fl_merge.config import ConfigError, RunConfig, check_client_gpus
+from fl_merge.processes import ERROR_TAG, RunFailed, child_env, stream_child
 
-ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["ENGINES", "LOG_FILE", "Outcome", "RunFailed", "prepare", "run"]
+
 LOG_FILE = "run.log"
-ERROR_TAG = "fl-merge job error: "
 ENGINES = ("simulation", "superlink")
-
-
-class RunFailed(RuntimeError):
-    """A run that started but did not finish; the message names the cause and the log."""
 
 
 @dataclasses.dataclass
@@ -96,64 +92,6 @@ def run(run_cfg: RunConfig, *, num_supernodes: int | None = None, client_gpus: f
     except OSError as e:
         raise RunFailed(f"the run wrote no results ({e}); log: {log_path}") from None
     return Outcome(out, rows, meta)
-
-
-# --------------------------------------------------------------------------- child process
-
-def child_env(extra_path: Sequence[str] = ()) -> dict[str, str]:
-    """This environment for a child: our code first on PYTHONPATH (Ray workers too)."""
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), *extra_path, os.environ.get("PYTHONPATH")])),
-        "PYTHONUNBUFFERED": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-
-
-def stop_group(pid: int, grace: float = 5.0, wait: Callable[[float], Any] | None = None,
-               first: signal.Signals = signal.SIGINT) -> None:
-    """Stop process group `pid` (a child started in its own session and everything it
-    started, e.g. Ray workers): `first` (SIGINT), then SIGKILL for whatever is left."""
-    if wait is not None:
-        try:
-            os.killpg(pid, first)
-        except ProcessLookupError:
-            return
-        try:
-            wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def stream_child(cmd: list[str], log_path: Path, stream: bool, env: dict[str, str]) -> tuple[int, str]:
-    """Run `cmd` in its own session, its output to `log_path` (and stdout when `stream`).
-    Returns (exit code, error line). On Ctrl-C the child's group is stopped, then re-raised."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True, cwd=os.getcwd())
-    error, last = "", ""
-    try:
-        with open(log_path, "w") as log:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                if stream:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                if ERROR_TAG in line:
-                    error = line.split(ERROR_TAG, 1)[1].strip()
-                elif line.strip():
-                    last = line.strip()
-        code = proc.wait()
-    except BaseException:  # Ctrl-C: stop the child and its Ray processes, then re-raise
-        stop_group(proc.pid, wait=lambda t: proc.wait(timeout=t))
-        raise
-    stop_group(proc.pid)  # whatever the finished child left in its group (Ray workers)
-    return code, error or last
 
 
 def _die_with_parent(parent: int | None) -> None:

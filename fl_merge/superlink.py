@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from fl_merge.config import ConfigError, RunConfig
-from fl_merge.run import ROOT, RunFailed, child_env, stop_group, stream_child
+from fl_merge.processes import ROOT, RunFailed, child_env, stop_group, stream_child
 
 
 def app_dir() -> Path:

@@ -9,12 +9,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from fl_merge.aggregation.averaging import fednova_normaliser
+
 
 @dataclass
 class FitResult:
     steps: int
     first_loss: float  # mean loss over the first few steps
     last_loss: float  # mean loss over the last few steps
+    fednova_a: float  # FedNova's normaliser ||a||_1 for the steps and optimizer that ran
 
 
 def fit(
@@ -33,11 +36,14 @@ def fit(
     """Run exactly `steps` SGD steps on cross-entropy, sampling batches from `data` by epochs
     of a seeded permutation. Only `params` move (default: all). Deterministic given `seed`.
 
+    The optimizer is torch.optim.SGD with heavy-ball `momentum` (no dampening, no Nesterov),
+    so the result's `fednova_a` is `fednova_normaliser(steps, momentum)`.
     A progress bar shows when `desc` is given and stderr is a terminal. Batches go to the
     model's device (the data may stay on the CPU).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    fednova_a = fednova_normaliser(steps, momentum, "sgd")  # also checks momentum, before training
     x, y = data.tensors
     n = len(y)
     bs = min(batch_size, n)
@@ -65,4 +71,5 @@ def fit(
         bar.update(1)
     bar.close()
     model.eval()
-    return FitResult(len(losses), sum(losses[:window]) / window, sum(losses[-window:]) / window)
+    return FitResult(len(losses), sum(losses[:window]) / window, sum(losses[-window:]) / window,
+                     fednova_a)

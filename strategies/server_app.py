@@ -1,20 +1,30 @@
-"""The fl-merge ServerApp: load theta0, run one OneShotMerge round, write the results."""
+"""The fl-merge ServerApp: theta0 -> merge-key check -> one merge round -> results files.
+
+theta0 comes from the model registry, or from run-config `base-checkpoint` (a safetensors
+file or a directory holding model.safetensors). `merge-keys` is checked against theta0
+before any client trains.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_merge import results
 from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
-from fl_merge.models import PretrainConfig, pretrained_backbone
 from fl_merge.report import run_figure
+from fl_merge.round.base import CheckpointError, load_checkpoint
+from fl_merge.round.keys import MergeKeysError, check_merge_keys
+from fl_merge.round.outcome import MergeRound
+from fl_merge.task_vectors import StateDict
+from strategies.merge_round import run_round
 from strategies.one_shot import OneShotMerge
 
 
@@ -31,57 +41,79 @@ def wait_for_clients(grid: Grid, k: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> OneShotMerge:
-    """The whole run: theta0 -> one merge round -> results files. Returns the strategy,
-    which holds the client updates, Delta, chosen eta and result rows."""
+def load_theta0(cfg: ResolvedConfig) -> StateDict:
+    """theta0 from base-checkpoint when set, else the registered model's base weights;
+    ConfigError when merge-keys select none of its parameters (before any training)."""
+    run = cfg.run
+    if run.base_checkpoint:
+        try:
+            theta0 = load_checkpoint(run.base_checkpoint)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        from fl_merge.models import PretrainConfig, pretrained_backbone
+
+        theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
+                                                               seed=run.pretrain_seed), progress=False)
+    try:
+        check_merge_keys(theta0, cfg.merge_keys)
+    except MergeKeysError as e:
+        raise ConfigError(str(e)) from None
+    return theta0
+
+
+def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRound:
+    """The whole run: theta0 -> one merge round -> results files. Returns the MergeRound
+    (client updates, Deltas, chosen etas, result rows, failures)."""
     run = cfg.run
     t0 = time.perf_counter()
-    theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
-                                                           seed=run.pretrain_seed), progress=False)
+    theta0 = load_theta0(cfg)
     k = run.num_clients
     strategy = OneShotMerge(
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
-        min_clients=run.min_clients, attack_plan=cfg.attack_plan,
+        min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
         min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
     )
     wait_for_clients(grid, k, run.connect_timeout)
-    strategy.start(
-        grid, ArrayRecord(theta0), num_rounds=1, timeout=run.round_timeout,
-        train_config=ConfigRecord(cfg.train_config()),
-        evaluate_config=ConfigRecord(cfg.task_config()),
-    )
-    out = cfg.output_dir()
-    extra = {"run_id": run_id, "num_clients": k, "data": run.data,
-             **{f"het_{name}": v for name, v in strategy.heterogeneity.items()
-                if isinstance(v, (int, float))}}
-    results.write_rows(out / results.RESULTS_FILE, strategy.rows, extra)
-    heads = {strategy.task_name(c): c.per_task for c in strategy.clients}
-    for i, (label, (name, params)) in enumerate(strategy.methods.items()):
-        eta = strategy.best_etas[label]
-        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(cfg.tasks),
-                "run_id": run_id}
+    outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(), run.round_timeout)
+    outcome.timings["total-seconds"] = time.perf_counter() - t0
+    write_outputs(cfg.output_dir(), outcome, cfg, run_id)
+    return outcome
+
+
+def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) -> None:
+    """results.csv, one merged model per method, run.json and report.png under `out`."""
+    extra = {"run_id": run_id, "num_clients": cfg.run.num_clients, "data": cfg.run.data,
+             **{f"het_{name}": v for name, v in r.heterogeneity.items() if isinstance(v, (int, float))}}
+    results.write_rows(out / results.RESULTS_FILE, r.rows, extra)
+    heads = {r.task_name(c): c.per_task for c in r.clients}
+    for i, (label, (name, params)) in enumerate(r.methods.items()):
+        eta = r.best_etas[label]
+        # No run id or time here: identical runs give identical files (run.json has them).
+        meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(heads),  # heads inside
+                "model": cfg.run.model}
         results.save_merged_model(out / results.model_file(label, primary=i == 0),
-                                  strategy.merged_state(eta, label), heads, meta)
+                                  r.merged_state(eta, label), heads, meta)
     results.write_json(out / results.RUN_FILE, {
-        "run_id": run_id, "config": run.to_flower(), "tasks": cfg.tasks,
-        "methods": {label: {"name": n, "params": p, "eta": strategy.best_etas[label]}
-                    for label, (n, p) in strategy.methods.items()},
-        "clients": [{"task": strategy.task_name(c), "node_id": c.node_id, **c.metrics}
-                    for c in strategy.clients],
-        "heterogeneity": strategy.heterogeneity,
-        "failures": strategy.failures,  # clients left out: who, at which stage, why
-        "timings": {**strategy.timings, "total-seconds": time.perf_counter() - t0},
+        "run_id": run_id, "config": cfg.run.to_flower(), "tasks": cfg.tasks,
+        "methods": {label: {"name": n, "params": p, "eta": r.best_etas[label]}
+                    for label, (n, p) in r.methods.items()},
+        "selection": r.selection,  # the criterion eta was chosen by
+        "notes": r.notes,  # where the protocol degraded (e.g. missing fine-tuned accuracies)
+        "clients": [{"task": r.task_name(c), "node_id": c.node_id, "grid-eval": c.grid_eval, **c.metrics}
+                    for c in r.clients],
+        "heterogeneity": r.heterogeneity,
+        "failures": r.failures,  # clients left out: who, at which stage, why
+        "timings": r.timings,
     })
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
-    summary = results.format_summary(strategy.rows, "test accuracy")
-    for line in summary.splitlines():
+    for line in results.format_summary(r.rows, "test accuracy").splitlines():
         log(INFO, "%s", line)
-    for f in strategy.failures:
+    for f in r.failures:
         log(INFO, "left out %s at %s: %s", f["client"], f["stage"], f["reason"])
     log(INFO, "fl-merge results: %s", out)
-    return strategy
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

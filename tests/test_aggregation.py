@@ -69,13 +69,20 @@ def test_fedavg(method, w):
 
 @pytest.mark.parametrize("w", WEIGHTS)
 def test_fednova(w):
-    tvs, steps = make_tvs(6, 1), [1, 5, 2, 10, 3, 7]
+    tvs, a = make_tvs(6, 1), [1.0, 5.5, 2.0, 100.0, 3.0, 7.25]
     x, p = stack(tvs), norm_p(w, 6)
-    k_eff = sum(p[i] * steps[i] for i in range(6))
-    ref = k_eff * sum(p[i] * x[i] / steps[i] for i in range(6))
-    assert_close(merge("fednova", tvs, w, steps), ref)
-    # equal step counts: fednova is fedavg
-    eq = merge("fednova", tvs, w, [4] * 6)
+    a_eff = sum(p[i] * a[i] for i in range(6))
+    ref = a_eff * sum(p[i] * x[i] / a[i] for i in range(6))
+    assert_close(merge("fednova", tvs, w, normalisers=a), ref)
+    # reported normalisers win over local steps
+    assert_close(merge("fednova", tvs, w, [1] * 6, normalisers=a), ref)
+    # local steps alone: the plain-SGD normaliser a_i = t_i, with a warning
+    steps = [1, 5, 2, 10, 3, 7]
+    with pytest.warns(UserWarning, match="plain-SGD normaliser"):
+        out = merge("fednova", tvs, w, steps)
+    assert_close(out, sum(p[i] * steps[i] for i in range(6)) * sum(p[i] * x[i] / steps[i] for i in range(6)))
+    # equal normalisers: fednova is fedavg
+    eq = merge("fednova", tvs, w, normalisers=[4.0] * 6)
     assert_close(eq, sum(p[i] * x[i] for i in range(6)))
 
 
@@ -206,10 +213,12 @@ def ref_ties(x, p, density):
     for i in range(k):
         thr = sorted(np.abs(x[i]), reverse=True)[cnt - 1]
         trimmed[i] = np.where(np.abs(x[i]) >= thr, x[i], 0.0)
+    signs = [np.sign(sum(p[i] * trimmed[i, j] for i in range(k))) for j in range(n)]
+    majority = np.sign(sum(signs))  # breaks exact ties, as the TIES reference code does
     out = np.zeros(n)
     for j in range(n):
-        s = np.sign(sum(p[i] * trimmed[i, j] for i in range(k)))
-        agree = [i for i in range(k) if s != 0 and np.sign(trimmed[i, j]) == s]
+        s = signs[j] if signs[j] != 0 else (majority if majority != 0 else -1.0)
+        agree = [i for i in range(k) if np.sign(trimmed[i, j]) == s]
         if agree:
             out[j] = sum(p[i] * trimmed[i, j] for i in agree) / sum(p[i] for i in agree)
     return out
@@ -264,20 +273,15 @@ def test_dare_masks_and_rescale():
 
 def test_dare_ties_base_matches_reference_on_dropped_vectors():
     tvs = make_tvs(4, 13)
-    # recover the DARE masks from a single-client fedavg run per client (same seeding)
-    from fl_merge.aggregation.sparsify import _dare_seed  # noqa: F401  (seeding is by index)
-    dropped = []
-    for i in range(4):
-        # client i's masked vector = fedavg over clients where all but i are zero
-        zeros = [{k: torch.zeros_like(v) for k, v in tvs[0].items()} for _ in range(4)]
-        zeros[i] = tvs[i]
-        out = merge("dare", zeros, [1.0 if j == i else 1e-30 for j in range(4)],
-                    drop_rate=0.4, seed=5)
-        dropped.append(flat(out))
+    names = ["alpha", "beta", "gamma", "delta"]
+    # recover the DARE masks from a single-client fedavg run per client (masks are keyed by
+    # the client's name, so client i alone under its name gets the same mask)
+    dropped = [flat(merge("dare", [tvs[i]], names=[names[i]], drop_rate=0.4, seed=5))
+               for i in range(4)]
     x, p = np.stack(dropped), norm_p(None, 4)
     ref = ref_ties(x, p, 0.5)
-    assert_close(merge("dare", tvs, drop_rate=0.4, seed=5, base="ties", density=0.5), ref,
-                 rtol=1e-4, atol=1e-5)
+    assert_close(merge("dare", tvs, names=names, drop_rate=0.4, seed=5, base="ties", density=0.5),
+                 ref, rtol=1e-4, atol=1e-5)
 
 
 def ref_breadcrumbs(tvs, p, beta, gamma):
@@ -311,20 +315,22 @@ def test_fisher(w):
     fis = [{k: torch.rand(s, generator=g) ** 3 for k, s in SHAPES.items()} for _ in range(6)]
     fis[2]["fc.bias"][:3] = 0.0
     x, f, p = stack(tvs), stack(fis), norm_p(w, 6)
-    ref = np.array([sum(p[i] * f[i, j] * x[i, j] for i in range(6))
-                    / (sum(p[i] * f[i, j] for i in range(6)) + 1e-8) for j in range(x.shape[1])])
+    f0 = 1e-6  # the default floor added to every client's Fisher
+    ref = np.array([sum(p[i] * (f[i, j] + f0) * x[i, j] for i in range(6))
+                    / sum(p[i] * (f[i, j] + f0) for i in range(6)) for j in range(x.shape[1])])
     assert_close(merge("fisher", tvs, w, extras={"fisher": fis}), ref)
-    # Fisher 0 everywhere but one client: that client's update wins there
+    # Fisher 0 everywhere but one client: that client's update wins there (up to the floor)
     only = [{k: torch.zeros(s) if i else torch.ones(s) for k, s in SHAPES.items()} for i in range(6)]
-    assert_close(merge("fisher", tvs, w, extras={"fisher": only}, eps=0.0), x[0])
-    # all zero Fisher with eps=0 -> 0, not NaN
+    assert_close(merge("fisher", tvs, w, extras={"fisher": only}, min_fisher=1e-12), x[0])
+    # all-zero Fisher: no client is informative, the floor gives the plain weighted mean
+    # (this was 0 before the floor: eps only in the denominator)
     zero = [{k: torch.zeros(s) for k, s in SHAPES.items()} for _ in range(6)]
-    assert_close(merge("fisher", tvs, extras={"fisher": zero}, eps=0.0), np.zeros(x.shape[1]))
+    assert_close(merge("fisher", tvs, w, extras={"fisher": zero}), p @ x)
 
 
-def ref_hetero(x, p, steps, gamma, clip):
+def ref_hetero(x, p, steps, gamma, clip, floor=0.01):
     k = len(x)
-    s = np.ones(k) if steps is None else np.asarray(steps, dtype=float)
+    s = np.ones(k) if steps is None else np.asarray(steps, dtype=float)  # normalisers a_i
     u = x / s[:, None]
     n = np.linalg.norm(u, axis=1)
     r = np.median(n) if k % 2 else np.sort(n)[k // 2 - 1]  # torch.median: lower middle
@@ -334,7 +340,7 @@ def ref_hetero(x, p, steps, gamma, clip):
     for i in range(k):
         m = sum(p[j] * z[j] for j in range(k) if j != i) / sum(p[j] for j in range(k) if j != i)
         cos[i] = z[i] @ m / (np.linalg.norm(z[i]) * np.linalg.norm(m))
-    q = p * np.maximum(cos, 0) ** gamma
+    q = p * (np.minimum(np.maximum(cos, 0), 1) ** gamma + floor)
     q = q / q.sum()
     scale = 1.0 if steps is None else float(p @ s)
     return scale * (q[:, None] * z).sum(0), cos
@@ -353,7 +359,13 @@ def test_hetero(w, steps, gamma, clip):
     x, p = stack(tvs), norm_p(w, 6)
     ref, cos = ref_hetero(x, p, steps, gamma, clip)
     assert cos[4] < 0 < min(np.delete(cos, 4))
-    assert_close(merge("hetero", tvs, w, steps, gamma=gamma, clip=clip), ref, rtol=1e-4, atol=1e-4)
+    # normalisers as the clients report them; local steps alone are the plain-SGD fallback
+    assert_close(merge("hetero", tvs, w, normalisers=steps, gamma=gamma, clip=clip), ref,
+                 rtol=1e-4, atol=1e-4)
+    if steps is not None:
+        with pytest.warns(UserWarning, match="FedNova normaliser missing"):
+            out = merge("hetero", tvs, w, steps, gamma=gamma, clip=clip)
+        assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,kw", [
@@ -414,10 +426,10 @@ def test_linear_fast_path_matches_the_stacked_function(method):
     stacked block must give the same update."""
     from fl_merge.aggregation import get_method, normalized_weights
 
-    tvs, w, steps = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3, 1, 4, 1, 5]
-    out = merge(method, tvs, w, steps)
+    tvs, w, a = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3.0, 1.0, 4.5, 1.0, 5.2]
+    out = merge(method, tvs, w, normalisers=a)
     p = normalized_weights(w, 5).float()
-    extra = {"local_steps": torch.tensor(steps, dtype=torch.float64)} if method == "fednova" else {}
+    extra = {"normalisers": torch.tensor(a, dtype=torch.float64)} if method == "fednova" else {}
     for k in SHAPES:
         stacked = torch.stack([tv[k].reshape(-1) for tv in tvs])
         ref = get_method(method).fn(stacked, p, **extra).reshape(SHAPES[k])

@@ -15,7 +15,8 @@ from fl_merge import cli
 from fl_merge.aggregation import available_methods, get_method, merge
 
 # Arguments a method function receives from `merge`, not hyper-parameters.
-NOT_PARAMS = {"stacked", "task_vectors", "p", "weights", "local_steps", "extras", "device"}
+NOT_PARAMS = {"stacked", "task_vectors", "p", "weights", "local_steps", "normalisers", "names", "extras",
+              "device"}
 
 
 def composed_method(*overrides: str) -> dict:

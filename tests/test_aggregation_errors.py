@@ -87,6 +87,14 @@ def test_weights_and_steps():
     raises("needs every client's local_steps", "fednova", tvs())
     raises("local_steps must be 6 positive numbers", "fednova", tvs(), local_steps=[1, 2, 0, 1, 1, 1])
     raises("local_steps must be 6 positive numbers", "hetero", tvs(), local_steps=[1, 2])
+    raises("needs every client's local_steps or normalisers", "fednova", tvs(), normalisers=[None] * 6)
+    raises("2 normalisers for 6 task vectors", "fednova", tvs(), normalisers=[1.0, 2.0])
+    raises(r"normalisers must be 6 positive numbers \(None for a client without one\), got -1 for client 2",
+           "fednova", tvs(), normalisers=[1, 1, -1, 1, 1, 1])
+    raises("normalisers must be 6 positive numbers", "hetero", tvs(), normalisers="abc")
+    raises("normalisers must be 6 positive numbers", "fedavg", tvs(), normalisers=[True] * 6)
+    raises("c3 has no normaliser and there are no local_steps to fall back on", "fednova", tvs(),
+           normalisers=[1, 1, 1, None, 1, 1], names=[f"c{i}" for i in range(6)])
 
 
 @pytest.mark.parametrize("method,kw,match", [
@@ -110,7 +118,9 @@ def test_weights_and_steps():
     ("breadcrumbs", {"gamma": -0.1}, r"must lie in \[0, 1\)"),
     ("krum", {"f": -1}, r"f \(number of Byzantine clients\) must be an integer >= 0"),
     ("multikrum", {"m": 0}, r"m \(clients to average\) must be an integer >= 1"),
-    ("fisher", {"eps": -1.0}, "eps must be >= 0"),
+    ("fisher", {"min_fisher": 0.0}, r"min_fisher must lie in \[1e-30, 1e30\], got 0.0"),
+    ("fisher", {"min_fisher": -1.0}, "min_fisher must lie in"),
+    ("hetero", {"floor": 0.0}, r"floor must lie in \[1e-12, 1e12\], got 0.0"),
     ("hetero", {"gamma": -1.0}, "gamma must be >= 0"),
     ("hetero", {"clip": "yes"}, "clip must be true or false"),
 ])

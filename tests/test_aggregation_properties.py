@@ -31,33 +31,28 @@ def fisher(k=K, seed=1):
     return [{n: torch.rand(s, generator=g) + 0.1 for n, s in SHAPES.items()} for _ in range(k)]
 
 
-def call(method, tvs, weights=None, steps=None, fis=None, **kw):
+def call(method, tvs, weights=None, steps=None, fis=None, names=None, **kw):
     steps = steps if steps is not None else [5] * len(tvs)
     extras = {"fisher": fis if fis is not None else fisher(len(tvs))}
-    return merge(method, tvs, weights, steps, extras=extras, **kw)
+    return merge(method, tvs, weights, normalisers=steps, extras=extras, names=names, **kw)
 
 
 def dist(a, b):
     return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)) ** 0.5
 
 
-# DARE's masks are seeded by client index, so permuting clients permutes the masks; every
-# other method is symmetric in its clients (Krum/Multi-Krum up to exact score ties).
-ORDER_DEPENDENT = {"dare"}
-
-
+# Every method is symmetric in its clients (Krum/Multi-Krum up to exact score ties); DARE
+# keys its random masks by client name, so clients permuted with their names keep them.
 @pytest.mark.parametrize("method", available_methods())
 def test_permutation_of_clients(method):
     tvs, w = make(), [1.0, 2.0, 0.5, 3.0, 1.0, 1.5, 2.5]
     steps, fis = [1, 2, 3, 4, 5, 6, 7], fisher()
+    names = [f"task-{i}" for i in range(K)]
     perm = [3, 0, 6, 2, 5, 1, 4]
-    a = call(method, tvs, w, steps, fis)
+    a = call(method, tvs, w, steps, fis, names)
     b = call(method, [tvs[i] for i in perm], [w[i] for i in perm], [steps[i] for i in perm],
-             [fis[i] for i in perm])
-    if method in ORDER_DEPENDENT:
-        assert dist(a, b) > 1e-3
-    else:
-        assert dist(a, b) < 1e-5 * (1 + dist(a, {k: torch.zeros_like(v) for k, v in a.items()}))
+             [fis[i] for i in perm], [names[i] for i in perm])
+    assert dist(a, b) < 1e-5 * (1 + dist(a, {k: torch.zeros_like(v) for k, v in a.items()}))
 
 
 # (method, params) for which K identical clients must give back their common vector.
@@ -67,7 +62,8 @@ IDENTICAL = [
     ("cclip", {"tau": 0.5, "iters": 200}), ("krum", {}), ("multikrum", {"m": 2}),
     ("geometric_median", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0}),
     ("dare", {"drop_rate": 0.0, "base": "ties"}), ("breadcrumbs", {"beta": 0.0, "gamma": 0.0}),
-    ("fisher", {"eps": 0.0}), ("hetero", {}), ("hetero", {"gamma": 3.0, "clip": False}),
+    ("fisher", {}), ("fisher", {"min_fisher": 1e3}), ("hetero", {}),
+    ("hetero", {"gamma": 3.0, "clip": False}),
 ]
 
 

@@ -64,12 +64,13 @@ def test_each_client_ran_its_own_task_and_steps(simulated):
 def test_delta_is_fisher_weighted_mean_of_client_updates(simulated):
     strategy, _ = simulated
     theta0 = strategy.theta0
-    eps = strategy.method_params.get("eps", 1e-8)
+    f0 = strategy.method_params.get("min_fisher", 1e-6)  # the floor added to every Fisher
     for key in theta0:
         taus = [c.state[key] - theta0[key] for c in strategy.clients]
         fishers = [c.extras["fisher"][key] for c in strategy.clients]
         assert all(bool((f >= 0).all()) for f in fishers) and any(bool((f > 0).any()) for f in fishers)
-        expected = sum(0.5 * f * t for f, t in zip(fishers, taus)) / (sum(0.5 * f for f in fishers) + eps)
+        expected = (sum(0.5 * (f + f0) * t for f, t in zip(fishers, taus))
+                    / sum(0.5 * (f + f0) for f in fishers))
         torch.testing.assert_close(strategy.delta[key], expected, rtol=1e-4, atol=1e-6)
     # Heads are per task (2 and 10 classes) and never merged; Fisher covers the backbone only.
     assert all(not k.startswith("head.") for k in strategy.delta)

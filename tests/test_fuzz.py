@@ -359,6 +359,8 @@ PLAUSIBLE = {
     "suite": ["mnist8", "mnist-far", "vision8"], "tasks": ["", "rotate90,parity", "invert"],
     "partition-task": ["rotate90", "parity"], "alpha": [0.1, 1.0, "0.5"],
     "classes-per-client": [1, 2, 5], "partition-pool": [100, 8000], "model": ["mnist-cnn"],
+    "merge-keys": ["backbone.*", "backbone.conv*,backbone.fc*", "nothing.*"],
+    "base-checkpoint": ["", "/nonexistent/base.safetensors"],
     "pretrain-steps": [1, 40], "pretrain-seed": [0, 7], "method": METHODS + ["fedavg,ties,median"],
     "method-params": ["", "density=0.5", "ties.density=0.3", "iters=3", "f=0", "rho=0.9"],
     "etas": ["1", "0.5,1,2", 2], "weighting": ["uniform", "num-examples"],
@@ -369,7 +371,7 @@ PLAUSIBLE = {
     "round-timeout": [10.0, 1800], "connect-timeout": [5, 120.0], "min-clients": [0, 1, 2],
     "attack": ["", "sign_flip", "scale", "alie"], "attackers": ["", "last:1", "0"],
     "attack-params": ["", "scale=2", "factor=3"], "faults": ["", "crash@1", "nan@0"],
-    "fault-delay": [0.0, 1.5], "merge-keys": ["backbone.*"], "base-checkpoint": [""],
+    "fault-delay": [0.0, 1.5],
 }
 assert set(PLAUSIBLE) == set(KEYS), "a new run-config key: give it plausible values here"
 JUNK_CONFIG = st.one_of(

@@ -1,14 +1,18 @@
-"""OneShotMerge as Flower glue, driven with hand-made reply Messages (no simulation)."""
+"""OneShotMerge's Flower part and the round's sequence (strategies.merge_round.run_round),
+driven through a fake Grid that answers with hand-made reply Messages (no simulation)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.error import Error
 
 from fl_merge import MergeInputError
 from strategies import MergeRoundError, OneShotMerge
+from strategies.merge_round import run_round
 
 
 @pytest.fixture(autouse=True)
@@ -22,210 +26,31 @@ def _server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
-def _reply(node_id: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
-    md = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
-                  reply_to_message_id="i", group_id="1", created_at=0.0, ttl=60.0,
-                  message_type=MessageType.TRAIN)
-    return Message(content, metadata=md) if error is None else Message(error, metadata=md)
-
-
 def _theta0() -> dict[str, torch.Tensor]:
     return {"backbone.w": torch.zeros(3, 2), "backbone.b": torch.zeros(2)}
 
 
-def _standard_reply(node_id: int, shift: float, n: int, classes: int = 4) -> Message:
+def _standard(shift: float, n: int, classes: int = 4) -> RecordDict:
     """What a plain Flower ClientApp sends: full weights + num-examples, nothing else ours."""
     state = {"backbone.w": torch.full((3, 2), shift), "backbone.b": torch.full((2,), -shift),
              "head.weight": torch.randn(classes, 2), "head.bias": torch.zeros(classes)}
-    return _reply(node_id, RecordDict({"arrays": ArrayRecord(state),
-                                       "metrics": MetricRecord({"num-examples": n, "train_loss": 0.1})}))
+    return RecordDict({"arrays": ArrayRecord(state),
+                       "metrics": MetricRecord({"num-examples": n, "train_loss": 0.1})})
 
 
-def test_standard_client_replies_merge_weighted_by_examples():
-    s = OneShotMerge(method="fedavg", weighting="num-examples", etas=[1.0])
-    s.theta0 = _theta0()
-    arrays, metrics = s.aggregate_train(1, [_standard_reply(11, 1.0, 100), _standard_reply(12, 4.0, 300, 7)])
-    expected = (100 * 1.0 + 300 * 4.0) / 400  # = 3.25
-    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), expected))
-    torch.testing.assert_close(s.delta["backbone.b"], torch.full((2,), -expected))
-    assert set(s.delta) == {"backbone.w", "backbone.b"}  # heads never merged
-    merged = arrays.to_torch_state_dict()
-    torch.testing.assert_close(merged["backbone.w"], torch.full((3, 2), expected))
-    assert [c.per_task["head.weight"].shape[0] for c in s.clients] == [4, 7]
-    assert [s.task_name(c) for c in s.clients] == ["node-11", "node-12"]
-
-
-def test_uniform_weighting_is_the_plain_mean():
-    s = OneShotMerge(method="task_arithmetic", etas=[1.0])
-    s.theta0 = _theta0()
-    s.aggregate_train(1, [_standard_reply(1, 1.0, 100), _standard_reply(2, 4.0, 300)])
-    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), 2.5))
-
-
-def test_evaluate_messages_carry_own_head_delta_and_eta_grid():
-    s = OneShotMerge(method="fedavg", etas=[2.0, 0.5])
-    s.theta0 = _theta0()
-    s.aggregate_train(1, [_standard_reply(1, 1.0, 10, classes=3), _standard_reply(2, 2.0, 10, classes=5)])
-    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({"model": "m"}), grid=None))
-    assert [m.metadata.dst_node_id for m in msgs] == [1, 2]
-    for m, classes in zip(msgs, (3, 5)):
-        assert m.metadata.message_type == MessageType.EVALUATE
-        state = m.content["arrays"].to_torch_state_dict()
-        assert state["head.weight"].shape[0] == classes
-        torch.testing.assert_close(state["backbone.w"], torch.zeros(3, 2))  # theta0, not merged
-        torch.testing.assert_close(m.content["delta"].to_torch_state_dict()["backbone.w"],
-                                   torch.full((3, 2), 1.5))
-        assert list(m.content["config"]["etas"]) == [0.0, 0.5, 2.0]
-
-
-def test_failed_client_is_named_and_left_out():
-    s = OneShotMerge(method="fedavg")
-    s.theta0 = _theta0()
-    s.aggregate_train(1, [_standard_reply(11, 1.0, 10), _standard_reply(13, 3.0, 10),
-                          _reply(12, error=Error(code=0, reason="out of memory"))])
-    assert [c.node_id for c in s.clients] == [11, 13]
-    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), 2.0))  # mean of 1 and 3
-    assert s.failures == [{"client": "node 12", "node_id": 12, "partition_id": None, "stage": "train",
-                           "reason": "out of memory"}]
-
-
-def test_malformed_nan_and_silent_clients_are_left_out():
-    s = OneShotMerge(method="median")
-    s.theta0 = _theta0()
-    s._train_nodes = [1, 2, 3, 4, 5]  # node 5 was asked but never replied
-    nan = _standard_reply(3, 1.0, 10)
-    nan.content["arrays"]["backbone.b"] = ArrayRecord({"x": torch.full((2,), float("nan"))})["x"]
-    wrong = _standard_reply(4, 1.0, 10)
-    wrong.content["arrays"]["backbone.w"] = ArrayRecord({"x": torch.zeros(6)})["x"]
-    s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 5.0, 10), nan, wrong])
-    assert [c.node_id for c in s.clients] == [1, 2]
-    reasons = {f["node_id"]: f["reason"] for f in s.failures}
-    assert "non-finite update in backbone.b" in reasons[3]
-    assert "malformed update" in reasons[4] and "backbone.w" in reasons[4]
-    assert "no reply" in reasons[5]
-    torch.testing.assert_close(s.delta["backbone.w"], torch.full((3, 2), 3.0))
-
-
-def test_too_few_usable_clients_is_one_clear_error():
-    s = OneShotMerge(method="krum", method_params={"f": 1})  # needs 2f+3 = 5 clients
-    s.theta0 = _theta0()
-    replies = [_standard_reply(i, float(i), 10) for i in range(1, 5)]
-    replies.append(_reply(9, error=Error(code=0, reason="killed")))
-    with pytest.raises(MergeRoundError, match=r"method 'krum' cannot merge the 4 usable .*node 9: killed"):
-        s.aggregate_train(1, replies)
-    s = OneShotMerge(method="fedavg", min_clients=3)
-    s.theta0 = _theta0()
-    with pytest.raises(MergeRoundError, match=r"only 2 usable client update\(s\), need at least 3"):
-        s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 1.0, 10),
-                              _reply(3, error=Error(code=0, reason="boom"))])
-
-
-def test_alie_attackers_collude_on_their_own_updates():
-    from fl_merge.attacks import alie_z, parse_plan
-
-    plan = parse_plan("alie", "2,3", "", "", 4)
-    s = OneShotMerge(method="fedavg", attack_plan=plan, measure_heterogeneity=False)
-    s.theta0 = _theta0()
-    replies = [_rich_reply(100 + i, i, 10) for i in range(4)]
-    honest = [{k: v.clone() for k, v in r.content["arrays"].to_torch_state_dict().items()} for r in replies]
-    s.aggregate_train(1, replies)
-    z = alie_z(4, 2)
-    tau = {k: [honest[i][k] - s.theta0[k] for i in (2, 3)] for k in s.theta0}
-    bad = {k: torch.stack(v).mean(0) - z * torch.stack(v).std(0, correction=0) for k, v in tau.items()}
-    for k in s.theta0:
-        expected = (honest[0][k] - s.theta0[k] + honest[1][k] - s.theta0[k] + 2 * bad[k]) / 4
-        torch.testing.assert_close(s.delta[k], expected)
-
-
-def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
-    with pytest.raises(MergeInputError, match="unknown merge method"):
-        OneShotMerge(method="nope")
-    with pytest.raises(ValueError, match="exactly one round"):
-        OneShotMerge().start(grid=None, initial_arrays=ArrayRecord(_theta0()), num_rounds=3)
-    s = OneShotMerge(method="fednova")
-    s.theta0 = _theta0()
-    # Standard replies carry no local-steps: FedNova cannot normalise and says so.
-    with pytest.raises(MergeInputError, match="local_steps"):
-        s.aggregate_train(1, [_standard_reply(1, 1.0, 10), _standard_reply(2, 2.0, 10)])
-
-
-def _rich_reply(node_id: int, seed: int, steps: int) -> Message:
-    """Our ClientApp's reply: weights, head, local-steps, partition id and a Fisher extra."""
+def _rich(seed: int, steps: int, grid_eval: bool = True) -> RecordDict:
+    """Our ClientApp's reply: weights, head, local-steps, partition id, fine-tuned scores,
+    a Fisher extra and the grid capability."""
     g = torch.Generator().manual_seed(seed)
     state = {"backbone.w": torch.randn(3, 2, generator=g), "backbone.b": torch.randn(2, generator=g),
              "head.weight": torch.randn(4, 2, generator=g), "head.bias": torch.zeros(4)}
     state.update({f"extra.fisher.{k}": torch.rand(v.shape, generator=g)
                   for k, v in state.items() if k.startswith("backbone.")})
-    metrics = {"num-examples": 10 * (seed + 1), "local-steps": steps, "partition-id": seed}
-    return _reply(node_id, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}))
-
-
-@pytest.mark.parametrize("method", __import__("fl_merge").available_methods())
-def test_every_method_runs_through_the_strategy_as_merge_would(method):
-    """The glue hands merge() the right task vectors, weights, local steps and extras."""
-    from fl_merge import merge
-    from fl_merge.task_vectors import split_extras, task_vector
-
-    steps = [10, 20, 40, 80, 160, 320]
-    replies = [_rich_reply(100 + i, i, s) for i, s in reversed(list(enumerate(steps)))]
-    s = OneShotMerge(method=method, weighting="num-examples")
-    s.theta0 = _theta0()
-    s.aggregate_train(1, replies)
-    # Independent: clients ordered by partition id, task vectors over the backbone only.
-    states = [split_extras(r.content["arrays"].to_torch_state_dict()) for r in reversed(replies)]
-    taus = [task_vector(w, s.theta0, list(s.theta0)) for w, _ in states]
-    fisher = {"fisher": [e["fisher"] for _, e in states]}
-    expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(6)], local_steps=steps,
-                     extras=fisher if method == "fisher" else None)
-    assert set(s.delta) == set(s.theta0)
-    for k in s.theta0:
-        torch.testing.assert_close(s.delta[k], expected[k])
-        assert bool(torch.isfinite(s.delta[k]).all())
-
-
-def test_fisher_merge_names_clients_without_fisher():
-    s = OneShotMerge(method="fisher")
-    s.theta0 = _theta0()
-    with pytest.raises(MergeRoundError, match="needs 'fisher' from every client; missing from node 2"):
-        s.aggregate_train(1, [_rich_reply(1, 0, 10), _standard_reply(2, 1.0, 10, classes=4)])
-
-
-def _eval_reply(node_id: int, msg_config: ConfigRecord, score) -> Message:
-    """What our ClientApp replies to an evaluate message: for each delta (method index i)
-    and each eta of its grid, score(i, eta, split) on every requested split."""
-    etas = [float(e) for e in msg_config["etas"]]
-    counts = list(msg_config["etas-per-delta"])
-    pairs = [(i, etas[sum(counts[:i]) + j]) for i, n in enumerate(counts) for j in range(n)]
-    metrics = {"num-examples": 10, "partition-id": node_id - 100}
-    for split in msg_config["splits"]:
-        metrics[f"{split}-accuracy"] = [score(i, eta, split) for i, eta in pairs]
-        metrics[f"{split}-loss"] = [0.0] * len(pairs)
-    return _reply(node_id, RecordDict({"metrics": MetricRecord(metrics)}))
-
-
-class _ScoringGrid:
-    """A Grid whose nodes answer evaluate messages with `score` (records what was asked)."""
-
-    def __init__(self, score):
-        self.score, self.asked = score, []
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        self.asked += messages
-        return [_eval_reply(m.metadata.dst_node_id, m.content["config"], self.score) for m in messages]
-
-
-def _three_methods_trained() -> OneShotMerge:
-    s = OneShotMerge(methods=["fedavg", ("ties", {"density": 0.5}), ("ties", {"density": 1.0})],
-                     etas=[1.0, 2.0])
-    s.theta0 = _theta0()
-    replies = [_rich_reply(100 + i, i, 10) for i in range(3)]
-    for r in replies:
-        r.content["metrics"]["finetuned-val-accuracy"] = 0.8
-        r.content["metrics"]["finetuned-accuracy"] = 0.8
-        r.content["metrics"]["finetuned-loss"] = 0.1
-    s.aggregate_train(1, replies)
-    return s
+    metrics = {"num-examples": 10 * (seed + 1), "local-steps": steps, "partition-id": seed,
+               "finetuned-val-accuracy": 0.8, "finetuned-accuracy": 0.8, "finetuned-loss": 0.1}
+    if grid_eval:
+        metrics["fl-merge-protocol"] = 1
+    return RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
 
 
 # etas [0, 1, 2]; each method has its own best eta on validation; test differs from val.
@@ -236,77 +61,363 @@ def _score(i: int, eta: float, split: str) -> float:
     return _VAL[i][int(eta)] - (0.1 if split == "test" and eta > 0 else 0.0)
 
 
+class FakeGrid:
+    """Nodes answer train messages with `train[node]` (a RecordDict, an Error, or None for
+    silence), grid evaluate messages with `score(method index, eta, split)`, and plain
+    evaluate messages with `plain(state, config)`. Every message sent is kept in `asked`."""
+
+    def __init__(self, train, score=_score, plain=None, evaluate=None):
+        self.train, self.score, self.asked = train, score, []
+        self.plain = plain or (lambda state, cfg: {"accuracy": 0.5, "loss": 0.0})
+        self.evaluate = evaluate  # node -> callable(message) -> reply content or Error, optional
+
+    def get_node_ids(self):
+        return list(self.train)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"m{len(self.asked)}"
+            self.asked.append(m)
+            content = self._answer(m)
+            if content is not None:
+                out.append(Message(content, reply_to=m))
+        return out
+
+    def _answer(self, m):
+        node = m.metadata.dst_node_id
+        if m.metadata.message_type == MessageType.TRAIN:
+            return self.train[node]
+        if self.evaluate and node in self.evaluate:
+            return self.evaluate[node](m)
+        cfg = m.content["config"]
+        if "delta" not in m.content:
+            state = m.content["arrays"].to_torch_state_dict()
+            return RecordDict({"metrics": MetricRecord(self.plain(state, cfg))})
+        etas = [float(e) for e in cfg["etas"]]
+        counts = list(cfg["etas-per-delta"])
+        pairs = [(i, etas[sum(counts[:i]) + j]) for i, n in enumerate(counts) for j in range(n)]
+        metrics = {"num-examples": 10}
+        for split in cfg["splits"]:
+            metrics[f"{split}-accuracy"] = [self.score(i, eta, split) for i, eta in pairs]
+            metrics[f"{split}-loss"] = [0.0] * len(pairs)
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _run(strategy, grid, theta0=None):
+    return run_round(strategy, grid, theta0 or _theta0(), {}, {"model": "m"}, 10.0)
+
+
+def test_standard_client_replies_merge_weighted_by_examples():
+    s = OneShotMerge(method="fedavg", weighting="num-examples", etas=[1.0])
+    r = _run(s, FakeGrid({11: _standard(1.0, 100), 12: _standard(4.0, 300, 7)}))
+    expected = (100 * 1.0 + 300 * 4.0) / 400  # = 3.25
+    torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), expected))
+    torch.testing.assert_close(r.delta["backbone.b"], torch.full((2,), -expected))
+    assert set(r.delta) == {"backbone.w", "backbone.b"}  # heads never merged
+    torch.testing.assert_close(r.merged_state(1.0)["backbone.w"], torch.full((3, 2), expected))
+    assert [c.per_task["head.weight"].shape[0] for c in r.clients] == [4, 7]
+    assert [r.task_name(c) for c in r.clients] == ["node-11", "node-12"]
+
+
+def test_uniform_weighting_is_the_plain_mean():
+    r = _run(OneShotMerge(method="task_arithmetic", etas=[1.0]),
+             FakeGrid({1: _standard(1.0, 100), 2: _standard(4.0, 300)}))
+    torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), 2.5))
+
+
+def test_train_message_carries_theta0_protocol_version_and_merge_keys():
+    grid = FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)})
+    _run(OneShotMerge(method="fedavg", merge_keys="backbone.*,other.*"), grid)
+    train = [m for m in grid.asked if m.metadata.message_type == MessageType.TRAIN]
+    assert sorted(m.metadata.dst_node_id for m in train) == [1, 2]
+    cfg = train[0].content["config"]
+    assert cfg["fl-merge-protocol"] == 1 and list(cfg["merge-keys"]) == ["backbone.*", "other.*"]
+    assert cfg["compute-grad0"] is True and "compute-fisher" not in cfg
+    sent = train[0].content["arrays"].to_torch_state_dict()
+    torch.testing.assert_close(sent["backbone.w"], torch.zeros(3, 2))
+
+
+def test_grid_evaluate_messages_carry_own_head_delta_and_eta_grid():
+    s = OneShotMerge(method="fedavg", etas=[2.0, 0.5])
+    grid = FakeGrid({101: _rich(0, 10), 102: _rich(1, 10)})
+    r = _run(s, grid)
+    ev = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE]
+    first = ev[:2]  # one validation message per client, then one test message per client
+    assert len(ev) == 4 and sorted(m.metadata.dst_node_id for m in first) == [101, 102]
+    for m in first:
+        c = next(c for c in r.clients if c.node_id == m.metadata.dst_node_id)
+        state = m.content["arrays"].to_torch_state_dict()
+        torch.testing.assert_close(state["head.weight"], c.state["head.weight"])  # its own head
+        torch.testing.assert_close(state["backbone.w"], torch.zeros(3, 2))  # theta0, not merged
+        mean_w = (r.clients[0].state["backbone.w"] + r.clients[1].state["backbone.w"]) / 2
+        torch.testing.assert_close(m.content["delta"].to_torch_state_dict()["backbone.w"], mean_w)
+        assert list(m.content["config"]["etas"]) == [0.0, 0.5, 2.0]
+        assert m.content["config"]["model"] == "m" and m.content["config"]["fl-merge-protocol"] == 1
+
+
+def test_plain_clients_get_one_model_per_candidate_and_report_accuracy():
+    """Clients without the grid capability score full models: the base once, each method's
+    eta once, on the split named in config; the scores land in the same rows."""
+    seen = []
+
+    def plain(state, cfg):  # accuracy = the sent backbone.w value, so it identifies the model
+        seen.append((cfg["split"], cfg["candidate-method"], cfg["candidate-eta"], state))
+        return {"accuracy": float(state["backbone.w"][0, 0]) / 10 + (0.05 if cfg["split"] == "test" else 0),
+                "loss": 1.0}
+
+    s = OneShotMerge(methods=["fedavg", "median"], etas=[1.0, 2.0], measure_heterogeneity=False)
+    grid = FakeGrid({1: _standard(1.0, 10, classes=3), 2: _standard(3.0, 10, classes=5)}, plain=plain)
+    r = _run(s, grid)
+    # validation: base + 2 methods x 2 etas = 5 per client; test: base + each method's choice = 3
+    assert sorted((sp, m, e) for sp, m, e, _ in seen if sp == "val") == sorted(
+        [("val", "base", 0.0), ("val", "fedavg", 1.0), ("val", "fedavg", 2.0),
+         ("val", "median", 1.0), ("val", "median", 2.0)] * 2)
+    assert len([x for x in seen if x[0] == "test"]) == 2 * 3
+    for _, method, eta, state in seen:  # theta0 + eta * Delta, with the client's own head
+        assert state["backbone.w"][0, 0].item() == pytest.approx(eta * 2.0)  # both Deltas are 2
+        assert state["head.weight"].shape[0] in (3, 5)
+    assert r.best_etas == {"fedavg": 2.0, "median": 2.0}  # raw validation accuracy 0.4 > 0.2
+    assert r.selection == "mean validation accuracy"
+    assert r.notes and "node-1, node-2 sent no finetuned-val-accuracy" in r.notes[0]
+    chosen = [row for row in r.rows if row["selected"] and row["split"] == "test"]
+    assert [row["accuracy"] for row in chosen] == pytest.approx([0.45] * 4)
+    assert all(math.isnan(row["normalized_accuracy"]) for row in chosen)
+    assert not [row for row in r.rows if row["model"] == "finetuned"]  # none reported
+    assert math.isnan(r.metrics["fedavg-normalized-accuracy"])
+    assert r.metrics["fedavg-test-accuracy"] == pytest.approx(0.45)
+    assert r.metrics["base-test-accuracy"] == pytest.approx(0.05)
+
+
+def test_grid_and_plain_clients_in_one_round_give_the_same_table():
+    """A plain client answering what a grid client would is indistinguishable in the rows."""
+    def plain(state, cfg):
+        return {"accuracy": _score(0, cfg["candidate-eta"], cfg["split"]), "loss": 0.0}
+
+    grid = FakeGrid({100: _rich(0, 10), 101: _rich(1, 10, grid_eval=False)}, plain=plain)
+    r = _run(OneShotMerge(method="fedavg", etas=[1.0, 2.0]), grid)
+    assert [c.grid_eval for c in r.clients] == [True, False]
+    by_task = {}
+    for row in r.rows:
+        by_task.setdefault(row["task"], []).append((row["model"], row["eta"], row["split"], row["accuracy"]))
+    a, b = by_task["client-0"], by_task["client-1"]
+    assert [x[1:] for x in a if x[0] != "finetuned"] == [x[1:] for x in b if x[0] != "finetuned"]
+    assert r.best_etas == {"fedavg": 1.0} and r.selection == "mean normalized validation accuracy"
+
+
+def test_failed_client_is_named_and_left_out():
+    r = _run(OneShotMerge(method="fedavg"), FakeGrid(
+        {11: _standard(1.0, 10), 13: _standard(3.0, 10), 12: Error(code=0, reason="out of memory")}))
+    assert [c.node_id for c in r.clients] == [11, 13]
+    torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), 2.0))  # mean of 1 and 3
+    assert r.failures == [{"client": "node 12", "node_id": 12, "partition_id": None, "stage": "train",
+                           "reason": "out of memory"}]
+
+
+def test_malformed_nan_silent_and_unweighted_clients_are_left_out():
+    nan = _standard(1.0, 10)
+    nan["arrays"]["backbone.b"] = ArrayRecord({"x": torch.full((2,), float("nan"))})["x"]
+    wrong = _standard(1.0, 10)
+    wrong["arrays"]["backbone.w"] = ArrayRecord({"x": torch.zeros(6)})["x"]
+    no_n = _standard(1.0, 10)
+    del no_n["metrics"]["num-examples"]
+    r = _run(OneShotMerge(method="median"), FakeGrid(
+        {1: _standard(1.0, 10), 2: _standard(5.0, 10), 3: nan, 4: wrong, 5: None, 6: no_n}))
+    assert [c.node_id for c in r.clients] == [1, 2]
+    reasons = {f["node_id"]: f["reason"] for f in r.failures}
+    assert "non-finite update in backbone.b" in reasons[3]
+    assert "malformed update" in reasons[4] and "backbone.w" in reasons[4]
+    assert "no reply" in reasons[5]
+    assert reasons[6] == "node 6 sent no 'num-examples' metric"
+    torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), 3.0))
+
+
+def test_too_few_usable_clients_is_one_clear_error():
+    s = OneShotMerge(method="krum", method_params={"f": 1})  # needs 2f+3 = 5 clients
+    train = {i: _standard(float(i), 10) for i in range(1, 5)}
+    train[9] = Error(code=0, reason="killed")
+    with pytest.raises(MergeRoundError, match=r"method 'krum' cannot merge the 4 usable .*node 9: killed"):
+        _run(s, FakeGrid(train))
+    with pytest.raises(MergeRoundError, match=r"only 2 usable client update\(s\), need at least 3"):
+        _run(OneShotMerge(method="fedavg", min_clients=3), FakeGrid(
+            {1: _standard(1.0, 10), 2: _standard(1.0, 10), 3: Error(code=0, reason="boom")}))
+
+
+def test_alie_attackers_collude_on_their_own_updates():
+    from fl_merge.attacks import alie_z, parse_plan
+
+    plan = parse_plan("alie", "2,3", "", "", 4)
+    replies = {100 + i: _rich(i, 10) for i in range(4)}
+    honest = [{k: v.clone() for k, v in replies[100 + i]["arrays"].to_torch_state_dict().items()}
+              for i in range(4)]
+    r = _run(OneShotMerge(method="fedavg", attack_plan=plan, measure_heterogeneity=False), FakeGrid(replies))
+    z = alie_z(4, 2)
+    theta0 = _theta0()
+    tau = {k: [honest[i][k] - theta0[k] for i in (2, 3)] for k in theta0}
+    bad = {k: torch.stack(v).mean(0) - z * torch.stack(v).std(0, correction=0) for k, v in tau.items()}
+    for k in theta0:
+        expected = (honest[0][k] - theta0[k] + honest[1][k] - theta0[k] + 2 * bad[k]) / 4
+        torch.testing.assert_close(r.delta[k], expected)
+
+
+def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
+    with pytest.raises(MergeInputError, match="unknown merge method"):
+        OneShotMerge(method="nope")
+    with pytest.raises(ValueError, match="exactly one round"):
+        OneShotMerge().start(grid=None, initial_arrays=ArrayRecord(_theta0()), num_rounds=3)
+    with pytest.raises(ValueError, match="evaluate_fn is not used"):
+        OneShotMerge().start(grid=None, initial_arrays=ArrayRecord(_theta0()), evaluate_fn=print)
+    # Standard replies carry no local-steps: FedNova cannot normalise and says so.
+    with pytest.raises(MergeInputError, match="local_steps"):
+        _run(OneShotMerge(method="fednova"), FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
+
+
+@pytest.mark.parametrize("method", __import__("fl_merge").available_methods())
+def test_every_method_runs_through_the_round_as_merge_would(method):
+    """The round hands merge() the right task vectors, weights, local steps and extras."""
+    from fl_merge import merge
+    from fl_merge.task_vectors import split_extras, task_vector
+
+    steps = [10, 20, 40, 80, 160, 320]
+    replies = {100 + i: _rich(i, s) for i, s in reversed(list(enumerate(steps)))}
+    r = _run(OneShotMerge(method=method, weighting="num-examples", etas=[1.0]), FakeGrid(replies))
+    # Independent: clients ordered by partition id, task vectors over the backbone only.
+    states = [split_extras(replies[100 + i]["arrays"].to_torch_state_dict()) for i in range(6)]
+    taus = [task_vector(w, r.theta0, list(r.theta0)) for w, _ in states]
+    fisher = {"fisher": [e["fisher"] for _, e in states]}
+    # Clients are identified by partition (DARE keys its masks by it, stable across runs).
+    names = [f"partition {i}" for i in range(6)]
+    expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(6)], local_steps=steps,
+                     names=names, extras=fisher if method == "fisher" else None)
+    assert set(r.delta) == set(r.theta0)
+    for k in r.theta0:
+        torch.testing.assert_close(r.delta[k], expected[k])
+        assert bool(torch.isfinite(r.delta[k]).all())
+
+
+def test_fednova_uses_the_normalisers_clients_report():
+    """A client's reported fednova-a is its normaliser; Delta = a_eff * sum p_i tau_i / a_i,
+    checked against that formula written out here (not merge())."""
+    from fl_merge.task_vectors import task_vector
+
+    replies = {100 + i: _rich(i, 10) for i in range(3)}
+    a = [2.0, 5.0, 11.0]  # reported normalisers; the 10 local steps each would weigh all alike
+    for i, ai in enumerate(a):
+        replies[100 + i]["metrics"]["fednova-a"] = ai
+    r = _run(OneShotMerge(method="fednova", etas=[1.0]), FakeGrid(replies))
+    taus = [task_vector(replies[100 + i]["arrays"].to_torch_state_dict(), r.theta0, list(r.theta0))
+            for i in range(3)]
+    a_eff = sum(a) / 3
+    for k in r.theta0:
+        expected = a_eff * sum(t[k] / ai for t, ai in zip(taus, a)) / 3
+        torch.testing.assert_close(r.delta[k], expected)
+
+
+def test_fisher_merge_names_clients_without_fisher():
+    grid = FakeGrid({1: _rich(0, 10), 2: _standard(1.0, 10, classes=4)})
+    with pytest.raises(MergeRoundError, match=r"needs 'fisher' from every client; missing from node 2"):
+        _run(OneShotMerge(method="fisher"), grid)
+    assert grid.asked[0].content["config"]["compute-fisher"] is True
+
+
+def _three_methods(test_all_etas: bool = False) -> OneShotMerge:
+    return OneShotMerge(methods=["fedavg", ("ties", {"density": 0.5}), ("ties", {"density": 1.0})],
+                        etas=[1.0, 2.0], test_all_etas=test_all_etas)
+
+
+def _three_clients() -> dict:
+    return {100 + i: _rich(i, 10) for i in range(3)}
+
+
 def test_several_methods_share_one_training_pass_and_one_evaluate_message():
-    s = _three_methods_trained()
+    s = _three_methods()
     assert list(s.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
     assert s.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
-    assert set(s.deltas) == set(s.methods)
-    torch.testing.assert_close(s.delta["backbone.w"], s.deltas["fedavg"]["backbone.w"])
-    grid = _ScoringGrid(_score)
-    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=grid))
-    content = msgs[0].content
+    grid = FakeGrid(_three_clients())
+    r = _run(s, grid)
+    assert set(r.deltas) == set(s.methods)
+    torch.testing.assert_close(r.delta["backbone.w"], r.deltas["fedavg"]["backbone.w"])
+    kinds = [m.metadata.message_type for m in grid.asked]
+    assert kinds == [MessageType.TRAIN] * 3 + [MessageType.EVALUATE] * 6  # val, then test
+    content = grid.asked[3].content
     assert list(content["config"]["delta-methods"]) == list(s.methods)
     assert list(content["config"]["splits"]) == ["val"]  # the eta grid is scored on val only
     assert list(content["config"]["etas"]) == [0.0, 1.0, 2.0] * 3
     for i, label in enumerate(s.methods):
         key = "delta" if i == 0 else f"delta-{i}"
-        torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"], s.deltas[label]["backbone.b"])
-    metrics = s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
-                                       for m in msgs])
-    assert s.best_etas == {"fedavg": 1.0, "ties[density=0.5]": 2.0, "ties[density=1.0]": 1.0}
+        torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"],
+                                   r.deltas[label]["backbone.b"])
+    assert r.best_etas == {"fedavg": 1.0, "ties[density=0.5]": 2.0, "ties[density=1.0]": 1.0}
     # The second message scores test at the base and each method's chosen eta only.
-    assert len(grid.asked) == 3
-    cfg = grid.asked[0].content["config"]
+    cfg = grid.asked[6].content["config"]
     assert list(cfg["splits"]) == ["test"]
     assert list(cfg["etas"]) == [0.0, 1.0, 0.0, 2.0, 0.0, 1.0]
     assert list(cfg["etas-per-delta"]) == [2, 2, 2]
-    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
-    assert metrics["base-test-accuracy"] == pytest.approx(0.5)
-    selected = [r for r in s.rows if r["selected"] and r["split"] == "val"]
-    assert len(selected) == 3 * 3 and {r["method_name"] for r in selected} == {"fedavg", "ties"}
-    test_rows = [r for r in s.rows if r["split"] == "test" and r["model"] != "finetuned"]
-    assert sorted({r["eta"] for r in test_rows if r["method"] == "ties[density=0.5]"}) == [0.0, 2.0]
-    assert len([r for r in s.rows if r["split"] == "val" and r["model"] != "finetuned"]) == 3 * 3 * 3
+    assert r.metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
+    assert r.metrics["base-test-accuracy"] == pytest.approx(0.5)
+    selected = [row for row in r.rows if row["selected"] and row["split"] == "val"]
+    assert len(selected) == 3 * 3 and {row["method_name"] for row in selected} == {"fedavg", "ties"}
+    test_rows = [row for row in r.rows if row["split"] == "test" and row["model"] != "finetuned"]
+    assert sorted({row["eta"] for row in test_rows if row["method"] == "ties[density=0.5]"}) == [0.0, 2.0]
+    assert len([row for row in r.rows if row["split"] == "val" and row["model"] != "finetuned"]) == 3 * 3 * 3
 
 
 def test_test_all_etas_scores_test_in_the_first_message():
-    s = _three_methods_trained()
-    s.test_all_etas = True
-    grid = _ScoringGrid(_score)
-    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=grid))
-    assert list(msgs[0].content["config"]["splits"]) == ["val", "test"]
-    metrics = s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
-                                       for m in msgs])
-    assert grid.asked == []  # no second message
-    assert s.best_etas["ties[density=0.5]"] == 2.0  # chosen on val, not on test
-    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
-    test_rows = [r for r in s.rows if r["split"] == "test" and r["model"] != "finetuned"]
+    grid = FakeGrid(_three_clients())
+    r = _run(_three_methods(test_all_etas=True), grid)
+    ev = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(ev) == 3  # no second message
+    assert list(ev[0].content["config"]["splits"]) == ["val", "test"]
+    assert r.best_etas["ties[density=0.5]"] == 2.0  # chosen on val, not on test
+    assert r.metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
+    test_rows = [row for row in r.rows if row["split"] == "test" and row["model"] != "finetuned"]
     assert len(test_rows) == 3 * 3 * 3
 
 
 def test_missing_test_scores_name_the_client():
-    s = _three_methods_trained()
+    honest = FakeGrid({})
 
-    class _Silent(_ScoringGrid):
-        def send_and_receive(self, messages, timeout=None):
-            return [_reply(m.metadata.dst_node_id, RecordDict({"metrics": MetricRecord(
-                {"num-examples": 10})})) for m in messages]
+    def silent_in_test(m):
+        if list(m.content["config"]["splits"]) == ["test"]:
+            return RecordDict({"metrics": MetricRecord({"num-examples": 10})})
+        return honest._answer(m)
 
-    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=_Silent(_score)))
+    grid = FakeGrid(_three_clients())
+    grid.evaluate = {n: silent_in_test for n in (100, 101, 102)}
     with pytest.raises(MergeRoundError, match=r"no client returned test evaluation scores: "
                                               r"node 100 \(partition 0\): did not score"):
-        s.aggregate_evaluate(1, [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score)
-                                 for m in msgs])
+        _run(_three_methods(), grid)
 
 
 def test_client_failing_evaluation_is_left_out_of_the_results():
-    s = _three_methods_trained()
-    grid = _ScoringGrid(_score)
-    msgs = list(s.configure_evaluate(1, ArrayRecord(s.theta0), ConfigRecord({}), grid=grid))
-    replies = [_eval_reply(m.metadata.dst_node_id, m.content["config"], _score) for m in msgs[:2]]
-    replies.append(_reply(msgs[2].metadata.dst_node_id, error=Error(code=0, reason="evaluation crashed")))
-    metrics = s.aggregate_evaluate(1, replies)
-    assert {r["partition_id"] for r in s.rows} == {0, 1}
-    assert s.failures[-1]["client"] == "node 102 (partition 2)"
-    assert s.failures[-1]["stage"] == "evaluation" and s.failures[-1]["reason"] == "evaluation crashed"
-    assert metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
+    grid = FakeGrid(_three_clients(), evaluate={102: lambda m: Error(code=0, reason="evaluation crashed")})
+    r = _run(_three_methods(), grid)
+    assert {row["partition_id"] for row in r.rows} == {0, 1}
+    assert r.failures[-1]["client"] == "node 102 (partition 2)"
+    assert r.failures[-1]["stage"] == "evaluation" and r.failures[-1]["reason"] == "evaluation crashed"
+    assert r.metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
+    # The test phase asks only the clients that scored validation.
+    test_msgs = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE][3:]
+    assert sorted(m.metadata.dst_node_id for m in test_msgs) == [100, 101]
+
+
+def test_start_returns_the_merged_model_at_the_chosen_eta():
+    s = _three_methods()
+    result = s.start(FakeGrid(_three_clients()), ArrayRecord(_theta0()), num_rounds=1, timeout=10.0)
+    merged = result.arrays.to_torch_state_dict()
+    torch.testing.assert_close(merged["backbone.w"], 1.0 * s.outcome.deltas["fedavg"]["backbone.w"])
+
+
+def test_merge_keys_matching_nothing_stop_the_run_before_any_message(tmp_path):
+    from safetensors.torch import save_file
+
+    from fl_merge.config import ConfigError, RunConfig
+    from strategies.server_app import run_one_shot
+
+    save_file({"enc.w": torch.zeros(2), "cls.w": torch.zeros(3)}, str(tmp_path / "base.safetensors"))
+    cfg = RunConfig(num_clients=2, base_checkpoint=str(tmp_path / "base.safetensors"),
+                    output_dir=str(tmp_path / "out")).resolve()  # merge-keys: default backbone.*
+    grid = FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)})
+    with pytest.raises(ConfigError, match=r"merge-keys \['backbone\.\*'\] match none .*cls\.w, enc\.w"):
+        run_one_shot(grid, cfg)
+    assert grid.asked == [] and not (tmp_path / "out").exists()  # nothing sent, nothing written

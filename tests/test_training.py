@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clients.tasks import SUITES, TASKS, load_task
@@ -32,6 +33,10 @@ def test_local_fine_tuning_lowers_loss_and_beats_chance_and_base(theta0):
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     metrics = fine_tune(model, task, LocalTrainConfig(steps=80, lr=0.01, batch_size=64, seed=0))
     assert metrics["train-loss"] < 0.5 * metrics["train-loss-first"]
+    # FedNova's normaliser for 80 steps of SGD with momentum 0.9, simplified by hand:
+    # [80 - 0.9 (1 - 0.9^80) / 0.1] / 0.1 = 710 + 90 * 0.9^80
+    assert metrics["local-steps"] == 80
+    assert metrics["fednova-a"] == pytest.approx(710 + 90 * 0.9**80, rel=1e-12)
     chance = 1 / task.num_classes
     assert metrics["finetuned-accuracy"] > chance + 0.5
     assert metrics["finetuned-accuracy"] > base_acc + 0.1
@@ -81,3 +86,21 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
     path.unlink()
     pretrained_backbone("mnist-cnn", cfg, progress=False)
     assert not stale.exists() and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_fit_reports_the_momentum_normaliser_and_checks_momentum_first():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fl_merge.training import fit
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g))
+    model = nn.Linear(3, 2)
+    # 3 steps of momentum 0.5: the buffer weights sum to 1 + 1.5 + 1.75
+    res = fit(model, data, steps=3, lr=0.1, batch_size=4, seed=0, momentum=0.5)
+    assert res.steps == 3 and res.fednova_a == pytest.approx(4.25, rel=1e-12)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\), got 1.0"):
+        fit(model, data, steps=3, lr=0.1, batch_size=4, seed=0, momentum=1.0)
+    assert torch.equal(model.weight, before)  # refused before any training

@@ -10,6 +10,7 @@ from fl_merge.aggregation.averaging import (
     fedavg,
     fedgma,
     fednova,
+    fednova_normaliser,
     fisher,
 )
 from fl_merge.aggregation.hetero import hetero as hetero_weighting
@@ -21,6 +22,7 @@ from fl_merge.aggregation.registry import (
     get_method,
     known_extras,
     merge,
+    normalisers_tensor,
     normalized_weights,
     register,
     resolve_device,
@@ -33,6 +35,7 @@ from fl_merge.aggregation.robust import (
     multikrum,
     trimmed_mean,
 )
+from fl_merge.aggregation.scales import eta_for_lambda, lambda_for_eta, lambda_scale
 from fl_merge.aggregation.sparsify import breadcrumbs, dare, ties
 from fl_merge.task_vectors import MergeInputError
 
@@ -45,19 +48,24 @@ __all__ = [
     "check_extras",
     "check_method_params",
     "dare",
+    "eta_for_lambda",
     "eta_for_task_arithmetic",
     "fedavg",
     "fedgma",
     "fednova",
+    "fednova_normaliser",
     "fisher",
     "geometric_median",
     "get_method",
     "hetero_weighting",
     "known_extras",
+    "lambda_for_eta",
+    "lambda_scale",
     "krum",
     "median",
     "merge",
     "multikrum",
+    "normalisers_tensor",
     "normalized_weights",
     "register",
     "resolve_device",

@@ -6,6 +6,9 @@ coordinates (one row per client) and the normalised weights ``p[K]``.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from fl_merge.aggregation.registry import number_param, register
@@ -21,16 +24,59 @@ def _wsum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
 
 
-def _fedavg_coef(weights, local_steps):
+def _fedavg_coef(weights, **_):
     return weights
 
 
-def _fednova_coef(weights, local_steps):
-    """c_i = K_eff p_i / K_i = p_i * sum_j p_j (K_j / K_i): ratios first, so huge step
-    counts cannot overflow K_eff."""
+def _fednova_coef(weights, normalisers):
+    """c_i = a_eff p_i / a_i = p_i * sum_j p_j (a_j / a_i): ratios first, so huge
+    normalisers cannot overflow a_eff."""
     p = weights.to(torch.float64).cpu()
-    steps = local_steps.to(torch.float64).cpu()
-    return p * (p[None, :] * (steps[None, :] / steps[:, None])).sum(1)
+    a = normalisers.to(torch.float64).cpu()
+    return p * (p[None, :] * (a[None, :] / a[:, None])).sum(1)
+
+
+FEDNOVA_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def fednova_normaliser(steps: int, momentum: float = 0.0, optimizer: str = "sgd") -> float:
+    """FedNova's normaliser ||a_i||_1 for a client that ran `steps` local steps of `optimizer`
+    (Wang et al., NeurIPS 2020, "Tackling the Objective Inconsistency Problem in
+    Heterogeneous Federated Optimization", Sec. 4 and App. on momentum).
+
+    A local solver whose total update is tau_i = -lr * sum_k a_ik g_ik (g_ik the k-th
+    stochastic gradient) has a_i = [a_i1, ..., a_it]; FedNova divides tau_i by ||a_i||_1.
+
+    * plain SGD (momentum 0): a_ik = 1, so ||a_i||_1 = t.
+    * SGD with heavy-ball momentum r (torch.optim.SGD: buffer b <- r b + g, step -lr b; no
+      dampening, no Nesterov): gradient k enters the remaining t - k + 1 steps with weights
+      1, r, r^2, ..., so a_ik = (1 - r^(t-k+1)) / (1 - r) and
+      ||a_i||_1 = [t - r (1 - r^t) / (1 - r)] / (1 - r)   (t=1: 1; t=2: 2 + r).
+    * Adam / AdamW: ours, a_i = t (as plain SGD). Adam's step is lr * m_hat / (sqrt(v_hat)
+      + eps) with bias-corrected moments: under a constant gradient every step has the same
+      size lr (per coordinate, up to eps), so the displacement grows linearly in t, not
+      like heavy-ball momentum's ~t/(1-r); the normalised update is then the mean step, as
+      FedNova intends. Its per-coordinate preconditioning is not a scalar a_i, so no exact
+      normaliser exists; `momentum` (Adam's beta1) is ignored.
+
+    Weight decay is not modelled (the clients fine-tune without it).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real) \
+            or not float(steps).is_integer() or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if optimizer not in FEDNOVA_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {FEDNOVA_OPTIMIZERS}, got {optimizer!r}")
+    t = float(steps)
+    if optimizer != "sgd":
+        return t
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+            or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    r = float(momentum)
+    if r == 0.0:
+        return t
+    one_minus_rt = -math.expm1(t * math.log(r))  # 1 - r^t without cancellation
+    return (t - r * one_minus_rt / (1.0 - r)) / (1.0 - r)
 
 
 @register("fedavg", coordinatewise=True, aliases=("task_arithmetic",), coefficients=_fedavg_coef)
@@ -49,16 +95,19 @@ def eta_for_task_arithmetic(lam: float, num_clients: int) -> float:
     return num_clients * lam
 
 
-@register("fednova", coordinatewise=True, needs_local_steps=True, coefficients=_fednova_coef)
-def fednova(stacked: torch.Tensor, weights: torch.Tensor, local_steps: torch.Tensor) -> torch.Tensor:
-    """Delta = K_eff * sum_i p_i tau_i / K_i,  K_eff = sum_i p_i K_i  (FedNova, Wang et al.
+@register("fednova", coordinatewise=True, needs_normalisers=True, coefficients=_fednova_coef)
+def fednova(stacked: torch.Tensor, weights: torch.Tensor, normalisers: torch.Tensor) -> torch.Tensor:
+    """Delta = a_eff * sum_i p_i tau_i / a_i,  a_eff = sum_i p_i a_i  (FedNova, Wang et al.
     NeurIPS 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous FL").
 
-    Each client's update is normalised by its number of local steps K_i (plain SGD, so the
-    normaliser ||a_i||_1 = K_i), removing the bias towards clients that ran longer; K_eff
-    restores the step scale. Equal K_i reduce it to FedAvg.
+    a_i = ||a_i||_1 is client i's normaliser for the optimizer it ran (`fednova_normaliser`:
+    t_i for plain SGD, [t_i - r(1 - r^t_i)/(1 - r)]/(1 - r) for SGD with momentum r),
+    reported by the client; `merge(..., normalisers=...)`. A client without one gets the
+    plain-SGD normaliser a_i = t_i from `local_steps`, with a warning. Dividing by a_i
+    removes the bias towards clients that ran longer; a_eff restores the step scale. Equal
+    a_i reduce it to FedAvg.
     """
-    coef = _fednova_coef(weights.cpu(), local_steps.cpu())
+    coef = _fednova_coef(weights.cpu(), normalisers.cpu())
     return _wsum(coef.to(device=stacked.device, dtype=stacked.dtype), stacked)
 
 
@@ -82,25 +131,27 @@ def fedgma(stacked: torch.Tensor, weights: torch.Tensor, rho: float = 0.5) -> to
     return mask.mul_(_wsum(weights, stacked))
 
 
-def _check_eps(params: dict) -> None:
-    if not number_param(params, "eps") >= 0.0:
-        raise MergeInputError(f"eps must be >= 0, got {params['eps']}")
+def _check_min_fisher(params: dict) -> None:
+    # a positive floor that float32 blocks can hold (and that cannot overflow the weights)
+    if not 1e-30 <= number_param(params, "min_fisher") <= 1e30:
+        raise MergeInputError(f"min_fisher must lie in [1e-30, 1e30], got {params['min_fisher']}")
 
 
-@register("fisher", coordinatewise=True, needs_extras=("fisher",), check_params=_check_eps)
+@register("fisher", coordinatewise=True, needs_extras=("fisher",), check_params=_check_min_fisher)
 def fisher(
-    stacked: torch.Tensor, weights: torch.Tensor, extras: dict, eps: float = 1e-8
+    stacked: torch.Tensor, weights: torch.Tensor, extras: dict, min_fisher: float = 1e-6
 ) -> torch.Tensor:
-    """Delta = sum_i p_i F_i tau_i / (sum_i p_i F_i + eps)  (Fisher merging, Matena & Raffel,
-    NeurIPS 2022), per coordinate, with F_i client i's diagonal Fisher estimate
-    (``extras={"fisher": [dict per client]}``, same keys/shapes as the task vectors).
+    """Delta = sum_i p_i (F_i + f0) tau_i / sum_i p_i (F_i + f0)  (Fisher merging, Matena &
+    Raffel, NeurIPS 2022), per coordinate, with F_i client i's diagonal Fisher estimate
+    (``extras={"fisher": [dict per client]}``, same keys/shapes as the task vectors) and the
+    floor f0 = min_fisher > 0 added to every F_i, as FusionBench's Fisher merging does with
+    its ``minimal_fisher_weight`` (default 1e-6 there too).
 
-    The client weights p_i play the role of the paper's lambda_i; with uniform p this is
-    sum F_i tau_i / (sum F_i + K eps). Where every F_i is zero the coordinate gets 0 (no
-    client has information about it).
+    The client weights p_i play the role of the paper's lambda_i. The floor makes the
+    denominator >= f0 > 0: where no client's Fisher is informative (F_i << f0, e.g. the
+    many exactly-zero entries of unused units) a coordinate falls back to the plain mean
+    sum_i p_i tau_i, and K=1 returns tau exactly.
     """
-    f = extras["fisher"]
+    f = extras["fisher"].add_(min_fisher)
     wf = f.mul_(_expand(weights, f).to(f.dtype))
-    num = (wf * stacked).sum(0)
-    den = wf.sum(0).add_(eps)
-    return torch.where(den > 0, num / den, torch.zeros_like(num))
+    return (wf * stacked).sum(0).div_(wf.sum(0))

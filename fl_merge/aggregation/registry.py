@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fl_merge.aggregation._stream import iter_blocks, linear_combination, work_dtype
+from fl_merge.aggregation.per_client import (  # noqa: F401  (public here too)
+    local_steps_tensor,
+    normaliser_values,
+    normalisers_tensor,
+    normalized_weights,
+)
 from fl_merge.task_vectors import MergeInputError, StateDict, all_finite, check_task_vectors
 
 
@@ -37,17 +43,23 @@ class MergeMethod:
         (stacked is scratch: the function may overwrite it). Whole-vector:
         ``fn(task_vectors, p, **params) -> StateDict``. Either form that declares a
         ``local_steps`` argument receives the clients' step counts (float64 [K] tensor, or
-        None when unknown); one that declares ``extras`` receives the extra arrays
+        None when unknown); one that declares ``normalisers`` receives FedNova's a_i
+        (float64 [K], `per_client.normalisers_tensor`: reported ones, else the plain-SGD
+        a_i = t_i from the steps, else None); one that declares ``names`` receives the
+        clients' names (list of str, or None when the caller gave none); one that declares
+        ``extras`` receives the extra arrays
         (coordinate-wise: name -> stacked [K, n] block; whole-vector: name -> list of
         per-client dicts); a whole-vector one that declares ``device`` gets the resolved
         torch.device for its arithmetic.
     params: name -> default value of the method's hyper-parameters (from fn's signature).
     needs_local_steps: the method cannot run without each client's local step count.
+    needs_normalisers: the method cannot run without each client's normaliser (or steps).
     min_clients: a check ``(K, params) -> None`` raising MergeInputError when K is too small.
     needs_extras: names of per-client extra arrays the method cannot run without.
     check_params: a check ``(params) -> None`` raising MergeInputError on invalid values.
-    coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, local_steps, **params)
-        -> c[K]``; `merge` then streams the clients' rows with fused multiply-adds instead of
+    coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
+        **params) -> c[K]`` (per_client: the local_steps / normalisers that fn declares);
+        `merge` then streams the clients' rows with fused multiply-adds instead of
         gathering [K, n] blocks (same result as `fn`, fewer memory passes). `fn` stays the
         reference implementation on a stacked block.
     """
@@ -65,12 +77,21 @@ class MergeMethod:
     takes_extras: bool = False
     takes_device: bool = False
     coefficients: Callable | None = None
+    needs_normalisers: bool = False
+    takes_normalisers: bool = False
+    takes_names: bool = False
+    # How the method's paper scales its output: "sum" (Task Arithmetic's lambda multiplies the
+    # sum of K task vectors, so eta = K * lambda for our mean-like Delta) or "delta" (lambda
+    # multiplies the method's own merged vector: eta = lambda). A callable(params) -> either,
+    # for methods whose convention depends on a parameter (dare's base). fl_merge.aggregation.scales.
+    lambda_scale: str | Callable[[dict], str] = "sum"
 
 
 _METHODS: dict[str, MergeMethod] = {}
 
 # Arguments every method receives from `merge` itself, not user hyper-parameters.
-_RESERVED = {"stacked", "weights", "task_vectors", "local_steps", "extras", "device"}
+_RESERVED = {"stacked", "weights", "task_vectors", "local_steps", "normalisers", "names",
+             "extras", "device"}
 
 
 def register(
@@ -83,6 +104,8 @@ def register(
     needs_extras: Sequence[str] = (),
     check_params: Callable[[dict], None] | None = None,
     coefficients: Callable | None = None,
+    needs_normalisers: bool = False,
+    lambda_scale: str | Callable[[dict], str] = "sum",
 ) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` as merge method `name` (and its aliases)."""
 
@@ -104,7 +127,8 @@ def register(
             _METHODS[n] = MergeMethod(
                 n, fn, coordinatewise, params, needs_local_steps, min_clients, summary,
                 takes_steps, tuple(needs_extras), check_params, "extras" in sig,
-                "device" in sig, coefficients,
+                "device" in sig, coefficients, needs_normalisers, "normalisers" in sig,
+                "names" in sig, lambda_scale,
             )
         return fn
 
@@ -247,55 +271,6 @@ def check_extras(
     return {n: extras[n] for n in method.needs_extras}
 
 
-def _numbers(what: str, values, k: int) -> torch.Tensor:
-    """float64 [k] from a sequence of k numbers (a list, tuple, tensor or array), or
-    MergeInputError naming `what`."""
-    if isinstance(values, (str, bytes, Mapping)):
-        raise MergeInputError(f"{what} must be {k} numbers, got {values!r}")
-    if isinstance(values, torch.Tensor):
-        items = values.detach().cpu().reshape(-1).tolist()
-    else:
-        try:
-            items = list(values)
-        except TypeError:
-            raise MergeInputError(f"{what} must be {k} numbers, got {values!r}") from None
-    items = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in items]
-    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, numbers.Real)]
-    if bad:
-        raise MergeInputError(f"{what} must be {k} numbers, got {bad[0]!r} among them")
-    if len(items) != k:
-        raise MergeInputError(f"{len(items)} {what} for {k} task vectors")
-    try:
-        return torch.tensor([float(v) for v in items], dtype=torch.float64)
-    except OverflowError:
-        raise MergeInputError(f"{what} must be finite numbers, got {items}") from None
-
-
-def normalized_weights(weights: Sequence[float] | torch.Tensor | None, k: int) -> torch.Tensor:
-    """p_i = w_i / sum_j w_j in float64 (uniform when weights is None)."""
-    if weights is None:
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
-    w = _numbers("weights", weights, k)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise MergeInputError(f"weights must be finite, non-negative and not all zero: {w.tolist()}")
-    w = w / w.max()  # the sum of huge finite weights must not overflow
-    return w / w.sum()
-
-
-def local_steps_tensor(local_steps: Sequence[float] | torch.Tensor | None, k: int) -> torch.Tensor | None:
-    """The clients' local step counts as float64 [k] (None stays None); MergeInputError
-    unless they are k finite positive numbers."""
-    if local_steps is None:
-        return None
-    try:
-        steps = _numbers("local_steps", local_steps, k)
-    except MergeInputError as e:
-        raise MergeInputError(f"local_steps must be {k} positive numbers ({e})") from None
-    if not bool(torch.isfinite(steps).all()) or bool((steps <= 0).any()):
-        raise MergeInputError(f"local_steps must be {k} positive numbers, got {steps.tolist()}")
-    return steps
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' -> cuda when available else cpu."""
     if device is None or (isinstance(device, str) and device == "auto"):
@@ -326,6 +301,7 @@ def merge(
     weights: Sequence[float] | torch.Tensor | None = None,
     local_steps: Sequence[int] | None = None,
     *,
+    normalisers: Sequence[float | None] | None = None,
     names: Sequence[str] | None = None,
     device: str | torch.device | None = "cpu",
     extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
@@ -335,7 +311,10 @@ def merge(
 
     Validates everything before any arithmetic: the method and its parameters (names and
     values), the task vectors (same keys/shapes/dtypes, finite; `names` label clients in
-    errors), weights, local steps where the method needs them, `extras` (per-client arrays
+    errors), weights, local steps where the method needs them, `normalisers` (FedNova's
+    a_i = ||a_i||_1 per client, as reported by the client for the optimizer it ran, None for
+    a client that reported none: methods that use them fall back to its local steps, the
+    plain-SGD normaliser, with a warning), `extras` (per-client arrays
     such as ``{"fisher": [dict per client]}``) where it needs them, and the method's minimum
     client count. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
     least; the result has the task vectors' dtypes and lives on the CPU, and is finite (a
@@ -350,6 +329,14 @@ def merge(
     steps = local_steps_tensor(local_steps, k)
     if m.needs_local_steps and steps is None:
         raise MergeInputError(f"merge method '{method}' needs every client's local_steps")
+    norm = None
+    if m.takes_normalisers:
+        norm = normalisers_tensor(normalisers, steps, k, names)
+        if m.needs_normalisers and norm is None:
+            raise MergeInputError(
+                f"merge method '{method}' needs every client's local_steps or normalisers")
+    else:  # unused by this method, but junk is still an error
+        normaliser_values(normalisers, k)
     used_extras = check_extras(m, extras, task_vectors, names)
     if m.min_clients is not None:
         try:
@@ -360,7 +347,9 @@ def merge(
     # Inputs that require grad must not drag autograd into the arithmetic (out= kernels
     # refuse them); Delta is data, never part of a graph.
     with torch.no_grad():
-        out = _run(m, task_vectors, p, steps, used_extras, full_params, dev)
+        per_client = {"local_steps": steps, "normalisers": norm,
+                      "names": None if names is None else [str(n) for n in names]}
+        out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev)
     for key, v in out.items():
         if not all_finite(v):
             raise MergeInputError(
@@ -370,8 +359,10 @@ def merge(
     return out
 
 
-def _run(m: MergeMethod, task_vectors, p, steps, used_extras, full_params, dev) -> StateDict:
-    extra = {"local_steps": steps} if m.takes_local_steps else {}
+def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, dev) -> StateDict:
+    takes = {"local_steps": m.takes_local_steps, "normalisers": m.takes_normalisers,
+             "names": m.takes_names}
+    extra = {n: v for n, v in per_client.items() if takes[n]}
     if not m.coordinatewise:
         if m.takes_extras:
             extra["extras"] = used_extras
@@ -382,9 +373,8 @@ def _run(m: MergeMethod, task_vectors, p, steps, used_extras, full_params, dev) 
 
     ref = task_vectors[0]
     if m.coefficients is not None:
-        return linear_combination(task_vectors, m.coefficients(p, steps, **full_params), dev)
-    if steps is not None and m.takes_local_steps:
-        extra = {"local_steps": steps.to(dev)}
+        return linear_combination(task_vectors, m.coefficients(p, **extra, **full_params), dev)
+    extra = {n: v.to(dev) if isinstance(v, torch.Tensor) else v for n, v in extra.items()}
     # Keys grouped by working dtype; each group streamed in [K, n] blocks of a reused buffer:
     # memory ~ one block plus the result, whatever the model size.
     flat_out = {key: torch.empty(r.numel(), dtype=r.dtype) for key, r in ref.items()}

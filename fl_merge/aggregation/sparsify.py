@@ -11,6 +11,7 @@ masks are drawn per whole tensor, flattens one client's (masked) vector at a tim
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -24,18 +25,33 @@ def _dtype(task_vectors) -> torch.dtype:
     return _stream.work_dtype(next(iter(task_vectors[0].values())).dtype)
 
 
-def ties_block(x: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def ties_block(
+    x: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor, tie_sign: float = 0.0
+) -> tuple[torch.Tensor, int, bool]:
     """TIES on one block x[K, n] (overwritten): trim |x_i| < thresholds_i to 0, elect
-    s = sign(sum_i p_i x_i), return the p-weighted mean over the clients whose trimmed entry
-    has sign s (0 where none does)."""
+    s = sign(sum_i p_i x_i), use `tie_sign` where that sum is exactly 0, and return
+    ``(delta, balance, live_ties)``: delta the p-weighted mean over the clients whose trimmed
+    entry agrees with s (0 where none does), balance = #(s > 0) - #(s < 0) of the elected
+    signs before tie-breaking, live_ties whether some tied coordinate has a nonzero entry
+    (so that `tie_sign` decides it).
+
+    Agreement follows the TIES reference code (prateeky2806/ties-merging,
+    src/utils/merge_utils.py, disjoint_merge): entries with x > 0 where s > 0, else entries
+    with x < 0, so a sign s = 0 selects the negative entries."""
     x.mul_(x.abs() >= thresholds.reshape(-1, 1))
     w = weights.reshape(-1, 1)
-    elected = torch.sign(w.T @ x)  # [1, n]
-    agree = (torch.sign(x) == elected) & (elected != 0)
+    elected = torch.sign(w.T @ x).reshape(-1)  # [n]
+    tied = elected == 0
+    balance = int((elected > 0).sum()) - int((elected < 0).sum())
+    live_ties = bool((tied & (x != 0).any(0)).any())
+    if tie_sign != 0:
+        elected = torch.where(tied, torch.full_like(elected, tie_sign), elected)
+    agree = torch.where(elected > 0, x > 0, x < 0)
     wa = agree.to(x.dtype).mul_(w)  # [K, n]: p_i where client i agrees
     num = (wa * x).sum(0)
     den = wa.sum(0)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    delta = torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    return delta, balance, live_ties
 
 
 def _top_count(total: int, density: float) -> int:
@@ -52,7 +68,15 @@ def ties_merge(
     """TIES over whole task vectors; `transform(client, key, flat_tensor)` optionally rewrites
     each client's tensor first (DARE). Without a transform the merge streams [K, n] blocks;
     with one it stacks whole tensors (memory K x largest tensor) so each random mask is
-    generated once per (client, tensor), independent of the block size."""
+    generated once per (client, tensor), independent of the block size.
+
+    Tie-breaking as in the TIES reference code: where the elected sum is exactly 0 the sign
+    is the majority sign of all elected signs over the whole flattened update (`tie_sign`
+    = sign of the summed balance; the reference's resolve_zero_signs). That sign is known
+    only after a full pass, so the pass runs with tie_sign 0 and the tensors holding a tie
+    decided by a nonzero entry are merged again with the majority sign (rare: the sum must
+    cancel exactly); when the majority sign is itself 0 the first pass is already the
+    reference's result (it then keeps the negative entries)."""
     ref = task_vectors[0]
     dtype = _dtype(task_vectors)
     total = sum(v.numel() for v in ref.values())
@@ -70,16 +94,27 @@ def ties_merge(
     thr = torch.tensor(thr_list, dtype=dtype, device=device)
     pw = weights.to(device=device, dtype=dtype)
     out = _stream.empty_like_flat(ref, device, dtype)
-    if transform is None:
-        for key, s, e, x, _ in _stream.iter_blocks(task_vectors, device, dtype):
-            out[key][s:e] = ties_block(x, thr, pw)
-    else:
-        for key in ref:
-            x = torch.stack([
+
+    def run(keys, tie_sign: float) -> tuple[int, set]:
+        balance, tied = 0, set()
+        if transform is None:
+            blocks = ((key, s, e, x) for key, s, e, x, _ in
+                      _stream.iter_blocks(task_vectors, device, dtype, keys=keys))
+        else:
+            blocks = ((key, 0, ref[key].numel(), torch.stack([
                 transform(i, key, tv[key].reshape(-1).to(device=device, dtype=dtype))
-                for i, tv in enumerate(task_vectors)
-            ])
-            out[key] = ties_block(x, thr, pw)
+                for i, tv in enumerate(task_vectors)])) for key in keys)
+        for key, s, e, x in blocks:
+            out[key][s:e], b, live = ties_block(x, thr, pw, tie_sign)
+            balance += b
+            if live:
+                tied.add(key)
+        return balance, tied
+
+    balance, tied = run(list(ref), 0.0)
+    majority = float((balance > 0) - (balance < 0))
+    if tied and majority != 0:
+        run([key for key in ref if key in tied], majority)
     return _stream.to_output(out, ref)
 
 
@@ -89,7 +124,7 @@ def _check_density(params: dict) -> None:
         raise MergeInputError(f"density must lie in (0, 1], got {params['density']}")
 
 
-@register("ties", coordinatewise=False, check_params=_check_density)
+@register("ties", coordinatewise=False, check_params=_check_density, lambda_scale="delta")
 def ties(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
@@ -102,9 +137,13 @@ def ties(
        the whole flattened vector (all tensors; entries tied with the k-th largest are kept
        too), zero the rest -> hat tau_i;
     2. elect: s = sign(sum_i p_i hat tau_i) per coordinate (the paper's mass vote; uniform p
-       gives the same sign);
+       gives the same sign); where the sum is exactly 0, s is the majority of the elected
+       signs over the whole vector, as in the TIES reference code (resolve_zero_signs in
+       prateeky2806/ties-merging; with no majority its disjoint_merge keeps the negative
+       entries, and so does this);
     3. disjoint mean: Delta = sum_{i in A} p_i hat tau_i / sum_{i in A} p_i over
-       A = {i : sign(hat tau_i) = s}, 0 where A is empty.
+       A = {i : sign(hat tau_i) = s, hat tau_i != 0}, 0 where A is empty (the reference's
+       mean over the nonzero selected entries; uniform p gives the same).
 
     Mean-convention scaling: the disjoint mean already *is* a mean over the agreeing
     clients, so Delta is used as is (no factor K): identical clients give back their common
@@ -117,8 +156,12 @@ def ties(
     return ties_merge(task_vectors, weights, device, density)
 
 
-def _dare_seed(seed: int, client: int, key_index: int) -> int:
-    return (int(seed) * 0x9E3779B1 + client * 0x85EBCA6B + key_index * 0xC2B2AE35) % (2**63)
+def dare_seed(seed: int, client: str, key: str) -> int:
+    """The seed of one DARE mask, from the run's seed, the client's name and the tensor's
+    name: a stable hash (BLAKE2b, the same in every process, unlike Python's hash), so a
+    client's mask does not depend on where it sits in the list."""
+    msg = "\x1f".join((str(int(seed)), client, key)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") % (2**63)
 
 
 def _check_dare(params: dict) -> None:
@@ -132,10 +175,12 @@ def _check_dare(params: dict) -> None:
         raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
 
 
-@register("dare", coordinatewise=False, check_params=_check_dare)
+@register("dare", coordinatewise=False, check_params=_check_dare,
+          lambda_scale=lambda params: "delta" if params.get("base") == "ties" else "sum")
 def dare(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
+    names: Sequence[str] | None = None,
     device: torch.device = torch.device("cpu"),
     drop_rate: float = 0.9,
     seed: int = 0,
@@ -148,18 +193,27 @@ def dare(
     base="ties": TIES(hat tau, density) (DARE-TIES; density 1 = sign election and
     disjoint mean without further trimming).
 
-    Masks come from a CPU generator seeded by (seed, client index, tensor index), so a
-    given seed gives the same masks on every device and in every call.
+    Masks come from a CPU generator seeded by (seed, client name, tensor name)
+    (`dare_seed`): a client keeps its mask wherever it sits in the list, so the result does
+    not depend on client order, and a given seed gives the same masks on every device and
+    in every call. Names must be unique and stable across runs (a task or partition, not a
+    node id that changes every run). Without `names` (merge(..., names=None)) a client is
+    named by its position, "client <i>", so reordering clients then changes the masks.
     """
     ref = task_vectors[0]
     keys = list(ref)
     dtype = _dtype(task_vectors)
     keep_p = 1.0 - float(drop_rate)
+    names = [f"client {i}" for i in range(len(task_vectors))] if names is None else list(names)
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise MergeInputError(f"dare keys its random masks by client name: names must be unique, "
+                              f"got {dup!r} twice")
 
     def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
         if drop_rate == 0:
             return x
-        g = torch.Generator().manual_seed(_dare_seed(seed, i, keys.index(key)))
+        g = torch.Generator().manual_seed(dare_seed(seed, names[i], key))
         keep = torch.rand(x.numel(), generator=g) < keep_p
         return x * keep.to(x.device).reshape(x.shape) / keep_p
 

@@ -26,7 +26,7 @@ from fl_merge.config import RunConfig
 
 # Keys a group takes whatever its option; "name" selects the group's RunConfig field.
 GROUP_KEYS = {
-    "model": ("name", "pretrain_steps", "pretrain_seed", "merge_keys", "base_checkpoint"),
+    "model": ("name", "pretrain_steps", "pretrain_seed"),
     "training": ("local_steps", "lr", "batch_size", "fisher_samples"),
     "eval": ("etas", "weighting", "test_all_etas"),
     "runtime": ("device", "cache", "output_dir", "round_timeout", "connect_timeout",
@@ -39,7 +39,6 @@ LIST_KEYS = ("local_steps", "lr", "batch_size", "etas", "attack_params")
 # CLI options (not RunConfig fields), checked by fl_merge.cli.mapping.build_job.
 CLI_KEYS = ("num_supernodes", "client_gpus")
 ATTACK_KEYS = GROUP_KEYS["attack"][1:]
-MODEL_KEYS = ("merge_keys", "base_checkpoint")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 

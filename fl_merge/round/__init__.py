@@ -1,0 +1,9 @@
+"""One merge round as a sequence of pure steps (the ServerApp calls them in this order):
+
+collect replies (updates) -> task vectors over the merge-key patterns (keys, updates) ->
+colluding attacks (merging.collude) -> one Delta per method (merging) -> candidates and
+their scores, grid or plain protocol (scoring) -> eta chosen on validation (selection) ->
+test at the choice (scoring) -> rows and summary (tables), held in a MergeRound (outcome).
+
+The message protocol these steps serve is named in `protocol` and written in docs/protocol.md.
+"""

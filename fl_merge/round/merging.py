@@ -1,0 +1,130 @@
+"""Attacks and merge: task vectors -> (colluding attackers) -> one Delta per method.
+
+Also what the training message must ask for (Fisher, gradients at theta0) and the round's
+heterogeneity measures: both follow from the methods and the same task vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from logging import INFO
+from typing import Any
+
+from flwr.common.logger import log
+
+from fl_merge.aggregation import check_method_params, get_method, merge
+from fl_merge.attacks import ATTACKS, AttackPlan
+from fl_merge.metrics import heterogeneity_report
+from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, NUM_EXAMPLES
+from fl_merge.round.updates import ClientUpdate, MergeRoundError
+from fl_merge.task_vectors import StateDict
+
+Methods = dict[str, tuple[str, dict[str, Any]]]  # label -> (method name, full params)
+
+
+def label_methods(methods: Sequence[str | tuple[str, Mapping[str, Any]]]) -> Methods:
+    """label -> (method name, full params). A method listed once is labelled by its name;
+    one listed several times as name[k=v,...] with the params given. Params are checked."""
+    pairs = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
+    counts: dict[str, int] = {}
+    for name, _ in pairs:
+        counts[name] = counts.get(name, 0) + 1
+    out: Methods = {}
+    for name, params in pairs:
+        full = check_method_params(name, params)  # fail before any training
+        label = name if counts[name] == 1 else (
+            f"{name}[{','.join(f'{k}={v}' for k, v in sorted(params.items()))}]")
+        if label in out:
+            raise ValueError(f"method '{label}' listed twice")
+        out[label] = (name, full)  # full parameters: results record every value used
+    return out
+
+
+def train_requests(methods: Methods, measure_heterogeneity: bool) -> dict[str, bool]:
+    """Config flags for the training message: the extras the methods and measures need."""
+    flags = {}
+    if any("fisher" in get_method(name).needs_extras for name, _ in methods.values()):
+        flags["compute-fisher"] = True  # clients add their diagonal Fisher to the reply
+    if measure_heterogeneity:
+        flags["compute-grad0"] = True  # clients add their gradient at theta0
+    return flags
+
+
+def collude(plan: AttackPlan, clients: Sequence[ClientUpdate], task_vectors: list[StateDict],
+            num_clients: int) -> list[StateDict]:
+    """Colluding attackers (e.g. ALIE) replace their task vectors together, from their own
+    honest updates only (fl_merge.attacks); other attacks happen on the clients."""
+    if plan.where != "collusion":
+        return task_vectors
+    idx = [i for i, c in enumerate(clients) if (c.partition_id if c.partition_id is not None else -1)
+           in plan.attackers]
+    if not idx:
+        return task_vectors
+    spec = ATTACKS[plan.attack]
+    bad = spec.fn([task_vectors[i] for i in idx], num_clients, **{**spec.defaults, **plan.params})
+    log(INFO, "attack %s: %d colluding client(s) replaced their updates", plan.attack, len(idx))
+    return [bad if i in idx else tv for i, tv in enumerate(task_vectors)]
+
+
+def merge_arguments(clients: Sequence[ClientUpdate], weighting: str) -> dict[str, Any]:
+    """What merge() gets from the clients' train metrics besides the task vectors.
+
+    weights: num-examples (weighting='num-examples') or None (uniform); local_steps: when
+    every client reported local-steps; normalisers: FedNova's a_i per client (`fednova-a`,
+    None where a client did not report it: merge() then falls back to its local steps, the
+    plain-SGD a_i, with a warning); names: each client's run-stable identity (DARE keys its
+    masks by it; errors name it). Per-client metrics a method needs are gathered here.
+    """
+    if weighting not in ("uniform", "num-examples"):
+        raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
+    weights = None
+    if weighting == "num-examples":
+        lacking = [c.label for c in clients if NUM_EXAMPLES not in c.metrics]
+        if lacking:
+            raise MergeRoundError(f"weighting=num-examples but {', '.join(lacking)} sent no "
+                                  f"'{NUM_EXAMPLES}' metric")
+        weights = [float(c.metrics[NUM_EXAMPLES]) for c in clients]
+    steps = None
+    if all(LOCAL_STEPS in c.metrics for c in clients):
+        steps = [float(c.metrics[LOCAL_STEPS]) for c in clients]
+    normalisers = [float(c.metrics[FEDNOVA_A]) if FEDNOVA_A in c.metrics else None for c in clients]
+    return {"weights": weights, "local_steps": steps,
+            "normalisers": normalisers if any(a is not None for a in normalisers) else None,
+            "names": [c.identity for c in clients]}
+
+
+def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[StateDict]] | None:
+    """The per-client extra arrays `method` needs, or a MergeRoundError naming who lacks them."""
+    extras = {n: [c.extras.get(n, {}) for c in clients] for n in get_method(method).needs_extras}
+    for n, per_client in extras.items():
+        lacking = [c.label for c, e in zip(clients, per_client) if not e]
+        if lacking:
+            raise MergeRoundError(f"method '{method}' needs '{n}' from every client; "
+                                  f"missing from {', '.join(lacking)}")
+    return extras or None
+
+
+def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vectors: list[StateDict],
+                  weighting: str, device: str = "cpu") -> dict[str, StateDict]:
+    """label -> Delta = fl_merge.merge(method, task_vectors, ...), all from the same updates."""
+    args = merge_arguments(clients, weighting)
+    return {label: merge(name, task_vectors, args["weights"], args["local_steps"], names=args["names"],
+                         normalisers=args["normalisers"], device=device, extras=extras_for(name, clients),
+                         **params)
+            for label, (name, params) in methods.items()}
+
+
+def measure(clients: Sequence[ClientUpdate], task_vectors: list[StateDict], weighting: str
+            ) -> dict[str, Any]:
+    """Heterogeneity of this round (fl_merge.metrics.heterogeneity_report), from whatever
+    the clients sent (gradients at theta0, steps and learning rates are optional)."""
+    args = merge_arguments(clients, weighting)
+    grads = [c.extras.get("grad0") for c in clients]
+    lrs = [c.metrics.get("lr") for c in clients]
+    steps = args["local_steps"]
+    return heterogeneity_report(
+        task_vectors, args["weights"],
+        grads=grads if all(grads) else None,
+        local_steps=steps,
+        lrs=[float(v) for v in lrs] if steps is not None and None not in lrs else None,
+    )

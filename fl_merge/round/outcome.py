@@ -1,0 +1,62 @@
+"""MergeRound: everything one round produced (what results files and tests read)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fl_merge.round.updates import ClientUpdate
+from fl_merge.task_vectors import StateDict, apply_update
+
+
+@dataclass
+class MergeRound:
+    methods: dict[str, tuple[str, dict[str, Any]]]  # label -> (method name, full params)
+    etas: list[float]
+    task_names: list[str] | None = None  # partition id -> task name
+    theta0: StateDict = field(default_factory=dict)
+    clients: list[ClientUpdate] = field(default_factory=list)  # usable, in partition-id order
+    deltas: dict[str, StateDict] = field(default_factory=dict)  # label -> Delta
+    best_etas: dict[str, float] = field(default_factory=dict)  # label -> eta chosen on val
+    selection: str = ""  # the criterion eta was chosen by
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # summary (tables.summary_metrics)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # clients left out: who, where, why
+    heterogeneity: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # degraded protocol, e.g. missing metrics
+
+    @property
+    def primary(self) -> str:
+        return next(iter(self.methods))
+
+    @property
+    def method(self) -> str:
+        return self.methods[self.primary][0]
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        return self.methods[self.primary][1]
+
+    @property
+    def delta(self) -> StateDict:
+        """The primary method's Delta."""
+        return self.deltas.get(self.primary, {})
+
+    @property
+    def best_eta(self) -> float | None:
+        """The primary method's chosen eta."""
+        return self.best_etas.get(self.primary)
+
+    def merged_state(self, eta: float, method: str | None = None) -> StateDict:
+        """theta0 + eta * Delta (of `method`, a label; default the primary)."""
+        return apply_update(self.theta0, self.deltas[method or self.primary], eta)
+
+    def task_name(self, client: ClientUpdate) -> str:
+        """tasks[partition id], 'client-<pid>' beyond the list, 'node-<id>' without an id."""
+        pid = client.partition_id
+        if pid is None:
+            return f"node-{client.node_id}"
+        if self.task_names is not None and pid < len(self.task_names):
+            return self.task_names[pid]
+        return f"client-{pid}"

@@ -1,0 +1,35 @@
+"""Select eta on validation: by mean normalized accuracy, or by mean raw accuracy when some
+client did not report its fine-tuned validation accuracy (the results say which)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fl_merge.evaluation import select_eta
+
+NORMALIZED = "mean normalized validation accuracy"
+RAW = "mean validation accuracy"
+
+
+def choose_etas(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                finetuned_val: Mapping[str, float | None]) -> tuple[dict[str, float], str, list[str]]:
+    """(label -> chosen eta, criterion, notes). scores[label][task]["val"] holds "etas" and
+    "accuracy"; finetuned_val[task] is the client's fine-tuned validation accuracy or None.
+    Only eta > 0 is a candidate; ties go to the smaller eta (fl_merge.evaluation.select_eta)."""
+    tasks = sorted({t for per_task in scores.values() for t in per_task})
+    lacking = [t for t in tasks if finetuned_val.get(t) is None]
+    notes = []
+    if lacking:
+        notes.append(f"{', '.join(lacking)} sent no finetuned-val-accuracy: eta chosen by {RAW}, "
+                     "normalized accuracy not reported")
+    best: dict[str, float] = {}
+    for label, per_task in scores.items():
+        if not per_task:
+            continue
+        etas = next(iter(per_task.values()))["val"]["etas"]
+        val = {t: s["val"]["accuracy"] for t, s in per_task.items()}
+        # Raw accuracy is normalized accuracy with every fine-tuned accuracy set to 1.
+        ref = {t: 1.0 if lacking else float(finetuned_val[t]) for t in per_task}  # type: ignore[arg-type]
+        best[label], _ = select_eta(etas, val, ref)
+    return best, RAW if lacking else NORMALIZED, notes

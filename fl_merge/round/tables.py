@@ -1,0 +1,73 @@
+"""Results: tidy rows (one per model, eta, task and split scored) and the run's summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fl_merge.attacks import AttackPlan
+from fl_merge.evaluation import normalized_accuracy
+from fl_merge.results import mean
+from fl_merge.round.protocol import FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
+from fl_merge.round.updates import ClientUpdate
+
+
+def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
+    return float(metrics[key]) if key in metrics else None
+
+
+def finetuned_scores(client: ClientUpdate) -> dict[str, float | None]:
+    """The client's own fine-tuned model per split, None where it did not report one."""
+    return {"val": _metric(client.metrics, FINETUNED_VAL_ACCURACY),
+            "test": _metric(client.metrics, FINETUNED_ACCURACY)}
+
+
+def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: float,
+                scores: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+                by_task: Mapping[str, ClientUpdate], plan: AttackPlan) -> list[dict[str, Any]]:
+    """Rows of one method: model is base (eta 0), finetuned (the client's own model, when
+    it reported its accuracy) or merged (eta > 0; `selected` marks the chosen eta).
+    normalized_accuracy is nan where the fine-tuned accuracy is unknown."""
+    params_json = json.dumps(dict(params), sort_keys=True)
+    rows = []
+    for task, s in scores.items():
+        c = by_task[task]
+        pid = c.partition_id
+        common = {"method": label, "method_name": name, "params": params_json, "task": task,
+                  "partition_id": pid, "node_id": c.node_id,
+                  "attacker": plan.attacks(pid) if pid is not None else False}
+        ft = finetuned_scores(c)
+        for split in ("val", "test"):
+            ref = ft[split]
+            if ref is not None:
+                loss = _metric(c.metrics, FINETUNED_LOSS) if split == "test" else None
+                rows.append({**common, "model": "finetuned", "eta": math.nan, "selected": False,
+                             "split": split, "accuracy": ref, "loss": math.nan if loss is None else loss,
+                             "finetuned_accuracy": ref, "normalized_accuracy": 1.0})
+            got = s.get(split, {"etas": [], "accuracy": [], "loss": []})
+            for eta, acc, loss in zip(got["etas"], got["accuracy"], got["loss"]):
+                rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
+                             "selected": eta == best_eta, "split": split, "accuracy": acc, "loss": loss,
+                             "finetuned_accuracy": math.nan if ref is None else ref,
+                             "normalized_accuracy": (math.nan if ref is None
+                                                     else normalized_accuracy(acc, ref))})
+    return rows
+
+
+def summary_metrics(rows: Sequence[Mapping[str, Any]], best_etas: Mapping[str, float]) -> dict[str, float]:
+    """Per method: chosen eta, mean test accuracy and mean normalized accuracy at it; the
+    base's and the fine-tuned models' mean test accuracy (of the first method's rows)."""
+    labels = list(best_etas)
+    test_rows = [r for r in rows if r["split"] == "test"]
+    out: dict[str, float] = {}
+    for label in labels:
+        merged = [r for r in test_rows if r["method"] == label and r["model"] == "merged" and r["selected"]]
+        out[f"{label}-eta"] = best_etas[label]
+        out[f"{label}-test-accuracy"] = mean([r["accuracy"] for r in merged])
+        out[f"{label}-normalized-accuracy"] = mean([r["normalized_accuracy"] for r in merged])
+    first = [r for r in test_rows if r["method"] == labels[0]] if labels else []
+    out["base-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "base"])
+    out["finetuned-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "finetuned"])
+    return out

@@ -1,0 +1,117 @@
+"""Collect: client replies -> usable updates and task vectors; failures named, left out.
+
+A client that fails, never replies, or sends a malformed or non-finite update is left out
+and named; the round goes on while enough usable updates remain (`check_enough`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_merge.aggregation import check_method_params
+from fl_merge.round.protocol import PARTITION_ID, speaks_grid
+from fl_merge.task_vectors import MergeInputError, StateDict, one_line, split_state, task_vector
+
+
+class MergeRoundError(RuntimeError):
+    """The merge round cannot complete (failed clients, unusable replies)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(one_line(message), *args)
+
+
+@dataclass
+class ClientUpdate:
+    """One client's reply to the training message."""
+
+    node_id: int
+    metrics: dict[str, Any]
+    state: StateDict  # full local weights as sent
+    per_task: StateDict = field(default_factory=dict)  # its non-merged parameters (head)
+    extras: dict[str, StateDict] = field(default_factory=dict)  # e.g. {"fisher": {...}}
+
+    @property
+    def partition_id(self) -> int | None:
+        pid = self.metrics.get(PARTITION_ID)
+        return None if pid is None else int(pid)
+
+    @property
+    def label(self) -> str:
+        pid = self.partition_id
+        return f"node {self.node_id}" + (f" (partition {pid})" if pid is not None else "")
+
+    @property
+    def identity(self) -> str:
+        """A name that stays the same across runs of one config: the partition (its task),
+        else the node id (a foreign client without partition-id). DARE keys its random masks
+        by it, so merged results never depend on node ids or reply order."""
+        pid = self.partition_id
+        return f"partition {pid}" if pid is not None else f"node {self.node_id}"
+
+    @property
+    def grid_eval(self) -> bool:
+        """The client announced the grid evaluation capability (fl_merge.round.protocol)."""
+        return speaks_grid(self.metrics)
+
+
+def short_reason(reason: str) -> str:
+    """The exception line of a client's error (Flower/Ray wrap it in a whole traceback)."""
+    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "unknown error"
+    return lines[-1].removesuffix("'>").strip()
+
+
+def failure(node_id: int, stage: str, reason: str, client: ClientUpdate | None = None) -> dict[str, Any]:
+    """A failure record naming the client (node id, and partition id when known)."""
+    return {"client": client.label if client is not None else f"node {node_id}", "node_id": node_id,
+            "partition_id": client.partition_id if client is not None else None,
+            "stage": stage, "reason": short_reason(reason)}
+
+
+def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.Tensor],
+                    is_merged: Callable[[str], bool]
+                    ) -> tuple[list[ClientUpdate], list[StateDict], list[dict[str, Any]]]:
+    """(usable clients, their task vectors, failures) in a deterministic order (partition
+    id, else node id): merge results never depend on which reply arrived first. Each usable
+    client's non-merged parameters go to `per_task`."""
+    merged_keys = [k for k in theta0 if is_merged(k)]
+    if not merged_keys:
+        raise MergeRoundError("the initial model has no merged parameters (check merge-keys)")
+    clients, task_vectors, failures = [], [], []
+    order = sorted(updates, key=lambda c: (math.inf if c.partition_id is None else c.partition_id, c.node_id))
+    for c in order:
+        try:
+            tv = task_vector(c.state, theta0, merged_keys)
+        except MergeInputError as e:
+            failures.append(failure(c.node_id, "train", f"malformed update: {e}", c))
+            continue
+        bad = [k for k, v in tv.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            failures.append(failure(c.node_id, "train", f"non-finite update in {bad[0]}", c))
+            continue
+        _, c.per_task = split_state(c.state, is_merged)
+        clients.append(c)
+        task_vectors.append(tv)
+    return clients, task_vectors, failures
+
+
+def check_enough(usable: int, min_clients: int, methods: Mapping[str, tuple[str, dict[str, Any]]],
+                 failures: Sequence[Mapping[str, Any]]) -> None:
+    """Merge with the usable clients if there are at least min_clients of them and every
+    method's own minimum (e.g. krum: 2f+3); else one MergeRoundError naming every failure."""
+    why = "; ".join(f"{f['client']}: {f['reason']}" for f in failures) or "none failed"
+    if usable == 0 or usable < min_clients:
+        raise MergeRoundError(f"only {usable} usable client update(s), need at least "
+                              f"{max(min_clients, 1)} (min-clients); failures: {why}")
+    for label, (name, params) in methods.items():
+        try:
+            check_method_params(name, params, usable)
+        except MergeInputError as e:
+            raise MergeRoundError(f"method '{label}' cannot merge the {usable} usable client "
+                                  f"update(s): {e}; failures: {why}") from None

@@ -1,0 +1,98 @@
+"""A ClientApp written only against flwr (tests/foreign_client.py: no fl_merge import, its own
+parameter names and data) completes a round with the fl-merge ServerApp, in simulation and
+through `flwr run`; the scores it reports for the chosen model are those of the saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import foreign_client as foreign
+from fl_merge import results
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def base_checkpoint(tmp_path) -> Path:
+    path = tmp_path / "base" / "model.safetensors"
+    path.parent.mkdir()
+    save_file(foreign.initial_weights(), str(path))
+    return path.parent  # a Hugging Face style directory holding model.safetensors
+
+
+def _check_outputs(out: Path) -> None:
+    """Independent of fl-merge: the merged model is theta0 + eta * mean task vector over enc.*,
+    and the reported test accuracy at the chosen eta is the test's own evaluation of it."""
+    run = json.loads((out / results.RUN_FILE).read_text())
+    seeds = {c["task"]: int(c["data-seed"]) for c in run["clients"]}
+    assert sorted(seeds.values()) == [0, 1] and not any(c["grid-eval"] for c in run["clients"])
+    assert run["selection"] == "mean validation accuracy"  # no fine-tuned accuracies reported
+    assert any("sent no finetuned-val-accuracy" in n for n in run["notes"])
+    assert run["failures"] == []
+    (method,) = run["methods"].values()
+    eta = method["eta"]
+    theta0 = foreign.initial_weights()
+    fitted = {t: foreign.local_fit(theta0, s) for t, s in seeds.items()}
+    saved = load_file(str(out / results.MODEL_FILE))
+    for k in ("enc.w", "enc.b"):  # task_arithmetic, uniform: Delta = mean of the task vectors
+        delta = sum(f[k] - theta0[k] for f in fitted.values()) / len(fitted)
+        torch.testing.assert_close(saved[k], theta0[k] + eta * delta, rtol=1e-5, atol=1e-6)
+    rows = results.read_rows(out / results.RESULTS_FILE)
+    chosen = [r for r in rows if r["selected"] and r["split"] == "test"]
+    assert sorted(r["task"] for r in chosen) == sorted(seeds)
+    for r in chosen:
+        model = {"enc.w": saved["enc.w"], "enc.b": saved["enc.b"],
+                 **{k: saved[f"heads.{r['task']}.{k}"] for k in ("cls.w", "cls.b")}}
+        torch.testing.assert_close(model["cls.w"], fitted[r["task"]]["cls.w"])  # its own head
+        acc, loss = foreign.score(model, seeds[r["task"]], "test")
+        assert r["accuracy"] == pytest.approx(acc) and r["loss"] == pytest.approx(loss, rel=1e-5)
+        assert r["accuracy"] > 0.6  # 3 classes: far above chance
+    val = [r for r in rows if r["split"] == "val" and r["model"] == "merged"]
+    assert len(val) == 2 * 6 and all(r["normalized_accuracy"] != r["normalized_accuracy"] for r in val)
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_foreign_client_completes_a_round_in_simulation(tmp_path, base_checkpoint, monkeypatch):
+    from flwr.simulation import run_simulation
+
+    from strategies.server_app import make_server_app
+
+    # Ray workers import the client app by module name: put this folder on their path.
+    path = [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    out = tmp_path / "out"
+    app = make_server_app({"num-clients": 2, "base-checkpoint": str(base_checkpoint),
+                           "merge-keys": "enc.*", "output-dir": str(out)})
+    run_simulation(app, foreign.app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    _check_outputs(out)
+
+
+def test_foreign_client_completes_a_round_through_flwr_run(tmp_path, base_checkpoint):
+    """A test-only Flower app: fl-merge's ServerApp, the foreign module as its ClientApp."""
+    from fl_merge.launch import main as launch_main
+
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(ROOT / "README.md", app / "README.md")
+    shutil.copy(TESTS / "foreign_client.py", app / "foreign_client.py")
+    for pkg in ("fl_merge", "clients", "strategies"):
+        shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    toml = (ROOT / "pyproject.toml").read_text()
+    assert 'clientapp = "clients.client_app:app"' in toml
+    (app / "pyproject.toml").write_text(toml.replace('clientapp = "clients.client_app:app"',
+                                                     'clientapp = "foreign_client:app"'))
+    out = tmp_path / "out"
+    code = launch_main(["--app", str(app), "--run-config",
+                        f'num-clients=2 merge-keys="enc.*" base-checkpoint="{base_checkpoint}" '
+                        f'output-dir="{out}"'])
+    assert code == 0
+    _check_outputs(out)
