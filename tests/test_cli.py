@@ -20,7 +20,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from fl_merge import cli, selection, store
+from fl_merge import cli, store
 from fl_merge.cli import schema
 from fl_merge.aggregation import available_methods, get_method
 from fl_merge.config import ConfigError, RunConfig
@@ -368,32 +368,6 @@ def test_report_prints_best_settings_and_writes_plots(sweeps, capsys):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(report / "best.csv", newline="") as f:
         assert {r["method"] for r in csv.DictReader(f)} == {"fedavg", "median"}
-
-
-def test_report_on_a_fake_heterogeneous_sweep(tmp_path, capsys):
-    """Runs that differ in a het_ measure also get the accuracy-vs-heterogeneity figure."""
-    sweep = tmp_path / "sweep"
-    for job, (alpha, acc) in enumerate([(0.1, 0.6), (1.0, 0.9)]):
-        run_rows = []
-        for method in ("fedavg", "ties"):
-            for split in ("val", "test"):
-                for model, eta, sel in (("base", 0.0, False), ("merged", 1.0, True)):
-                    run_rows.append({"het_mean_cosine": alpha, "method": method, "task": "t0",
-                                     "model": model, "eta": eta, "selected": sel, "split": split,
-                                     "accuracy": acc, "finetuned_accuracy": 1.0,
-                                     "normalized_accuracy": acc if model == "merged" else 0.5})
-        from fl_merge.results import write_rows
-
-        write_rows(sweep / str(job) / "results.csv", run_rows)
-        (sweep / str(job) / "run.json").write_text(json.dumps({"config": {"alpha": alpha}}))
-        store.append_rows(sweep / "results.csv", store.job_rows(
-            run_rows, job, str(job), ["method.name=[fedavg,ties]", f"data.alpha={alpha}", f"seed={job}"], "h"))
-    assert cli.main(["report", str(sweep)]) == 0
-    out = capsys.readouterr().out
-    assert "data.alpha=1.0" in out.split("best setting")[1]
-    for name in ("across_het_mean_cosine.png", "across_alpha.png"):
-        assert (sweep / "report" / name).is_file(), out
-    assert not (sweep / "report" / "across_seed.png").exists()  # seeds are replicates
 
 
 def test_multirun_through_another_hydra_launcher(sweeps, tmp_path, env):

@@ -3,6 +3,7 @@ setting chosen on validation and test reported at that choice (synthetic runs, n
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -102,3 +103,28 @@ def test_report_of_a_directory_without_runs_is_one_error(tmp_path: Path, capsys)
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fl-merge report: error:") and "no results" in err and err.count("\n") == 1
+
+
+def test_report_on_a_fake_heterogeneous_sweep(tmp_path, capsys):
+    """Runs that differ in a het_ measure also get the accuracy-vs-heterogeneity figure."""
+    sweep = tmp_path / "sweep"
+    for job, (alpha, acc) in enumerate([(0.1, 0.6), (1.0, 0.9)]):
+        run_rows = []
+        for method in ("fedavg", "ties"):
+            for split in ("val", "test"):
+                for model, eta, sel in (("base", 0.0, False), ("merged", 1.0, True)):
+                    run_rows.append({"het_mean_cosine": alpha, "method": method, "task": "t0",
+                                     "model": model, "eta": eta, "selected": sel, "split": split,
+                                     "accuracy": acc, "finetuned_accuracy": 1.0,
+                                     "normalized_accuracy": acc if model == "merged" else 0.5})
+        write_rows(sweep / str(job) / "results.csv", run_rows)
+        (sweep / str(job) / "run.json").write_text(json.dumps({"config": {"alpha": alpha}}))
+        store.append_rows(sweep / "results.csv", store.job_rows(
+            run_rows, job, str(job), ["method.name=[fedavg,ties]", f"data.alpha={alpha}", f"seed={job}"], "h"))
+    assert cli.main(["report", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "data.alpha=1.0" in out.split("best setting")[1]
+    for name in ("across_het_mean_cosine.png", "across_alpha.png"):
+        assert (sweep / "report" / name).is_file(), out
+    assert not (sweep / "report" / "across_seed.png").exists()  # seeds are replicates
+
