@@ -314,7 +314,9 @@ def test_second_invocation_trains_nothing(sweeps):
     second, proc = sweeps[1]
     assert _cached(second, 0) == [1, 1] and _cached(second, 1) == [1, 1]
     assert proc.stdout.count("2/2 clients cached") == 2
-    assert "2 of 2 clients reused a cached update" in (second / "0" / "run.log").read_text()
+    # (The ServerApp's "N of K clients reused a cached update" log line left with main's
+    # strategy rewrite; run.json's per-client `cached` above is the record.)
+    assert (second / "0" / "run.log").stat().st_size > 0
     # Same settings, same results.
     a, b = (read_rows(d / "results.csv") for d, _ in sweeps)
     def by_key(rows):

@@ -153,19 +153,30 @@ def main(argv: Sequence[str]) -> int:
             return 2
     state = Sweep(jobs, multirun)
 
-    def _interrupt(signum: int, _frame: Any) -> None:  # terminal closed, `kill`: as Ctrl-C
+    interrupted: list[int] = []
+
+    def _interrupt(signum: int, _frame: Any) -> None:  # Ctrl-C, terminal closed, `kill`
+        interrupted.append(signum)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        _hydra(argv, state)
-    except KeyboardInterrupt:
+    def _stopped() -> int:
         state.close()
         where = state.sweep_dir / results.RESULTS_FILE if state.sweep_dir else "the job dirs"
         print(f"\nfl-merge: interrupted after {state.done} completed job(s); their rows are in {where}",
               file=sys.stderr)
         return 130
+
+    previous = {sig: signal.signal(sig, _interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _hydra(argv, state)
+    except KeyboardInterrupt:
+        return _stopped()
     except SystemExit as e:
+        # An interrupt inside Hydra's composition of the next job comes out as Hydra's
+        # error and exit 1: it is still an interrupt.
+        if interrupted:
+            return _stopped()
         state.close()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
