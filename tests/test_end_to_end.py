@@ -186,21 +186,23 @@ def test_flwr_run_demo_path(tmp_path, capsys, monkeypatch):
     printed, nothing left running."""
     out = tmp_path / "run"
     ports = []
-    real_free_port = __import__("fl_merge.launch", fromlist=["_free_port"])._free_port
+    real_free_port = __import__("fl_merge.superlink", fromlist=["_free_port"])._free_port
 
     def spy():
         ports.append(real_free_port())
         return ports[-1]
 
-    monkeypatch.setattr("fl_merge.launch._free_port", spy)
-    code = launch_main(["--app", str(ROOT), "--run-config",
-                        f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])
+    monkeypatch.setattr("fl_merge.superlink._free_port", spy)
+    # From a directory that is not the checkout, without --app (it used to die there).
+    monkeypatch.chdir(tmp_path)
+    code = launch_main(["--run-config", f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])
     printed = capsys.readouterr().out
     assert code == 0
     assert "fine-tuned" in printed and "mean" in printed and str(out) in printed
     rows = results.read_rows(out / results.RESULTS_FILE)
     assert {r["task"] for r in rows} == {"rotate90", "invert"}
     assert ports and not any(_port_open(p) for p in ports)  # SuperLink stopped
+    assert (out / "run.log").stat().st_size > 0  # the streamed `flwr run` output, kept
 
 
 def test_flwr_run_failure_is_reported(tmp_path, capsys):
