@@ -254,7 +254,8 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         data = {"val": task.val, "test": task.test}
         scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in splits for m in ("accuracy", "loss")}
         correct: list[int] = []  # test only: per candidate, per example
-        base: dict[str, tuple[float, float, list[int]]] = {}  # eta = 0 is theta0 whatever the delta: score once
+        # eta = 0 is theta0 whatever the delta: score once
+        base: dict[str, tuple[float, float, list[int]]] = {}
         for record, etas in zip(deltas, grids):
             delta = record.to_torch_state_dict()
             for eta in etas:

@@ -136,8 +136,8 @@ def test_predictions_file_holds_per_example_test_correctness(simulated):
     saved = load_file(str(out / results.MODEL_FILE))
     head = {f"head.{k.split('.')[-1]}": v for k, v in saved.items() if k.startswith("heads.parity.")}
     task = load_task("parity", 0)
-    model = model_for_task("mnist-cnn", task, {**{k: v for k, v in saved.items() if k.startswith("backbone.")},
-                                               **head}, 0).eval()
+    backbone = {k: v for k, v in saved.items() if k.startswith("backbone.")}
+    model = model_for_task("mnist-cnn", task, {**backbone, **head}, 0).eval()
     x, y = task.test.tensors
     with torch.no_grad():
         right = (model(x).argmax(dim=1) == y).int().tolist()

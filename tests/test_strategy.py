@@ -432,7 +432,8 @@ def _with_correct(n: int = 20):
         content = honest._answer(m)
         metrics = dict(content["metrics"])
         if "test-accuracy" in metrics:
-            metrics["test-correct"] = [int(i < round(a * n)) for a in metrics["test-accuracy"] for i in range(n)]
+            metrics["test-correct"] = [int(i < round(a * n))
+                                       for a in metrics["test-accuracy"] for i in range(n)]
         return RecordDict({"metrics": MetricRecord(metrics)})
     return answer
 
@@ -451,9 +452,11 @@ def test_per_example_test_correctness_is_parsed_at_the_choice_with_paired_cis():
     by = {c["model"]: c for c in r.comparison}
     assert by["fedavg"]["reference"] == "fedavg"
     assert (by["fedavg"]["diff"], by["fedavg"]["diff_low"], by["fedavg"]["diff_high"]) == (0.0, 0.0, 0.0)
-    assert by["ties[density=1.0]"]["diff"] == pytest.approx(0.3 - 0.6) and by["ties[density=1.0]"]["excludes_zero"]
+    assert by["ties[density=1.0]"]["diff"] == pytest.approx(0.3 - 0.6)
+    assert by["ties[density=1.0]"]["excludes_zero"]
     # +1 example of 20 per task: a resample misses it in all 3 tasks w.p. 0.95^60 = 4.6% > 2.5%
-    assert by["ties[density=0.5]"]["diff"] == pytest.approx(0.05) and not by["ties[density=0.5]"]["excludes_zero"]
+    assert by["ties[density=0.5]"]["diff"] == pytest.approx(0.05)
+    assert not by["ties[density=0.5]"]["excludes_zero"]
     assert by["ties[density=0.5]"]["ci_low"] < 0.65 < by["ties[density=0.5]"]["ci_high"]
     assert not any("test-correct" in n for n in r.notes)
 
