@@ -91,7 +91,8 @@ def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Over-seed table of runs of one config differing only in seed: per method (then base),
     the per-seed accuracies, their mean with a 95% t interval (NaN bounds for one seed), and
     the paired per-seed difference against Task Arithmetic/fedavg with its t interval and
-    whether it excludes 0. ValueError when the runs are not replicates of one config."""
+    whether it excludes 0; `within_seed_marked` 'k/n': in k of the n runs the within-run
+    paired bootstrap over test examples already excluded 0. ValueError when the runs are not replicates of one config."""
     if not run_dirs:
         raise ValueError("replicate_table needs at least one run directory")
     loaded = [(Path(d), *run_accuracies(Path(d))) for d in run_dirs]
@@ -111,9 +112,23 @@ def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
         if ref is not None:
             d, dlo, dhi = paired_t(values, [acc[ref] for _, _, acc in loaded])
             row.update(reference=ref, diff=d, diff_low=dlo, diff_high=dhi,
-                       excludes_zero=excludes_zero(dlo, dhi))
+                       excludes_zero=excludes_zero(dlo, dhi),
+                       within_seed_marked=_within_seed_marks(model, ref, [run for _, run, _ in loaded]))
         rows.append(row)
     return rows
+
+
+def _within_seed_marks(model: str, ref: str, runs: Sequence[Mapping[str, Any]]) -> str:
+    """'k/n': in how many of the n runs the within-run paired bootstrap CI of (model - ref)
+    excluded 0 (run.json `comparison`); '' when a run has no such comparison."""
+    marks = []
+    for run in runs:
+        got = [c for c in run.get("comparison", [])
+               if c.get("model") == model and c.get("reference") == ref]
+        if not got:
+            return ""
+        marks.append(bool(got[0].get("excludes_zero")))
+    return f"{sum(marks)}/{len(marks)}"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -127,7 +142,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         line = f"{r['model']:<24}{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         if ref:
             line += (f"   {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
-                     + (" *" if r["excludes_zero"] else ""))
+                     + (" *" if r["excludes_zero"] else "  "))
+            if r.get("within_seed_marked"):
+                line += f"   within-seed CI excludes 0 in {r['within_seed_marked']} seeds"
         lines.append(line)
     if rows[0]["n_seeds"] == 1:
         lines.append("(one seed: the spread over seeds is unknown, so the intervals are nan)")

@@ -40,11 +40,13 @@ def _fake_run(root: Path, seed: int, config: dict | None = None) -> Path:
             rows.append({"method": label, "model": "merged", "eta": 1.0, "selected": False, "split": "test",
                          "task": task, "accuracy": 0.01})  # not the choice
     write_rows(d / RESULTS_FILE, rows)
+    # within-run bootstrap: ties - TA excluded 0 in seed 0 only
+    comparison = [{"model": "ties", "reference": "task_arithmetic", "excludes_zero": seed == 0}]
     cfg = {"num-clients": 2, "method": "task_arithmetic,ties", "seed": seed, "output-dir": str(d),
            **(config or {})}
     (d / RUN_FILE).write_text(json.dumps({"config": cfg, "methods": {
         "task_arithmetic": {"name": "task_arithmetic", "params": {}, "eta": 0.5},
-        "ties": {"name": "ties", "params": {"density": 0.2}, "eta": 0.5}}}))
+        "ties": {"name": "ties", "params": {"density": 0.2}, "eta": 0.5}}, "comparison": comparison}))
     return d
 
 
@@ -71,6 +73,7 @@ def test_replicate_table_matches_hand_computation(tmp_path):
     # ties - TA per seed: 0.68-0.65, 0.70-0.67, 0.66-0.63 = 0.03 each: zero spread, excludes 0
     assert by["ties"]["diff"] == pytest.approx(0.03)
     assert by["ties"]["diff_low"] == pytest.approx(0.03) and by["ties"]["excludes_zero"]
+    assert by["ties"]["within_seed_marked"] == "1/3" and by["base"]["within_seed_marked"] == ""
     # base: 0.45, 0.50, 0.40 -> mean 0.45, s = 0.05; base - TA: -0.20, -0.17, -0.23 -> s = 0.03
     assert by["base"]["ci_low"] == pytest.approx(0.45 - T2 * 0.05 / math.sqrt(3), rel=1e-5)
     assert by["base"]["diff_high"] == pytest.approx(-0.20 + T2 * 0.03 / math.sqrt(3), rel=1e-5)
