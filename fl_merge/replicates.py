@@ -92,7 +92,8 @@ def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     the per-seed accuracies, their mean with a 95% t interval (NaN bounds for one seed), and
     the paired per-seed difference against Task Arithmetic/fedavg with its t interval and
     whether it excludes 0; `within_seed_marked` 'k/n': in k of the n runs the within-run
-    paired bootstrap over test examples already excluded 0. ValueError when the runs are not replicates of one config."""
+    paired bootstrap over test examples already excluded 0. ValueError when the runs are not
+    replicates of one config."""
     if not run_dirs:
         raise ValueError("replicate_table needs at least one run directory")
     loaded = [(Path(d), *run_accuracies(Path(d))) for d in run_dirs]
