@@ -1,13 +1,15 @@
 """Replicates: one config run once per seed, then an over-seed table with 95% CIs.
 
-    python -m fl_merge.replicates --seeds 0,1,2 [--out DIR] -- num-clients=2 method=task_arithmetic,ties
+    python -m fl_merge.replicates --seeds 0,1,2 [--data-seeds] [--out DIR]
+        -- num-clients=2 method=task_arithmetic,ties
     python -m fl_merge.replicates --table RUN_DIR RUN_DIR ...   (runs already made)
 
-Each replicate is the same run config with only `seed` changed (client i trains with seed + i),
-written to <out>/seed-<s>/. The table (replicates.csv, replicates.png in <out>) has, per method
-(and the base), the mean over seeds of its mean-over-tasks test accuracy at the eta chosen on
-validation with a 95% t interval, and the paired per-seed difference against Task Arithmetic
-(else fedavg) with its t interval, marked where that interval excludes 0 (fl_merge.stats).
+Each replicate is the same run config with only `seed` changed (client i trains with seed + i;
+with --data-seeds `data-seed` too), written to <out>/seed-<s>/. The table (replicates.csv,
+replicates.png in <out>) has, per method (and the base), the mean over seeds of its
+mean-over-tasks test accuracy at the eta chosen on validation with a 95% t interval, and the
+paired per-seed difference against Task Arithmetic (else fedavg) with its t interval, marked
+where that interval excludes 0 (fl_merge.stats).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from fl_merge.stats import excludes_zero, paired_t, t_interval
 
 TABLE_FILE = "replicates.csv"
 PLOT_FILE = "replicates.png"
-# Run-config keys that may differ between replicates of one config.
-PER_REPLICATE = ("seed", "output-dir")
+# Run-config keys that may differ between replicates of one config (DESIGN.md: seeds are the
+# client training seeds, and data seeds where asked).
+PER_REPLICATE = ("seed", "output-dir", "data-seed")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -43,18 +46,20 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def replicate_configs(overrides: Mapping[str, Any], seeds: Sequence[int], root: Path
-                      ) -> list[dict[str, Any]]:
+def replicate_configs(overrides: Mapping[str, Any], seeds: Sequence[int], root: Path,
+                      data_seeds: bool = False) -> list[dict[str, Any]]:
     """One Flower run config (dashed keys) per seed: `overrides` with seed = s and output-dir =
-    root/seed-<s>, nothing else changed. ValueError when `overrides` set seed or output-dir
-    themselves (the replicates set them) or `seeds` repeat."""
-    clash = [k for k in PER_REPLICATE if k in overrides or k.replace("-", "_") in overrides]
+    root/seed-<s> (with `data_seeds` also data-seed = s), nothing else changed. ValueError
+    when `overrides` set those keys themselves (the replicates set them) or `seeds` repeat."""
+    mine = PER_REPLICATE if data_seeds else PER_REPLICATE[:2]
+    clash = [k for k in mine if k in overrides or k.replace("-", "_") in overrides]
     if clash:
         raise ValueError(f"{', '.join(clash)} is set per replicate (seeds -> seed, --out -> "
                          f"<out>/seed-<s>): drop it from the run-config overrides")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"replicates need distinct seeds, got {list(seeds)}")
-    return [{**overrides, "seed": int(s), "output-dir": str(Path(root) / f"seed-{int(s)}")} for s in seeds]
+    return [{**overrides, "seed": int(s), **({"data-seed": int(s)} if data_seeds else {}),
+             "output-dir": str(Path(root) / f"seed-{int(s)}")} for s in seeds]
 
 
 def run_accuracies(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
@@ -231,10 +236,11 @@ def simulate(run_config: Mapping[str, Any]) -> Path:
 
 
 def run_replicates(overrides: Mapping[str, Any], seeds: Sequence[int], out: Path,
-                   run: Callable[[Mapping[str, Any]], Path] = simulate) -> list[dict[str, Any]]:
+                   run: Callable[[Mapping[str, Any]], Path] = simulate, data_seeds: bool = False
+                   ) -> list[dict[str, Any]]:
     """Run the config once per seed (`run`: one run config -> its output dir), then write the
     over-seed table under `out`. Every config is checked before the first run starts."""
-    configs = replicate_configs(overrides, seeds, out)
+    configs = replicate_configs(overrides, seeds, out, data_seeds)
     from fl_merge.config import RunConfig
 
     for c in configs:
@@ -255,6 +261,7 @@ def main(argv: Sequence[str] | None = None,
     p = argparse.ArgumentParser(prog="python -m fl_merge.replicates", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", help="where seed-<s>/ and the table go (default outputs/replicates-<time>)")
+    p.add_argument("--data-seeds", action="store_true", help="each replicate also sets data-seed to its seed")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="only build the table from these runs")
     p.add_argument("overrides", nargs="*", help="run-config overrides key=value (after --)")
     a = p.parse_args(argv)
@@ -266,7 +273,7 @@ def main(argv: Sequence[str] | None = None,
             if not a.seeds:
                 raise ValueError("give --seeds (e.g. --seeds 0,1,2) or --table RUN_DIR ...")
             out = Path(a.out or f"outputs/replicates-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-            rows = run_replicates(_overrides(a.overrides), parse_seeds(a.seeds), out, run)
+            rows = run_replicates(_overrides(a.overrides), parse_seeds(a.seeds), out, run, a.data_seeds)
     except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,10 @@ def test_replicate_configs_change_only_seed_and_output_dir(tmp_path):
     got = rep.replicate_configs({"num-clients": "2", "method": "ties"}, [0, 3], tmp_path)
     assert got == [{"num-clients": "2", "method": "ties", "seed": 0, "output-dir": str(tmp_path / "seed-0")},
                    {"num-clients": "2", "method": "ties", "seed": 3, "output-dir": str(tmp_path / "seed-3")}]
+    both = rep.replicate_configs({"lr": "0.1"}, [5], tmp_path, data_seeds=True)
+    assert both == [{"lr": "0.1", "seed": 5, "data-seed": 5, "output-dir": str(tmp_path / "seed-5")}]
+    with pytest.raises(ValueError, match="data-seed is set per replicate"):
+        rep.replicate_configs({"data-seed": 1}, [5], tmp_path, data_seeds=True)
     with pytest.raises(ValueError, match="seed is set per replicate"):
         rep.replicate_configs({"seed": 4}, [0, 1], tmp_path)
     assert rep.parse_seeds("0, 1,2") == [0, 1, 2]
