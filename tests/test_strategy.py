@@ -461,6 +461,27 @@ def test_per_example_test_correctness_is_parsed_at_the_choice_with_paired_cis():
     assert not any("test-correct" in n for n in r.notes)
 
 
+def test_per_example_correctness_with_test_all_etas_is_kept_at_the_choice():
+    grid = FakeGrid(_three_clients(), evaluate={n: _with_correct() for n in (100, 101, 102)})
+    r = _run(_three_methods(test_all_etas=True), grid)
+    assert r.best_etas["ties[density=0.5]"] == 2.0
+    assert r.predictions["ties[density=0.5]"]["client-1"] == [1] * 13 + [0] * 7  # 0.75 - 0.1 at eta 2
+    assert r.predictions["base"]["client-1"] == [1] * 10 + [0] * 10
+
+
+def test_client_failing_the_test_phase_is_left_out_of_the_cis_too():
+    ok = _with_correct()
+
+    def fails_in_test(m):
+        if list(m.content["config"]["splits"]) == ["test"]:
+            return Error(code=0, reason="test crashed")
+        return ok(m)
+
+    grid = FakeGrid(_three_clients(), evaluate={100: ok, 101: ok, 102: fails_in_test})
+    r = _run(_three_methods(), grid)
+    assert set(r.predictions["fedavg"]) == {"client-0", "client-1"} and r.comparison
+
+
 def test_without_per_example_correctness_the_cis_are_absent_with_a_note():
     r = _run(_three_methods(), FakeGrid(_three_clients()))
     assert r.predictions == {} and r.comparison == []

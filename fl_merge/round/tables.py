@@ -91,13 +91,15 @@ def chosen_predictions(scores: Mapping[str, Mapping[str, Mapping[str, Mapping[st
                      best_etas: Mapping[str, float]) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
     """(model -> task -> 0/1 per test example, notes): each method at its chosen eta and
     "base" (eta 0), from scores[label][task]["test"]["correct"]. Empty, with a note, unless
-    every scored task has them for every method (plain clients do not send them)."""
+    every task scored on test has them for every method (plain clients do not send them)."""
     out: dict[str, dict[str, list[int]]] = {}
     base: dict[str, list[int]] = {}
     missing: set[str] = set()
     for label, eta in best_etas.items():
         for task, part in scores[label].items():
             test = part.get("test", {})
+            if not test.get("etas"):
+                continue  # not scored on test (left out at the test phase): not in the summary either
             right = dict(zip(test.get("etas", []), test.get(CORRECT, [])))
             if eta not in right:
                 missing.add(task)
