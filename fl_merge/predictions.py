@@ -12,17 +12,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fl_merge.results import atomic_write
+
 PREDICTIONS_FILE = "predictions.safetensors"
 
 
 def save_predictions(path: Path, predictions: Mapping[str, Mapping[str, list[int]]],
                      etas: Mapping[str, float]) -> None:
-    """Write model -> task -> 0/1 list as uint8 tensors; metadata records each model's eta."""
+    """Write model -> task -> 0/1 list as uint8 tensors (atomically, as every results file);
+    metadata records each model's eta."""
     tensors = {f"{model}/{task}": torch.tensor(v, dtype=torch.uint8)
                for model, per_task in predictions.items() for task, v in per_task.items()}
     meta = {"layout": "<model>/<task>: uint8 0/1 per test example, in the client's test order",
             "etas": json.dumps({**{m: float(e) for m, e in etas.items()}, "base": 0.0})}
-    save_file(tensors, str(path), metadata=meta)
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def load_predictions(path: Path) -> dict[str, dict[str, list[int]]]:
