@@ -88,7 +88,8 @@ def reference_label(methods: Mapping[str, tuple[str, Mapping[str, Any]]]) -> str
 
 
 def chosen_predictions(scores: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
-                     best_etas: Mapping[str, float]) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
+                       best_etas: Mapping[str, float]
+                       ) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
     """(model -> task -> 0/1 per test example, notes): each method at its chosen eta and
     "base" (eta 0), from scores[label][task]["test"]["correct"]. Empty, with a note, unless
     every task scored on test has them for every method (plain clients do not send them)."""
