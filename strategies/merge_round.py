@@ -19,6 +19,7 @@ from fl_merge.round.merging import collude, measure, merge_methods, train_reques
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.scoring import chosen_plan, validation_plan
 from fl_merge.round.selection import choose_etas
+from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.round.updates import check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
@@ -80,6 +81,10 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     for label, (name, params) in s.methods.items():
         r.rows += result_rows(label, name, params, r.best_etas[label], scores[label], by_task, s.attack_plan)
     r.metrics = summary_metrics(r.rows, r.best_etas)
+    # 9. Within-run CIs: a paired bootstrap over test examples (grid clients' test-correct).
+    r.predictions, missing = chosen_predictions(scores, r.best_etas)
+    r.notes += missing
+    r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
     for note in r.notes:
         log(WARNING, "%s", note)
     return r

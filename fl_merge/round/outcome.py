@@ -25,6 +25,9 @@ class MergeRound:
     heterogeneity: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # degraded protocol, e.g. missing metrics
+    # model (method label or "base") -> task -> 0/1 per test example, at the chosen eta
+    predictions: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    comparison: list[dict[str, Any]] = field(default_factory=list)  # tables.comparison_rows
 
     @property
     def primary(self) -> str:
