@@ -2,8 +2,9 @@
 
 Reading: `Checkpoint(path)` opens a safetensors file, a sharded folder with its index
 (``*.safetensors.index.json``, or the index file itself) or a Hugging Face model folder
-(``model.safetensors`` or sharded inside) with safetensors' `safe_open`; each tensor is read
-only when asked (`get`), so a caller holds one tensor at a time, never the model.
+(``model.safetensors`` or sharded inside), checked by safetensors' `safe_open`; each tensor
+is read only when asked (`get`, a positioned read), so a caller holds one tensor at a time,
+never the model.
 
 Writing: safetensors' `save_file` needs every tensor of a file in memory at once. The format
 is a little-endian u64 header length, a JSON header (dtype, shape, byte offsets per tensor,
@@ -127,50 +128,105 @@ class TensorInfo:
         return self.dtype.startswith(("F", "BF"))
 
 
+def read_header(path: Path) -> tuple[int, dict[str, dict], dict[str, str]]:
+    """(data start, tensor entries, __metadata__) of a safetensors file: the u64 length and
+    the JSON header that the format puts first (file already validated by safe_open)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(n))
+    meta = head.pop("__metadata__", None) or {}
+    return 8 + n, head, meta
+
+
 class Checkpoint:
     """Lazy, read-only tensor source over one checkpoint (`role` names it in errors).
 
     keys: tensor names in file order; info(key): dtype name and shape without reading the
-    data; get(key): the tensor (a fresh CPU copy); metadata: the first file's
-    ``__metadata__`` (str -> str)."""
+    data; get(key): the tensor (a fresh CPU tensor of its own); metadata: the first file's
+    ``__metadata__`` (str -> str).
+
+    Files are checked with safetensors' `safe_open`, but data is read with plain positioned
+    reads into a tensor of the right size: a tensor that `safe_open().get_tensor` returns
+    keeps the file's memory-mapped pages resident in the process once touched, so merging
+    K 1 GB files grew the resident set by K GB (measured, safetensors 0.8); `pread` costs
+    exactly one tensor."""
 
     def __init__(self, path: str | os.PathLike, role: str = "checkpoint") -> None:
         self.path, self.role = Path(path), role
+        self._fds: dict[Path, int] = {}
         files = _files_of(self.path, role)
-        self._handles: dict[Path, object] = {}
-        self._where: dict[str, Path] = {}
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        self.metadata: dict[str, str] = {}
+        headers = {}
         for f in dict.fromkeys(files.values()):
             try:
-                self._handles[f] = safe_open(str(f), framework="pt")
+                with safe_open(str(f), framework="pt") as h:
+                    h.keys()
+                headers[f] = read_header(f)
             except Exception as e:  # safetensors raises its own error types
                 raise MergeInputError(f"{role}: cannot read {f} as safetensors ({e})") from None
+        self.metadata = dict(next(iter(headers.values()))[2]) if headers else {}
         if "" in files:  # a single file: all its keys
-            (f,) = self._handles
-            self._where = {k: f for k in self._handles[f].keys()}
+            ((f, (start, head, _)),) = headers.items()
+            self._entries = {k: (f, start, e) for k, e in head.items()}
         else:
             for k, f in files.items():
-                if k not in self._handles[f].keys():
+                start, head, _ = headers[f]
+                if k not in head:
                     raise MergeInputError(f"{role}: index names tensor '{k}' in {f.name}, "
                                           "which does not hold it")
-                self._where[k] = f
-        self.keys: list[str] = list(self._where)
-        first = next(iter(self._handles.values()), None)
-        self.metadata: dict[str, str] = dict((first.metadata() or {}) if first else {})
+                self._entries[k] = (f, start, head[k])
+        self.keys: list[str] = list(self._entries)
 
     def info(self, key: str) -> TensorInfo:
-        sl = self._handles[self._where[key]].get_slice(key)
-        return TensorInfo(sl.get_dtype(), tuple(int(n) for n in sl.get_shape()))
+        e = self._entries[key][2]
+        return TensorInfo(e["dtype"], tuple(int(n) for n in e["shape"]))
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        e = self._entries[key][2]
+        n = 1
+        for d in e["shape"]:
+            n *= int(d)
+        return self.read_flat(key, 0, n).reshape(tuple(e["shape"]))
+
+    def read_flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Elements start:stop of the flattened tensor `key`, read into `out` (a flat
+        contiguous tensor of its dtype and length stop - start) or a new tensor."""
+        f, base, e = self._entries[key]
+        if e["dtype"] not in DTYPES:
+            raise MergeInputError(f"{self.role}: tensor '{key}' has dtype {e['dtype']}, which "
+                                  f"fl-merge cannot handle (known: {', '.join(DTYPES)})")
+        dtype = DTYPES[e["dtype"]]
+        t = torch.empty(stop - start, dtype=dtype) if out is None else out
+        buf = memoryview(t.view(torch.uint8).numpy())
+        size = t.element_size()
+        lo, hi = (int(x) for x in e["data_offsets"])
+        if hi - lo != nbytes(dtype, e["shape"]):
+            raise MergeInputError(f"{self.role}: tensor '{key}' in {f} has {hi - lo} bytes for "
+                                  f"shape {e['shape']} {e['dtype']}")
+        if f not in self._fds:
+            self._fds[f] = os.open(f, os.O_RDONLY)
+        pos, done = base + lo + start * size, 0
+        while done < len(buf):
+            n = os.preadv(self._fds[f], [buf[done:]], pos + done)
+            if n <= 0:
+                raise MergeInputError(f"{self.role}: {f} ends inside tensor '{key}'")
+            done += n
+        return t
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
         self.close()
 
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from fl_merge.aggregation import check_method_params, get_method, merge
+from fl_merge.aggregation import check_method_params, get_method, merge, normalized_weights
 from fl_merge.aggregation._stream import work_dtype
+from fl_merge.aggregation.registry import local_steps_tensor, normalisers_tensor
 from fl_merge.checkpoints import DEFAULT_MAX_SHARD_BYTES, DTYPES, Checkpoint, write_checkpoint
 from fl_merge.task_vectors import MergeInputError
 
@@ -41,6 +42,9 @@ _PER_TENSOR_EXACT = {
     "dare": lambda p: p.get("base") != "ties" or float(p.get("density", 1.0)) >= 1.0,
 }
 NON_FLOAT_POLICIES = ("agree", "base")
+# Elements per chunk of the linear path: 32K float32 = 128 KiB per buffer, so the chunk's
+# buffers stay in cache, and below torch's parallel grain (no thread hand-offs per chunk).
+CHUNK = 1 << 15
 
 
 def method_scope(method: str, params: dict | None = None) -> str:
@@ -144,6 +148,57 @@ def merge_tensor(method: str, key: str, theta0: torch.Tensor, thetas: Sequence[t
     return out
 
 
+def linear_coefficients(method: str, params: dict, num_models: int, weights=None,
+                        local_steps=None, normalisers=None) -> list[float] | None:
+    """c_i with Delta = sum_i c_i tau_i for a linear method (one that registers
+    `coefficients`: fedavg/task_arithmetic, fednova), else None. The same for every tensor."""
+    m = get_method(method)
+    if m.coefficients is None:
+        return None
+    steps = local_steps_tensor(local_steps, num_models)
+    extra = {}
+    if m.takes_local_steps:
+        extra["local_steps"] = steps
+    if m.takes_normalisers:
+        extra["normalisers"] = normalisers_tensor(normalisers, steps, num_models, None)
+    p = normalized_weights(weights, num_models)
+    return [float(c) for c in m.coefficients(p, **extra, **check_method_params(method, params))]
+
+
+def linear_tensor(base: Checkpoint, models: Sequence[Checkpoint], key: str, scales: Sequence[float],
+                  out_dtype: torch.dtype, chunk: int = CHUNK) -> torch.Tensor:
+    """theta0 + sum_i scales_i (theta_i - theta0) for tensor `key` (scales_i = eta c_i),
+    streamed from the files in chunks: each chunk of every input is read into a small
+    buffer, turned into float32 (float64 for a float64 base) there, combined and written into
+    the output tensor, so the inputs are never whole in memory and the arithmetic runs in
+    cache (same formula as merge_tensor, one pass over the files)."""
+    info = base.info(key)
+    work = work_dtype(DTYPES[info.dtype])
+    n = 1
+    for d in info.shape:
+        n *= d
+    out = torch.empty(n, dtype=out_dtype)
+    m = max(1, min(chunk, n))
+    stage = [torch.empty(m, dtype=DTYPES[c.info(key).dtype]) for c in (base, *models)]
+    b, acc, tmp = (torch.empty(m, dtype=work) for _ in range(3))
+    for s in range(0, n, m):
+        e = min(n, s + m)
+        k = e - s
+        bb, a, t = b[:k], acc[:k], tmp[:k]
+        bb.copy_(base.read_flat(key, s, e, stage[0][:k]))
+        a.copy_(bb)
+        for ck, scale, st in zip(models, scales, stage[1:]):
+            t.copy_(ck.read_flat(key, s, e, st[:k]))
+            a.add_(t.sub_(bb), alpha=scale)
+        o = out[s:e]
+        o.copy_(a)
+        if not bool(torch.isfinite(o).all()):
+            raise MergeInputError(f"merged tensor '{key}' is not finite in {out_dtype} (an input "
+                                  "holds NaN/Inf, or it overflows: use a smaller lambda/eta or "
+                                  "--dtype float32)")
+    return out.reshape(info.shape)
+
+
 def merge_files(
     base: str | os.PathLike,
     models: Sequence[str | os.PathLike],
@@ -173,25 +228,41 @@ def merge_files(
         raise MergeInputError(f"dtype must be a floating-point type, got {dtype}")
     base_ck = Checkpoint(base, "base")
     cks = [Checkpoint(m, f"model {m}") for m in models]
+    try:
+        return _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes,
+                           non_float, weights, local_steps, normalisers, names)
+    finally:
+        for ck in (base_ck, *cks):
+            ck.close()
+
+
+def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, non_float,
+                weights, local_steps, normalisers, names) -> list[Path]:
     specs = plan(base_ck, cks, dtype)
     check_non_float(base_ck, cks, non_float)
     per_model = {"weights": weights, "local_steps": local_steps, "normalisers": normalisers,
                  "names": names}
+    with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
+        warnings.simplefilter("ignore", UserWarning)
+        coefs = linear_coefficients(method, params, len(cks), weights, local_steps, normalisers)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, out_dtype, _ in specs:
-            theta0 = base_ck.get(key)
             if not base_ck.info(key).is_float:
-                yield key, theta0
+                yield key, base_ck.get(key)
                 continue
+            if coefs is not None:  # linear method: chunked straight from the files
+                yield key, linear_tensor(base_ck, cks, key, [eta * c for c in coefs], out_dtype)
+                continue
+            theta0 = base_ck.get(key)
             thetas = [c.get(key) for c in cks]
             with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
                 warnings.simplefilter("ignore", UserWarning)
-                out = merge_tensor(method, key, theta0, thetas, eta, out_dtype, params,
-                                   **per_model)
+                merged = merge_tensor(method, key, theta0, thetas, eta, out_dtype, params,
+                                      **per_model)
             del thetas
-            yield key, out
-            del out, theta0  # before the next tensor is read: peak stays one tensor's worth
+            yield key, merged
+            del merged, theta0  # before the next tensor is read: peak stays one tensor's worth
 
     meta = {"format": "pt", "merged_by": "fl-merge merge", "method": method, "eta": repr(eta)}
     return write_checkpoint(out, specs, tensors(), max_shard_bytes, meta)

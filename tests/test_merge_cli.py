@@ -343,6 +343,19 @@ def test_lambda_converts_by_each_methods_scale(pool, capsys):
     assert eta_for_lambda("ties", 0.25, 3) == 0.25 and eta_for_lambda("median", 0.25, 3) == 0.75
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_reads_what_safetensors_reads_in_every_format(tmp_path, dtype):
+    base, models = make_pool(dtype=dtype)
+    _, ms = write_pool(tmp_path, base, models)
+    for path, sd in zip(ms, models):
+        with Checkpoint(path) as ck:
+            assert set(ck.keys) == set(sd)
+            for n, v in sd.items():
+                assert ck.info(n).shape == tuple(v.shape) and torch.equal(ck.get(n), v)
+            flat = sd["enc.weight"].reshape(-1)
+            assert torch.equal(ck.read_flat("enc.weight", 7, 19), flat[7:19])
+
+
 def test_shard_planning_and_sizes():
     assert plan_shards([("a", 4), ("b", 4), ("c", 10), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(100) == 100
