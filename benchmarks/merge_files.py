@@ -70,6 +70,16 @@ def write_checkpoints(folder: Path, k: int, size_gb: float, seed: int = 0) -> li
     return paths
 
 
+def warm(paths: list[str]) -> None:
+    """Read every file once untimed, so each measurement starts from the page cache (the
+    first reader after writing otherwise also pays the write-back of the new files)."""
+    buf = bytearray(1 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of a child process. A child's ru_maxrss starts from
     the parent's resident set at fork, so the parent never imports torch nor holds data."""
@@ -88,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--size-gb", type=float, default=1.0)
-    ap.add_argument("--method", default="task_arithmetic")
+    ap.add_argument("--method", nargs="+", default=["task_arithmetic"], help="one merge each")
     ap.add_argument("--dir", default=None, help="parent of the temporary folder")
     ap.add_argument("--write", default=None, help=argparse.SUPPRESS)  # the writer child
     args = ap.parse_args()
@@ -106,24 +116,30 @@ def main() -> None:
         print(f"wrote {len(paths)} checkpoints of {min(sizes):.2f}-{max(sizes):.2f} GB "
               f"in {time.perf_counter() - t0:.0f} s")
         py = sys.executable
+        subprocess.run(["sync"], check=False)
+        warm(paths)
         start_t, _ = measure([py, "-c", "import fl_merge.merge_cli"])  # interpreter + torch import
         read_t, read_rss = measure([py, "-c", READ, *paths])
         so_t, so_rss = measure([py, "-c", READ_SAFE_OPEN, *paths])
-        out = tmp / "merged.safetensors"
-        merge_t, merge_rss = measure([py, "-m", "fl_merge.merge_cli", "--base", paths[0], "--models",
-                                      *paths[1:], "--method", args.method, "--lambda", "0.3",
-                                      "--out", str(out)])
-        out_gb = sum(f.stat().st_size for f in tmp.glob("merged*")) / 1e9
         print(f"load: {os.getloadavg()}")
-        print(f"read K+1 files once: {read_t:7.2f} s   peak RSS {read_rss:5.2f} GB")
+        print(f"start-up alone (python + import torch, fl_merge): {start_t:7.2f} s")
+        print(f"read K+1 files once (Checkpoint.get): {read_t:7.2f} s   peak RSS {read_rss:5.2f} GB")
         print(f"read once, safe_open + get_tensor + sum: {so_t:7.2f} s   peak RSS {so_rss:5.2f} GB")
-        print(f"merge ({args.method}): {merge_t:7.2f} s   peak RSS {merge_rss:5.2f} GB   "
-              f"(output {out_gb:.2f} GB)")
-        print(f"start-up alone (python + import torch, fl_merge): {start_t:7.2f} s; net of it: "
-              f"merge/read {(merge_t - start_t) / max(read_t - start_t, 1e-9):.2f}")
-        print(f"ratios: time merge/read {merge_t / read_t:.2f} (target <= 2; "
-              f"vs safe_open {merge_t / so_t:.2f}), "
-              f"peak RSS {merge_rss:.2f} GB (target <= 1.5)")
+        for method in args.method:
+            out = tmp / "merged.safetensors"
+            merge_t, merge_rss = measure([py, "-m", "fl_merge.merge_cli", "--base", paths[0],
+                                          "--models", *paths[1:], "--method", method,
+                                          "--lambda", "0.3", "--out", str(out)])
+            out_gb = sum(f.stat().st_size for f in tmp.glob("merged*")) / 1e9
+            for f in tmp.glob("merged*"):
+                f.unlink()
+            print(f"merge ({method}): {merge_t:7.2f} s   peak RSS {merge_rss:5.2f} GB   "
+                  f"(output {out_gb:.2f} GB)")
+            print(f"  ratios: time merge/read {merge_t / read_t:.2f} (target <= 2; vs safe_open "
+                  f"{merge_t / so_t:.2f}; net of start-up "
+                  f"{(merge_t - start_t) / max(read_t - start_t, 1e-9):.2f}), "
+                  f"peak RSS {merge_rss:.2f} GB (target <= 1.5)")
+        print(f"load: {os.getloadavg()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

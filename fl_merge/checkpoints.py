@@ -176,6 +176,11 @@ class Checkpoint:
                     raise MergeInputError(f"{role}: index names tensor '{k}' in {f.name}, "
                                           "which does not hold it")
                 self._entries[k] = (f, start, head[k])
+        for k, (f, _, e) in self._entries.items():
+            lo, hi = (int(x) for x in e["data_offsets"])
+            if e["dtype"] in DTYPES and hi - lo != nbytes(DTYPES[e["dtype"]], e["shape"]):
+                raise MergeInputError(f"{role}: tensor '{k}' in {f} has {hi - lo} bytes for "
+                                      f"shape {e['shape']} {e['dtype']}")
         self.keys: list[str] = list(self._entries)
 
     def info(self, key: str) -> TensorInfo:
@@ -194,26 +199,28 @@ class Checkpoint:
         """Elements start:stop of the flattened tensor `key`, read into `out` (a flat
         contiguous tensor of its dtype and length stop - start) or a new tensor."""
         f, base, e = self._entries[key]
-        if e["dtype"] not in DTYPES:
+        dtype = DTYPES.get(e["dtype"])
+        if dtype is None:
             raise MergeInputError(f"{self.role}: tensor '{key}' has dtype {e['dtype']}, which "
                                   f"fl-merge cannot handle (known: {', '.join(DTYPES)})")
-        dtype = DTYPES[e["dtype"]]
         t = torch.empty(stop - start, dtype=dtype) if out is None else out
-        buf = memoryview(t.view(torch.uint8).numpy())
-        size = t.element_size()
-        lo, hi = (int(x) for x in e["data_offsets"])
-        if hi - lo != nbytes(dtype, e["shape"]):
-            raise MergeInputError(f"{self.role}: tensor '{key}' in {f} has {hi - lo} bytes for "
-                                  f"shape {e['shape']} {e['dtype']}")
-        if f not in self._fds:
-            self._fds[f] = os.open(f, os.O_RDONLY)
-        pos, done = base + lo + start * size, 0
-        while done < len(buf):
-            n = os.preadv(self._fds[f], [buf[done:]], pos + done)
+        self.read_into(key, start, memoryview(t.view(torch.uint8).numpy()))
+        return t
+
+    def read_into(self, key: str, start: int, buf: memoryview) -> None:
+        """Fill the byte buffer `buf` from element `start` of tensor `key` on (the low-level
+        read behind `read_flat`, for callers reusing one buffer)."""
+        f, base, e = self._entries[key]
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        pos = base + int(e["data_offsets"][0]) + start * DTYPES[e["dtype"]].itemsize
+        done, want = 0, len(buf)
+        while done < want:
+            n = os.preadv(fd, [buf[done:] if done else buf], pos + done)
             if n <= 0:
                 raise MergeInputError(f"{self.role}: {f} ends inside tensor '{key}'")
             done += n
-        return t
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -234,7 +241,7 @@ def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= int(d)
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:

@@ -180,22 +180,30 @@ def linear_tensor(base: Checkpoint, models: Sequence[Checkpoint], key: str, scal
     out = torch.empty(n, dtype=out_dtype)
     m = max(1, min(chunk, n))
     stage = [torch.empty(m, dtype=DTYPES[c.info(key).dtype]) for c in (base, *models)]
+    views = [memoryview(st.view(torch.uint8).numpy()) for st in stage]
+    sizes = [st.element_size() for st in stage]
     b, acc, tmp = (torch.empty(m, dtype=work) for _ in range(3))
+    fmax = torch.finfo(out_dtype).max
     for s in range(0, n, m):
         e = min(n, s + m)
         k = e - s
         bb, a, t = b[:k], acc[:k], tmp[:k]
-        bb.copy_(base.read_flat(key, s, e, stage[0][:k]))
-        a.copy_(bb)
-        for ck, scale, st in zip(models, scales, stage[1:]):
-            t.copy_(ck.read_flat(key, s, e, st[:k]))
-            a.add_(t.sub_(bb), alpha=scale)
-        o = out[s:e]
-        o.copy_(a)
-        if not bool(torch.isfinite(o).all()):
+        base.read_into(key, s, views[0][: k * sizes[0]])
+        bb.copy_(stage[0][:k])
+        for i, (ck, scale) in enumerate(zip(models, scales), 1):
+            ck.read_into(key, s, views[i][: k * sizes[i]])
+            t.copy_(stage[i][:k])
+            t.sub_(bb)
+            if i == 1:  # the first model: a = theta0 + scale * tau, no separate copy
+                torch.add(bb, t, alpha=scale, out=a)
+            else:
+                a.add_(t, alpha=scale)
+        lo, hi = torch.aminmax(a)  # NaN propagates into both
+        if not -fmax <= float(lo) <= float(hi) <= fmax:
             raise MergeInputError(f"merged tensor '{key}' is not finite in {out_dtype} (an input "
                                   "holds NaN/Inf, or it overflows: use a smaller lambda/eta or "
                                   "--dtype float32)")
+        out[s:e].copy_(a)
     return out.reshape(info.shape)
 
 

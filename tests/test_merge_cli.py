@@ -47,7 +47,8 @@ def save_sharded(sd, folder: Path):
         name = f"model-{i:05d}-of-00002.safetensors"
         save_file({k: sd[k] for k in part}, str(folder / name))
         weight_map.update({k: name for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def write_pool(tmp: Path, base, models):
@@ -102,10 +103,22 @@ def test_task_arithmetic_equals_theta0_plus_lambda_sum_over_every_format(pool):
 def test_eta_is_the_scale_of_the_mean_update(pool, capsys):
     tmp, base, models, b, ms = pool
     out = tmp / "out.safetensors"
-    assert run(["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 0.5, "--out", out], capsys)[0] == 0
+    argv = ["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 0.5, "--out", out]
+    assert run(argv, capsys)[0] == 0
     got = load_file(str(out))
     for n in SHAPES:
         torch.testing.assert_close(got[n], base[n] + 0.5 * sum(m[n] - base[n] for m in models) / 3)
+
+
+def test_weights_make_a_weighted_mean(pool, capsys):
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    assert run(["--base", b, "--models", *ms, "--method", "fedavg", "--weights", 1, 2, 1, "--eta", 2.0,
+                "--out", out], capsys)[0] == 0
+    got = load_file(str(out))
+    for n in SHAPES:
+        mean = (1 * (models[0][n] - base[n]) + 2 * (models[1][n] - base[n]) + (models[2][n] - base[n])) / 4
+        torch.testing.assert_close(got[n], base[n] + 2.0 * mean)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -136,7 +149,8 @@ def test_half_precision_is_kept_and_computed_in_float32(tmp_path, capsys, dtype)
 def test_median_equals_the_middle_task_vector(pool, capsys):
     tmp, base, models, b, ms = pool
     out = tmp / "out.safetensors"
-    assert run(["--base", b, "--models", *ms, "--method", "median", "--eta", 1.0, "--out", out], capsys)[0] == 0
+    argv = ["--base", b, "--models", *ms, "--method", "median", "--eta", 1.0, "--out", out]
+    assert run(argv, capsys)[0] == 0
     got = load_file(str(out))
     for n in SHAPES:
         sorted_taus = torch.stack([m[n] - base[n] for m in models]).sort(0).values
@@ -292,7 +306,8 @@ def _bad_cases(tmp, b, ms):
         "missing": (["--base", b, "--models", tmp / "nope.safetensors", *common], "nope.safetensors"),
         "keys": (["--base", b, "--models", ms[0], other, *common], "enc.weight"),
         "shape": (["--base", b, "--models", ms[0], tmp / "shape.safetensors", *common], "head.weight"),
-        "method": (["--base", b, "--models", *ms, "--method", "avg", "--eta", 1], "unknown merge method 'avg'"),
+        "method": (["--base", b, "--models", *ms, "--method", "avg", "--eta", 1],
+                   "unknown merge method 'avg'"),
         "param": (["--base", b, "--models", *ms, "--method", "ties", "--param", "dens=0.2", "--eta", 1],
                   "dens"),
         "both": (["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 1, "--lambda", 1], "both"),
@@ -330,6 +345,16 @@ def test_overflow_midway_leaves_no_shard_behind(tmp_path, capsys):
                    "--out", tmp_path / "o.safetensors", "--max-shard-size", "64B"], capsys)
     assert rc == 2 and "head.weight" in err and "float16" in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_nan_in_an_input_stops_naming_the_tensor(tmp_path, capsys):
+    base, models = make_pool()
+    models[1]["enc.bias"][2] = float("nan")
+    b, ms = write_pool(tmp_path, base, models)
+    for method in ("task_arithmetic", "median"):  # the chunked linear path and fl_merge.merge
+        rc, err = run(["--base", b, "--models", *ms, "--method", method, "--lambda", 0.3,
+                       "--out", tmp_path / "o.safetensors"], capsys)
+        assert rc == 2 and "enc.bias" in err and not (tmp_path / "o.safetensors").exists()
 
 
 def test_lambda_converts_by_each_methods_scale(pool, capsys):
