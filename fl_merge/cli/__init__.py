@@ -4,6 +4,7 @@
     fl-merge method.name=[fedavg,ties,median] eval.etas=[0.5,1,2]   # 3 methods, one training pass
     fl-merge -m method=fedavg,ties data=dirichlet data.alpha=0.1,1.0 seed=0,1   # 8 jobs
     fl-merge report multirun/2026-01-01/12-00-00              # best settings + plots
+    fl-merge merge --base B --models M1 M2 --method ties --lambda 0.6 --out merged.safetensors
 
 The package by concern:
 
@@ -11,7 +12,8 @@ The package by concern:
   validated job (`to_flower`, `build_job`, `plan`);
 * `fl_merge.cli.hydra_app`: Hydra's app; each job runs through `fl_merge.run.run`, the one
   run path shared with `fl-merge-run`, the experiments and the benchmarks;
-* `fl_merge.cli.report_cli`: `fl-merge report`.
+* `fl_merge.cli.report_cli`: `fl-merge report`;
+* `fl_merge.merge_cli`: `fl-merge merge`, checkpoint files merged without Flower.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fl_merge.cli.report_cli import main as report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "merge":
+        from fl_merge.merge_cli import main as merge_main
+
+        return merge_main(argv[1:])
     from fl_merge.cli.hydra_app import main as hydra_main
 
     return hydra_main(argv)
