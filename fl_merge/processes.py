@@ -1,5 +1,5 @@
 """Child processes of a run: the environment they get, streaming their output to a log,
-and stopping a child's whole process group (it and, e.g., its Ray workers)."""
+and stopping a child's whole process tree (it and, e.g., its Ray workers)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 ERROR_TAG = "fl-merge job error: "
@@ -29,10 +31,23 @@ def child_env(extra_path: Sequence[str] = ()) -> dict[str, str]:
     }
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and every descendant now alive (psutil), also those that left its process group
+    or session (a daemon that called setsid, e.g. Ray's); empty when `pid` is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def stop_group(pid: int, grace: float = 5.0, wait: Callable[[float], Any] | None = None,
                first: signal.Signals = signal.SIGINT) -> None:
-    """Stop process group `pid` (a child started in its own session and everything it
-    started, e.g. Ray workers): `first` (SIGINT), then SIGKILL for whatever is left."""
+    """Stop child `pid` (started in its own session) and everything it started, e.g. Ray
+    workers: `first` (SIGINT) to its process group, then SIGKILL to the group and to every
+    process of its tree (psutil; found before signalling, so descendants that left the group
+    are stopped too). psutil checks each process's start time, so a reused pid is never hit."""
+    tree = process_tree(pid)
     if wait is not None:
         try:
             os.killpg(pid, first)
@@ -46,6 +61,11 @@ def stop_group(pid: int, grace: float = 5.0, wait: Callable[[float], Any] | None
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for p in tree:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
 
 
 def stream_child(cmd: list[str], log_path: Path, stream: bool, env: dict[str, str]) -> tuple[int, str]:
