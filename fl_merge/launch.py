@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="superlink", choices=ENGINES,
                         help="superlink: `flwr run` on a private local SuperLink (default); "
                              "simulation: Flower's in-process engine, as `fl-merge` uses")
+    parser.add_argument("--seeds", default=None,
+                        help="replicates: run the config once per seed (e.g. 0,1,2) into "
+                             "<output-dir>/seed-<s>/ and write replicates.csv/png there: mean test "
+                             "accuracy over seeds with 95%% CIs, paired differences vs Task Arithmetic")
+    parser.add_argument("--data-seeds", action="store_true",
+                        help="with --seeds: each replicate also sets data-seed to its seed")
     parser.add_argument("--no-cache", action="store_true",
                         help="retrain every client even when its update is cached")
     parser.add_argument("--keep-superlink", action="store_true",
@@ -76,6 +82,17 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig, int, f
     overrides = _parse_run_config(args.run_config)
     if args.no_cache:
         overrides["cache"] = False
+    if args.seeds is not None:
+        from fl_merge.replicates import parse_seeds
+
+        try:
+            parse_seeds(args.seeds)
+        except ValueError as e:
+            raise ConfigError(f"--seeds: {e}") from None
+        if "seed" in overrides:
+            raise ConfigError("--seeds sets seed per replicate: drop seed= from --run-config")
+    elif args.data_seeds:
+        raise ConfigError("--data-seeds goes with --seeds (replicates), e.g. --seeds 0,1,2 --data-seeds")
     run_cfg = RunConfig.from_flower(overrides)  # unset keys: RunConfig's defaults
     supernodes = args.num_supernodes or run_cfg.num_clients
     if supernodes < run_cfg.num_clients:
@@ -96,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"fl-merge: {run_cfg.num_clients} clients; method={run_cfg.method}; "
           f"output {run_cfg.output_dir}", flush=True)
+    if args.seeds is not None:
+        return _replicates(args, run_cfg, supernodes, gpus)
     try:
         outcome = run(run_cfg, num_supernodes=supernodes, client_gpus=gpus, engine=args.engine,
                       app=Path(args.app) if args.app else None, keep_superlink=args.keep_superlink)
@@ -106,6 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
                                                "(merged at the eta chosen on validation)"))
     print(f"\nresults: {outcome.out_dir}")
+    return 0
+
+
+def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, gpus: float) -> int:
+    """--seeds: the config once per seed through `run`, then the over-seed table
+    (fl_merge.replicates); every replicate's config is checked before the first one trains."""
+    from fl_merge.replicates import format_table, parse_seeds, run_replicates
+
+    base = {k: v for k, v in run_cfg.to_flower().items() if k not in ("seed", "output-dir", "data-seed")}
+    if not args.data_seeds:
+        base["data-seed"] = run_cfg.data_seed
+
+    def one(config: dict) -> Path:
+        return run(RunConfig.from_flower(config), num_supernodes=supernodes, client_gpus=gpus,
+                   engine=args.engine, app=Path(args.app) if args.app else None).out_dir
+
+    try:
+        rows = run_replicates(base, parse_seeds(args.seeds), Path(run_cfg.output_dir), one, args.data_seeds)
+    except (RunFailed, ValueError) as e:  # ConfigError is a ValueError
+        print(f"fl-merge-run: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, RunFailed) else 1
+    print()
+    print(format_table(rows))
+    print(f"\nreplicates: {run_cfg.output_dir}")
     return 0
 
 

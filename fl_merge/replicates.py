@@ -1,5 +1,6 @@
 """Replicates: one config run once per seed, then an over-seed table with 95% CIs.
 
+    fl-merge-run --seeds 0,1,2 --run-config 'num-clients=2 method="task_arithmetic,ties"'
     python -m fl_merge.replicates --seeds 0,1,2 [--data-seeds] [--out DIR]
         -- num-clients=2 method=task_arithmetic,ties
     python -m fl_merge.replicates --table RUN_DIR RUN_DIR ...   (runs already made)
@@ -209,34 +210,16 @@ def write_replicates(run_dirs: Sequence[Path], out: Path) -> list[dict[str, Any]
     return rows
 
 
-def simulate(run_config: Mapping[str, Any]) -> Path:
-    """One run through Flower's simulation engine (the ServerApp's run_one_shot, fl-merge's
-    ClientApp, one SuperNode per client); returns its output directory."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
+def run_once(run_config: Mapping[str, Any], engine: str = "simulation") -> Path:
+    """One replicate through the one run path (`fl_merge.run.run`); its output directory."""
     from fl_merge.config import RunConfig
-    from strategies.server_app import run_one_shot
+    from fl_merge.run import run
 
-    cfg = RunConfig.from_flower(dict(run_config)).resolve()
-    app = ServerApp()
-    done = {}
-
-    @app.main()
-    def main(grid: Any, context: Any) -> None:
-        run_one_shot(grid, cfg, run_id=context.run_id)
-        done["ok"] = True
-
-    run_simulation(app, client_app, num_supernodes=cfg.run.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    if not done:
-        raise RuntimeError(f"the run for seed {cfg.run.seed} did not finish (see the log above)")
-    return cfg.output_dir()
+    return run(RunConfig.from_flower(dict(run_config)), engine=engine).out_dir
 
 
 def run_replicates(overrides: Mapping[str, Any], seeds: Sequence[int], out: Path,
-                   run: Callable[[Mapping[str, Any]], Path] = simulate, data_seeds: bool = False
+                   run: Callable[[Mapping[str, Any]], Path] = run_once, data_seeds: bool = False
                    ) -> list[dict[str, Any]]:
     """Run the config once per seed (`run`: one run config -> its output dir), then write the
     over-seed table under `out`. Every config is checked before the first run starts."""
@@ -257,7 +240,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None,
-         run: Callable[[Mapping[str, Any]], Path] = simulate) -> int:
+         run: Callable[[Mapping[str, Any]], Path] = run_once) -> int:
     p = argparse.ArgumentParser(prog="python -m fl_merge.replicates", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", help="where seed-<s>/ and the table go (default outputs/replicates-<time>)")

@@ -126,3 +126,31 @@ def test_entry_point_rejects_a_bad_config_before_any_run(tmp_path, capsys):
     assert "unknown run-config key 'nope'" in capsys.readouterr().err
     assert rep.main(["--out", str(tmp_path)], run=never) == 2
     assert "give --seeds" in capsys.readouterr().err
+
+
+def test_fl_merge_run_seeds_runs_each_seed_through_the_run_path(tmp_path, monkeypatch, capsys):
+    """fl-merge-run --seeds: one call of fl_merge.run.run per seed (same config but seed and
+    output dir), then the table; a seed also given in --run-config is refused before any run."""
+    from fl_merge import launch
+    from fl_merge.run import Outcome
+
+    asked = []
+
+    def fake_run(cfg, **kw):
+        asked.append(cfg)
+        return Outcome(_fake_run(tmp_path / "runs", cfg.seed), [], {})
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    out = tmp_path / "rep"
+    rc = launch.main(["--engine", "simulation", "--seeds", "0,1,2",
+                      "--run-config", f"num-clients=2 local-steps=\"5\" output-dir=\"{out}\""])
+    assert rc == 0, capsys.readouterr().err
+    assert [c.seed for c in asked] == [0, 1, 2] and {c.local_steps for c in asked} == {"5"}
+    assert [c.output_dir for c in asked] == [str(out / f"seed-{s}") for s in (0, 1, 2)]
+    assert (out / rep.TABLE_FILE).exists()
+    assert "paired difference vs task_arithmetic" in capsys.readouterr().out
+    asked.clear()
+    assert launch.main(["--seeds", "0,1", "--run-config", "seed=3"]) == 2
+    assert "drop seed= from --run-config" in capsys.readouterr().err
+    assert launch.main(["--seeds", "0,0"]) == 2 and "distinct" in capsys.readouterr().err
+    assert asked == []
