@@ -71,7 +71,8 @@ class OneShotMerge(FedAvg):
         .search: its knobs x `lambdas`, default search.LAMBDAS, every candidate scored on
         validation, test only at each method's choice). A param given as a list of values is
         a grid searched with search="paper".
-    lambdas: the lambda grid in each method's own paper units (None: see `search`).
+    lambdas: the lambda grid in each method's own paper units; None: the shared `etas`;
+        "default": search.LAMBDAS with search="paper", the shared `etas` with search="off".
     """
 
     def __init__(
@@ -89,7 +90,7 @@ class OneShotMerge(FedAvg):
         min_clients: int = 0,
         attack_plan: AttackPlan | None = None,
         search: str = "off",
-        lambdas: Sequence[float] | None = None,
+        lambdas: Sequence[float] | str | None = "default",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -106,11 +107,15 @@ class OneShotMerge(FedAvg):
         if grids and search != "paper":
             raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
         self.spaces = method_spaces(given)  # label -> knob grids (used with search=paper)
+        if isinstance(lambdas, str):
+            if lambdas != "default":
+                raise ValueError(f"lambdas must be a list of numbers, None or 'default', got '{lambdas}'")
+            lambdas = LAMBDAS if search == "paper" else None
         if lambdas is not None:
             lambdas = sorted({float(v) for v in lambdas})
             if not lambdas or lambdas[0] <= 0:
                 raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
-        self.lambdas = list(LAMBDAS) if lambdas is None and search == "paper" else lambdas
+        self.lambdas = lambdas  # None: the shared `etas`
         self.etas = sorted({0.0, *map(float, etas)})
         self.test_all_etas = test_all_etas
         if weighting not in ("uniform", "num-examples"):

@@ -2,8 +2,9 @@
 own eta list (its lambda grid in its own units), all from the same task vectors.
 
 search="paper": every method's declared space (fl_merge.aggregation.search) x the lambda grid.
-search="off": today's protocol: each method at its fixed parameters, at the shared eta grid
-(or, given lambdas, at those lambdas converted per method).
+search="off": today's protocol: each method at its fixed parameters.
+Either way the scale is a lambda grid converted per method, or (lambdas None) one eta grid
+shared by every method (the old, unfair protocol, kept for comparison and old configs).
 """
 
 from __future__ import annotations
@@ -62,12 +63,10 @@ def plan_candidates(methods: Mapping[str, tuple[str, dict[str, Any]]],
                     task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Candidate]:
     """candidate label -> Candidate, methods in order, each method's settings in grid order.
 
-    spaces[label]: the method's knob grids (`method_spaces`); lambdas None with search=off
-    means the shared `etas`; with search=paper it means the default LAMBDAS."""
+    spaces[label]: the method's knob grids (`method_spaces`), searched with search=paper;
+    lambdas: each setting's lambda grid in its own units (None: the shared `etas`)."""
     check_search(search)
     k = len(task_vectors)
-    if search == "paper" and lambdas is None:
-        lambdas = LAMBDAS
     out: dict[str, Candidate] = {}
     for label, (name, params) in methods.items():
         grids = spaces.get(label, {}) if search == "paper" else {}
@@ -107,3 +106,31 @@ def search_record(candidates: Mapping[str, Candidate], spaces: Mapping[str, Mapp
     total = sum(m["candidates"] for m in per.values())
     return {"mode": search, "lambdas": None if lambdas is None else list(lambdas),
             "candidates": total, "methods": per}
+
+
+def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tuple[str, Mapping[str, Any]]]
+                    ) -> list[float] | None:
+    """The run config's scale grid: the lambdas given, else search.LAMBDAS with search=paper
+    and no shared etas, else None (the shared eta grid). ValueError, one line, for a bad
+    search mode, lambdas and etas both given, a bad lambda, or a grid with search=off."""
+    from fl_merge.aggregation.search import is_grid
+
+    check_search(search)
+    grids = [f"{n}.{k}" for n, p in methods for k, v in p.items() if is_grid(v)]
+    if grids and search == "off":
+        raise ValueError(f"method-params gives several values for {', '.join(grids)}: a grid needs "
+                         "search=paper")
+    if lambdas.strip() and etas.strip():
+        raise ValueError("give lambdas (each method's own scale) or etas (one shared eta grid), not both")
+    if not lambdas.strip():
+        return list(LAMBDAS) if search == "paper" and not etas.strip() else None
+    values = []
+    for item in lambdas.replace(" ", ",").split(","):
+        if item.strip():
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(f"lambdas: '{item.strip()}' is not a number") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise ValueError(f"lambdas must be positive finite numbers, got '{lambdas}'")
+    return sorted(set(values))
