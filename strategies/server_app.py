@@ -128,7 +128,8 @@ def choice_lines(r: MergeRound) -> list[str]:
     per = (r.search or {}).get("methods", {})
     out = []
     for label, ch in r.choices.items():
-        knobs = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ch["knobs"].items())
+        knobs = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in ch["knobs"].items())
         n = per.get(label, {}).get("candidates", "?")
         out.append(f"{label}: lambda={ch['lambda']:.4g} (eta={ch['eta']:.4g}){' ' + knobs if knobs else ''}"
                    f", chosen on validation from {n} candidate(s)")
