@@ -151,7 +151,7 @@ class RunConfig:
         except (ValueError, OSError, ImportError) as e:  # unknown, missing path or extra, wrong kind
             raise ConfigError(str(e)) from None
         try:
-            methods = resolve_methods(self.method, self.method_params, k)
+            methods = resolve_methods(self.method, self.method_params, k, self.search)
         except MergeInputError as e:
             raise ConfigError(str(e)) from None
         from fl_merge.round.base import CheckpointError, checkpoint_file
@@ -312,7 +312,7 @@ def parse_method_params(text: str) -> dict[str, Any]:
     return out
 
 
-def resolve_methods(method: str, method_params: str, num_clients: int | None = None
+def resolve_methods(method: str, method_params: str, num_clients: int | None = None, search: str = "off"
                     ) -> list[tuple[str, dict[str, Any]]]:
     """'fedavg,ties' + 'ties.density=0.2 seed=1' -> [(fedavg, {}), (ties, {density: 0.2})].
 
@@ -348,7 +348,7 @@ def resolve_methods(method: str, method_params: str, num_clients: int | None = N
     from fl_merge.aggregation.search import check_space_params
 
     for n in names:
-        check_space_params(n, params[n], num_clients)
+        check_space_params(n, params[n], num_clients, searched=search == "paper")
     return [(n, params[n]) for n in names]
 
 

@@ -42,7 +42,9 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     r.failures += left_out
     for f in r.failures:
         log(WARNING, "left out %s (%s): %s", f["client"], f["stage"], f["reason"])
-    check_enough(len(r.clients), s.min_clients, s.methods, r.failures)
+    # (a method whose knobs are searched keeps the settings K allows: its defaults need not fit)
+    fixed = {m: v for m, v in s.methods.items() if s.search != "paper" or not s.spaces.get(m)}
+    check_enough(len(r.clients), s.min_clients, fixed, r.failures)
     # 3. Colluding attackers replace their task vectors (client-side attacks already happened).
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     task_vectors = collude(s.attack_plan, r.clients, task_vectors, asked)
@@ -50,6 +52,7 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     #    each with its own etas; one Delta per setting, all from the same updates.
     k = len(r.clients)
     r.candidates = plan_candidates(s.methods, s.spaces, s.search, s.lambdas, s.etas, task_vectors)
+    check_enough(k, s.min_clients, candidate_methods(r.candidates), r.failures)  # e.g. Krum, K < 3
     deltas = merge_methods(candidate_methods(r.candidates), r.clients, task_vectors, s.weighting, s.device)
     r.timings["aggregate-seconds"] = time.perf_counter() - t0
     r.search = search_record(r.candidates, s.spaces, s.search, s.lambdas, k)

@@ -224,3 +224,15 @@ def test_a_grid_reply_without_test_scores_never_reaches_selection():
     _run(s, grid)
     first = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE][0]
     assert list(first.content["config"]["splits"]) == ["val"]
+
+
+def test_searched_knobs_need_not_fit_k_by_default_but_fixed_ones_must():
+    """Krum's default f=1 needs K >= 5; with f searched, K=3 runs f=0 (the only f it allows)."""
+    assert RunConfig(num_clients=3, method="krum").resolve().methods == [("krum", {})]
+    with pytest.raises(ConfigError, match=r"Krum with f=1 needs more than 2f\+2 = 4 clients, got 3"):
+        RunConfig(num_clients=3, method="krum", search="off").resolve()
+    with pytest.raises(ConfigError, match=r"Krum with f=1 needs more than 2f\+2 = 4 clients, got 3"):
+        RunConfig(num_clients=3, method="krum", method_params="f=1").resolve()  # pinned
+    s = OneShotMerge(method="krum", search="paper", lambdas=[0.5], measure_heterogeneity=False)
+    r = _run(s, FakeGrid({100 + i: _rich(i, 10) for i in range(3)}, score=lambda i, eta, split: 0.5))
+    assert r.choices["krum"]["knobs"] == {"f": 0} and r.methods["krum"] == ("krum", {"f": 0})

@@ -99,11 +99,15 @@ def is_grid(value: Any) -> bool:
     return isinstance(value, (list, tuple))
 
 
-def check_space_params(method: str, params: Mapping[str, Any], num_clients: int | None = None
-                       ) -> dict[str, Any]:
+def check_space_params(method: str, params: Mapping[str, Any], num_clients: int | None = None,
+                       searched: bool = False) -> dict[str, Any]:
     """The method's full fixed parameters; a list value (a grid) is checked value by value
-    (each with the fixed ones and, given num_clients, against K). MergeInputError otherwise."""
+    (each with the fixed ones and, given num_clients, against K). MergeInputError otherwise.
+    searched: the method's knobs will be searched, so a default value K cannot run with
+    (Krum's f=1 on 3 clients) is no error: the round keeps the settings K allows."""
     fixed = {k: v for k, v in params.items() if not is_grid(v)}
+    if searched and knob_grids(method, params):
+        num_clients = None
     full = check_method_params(method, fixed, num_clients)
     for k, values in params.items():
         if is_grid(values):
