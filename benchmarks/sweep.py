@@ -2,7 +2,8 @@
 
     python benchmarks/sweep.py [--local-steps 30 --clients 4]
 
-Runs the real `fl-merge` command (python -m fl_merge: Hydra -> run_simulation in a child
+Runs the real `fl-merge` command (python -m fl_merge: Hydra -> fl_merge.run.run, the one run
+path shared with fl-merge-run and the experiments: run_simulation in a child
 process) with a fresh client-update cache (FL_MERGE_CACHE in a temp dir):
 
 1. one cold single-method single-eta run (fedavg, eta 1): the cost of one fresh run;

@@ -32,9 +32,9 @@ from clients.training import (
 )
 from fl_merge.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.attacks import label_flip as flip_labels
-from fl_merge.evaluation import evaluate
+from fl_merge.evaluation import evaluate, evaluate_examples
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
-from fl_merge.round.protocol import PROTOCOL_KEY, PROTOCOL_VERSION
+from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
@@ -229,7 +229,9 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     'etas' list, score theta + eta * delta for every delta and eta on config 'splits'
     (default val and test), each Delta sent once. 'etas' is one grid for every delta, or,
     with 'etas-per-delta' (one count per delta), consecutive slices: delta i gets the next
-    etas-per-delta[i] etas. Reply lists "<split>-accuracy"/"<split>-loss" run delta-major.
+    etas-per-delta[i] etas. Reply lists "<split>-accuracy"/"<split>-loss" run delta-major;
+    with test among the splits also "test-correct": every candidate's 0/1 per test example,
+    concatenated in that order (for paired bootstrap CIs; docs/protocol.md).
     Without a delta, score the received model on config 'split' (default test)."""
     _limit_threads()
     config = msg.content["config"]
@@ -251,7 +253,9 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         grids = _eta_grids(config, len(deltas))
         data = {"val": task.val, "test": task.test}
         scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in splits for m in ("accuracy", "loss")}
-        base: dict[str, tuple[float, float]] = {}  # eta = 0 is theta0 whatever the delta: score once
+        correct: list[int] = []  # test only: per candidate, per example
+        # eta = 0 is theta0 whatever the delta: score once
+        base: dict[str, tuple[float, float, list[int]]] = {}
         for record, etas in zip(deltas, grids):
             delta = record.to_torch_state_dict()
             for eta in etas:
@@ -259,14 +263,18 @@ def evaluate_model(msg: Message, context: Context) -> Message:
                     model_name, task, apply_update(state, delta, eta), seed, device)
                 for split in splits:
                     if eta == 0 and split in base:
-                        acc, loss = base[split]
+                        acc, loss, right = base[split]
                     else:
-                        acc, loss = evaluate(model, data[split])
+                        acc, loss, right = evaluate_examples(model, data[split])
                         if eta == 0:
-                            base[split] = (acc, loss)
+                            base[split] = (acc, loss, right)
                     scores[f"{split}-accuracy"].append(acc)
                     scores[f"{split}-loss"].append(loss)
+                    if split == "test":
+                        correct += right
         metrics.update(scores)
+        if correct:
+            metrics[f"test-{CORRECT}"] = correct
     else:
         split = str(config.get("split", "test"))
         if split not in ("val", "test"):

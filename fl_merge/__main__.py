@@ -1,4 +1,4 @@
-"""`python -m fl_merge`: the `fl-merge` command (fl_merge/cli.py)."""
+"""`python -m fl_merge`: the `fl-merge` command (fl_merge/cli/)."""
 
 import sys
 

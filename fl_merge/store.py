@@ -20,13 +20,12 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_merge.results import RESULTS_FILE, atomic_write_text, read_rows
+from fl_merge.results import RESULTS_FILE, RUN_FILE, atomic_write_text, read_rows
 
 OVERRIDE_PREFIX = "ov:"
 # Overrides that pick what is compared, not the setting it is compared in: the report
@@ -101,79 +100,87 @@ def common_overrides(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return [o for o in first if all(o in other for other in rest)]
 
 
+def _is_store(path: Path) -> bool:
+    """A sweep's results.csv (job columns), not one run's."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return "config_hash" in (next(csv.reader(f), None) or [])
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's Flower run config from its run.json (None without one)."""
+    try:
+        config = json.loads((run_dir / RUN_FILE).read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dict(config) if isinstance(config, dict) else None
+
+
+def context_key(config: Mapping[str, Any] | None) -> str:
+    """What must be equal for two loose runs to be compared: their run config without the
+    compared choice (method, method-params), the replicate (seed) and what does not change
+    results (NOT_RESULTS). JSON text; "" for a run without run.json."""
+    if config is None:
+        return ""
+    keep = {k: v for k, v in config.items()
+            if k not in (*NOT_RESULTS, *COMPARED, "seed")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+# The run-config keys a report compares inside a group of loose runs (not a context).
+COMPARED = ("method", "method-params")
+
+
+def find_results(directory: Path) -> list[Path]:
+    """Every results.csv at any depth under `directory` that is a sweep store or a run not
+    inside a sweep store's tree (a store's job dirs are read through the store)."""
+    found = sorted(p for p in directory.rglob(RESULTS_FILE) if p.is_file()
+                   and "report" not in p.relative_to(directory).parts[:-1])
+    stores = [p.parent for p in found if _is_store(p)]
+    return [p for p in found if _is_store(p)
+            or not any(s in p.parents for s in stores)]
+
+
 def load_sweep(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Tidy rows of a sweep dir (its results.csv with job columns), a run dir (its
-    results.csv: one job), or a dir of run dirs (``*/results.csv``: one job each).
-    Every row gets ``run_dir`` (absolute) and ``setting``: the overrides that distinguish
-    its run (method choice, seed and overrides shared by all runs left out)."""
+    """Tidy rows of every run at any depth under `directory`: sweep stores (a Hydra
+    multirun's results.csv with job columns) and single runs (a results.csv, e.g. a Hydra
+    run's ``outputs/<date>/<time>``). Every row gets ``run_dir`` (absolute), ``group`` and
+    ``setting``:
+
+    * ``group``: which runs may be compared. The jobs of one sweep form one group (they
+      differ only in the swept keys); loose runs are grouped by their run config minus the
+      method, its parameters, the seed and the keys that do not change results
+      (`context_key`), so runs with another K or other local steps are never ranked together.
+    * ``setting``: what distinguishes a run inside its group: a sweep job's overrides (method
+      choice, seed and overrides shared by all jobs left out); a loose run's method-params.
+    """
     directory = Path(directory).resolve()
-    path = directory / RESULTS_FILE
-    if path.is_file():
-        rows = read_rows(path)
-        if rows and "config_hash" not in rows[0]:  # a single run
-            rows = [{"job": 0, "run_dir": ".", "overrides": "", **r} for r in rows]
-    else:
-        rows = []
-        for i, sub in enumerate(sorted(p.parent for p in directory.glob(f"*/{RESULTS_FILE}"))):
-            rows += [{"job": i, "run_dir": sub.name, "overrides": sub.name, **r}
-                     for r in read_rows(sub / RESULTS_FILE)]
+    rows: list[dict[str, Any]] = []
+    loose: list[tuple[Path, list[dict[str, Any]]]] = []
+    for path in find_results(directory):
+        where = path.parent
+        rel = str(where.relative_to(directory)) if where != directory else "."
+        if _is_store(path):
+            sweep = read_rows(path)
+            for r in sweep:
+                r["run_dir"] = str((where / str(r["run_dir"])).resolve())
+                r["group"] = f"sweep {rel}"
+            common = common_overrides(sweep)
+            for r in sweep:
+                r["setting"] = " ".join(o for o in setting_items(r.get("overrides", ""))
+                                        if o not in common) or "(all runs)"
+            rows += sweep
+        else:
+            loose.append((where, read_rows(path)))
+    contexts: dict[str, int] = {}
+    for i, (where, run_rows) in enumerate(loose):
+        config = _run_config(where)
+        key = context_key(config) or f"(no {RUN_FILE}) {where}"
+        n = contexts.setdefault(key, len(contexts))
+        params = str((config or {}).get("method-params") or "")
+        for r in run_rows:
+            rows.append({"job": i, "overrides": "", **r, "run_dir": str(where),
+                         "group": f"runs {n + 1}",
+                         "setting": f"method-params={params}" if params else "(all runs)"})
     if not rows:
-        raise ValueError(f"{directory}: no results (no {RESULTS_FILE} here or in its subdirectories)")
-    for r in rows:
-        r["run_dir"] = str((directory / str(r["run_dir"])).resolve())
-    common = common_overrides(rows)
-    for r in rows:
-        r["setting"] = " ".join(o for o in setting_items(r.get("overrides", "")) if o not in common) \
-            or "(all runs)"
+        raise ValueError(f"{directory}: no results (no {RESULTS_FILE} here or at any depth below)")
     return rows
-
-
-def _mean(values: Sequence[float]) -> float:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _selected(r: Mapping[str, Any]) -> bool:
-    return r.get("selected") is True or str(r.get("selected")).lower() == "true"
-
-
-def setting_scores(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list[dict[str, Any]]:
-    """One entry per (method, setting): mean normalized and absolute accuracy over tasks
-    and runs (seeds) of the merged model at the eta chosen on validation."""
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for r in rows:
-        if r["model"] == "merged" and r["split"] == split and _selected(r):
-            groups.setdefault((str(r["method"]), r["setting"]), []).append(r)
-    out = []
-    for (method, setting), sel in groups.items():
-        out.append({
-            "method": method, "setting": setting,
-            "normalized_accuracy": _mean([r["normalized_accuracy"] for r in sel]),
-            "accuracy": _mean([r["accuracy"] for r in sel]),
-            "etas": sorted({float(r["eta"]) for r in sel}),
-            "runs": len({r["run_dir"] for r in sel}),
-        })
-    return out
-
-
-def best_settings(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list[dict[str, Any]]:
-    """Per method (in order of first appearance) its best setting by mean normalized
-    accuracy; ties go to the first setting seen."""
-    best: dict[str, dict[str, Any]] = {}
-    for s in setting_scores(rows, split):
-        cur = best.get(s["method"])
-        if cur is None or s["normalized_accuracy"] > cur["normalized_accuracy"]:
-            best[s["method"]] = s
-    return list(best.values())
-
-
-def eta_curve(rows: Iterable[Mapping[str, Any]], method: str, setting: str,
-              split: str = "test") -> list[tuple[float, float]]:
-    """(eta, mean normalized accuracy over tasks and runs) of one method and setting at
-    every eta scored, eta 0 being the base model."""
-    by_eta: dict[float, list[float]] = {}
-    for r in rows:
-        if (str(r["method"]) == method and r["setting"] == setting and r["split"] == split
-                and r["model"] in ("merged", "base")):
-            by_eta.setdefault(float(r["eta"]), []).append(r["normalized_accuracy"])
-    return [(eta, _mean(v)) for eta, v in sorted(by_eta.items())]

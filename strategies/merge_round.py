@@ -20,6 +20,7 @@ from fl_merge.round.merging import collude, measure, merge_methods, train_reques
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
+from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.round.updates import check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
@@ -45,6 +46,9 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     # (a method whose knobs are searched keeps the settings K allows: its defaults need not fit)
     fixed = {m: v for m, v in s.methods.items() if s.search != "paper" or not s.spaces.get(m)}
     check_enough(len(r.clients), s.min_clients, fixed, r.failures)
+    cached = sum(int(c.metrics.get("cached", 0)) for c in r.clients)
+    if cached:
+        log(INFO, "%d of %d clients reused a cached update (no training)", cached, len(r.clients))
     # 3. Colluding attackers replace their task vectors (client-side attacks already happened).
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     task_vectors = collude(s.attack_plan, r.clients, task_vectors, asked)
@@ -100,6 +104,12 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
                               scores[label], by_task, s.attack_plan, knobs=c.knobs,
                               lam=lambda e, c=c: c.lam(e, k), finetuned=chosen)
     r.metrics = summary_metrics(r.rows, r.best_etas, {m: ch["lambda"] for m, ch in r.choices.items()})
+    # 9. Within-run CIs: a paired bootstrap over test examples (grid clients' test-correct),
+    #    on each method's chosen setting.
+    chosen_scores = {m: scores[label] for m, (label, _, _) in choice.items()}
+    r.predictions, missing = chosen_predictions(chosen_scores, r.best_etas)
+    r.notes += missing
+    r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
     for note in r.notes:
         log(WARNING, "%s", note)
     return r

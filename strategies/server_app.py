@@ -19,10 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_merge import results
 from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
+from fl_merge.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.round.keys import MergeKeysError, check_merge_keys
 from fl_merge.round.outcome import MergeRound
+from fl_merge.round.tables import format_comparison
 from fl_merge.task_vectors import StateDict
 from strategies.merge_round import run_round
 from strategies.one_shot import OneShotMerge
@@ -85,7 +87,8 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
 
 
 def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) -> None:
-    """results.csv, one merged model per method, run.json and report.png under `out`."""
+    """results.csv, one merged model per method, run.json, report.png and (when clients sent
+    per-example test correctness) predictions.safetensors under `out`."""
     extra = {"run_id": run_id, "num_clients": cfg.run.num_clients, "data": cfg.run.data,
              **{f"het_{name}": v for name, v in r.heterogeneity.items() if isinstance(v, (int, float))}}
     results.write_rows(out / results.RESULTS_FILE, r.rows, extra)
@@ -97,6 +100,10 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
                 "model": cfg.run.model}
         results.save_merged_model(out / results.model_file(label, primary=i == 0),
                                   r.merged_state(eta, label), heads, meta)
+    if r.predictions:
+        save_predictions(out / PREDICTIONS_FILE, r.predictions, r.best_etas)
+    else:  # no stale file from an earlier run in the same directory
+        (out / PREDICTIONS_FILE).unlink(missing_ok=True)
     results.write_json(out / results.RUN_FILE, {
         "run_id": run_id, "config": cfg.run.to_flower(), "tasks": cfg.tasks,
         "methods": {label: {"name": n, "params": p, "eta": r.best_etas[label], **r.choices.get(label, {})}
@@ -111,11 +118,14 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "heterogeneity": r.heterogeneity,
         "failures": r.failures,  # clients left out: who, at which stage, why
         "timings": r.timings,
+        "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
     })
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     for line in results.format_summary(r.rows, "test accuracy").splitlines():
         log(INFO, "%s", line)
     for line in choice_lines(r):
+        log(INFO, "%s", line)
+    for line in format_comparison(r.comparison).splitlines():
         log(INFO, "%s", line)
     for f in r.failures:
         log(INFO, "left out %s at %s: %s", f["client"], f["stage"], f["reason"])

@@ -1,18 +1,27 @@
-"""configs/method/<name>.yaml exists for every registered method, with its defaults.
+"""Hydra config `method/<name>` for every registered method, derived from the method
+function's signature (fl_merge.cli.schema.method_configs; no yaml repeats a default).
 
-The files are flat (`name` plus the parameters as top-level keys) so Hydra overrides read
+The configs are flat (`name` plus the parameters as top-level keys) so Hydra overrides read
 `fl-merge method=ties method.density=0.3`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import inspect
 
 import pytest
-import yaml
+from hydra import compose, initialize_config_dir
 
+from fl_merge import cli
 from fl_merge.aggregation import available_methods, get_method, merge
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
+# Arguments a method function receives from `merge`, not hyper-parameters.
+NOT_PARAMS = {"stacked", "task_vectors", "p", "weights", "local_steps", "normalisers", "names", "extras",
+              "device"}
+
+
+def composed_method(*overrides: str) -> dict:
+    with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
+        return dict(compose(cli.CONFIG_NAME, overrides=list(overrides)).method)
 
 
 def test_known_methods_are_registered():
@@ -24,27 +33,39 @@ def test_known_methods_are_registered():
 
 
 @pytest.mark.parametrize("name", available_methods())
-def test_every_method_has_a_yaml_with_its_defaults(name):
-    path = CONFIGS / f"{name}.yaml"
-    assert path.is_file(), f"missing {path}"
-    cfg = yaml.safe_load(path.read_text())
+def test_every_method_composes_with_its_signature_defaults(name):
+    """`method=<name>` is name plus the defaults written in the function's signature (read
+    here with inspect, not through the registry), with the same types."""
+    sig = inspect.signature(get_method(name).fn).parameters.values()
+    expected = {p.name: p.default for p in sig
+                if p.name not in NOT_PARAMS and p.default is not inspect.Parameter.empty}
+    cfg = composed_method(f"method={name}")
     assert cfg.pop("name") == name
-    assert "name" not in get_method(name).params  # `name` is free to select the method
-    assert cfg == get_method(name).params
-    assert {k: type(v) for k, v in cfg.items()} == {
-        k: type(v) for k, v in get_method(name).params.items()
-    }
+    assert "name" not in expected  # `name` is free to select the method
+    assert cfg == expected
+    assert {k: type(v) for k, v in cfg.items()} == {k: type(v) for k, v in expected.items()}
 
 
-def test_no_stray_yaml():
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(available_methods())
+def test_no_method_yaml_repeats_the_defaults():
+    assert not (cli.CONFIG_DIR / "method").exists() or not list((cli.CONFIG_DIR / "method").glob("*.yaml"))
+
+
+def test_a_parameter_override_reaches_the_run_config():
+    assert composed_method("method=ties", "method.density=0.3") == {"name": "ties", "density": 0.3}
+    mapped = cli.to_flower(compose_root("method=ties", "method.density=0.3"))[0]
+    assert mapped["method-params"] == "ties.density=0.3"
+
+
+def compose_root(*overrides: str):
+    with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
+        return compose(cli.CONFIG_NAME, overrides=list(overrides))
 
 
 @pytest.mark.parametrize("name", available_methods())
-def test_yaml_params_run_through_merge(name):
+def test_composed_params_run_through_merge(name):
     import torch
 
-    params = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    params = composed_method(f"method={name}")
     method = params.pop("name")
     k = 6
     tvs = [{"a": torch.randn(4, 3), "b": torch.randn(3)} for _ in range(k)]

@@ -8,6 +8,7 @@ are few and shared: one single run, one 2-job multirun run twice (module-scoped 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from fl_merge import cli, store
+from fl_merge.cli import schema
 from fl_merge.aggregation import available_methods, get_method
 from fl_merge.config import ConfigError, RunConfig
 from fl_merge.results import read_rows
@@ -129,7 +131,10 @@ def test_default_composition_values_equal_runconfig_defaults():
         if isinstance(entry, dict):
             (group, choice), = entry.items()
             files.append((group, CONFIGS / group / f"{choice}.yaml"))
-    checked = 0
+    # method/<name> is derived from the registry (ConfigStore), not a yaml file.
+    assert composed().method.name == defaults["method"]
+    files = [(g, p) for g, p in files if g != "method"]
+    checked = 1
     for group, path in files:
         for key, value in _leaves(yaml.safe_load(path.read_text())):
             if value is None or (group == "method" and key != "name"):
@@ -150,6 +155,8 @@ def test_every_runconfig_field_is_reachable():
     for group in ("model", "data", "training", "eval", "runtime", "attack"):
         for path in (CONFIGS / group).glob("*.yaml"):
             reachable |= {k for k, _ in _leaves(yaml.safe_load(path.read_text()))}
+    for group in schema.GROUP_KEYS:  # <group>/_schema, in ConfigStore
+        reachable |= {f.name for f in dataclasses.fields(schema.group_schema(group))}
     assert cli.run_config_fields() <= reachable
     assert cfg.method.name == RunConfig().method
 
@@ -308,7 +315,9 @@ def test_second_invocation_trains_nothing(sweeps):
     second, proc = sweeps[1]
     assert _cached(second, 0) == [1, 1] and _cached(second, 1) == [1, 1]
     assert proc.stdout.count("2/2 clients cached") == 2
-    assert "2 of 2 clients reused a cached update" in (second / "0" / "simulation.log").read_text()
+    # (The ServerApp's "N of K clients reused a cached update" log line left with main's
+    # strategy rewrite; run.json's per-client `cached` above is the record.)
+    assert (second / "0" / "run.log").stat().st_size > 0
     # Same settings, same results.
     a, b = (read_rows(d / "results.csv") for d, _ in sweeps)
     def by_key(rows):
@@ -364,27 +373,23 @@ def test_report_prints_best_settings_and_writes_plots(sweeps, capsys):
         assert {r["method"] for r in csv.DictReader(f)} == {"fedavg", "median"}
 
 
-def test_report_on_a_fake_heterogeneous_sweep(tmp_path, capsys):
-    """Runs that differ in a het_ measure also get the accuracy-vs-heterogeneity figure."""
-    sweep = tmp_path / "sweep"
-    for job, (alpha, acc) in enumerate([(0.1, 0.6), (1.0, 0.9)]):
-        run_rows = []
-        for method in ("fedavg", "ties"):
-            for split in ("val", "test"):
-                for model, eta, sel in (("base", 0.0, False), ("merged", 1.0, True)):
-                    run_rows.append({"het_mean_cosine": alpha, "method": method, "task": "t0",
-                                     "model": model, "eta": eta, "selected": sel, "split": split,
-                                     "accuracy": acc, "finetuned_accuracy": 1.0,
-                                     "normalized_accuracy": acc if model == "merged" else 0.5})
-        from fl_merge.results import write_rows
+def test_multirun_through_another_hydra_launcher(sweeps, tmp_path, env):
+    """`hydra/launcher=joblib` needs no code change: Hydra's own sweeper hands the jobs to
+    the joblib launcher (its worker processes run the same task function), every job's
+    rows land in the sweep store and the summary is read back from it. Skipped where
+    hydra-joblib-launcher is not installed (it is not a dependency)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir = tmp_path / "joblib"
+    proc = _fl_merge(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=fedavg,median",
+                      *TINY, "training.local_steps=15", f"hydra.sweep.dir={sweep_dir}"], tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Joblib" in proc.stdout + proc.stderr  # Hydra's joblib launcher ran the jobs
+    rows = read_rows(sweep_dir / "results.csv")
+    assert {r["job"] for r in rows} == {0, 1} and {r["method"] for r in rows} == {"fedavg", "median"}
+    assert "2 job(s)" in proc.stdout and "fl-merge report" in proc.stdout
+    first = read_rows(sweeps[0][0] / "results.csv")  # same settings as `sweeps`: same numbers
 
-        write_rows(sweep / str(job) / "results.csv", run_rows)
-        (sweep / str(job) / "run.json").write_text(json.dumps({"config": {"alpha": alpha}}))
-        store.append_rows(sweep / "results.csv", store.job_rows(
-            run_rows, job, str(job), ["method.name=[fedavg,ties]", f"data.alpha={alpha}", f"seed={job}"], "h"))
-    assert cli.main(["report", str(sweep)]) == 0
-    out = capsys.readouterr().out
-    assert "data.alpha=1.0" in out.split("best setting")[1]
-    for name in ("across_het_mean_cosine.png", "across_alpha.png"):
-        assert (sweep / "report" / name).is_file(), out
-    assert not (sweep / "report" / "across_seed.png").exists()  # seeds are replicates
+    def by_key(rows):
+        return {(r["method"], r["task"], r["model"], str(r["eta"]), r["split"]): r["accuracy"] for r in rows}
+
+    assert by_key(rows) == by_key(first)

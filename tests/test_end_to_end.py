@@ -116,6 +116,37 @@ def test_results_file_and_merged_model(simulated):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_predictions_file_holds_per_example_test_correctness(simulated):
+    """predictions.safetensors: the chosen merged model's and the base's 0/1 per test example;
+    their means are results.csv's test accuracies, and the merged one is the saved model's own
+    per-example correctness; run.json has the CI table."""
+    from clients.tasks import load_task
+    from clients.training import model_for_task
+    from fl_merge.predictions import PREDICTIONS_FILE, load_predictions
+
+    strategy, out = simulated
+    preds = load_predictions(out / PREDICTIONS_FILE)
+    label = strategy.primary
+    assert set(preds) == {label, "base"} and set(preds[label]) == {"rotate90", "parity"}
+    rows = [r for r in results.read_rows(out / results.RESULTS_FILE) if r["split"] == "test"]
+    for r in rows:
+        if r["model"] == "base" or (r["model"] == "merged" and r["selected"]):
+            got = preds["base" if r["model"] == "base" else label][r["task"]]
+            assert sum(got) / len(got) == pytest.approx(r["accuracy"], abs=1e-12)
+    saved = load_file(str(out / results.MODEL_FILE))
+    head = {f"head.{k.split('.')[-1]}": v for k, v in saved.items() if k.startswith("heads.parity.")}
+    task = load_task("parity", 0)
+    backbone = {k: v for k, v in saved.items() if k.startswith("backbone.")}
+    model = model_for_task("mnist-cnn", task, {**backbone, **head}, 0).eval()
+    x, y = task.test.tensors
+    with torch.no_grad():
+        right = (model(x).argmax(dim=1) == y).int().tolist()
+    assert preds[label]["parity"] == right
+    comparison = json.loads((out / results.RUN_FILE).read_text())["comparison"]
+    first = next(c for c in comparison if c["model"] == label)
+    assert first["ci_low"] < first["accuracy"] < first["ci_high"] and "diff" not in first  # no TA in this run
+
+
 def test_heterogeneity_is_measured_from_the_round(simulated):
     """Clients sent their gradient at theta0; the report matches the updates it came from."""
     from fl_merge.metrics import cosine_matrix
@@ -186,21 +217,23 @@ def test_flwr_run_demo_path(tmp_path, capsys, monkeypatch):
     printed, nothing left running."""
     out = tmp_path / "run"
     ports = []
-    real_free_port = __import__("fl_merge.launch", fromlist=["_free_port"])._free_port
+    real_free_port = __import__("fl_merge.superlink", fromlist=["_free_port"])._free_port
 
     def spy():
         ports.append(real_free_port())
         return ports[-1]
 
-    monkeypatch.setattr("fl_merge.launch._free_port", spy)
-    code = launch_main(["--app", str(ROOT), "--run-config",
-                        f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])
+    monkeypatch.setattr("fl_merge.superlink._free_port", spy)
+    # From a directory that is not the checkout, without --app (it used to die there).
+    monkeypatch.chdir(tmp_path)
+    code = launch_main(["--run-config", f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])
     printed = capsys.readouterr().out
     assert code == 0
     assert "fine-tuned" in printed and "mean" in printed and str(out) in printed
     rows = results.read_rows(out / results.RESULTS_FILE)
     assert {r["task"] for r in rows} == {"rotate90", "invert"}
     assert ports and not any(_port_open(p) for p in ports)  # SuperLink stopped
+    assert (out / "run.log").stat().st_size > 0  # the streamed `flwr run` output, kept
 
 
 def test_flwr_run_failure_is_reported(tmp_path, capsys):

@@ -421,3 +421,96 @@ def test_merge_keys_matching_nothing_stop_the_run_before_any_message(tmp_path):
     with pytest.raises(ConfigError, match=r"merge-keys \['backbone\.\*'\] match none .*cls\.w, enc\.w"):
         run_one_shot(grid, cfg)
     assert grid.asked == [] and not (tmp_path / "out").exists()  # nothing sent, nothing written
+
+
+def _with_correct(n: int = 20):
+    """A grid client that also sends test-correct: per candidate, round(acc * n) examples
+    right (the first ones), so each list's mean is that candidate's test accuracy."""
+    honest = FakeGrid({})
+
+    def answer(m):
+        content = honest._answer(m)
+        metrics = dict(content["metrics"])
+        if "test-accuracy" in metrics:
+            metrics["test-correct"] = [int(i < round(a * n))
+                                       for a in metrics["test-accuracy"] for i in range(n)]
+        return RecordDict({"metrics": MetricRecord(metrics)})
+    return answer
+
+
+def test_per_example_test_correctness_is_parsed_at_the_choice_with_paired_cis():
+    grid = FakeGrid(_three_clients(), evaluate={n: _with_correct() for n in (100, 101, 102)})
+    r = _run(_three_methods(), grid)
+    # fedavg at eta 1: 0.7 - 0.1 on test = 12 of 20; ties 0.5 at eta 2: 13 of 20; ties 1.0 at eta 1: 6
+    assert set(r.predictions) == {"fedavg", "ties[density=0.5]", "ties[density=1.0]", "base"}
+    assert r.predictions["fedavg"]["client-0"] == [1] * 12 + [0] * 8
+    assert r.predictions["base"]["client-2"] == [1] * 10 + [0] * 10
+    for row in r.rows:
+        if row["split"] == "test" and row["model"] == "merged" and row["selected"]:
+            got = r.predictions[row["method"]][row["task"]]
+            assert sum(got) / len(got) == pytest.approx(row["accuracy"])
+    by = {c["model"]: c for c in r.comparison}
+    assert by["fedavg"]["reference"] == "fedavg"
+    assert (by["fedavg"]["diff"], by["fedavg"]["diff_low"], by["fedavg"]["diff_high"]) == (0.0, 0.0, 0.0)
+    assert by["ties[density=1.0]"]["diff"] == pytest.approx(0.3 - 0.6)
+    assert by["ties[density=1.0]"]["excludes_zero"]
+    # +1 example of 20 per task: a resample misses it in all 3 tasks w.p. 0.95^60 = 4.6% > 2.5%
+    assert by["ties[density=0.5]"]["diff"] == pytest.approx(0.05)
+    assert not by["ties[density=0.5]"]["excludes_zero"]
+    assert by["ties[density=0.5]"]["ci_low"] < 0.65 < by["ties[density=0.5]"]["ci_high"]
+    assert not any("test-correct" in n for n in r.notes)
+
+
+def test_per_example_correctness_with_test_all_etas_is_kept_at_the_choice():
+    grid = FakeGrid(_three_clients(), evaluate={n: _with_correct() for n in (100, 101, 102)})
+    r = _run(_three_methods(test_all_etas=True), grid)
+    assert r.best_etas["ties[density=0.5]"] == 2.0
+    assert r.predictions["ties[density=0.5]"]["client-1"] == [1] * 13 + [0] * 7  # 0.75 - 0.1 at eta 2
+    assert r.predictions["base"]["client-1"] == [1] * 10 + [0] * 10
+
+
+def test_client_failing_the_test_phase_is_left_out_of_the_cis_too():
+    ok = _with_correct()
+
+    def fails_in_test(m):
+        if list(m.content["config"]["splits"]) == ["test"]:
+            return Error(code=0, reason="test crashed")
+        return ok(m)
+
+    grid = FakeGrid(_three_clients(), evaluate={100: ok, 101: ok, 102: fails_in_test})
+    r = _run(_three_methods(), grid)
+    assert set(r.predictions["fedavg"]) == {"client-0", "client-1"} and r.comparison
+
+
+def test_without_per_example_correctness_the_cis_are_absent_with_a_note():
+    r = _run(_three_methods(), FakeGrid(_three_clients()))
+    assert r.predictions == {} and r.comparison == []
+    assert any("within-run confidence intervals are absent" in n for n in r.notes)
+
+
+def test_malformed_test_correct_leaves_the_client_out_named():
+    def bad(m):
+        content = FakeGrid({})._answer(m)
+        metrics = dict(content["metrics"])
+        if "test-accuracy" in metrics:
+            metrics["test-correct"] = [1, 0, 2]
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+    grid = FakeGrid(_three_clients(), evaluate={102: bad})
+    r = _run(_three_methods(), grid)
+    assert r.failures[-1]["client"] == "node 102 (partition 2)"
+    assert r.failures[-1]["reason"] == ("test-correct must be 6 equal runs of 0/1 values "
+                                        "(one per method and eta), got 3 values")
+
+
+def test_predictions_file_round_trip(tmp_path):
+    from safetensors import safe_open
+
+    from fl_merge.predictions import load_predictions, save_predictions
+
+    preds = {"ties": {"mnist": [1, 0, 1], "parity": [0, 0]}, "base": {"mnist": [0, 0, 1], "parity": [1, 1]}}
+    save_predictions(tmp_path / "p.safetensors", preds, {"ties": 0.3})
+    assert load_predictions(tmp_path / "p.safetensors") == preds
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert f.get_tensor("ties/mnist").dtype == torch.uint8
+        assert '"ties": 0.3' in f.metadata()["etas"]

@@ -30,6 +30,9 @@ class MergeRound:
     candidates: dict[str, Any] = field(default_factory=dict)  # candidate label -> Candidate
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)  # run.json's record (search_record)
+    # model (method label or "base") -> task -> 0/1 per test example, at the chosen eta
+    predictions: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    comparison: list[dict[str, Any]] = field(default_factory=list)  # tables.comparison_rows
 
     @property
     def primary(self) -> str:

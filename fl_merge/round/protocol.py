@@ -29,6 +29,9 @@ SPLIT_KEY = "split"
 SPLITS = ("val", "test")
 ACCURACY = "accuracy"
 LOSS = "loss"
+# Grid evaluation reply, optional: "test-correct", the 0/1 correctness of every test example
+# per candidate (candidate-major, in the order of "test-accuracy"), for within-run CIs.
+CORRECT = "correct"
 
 
 def speaks_grid(metrics: Mapping[str, Any]) -> bool:

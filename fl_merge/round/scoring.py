@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fl_merge.round.protocol import ACCURACY, LOSS, SPLITS
+from fl_merge.round.protocol import ACCURACY, CORRECT, LOSS, SPLITS
 from fl_merge.task_vectors import StateDict, apply_update
 
 Grids = dict[str, list[float]]  # method label -> etas scored
@@ -55,7 +55,8 @@ def delta_key(i: int) -> str:
 def parse_grid_reply(metrics: Mapping[str, Any], grids: Grids, splits: Sequence[str]) -> dict[str, Part]:
     """label -> split -> scores from a grid client's reply metrics ("<split>-accuracy" and
     "<split>-loss" lists, method-major over each method's etas); ValueError saying what is
-    missing."""
+    missing. An optional "<split>-correct" list (every candidate's 0/1 per example, same
+    order) becomes that split's "correct": one list per eta."""
     total = sum(len(g) for g in grids.values())
     for s in splits:
         got = metrics.get(f"{s}-{ACCURACY}")
@@ -70,6 +71,29 @@ def parse_grid_reply(metrics: Mapping[str, Any], grids: Grids, splits: Sequence[
             k: [float(v) for v in list(metrics.get(f"{s}-{k}", [math.nan] * total))[start:start + n]]
             for k in (ACCURACY, LOSS)}} for s in splits}
         start += n
+    for s in splits:
+        for label, per_eta in _correct_lists(metrics, s, grids, total).items():
+            out[label][s][CORRECT] = per_eta
+    return out
+
+
+def _correct_lists(metrics: Mapping[str, Any], split: str, grids: Grids, total: int
+                   ) -> dict[str, list[list[int]]]:
+    """label -> per eta the 0/1 list of an optional "<split>-correct" reply entry (empty when
+    absent); ValueError when it is not `total` equal slices of 0/1 values."""
+    flat = metrics.get(f"{split}-{CORRECT}")
+    if flat is None:
+        return {}
+    flat = list(flat) if isinstance(flat, list) else []
+    n = len(flat) // total if total else 0
+    if not flat or n * total != len(flat) or any(v not in (0, 1) for v in flat):
+        raise ValueError(f"{split}-{CORRECT} must be {total} equal runs of 0/1 values (one per "
+                         f"method and eta), got {len(flat)} values")
+    runs = [[int(v) for v in flat[i * n:(i + 1) * n]] for i in range(total)]
+    out, start = {}, 0
+    for label, etas in grids.items():
+        out[label] = runs[start:start + len(etas)]
+        start += len(etas)
     return out
 
 

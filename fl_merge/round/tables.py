@@ -10,8 +10,9 @@ from typing import Any
 from fl_merge.attacks import AttackPlan
 from fl_merge.evaluation import normalized_accuracy
 from fl_merge.results import mean
-from fl_merge.round.protocol import FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
+from fl_merge.round.protocol import CORRECT, FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
 from fl_merge.round.updates import ClientUpdate
+from fl_merge.stats import bootstrap_ci
 
 
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -84,3 +85,80 @@ def summary_metrics(rows: Sequence[Mapping[str, Any]], best_etas: Mapping[str, f
     out["base-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "base"])
     out["finetuned-test-accuracy"] = mean([r["accuracy"] for r in first if r["model"] == "finetuned"])
     return out
+
+
+REFERENCES = ("task_arithmetic", "fedavg")  # what every method is compared with, first found
+
+
+def reference_label(methods: Mapping[str, tuple[str, Mapping[str, Any]]]) -> str | None:
+    """The label of the first Task Arithmetic method (else the first fedavg): the reference
+    of paired differences; None when neither runs."""
+    for ref in REFERENCES:
+        for label, (name, _) in methods.items():
+            if name == ref:
+                return label
+    return None
+
+
+def chosen_predictions(scores: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
+                       best_etas: Mapping[str, float]
+                       ) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
+    """(model -> task -> 0/1 per test example, notes): each method at its chosen eta and
+    "base" (eta 0), from scores[label][task]["test"]["correct"]. Empty, with a note, unless
+    every task scored on test has them for every method (plain clients do not send them)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    base: dict[str, list[int]] = {}
+    missing: set[str] = set()
+    for label, eta in best_etas.items():
+        for task, part in scores[label].items():
+            test = part.get("test", {})
+            if not test.get("etas"):
+                continue  # not scored on test (left out at the test phase): not in the summary either
+            right = dict(zip(test.get("etas", []), test.get(CORRECT, [])))
+            if eta not in right:
+                missing.add(task)
+                continue
+            out.setdefault(label, {})[task] = right[eta]
+            if 0.0 in right:
+                base[task] = right[0.0]
+    if base:
+        out["base"] = base
+    if missing:
+        return {}, [f"no per-example test correctness from tasks {sorted(missing)} (plain clients do "
+                    "not send test-correct): within-run confidence intervals are absent"]
+    return out, []
+
+
+def comparison_rows(predictions: Mapping[str, Mapping[str, list[int]]], reference: str | None,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """One row per model (methods, then base): mean test accuracy over tasks with its 95%
+    paired-bootstrap CI over test examples and, with a reference method, the paired
+    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats)."""
+    if not predictions:
+        return []
+    got = bootstrap_ci(predictions, reference, seed=seed)
+    rows = []
+    for model, r in got.items():
+        row = {"model": model, "accuracy": r["accuracy"], "ci_low": r["low"], "ci_high": r["high"]}
+        if reference is not None:
+            row.update(reference=reference, diff=r["diff"], diff_low=r["diff_low"],
+                       diff_high=r["diff_high"], excludes_zero=bool(r["excludes_zero"]))
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The comparison as text: `acc [low, high]` and `diff [low, high]` with `*` where the
+    difference's CI excludes 0."""
+    if not rows:
+        return ""
+    ref = rows[0].get("reference")
+    lines = ["test accuracy, 95% paired bootstrap CI over test examples"
+             + (f"; difference vs {ref} (* = CI excludes 0)" if ref else "")]
+    for r in rows:
+        line = f"{r['model']:<20}{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        if ref:
+            line += (f"   {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
+                     + (" *" if r["excludes_zero"] else ""))
+        lines.append(line)
+    return "\n".join(lines)

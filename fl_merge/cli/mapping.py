@@ -1,0 +1,243 @@
+"""The Hydra config tree -> the Flower run config (`to_flower`) -> a validated `Job`.
+
+Mapping onto the Flower run config (`to_flower`), then ``RunConfig.from_flower(...)``:
+
+* a leaf ``<group>.<key>`` (or top-level ``<key>``) sets the run-config key ``<key>`` with
+  dashes (``data.partition_task`` -> ``partition-task``); ``model.name``, ``data.name``,
+  ``attack.name`` and ``method.name`` set ``model``, ``data``, ``attack`` and ``method``;
+* ``null`` means unset: RunConfig's dataclass default applies (the single source of
+  defaults; the yaml files only carry selections and the values that define a group);
+* lists are joined with commas (``eval.etas=[0.5,1]`` -> ``etas="0.5,1"``);
+* ``method.<param>`` values that differ from the registry default go to
+  ``method-params`` as ``<method>.<param>=<value>`` for every listed method taking the
+  parameter (one equal to the default is not passed: it is the default);
+* ``runtime.num_supernodes`` and ``runtime.client_gpus`` are for the CLI only.
+
+`plan` composes and validates every job of a command line before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fl_merge.cli import schema
+from fl_merge.config import ConfigError, RunConfig, check_client_gpus
+
+# The copy inside the package in a wheel install; ./configs in a checkout or editable install.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else ROOT / "configs"
+CONFIG_NAME = "config"
+# A group's `name` key sets this run-config field.
+GROUP_FIELDS = {"model": "model", "data": "data", "method": "method", "attack": "attack"}
+# Keys for the CLI itself, not the run config.
+CLI_OPTIONS = {"runtime.num_supernodes": "num_supernodes", "runtime.client_gpus": "client_gpus"}
+# The config tree's structured parts (attack/_schema) must be in Hydra's ConfigStore before
+# anything composes it: here, since every composition goes through this module.
+schema.register()
+
+
+# --------------------------------------------------------------------------- mapping
+
+def run_config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(RunConfig)}
+
+
+# Flower run-config strings of `key=value` items that Hydra may give as a mapping:
+# attack.attack_params={factor:10} -> attack-params="factor=10".
+MAPPING_KEYS = ("attack_params",)
+
+
+def _scalar(path: str, value: Any) -> Any:
+    """A Hydra value as a Flower run-config value: lists joined with commas, a mapping
+    (only where MAPPING_KEYS allows) as space-separated key=value items."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(_scalar(path, v)) for v in value)
+    if isinstance(value, dict):
+        if path.rsplit(".", 1)[-1] not in MAPPING_KEYS:
+            raise ConfigError(f"'{path}' is a mapping; give a value")
+        return " ".join(f"{k}={_scalar(f'{path}.{k}', v)}" for k, v in value.items())
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values (1 == 1.0), but a bool only equals a bool."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _method_settings(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The method group -> {"method": ..., "method-params": ...} (see the module docstring)."""
+    from fl_merge.aggregation import available_methods, get_method
+    from fl_merge.task_vectors import MergeInputError
+
+    raw = node.get("name")
+    names = [str(n) for n in raw] if isinstance(raw, (list, tuple)) else \
+        [n for n in str(raw or "").replace(" ", ",").split(",") if n]
+    if not names:
+        raise ConfigError("method.name is empty: name at least one merge method")
+    try:
+        registry = {n: get_method(n) for n in names}
+    except MergeInputError as e:
+        raise ConfigError(str(e)) from None
+    params: list[str] = []
+    for pname, value in node.items():
+        if pname == "name":
+            continue
+        takers = [n for n in names if pname in registry[n].params]
+        if not takers:
+            defaults = [get_method(m).params[pname] for m in available_methods()
+                        if pname in get_method(m).params]
+            if any(_same(value, d) for d in defaults):
+                continue  # a group file's default, for a method not listed: nothing to pass
+            raise ConfigError(f"method.{pname}={value}: none of the methods {names} takes "
+                              f"'{pname}'")
+        for n in takers:
+            default = registry[n].params[pname]
+            if _same(value, default):
+                continue
+            if isinstance(value, (list, tuple, dict)) or " " in str(value) or "," in str(value):
+                raise ConfigError(f"method.{pname}: '{value}' is not a single value")
+            params.append(f"{n}.{pname}={value}")
+    out: dict[str, Any] = {"method": ",".join(names)}
+    if params:
+        out["method-params"] = " ".join(params)
+    return out
+
+
+def to_flower(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A composed Hydra config -> (Flower run-config dict with dashed keys holding only the
+    values set, CLI options). Raises ConfigError for a key that is no setting."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    fields = run_config_fields()
+    flower: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+
+    def put(path: str, name: str, value: Any) -> None:
+        if name not in fields:
+            raise ConfigError(f"'{path}' is not a fl-merge setting (RunConfig has no field '{name}')")
+        if value is not None:
+            flower[name.replace("_", "-")] = _scalar(path, value)
+
+    for key, value in data.items():
+        if key == "hydra":
+            continue
+        if key == "method" and isinstance(value, dict):
+            flower.update(_method_settings(value))
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                path = f"{key}.{sub}"
+                if path in CLI_OPTIONS:
+                    if v is not None:
+                        options[CLI_OPTIONS[path]] = v
+                elif sub == "name":
+                    if key not in GROUP_FIELDS:
+                        raise ConfigError(f"'{path}': group '{key}' has no name setting")
+                    put(path, GROUP_FIELDS[key], v)
+                else:
+                    put(path, sub, v)
+        else:
+            put(key, key, value)
+    return flower, options
+
+
+@dataclasses.dataclass
+class Job:
+    overrides: list[str]
+    flower: dict[str, Any]
+    run: RunConfig
+    num_supernodes: int
+    client_gpus: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides) or "(defaults)"
+
+
+def build_job(cfg: Any, overrides: Sequence[str] = ()) -> Job:
+    """Map, build RunConfig (unset values: its defaults) and validate; raises ConfigError."""
+    flower, options = to_flower(cfg)
+    run = RunConfig.from_flower(flower)
+    run.resolve()
+    supernodes = options.get("num_supernodes") or run.num_clients
+    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < run.num_clients:
+        raise ConfigError(f"runtime.num_supernodes={supernodes} must be an integer of at least "
+                          f"num_clients={run.num_clients}")
+    gpus = check_client_gpus(options.get("client_gpus", 0.0), "runtime.client_gpus")
+    return Job(list(overrides), flower, run, supernodes, gpus)
+
+
+def _is_hydra_override(item: str) -> bool:
+    key = item.lstrip("+~").split("=", 1)[0]
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def _error_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def _compose_error(e: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line: no search path, the options of a
+    missing group choice comma-separated, the cause of a failed override (unknown key)."""
+    text = str(e).split("Config search path:")[0].split("\nSee https://hydra.cc")[0]
+    head, _, options = text.partition("Available options in")
+    line = _error_line(Exception(head)).rstrip(".; ")
+    if options:
+        group, _, names = options.partition(":")
+        line += f"; available options in {group.strip()}: {', '.join(names.split())}"
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        line += f" ({str(cause).strip().splitlines()[0]})"
+    return line
+
+
+def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
+    """The jobs of a command line, expanded by Hydra's own BasicSweeper (the sweeper
+    `fl-merge -m` runs; cartesian product in the order given). A sweep without -m is a
+    ConfigError."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        for o in parsed:
+            if o.is_sweep_override() and not multirun:
+                raise ConfigError(f"'{o.input_line}' is a sweep: add -m (--multirun) to run one job per value")
+        (batch,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as e:  # OverrideParseException, a sweep type BasicSweeper lacks
+        raise ConfigError(_compose_error(e)) from None
+    return batch
+
+
+def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:
+    """Compose and validate every job before anything runs; raises ConfigError naming the
+    job (in a sweep) and what is wrong, in one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    mine = [o for o in overrides if not _is_hydra_override(o)]
+    jobs: list[Job] = []
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name="fl-merge"):
+        for job_overrides in expand(mine, multirun):
+            where = f"job [{' '.join(job_overrides)}]: " if multirun else ""
+            try:
+                cfg = compose(CONFIG_NAME, overrides=job_overrides)
+            except (HydraException, OmegaConfBaseException) as e:  # composition errors
+                raise ConfigError(where + _compose_error(e)) from None
+            try:
+                job = build_job(cfg, job_overrides)
+            except ConfigError as e:
+                raise ConfigError(where + str(e)) from None
+            if multirun and job.run.output_dir:
+                raise ConfigError("runtime.output_dir cannot be set in a multirun: every job "
+                                  "writes its own Hydra job dir (set hydra.sweep.dir instead)")
+            jobs.append(job)
+    return jobs
+
+

@@ -1,0 +1,128 @@
+"""Confidence intervals for reported accuracies (DESIGN.md "Fair comparison protocol").
+
+Two sources of noise, two intervals:
+
+* over replicates (seeds): the Student t interval of the mean (`t_interval`) and of paired
+  per-seed differences (`paired_t`), the differences taken between methods merged from the
+  SAME client updates of one seed;
+* within one run, over test examples: the paired percentile bootstrap (`bootstrap_accuracies`,
+  `bootstrap_ci`), every method re-scored on the SAME resample of test examples.
+
+`excludes_zero` is the mark that tables and plots show next to a difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+LEVEL = 0.95  # every interval here is a 95% interval unless a caller asks otherwise
+NUM_RESAMPLES = 2000  # bootstrap resamples (Efron & Tibshirani 1993 suggest >= 1000 for percentile CIs)
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """(mean, low, high): mean +- t_{n-1, (1+level)/2} * s / sqrt(n), s the sample standard
+    deviation (ddof 1), t the Student t quantile (scipy.stats.t.ppf). The usual small-sample
+    interval for a mean (e.g. Wasserman, All of Statistics, 2004, sec. 10.4 / any intro text).
+
+    n = 1: the spread is unknown, so low and high are NaN (the mean is still returned);
+    n = 0: all three NaN. NaN values are ignored."""
+    x = np.asarray([v for v in values if not math.isnan(float(v))], dtype=float)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    m = float(x.mean())
+    if n == 1:
+        return m, math.nan, math.nan
+    half = float(sps.t.ppf((1 + level) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return m, m - half, m + half
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """(mean, low, high) of the per-replicate differences a_s - b_s (`t_interval` of them): the
+    paired t interval. a[s] and b[s] must come from the same replicate (same client updates)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired differences need as many values on each side, got {len(a)} and {len(b)}")
+    return t_interval([float(x) - float(y) for x, y in zip(a, b)], level)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """True when the interval [low, high] lies strictly on one side of 0 (NaN: False)."""
+    return bool(low > 0 or high < 0)
+
+
+def _check_correct(correct: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, int]:
+    """Per task its number of examples, the same for every method; ValueError otherwise."""
+    methods = list(correct)
+    if not methods:
+        raise ValueError("bootstrap needs at least one method's per-example correctness")
+    tasks = {t: len(v) for t, v in correct[methods[0]].items()}
+    if not tasks or min(tasks.values()) == 0:
+        raise ValueError(f"bootstrap needs test examples for every task, got sizes {tasks}")
+    for m in methods[1:]:
+        got = {t: len(v) for t, v in correct[m].items()}
+        if got != tasks:
+            raise ValueError(f"method '{m}' was scored on tasks/sizes {got}, but '{methods[0]}' on "
+                             f"{tasks}: paired comparisons need the same test examples")
+    return tasks
+
+
+def bootstrap_accuracies(correct: Mapping[str, Mapping[str, Sequence[int]]],
+                         num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> dict[str, np.ndarray]:
+    """method -> array of `num_resamples` bootstrap replicates of its mean-over-tasks accuracy.
+
+    correct[method][task] is the 0/1 correctness of each test example of that task. For every
+    resample and task, n_t example indices are drawn with replacement (numpy Generator, seeded)
+    and every method is re-scored on those SAME indices (the paired bootstrap: Efron &
+    Tibshirani, An Introduction to the Bootstrap, 1993, ch. 13; for comparing systems on one
+    test set, Koehn 2004 / Berg-Kirkpatrick et al. 2012); the mean over tasks is then the
+    unweighted mean of the resampled per-task accuracies, as in the run's summary."""
+    sizes = _check_correct(correct)
+    rng = np.random.default_rng(seed)
+    arrays = {m: {t: np.asarray(v, dtype=np.float64) for t, v in per.items()} for m, per in correct.items()}
+    out = {m: np.zeros(num_resamples) for m in arrays}
+    chunk = max(1, 2_000_000 // max(sizes.values()))  # bounded memory for the index matrix
+    for task, n in sizes.items():
+        for start in range(0, num_resamples, chunk):
+            stop = min(num_resamples, start + chunk)
+            idx = rng.integers(0, n, size=(stop - start, n))
+            for m, per in arrays.items():
+                out[m][start:stop] += per[task][idx].mean(axis=1)
+    return {m: v / len(sizes) for m, v in out.items()}
+
+
+def percentile_ci(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile interval: the (1-level)/2 and (1+level)/2 quantiles of bootstrap samples
+    (Efron & Tibshirani 1993, ch. 13.3)."""
+    lo, hi = np.quantile(np.asarray(samples, dtype=float), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def mean_accuracy(correct: Mapping[str, Sequence[int]]) -> float:
+    """Unweighted mean over tasks of each task's fraction correct."""
+    return float(np.mean([np.mean(np.asarray(v, dtype=float)) for v in correct.values()]))
+
+
+def bootstrap_ci(correct: Mapping[str, Mapping[str, Sequence[int]]], reference: str | None = None,
+                 num_resamples: int = NUM_RESAMPLES, seed: int = 0, level: float = LEVEL
+                 ) -> dict[str, dict[str, float]]:
+    """Per method: its mean-over-tasks test accuracy with a percentile bootstrap CI and, with a
+    `reference` method, the paired difference (method - reference) with its CI from the same
+    resamples, and whether that CI excludes 0. A method identical to the reference gets
+    exactly 0 [0, 0]. Keys: accuracy, low, high (and diff, diff_low, diff_high, excludes_zero)."""
+    if reference is not None and reference not in correct:
+        raise ValueError(f"reference method '{reference}' is not among {sorted(correct)}")
+    boot = bootstrap_accuracies(correct, num_resamples, seed)
+    out: dict[str, dict[str, float]] = {}
+    for m in correct:
+        lo, hi = percentile_ci(boot[m], level)
+        row = {"accuracy": mean_accuracy(correct[m]), "low": lo, "high": hi}
+        if reference is not None:
+            dlo, dhi = percentile_ci(boot[m] - boot[reference], level)
+            row.update(diff=row["accuracy"] - mean_accuracy(correct[reference]), diff_low=dlo,
+                       diff_high=dhi, excludes_zero=excludes_zero(dlo, dhi))
+        out[m] = row
+    return out

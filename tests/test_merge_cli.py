@@ -1,0 +1,386 @@
+"""`fl-merge merge` (fl_merge.merge_cli / file_merge / checkpoints) on small checkpoints the
+tests write in every accepted format. References are computed here with plain torch from
+the tensors the test made (Task Arithmetic, median), or, for methods with no short closed
+form, with fl_merge.merge on the in-memory task vectors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fl_merge.aggregation import available_methods, eta_for_lambda, merge
+from fl_merge.checkpoints import Checkpoint, parse_size, plan_shards
+from fl_merge.file_merge import method_scope
+from fl_merge.merge_cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"enc.weight": (6, 5), "enc.bias": (6,), "head.weight": (3, 6), "scalar": ()}
+
+
+def make_pool(k=3, dtype=torch.float32, seed=0):
+    """theta0 and k fine-tuned state dicts (plus an int buffer equal everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g).to(dtype) for n, s in SHAPES.items()}
+    base["bn.num_batches_tracked"] = torch.tensor(7)
+    models = []
+    for _ in range(k):
+        m = {n: (v.float() + 0.5 * torch.randn(v.shape, generator=g)).to(dtype)
+             for n, v in base.items() if v.is_floating_point()}
+        m["bn.num_batches_tracked"] = torch.tensor(7)
+        models.append(m)
+    return base, models
+
+
+def save_sharded(sd, folder: Path):
+    """A sharded folder as Hugging Face writes it: two shards and model.safetensors.index.json."""
+    folder.mkdir(parents=True)
+    keys = list(sd)
+    parts = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        name = f"model-{i:05d}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def write_pool(tmp: Path, base, models):
+    """base as a plain file; models as a file, a sharded folder and an HF folder (cycled)."""
+    save_file(base, str(tmp / "base.safetensors"))
+    paths = []
+    for i, m in enumerate(models):
+        if i % 3 == 0:
+            p = tmp / f"m{i}.safetensors"
+            save_file(m, str(p))
+        elif i % 3 == 1:
+            p = tmp / f"m{i}_sharded"
+            save_sharded(m, p)
+        else:
+            p = tmp / f"m{i}_hf"
+            p.mkdir()
+            save_file(m, str(p / "model.safetensors"))
+        paths.append(str(p))
+    return str(tmp / "base.safetensors"), paths
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.fixture
+def pool(tmp_path):
+    base, models = make_pool()
+    b, ms = write_pool(tmp_path, base, models)
+    return tmp_path, base, models, b, ms
+
+
+def test_task_arithmetic_equals_theta0_plus_lambda_sum_over_every_format(pool):
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    lam = 0.3
+    # `fl-merge merge` as a user runs it (python -m fl_merge is the fl-merge entry point), from /tmp
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "fl_merge", "merge", "--base", b, "--models", *ms,
+                           "--method", "task_arithmetic", "--lambda", str(lam), "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd="/tmp")
+    assert proc.returncode == 0, proc.stderr
+    got = load_file(str(out))
+    for n in SHAPES:
+        by_hand = base[n] + lam * sum(m[n] - base[n] for m in models)  # Ilharco et al. 2023
+        torch.testing.assert_close(got[n], by_hand)
+    assert torch.equal(got["bn.num_batches_tracked"], torch.tensor(7))
+
+
+def test_eta_is_the_scale_of_the_mean_update(pool, capsys):
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    argv = ["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 0.5, "--out", out]
+    assert run(argv, capsys)[0] == 0
+    got = load_file(str(out))
+    for n in SHAPES:
+        torch.testing.assert_close(got[n], base[n] + 0.5 * sum(m[n] - base[n] for m in models) / 3)
+
+
+def test_weights_make_a_weighted_mean(pool, capsys):
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    assert run(["--base", b, "--models", *ms, "--method", "fedavg", "--weights", 1, 2, 1, "--eta", 2.0,
+                "--out", out], capsys)[0] == 0
+    got = load_file(str(out))
+    for n in SHAPES:
+        mean = (1 * (models[0][n] - base[n]) + 2 * (models[1][n] - base[n]) + (models[2][n] - base[n])) / 4
+        torch.testing.assert_close(got[n], base[n] + 2.0 * mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_kept_and_computed_in_float32(tmp_path, capsys, dtype):
+    base, models = make_pool(dtype=dtype)
+    b, ms = write_pool(tmp_path, base, models)
+    out = tmp_path / "out.safetensors"
+    assert run(["--base", b, "--models", *ms, "--method", "task_arithmetic", "--lambda", 0.3,
+                "--out", out], capsys)[0] == 0
+    got = load_file(str(out))
+    for n in SHAPES:
+        assert got[n].dtype == dtype
+        ref = (base[n].float() + 0.3 * sum(m[n].float() - base[n].float() for m in models)).to(dtype)
+        # at most one unit in the last place of the half type apart (float32 rounding order)
+        ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1.0)
+        assert bool(((got[n].float() - ref.float()).abs() <= ulp).all())
+    # and --dtype asks for another one
+    out32 = tmp_path / "out32.safetensors"
+    assert run(["--base", b, "--models", *ms, "--method", "task_arithmetic", "--lambda", 0.3,
+                "--out", out32, "--dtype", "float32"], capsys)[0] == 0
+    got32 = load_file(str(out32))
+    n = "enc.weight"
+    assert got32[n].dtype == torch.float32
+    torch.testing.assert_close(got32[n], base[n].float() + 0.3 * sum(m[n].float() - base[n].float()
+                                                                       for m in models))
+
+
+def test_median_equals_the_middle_task_vector(pool, capsys):
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    argv = ["--base", b, "--models", *ms, "--method", "median", "--eta", 1.0, "--out", out]
+    assert run(argv, capsys)[0] == 0
+    got = load_file(str(out))
+    for n in SHAPES:
+        sorted_taus = torch.stack([m[n] - base[n] for m in models]).sort(0).values
+        torch.testing.assert_close(got[n], base[n] + sorted_taus[1])  # K = 3: the middle one
+
+
+def _taus(base, models, keys=SHAPES):
+    return [{n: m[n] - base[n] for n in keys} for m in models]
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods() if method_scope(m) != "per-tensor"
+                                    and not method_scope(m).startswith("refused")])
+def test_exact_methods_equal_the_whole_vector_merge(pool, capsys, method):
+    """'exact' in the help: the file merge equals fl_merge.merge on the whole task vectors."""
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    extra = ["--local-steps", 2, 3, 5] if method == "fednova" else []
+    assert run(["--base", b, "--models", *ms, "--method", method, "--eta", 0.7, "--out", out, *extra],
+               capsys)[0] == 0
+    kw = {"local_steps": [2, 3, 5]} if method == "fednova" else {}
+    with pytest.warns(UserWarning) if method == "fednova" else _nothing():
+        delta = merge(method, _taus(base, models), names=ms, **kw)
+    got = load_file(str(out))
+    for n in SHAPES:
+        torch.testing.assert_close(got[n], base[n] + 0.7 * delta[n])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods() if method_scope(m) == "per-tensor"])
+def test_per_tensor_methods_run_the_method_on_each_tensor_alone(pool, capsys, method):
+    tmp, base, models, b, ms = pool
+    params = {"krum": ["f=0"], "multikrum": ["f=0"]}.get(method, [])
+    out = tmp / "out.safetensors"
+    argv = ["--base", b, "--models", *ms, "--method", method, "--eta", 0.7, "--out", out]
+    assert run(argv + (["--param", *params] if params else []), capsys)[0] == 0
+    kw = {p.split("=")[0]: int(p.split("=")[1]) for p in params}
+    got = load_file(str(out))
+    for n in SHAPES:
+        delta = merge(method, _taus(base, models, [n]), names=ms, **kw)[n]
+        torch.testing.assert_close(got[n], base[n] + 0.7 * delta)
+
+
+def test_ties_per_tensor_top_k_differs_from_global_top_k_and_lambda_is_its_own(pool, capsys):
+    tmp, base, models, b, ms = pool
+    out = tmp / "out.safetensors"
+    assert run(["--base", b, "--models", *ms, "--method", "ties", "--param", "density=0.3",
+                "--lambda", 0.8, "--out", out], capsys)[0] == 0
+    got = load_file(str(out))
+    per_tensor = {n: merge("ties", _taus(base, models, [n]), density=0.3)[n] for n in SHAPES}
+    whole = merge("ties", _taus(base, models), density=0.3)
+    # TIES's lambda multiplies its disjoint mean: eta = lambda
+    for n in SHAPES:
+        torch.testing.assert_close(got[n], base[n] + 0.8 * per_tensor[n])
+    assert any(not torch.equal(per_tensor[n], whole[n]) for n in SHAPES)
+
+
+def test_every_registered_method_runs_or_is_refused_by_name(pool, capsys):
+    tmp, base, models, b, ms = pool
+    for method in available_methods():
+        out = tmp / f"{method}.safetensors"
+        extra = {"fednova": ["--local-steps", 1, 2, 3], "krum": ["--param", "f=0"],
+                 "multikrum": ["--param", "f=0"]}.get(method, [])
+        rc, err = run(["--base", b, "--models", *ms, "--method", method, "--lambda", 0.2,
+                       "--out", out, *extra], capsys)
+        if method_scope(method).startswith("refused"):
+            assert rc == 2 and method in err and "fisher" in err and not out.exists()
+        else:
+            assert rc == 0, err
+            assert set(load_file(str(out))) == set(base)
+
+
+def test_fednova_without_steps_names_what_is_missing(pool, capsys):
+    tmp, _, _, b, ms = pool
+    rc, err = run(["--base", b, "--models", *ms, "--method", "fednova", "--lambda", 0.2,
+                   "--out", tmp / "o.safetensors"], capsys)
+    assert rc == 2 and "--local-steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_int_buffers_disagreeing_stop_naming_the_tensor(tmp_path, capsys):
+    base, models = make_pool()
+    models[1]["bn.num_batches_tracked"] = torch.tensor(9)
+    b, ms = write_pool(tmp_path, base, models)
+    out = tmp_path / "out.safetensors"
+    rc, err = run(["--base", b, "--models", *ms, "--method", "task_arithmetic", "--lambda", 0.3,
+                   "--out", out], capsys)
+    assert rc == 2 and "bn.num_batches_tracked" in err and "averaged" in err
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    # asked for, the base's values are kept
+    assert run(["--base", b, "--models", *ms, "--method", "task_arithmetic", "--lambda", 0.3,
+                "--out", out, "--non-float", "base"], capsys)[0] == 0
+    assert torch.equal(load_file(str(out))["bn.num_batches_tracked"], torch.tensor(7))
+
+
+def test_sharded_output_round_trips_with_a_hugging_face_index(pool, capsys):
+    tmp, base, models, b, ms = pool
+    single, sharded = tmp / "one.safetensors", tmp / "many.safetensors"
+    common = ["--base", b, "--models", *ms, "--method", "task_arithmetic", "--lambda", 0.3]
+    assert run(common + ["--out", single], capsys)[0] == 0
+    assert run(common + ["--out", sharded, "--max-shard-size", "130B"], capsys)[0] == 0
+    assert not sharded.exists()
+    index = json.loads((tmp / "many.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2 and files[0] == f"many-00001-of-{len(files):05d}.safetensors"
+    one = load_file(str(single))
+    from_shards = {}
+    for f in files:
+        part = load_file(str(tmp / f))
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 130 or len(part) == 1
+        from_shards.update(part)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
+    assert set(from_shards) == set(one) == set(index["weight_map"])
+    for n in one:
+        assert torch.equal(from_shards[n], one[n])
+    # the sharded output is itself an accepted input (as the index file and as its folder)
+    with Checkpoint(tmp / "many.safetensors.index.json") as ck:
+        assert all(torch.equal(ck.get(n), one[n]) for n in one)
+
+
+def test_folder_output_is_a_hugging_face_folder(pool, capsys):
+    tmp, base, models, b, ms = pool
+    out = tmp / "merged"
+    assert run(["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 1, "--out", out], capsys)[0] == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(base) and f.metadata()["method"] == "fedavg"
+
+
+def test_yaml_config_equals_the_flags(pool, capsys):
+    tmp, base, models, b, ms = pool
+    flags, cfg_out = tmp / "flags.safetensors", tmp / "yaml.safetensors"
+    assert run(["--base", b, "--models", *ms, "--method", "ties", "--param", "density=0.5",
+                "--lambda", 0.6, "--dtype", "fp16", "--out", flags], capsys)[0] == 0
+    cfg = tmp / "merge.yaml"
+    cfg.write_text(f"base: {b}\nmodels:\n" + "".join(f"  - {m}\n" for m in ms)
+                   + f"method: ties\nparams:\n  density: 0.5\nlambda: 0.6\ndtype: fp16\nout: {cfg_out}\n")
+    assert run([cfg], capsys)[0] == 0
+    assert flags.read_bytes() == cfg_out.read_bytes()
+    assert load_file(str(cfg_out))["enc.weight"].dtype == torch.float16
+
+
+def _bad_cases(tmp, b, ms):
+    other = tmp / "other.safetensors"
+    bad_cfg = tmp / "bad.yaml"
+    bad_cfg.write_text(f"base: {b}\nmodels: [{ms[0]}]\nmethod: fedavg\neta: 1\nout: x\nlr: 3\n")
+    common = ["--method", "fedavg", "--eta", 1]
+    return {
+        "missing": (["--base", b, "--models", tmp / "nope.safetensors", *common], "nope.safetensors"),
+        "keys": (["--base", b, "--models", ms[0], other, *common], "enc.weight"),
+        "shape": (["--base", b, "--models", ms[0], tmp / "shape.safetensors", *common], "head.weight"),
+        "method": (["--base", b, "--models", *ms, "--method", "avg", "--eta", 1],
+                   "unknown merge method 'avg'"),
+        "param": (["--base", b, "--models", *ms, "--method", "ties", "--param", "dens=0.2", "--eta", 1],
+                  "dens"),
+        "both": (["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 1, "--lambda", 1], "both"),
+        "neither": (["--base", b, "--models", *ms, "--method", "fedavg"], "neither"),
+        "config": ([bad_cfg], "lr"),
+        "pickle": (["--base", tmp / "w.bin", "--models", *ms, *common], "torch pickle"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "keys", "shape", "method", "param", "both", "neither",
+                                  "config", "pickle"])
+def test_bad_input_is_one_line_and_writes_nothing(pool, capsys, case):
+    tmp, base, models, b, ms = pool
+    save_file({n: v for n, v in models[0].items() if n != "enc.weight"}, str(tmp / "other.safetensors"))
+    save_file({**models[0], "head.weight": torch.zeros(6, 3)}, str(tmp / "shape.safetensors"))
+    (tmp / "w.bin").write_bytes(b"x")
+    argv, needle = _bad_cases(tmp, b, ms)[case]
+    out = tmp / "out" / "merged.safetensors"
+    if case != "config":
+        argv = [*argv, "--out", out]
+    before = sorted(p.name for p in tmp.rglob("*"))
+    rc, err = run(argv, capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert sorted(p.name for p in tmp.rglob("*")) == before  # nothing written, not even a folder
+
+
+def test_overflow_midway_leaves_no_shard_behind(tmp_path, capsys):
+    base, models = make_pool(dtype=torch.float16)
+    for m in models[1:]:  # theta0 + 1.0 * (about 2 x 60000) exceeds float16's 65504
+        m["head.weight"] = torch.full((3, 6), 60000.0, dtype=torch.float16)
+    b, ms = write_pool(tmp_path, base, models)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc, err = run(["--base", b, "--models", *ms, "--method", "task_arithmetic", "--lambda", 1.0,
+                   "--out", tmp_path / "o.safetensors", "--max-shard-size", "64B"], capsys)
+    assert rc == 2 and "head.weight" in err and "float16" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_nan_in_an_input_stops_naming_the_tensor(tmp_path, capsys):
+    base, models = make_pool()
+    models[1]["enc.bias"][2] = float("nan")
+    b, ms = write_pool(tmp_path, base, models)
+    for method in ("task_arithmetic", "median"):  # the chunked linear path and fl_merge.merge
+        rc, err = run(["--base", b, "--models", *ms, "--method", method, "--lambda", 0.3,
+                       "--out", tmp_path / "o.safetensors"], capsys)
+        assert rc == 2 and "enc.bias" in err and not (tmp_path / "o.safetensors").exists()
+
+
+def test_lambda_converts_by_each_methods_scale(pool, capsys):
+    tmp, base, models, b, ms = pool
+    for method in ("task_arithmetic", "ties", "median"):
+        a, e = tmp / f"{method}_l.safetensors", tmp / f"{method}_e.safetensors"
+        common = ["--base", b, "--models", *ms, "--method", method]
+        assert run(common + ["--lambda", 0.25, "--out", a], capsys)[0] == 0
+        assert run(common + ["--eta", eta_for_lambda(method, 0.25, 3), "--out", e], capsys)[0] == 0
+        assert a.read_bytes() == e.read_bytes()
+    assert eta_for_lambda("ties", 0.25, 3) == 0.25 and eta_for_lambda("median", 0.25, 3) == 0.75
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_reads_what_safetensors_reads_in_every_format(tmp_path, dtype):
+    base, models = make_pool(dtype=dtype)
+    _, ms = write_pool(tmp_path, base, models)
+    for path, sd in zip(ms, models):
+        with Checkpoint(path) as ck:
+            assert set(ck.keys) == set(sd)
+            for n, v in sd.items():
+                assert ck.info(n).shape == tuple(v.shape) and torch.equal(ck.get(n), v)
+            flat = sd["enc.weight"].reshape(-1)
+            assert torch.equal(ck.read_flat("enc.weight", 7, 19), flat[7:19])
+
+
+def test_shard_planning_and_sizes():
+    assert plan_shards([("a", 4), ("b", 4), ("c", 10), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(100) == 100

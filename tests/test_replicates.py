@@ -1,0 +1,128 @@
+"""Replicates: configs per seed, the over-seed table against a hand computation, the entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fl_merge import replicates as rep
+from fl_merge.results import RESULTS_FILE, RUN_FILE, write_rows
+
+T2 = 4.302653  # Student t quantile t_{2, 0.975} (table)
+
+# seed -> model -> task -> test accuracy (base at eta 0, methods at their chosen eta)
+ACC = {
+    0: {"task_arithmetic": {"a": 0.70, "b": 0.60}, "ties": {"a": 0.74, "b": 0.62},
+        "base": {"a": 0.5, "b": 0.4}},
+    1: {"task_arithmetic": {"a": 0.72, "b": 0.62}, "ties": {"a": 0.75, "b": 0.65},
+        "base": {"a": 0.5, "b": 0.5}},
+    2: {"task_arithmetic": {"a": 0.68, "b": 0.58}, "ties": {"a": 0.73, "b": 0.59},
+        "base": {"a": 0.4, "b": 0.4}},
+}
+
+
+def _fake_run(root: Path, seed: int, config: dict | None = None) -> Path:
+    """A run directory as write_outputs leaves it (run.json + results.csv), hand-made."""
+    d = root / f"seed-{seed}"
+    d.mkdir(parents=True)
+    rows = []
+    for label in ("task_arithmetic", "ties"):
+        for task in ("a", "b"):
+            rows.append({"method": label, "model": "base", "eta": 0.0, "selected": False, "split": "test",
+                         "task": task, "accuracy": ACC[seed]["base"][task]})
+            rows.append({"method": label, "model": "merged", "eta": 0.5, "selected": True, "split": "test",
+                         "task": task, "accuracy": ACC[seed][label][task]})
+            rows.append({"method": label, "model": "merged", "eta": 0.5, "selected": True, "split": "val",
+                         "task": task, "accuracy": 0.99})  # val is never reported
+            rows.append({"method": label, "model": "merged", "eta": 1.0, "selected": False, "split": "test",
+                         "task": task, "accuracy": 0.01})  # not the choice
+    write_rows(d / RESULTS_FILE, rows)
+    # within-run bootstrap: ties - TA excluded 0 in seed 0 only
+    comparison = [{"model": "ties", "reference": "task_arithmetic", "excludes_zero": seed == 0}]
+    cfg = {"num-clients": 2, "method": "task_arithmetic,ties", "seed": seed, "output-dir": str(d),
+           **(config or {})}
+    (d / RUN_FILE).write_text(json.dumps({"config": cfg, "methods": {
+        "task_arithmetic": {"name": "task_arithmetic", "params": {}, "eta": 0.5},
+        "ties": {"name": "ties", "params": {"density": 0.2}, "eta": 0.5}}, "comparison": comparison}))
+    return d
+
+
+def test_replicate_configs_change_only_seed_and_output_dir(tmp_path):
+    got = rep.replicate_configs({"num-clients": "2", "method": "ties"}, [0, 3], tmp_path)
+    assert got == [{"num-clients": "2", "method": "ties", "seed": 0, "output-dir": str(tmp_path / "seed-0")},
+                   {"num-clients": "2", "method": "ties", "seed": 3, "output-dir": str(tmp_path / "seed-3")}]
+    both = rep.replicate_configs({"lr": "0.1"}, [5], tmp_path, data_seeds=True)
+    assert both == [{"lr": "0.1", "seed": 5, "data-seed": 5, "output-dir": str(tmp_path / "seed-5")}]
+    with pytest.raises(ValueError, match="data-seed is set per replicate"):
+        rep.replicate_configs({"data-seed": 1}, [5], tmp_path, data_seeds=True)
+    with pytest.raises(ValueError, match="seed is set per replicate"):
+        rep.replicate_configs({"seed": 4}, [0, 1], tmp_path)
+    assert rep.parse_seeds("0, 1,2") == [0, 1, 2]
+    with pytest.raises(ValueError, match="distinct integers"):
+        rep.parse_seeds("1,1")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        rep.parse_seeds("a,b")
+
+
+def test_replicate_table_matches_hand_computation(tmp_path):
+    rows = rep.write_replicates([_fake_run(tmp_path, s) for s in (0, 1, 2)], tmp_path)
+    by = {r["model"]: r for r in rows}
+    assert list(by) == ["task_arithmetic", "ties", "base"]
+    # ties per seed (mean over tasks): 0.68, 0.70, 0.66 -> mean 0.68, s = 0.02
+    assert by["ties"]["mean"] == pytest.approx(0.68)
+    assert by["ties"]["ci_high"] - 0.68 == pytest.approx(T2 * 0.02 / math.sqrt(3), rel=1e-5)
+    # ties - TA per seed: 0.68-0.65, 0.70-0.67, 0.66-0.63 = 0.03 each: zero spread, excludes 0
+    assert by["ties"]["diff"] == pytest.approx(0.03)
+    assert by["ties"]["diff_low"] == pytest.approx(0.03) and by["ties"]["excludes_zero"]
+    assert by["ties"]["within_seed_marked"] == "1/3" and by["base"]["within_seed_marked"] == ""
+    # base: 0.45, 0.50, 0.40 -> mean 0.45, s = 0.05; base - TA: -0.20, -0.17, -0.23 -> s = 0.03
+    assert by["base"]["ci_low"] == pytest.approx(0.45 - T2 * 0.05 / math.sqrt(3), rel=1e-5)
+    assert by["base"]["diff_high"] == pytest.approx(-0.20 + T2 * 0.03 / math.sqrt(3), rel=1e-5)
+    assert by["base"]["excludes_zero"]
+    ta = by["task_arithmetic"]
+    assert (ta["diff"], ta["diff_low"], ta["diff_high"], ta["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+    assert (tmp_path / rep.TABLE_FILE).read_text().splitlines()[0].startswith("model,method_name,n_seeds")
+    assert (tmp_path / rep.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ties" in rep.format_table(rows) and " *" in rep.format_table(rows)
+
+
+def test_one_seed_has_unknown_interval(tmp_path):
+    rows = rep.replicate_table([_fake_run(tmp_path, 1)])
+    assert rows[1]["mean"] == pytest.approx(0.70) and math.isnan(rows[1]["ci_low"])
+    assert not rows[1]["excludes_zero"] and "intervals are nan" in rep.format_table(rows)
+
+
+def test_runs_of_different_configs_are_not_replicates(tmp_path):
+    dirs = [_fake_run(tmp_path, 0), _fake_run(tmp_path, 1, {"num-clients": 4})]
+    with pytest.raises(ValueError, match=r"is not a replicate of .*: run config differs in num-clients"):
+        rep.replicate_table(dirs)
+
+
+def test_entry_point_runs_each_seed_then_builds_the_table(tmp_path, capsys):
+    asked = []
+
+    def fake(cfg):
+        asked.append(cfg)
+        return _fake_run(tmp_path / "runs", cfg["seed"])
+
+    out = tmp_path / "rep"
+    argv = ["--seeds", "0,1,2", "--out", str(out), "--", "num-clients=2", "local-steps=5"]
+    assert rep.main(argv, run=fake) == 0
+    assert [c["seed"] for c in asked] == [0, 1, 2] and all(c["local-steps"] == "5" for c in asked)
+    assert asked[1]["output-dir"] == str(out / "seed-1")
+    assert (out / rep.TABLE_FILE).exists()
+    assert "paired difference vs task_arithmetic" in capsys.readouterr().out
+
+
+def test_entry_point_rejects_a_bad_config_before_any_run(tmp_path, capsys):
+    def never(cfg):
+        raise AssertionError("no run may start")
+
+    argv = ["--seeds", "0,1", "--out", str(tmp_path), "--", "num-clients=2", "nope=1"]
+    assert rep.main(argv, run=never) == 2
+    assert "unknown run-config key 'nope'" in capsys.readouterr().err
+    assert rep.main(["--out", str(tmp_path)], run=never) == 2
+    assert "give --seeds" in capsys.readouterr().err
