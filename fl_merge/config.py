@@ -51,7 +51,13 @@ class RunConfig:
     pretrain_seed: int = 0
     method: str = "task_arithmetic"  # one method, or a comma list scored on the same updates
     method_params: str = ""  # "name=value ..." (every listed method taking it) or "ties.density=0.2"
-    etas: str = "0.5,1,1.5,2,2.5,3"  # server learning rates scored on validation; 0 (base) is added
+    # Validation search (fl_merge/aggregation/search.py): paper = each method's own space (its
+    # knobs x its lambda grid in its own units); off = fixed params, one shared eta grid.
+    search: str = "paper"
+    lambdas: str = ""  # lambda grid, each method's paper units; empty: search.LAMBDAS (0.05..2)
+    # One eta grid shared by every method (0, the base, is added); empty: the lambdas, or
+    # DEFAULT_ETAS with search=off. Given with search=paper, the knobs are still searched.
+    etas: str = ""
     weighting: str = "uniform"  # uniform | num-examples
     # Score the test split at every eta too (else only at the base and each method's eta
     # chosen on validation: the selection protocol, at a fraction of the evaluation cost).
@@ -145,7 +151,7 @@ class RunConfig:
         except (ValueError, OSError, ImportError) as e:  # unknown, missing path or extra, wrong kind
             raise ConfigError(str(e)) from None
         try:
-            methods = resolve_methods(self.method, self.method_params, k)
+            methods = resolve_methods(self.method, self.method_params, k, self.search)
         except MergeInputError as e:
             raise ConfigError(str(e)) from None
         from fl_merge.round.base import CheckpointError, checkpoint_file
@@ -157,9 +163,15 @@ class RunConfig:
                 checkpoint_file(self.base_checkpoint)
         except (MergeKeysError, CheckpointError) as e:
             raise ConfigError(str(e)) from None
-        etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas))})
+        etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas or DEFAULT_ETAS))})
         if any(e < 0 for e in etas) or len(etas) < 2:
             raise ConfigError(f"etas must be non-negative with at least one above 0, got '{self.etas}'")
+        from fl_merge.round.candidates import resolve_lambdas
+
+        try:
+            lambdas = resolve_lambdas(self.search, self.lambdas, self.etas, methods)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.weighting not in ("uniform", "num-examples"):
             raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -201,6 +213,7 @@ class RunConfig:
             seeds=[self.seed + i for i in range(k)],
             attack_plan=plan,
             merge_keys=merge_keys,
+            lambdas=lambdas,
         )
 
 
@@ -219,6 +232,7 @@ class ResolvedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     attack_plan: AttackPlan = field(default_factory=lambda: AttackPlan())
     merge_keys: tuple[str, ...] = ("backbone.*",)  # merge-keys, parsed
+    lambdas: list[float] | None = None  # the lambda grid; None: the shared etas
 
     def task_config(self) -> dict[str, Any]:
         """What a client needs to build its data and model (train and evaluate messages)."""
@@ -285,17 +299,20 @@ def flower_keys() -> list[str]:
 
 
 def parse_method_params(text: str) -> dict[str, Any]:
-    """'density=0.2 rho=0.5' (spaces or commas) -> {'density': 0.2, 'rho': 0.5}."""
+    """'density=0.2 rho=0.5' (spaces or commas) -> {'density': 0.2, 'rho': 0.5};
+    'rho=0.1|0.5' -> {'rho': [0.1, 0.5]} (a grid for search=paper)."""
     out: dict[str, Any] = {}
     for item in text.replace(",", " ").split():
         if "=" not in item:
             raise ConfigError(f"method-params item '{item}' is not name=value")
         name, value = item.split("=", 1)
-        out[name.strip()] = _literal(value.strip())
+        value = value.strip()
+        # a|b|c: several values, a grid the search tries (search=paper)
+        out[name.strip()] = [_literal(v) for v in value.split("|")] if "|" in value else _literal(value)
     return out
 
 
-def resolve_methods(method: str, method_params: str, num_clients: int | None = None
+def resolve_methods(method: str, method_params: str, num_clients: int | None = None, search: str = "off"
                     ) -> list[tuple[str, dict[str, Any]]]:
     """'fedavg,ties' + 'ties.density=0.2 seed=1' -> [(fedavg, {}), (ties, {density: 0.2})].
 
@@ -328,9 +345,14 @@ def resolve_methods(method: str, method_params: str, num_clients: int | None = N
             raise MergeInputError(f"unknown parameter(s) ['{pname}'] for merge methods {names}")
         for n in takers:
             params[n][pname] = value
+    from fl_merge.aggregation.search import check_space_params
+
     for n in names:
-        check_method_params(n, params[n], num_clients)
+        check_space_params(n, params[n], num_clients, searched=search == "paper")
     return [(n, params[n]) for n in names]
+
+
+DEFAULT_ETAS = "0.5,1,1.5,2,2.5,3"  # the shared eta grid of search=off when etas is empty
 
 
 def _literal(value: str) -> Any:

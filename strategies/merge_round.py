@@ -15,10 +15,11 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fl_merge.round.candidates import candidate_methods, plan_candidates, search_record
 from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound
-from fl_merge.round.scoring import chosen_plan, validation_plan
-from fl_merge.round.selection import choose_etas
+from fl_merge.round.scoring import chosen_plan
+from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.round.updates import check_enough, collect_updates
@@ -27,11 +28,11 @@ from fl_merge.task_vectors import StateDict
 
 def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
               evaluate_config: Mapping[str, Any], timeout: float) -> MergeRound:
-    """train -> collect -> attacks -> merge -> score candidates on val -> select eta ->
-    score test at the choice -> rows. `strategy` is a OneShotMerge (its settings and its
-    Flower part)."""
+    """train -> collect -> attacks -> candidates (each method's knob settings, one Delta each)
+    -> score every (setting, eta) on val -> choose per method on val -> score test at each
+    method's choice -> rows. `strategy` is a OneShotMerge (its settings and its Flower part)."""
     s = strategy
-    r = MergeRound(methods=s.methods, etas=s.etas, task_names=s.task_names,
+    r = MergeRound(methods=dict(s.methods), etas=s.etas, task_names=s.task_names,
                    theta0={k: v.detach().clone() for k, v in theta0.items()})
     # 1. Train: theta0 to every client; replies become ClientUpdates (failures named).
     config = {**train_config, **train_requests(s.methods, s.measure_heterogeneity)}
@@ -42,47 +43,71 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     r.failures += left_out
     for f in r.failures:
         log(WARNING, "left out %s (%s): %s", f["client"], f["stage"], f["reason"])
-    check_enough(len(r.clients), s.min_clients, s.methods, r.failures)
+    # (a method whose knobs are searched keeps the settings K allows: its defaults need not fit)
+    fixed = {m: v for m, v in s.methods.items() if s.search != "paper" or not s.spaces.get(m)}
+    check_enough(len(r.clients), s.min_clients, fixed, r.failures)
     cached = sum(int(c.metrics.get("cached", 0)) for c in r.clients)
     if cached:
         log(INFO, "%d of %d clients reused a cached update (no training)", cached, len(r.clients))
     # 3. Colluding attackers replace their task vectors (client-side attacks already happened).
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     task_vectors = collude(s.attack_plan, r.clients, task_vectors, asked)
-    # 4. One Delta per method, all from the same updates; heterogeneity from the same vectors.
-    r.deltas = merge_methods(s.methods, r.clients, task_vectors, s.weighting, s.device)
+    # 4. Candidates: each method's knob settings (search=paper; its fixed params otherwise),
+    #    each with its own etas; one Delta per setting, all from the same updates.
+    k = len(r.clients)
+    r.candidates = plan_candidates(s.methods, s.spaces, s.search, s.lambdas, s.etas, task_vectors)
+    check_enough(k, s.min_clients, candidate_methods(r.candidates), r.failures)  # e.g. Krum, K < 3
+    deltas = merge_methods(candidate_methods(r.candidates), r.clients, task_vectors, s.weighting, s.device)
     r.timings["aggregate-seconds"] = time.perf_counter() - t0
+    r.search = search_record(r.candidates, s.spaces, s.search, s.lambdas, k)
     if s.measure_heterogeneity:
         r.heterogeneity = measure(r.clients, task_vectors, s.weighting)
-    log(INFO, "merged %d task vectors with %s in %.2fs", len(r.clients), list(s.methods),
-        r.timings["aggregate-seconds"])
-    # 5. Candidates scored on validation (and on test too with test_all_etas).
-    grids, splits = validation_plan(list(r.deltas), r.etas, s.test_all_etas)
-    scores, lost = s.score(grid, r.clients, r.theta0, r.deltas, grids, splits, "evaluation",
+    log(INFO, "merged %d task vectors with %s in %.2fs: %d setting(s), %d candidate(s) to score",
+        k, list(s.methods), r.timings["aggregate-seconds"], len(r.candidates), r.search["candidates"])
+    # 5. Every candidate scored on validation (and on test too with test_all_etas).
+    t1 = time.perf_counter()
+    grids = {label: c.etas for label, c in r.candidates.items()}
+    splits = ["val", "test"] if s.test_all_etas else ["val"]
+    scores, lost = s.score(grid, r.clients, r.theta0, deltas, grids, splits, "evaluation",
                            evaluate_config, timeout, r.task_name)
+    r.timings["validation-evaluate-seconds"] = time.perf_counter() - t1
     r.failures += lost
-    # 6. eta chosen on validation only.
+    # 6. Per method, the (setting, eta) chosen on validation only.
     by_task = {r.task_name(c): c for c in r.clients}
     ft_val = {t: finetuned_scores(c)["val"] for t, c in by_task.items()}
-    r.best_etas, r.selection, r.notes = choose_etas(scores, ft_val)
-    # 7. Test scored at the base and each method's choice (unless already scored).
+    choice, r.selection, r.notes = choose_settings(
+        scores, ft_val, {label: c.method for label, c in r.candidates.items()})
+    for m, (label, eta, value) in choice.items():
+        c = r.candidates[label]
+        r.best_etas[m] = eta
+        r.methods[m] = (c.name, c.params)  # the chosen setting's full parameters
+        r.choices[m] = {"candidate": label, "knobs": c.knobs, "lambda": c.lam(eta, k), "eta": eta,
+                        "validation": value}
+    r.deltas = {m: deltas[label] for m, (label, _, _) in choice.items()}
+    # 7. Test scored at the base and each method's choice only (unless already scored).
     if not s.test_all_etas:
-        t1 = time.perf_counter()
-        scored = [c for c in r.clients if r.task_name(c) in scores[r.primary]]
+        t2 = time.perf_counter()
+        first = next(iter(r.candidates))
+        scored = [c for c in r.clients if r.task_name(c) in scores[first]]
         test, lost = s.score(grid, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],
                              "test evaluation", evaluate_config, timeout, r.task_name)
-        r.timings["test-evaluate-seconds"] = time.perf_counter() - t1
+        r.timings["test-evaluate-seconds"] = time.perf_counter() - t2
         r.failures += lost
-        for label in scores:
+        for m, (label, _, _) in choice.items():
             for task in scores[label]:
                 empty = {"etas": [], "accuracy": [], "loss": []}
-                scores[label][task]["test"] = test[label].get(task, {}).get("test", empty)
-    # 8. Tidy rows and the summary.
-    for label, (name, params) in s.methods.items():
-        r.rows += result_rows(label, name, params, r.best_etas[label], scores[label], by_task, s.attack_plan)
-    r.metrics = summary_metrics(r.rows, r.best_etas)
-    # 9. Within-run CIs: a paired bootstrap over test examples (grid clients' test-correct).
-    r.predictions, missing = chosen_predictions(scores, r.best_etas)
+                scores[label][task]["test"] = test[m].get(task, {}).get("test", empty)
+    # 8. Tidy rows (every setting's validation scores; test at the chosen one) and the summary.
+    for label, c in r.candidates.items():
+        chosen = c.method in choice and choice[c.method][0] == label
+        r.rows += result_rows(c.method, c.name, c.params, r.best_etas[c.method] if chosen else None,
+                              scores[label], by_task, s.attack_plan, knobs=c.knobs,
+                              lam=lambda e, c=c: c.lam(e, k), finetuned=chosen)
+    r.metrics = summary_metrics(r.rows, r.best_etas, {m: ch["lambda"] for m, ch in r.choices.items()})
+    # 9. Within-run CIs: a paired bootstrap over test examples (grid clients' test-correct),
+    #    on each method's chosen setting.
+    chosen_scores = {m: scores[label] for m, (label, _, _) in choice.items()}
+    r.predictions, missing = chosen_predictions(chosen_scores, r.best_etas)
     r.notes += missing
     r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
     for note in r.notes:

@@ -31,7 +31,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fl_merge.attacks import AttackPlan
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
-from fl_merge.round.merging import label_methods
+from fl_merge.aggregation.search import LAMBDAS, is_grid
+from fl_merge.round.candidates import check_search, method_spaces
+from fl_merge.round.merging import given_params, label_methods
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION, SPLIT_KEY
 from fl_merge.round.scoring import (
     Grids,
@@ -64,6 +66,13 @@ class OneShotMerge(FedAvg):
     measure_heterogeneity: ask clients for their gradient at theta0.
     min_clients: fewest usable updates to merge (failed clients are named and left out).
     attack_plan: who attacks how (fl_merge.attacks); colluding attacks run on the server.
+    search: "off" (each method at its fixed params, at the shared `etas`, or at `lambdas`
+        converted per method) or "paper" (each method's declared space, fl_merge.aggregation
+        .search: its knobs x `lambdas`, default search.LAMBDAS, every candidate scored on
+        validation, test only at each method's choice). A param given as a list of values is
+        a grid searched with search="paper".
+    lambdas: the lambda grid in each method's own paper units; None: the shared `etas`;
+        "default": search.LAMBDAS with search="paper", the shared `etas` with search="off".
     """
 
     def __init__(
@@ -80,6 +89,8 @@ class OneShotMerge(FedAvg):
         measure_heterogeneity: bool = True,
         min_clients: int = 0,
         attack_plan: AttackPlan | None = None,
+        search: str = "off",
+        lambdas: Sequence[float] | str | None = "default",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -90,6 +101,21 @@ class OneShotMerge(FedAvg):
         self.methods = label_methods(methods)  # label -> (name, params); checked here
         if not self.methods:
             raise ValueError("no merge method given")
+        self.search = check_search(search)
+        given = given_params(methods)
+        grids = [f"{label}.{k}" for label, (_, p) in given.items() for k, v in p.items() if is_grid(v)]
+        if grids and search != "paper":
+            raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
+        self.spaces = method_spaces(given)  # label -> knob grids (used with search=paper)
+        if isinstance(lambdas, str):
+            if lambdas != "default":
+                raise ValueError(f"lambdas must be a list of numbers, None or 'default', got '{lambdas}'")
+            lambdas = LAMBDAS if search == "paper" else None
+        if lambdas is not None:
+            lambdas = sorted({float(v) for v in lambdas})
+            if not lambdas or lambdas[0] <= 0:
+                raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
+        self.lambdas = lambdas  # None: the shared `etas`
         self.etas = sorted({0.0, *map(float, etas)})
         self.test_all_etas = test_all_etas
         if weighting not in ("uniform", "num-examples"):
@@ -105,8 +131,10 @@ class OneShotMerge(FedAvg):
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 
     def summary(self) -> None:
-        log(INFO, "\t├──> One-shot merge: methods=%s weighting=%s etas=%s merge-keys=%s",
-            self.methods, self.weighting, self.etas, list(self.merge_keys))
+        log(INFO, "\t├──> One-shot merge: methods=%s weighting=%s search=%s %s merge-keys=%s",
+            self.methods, self.weighting, self.search,
+            f"lambdas={self.lambdas}" if self.lambdas is not None else f"etas={self.etas}",
+            list(self.merge_keys))
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1, timeout: float = 3600.0,

@@ -73,6 +73,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     k = run.num_clients
     strategy = OneShotMerge(
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
+        search=run.search, lambdas=cfg.lambdas,
         min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
@@ -105,9 +106,12 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         (out / PREDICTIONS_FILE).unlink(missing_ok=True)
     results.write_json(out / results.RUN_FILE, {
         "run_id": run_id, "config": cfg.run.to_flower(), "tasks": cfg.tasks,
-        "methods": {label: {"name": n, "params": p, "eta": r.best_etas[label]}
+        "methods": {label: {"name": n, "params": p, "eta": r.best_etas[label], **r.choices.get(label, {})}
                     for label, (n, p) in r.methods.items()},
-        "selection": r.selection,  # the criterion eta was chosen by
+        "selection": r.selection,  # the criterion the setting and eta were chosen by (validation)
+        # Each method's space (knob grids, settings, lambdas) and the number of candidates
+        # scored on validation; timings hold the seconds they took.
+        "search": r.search,
         "notes": r.notes,  # where the protocol degraded (e.g. missing fine-tuned accuracies)
         "clients": [{"task": r.task_name(c), "node_id": c.node_id, "grid-eval": c.grid_eval, **c.metrics}
                     for c in r.clients],
@@ -119,11 +123,27 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     for line in results.format_summary(r.rows, "test accuracy").splitlines():
         log(INFO, "%s", line)
+    for line in choice_lines(r):
+        log(INFO, "%s", line)
     for line in format_comparison(r.comparison).splitlines():
         log(INFO, "%s", line)
     for f in r.failures:
         log(INFO, "left out %s at %s: %s", f["client"], f["stage"], f["reason"])
     log(INFO, "fl-merge results: %s", out)
+
+
+def choice_lines(r: MergeRound) -> list[str]:
+    """One line per method: its chosen knobs, lambda (its paper's units) and eta, and how
+    many candidates it was chosen from on validation."""
+    per = (r.search or {}).get("methods", {})
+    out = []
+    for label, ch in r.choices.items():
+        knobs = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in ch["knobs"].items())
+        n = per.get(label, {}).get("candidates", "?")
+        out.append(f"{label}: lambda={ch['lambda']:.4g} (eta={ch['eta']:.4g}){' ' + knobs if knobs else ''}"
+                   f", chosen on validation from {n} candidate(s)")
+    return out
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

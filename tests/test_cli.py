@@ -166,8 +166,9 @@ def test_sweep_expands_like_hydra_and_is_validated_up_front():
     assert len(jobs) == 8 and jobs[0] == ["method=fedavg", "data=dirichlet", "data.alpha=0.1", "seed=0"]
     planned = cli.plan(["method=fedavg,ties", "data=dirichlet", "data.alpha=0.1,1.0"], True)
     assert [j.run.alpha for j in planned] == [0.1, 1.0, 0.1, 1.0]
-    with pytest.raises(ConfigError, match=r"job \[method=krum\]: Krum with f=1 needs"):
-        cli.plan(["method=fedavg,krum"], True)
+    # krum's f is searched over what K allows with search=paper (f=0 for K=4); fixed f=1 is refused
+    with pytest.raises(ConfigError, match=r"job \[method=krum search=off\]: Krum with f=1 needs"):
+        cli.plan(["method=fedavg,krum", "search=off"], True)
     with pytest.raises(ConfigError, match="is a sweep: add -m"):
         cli.plan(["seed=0,1"], False)
 
@@ -177,7 +178,7 @@ def test_sweep_expands_like_hydra_and_is_validated_up_front():
     (["data.alpha=0.1"], "Could not override 'data.alpha'"),
     (["num_clients=9"], "num-clients=9 but only 8 tasks"),
     (["method=ties", "method.density=2"], "density"),
-    (["-m", "method=fedavg,krum"], "job [method=krum]"),
+    (["-m", "method=fedavg,krum", "search=off"], "job [method=krum search=off]"),
     (["runtime.num_supernodes=1"], "runtime.num_supernodes=1 must be"),
     (["runtime.client_gpus=-1"], "runtime.client_gpus=-1 must be a number >= 0"),
     (["method=fedgma", "method.name=[fedavg]", "method.rho=0.7"], "method.rho=0.7: none of the methods"),

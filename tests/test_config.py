@@ -47,7 +47,9 @@ def test_per_client_training_values_expand_by_partition():
         ({"lr": "fast"}, "lr: 'fast' is not a valid float"),
         ({"method-params": "rho=0.5"}, "unknown parameter(s) ['rho'] for merge method"),
         ({"weighting": "size"}, "weighting must be"),
-        ({"method": "krum"}, "needs more than 2f+2 = 4 clients, got 4"),
+        # with search=paper krum searches f over what K allows (f=0 on 4 clients): see test_search
+        ({"method": "krum", "search": "off"}, "needs more than 2f+2 = 4 clients, got 4"),
+        ({"method": "krum", "method-params": "f=1"}, "needs more than 2f+2 = 4 clients, got 4"),
         ({"method": "ties", "method-params": "density=2"}, "density"),
         ({"etas": "0"}, "etas must be non-negative with at least one above 0"),
         ({"no-such-key": 1}, "unknown run-config key 'no-such-key'"),

@@ -56,7 +56,12 @@ def _check_outputs(out: Path) -> None:
         assert r["accuracy"] == pytest.approx(acc) and r["loss"] == pytest.approx(loss, rel=1e-5)
         assert r["accuracy"] > 0.6  # 3 classes: far above chance
     val = [r for r in rows if r["split"] == "val" and r["model"] == "merged"]
-    assert len(val) == 2 * 6 and all(r["normalized_accuracy"] != r["normalized_accuracy"] for r in val)
+    # search=paper (the default): Task Arithmetic over the 40 lambdas 0.05..2.0, eta = K * lambda
+    # (it was the 6 shared etas of the old protocol)
+    assert len(val) == 2 * 40 and all(r["normalized_accuracy"] != r["normalized_accuracy"] for r in val)
+    assert sorted({r["lambda"] for r in val}) == pytest.approx([0.05 * i for i in range(1, 41)])
+    assert all(r["eta"] == pytest.approx(2 * r["lambda"]) for r in val)
+    assert run["search"]["candidates"] == 40 and method["lambda"] == pytest.approx(eta / 2)
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fl_merge.aggregation import check_method_params, get_method, merge
+from fl_merge.aggregation import get_method, merge
+from fl_merge.aggregation.search import check_space_params
 from fl_merge.attacks import ATTACKS, AttackPlan
 from fl_merge.metrics import heterogeneity_report
 from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, NUM_EXAMPLES
@@ -22,22 +23,39 @@ from fl_merge.task_vectors import StateDict
 Methods = dict[str, tuple[str, dict[str, Any]]]  # label -> (method name, full params)
 
 
-def label_methods(methods: Sequence[str | tuple[str, Mapping[str, Any]]]) -> Methods:
-    """label -> (method name, full params). A method listed once is labelled by its name;
-    one listed several times as name[k=v,...] with the params given. Params are checked."""
+def _labelled(methods: Sequence[str | tuple[str, Mapping[str, Any]]]
+              ) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, name, params as given) per method: a method listed once is labelled by its
+    name; one listed several times as name[k=v,...] with the params given."""
     pairs = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
     counts: dict[str, int] = {}
     for name, _ in pairs:
         counts[name] = counts.get(name, 0) + 1
-    out: Methods = {}
+    out, seen = [], set()
     for name, params in pairs:
-        full = check_method_params(name, params)  # fail before any training
         label = name if counts[name] == 1 else (
             f"{name}[{','.join(f'{k}={v}' for k, v in sorted(params.items()))}]")
-        if label in out:
+        if label in seen:
             raise ValueError(f"method '{label}' listed twice")
-        out[label] = (name, full)  # full parameters: results record every value used
+        seen.add(label)
+        out.append((label, name, params))
     return out
+
+
+def label_methods(methods: Sequence[str | tuple[str, Mapping[str, Any]]]) -> Methods:
+    """label -> (method name, full params). A method listed once is labelled by its name;
+    one listed several times as name[k=v,...] with the params given. Params are checked;
+    a list value (a grid searched with search=paper) is checked value by value and left out
+    of the fixed params (the method's default stands there)."""
+    # full parameters: results record every value used; fail before any training
+    return {label: (name, check_space_params(name, params))
+            for label, name, params in _labelled(methods)}
+
+
+def given_params(methods: Sequence[str | tuple[str, Mapping[str, Any]]]
+                 ) -> dict[str, tuple[str, dict[str, Any]]]:
+    """label -> (method name, the params as given, grids included): what the search reads."""
+    return {label: (name, params) for label, name, params in _labelled(methods)}
 
 
 def train_requests(methods: Methods, measure_heterogeneity: bool) -> dict[str, bool]:

@@ -25,6 +25,11 @@ class MergeRound:
     heterogeneity: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # degraded protocol, e.g. missing metrics
+    # The search (fl_merge.round.candidates): every candidate scored on validation, and per
+    # method its choice {"candidate", "knobs", "lambda", "eta", "validation"}.
+    candidates: dict[str, Any] = field(default_factory=dict)  # candidate label -> Candidate
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)  # run.json's record (search_record)
     # model (method label or "base") -> task -> 0/1 per test example, at the chosen eta
     predictions: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     comparison: list[dict[str, Any]] = field(default_factory=list)  # tables.comparison_rows

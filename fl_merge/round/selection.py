@@ -33,3 +33,27 @@ def choose_etas(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
         ref = {t: 1.0 if lacking else float(finetuned_val[t]) for t in per_task}  # type: ignore[arg-type]
         best[label], _ = select_eta(etas, val, ref)
     return best, RAW if lacking else NORMALIZED, notes
+
+
+def choose_settings(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    finetuned_val: Mapping[str, float | None], method_of: Mapping[str, str]
+                    ) -> tuple[dict[str, tuple[str, float, float]], str, list[str]]:
+    """Per method: (chosen candidate, its eta, its mean normalized validation accuracy), the
+    criterion and notes. scores[candidate][task]["val"] as in `choose_etas`; method_of maps
+    each candidate to its method. Each candidate's eta is chosen as `choose_etas` does; the
+    method then takes the candidate with the best mean (ties: the earlier candidate, i.e. the
+    first setting in grid order). Only validation scores are read."""
+    best_etas, criterion, notes = choose_etas(scores, finetuned_val)
+    tasks = sorted({t for per_task in scores.values() for t in per_task})
+    lacking = [t for t in tasks if finetuned_val.get(t) is None]
+    out: dict[str, tuple[str, float, float]] = {}
+    for cand, eta in best_etas.items():
+        per_task = scores[cand]
+        etas = next(iter(per_task.values()))["val"]["etas"]
+        ref = {t: 1.0 if lacking else float(finetuned_val[t]) for t in per_task}  # type: ignore[arg-type]
+        _, means = select_eta(etas, {t: s["val"]["accuracy"] for t, s in per_task.items()}, ref)
+        value = means[list(etas).index(eta)]
+        method = method_of[cand]
+        if method not in out or value > out[method][2]:
+            out[method] = (cand, eta, value)
+    return out, criterion, notes

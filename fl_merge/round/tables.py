@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fl_merge.attacks import AttackPlan
@@ -25,31 +25,40 @@ def finetuned_scores(client: ClientUpdate) -> dict[str, float | None]:
             "test": _metric(client.metrics, FINETUNED_ACCURACY)}
 
 
-def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: float,
+def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: float | None,
                 scores: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
-                by_task: Mapping[str, ClientUpdate], plan: AttackPlan) -> list[dict[str, Any]]:
-    """Rows of one method: model is base (eta 0), finetuned (the client's own model, when
-    it reported its accuracy) or merged (eta > 0; `selected` marks the chosen eta).
-    normalized_accuracy is nan where the fine-tuned accuracy is unknown."""
+                by_task: Mapping[str, ClientUpdate], plan: AttackPlan,
+                knobs: Mapping[str, Any] | None = None, lam: Callable[[float], float] | None = None,
+                finetuned: bool = True) -> list[dict[str, Any]]:
+    """Rows of one method (one knob setting of it): model is base (eta 0), finetuned (the
+    client's own model, when it reported its accuracy; only with `finetuned`) or merged
+    (eta > 0; `selected` marks the chosen eta, none when best_eta is None: a setting not
+    chosen). knobs: the setting's searched values (JSON column); lam(eta): the paper's
+    lambda of each eta (nan without it). normalized_accuracy is nan where the fine-tuned
+    accuracy is unknown."""
     params_json = json.dumps(dict(params), sort_keys=True)
+    knobs_json = json.dumps(dict(knobs or {}), sort_keys=True)
     rows = []
     for task, s in scores.items():
         c = by_task[task]
         pid = c.partition_id
-        common = {"method": label, "method_name": name, "params": params_json, "task": task,
+        common = {"method": label, "method_name": name, "params": params_json, "knobs": knobs_json,
+                  "task": task,
                   "partition_id": pid, "node_id": c.node_id,
                   "attacker": plan.attacks(pid) if pid is not None else False}
         ft = finetuned_scores(c)
         for split in ("val", "test"):
             ref = ft[split]
-            if ref is not None:
+            if ref is not None and finetuned:
                 loss = _metric(c.metrics, FINETUNED_LOSS) if split == "test" else None
-                rows.append({**common, "model": "finetuned", "eta": math.nan, "selected": False,
+                rows.append({**common, "model": "finetuned", "eta": math.nan, "lambda": math.nan,
+                             "selected": False,
                              "split": split, "accuracy": ref, "loss": math.nan if loss is None else loss,
                              "finetuned_accuracy": ref, "normalized_accuracy": 1.0})
             got = s.get(split, {"etas": [], "accuracy": [], "loss": []})
             for eta, acc, loss in zip(got["etas"], got["accuracy"], got["loss"]):
                 rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
+                             "lambda": lam(eta) if lam is not None else math.nan,
                              "selected": eta == best_eta, "split": split, "accuracy": acc, "loss": loss,
                              "finetuned_accuracy": math.nan if ref is None else ref,
                              "normalized_accuracy": (math.nan if ref is None
@@ -57,15 +66,19 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
     return rows
 
 
-def summary_metrics(rows: Sequence[Mapping[str, Any]], best_etas: Mapping[str, float]) -> dict[str, float]:
-    """Per method: chosen eta, mean test accuracy and mean normalized accuracy at it; the
-    base's and the fine-tuned models' mean test accuracy (of the first method's rows)."""
+def summary_metrics(rows: Sequence[Mapping[str, Any]], best_etas: Mapping[str, float],
+                    best_lambdas: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Per method: chosen eta (and lambda, given), mean test accuracy and mean normalized
+    accuracy at it; the base's and the fine-tuned models' mean test accuracy (of the first
+    method's rows)."""
     labels = list(best_etas)
     test_rows = [r for r in rows if r["split"] == "test"]
     out: dict[str, float] = {}
     for label in labels:
         merged = [r for r in test_rows if r["method"] == label and r["model"] == "merged" and r["selected"]]
         out[f"{label}-eta"] = best_etas[label]
+        if best_lambdas is not None:
+            out[f"{label}-lambda"] = best_lambdas[label]
         out[f"{label}-test-accuracy"] = mean([r["accuracy"] for r in merged])
         out[f"{label}-normalized-accuracy"] = mean([r["normalized_accuracy"] for r in merged])
     first = [r for r in test_rows if r["method"] == labels[0]] if labels else []

@@ -1,0 +1,136 @@
+"""The round's candidates: each method expanded into its knob settings, each setting with its
+own eta list (its lambda grid in its own units), all from the same task vectors.
+
+search="paper": every method's declared space (fl_merge.aggregation.search) x the lambda grid.
+search="off": today's protocol: each method at its fixed parameters.
+Either way the scale is a lambda grid converted per method, or (lambdas None) one eta grid
+shared by every method (the old, unfair protocol, kept for comparison and old configs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_merge.aggregation.scales import eta_for_lambda, lambda_for_eta
+from fl_merge.aggregation.search import LAMBDAS, Derived, expand, knob_grids
+
+SEARCH_MODES = ("paper", "off")
+Grid = tuple | Derived
+
+
+@dataclass
+class Candidate:
+    """One knob setting of one method: `label` is unique in the round (the method label
+    itself under search=off), `method` the method's label, `name` the registered name."""
+
+    label: str
+    method: str
+    name: str
+    params: dict[str, Any]  # full parameters
+    knobs: dict[str, Any] = field(default_factory=dict)  # the searched values of this setting
+    etas: list[float] = field(default_factory=list)  # 0 (the base) first
+
+    def lam(self, eta: float, num_models: int) -> float:
+        """The paper's lambda of `eta` for this setting."""
+        return lambda_for_eta(self.name, eta, num_models, self.params)
+
+
+def check_search(search: str) -> str:
+    if search not in SEARCH_MODES:
+        raise ValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got '{search}'")
+    return search
+
+
+def scale_etas(name: str, params: Mapping[str, Any], lambdas: Sequence[float] | None,
+               etas: Sequence[float], num_models: int) -> list[float]:
+    """0 then the method's etas: the lambdas converted in its own units, or the shared etas."""
+    if lambdas is None:
+        return sorted({0.0, *map(float, etas)})
+    return [0.0, *sorted({eta_for_lambda(name, lam, num_models, params) for lam in lambdas})]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def plan_candidates(methods: Mapping[str, tuple[str, dict[str, Any]]],
+                    spaces: Mapping[str, Mapping[str, Grid]], search: str,
+                    lambdas: Sequence[float] | None, etas: Sequence[float],
+                    task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Candidate]:
+    """candidate label -> Candidate, methods in order, each method's settings in grid order.
+
+    spaces[label]: the method's knob grids (`method_spaces`), searched with search=paper;
+    lambdas: each setting's lambda grid in its own units (None: the shared `etas`)."""
+    check_search(search)
+    k = len(task_vectors)
+    out: dict[str, Candidate] = {}
+    for label, (name, params) in methods.items():
+        grids = spaces.get(label, {}) if search == "paper" else {}
+        settings = expand(name, params, grids, task_vectors) if grids else [dict(params)]
+        for setting in settings:
+            knobs = {n: setting[n] for n in grids if n in setting}
+            cand = label if not knobs else f"{label}[{','.join(f'{n}={_fmt(v)}' for n, v in knobs.items())}]"
+            if cand in out:
+                cand = f"{cand}#{len(out)}"
+            out[cand] = Candidate(cand, label, name, setting, knobs,
+                                  scale_etas(name, setting, lambdas, etas, k))
+    return out
+
+
+def method_spaces(given: Mapping[str, tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Grid]]:
+    """label -> the knob grids searched for it (search.knob_grids of the params the user gave)."""
+    return {label: knob_grids(name, params) for label, (name, params) in given.items()}
+
+
+def candidate_methods(candidates: Mapping[str, Candidate]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The candidates as a Methods table (label -> (name, params)) for merging.merge_methods."""
+    return {c.label: (c.name, c.params) for c in candidates.values()}
+
+
+def search_record(candidates: Mapping[str, Candidate], spaces: Mapping[str, Mapping[str, Grid]],
+                  search: str, lambdas: Sequence[float] | None, num_models: int) -> dict[str, Any]:
+    """What run.json records of the search: per method its space, settings and count."""
+    from fl_merge.aggregation.search import describe
+
+    per: dict[str, Any] = {}
+    for c in candidates.values():
+        m = per.setdefault(c.method, {"name": c.name, "knobs": describe(spaces.get(c.method, {}))
+                                      if search == "paper" else {}, "settings": [], "candidates": 0})
+        m["settings"].append(c.knobs)
+        m["candidates"] += sum(1 for e in c.etas if e > 0)
+        m["lambdas"] = [round(c.lam(e, num_models), 12) for e in c.etas if e > 0]
+    total = sum(m["candidates"] for m in per.values())
+    return {"mode": search, "lambdas": None if lambdas is None else list(lambdas),
+            "candidates": total, "methods": per}
+
+
+def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tuple[str, Mapping[str, Any]]]
+                    ) -> list[float] | None:
+    """The run config's scale grid: the lambdas given, else search.LAMBDAS with search=paper
+    and no shared etas, else None (the shared eta grid). ValueError, one line, for a bad
+    search mode, lambdas and etas both given, a bad lambda, or a grid with search=off."""
+    from fl_merge.aggregation.search import is_grid
+
+    check_search(search)
+    grids = [f"{n}.{k}" for n, p in methods for k, v in p.items() if is_grid(v)]
+    if grids and search == "off":
+        raise ValueError(f"method-params gives several values for {', '.join(grids)}: a grid needs "
+                         "search=paper")
+    if lambdas.strip() and etas.strip():
+        raise ValueError("give lambdas (each method's own scale) or etas (one shared eta grid), not both")
+    if not lambdas.strip():
+        return list(LAMBDAS) if search == "paper" and not etas.strip() else None
+    values = []
+    for item in lambdas.replace(" ", ",").split(","):
+        if item.strip():
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ValueError(f"lambdas: '{item.strip()}' is not a number") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise ValueError(f"lambdas must be positive finite numbers, got '{lambdas}'")
+    return sorted(set(values))
