@@ -97,11 +97,12 @@ def test_documented_command_resolves(where, line, tmp_path, monkeypatch):
 
 
 def test_resolution_catches_a_broken_command():
-    """The check is real: a wrong key or value in a command fails it."""
+    """The check is real: a wrong key or value in a command fails it (krum with its fixed
+    f=1 needs 5 clients; search=paper would search f over what K=4 allows)."""
     for bad, message in [("fl-merge attack=scale attack.nope=1", "attack.nope"),
                          ("fl-merge-run --run-config 'tasks=rotate90,invert,parity'",
                           "num-clients=4 but only 3 tasks"),
-                         ("fl-merge -m method=fedavg,krum", "job [method=krum]")]:
+                         ("fl-merge -m method=fedavg,krum search=off", "job [method=krum search=off]: Krum with f=1")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             resolve_command(bad)
 
