@@ -27,7 +27,7 @@ from typing import Any
 
 from fl_merge.results import RESULTS_FILE, RUN_FILE, atomic_write_text, mean, read_rows
 from fl_merge.round.tables import reference_label
-from fl_merge.stats import excludes_zero, paired_t, t_interval
+from fl_merge.stats import ci_line, excludes_zero, paired_t, t_interval
 
 TABLE_FILE = "replicates.csv"
 PLOT_FILE = "replicates.png"
@@ -146,12 +146,10 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [f"test accuracy over {rows[0]['n_seeds']} seeds ({rows[0]['seeds']}): mean [95% t CI]"
              + (f"; paired difference vs {ref} (* = CI excludes 0)" if ref else "")]
     for r in rows:
-        line = f"{r['model']:<24}{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        if ref:
-            line += (f"   {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
-                     + (" *" if r["excludes_zero"] else "  "))
-            if r.get("within_seed_marked"):
-                line += f"   within-seed CI excludes 0 in {r['within_seed_marked']} seeds"
+        diff = (r["diff"], r["diff_low"], r["diff_high"], r["excludes_zero"]) if ref else None
+        line = ci_line(r["model"], 24, r["mean"], r["ci_low"], r["ci_high"], diff)
+        if ref and r.get("within_seed_marked"):
+            line += f"   within-seed CI excludes 0 in {r['within_seed_marked']} seeds"
         lines.append(line)
     if rows[0]["n_seeds"] == 1:
         lines.append("(one seed: the spread over seeds is unknown, so the intervals are nan)")

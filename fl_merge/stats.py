@@ -126,3 +126,14 @@ def bootstrap_ci(correct: Mapping[str, Mapping[str, Sequence[int]]], reference: 
                        diff_high=dhi, excludes_zero=excludes_zero(dlo, dhi))
         out[m] = row
     return out
+
+
+def ci_line(model: str, width: int, value: float, low: float, high: float,
+            diff: tuple[float, float, float, bool] | None = None) -> str:
+    """One row of a CI table: `model  0.812 [0.800, 0.824]`, and with a paired difference
+    (diff, low, high, excludes 0) `   +0.012 [+0.003, +0.020] *` (* where its CI excludes 0)."""
+    line = f"{model:<{width}}{value:.3f} [{low:.3f}, {high:.3f}]"
+    if diff is not None:
+        d, dlo, dhi, mark = diff
+        line += f"   {d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]" + (" *" if mark else "  ")
+    return line

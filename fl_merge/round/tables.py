@@ -12,7 +12,7 @@ from fl_merge.evaluation import normalized_accuracy
 from fl_merge.results import mean
 from fl_merge.round.protocol import CORRECT, FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
 from fl_merge.round.updates import ClientUpdate
-from fl_merge.stats import bootstrap_ci
+from fl_merge.stats import bootstrap_ci, ci_line
 
 
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -156,9 +156,6 @@ def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["test accuracy, 95% paired bootstrap CI over test examples"
              + (f"; difference vs {ref} (* = CI excludes 0)" if ref else "")]
     for r in rows:
-        line = f"{r['model']:<20}{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        if ref:
-            line += (f"   {r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
-                     + (" *" if r["excludes_zero"] else ""))
-        lines.append(line)
+        diff = (r["diff"], r["diff_low"], r["diff_high"], r["excludes_zero"]) if ref else None
+        lines.append(ci_line(r["model"], 20, r["accuracy"], r["ci_low"], r["ci_high"], diff).rstrip())
     return "\n".join(lines)
