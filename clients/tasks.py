@@ -127,6 +127,9 @@ def check_model_fits(model_kind: str, model: str, names: list[str]) -> None:
 def check_tasks(names: list[str]) -> None:
     """Raise UnknownTaskError (one line) for an unknown name or a spec whose data is unusable
     (missing file or column, one class, too few examples): before any training."""
+    if "???" in names:  # Hydra's mandatory marker (configs/data/files.yaml) left unset
+        raise UnknownTaskError("data.tasks is not set: give data.tasks=[...], task names or "
+                               "tasks from data (docs/data.md)")
     for name in names:
         if task_family(name) is not None:
             task_kind(name)
