@@ -116,10 +116,14 @@ def _read_file(spec: DataTaskSpec) -> tuple[list, list, str, Path | None]:
         frame = readers[spec.format](path)
     except Exception as e:  # pandas/pyarrow parse errors have no common base class
         raise DataTaskError(f"task '{spec.name}': cannot read '{path}' as {spec.format}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                            f"{_first_line(e)}") from None
     _check_columns(spec, [str(c) for c in frame.columns], f"file '{path}'")
     inputs = [_plain(v) for v in frame[spec.input].tolist()]
     return inputs, [_plain(v) for v in frame[spec.label].tolist()], spec.input_kind, path.parent
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _plain(value: Any) -> Any:
@@ -157,14 +161,16 @@ def _read_hf(spec: DataTaskSpec) -> tuple[list, list, str, Path | None]:
         try:
             ds = datasets.load_dataset(spec.location, spec.config or None, split=spec.split)
         except Exception as e:  # network, missing dataset/config/split: all one message
-            what = f"Hugging Face dataset '{spec.location}'" + (f" (config '{spec.config}')" if spec.config else "")
+            what = f"Hugging Face dataset '{spec.location}'"
+            what += f" (config '{spec.config}')" if spec.config else ""
             why = ("offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set) and not in the local "
-                   "datasets cache" if offline else (str(e).strip().splitlines() or [type(e).__name__])[0])
+                   "datasets cache" if offline else _first_line(e))
+            local = f"/abs/{spec.location.split('/')[-1]}.csv"
             raise DataTaskError(
                 f"task '{spec.name}': cannot load {what}, split '{spec.split}': {why}; to use a local "
                 f"copy, save it once where you are online (datasets.load_dataset(...).to_csv("
-                f"'/abs/{spec.location.split('/')[-1]}.csv') or .to_parquet(...)) and declare the task as "
-                f"csv:/abs/{spec.location.split('/')[-1]}.csv?input={spec.input}&label={spec.label}") from None
+                f"'{local}') or .to_parquet(...)) and declare the task as "
+                f"csv:{local}?input={spec.input}&label={spec.label}") from None
     _check_columns(spec, list(ds.column_names), f"dataset '{spec.location}' split '{spec.split}'")
     is_image = isinstance(ds.features[spec.input], datasets.Image)
     kind = spec.kind or ("image" if is_image else "text")
