@@ -155,6 +155,25 @@ def test_an_image_folder_of_mnist_digits_is_a_task_with_sorted_folder_names(digi
     torch.testing.assert_close(grey[:, 0], grey[:, 2])  # grey images: R = G = B
 
 
+def test_a_parquet_of_image_bytes_is_an_image_task(digits, tmp_path):
+    """Images held in the table itself ({'bytes': png}, as `datasets` writes an Image column
+    to parquet), labelled by digit id (labels=int)."""
+    import io
+
+    _, images, labels = digits
+    cells = []
+    for img in images[:60]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    pd.DataFrame({"image": cells, "digit": labels[:60]}).to_parquet(tmp_path / "digits.parquet")
+    task = load_task(f"parquet:{tmp_path / 'digits.parquet'}?input=image&label=digit&kind=image&labels=int")
+    by_pixels = {img.tobytes(): int(y) for img, y in zip(images[:60], labels[:60])}
+    assert task.num_classes == int(labels[:60].max()) + 1
+    x, y = task.train.tensors
+    assert [by_pixels[_pixels(xi[0]).tobytes()] for xi in x] == y.tolist()
+
+
 @pytest.fixture(scope="module")
 def bbc(tmp_path_factory):
     """300 BBC News articles (60 per topic) written as CSV, JSON lines (labels as ids) and
@@ -358,3 +377,9 @@ def test_flower_round_trains_two_clients_on_data_tasks_and_merges(digits, tmp_pa
     assert set(chosen) == set(tasks)
     assert chosen[tasks[0]]["accuracy"] > 0.5  # 10 classes: chance 0.1
     assert chosen[tasks[1]]["accuracy"] > 0.7  # even/odd: chance 0.5
+    # the saved merged model, read back for a data task by its spec, scores what was reported
+    from fl_merge.evaluation import evaluate
+    from fl_merge.merged import load_merged
+
+    model = load_merged(tmp_path / results.MODEL_FILE, tasks[1])
+    assert evaluate(model, load_task(tasks[1]).test)[0] == pytest.approx(chosen[tasks[1]]["accuracy"])
