@@ -70,11 +70,6 @@ _HF_ONLY = ("config", "split")
 _IMAGE_ONLY = ("size", "channels")
 
 
-def is_task_spec(name: str) -> bool:
-    """A task spec rather than a registered task name (those never contain ':')."""
-    return ":" in name
-
-
 def parse_task_spec(text: str) -> DataTaskSpec:
     """'csv:/abs/bbc.csv?input=text&label=category' -> DataTaskSpec; raises DataTaskError.
 

@@ -26,6 +26,7 @@ from torch.utils.data import TensorDataset
 
 from clients.data_specs import (
     FORMATS,
+    TABLE_FORMATS,
     DataTaskError,
     DataTaskSpec,
     map_labels,
@@ -182,7 +183,7 @@ def check(name: str) -> str:
     spec = parse_task_spec(name)
     table = read_table(spec)
     split_counts(name, len(table.labels), spec, *_defaults())
-    if table.kind == "image" and spec.format in ("csv", "jsonl", "parquet"):
+    if table.kind == "image" and spec.format in TABLE_FORMATS:
         for row, item in enumerate(table.inputs):
             path = _image_path(item, table.base)
             if path is not None and not path.is_file():
