@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from clients.cache import load_update, save_update, state_digest, update_key
 from clients.partitions import load_partitioned_task
-from clients.tasks import TaskData, load_task
+from clients.tasks import TaskData, load_task, task_fingerprint
 from clients.training import (
     LocalTrainConfig,
     client_device,
@@ -157,6 +157,11 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
         **({"label-flip": True} if label_flip else {}),
         **({"plugins": str(config["plugins"])} if config.get("plugins") else {}),
     }
+    # A task from data (docs/data.md) keys the cache by its files' state too: edit the CSV,
+    # and the client trains again. Registered tasks add nothing (their keys are unchanged).
+    task_name = spec["task"] if str(config.get("data", "tasks")) == "tasks" else config.get("partition-task")
+    if task_name and (data_state := task_fingerprint(str(task_name))):
+        spec["task-data"] = data_state
     use_cache = bool(config.get("cache", True))
     key = update_key(state_digest(theta0), spec) if use_cache else ""
     if use_cache and (hit := load_update(key, cache_dir)) is not None:
