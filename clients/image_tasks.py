@@ -1,4 +1,4 @@
-"""The built-in image tasks (suites ``mnist8``, ``mnist-near``/``-mid``/``-far``, ``vision8``).
+"""The built-in image tasks (suites ``mnist8``, ``mnist-near``/``-mid``/``-far``, ``headroom``, ``vision8``).
 
 ``mnist8`` makes 8 tasks from real MNIST (second half of the training set, so disjoint from
 the base model's pretraining images) and scikit-learn's 8x8 digits: geometric, photometric
@@ -145,5 +145,9 @@ SUITES["mnist8"] = [
     "rotate90", "invert", "patch-shuffle", "digits8x8",
     "blur", "noise", "parity", "rot180-5to9",
 ]
+# Where merging has headroom (docs/headroom.md): three tasks that each gain 12-31 points from
+# fine-tuning and whose task vectors are nearly orthogonal; with 50 local steps Task
+# Arithmetic keeps about half of the gain (configs/experiment/headroom.yaml).
+SUITES["headroom"] = ["rotate90", "invert", "patch-shuffle"]
 # The same 8 tasks, for the ImageNet-pretrained EfficientNet-Lite0 (configs/experiment/vision8).
 SUITES["vision8"] = list(SUITES["mnist8"])

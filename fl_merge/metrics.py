@@ -191,6 +191,32 @@ def spread(values: Sequence[float]) -> float:
     return math.sqrt(var) / abs(mean)
 
 
+def gain_recovered(base: float | Sequence[float], individual: float | Sequence[float],
+                   merged: float | Sequence[float]) -> float:
+    """Share of the fine-tuning gain a merged model keeps (Ilharco et al. 2023 report the
+    same ratio as "normalized accuracy" gains; issue 14's headroom criterion):
+
+        recovery = (mean(merged) - mean(base)) / (mean(individual) - mean(base))
+
+    each argument one accuracy or a per-task list (means over tasks, the same tasks in each).
+    1 = the merged model is as good as the fine-tuned ones, 0 = no better than the base,
+    negative = worse than the base. Raises ValueError for unequal lengths, non-finite values
+    or no gain (mean(individual) <= mean(base)): the ratio then has no meaning.
+    """
+    lists = [[float(x) for x in (v if isinstance(v, Sequence) else [v])]
+             for v in (base, individual, merged)]
+    if len({len(v) for v in lists}) != 1 or not lists[0]:
+        raise ValueError(f"gain_recovered needs the same non-empty number of tasks in base, "
+                         f"individual and merged, got {[len(v) for v in lists]}")
+    if not all(math.isfinite(x) for v in lists for x in v):
+        raise ValueError(f"gain_recovered of non-finite accuracies: {lists}")
+    b, i, m = (math.fsum(v) / len(v) for v in lists)
+    if i <= b:
+        raise ValueError(f"gain_recovered needs fine-tuning to gain over the base: individual "
+                         f"{i:.4g} <= base {b:.4g}")
+    return (m - b) / (i - b)
+
+
 def training_heterogeneity(
     local_steps: Sequence[float], lrs: Sequence[float] | float | None = None
 ) -> dict[str, float]:

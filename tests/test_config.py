@@ -115,3 +115,22 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_trains(capsys):
         RunConfig(device="cuda").resolve()
     assert launch_main(["--run-config", "device=cuda"]) == 2
     assert "device=cuda but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_headroom_suite_and_preset_resolve():
+    """suite=headroom names its 3 tasks, and `fl-merge +experiment=headroom` maps to the run
+    docs/headroom.md measured: those tasks, 3 clients, 50 local steps, the CNN, search=paper
+    over the default 40 lambdas."""
+    from hydra import compose, initialize_config_dir
+
+    from clients.tasks import suite_tasks
+    from fl_merge.aggregation.search import LAMBDAS
+    from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, build_job
+
+    assert suite_tasks("headroom") == ["rotate90", "invert", "patch-shuffle"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        job = build_job(compose(CONFIG_NAME, overrides=["+experiment=headroom"]))
+    cfg = job.run.resolve()
+    assert cfg.tasks == ["rotate90", "invert", "patch-shuffle"] and job.run.num_clients == 3
+    assert cfg.local_steps == [50, 50, 50] and cfg.lrs == [0.01] * 3 and job.run.model == "mnist-cnn"
+    assert job.run.search == "paper" and cfg.lambdas == list(LAMBDAS)

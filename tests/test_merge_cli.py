@@ -100,6 +100,27 @@ def test_task_arithmetic_equals_theta0_plus_lambda_sum_over_every_format(pool):
     assert torch.equal(got["bn.num_batches_tracked"], torch.tensor(7))
 
 
+@pytest.mark.parametrize("weights", [None, [1, 2, 1]])
+def test_fedavg_with_a_given_lambda_is_task_arithmetic(pool, capsys, weights):
+    """Issue 14's done-when: `--method fedavg --lambda L` writes Task Arithmetic's model
+    theta0 + L * sum_i tau_i (uniform), the same tensors as `--method task_arithmetic`; with
+    weights p_i both are theta0 + K * L * sum_i p_i tau_i."""
+    tmp, base, models, b, ms = pool
+    lam, k = 0.3, len(models)
+    p = [1 / k] * k if weights is None else [w / sum(weights) for w in weights]
+    got = {}
+    for method in ("fedavg", "task_arithmetic"):
+        out = tmp / f"{method}.safetensors"
+        extra = [] if weights is None else ["--weights", *weights]
+        assert run(["--base", b, "--models", *ms, "--method", method, "--lambda", lam, *extra,
+                    "--out", out], capsys)[0] == 0
+        got[method] = load_file(str(out))
+    for n in SHAPES:
+        by_hand = base[n] + k * lam * sum(pi * (m[n] - base[n]) for pi, m in zip(p, models))
+        torch.testing.assert_close(got["fedavg"][n], by_hand)
+        assert torch.equal(got["fedavg"][n], got["task_arithmetic"][n])
+
+
 def test_eta_is_the_scale_of_the_mean_update(pool, capsys):
     tmp, base, models, b, ms = pool
     out = tmp / "out.safetensors"

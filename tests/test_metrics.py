@@ -337,3 +337,23 @@ def test_bad_inputs_raise():
         heterogeneity_report([a, b], local_steps=[1, 2, 3])
     with pytest.raises(MergeInputError, match="lrs given without"):
         heterogeneity_report([a, b], lrs=[0.1, 0.1])
+
+
+def test_gain_recovered_by_hand():
+    # README demo on main (base 0.761, individual 0.953, TA 0.825): 0.064 / 0.192 = 1/3
+    assert metrics.gain_recovered(0.761, 0.953, 0.825) == pytest.approx(1 / 3)
+    # per-task lists are averaged first: base mean 0.5, individual 0.9, merged 0.7 -> 0.2/0.4
+    assert metrics.gain_recovered([0.4, 0.6], [0.9, 0.9], [0.5, 0.9]) == pytest.approx(0.5)
+    assert metrics.gain_recovered(0.5, 0.9, 0.9) == pytest.approx(1.0)
+    assert metrics.gain_recovered(0.5, 0.9, 0.4) == pytest.approx(-0.25)  # worse than the base
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0.8, 0.8, 0.8), r"needs fine-tuning to gain over the base: individual 0.8 <= base 0.8"),
+    (([0.5, 0.6], [0.9], [0.7]), r"same non-empty number of tasks .*\[2, 1, 1\]"),
+    (([], [], []), r"same non-empty number of tasks"),
+    ((0.5, float("nan"), 0.7), r"non-finite"),
+])
+def test_gain_recovered_refuses_meaningless_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.gain_recovered(*args)

@@ -1,0 +1,98 @@
+"""Headroom probe: one Task Arithmetic point in one process, the run path's pieces without
+Flower (no Ray start-up, one thread), for searching the headroom suite (docs/headroom.md).
+
+The same steps as a run (clients/training.py, fl_merge/round): theta0 from the model cache,
+each task's probe head fitted on base features (seed + i), the backbone fine-tuned (seed + i),
+tau_i = theta_i - theta0, Task Arithmetic theta0 + lambda * sum_i tau_i scored on validation
+for every lambda of the grid, lambda chosen by the mean normalized validation accuracy
+(merged / fine-tuned, fl_merge/selection.py), test scored at the choice only. On the README
+demo it gives the run's numbers (base 0.761, individual 0.953, TA 0.825 at lambda 0.3).
+Prints one JSON line (gain, recovery = metrics.gain_recovered, chosen lambda, wall time) and
+appends it to --log.
+
+    PYTHONPATH=$PWD .venv/bin/python experiments/headroom_probe.py \\
+        --tasks rotate90,invert,patch-shuffle,digits8x8 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    t0 = time.time()
+    torch.set_num_threads(1)
+    import fl_merge.builtins  # noqa: F401  (registers the tasks and models)
+    from clients.tasks import load_task, suite_tasks
+    from clients.training import LocalTrainConfig, fine_tune, model_for_task
+    from fl_merge.aggregation.search import LAMBDAS
+    from fl_merge.evaluation import evaluate
+    from fl_merge.metrics import cosine_matrix, gain_recovered
+    from fl_merge.models import PretrainConfig, pretrained_backbone
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", default="mnist-far")
+    p.add_argument("--tasks", default="", help="comma list (default: the suite's tasks)")
+    p.add_argument("--k", type=int, default=4, help="the first K tasks")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pretrain-steps", type=int, default=40)
+    p.add_argument("--model", default="mnist-cnn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", default="outputs/headroom_probe.jsonl")
+    a = p.parse_args()
+    names = (a.tasks.split(",") if a.tasks else suite_tasks(a.suite))[: a.k]
+    theta0 = pretrained_backbone(a.model, PretrainConfig(steps=a.pretrain_steps, seed=0), progress=False)
+    tasks, heads, taus, base, ft = [], [], [], [], []
+    for i, name in enumerate(names):
+        task = load_task(name, 0)
+        model = model_for_task(a.model, task, theta0, a.seed + i)
+        heads.append({f"head.{k}": v.clone() for k, v in model.head.state_dict().items()})
+        base.append(evaluate(model, task.test)[0])
+        fine_tune(model, task, LocalTrainConfig(a.steps, a.lr, a.batch_size, a.seed + i))
+        ft.append((evaluate(model, task.val)[0], evaluate(model, task.test)[0]))
+        state = model.state_dict()
+        taus.append({k: state[k] - theta0[k] for k in theta0})
+        tasks.append(task)
+    total = {k: sum(t[k] for t in taus) for k in theta0}
+
+    def scores(lam: float, split: str) -> list[float]:
+        merged = {k: theta0[k] + lam * total[k] for k in theta0}
+        return [evaluate(model_for_task(a.model, t, {**merged, **h}, 0), getattr(t, split))[0]
+                for t, h in zip(tasks, heads)]
+
+    norm_val = {lam: sum(v / f[0] for v, f in zip(scores(lam, "val"), ft)) / len(ft) for lam in LAMBDAS}
+    lam = max(LAMBDAS, key=lambda x: norm_val[x])  # first of equals, as the run's selection
+    ta = scores(lam, "test")
+    individual = [f[1] for f in ft]
+    try:
+        recovery = round(gain_recovered(base, individual, ta), 3)
+    except ValueError:  # no fine-tuning gain: no share of it to keep
+        recovery = None
+    cos = cosine_matrix(taus)
+    k = len(taus)
+    rec = {"tasks": names, "model": a.model, "steps": a.steps, "lr": a.lr,
+           "pretrain_steps": a.pretrain_steps, "seed": a.seed,
+           "base": round(sum(base) / k, 4), "individual": round(sum(individual) / k, 4),
+           "ta": round(sum(ta) / k, 4), "lambda": lam,
+           "gain": round((sum(individual) - sum(base)) / k, 4),
+           "recovery": recovery,
+           "mean_cosine": round(float((cos.sum() - k) / (k * k - k)), 3) if k > 1 else None,
+           "per_task_base_individual_ta": {n: [round(x, 3) for x in v]
+                                           for n, v in zip(names, zip(base, individual, ta))},
+           "wall_s": round(time.time() - t0, 1)}
+    line = json.dumps(rec)
+    print(line)
+    Path(a.log).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.log, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
