@@ -28,7 +28,8 @@ from fl_merge.config import ConfigError, RunConfig
 from fl_merge.task_vectors import MergeInputError
 
 # A MiniLM-like TaskModel naming: TaskModel.backbone (SentenceEncoder) .encoder (HF BertModel)
-MODEL = ["backbone.encoder.embeddings.word_embeddings.weight", "backbone.encoder.encoder.layer.0.attention.self.query.weight",
+MODEL = ["backbone.encoder.embeddings.word_embeddings.weight",
+         "backbone.encoder.encoder.layer.0.attention.self.query.weight",
          "backbone.encoder.encoder.layer.0.output.dense.bias", "backbone.encoder.pooler.dense.weight"]
 BARE = [k[len("backbone.encoder."):] for k in MODEL]  # what BertModel.save_pretrained writes
 
@@ -43,7 +44,8 @@ def test_a_bare_backbone_checkpoint_gets_the_models_prefix():
 
 
 def test_a_foreign_prefix_is_replaced_and_an_outer_one_stripped():
-    bert = ["bert." + k for k in BARE] + ["classifier.weight", "classifier.bias"]  # BertForSequenceClassification
+    # a BertForSequenceClassification checkpoint: bert.* and its own classifier
+    bert = ["bert." + k for k in BARE] + ["classifier.weight", "classifier.bias"]
     assert map_names(bert, MODEL, MODEL) == dict(zip(MODEL, bert))
     wrapped = ["model." + k for k in MODEL]  # e.g. a Lightning module holding our TaskModel
     assert map_names(wrapped, MODEL, MODEL) == dict(zip(MODEL, wrapped))
@@ -163,7 +165,8 @@ def test_a_checkpoint_is_read_into_theta0s_names_and_dtypes(tmp_path):
     state, head, meta = read_client_checkpoint(str(tmp_path / "m.safetensors"), theta0, is_merged, "t", "c")
     assert state["backbone.enc.w"].dtype == torch.float32
     assert torch.equal(state["backbone.enc.w"], fine["enc.w"].float())
-    assert torch.equal(state["backbone.enc.steps"], theta0["backbone.enc.steps"])  # not merged, absent: theta0's
+    # not merged and absent from the checkpoint: theta0's
+    assert torch.equal(state["backbone.enc.steps"], theta0["backbone.enc.steps"])
     assert set(head) == {"head.weight", "head.bias"} and meta["local-steps"] == "9"
 
 
@@ -199,7 +202,8 @@ def test_run_config_names_a_bad_client_checkpoint_before_anything_runs(tmp_path)
     assert sent["client-checkpoints"] == ok.client_checkpoints and sent["checkpoint-steps"] == [5, 5]
     assert "client-checkpoints" not in RunConfig(num_clients=2).resolve().train_config()
     with pytest.raises(ConfigError, match="client-checkpoints entry 1: no such file or folder"):
-        RunConfig(num_clients=2, client_checkpoints=f"{tmp_path / 'a.safetensors'},{tmp_path / 'no'}").resolve()
+        RunConfig(num_clients=2,
+                  client_checkpoints=f"{tmp_path / 'a.safetensors'},{tmp_path / 'no'}").resolve()
     with pytest.raises(ConfigError, match="client-checkpoints entry 0: cannot read"):
         RunConfig(num_clients=1, client_checkpoints=str(tmp_path / "junk.safetensors")).resolve()
     with pytest.raises(ConfigError, match="client-checkpoints lists 1 paths for num-clients=2"):
