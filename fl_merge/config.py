@@ -182,6 +182,12 @@ class RunConfig:
             raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device=cuda but torch sees no CUDA GPU on this machine "
+                                  f"(torch {torch.__version__}): use device=auto or device=cpu")
         if self.fisher_samples <= 0:
             raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
         if self.pretrain_steps <= 0:
