@@ -120,6 +120,21 @@ def test_a_method_needing_steps_names_the_checkpoint_clients_lacking_them():
     assert "fednova" in msg and "client 1 (/x.pt)" in msg and "checkpoint-steps" in msg and "ties" not in msg
 
 
+def test_the_round_names_a_node_config_checkpoint_client_without_steps():
+    """A node-config checkpoint is first seen in the train reply: the round stops before
+    merging, naming the client; trained clients and clients with steps pass."""
+    from fl_merge.round.updates import ClientUpdate, MergeRoundError, check_checkpoint_steps
+
+    trained = ClientUpdate(1, {"partition-id": 0, "local-steps": 10}, {})
+    given = ClientUpdate(2, {"partition-id": 1, "checkpoint": 1, "fednova-a": 3.0}, {})
+    bare = ClientUpdate(3, {"partition-id": 2, "checkpoint": 1}, {})
+    check_checkpoint_steps(["fednova"], [trained, given])
+    check_checkpoint_steps(["task_arithmetic", "median"], [trained, given, bare])
+    with pytest.raises(MergeRoundError, match=r"fednova need every client's local steps, but checkpoint "
+                       r"client\(s\) node 3 \(partition 2\) have none: set run-config checkpoint-steps"):
+        check_checkpoint_steps(["fednova"], [trained, given, bare])
+
+
 # --------------------------------------------------------------------------- formats
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -208,6 +223,18 @@ def test_run_config_names_a_bad_client_checkpoint_before_anything_runs(tmp_path)
         RunConfig(num_clients=1, client_checkpoints=str(tmp_path / "junk.safetensors")).resolve()
     with pytest.raises(ConfigError, match="client-checkpoints lists 1 paths for num-clients=2"):
         RunConfig(num_clients=2, client_checkpoints=str(tmp_path / "a.safetensors")).resolve()
+
+
+def test_the_hydra_cli_takes_checkpoints_as_a_list(tmp_path):
+    from fl_merge.cli.mapping import plan
+
+    for n in "ab":
+        save_file(_state(1), str(tmp_path / f"{n}.safetensors"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    job = plan(["num_clients=2", f"client_checkpoints=[{a},{b}]", "checkpoint_steps=[10,20]"], False)[0]
+    assert job.flower["client-checkpoints"] == f"{a},{b}" and job.flower["checkpoint-steps"] == "10,20"
+    resolved = job.run.resolve()
+    assert resolved.client_checkpoints == [str(a), str(b)] and resolved.checkpoint_steps == [10, 20]
 
 
 # --------------------------------------------------------------------------- the client's reply
