@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from clients.cache import load_update, save_update, state_digest, update_key
 from clients.checkpoint_client import checkpoint_update
 from clients.partitions import load_partitioned_task
-from clients.tasks import TaskData, load_task
+from clients.tasks import TaskData, load_task, task_fingerprint
 from clients.training import (
     LocalTrainConfig,
     client_device,
@@ -35,6 +35,7 @@ from fl_merge.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.attacks import label_flip as flip_labels
 from fl_merge.client_checkpoints import checkpoint_for
 from fl_merge.evaluation import evaluate, evaluate_examples
+from fl_merge.plugins import load_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
@@ -129,6 +130,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     An attacker (config "attack"/"attackers") trains honestly (label_flip: on flipped
     labels), then replaces its task vector; the cache holds the honest update.
     """
+    load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
     plan = attack_plan(config)
     label_flip = plan.attacks(pid) and plan.attack == "label_flip"
     ckpt = checkpoint_for(node_config or {}, [str(p) for p in config.get("client-checkpoints", [])], pid)
@@ -166,7 +168,13 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
                                       "grad0-samples", "compute-fisher", "fisher-samples")},
         "steps": cfg.steps, "lr": cfg.lr, "batch-size": cfg.batch_size, "seed": cfg.seed,
         **({"label-flip": True} if label_flip else {}),
+        **({"plugins": str(config["plugins"])} if config.get("plugins") else {}),
     }
+    # A task from data (docs/data.md) keys the cache by its files' state too: edit the CSV,
+    # and the client trains again. Registered tasks add nothing (their keys are unchanged).
+    task_name = spec["task"] if str(config.get("data", "tasks")) == "tasks" else config.get("partition-task")
+    if task_name and (data_state := task_fingerprint(str(task_name))):
+        spec["task-data"] = data_state
     use_cache = bool(config.get("cache", True))
     key = update_key(state_digest(theta0), spec) if use_cache else ""
     if use_cache and (hit := load_update(key, cache_dir)) is not None:
@@ -248,6 +256,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     Without a delta, score the received model on config 'split' (default test)."""
     _limit_threads()
     config = msg.content["config"]
+    load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
     pid = _partition_id(context, config)
     task = _task_for(config, pid)
     state = msg.content["arrays"].to_torch_state_dict()

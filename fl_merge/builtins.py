@@ -4,7 +4,8 @@ Importing this module imports every module that registers a built-in (each regis
 defines, next to its definition):
 
 * tasks: clients/image_tasks.py (MNIST family) and clients/text_tasks.py (text suite), into
-  the registry in clients/tasks.py;
+  the registry in clients/tasks.py, and clients/data_tasks.py (tasks declared from data:
+  the folder:/csv:/jsonl:/parquet:/hf: task families);
 * models: fl_merge/backbones.py (mnist-cnn, wide-mlp) and fl_merge/hub.py (efficientnet-lite0,
   minilm-l6, and the hf:/timm:/open_clip: name families), into fl_merge/models.py;
 * merge methods: the modules of fl_merge/aggregation, into fl_merge/aggregation/registry.py
@@ -18,6 +19,7 @@ tasks or models by calling register_task / register_model / register_model_famil
 aggregation `register` decorator) at its import.
 """
 
+import clients.data_tasks  # noqa: F401
 import clients.image_tasks  # noqa: F401
 import clients.text_tasks  # noqa: F401
 import fl_merge.aggregation.averaging  # noqa: F401

@@ -83,8 +83,27 @@ def resolve_command(line: str) -> int:
     return len(cli.plan(overrides, multirun="-m" in args or "--multirun" in args))
 
 
+SETUP = "# make the example data"  # a docs snippet that makes the files its commands read
+
+
+def documented_setups() -> list[str]:
+    """The ```python blocks of the docs whose first line is SETUP (docs/data.md)."""
+    blocks = []
+    for path in DOCS:
+        blocks += [b.split("```", 1)[0] for b in path.read_text().split("```python\n")[1:]
+                   if b.startswith(SETUP)]
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def example_data():
+    """Run the docs' setup snippets once, so the commands that read their files resolve."""
+    for block in documented_setups():
+        exec(compile(block, "docs setup snippet", "exec"), {})
+
+
 @pytest.mark.parametrize("where, line", COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_documented_command_resolves(where, line, tmp_path, monkeypatch):
+def test_documented_command_resolves(where, line, tmp_path, monkeypatch, example_data):
     assert "<" not in line and "..." not in line, \
         f"{where}: a placeholder in a command; write a concrete one: {line}"
     monkeypatch.chdir(tmp_path)

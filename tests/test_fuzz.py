@@ -356,8 +356,9 @@ KEYS = flower_keys()
 # Plausible values per key (so that many generated configs resolve), mixed with junk.
 PLAUSIBLE = {
     "num-clients": [1, 2, 3, 4, 5, 8], "data": ["tasks", "iid", "dirichlet", "pathological"],
-    "suite": ["mnist8", "mnist-far", "vision8"], "tasks": ["", "rotate90,parity", "invert"],
-    "partition-task": ["rotate90", "parity"], "alpha": [0.1, 1.0, "0.5"],
+    "suite": ["mnist8", "mnist-far", "vision8"], "tasks": ["", "rotate90,parity", "invert",
+                                             "csv:/nonexistent/bbc.csv?input=text&label=category"],
+    "partition-task": ["rotate90", "parity", "folder:/nonexistent/digits"], "alpha": [0.1, 1.0, "0.5"],
     "classes-per-client": [1, 2, 5], "partition-pool": [100, 8000], "model": ["mnist-cnn"],
     "merge-keys": ["backbone.*", "backbone.conv*,backbone.fc*", "nothing.*"],
     "base-checkpoint": ["", "/nonexistent/base.safetensors"],
@@ -375,6 +376,7 @@ PLAUSIBLE = {
     "attack": ["", "sign_flip", "scale", "alie"], "attackers": ["", "last:1", "0"],
     "attack-params": ["", "scale=2", "factor=3"], "faults": ["", "crash@1", "nan@0"],
     "fault-delay": [0.0, 1.5],
+    "plugins": ["", "method:fedavg=fl_merge.aggregation.fedavg", "no.such.module", "task:x"],
 }
 assert set(PLAUSIBLE) == set(KEYS), "a new run-config key: give it plausible values here"
 JUNK_CONFIG = st.one_of(

@@ -8,10 +8,16 @@ Mapping onto the Flower run config (`to_flower`), then ``RunConfig.from_flower(.
 * ``null`` means unset: RunConfig's dataclass default applies (the single source of
   defaults; the yaml files only carry selections and the values that define a group);
 * lists are joined with commas (``eval.etas=[0.5,1]`` -> ``etas="0.5,1"``);
+* a task given as a mapping (``data.tasks``, ``data.partition_task``) is a task from data,
+  written as its spec string (``{format: csv, path: /abs/bbc.csv, input: text, label:
+  category}`` -> ``csv:/abs/bbc.csv?input=text&label=category``, docs/data.md);
 * ``method.<param>`` values that differ from the registry default go to
   ``method-params`` as ``<method>.<param>=<value>`` for every listed method taking the
   parameter (one equal to the default is not passed: it is the default);
-* ``runtime.num_supernodes`` and ``runtime.client_gpus`` are for the CLI only.
+* ``runtime.num_supernodes`` and ``runtime.client_gpus`` are for the CLI only;
+* ``_target_`` in the method or model group, or a ``{_target_, name}`` entry of
+  ``data.tasks``, names a user's own function by import path: it becomes a ``plugins`` item
+  (fl_merge/plugins.py `from_hydra`), registered here at once and in every process of the run.
 
 `plan` composes and validates every job of a command line before anything trains.
 """
@@ -49,6 +55,9 @@ def run_config_fields() -> set[str]:
 # Flower run-config strings of `key=value` items that Hydra may give as a mapping:
 # attack.attack_params={factor:10} -> attack-params="factor=10".
 MAPPING_KEYS = ("attack_params",)
+# Keys naming tasks, where a mapping is a task from data ({format: csv, path: ..., input: ...}
+# -> 'csv:/...?input=...', clients/data_specs.format_task_spec; docs/data.md).
+TASK_KEYS = ("tasks", "partition_task")
 
 
 def _scalar(path: str, value: Any) -> Any:
@@ -57,6 +66,13 @@ def _scalar(path: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return ",".join(str(_scalar(path, v)) for v in value)
     if isinstance(value, dict):
+        if path.rsplit(".", 1)[-1] in TASK_KEYS:  # a task from data in its structured form
+            from clients.data_specs import DataTaskError, format_task_spec
+
+            try:
+                return format_task_spec(value)
+            except DataTaskError as e:
+                raise ConfigError(f"'{path}': {e}") from None
         if path.rsplit(".", 1)[-1] not in MAPPING_KEYS:
             raise ConfigError(f"'{path}' is a mapping; give a value")
         return " ".join(f"{k}={_scalar(f'{path}.{k}', v)}" for k, v in value.items())
@@ -112,7 +128,18 @@ def to_flower(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     values set, CLI options). Raises ConfigError for a key that is no setting."""
     from omegaconf import DictConfig, OmegaConf
 
+    from fl_merge.plugins import PluginError, from_hydra, load_plugins
+
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    try:
+        data, items = from_hydra(data)
+        listed = data.get("plugins") or []
+        items = [*(listed.replace(",", " ").split() if isinstance(listed, str) else listed), *items]
+        load_plugins(items)  # the method group below looks the plugin methods up
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
+    if items:
+        data["plugins"] = items
     fields = run_config_fields()
     flower: dict[str, Any] = {}
     options: dict[str, Any] = {}
