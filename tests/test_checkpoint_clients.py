@@ -19,8 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("clients.data_specs", reason="CSV tasks (issue 15 item 3) are not merged yet")
-
 TASKS = ("bbc", "airline", "apple")
 STEPS = {"bbc": 2, "airline": 4, "apple": 3}  # local steps each checkpoint was fine-tuned for
 LR = 0.002  # configs/experiment/text.yaml: 0.01 already wrecks MiniLM on BBC News
