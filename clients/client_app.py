@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from torch.utils.data import TensorDataset
 
 from clients.cache import load_update, save_update, state_digest, update_key
+from clients.checkpoint_client import checkpoint_update
 from clients.partitions import load_partitioned_task
 from clients.tasks import TaskData, load_task, task_fingerprint
 from clients.training import (
@@ -32,6 +33,7 @@ from clients.training import (
 )
 from fl_merge.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.attacks import label_flip as flip_labels
+from fl_merge.client_checkpoints import checkpoint_for
 from fl_merge.evaluation import evaluate, evaluate_examples
 from fl_merge.plugins import load_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
@@ -115,9 +117,13 @@ def attack_plan(config: Mapping[str, Any]) -> AttackPlan:
 
 
 def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
-                cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                cache_dir: Path | None = None, node_config: Mapping[str, Any] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Client `pid`'s whole training step, Flower-free: attach its head to theta0,
     fine-tune, and return (full local weights + "extra.<name>." arrays, metrics).
+
+    A checkpoint client (node-config 'checkpoint', else config 'client-checkpoints'[pid];
+    fl_merge/client_checkpoints.py) does not train: its checkpoint is the fine-tuned model.
 
     With config "cache" true (the default) an identical earlier update is reused from the
     client-update cache (metrics then carry cached=1) instead of training again.
@@ -126,8 +132,15 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     """
     load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
     plan = attack_plan(config)
-    state, metrics = _train(config, pid, theta0, cache_dir,
-                            label_flip=plan.attacks(pid) and plan.attack == "label_flip")
+    label_flip = plan.attacks(pid) and plan.attack == "label_flip"
+    ckpt = checkpoint_for(node_config or {}, [str(p) for p in config.get("client-checkpoints", [])], pid)
+    if ckpt and label_flip:
+        raise ValueError(f"partition {pid} brings a checkpoint ({ckpt}): it cannot train on flipped labels")
+    if ckpt:
+        state, metrics = checkpoint_update(config, pid, theta0, ckpt, _task_for(config, pid),
+                                           int(_pick(config, "seed", pid)), node_config)
+    else:
+        state, metrics = _train(config, pid, theta0, cache_dir, label_flip=label_flip)
     if plan.attacks(pid):
         metrics["attacker"] = 1
         if plan.where == "client":
@@ -211,7 +224,7 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "crash":
         raise RuntimeError(f"injected fault: partition {pid} crashed during training")
     theta0 = msg.content["arrays"].to_torch_state_dict()
-    state, metrics = local_train(config, pid, theta0, _cache_dir(context))
+    state, metrics = local_train(config, pid, theta0, _cache_dir(context), context.node_config)
     # Announce the grid evaluation capability (docs/protocol.md): the server then sends
     # theta0 + each Delta once + the eta grid instead of one model per candidate.
     metrics[PROTOCOL_KEY] = PROTOCOL_VERSION

@@ -6,6 +6,13 @@ Reading: `Checkpoint(path)` opens a safetensors file, a sharded folder with its 
 is read only when asked (`get`, a positioned read), so a caller holds one tensor at a time,
 never the model.
 
+With ``pickles=True`` (checkpoint clients) a torch state dict is accepted too: a
+``.pt``/``.pth``/``.bin``/``.ckpt`` file, or a Hugging Face folder holding only
+``pytorch_model.bin``, read with ``torch.load(weights_only=True)`` (tensors and plain
+containers only, never arbitrary objects). A pickle cannot be read tensor by tensor, so it
+is held in memory whole; `fl-merge merge`, which promises one tensor at a time, keeps
+refusing it.
+
 Writing: safetensors' `save_file` needs every tensor of a file in memory at once. The format
 is a little-endian u64 header length, a JSON header (dtype, shape, byte offsets per tensor,
 padded with spaces to 8 bytes) and the raw bytes (https://github.com/huggingface/safetensors,
@@ -51,6 +58,8 @@ DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": tor
                  "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
 FORMATS = ("a .safetensors file, a folder with model.safetensors or a sharded "
            "*.safetensors.index.json, or that index file")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HF_PICKLE = "pytorch_model.bin"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -112,10 +121,47 @@ def _files_of(path: Path, role: str) -> dict[str, Path]:
         if missing:
             raise MergeInputError(f"{role}: shard file(s) {missing[:3]} named in {path} are missing")
         return files
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+    if path.suffix in PICKLE_SUFFIXES:
         raise MergeInputError(f"{role}: {path} is a torch pickle; fl-merge merge reads {FORMATS} "
                               "(convert with safetensors.torch.save_file)")
     return {"": path}  # one file; its keys are read when it is opened
+
+
+def pickle_file(path: Path) -> Path | None:
+    """The torch pickle `path` names: itself (a .pt/.pth/.bin/.ckpt file), or a folder's
+    pytorch_model.bin when the folder holds no safetensors weights; else None."""
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        return path
+    if path.is_dir() and (path / HF_PICKLE).is_file() and not any(path.glob("*.safetensors*")):
+        return path / HF_PICKLE
+    return None
+
+
+def load_state_pickle(path: Path, role: str) -> dict[str, torch.Tensor]:
+    """A torch state dict file -> {name: tensor}, loaded with weights_only=True. A dict
+    nesting the weights under 'state_dict' (Lightning) or 'model' is unwrapped."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and torch raise many types; one line for the user
+        raise MergeInputError(f"{role}: cannot read {path} as a torch state dict with "
+                              f"weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise MergeInputError(f"{role}: {path} holds no state dict (want a non-empty dict of "
+                              f"name -> tensor, got {type(obj).__name__})")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise MergeInputError(f"{role}: {path} is not a state dict: entries {bad[:3]} are not "
+                              "name -> tensor")
+    unknown = sorted({str(v.dtype) for v in obj.values() if v.dtype not in DTYPE_NAMES})
+    if unknown:
+        raise MergeInputError(f"{role}: {path} has tensors of dtype {unknown}, which fl-merge "
+                              f"cannot handle")
+    return {k: v.detach().contiguous() for k, v in obj.items()}
 
 
 @dataclass(frozen=True)
@@ -149,14 +195,22 @@ class Checkpoint:
     reads into a tensor of the right size: a tensor that `safe_open().get_tensor` returns
     keeps the file's memory-mapped pages resident in the process once touched, so merging
     K 1 GB files grew the resident set by K GB (measured, safetensors 0.8); `pread` costs
-    exactly one tensor."""
+    exactly one tensor.
 
-    def __init__(self, path: str | os.PathLike, role: str = "checkpoint") -> None:
+    pickles=True also opens a torch state dict (`pickle_file`), held in memory whole."""
+
+    def __init__(self, path: str | os.PathLike, role: str = "checkpoint", pickles: bool = False) -> None:
         self.path, self.role = Path(path), role
         self._fds: dict[Path, int] = {}
-        files = _files_of(self.path, role)
         self._entries: dict[str, tuple[Path, int, dict]] = {}
+        self._tensors: dict[str, torch.Tensor] = {}  # a torch pickle's tensors
         self.metadata: dict[str, str] = {}
+        pickled = pickle_file(self.path) if pickles else None
+        if pickled is not None:
+            self._tensors = load_state_pickle(pickled, role)
+            self.keys: list[str] = list(self._tensors)
+            return
+        files = _files_of(self.path, role)
         headers = {}
         for f in dict.fromkeys(files.values()):
             try:
@@ -184,10 +238,15 @@ class Checkpoint:
         self.keys: list[str] = list(self._entries)
 
     def info(self, key: str) -> TensorInfo:
+        if self._tensors:
+            t = self._tensors[key]
+            return TensorInfo(DTYPE_NAMES[t.dtype], tuple(t.shape))
         e = self._entries[key][2]
         return TensorInfo(e["dtype"], tuple(int(n) for n in e["shape"]))
 
     def get(self, key: str) -> torch.Tensor:
+        if self._tensors:
+            return self._tensors[key].clone()
         e = self._entries[key][2]
         n = 1
         for d in e["shape"]:
@@ -198,6 +257,9 @@ class Checkpoint:
                   ) -> torch.Tensor:
         """Elements start:stop of the flattened tensor `key`, read into `out` (a flat
         contiguous tensor of its dtype and length stop - start) or a new tensor."""
+        if self._tensors:
+            part = self._tensors[key].reshape(-1)[start:stop]
+            return part.clone() if out is None else out.copy_(part)
         f, base, e = self._entries[key]
         dtype = DTYPES.get(e["dtype"])
         if dtype is None:
@@ -210,6 +272,8 @@ class Checkpoint:
     def read_into(self, key: str, start: int, buf: memoryview) -> None:
         """Fill the byte buffer `buf` from element `start` of tensor `key` on (the low-level
         read behind `read_flat`, for callers reusing one buffer)."""
+        if self._tensors:  # a pickle is in memory: read_flat copies from it
+            raise MergeInputError(f"{self.role}: read_into reads files; use read_flat on a pickle")
         f, base, e = self._entries[key]
         fd = self._fds.get(f)
         if fd is None:

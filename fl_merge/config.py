@@ -48,6 +48,11 @@ class RunConfig:
     # theta0 from a .safetensors file or a directory holding model.safetensors instead of
     # the model registry (model then only tells fl-merge's own clients what to build).
     base_checkpoint: str = ""
+    # Checkpoint clients (docs/checkpoints.md): a comma list of num-clients paths, entry i
+    # client i's fine-tuned checkpoint (empty entry: it trains); node-config checkpoint wins.
+    client_checkpoints: str = ""
+    # Their local steps (FedNova): one value or one per client; empty: checkpoint metadata.
+    checkpoint_steps: str = ""
     pretrain_steps: int = 40
     pretrain_seed: int = 0
     method: str = "task_arithmetic"  # one method, or a comma list scored on the same updates
@@ -216,6 +221,21 @@ class RunConfig:
                               self.fault_delay)
         except AttackConfigError as e:
             raise ConfigError(str(e)) from None
+        from fl_merge.client_checkpoints import (
+            CheckpointClientError,
+            parse_checkpoint_steps,
+            parse_client_checkpoints,
+        )
+        from fl_merge.checkpoints import Checkpoint
+
+        try:
+            checkpoints = parse_client_checkpoints(self.client_checkpoints, k)
+            checkpoint_steps = parse_checkpoint_steps(self.checkpoint_steps, k)
+            for i, path in enumerate(checkpoints):  # format only: names need theta0 (server)
+                if path:
+                    Checkpoint(path, f"client-checkpoints entry {i}", pickles=True).close()
+        except (CheckpointClientError, MergeInputError) as e:
+            raise ConfigError(str(e)) from None
         steps = _per_client("local-steps", self.local_steps, k, int, self.seed)
         lrs = _per_client("lr", self.lr, k, float, self.seed)
         batches = _per_client("batch-size", self.batch_size, k, int, self.seed)
@@ -231,6 +251,8 @@ class RunConfig:
             attack_plan=plan,
             merge_keys=merge_keys,
             lambdas=lambdas,
+            client_checkpoints=checkpoints,
+            checkpoint_steps=checkpoint_steps,
         )
 
 
@@ -250,6 +272,8 @@ class ResolvedConfig:
     attack_plan: AttackPlan = field(default_factory=lambda: AttackPlan())
     merge_keys: tuple[str, ...] = ("backbone.*",)  # merge-keys, parsed
     lambdas: list[float] | None = None  # the lambda grid; None: the shared etas
+    client_checkpoints: list[str] = field(default_factory=list)  # absolute paths, '' = trains
+    checkpoint_steps: list[int] = field(default_factory=list)  # 0 = not given
 
     def task_config(self) -> dict[str, Any]:
         """What a client needs to build its data and model (train and evaluate messages)."""
@@ -281,6 +305,9 @@ class ResolvedConfig:
             "attack": self.run.attack, "attackers": self.run.attackers,
             "attack-params": self.run.attack_params, "faults": self.run.faults,
             "fault-delay": self.run.fault_delay,
+            # Checkpoint clients (fl_merge/client_checkpoints.py); absent when there are none.
+            **({"client-checkpoints": list(self.client_checkpoints),
+                "checkpoint-steps": list(self.checkpoint_steps)} if any(self.client_checkpoints) else {}),
         }
 
     @property

@@ -23,7 +23,7 @@ from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
-from fl_merge.round.updates import MergeRoundError, check_enough, collect_updates
+from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
 
 
@@ -63,6 +63,8 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     # (a method whose knobs are searched keeps the settings K allows: its defaults need not fit)
     fixed = {m: v for m, v in s.methods.items() if s.search != "paper" or not s.spaces.get(m)}
     check_enough(len(r.clients), s.min_clients, fixed, r.failures)
+    # node-config checkpoint clients are first seen here: steps where a method needs them
+    check_checkpoint_steps([n for n, _ in s.methods.values()], r.clients)
     cached = sum(int(c.metrics.get("cached", 0)) for c in r.clients)
     if cached:
         log(INFO, "%d of %d clients reused a cached update (no training)", cached, len(r.clients))

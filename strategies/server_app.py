@@ -1,8 +1,8 @@
 """The fl-merge ServerApp: theta0 -> merge-key check -> one merge round -> results files.
 
 theta0 comes from the model registry, or from run-config `base-checkpoint` (a safetensors
-file or a directory holding model.safetensors). `merge-keys` is checked against theta0
-before any client trains.
+file or a directory holding model.safetensors). `merge-keys` and run-config
+`client-checkpoints` are checked against theta0 before any client trains.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_merge import results
+from fl_merge.client_checkpoints import CheckpointClientError, check_client_checkpoints
 from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.round.failures import FAILURE_FILE, failure_record
-from fl_merge.round.keys import MergeKeysError, check_merge_keys
+from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.tables import format_comparison
 from fl_merge.round.updates import MergeRoundError
@@ -61,7 +62,10 @@ def load_theta0(cfg: ResolvedConfig) -> StateDict:
                                                                seed=run.pretrain_seed), progress=False)
     try:
         check_merge_keys(theta0, cfg.merge_keys)
-    except MergeKeysError as e:
+        # run-config client checkpoints: names, shapes and step information fit theta0
+        check_client_checkpoints(cfg.client_checkpoints, cfg.checkpoint_steps, theta0,
+                                 key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)
+    except (MergeKeysError, CheckpointClientError) as e:
         raise ConfigError(str(e)) from None
     return theta0
 

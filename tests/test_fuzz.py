@@ -362,6 +362,8 @@ PLAUSIBLE = {
     "classes-per-client": [1, 2, 5], "partition-pool": [100, 8000], "model": ["mnist-cnn"],
     "merge-keys": ["backbone.*", "backbone.conv*,backbone.fc*", "nothing.*"],
     "base-checkpoint": ["", "/nonexistent/base.safetensors"],
+    "client-checkpoints": ["", "/nonexistent/a.safetensors,,", "/nonexistent/m.pt"],
+    "checkpoint-steps": ["", "100", "10,20,30", 5],
     "pretrain-steps": [1, 40], "pretrain-seed": [0, 7], "method": METHODS + ["fedavg,ties,median"],
     "method-params": ["", "density=0.5", "ties.density=0.3", "iters=3", "f=0", "rho=0.9"],
     "etas": ["1", "0.5,1,2", 2, ""], "search": ["paper", "off"], "lambdas": ["", "0.3", "0.1,1"],

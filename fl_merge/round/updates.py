@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from fl_merge.aggregation import check_method_params
-from fl_merge.round.protocol import PARTITION_ID, speaks_grid
+from fl_merge.client_checkpoints import CHECKPOINT_METRIC, CheckpointClientError, check_step_info
+from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, PARTITION_ID, speaks_grid
 from fl_merge.task_vectors import MergeInputError, StateDict, one_line, split_state, task_vector
 
 
@@ -115,3 +116,14 @@ def check_enough(usable: int, min_clients: int, methods: Mapping[str, tuple[str,
         except MergeInputError as e:
             raise MergeRoundError(f"method '{label}' cannot merge the {usable} usable client "
                                   f"update(s): {e}; failures: {why}") from None
+
+
+def check_checkpoint_steps(methods: Sequence[str], clients: Sequence[ClientUpdate]) -> None:
+    """MergeRoundError when a method needs local steps (e.g. fednova) and a checkpoint client
+    (train metric 'checkpoint' = 1) reported none, naming it and how to give them."""
+    infos = [(c.label, LOCAL_STEPS in c.metrics or FEDNOVA_A in c.metrics)
+             for c in clients if int(c.metrics.get(CHECKPOINT_METRIC, 0)) == 1]
+    try:
+        check_step_info(methods, infos)
+    except CheckpointClientError as e:
+        raise MergeRoundError(str(e)) from None

@@ -1,0 +1,73 @@
+"""A checkpoint client's local work: its fine-tuned weights come from a file, not training.
+
+The reply is a training client's (fl_merge/client_checkpoints.py decides what is read):
+full weights (the checkpoint's backbone, and its head or a probe head fitted on frozen
+theta0 features, as a training client's), num-examples, the fine-tuned model's own
+validation and test scores, local steps where known, the same optional extras (gradient
+at theta0, diagonal Fisher at the fine-tuned weights).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from clients.tasks import TaskData
+from clients.training import client_device, diagonal_fisher, mean_gradient, model_for_task
+from fl_merge.client_checkpoints import (
+    CHECKPOINT_METRIC,
+    CheckpointClientError,
+    read_client_checkpoint,
+    steps_for,
+)
+from fl_merge.evaluation import evaluate
+from fl_merge.models import MERGED_PREFIX
+from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
+from fl_merge.task_vectors import EXTRA_PREFIX
+
+
+def checkpoint_update(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
+                      path: str, task: TaskData, seed: int,
+                      node_config: Mapping[str, Any] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(full weights + "extra.<name>." arrays, metrics) of the client whose fine-tuned model
+    is the checkpoint at `path`; CheckpointClientError when it does not fit theta0."""
+    t0 = time.perf_counter()
+    role = f"partition {pid} ({task.name}) checkpoint {path}"
+    is_merged = key_matcher([str(p) for p in config.get("merge-keys", DEFAULT_MERGE_KEYS)])
+    state, head, meta = read_client_checkpoint(path, theta0, is_merged, task.name, role)
+    device = client_device(str(config.get("device", "cpu")))
+    model = model_for_task(str(config["model"]), task, theta0, seed, device)  # probe head on theta0
+    if head:
+        want = tuple(model.head.weight.shape)
+        if tuple(head["head.weight"].shape) != want or set(head) != {"head.weight", "head.bias"}:
+            raise CheckpointClientError(
+                f"{role}: its head has {list(head['head.weight'].shape)} weights but task "
+                f"'{task.name}' needs [{want[0]}, {want[1]}] and a bias; save the head of this "
+                "task or none (a probe head is then fitted)")
+        model.head.load_state_dict({k[len("head."):]: v for k, v in head.items()})
+    extras: dict[str, dict] = {}
+    if bool(config.get("compute-grad0", False)):  # at theta0, as a training client sends it
+        extras["grad0"] = mean_gradient(model, task.train, int(config.get("grad0-samples", 1024)))
+    backbone = {k[len(MERGED_PREFIX):]: v for k, v in state.items() if k.startswith(MERGED_PREFIX)}
+    model.backbone.load_state_dict(backbone)
+    val_acc, _ = evaluate(model, task.val)
+    test_acc, test_loss = evaluate(model, task.test)
+    steps_list = config.get("checkpoint-steps", [])
+    metrics: dict[str, Any] = {
+        **steps_for(node_config or {}, list(steps_list) if isinstance(steps_list, list) else [],
+                    pid, meta),
+        "finetuned-accuracy": test_acc, "finetuned-val-accuracy": val_acc,
+        "finetuned-loss": test_loss, "num-examples": len(task.train), "seed": seed,
+        "partition-id": pid, CHECKPOINT_METRIC: 1, "cached": 0,
+        "train-seconds": time.perf_counter() - t0,  # reading and scoring: no training
+    }
+    out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if bool(config.get("compute-fisher", False)):
+        extras["fisher"] = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), seed)
+    for name, arrays in extras.items():
+        out.update({f"{EXTRA_PREFIX}{name}.{k}": v.detach().cpu() for k, v in arrays.items()})
+    return out, metrics
