@@ -50,7 +50,7 @@ JUNK_VALUES = st.one_of(
 # Methods that give back the common vector of identical clients at their default
 # parameters (fednova and hetero only with equal local step counts).
 MEAN_LIKE = {"fedavg", "task_arithmetic", "fednova", "fedgma", "median", "trimmed_mean",
-             "krum", "multikrum", "geometric_median", "hetero"}
+             "krum", "multikrum", "geometric_median", "hetero", "model_stock"}
 
 
 def _tensor(shape, dtype, seed, scale=1.0):
