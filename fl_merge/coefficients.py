@@ -212,3 +212,33 @@ def split_validation(n: int) -> tuple[list[int], list[int]]:
 def message_bytes(num_vectors: int, num_blocks: int, itemsize: int = 4) -> int:
     """Payload of one coefficient message: K x B scalars (float32 by default)."""
     return num_vectors * num_blocks * itemsize
+
+
+def learn_coefficients(ask, num_vectors: int, num_blocks: int, lam0: float, *, rounds: int,
+                       lr: float, optimizer: str = "adam", patience: int = 3
+                       ) -> tuple[torch.Tensor, list[dict]]:
+    """The server's loop. `ask(coefs)` is one federated round: it sends the coefficients
+    (K x B scalars) to the clients and returns one (gradient [K, B] on the client's fit half,
+    validation score on its stop half, weight) per client. Round 0 scores the start
+    (Task Arithmetic at lam0), so the result is never worse on validation than it; then one
+    optimizer step per round on the clients' weighted mean gradient, until `rounds` steps
+    or `patience` rounds without a better weighted-mean score. Returns (the best validated
+    coefficients, one record per round: round, score, gradient norm)."""
+    if int(rounds) < 0 or int(patience) < 1:
+        raise ValueError(f"rounds must be >= 0 and patience >= 1, got {rounds} and {patience}")
+    coefs = initial_coefficients(num_vectors, num_blocks, lam0)
+    adam, stop, history = None, None, []
+    for r in range(int(rounds) + 1):
+        answers = list(ask(coefs))
+        if not answers:
+            raise ValueError(f"coefficient round {r}: no client answered")
+        grads, scores, weights = zip(*answers)
+        w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
+        score = float((w * torch.as_tensor(scores, dtype=torch.float64)).sum() / w.sum())
+        stop = stop_state(stop, coefs, score)
+        grad = combine_gradients(grads, weights)
+        history.append({"round": r, "score": score, "grad-norm": float(grad.norm())})
+        if should_stop(stop, r, int(rounds), int(patience)):
+            break
+        coefs, adam = server_step(coefs, grad, adam, lr, optimizer)
+    return stop.best, history

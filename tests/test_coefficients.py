@@ -164,3 +164,46 @@ def test_bad_inputs_say_what_is_wrong():
         server_step(torch.zeros(1, 1), torch.zeros(1, 1), None, 0.1, optimizer="lbfgs")
     with pytest.raises(ValueError, match="finite"):
         initial_coefficients(2, 1, float("nan"))
+
+
+def test_the_loop_learns_coefficients_that_beat_the_start_on_held_out_validation():
+    """Two clients share the rule y = [x0 + x1 > 0] on their own data; each task vector knows
+    one half of it (client 0's reads x0, client 1's x1), so only the two together solve it.
+    The start is theta0 (lambda 0, chance level); the learned task-wise coefficients must
+    reach well above chance on the stop halves, which never drive the gradient."""
+    from fl_merge.coefficients import learn_coefficients
+
+    torch.manual_seed(1)
+    model = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clients = []
+    for _ in range(2):
+        x = torch.randn(200, 2, dtype=torch.float64)
+        clients.append((x, (x.sum(1) > 0).long()))
+    # each task vector: one half of the rule's direction
+    tvs = [{"weight": torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64) * 0.1,
+            "bias": torch.zeros(2, dtype=torch.float64)},
+           {"weight": torch.tensor([[0.0, -1.0], [0.0, 1.0]], dtype=torch.float64) * 0.1,
+            "bias": torch.zeros(2, dtype=torch.float64)}]
+    blocks = make_blocks(list(theta0), "task")
+
+    def ask(coefs):
+        model.load_state_dict(combine(theta0, tvs, coefs, blocks))
+        out = []
+        for x, y in clients:
+            fit, stop = split_validation(len(y))
+            g = parameter_gradient(model, x[fit], y[fit], "supervised", list(theta0))
+            with torch.no_grad():
+                acc = float((model(x[stop]).argmax(1) == y[stop]).double().mean())
+            out.append((coefficient_gradient(g, tvs, blocks), acc, len(y)))
+        return out
+
+    best, history = learn_coefficients(ask, 2, 1, 0.0, rounds=40, lr=0.5, patience=40)
+    assert history[0]["score"] <= 0.6  # theta0: both logits equal, chance
+    assert max(h["score"] for h in history) >= 0.9
+    assert float(best.min()) > 0  # both task vectors are switched on
+    with pytest.raises(ValueError, match="patience >= 1"):
+        learn_coefficients(ask, 2, 1, 0.0, rounds=1, lr=0.1, patience=0)
