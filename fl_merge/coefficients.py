@@ -214,19 +214,20 @@ def message_bytes(num_vectors: int, num_blocks: int, itemsize: int = 4) -> int:
     return num_vectors * num_blocks * itemsize
 
 
-def learn_coefficients(ask, num_vectors: int, num_blocks: int, lam0: float, *, rounds: int,
-                       lr: float, optimizer: str = "adam", patience: int = 3
+def learn_coefficients(ask, start: torch.Tensor, *, rounds: int, lr: float,
+                       optimizer: str = "adam", patience: int = 3
                        ) -> tuple[torch.Tensor, list[dict]]:
     """The server's loop. `ask(coefs)` is one federated round: it sends the coefficients
     (K x B scalars) to the clients and returns one (gradient [K, B] on the client's fit half,
-    validation score on its stop half, weight) per client. Round 0 scores the start
-    (Task Arithmetic at lam0), so the result is never worse on validation than it; then one
-    optimizer step per round on the clients' weighted mean gradient, until `rounds` steps
-    or `patience` rounds without a better weighted-mean score. Returns (the best validated
+    validation score on its stop half, weight) per client. Round 0 scores `start` ([K, B],
+    e.g. Task Arithmetic at its validated scale), so the result is never worse on
+    validation than it; then one optimizer step per round on the clients' weighted mean
+    gradient, until `rounds` steps or `patience` rounds without a better weighted-mean
+    score. Returns (the best validated
     coefficients, one record per round: round, score, gradient norm)."""
     if int(rounds) < 0 or int(patience) < 1:
         raise ValueError(f"rounds must be >= 0 and patience >= 1, got {rounds} and {patience}")
-    coefs = initial_coefficients(num_vectors, num_blocks, lam0)
+    coefs = torch.as_tensor(start, dtype=torch.float64).clone()
     adam, stop, history = None, None, []
     for r in range(int(rounds) + 1):
         answers = list(ask(coefs))

@@ -201,9 +201,59 @@ def test_the_loop_learns_coefficients_that_beat_the_start_on_held_out_validation
             out.append((coefficient_gradient(g, tvs, blocks), acc, len(y)))
         return out
 
-    best, history = learn_coefficients(ask, 2, 1, 0.0, rounds=40, lr=0.5, patience=40)
+    best, history = learn_coefficients(ask, initial_coefficients(2, 1, 0.0), rounds=40, lr=0.5,
+                                       patience=40)
     assert history[0]["score"] <= 0.6  # theta0: both logits equal, chance
     assert max(h["score"] for h in history) >= 0.9
     assert float(best.min()) > 0  # both task vectors are switched on
     with pytest.raises(ValueError, match="patience >= 1"):
-        learn_coefficients(ask, 2, 1, 0.0, rounds=1, lr=0.1, patience=0)
+        learn_coefficients(ask, initial_coefficients(2, 1, 0.0), rounds=1, lr=0.1, patience=0)
+
+
+# ------------------------------------------------------------------ the round's step
+def test_round_start_is_the_validated_fedavg_merge():
+    from fl_merge.aggregation import merge
+    from fl_merge.round import coefficients as rc
+
+    _, theta0, merged, tvs, _, _ = _setup()
+    w = [1.0, 3.0, 4.0]
+    blocks = make_blocks(merged, "block")
+    start = rc.start_coefficients(0.8, w, len(blocks))
+    assert start.shape == (3, len(blocks))
+    delta = rc.learned_delta(tvs, start, blocks)
+    ref = merge("fedavg", tvs, w)  # theta0 + eta * sum_i p_i tau_i at eta 0.8
+    for key in merged:
+        torch.testing.assert_close(delta[key], 0.8 * ref[key])
+
+
+def test_round_messages_round_trip_and_bad_replies_are_named():
+    from fl_merge.round import coefficients as rc
+
+    lam = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
+    cfg = rc.request_config(lam, [("a",), ("b", "c")], "entropy", with_vectors=True)
+    assert cfg[rc.BLOCKS] == ["a", "b|c"]
+    got, obj = rc.parse_request(cfg)
+    assert torch.equal(got, lam) and obj == "entropy"
+    assert rc.BLOCKS not in rc.request_config(lam, [("a",), ("b",)], "entropy", False)
+    g, acc = rc.parse_reply({rc.GRAD: [1.0, 2.0, 3.0, 4.0], rc.SCORE: 0.75}, 2, 2)
+    assert g.tolist() == [[1.0, 2.0], [3.0, 4.0]] and acc == 0.75
+    with pytest.raises(ValueError, match="no 'coef-grad' list of 2 x 2"):
+        rc.parse_reply({rc.GRAD: [1.0], rc.SCORE: 0.5}, 2, 2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rc.parse_reply({rc.GRAD: [1.0, math.nan, 0.0, 0.0], rc.SCORE: 0.5}, 2, 2)
+    with pytest.raises(ValueError, match="no 'coef-val-accuracy'"):
+        rc.parse_reply({rc.GRAD: [0.0] * 4}, 2, 2)
+    assert rc.normalised_score(0.45, 0.9) == pytest.approx(0.5) and rc.normalised_score(0.4, None) == 0.4
+
+
+def test_round_settings_are_checked():
+    from fl_merge.round.coefficients import check_settings, learned_candidate
+
+    check_settings("off", "junk", 0, -1.0, "junk", [])  # off: nothing else is read
+    check_settings("task", "entropy", 3, 0.1, "adam", ["fedavg"])
+    with pytest.raises(ValueError, match="coef-rounds must be at least 1"):
+        check_settings("task", "entropy", 0, 0.1, "adam", ["fedavg"])
+    with pytest.raises(ValueError, match="coef-lr must be a positive number"):
+        check_settings("block", "entropy", 2, math.inf, "adam", ["fedavg"])
+    cand = learned_candidate("task", "supervised")
+    assert cand.label == "learned-task" and cand.etas == [0.0, 1.0] and cand.lam(1.0, 5) == 1.0

@@ -1,0 +1,74 @@
+"""The learned-coefficient phase through Flower (one in-process simulation, K=2, mnist-cnn):
+coefficient-only messages after the first, the learned model scored like any method, and
+its choice never worse on validation than the Task Arithmetic start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from clients.client_app import app as client_app
+from fl_merge.config import ConfigError, RunConfig
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    from strategies.server_app import run_one_shot
+
+    out = tmp_path_factory.mktemp("coef")
+    cfg = RunConfig.from_flower({
+        "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "30", "method": "task_arithmetic",
+        "search": "off", "etas": "0.5,1", "output-dir": str(out), "learn-coefficients": "block",
+        "coef-rounds": 3, "coef-lr": 0.1, "cache": False,
+    }).resolve()
+    holder = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        holder["outcome"] = run_one_shot(grid, cfg, run_id=context.run_id)
+
+    run_simulation(app, client_app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    assert "outcome" in holder, "the ServerApp did not finish"
+    return holder["outcome"], out
+
+
+def test_later_rounds_carry_coefficients_only(learned):
+    r, _ = learned
+    c = r.coefficients
+    k, b = 2, c["blocks"]
+    assert b > 1 and len(c["coefficients"]) == k and len(c["coefficients"][0]) == b
+    first, later = c["bytes-first-round"], c["bytes-per-round"]
+    assert later and all(x["vectors"] == 0 for x in later)  # the vectors went once
+    # per later round and client: K x B float64 coefficients plus a small config; the first
+    # round carried theta0 and K task vectors, orders of magnitude more
+    per_client = [x["coefficients"] / k for x in later]
+    assert all(8 * k * b <= n < 8 * k * b + 4096 for n in per_client), per_client
+    assert first["vectors"] > 100 * max(per_client)
+
+
+def test_learned_model_is_scored_and_never_worse_on_validation_than_its_start(learned):
+    r, out = learned
+    label = "learned-block"
+    assert r.best_etas[label] == 1.0 and label in r.deltas
+    hist = r.coefficients["history"]
+    assert hist[0]["round"] == 0 and max(h["score"] for h in hist) >= hist[0]["score"]
+    test_rows = [x for x in r.rows if x["method"] == label and x["split"] == "test" and x["selected"]]
+    assert {x["task"] for x in test_rows} == {"rotate90", "parity"}
+    assert all(x["accuracy"] > 0.5 for x in test_rows)  # above chance on both (parity: 2 classes)
+    run = json.loads((out / "run.json").read_text())
+    assert run["coefficients"]["mode"] == "block" and label in run["methods"]
+
+
+def test_bad_settings_are_refused_before_training():
+    base = {"num-clients": 2, "tasks": "rotate90,parity"}
+    with pytest.raises(ConfigError, match="learn-coefficients must be one of off, task, block"):
+        RunConfig.from_flower({**base, "learn-coefficients": "yes"}).resolve()
+    with pytest.raises(ConfigError, match="add method task_arithmetic"):
+        RunConfig.from_flower({**base, "learn-coefficients": "task", "method": "ties"}).resolve()
+    with pytest.raises(ConfigError, match="coef-objective must be one of supervised, entropy"):
+        RunConfig.from_flower({**base, "learn-coefficients": "task", "coef-objective": "mse"}).resolve()
