@@ -72,3 +72,18 @@ def test_bad_settings_are_refused_before_training():
         RunConfig.from_flower({**base, "learn-coefficients": "task", "method": "ties"}).resolve()
     with pytest.raises(ConfigError, match="coef-objective must be one of supervised, entropy"):
         RunConfig.from_flower({**base, "learn-coefficients": "task", "coef-objective": "mse"}).resolve()
+
+
+def test_hydra_keys_reach_the_run_config():
+    from hydra import compose, initialize_config_dir
+
+    from fl_merge import cli
+
+    with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
+        cfg = compose(cli.CONFIG_NAME, overrides=["learn_coefficients=block", "coef_rounds=2",
+                                                  "coef_objective=entropy"])
+    mapped = cli.to_flower(cfg)[0]
+    assert mapped["learn-coefficients"] == "block" and mapped["coef-rounds"] == 2
+    assert mapped["coef-objective"] == "entropy" and "coef-lr" not in mapped  # unset: default
+    resolved = RunConfig.from_flower(mapped).resolve()
+    assert resolved.run.coef_lr == RunConfig().coef_lr
