@@ -65,6 +65,7 @@ class RunConfig:
     coef_rounds: int = 5
     coef_lr: float = 0.05
     coef_objective: str = "supervised"
+    greedy_soup: bool = False  # also the greedy soup of the clients' models (fl_merge/soups.py)
     weighting: str = "uniform"  # uniform | num-examples
     # Score the test split at every eta too (else only at the base and each method's eta
     # chosen on validation: the selection protocol, at a fraction of the evaluation cost).

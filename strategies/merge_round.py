@@ -15,10 +15,8 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_merge.coefficients import learn_coefficients, make_blocks
-from fl_merge.round import coefficients as coef
 from fl_merge.round.candidates import candidate_methods, plan_candidates, search_record
-from fl_merge.round.merging import collude, measure, merge_arguments, merge_methods, train_requests
+from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
@@ -26,52 +24,7 @@ from fl_merge.round.tables import chosen_predictions, comparison_rows, reference
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.round.updates import check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
-
-
-def learn_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict], scores: dict,
-                deltas: dict, ft_val: Mapping[str, float | None], choice: dict, config: Mapping[str, Any],
-                timeout: float) -> None:
-    """The learned-coefficient phase (fl_merge/round/coefficients.py): start at Task
-    Arithmetic's validated eta, learn on the clients' validation halves, then score the
-    learned model on validation and add it to the round's candidates and choices."""
-    opts = s.coefficients
-    ta = next(m for m, (name, _) in s.methods.items() if name in coef.TA_NAMES)
-    blocks = make_blocks(list(task_vectors[0]), opts["mode"])
-    weights = merge_arguments(r.clients, s.weighting)["weights"] or [1.0] * len(r.clients)
-    start = coef.start_coefficients(choice[ta][1], weights, len(blocks))
-    held: set = set()
-    traffic: list[dict[str, int]] = []
-    pos = {id(c): i for i, c in enumerate(r.clients)}
-    cfg = {**config, coef.OBJECTIVE: opts["objective"]}
-
-    def ask(coefs):
-        answers, sent = s.coefficient_round(grid, r.clients, r.theta0, task_vectors, coefs, blocks,
-                                            cfg, held, timeout)
-        traffic.append(sent)
-        return [(g, coef.normalised_score(acc, ft_val.get(r.task_name(c))), weights[pos[id(c)]])
-                for c, g, acc in answers]
-
-    t0 = time.perf_counter()
-    best, history = learn_coefficients(ask, start, rounds=opts["rounds"], lr=opts["lr"])
-    r.timings["coefficient-seconds"] = time.perf_counter() - t0
-    cand = coef.learned_candidate(opts["mode"], opts["objective"])
-    delta = coef.learned_delta(task_vectors, best, blocks)
-    val, lost = s.score(grid, r.clients, r.theta0, {cand.label: delta}, {cand.label: cand.etas}, ["val"],
-                        "coefficient evaluation", config, timeout, r.task_name)
-    r.failures += lost
-    scores[cand.label] = val[cand.label]
-    r.candidates[cand.label] = cand
-    deltas[cand.label] = delta
-    r.methods[cand.label] = (cand.name, cand.params)
-    choice.update(choose_settings({cand.label: val[cand.label]}, ft_val, {cand.label: cand.label})[0])
-    r.coefficients = {"mode": opts["mode"], "objective": opts["objective"], "start-from": ta,
-                      "blocks": len(blocks), "coefficients": best.tolist(), "history": history,
-                      "bytes-first-round": traffic[0], "bytes-per-round": traffic[1:]}
-    log(INFO, "learned %s coefficients (%d x %d) in %d round(s): validation %.4f -> %.4f; "
-        "%d bytes of coefficients per later round (first: %d with the task vectors)",
-        opts["mode"], len(r.clients), len(blocks), len(history) - 1, history[0]["score"],
-        max(h["score"] for h in history), traffic[1]["coefficients"] if len(traffic) > 1 else 0,
-        traffic[0]["vectors"])
+from strategies.phases import learn_phase, soup_phase
 
 
 def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
@@ -129,6 +82,9 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     #     Arithmetic's choice, scored on validation like any candidate.
     if s.coefficients["mode"] != "off":
         learn_phase(s, grid, r, task_vectors, scores, deltas, ft_val, choice, evaluate_config, timeout)
+    # 6c. Greedy soup (optional): models added best first while validation does not drop.
+    if s.greedy_soup:
+        soup_phase(s, grid, r, task_vectors, scores, deltas, ft_val, choice, evaluate_config, timeout)
     for m, (label, eta, value) in choice.items():
         c = r.candidates[label]
         r.best_etas[m] = eta

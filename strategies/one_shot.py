@@ -79,6 +79,8 @@ class OneShotMerge(FedAvg):
         `coef_rounds` coefficient-only rounds (Adam, `coef_lr`) on the clients' validation
         halves, objective "supervised" (aTLAS) or "entropy" (AdaMerging); the learned model
         is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
+    greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
+        as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class OneShotMerge(FedAvg):
         coef_objective: str = "supervised",
         coef_rounds: int = 5,
         coef_lr: float = 0.05,
+        greedy_soup: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -142,6 +145,7 @@ class OneShotMerge(FedAvg):
                             [name for name, _ in self.methods.values()])
         self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
                              "rounds": int(coef_rounds), "lr": float(coef_lr)}
+        self.greedy_soup = bool(greedy_soup)
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 
     def summary(self) -> None:

@@ -1,6 +1,7 @@
-"""The learned-coefficient phase through Flower (one in-process simulation, K=2, mnist-cnn):
-coefficient-only messages after the first, the learned model scored like any method, and
-its choice never worse on validation than the Task Arithmetic start."""
+"""The optional phases through Flower (one in-process simulation, K=2, mnist-cnn, both phases
+on): learned coefficients (coefficient-only messages after the first, the learned model
+scored like any method, never worse on validation than the Task Arithmetic start) and the
+greedy soup."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def learned(tmp_path_factory):
     cfg = RunConfig.from_flower({
         "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "30", "method": "task_arithmetic",
         "search": "off", "etas": "0.5,1", "output-dir": str(out), "learn-coefficients": "block",
-        "coef-rounds": 3, "coef-lr": 0.1, "cache": False,
+        "coef-rounds": 3, "coef-lr": 0.1, "cache": False, "greedy-soup": True,
     }).resolve()
     holder = {}
     app = ServerApp()
@@ -87,3 +88,17 @@ def test_hydra_keys_reach_the_run_config():
     assert mapped["coef-objective"] == "entropy" and "coef-lr" not in mapped  # unset: default
     resolved = RunConfig.from_flower(mapped).resolve()
     assert resolved.run.coef_lr == RunConfig().coef_lr
+
+
+def test_greedy_soup_starts_from_the_best_model_and_is_scored(learned):
+    r, out = learned
+    soup = r.soup
+    own = dict(zip(["rotate90", "parity"], soup["own-validation"]))
+    assert soup["history"][0]["model"] == max(own, key=own.get) and soup["history"][0]["kept"]
+    assert len(soup["history"]) == 2 and soup["members"][0] == soup["history"][0]["model"]
+    second = soup["history"][1]
+    assert second["kept"] == (second["score"] >= soup["history"][0]["score"])
+    assert r.best_etas["greedy-soup"] == 1.0
+    rows = [x for x in r.rows if x["method"] == "greedy-soup" and x["split"] == "test" and x["selected"]]
+    assert {x["task"] for x in rows} == {"rotate90", "parity"} and all(x["accuracy"] > 0.5 for x in rows)
+    assert json.loads((out / "run.json").read_text())["soup"]["members"] == soup["members"]

@@ -123,15 +123,20 @@ def normalised_score(accuracy: float, finetuned_val: float | None) -> float:
     return accuracy / finetuned_val if finetuned_val else accuracy
 
 
-def learned_candidate(mode: str, objective: str):
-    """The learned model as a round candidate: scored at eta 0 (the base) and 1 (theta0 +
-    Delta_learned); its lambda is its eta (the coefficients carry the scale)."""
+def phase_candidate(label: str, name: str, params: dict[str, Any]):
+    """A model added after the choice (learned coefficients, greedy soup) as a round
+    candidate: scored at eta 0 (the base) and 1 (theta0 + its Delta); its lambda is its eta
+    (its Delta carries its own scale)."""
     from fl_merge.round.candidates import Candidate
 
-    class Learned(Candidate):
+    class PhaseCandidate(Candidate):
         def lam(self, eta: float, num_models: int) -> float:
             return float(eta)
 
-    label = learned_label(mode)
-    return Learned(label, label, "learned_coefficients",
-                   {"coefficients": mode, "objective": objective}, {}, [0.0, 1.0])
+    return PhaseCandidate(label, label, name, dict(params), {}, [0.0, 1.0])
+
+
+def learned_candidate(mode: str, objective: str):
+    """The learned model's candidate, "learned-<mode>" (see `phase_candidate`)."""
+    return phase_candidate(learned_label(mode), "learned_coefficients",
+                           {"coefficients": mode, "objective": objective})

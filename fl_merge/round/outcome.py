@@ -36,6 +36,8 @@ class MergeRound:
     # The learned-coefficient phase (fl_merge/round/coefficients.py), when it ran: mode,
     # objective, the coefficients, per-round validation history and bytes sent.
     coefficients: dict[str, Any] = field(default_factory=dict)
+    # The greedy soup (fl_merge/soups.py), when it ran: own validation scores, members, history.
+    soup: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:
