@@ -29,13 +29,13 @@ from fl_merge.config_parsing import (  # noqa: F401  (ConfigError, parse_method_
     resolve_methods,
 )
 
-PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shared")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     num_clients: int = 4
-    data: str = "tasks"  # tasks: one task per client | iid | dirichlet | pathological split
+    data: str = "tasks"  # tasks: one task per client | iid | dirichlet | pathological split | shared
     suite: str = "mnist8"
     tasks: str = ""  # comma list of task names; empty: the first num-clients of the suite
     partition_task: str = "rotate90"  # the one task split across clients (data != tasks)

@@ -355,7 +355,7 @@ def test_inputs_requiring_grad_merge_without_autograd():
 KEYS = flower_keys()
 # Plausible values per key (so that many generated configs resolve), mixed with junk.
 PLAUSIBLE = {
-    "num-clients": [1, 2, 3, 4, 5, 8], "data": ["tasks", "iid", "dirichlet", "pathological"],
+    "num-clients": [1, 2, 3, 4, 5, 8], "data": ["tasks", "iid", "dirichlet", "pathological", "shared"],
     "suite": ["mnist8", "mnist-far", "vision8"], "tasks": ["", "rotate90,parity", "invert"],
     "partition-task": ["rotate90", "parity"], "alpha": [0.1, 1.0, "0.5"],
     "classes-per-client": [1, 2, 5], "partition-pool": [100, 8000], "model": ["mnist-cnn"],

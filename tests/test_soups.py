@@ -51,3 +51,21 @@ def test_the_soup_preset_is_one_task_sharded_uniform_soup_and_greedy_soup():
     # uniform soup = task_arithmetic at eta 1 only: theta0 + mean tau = mean theta
     assert r.methods == [("task_arithmetic", {})] and r.etas == [0.0, 1.0] and r.lambdas is None
     assert r.run.greedy_soup
+
+
+def test_the_diwa_preset_trains_every_client_on_the_same_data_with_diverse_settings():
+    from hydra import compose, initialize_config_dir
+
+    from clients.partitions import partition_indices
+    from fl_merge import cli
+    from fl_merge.config import RunConfig
+
+    with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
+        cfg = compose(cli.CONFIG_NAME, overrides=["+experiment=diwa"])
+    r = RunConfig.from_flower(cli.to_flower(cfg)[0]).resolve()
+    assert r.run.data == "shared" and r.methods == [("task_arithmetic", {})] and r.etas == [0.0, 1.0]
+    assert len(set(r.local_steps)) == 4 and len(set(r.lrs)) == 4 and len(set(r.seeds)) == 4
+    assert all(100 <= s <= 300 for s in r.local_steps) and all(0.003 <= x <= 0.03 for x in r.lrs)
+    labels = __import__("numpy").array([0, 1, 1, 0, 2])
+    for pid in range(3):  # no split: every client every example
+        assert partition_indices(labels, "shared", 3, pid).tolist() == [0, 1, 2, 3, 4]
