@@ -94,7 +94,11 @@ def learn_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict]
                 for c, g, acc in answers]
 
     t0 = time.perf_counter()
-    best, history = learn_coefficients(ask, start, rounds=opts["rounds"], lr=opts["lr"])
+    try:
+        best, history = learn_coefficients(ask, start, rounds=opts["rounds"], lr=opts["lr"])
+    except ValueError as e:  # e.g. no client answers QUERY messages (a plain Flower client)
+        r.notes.append(f"learned coefficients skipped: {e}")
+        return
     r.timings["coefficient-seconds"] = time.perf_counter() - t0
     cand = coef.learned_candidate(opts["mode"], opts["objective"])
     add_candidate(s, grid, r, scores, deltas, ft_val, choice, cand,

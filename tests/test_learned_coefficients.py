@@ -102,3 +102,4 @@ def test_greedy_soup_starts_from_the_best_model_and_is_scored(learned):
     rows = [x for x in r.rows if x["method"] == "greedy-soup" and x["split"] == "test" and x["selected"]]
     assert {x["task"] for x in rows} == {"rotate90", "parity"} and all(x["accuracy"] > 0.5 for x in rows)
     assert json.loads((out / "run.json").read_text())["soup"]["members"] == soup["members"]
+

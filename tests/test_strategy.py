@@ -514,3 +514,20 @@ def test_predictions_file_round_trip(tmp_path):
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         assert f.get_tensor("ties/mnist").dtype == torch.uint8
         assert '"ties": 0.3' in f.metadata()["etas"]
+
+
+def test_plain_clients_without_a_query_handler_skip_the_phase_with_a_note():
+    """A plain Flower ClientApp has no query function: its error replies leave no coefficient
+    gradient, so the phase is skipped (named in notes) and the round finishes."""
+
+    class NoQuery(FakeGrid):
+        def _answer(self, m):
+            if m.metadata.message_type == MessageType.QUERY:
+                return Error(code=0, reason="no query function registered")
+            return super()._answer(m)
+
+    s = OneShotMerge(method="task_arithmetic", etas=[1.0], learn_coefficients="task", coef_rounds=2)
+    r = _run(s, NoQuery({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
+    assert any(n.startswith("learned coefficients skipped: coefficient round 0: no client answered")
+               for n in r.notes), r.notes
+    assert list(r.best_etas) == ["task_arithmetic"] and r.coefficients == {}
