@@ -33,6 +33,7 @@ from clients.training import (
 from fl_merge.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.attacks import label_flip as flip_labels
 from fl_merge.evaluation import evaluate, evaluate_examples
+from fl_merge.plugins import load_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
@@ -123,6 +124,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     An attacker (config "attack"/"attackers") trains honestly (label_flip: on flipped
     labels), then replaces its task vector; the cache holds the honest update.
     """
+    load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
     plan = attack_plan(config)
     state, metrics = _train(config, pid, theta0, cache_dir,
                             label_flip=plan.attacks(pid) and plan.attack == "label_flip")
@@ -153,6 +155,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
                                       "grad0-samples", "compute-fisher", "fisher-samples")},
         "steps": cfg.steps, "lr": cfg.lr, "batch-size": cfg.batch_size, "seed": cfg.seed,
         **({"label-flip": True} if label_flip else {}),
+        **({"plugins": str(config["plugins"])} if config.get("plugins") else {}),
     }
     use_cache = bool(config.get("cache", True))
     key = update_key(state_digest(theta0), spec) if use_cache else ""
@@ -235,6 +238,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     Without a delta, score the received model on config 'split' (default test)."""
     _limit_threads()
     config = msg.content["config"]
+    load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
     pid = _partition_id(context, config)
     task = _task_for(config, pid)
     state = msg.content["arrays"].to_torch_state_dict()

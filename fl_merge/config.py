@@ -93,6 +93,10 @@ class RunConfig:
     attack_params: str = ""
     faults: str = ""  # <crash|nan|malformed|timeout>@<partition id>, comma separated
     fault_delay: float = 0.0  # seconds a timeout@ client waits before replying
+    # A user's own merge methods, tasks and models by import path (fl_merge/plugins.py):
+    # "method:<name>=<module>.<fn> task:<name>=... model:<name>=... <module>"; every process
+    # of the run registers them (here in resolve(), clients from the task config).
+    plugins: str = ""
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -122,6 +126,12 @@ class RunConfig:
         from fl_merge.models import get_model_spec
         from fl_merge.task_vectors import MergeInputError
 
+        from fl_merge.plugins import PluginError, load_plugins
+
+        try:
+            load_plugins(self.plugins)  # first: the names below may be the plugins' own
+        except PluginError as e:
+            raise ConfigError(str(e)) from None
         k = self.num_clients
         if k < 1:
             raise ConfigError(f"num-clients must be at least 1, got {k}")
@@ -191,6 +201,12 @@ class RunConfig:
             raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device=cuda but torch sees no CUDA GPU on this machine "
+                                  f"(torch {torch.__version__}): use device=auto or device=cpu")
         if self.fisher_samples <= 0:
             raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
         if self.pretrain_steps <= 0:
@@ -257,6 +273,7 @@ class ResolvedConfig:
             "data": run.data, "partition-task": run.partition_task, "alpha": run.alpha,
             "classes-per-client": run.classes_per_client, "partition-pool": run.partition_pool,
             "device": run.device,  # where clients train and score too (not part of a cache key)
+            "plugins": run.plugins,  # each client registers them before building its task and model
         }
 
     def train_config(self) -> dict[str, Any]:

@@ -75,6 +75,34 @@ def run(run_cfg: RunConfig, *, num_supernodes: int | None = None, client_gpus: f
     pretrained_backbone(run_cfg.model, PretrainConfig(steps=run_cfg.pretrain_steps,
                                                       seed=run_cfg.pretrain_seed), progress=progress)
     log_path = out / LOG_FILE
+    from fl_merge.round.failures import FAILURE_FILE
+
+    (out / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier run into this directory
+    try:
+        _execute(run_cfg, engine, supernodes, gpus, log_path, stream, app, keep_superlink)
+        try:
+            rows = results.read_rows(out / results.RESULTS_FILE)
+            meta = json.loads((out / results.RUN_FILE).read_text())
+        except OSError as e:
+            raise RunFailed(f"the run wrote no results ({e}); log: {log_path}") from None
+    except RunFailed as e:
+        _record_failure(out / FAILURE_FILE, str(e))
+        raise
+    return Outcome(out, rows, meta)
+
+
+def _record_failure(path: Path, reason: str) -> None:
+    """failure.json for a run that failed outside the round (the ServerApp writes its own,
+    with the clients, when the round itself stops): every failed run leaves its reason."""
+    if not path.exists():
+        out = path.parent
+        out.mkdir(parents=True, exist_ok=True)
+        results.write_json(path, {"status": "failed", "reason": reason})
+
+
+def _execute(run_cfg: RunConfig, engine: str, supernodes: int, gpus: float, log_path: Path,
+             stream: bool, app: Path | None, keep_superlink: bool) -> None:
+    """The run itself, in a child process (simulation) or through `flwr run` (superlink)."""
     if engine == "simulation":
         spec = {"run_config": run_cfg.to_flower(), "num_supernodes": supernodes,
                 "parent": os.getpid(), "client_gpus": gpus}
@@ -86,12 +114,6 @@ def run(run_cfg: RunConfig, *, num_supernodes: int | None = None, client_gpus: f
         from fl_merge.superlink import flwr_run
 
         flwr_run(run_cfg, supernodes, gpus, log_path, stream, app, keep_superlink)
-    try:
-        rows = results.read_rows(out / results.RESULTS_FILE)
-        meta = json.loads((out / results.RUN_FILE).read_text())
-    except OSError as e:
-        raise RunFailed(f"the run wrote no results ({e}); log: {log_path}") from None
-    return Outcome(out, rows, meta)
 
 
 def _die_with_parent(parent: int | None) -> None:

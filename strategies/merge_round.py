@@ -15,6 +15,7 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fl_merge.round.failures import attribute
 from fl_merge.round.candidates import candidate_methods, plan_candidates, search_record
 from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound
@@ -22,7 +23,7 @@ from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
-from fl_merge.round.updates import check_enough, collect_updates
+from fl_merge.round.updates import MergeRoundError, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
 from strategies.phases import learn_phase, soup_phase
 
@@ -35,6 +36,15 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     s = strategy
     r = MergeRound(methods=dict(s.methods), etas=s.etas, task_names=s.task_names,
                    theta0={k: v.detach().clone() for k, v in theta0.items()})
+    try:
+        return _steps(s, grid, r, train_config, evaluate_config, timeout)
+    except MergeRoundError as e:
+        e.partial = r  # what the round had when it stopped: the ServerApp's failure.json
+        raise
+
+
+def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
+           evaluate_config: Mapping[str, Any], timeout: float) -> MergeRound:
     # 1. Train: theta0 to every client; replies become ClientUpdates (failures named).
     config = {**train_config, **train_requests(s.methods, s.measure_heterogeneity)}
     updates, r.failures = s.train(grid, r.theta0, config, timeout)
@@ -42,8 +52,15 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     # 2. Task vectors over the merge-key patterns; malformed or non-finite ones left out.
     r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, s.is_merged)
     r.failures += left_out
+    asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
+    # One record per lost node, with its partition and task where known (by elimination).
+    r.failures, r.missing_tasks = attribute(r.failures, [c.partition_id for c in r.clients], asked,
+                                            r.task_names)
     for f in r.failures:
-        log(WARNING, "left out %s (%s): %s", f["client"], f["stage"], f["reason"])
+        log(WARNING, "left out %s%s (%s): %s", f["client"], f" [task {f['task']}]" if f["task"] else "",
+            f["stage"], f["reason"])
+    if r.missing_tasks:
+        log(WARNING, "tasks missing from the results: %s", ", ".join(r.missing_tasks))
     # (a method whose knobs are searched keeps the settings K allows: its defaults need not fit)
     fixed = {m: v for m, v in s.methods.items() if s.search != "paper" or not s.spaces.get(m)}
     check_enough(len(r.clients), s.min_clients, fixed, r.failures)
@@ -51,7 +68,6 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     if cached:
         log(INFO, "%d of %d clients reused a cached update (no training)", cached, len(r.clients))
     # 3. Colluding attackers replace their task vectors (client-side attacks already happened).
-    asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     task_vectors = collude(s.attack_plan, r.clients, task_vectors, asked)
     # 4. Candidates: each method's knob settings (search=paper; its fixed params otherwise),
     #    each with its own etas; one Delta per setting, all from the same updates.
@@ -118,6 +134,7 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     r.predictions, missing = chosen_predictions(chosen_scores, r.best_etas)
     r.notes += missing
     r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
+    r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], asked, r.task_names)
     for note in r.notes:
         log(WARNING, "%s", note)
     return r

@@ -20,6 +20,7 @@ in sequence; no message is sent from inside another callback.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -47,6 +48,7 @@ from fl_merge.round.scoring import (
     plain_answer,
     plain_requests,
 )
+from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.task_vectors import StateDict, split_extras
 
@@ -180,12 +182,13 @@ class OneShotMerge(FedAvg):
         A node that fails, never replies or sends a malformed reply is a named failure."""
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "merge-keys": list(self.merge_keys)})
         messages = list(self.configure_train(1, ArrayRecord(theta0), cfg, grid))
-        replies = _send(grid, messages, timeout)
+        replies, elapsed = _send(grid, messages, timeout)
         updates, failures = [], []
-        for m in messages:
+        for m in messages:  # named by the node the message went to (an error reply's source
+            # may be the SuperLink itself, answering for a lost node)
             node, reply = m.metadata.dst_node_id, replies.get(m.metadata.message_id)
             if reply is None:
-                failures.append(failure(node, "train", f"no reply within the round timeout ({timeout:g}s)"))
+                failures.append(failure(node, "train", no_reply_reason(elapsed, timeout)))
             elif reply.has_error():
                 failures.append(failure(node, "train", reply.error.reason))
             else:
@@ -246,13 +249,14 @@ class OneShotMerge(FedAvg):
                 label, eta, split = req
                 state = candidate_state(theta0, c.per_task, deltas[label] if label else None, eta)
                 sent.append((c, self.plain_message(c, state, split, label, eta, config), req))
-        replies = _send(grid, [m for _, m, _ in sent], timeout)
+        replies, elapsed = _send(grid, [m for _, m, _ in sent], timeout)
+        silent = no_reply_reason(elapsed, timeout)
         scores: Scores = {m: {} for m in grids}
         failures: list[dict[str, Any]] = []
         for c in clients:  # client order, not arrival order
             mine = [(m, req) for cc, m, req in sent if cc is c]
             try:
-                part = self._client_scores(mine, replies, grids, splits)
+                part = self._client_scores(mine, replies, grids, splits, silent)
             except MergeRoundError as e:
                 failures.append(failure(c.node_id, phase, str(e), c))
                 continue
@@ -267,13 +271,14 @@ class OneShotMerge(FedAvg):
 
     @staticmethod
     def _client_scores(mine: list[tuple[Message, Any]], replies: Mapping[str, Message], grids: Grids,
-                       splits: Sequence[str]) -> dict[str, Part]:
-        """One client's scores from its replies; MergeRoundError with the first reason."""
+                       splits: Sequence[str], silent: str) -> dict[str, Part]:
+        """One client's scores from its replies; MergeRoundError with the first reason
+        (`silent`: why a message got no reply)."""
         answers = {}
         for m, req in mine:
             reply = replies.get(m.metadata.message_id)
             if reply is None:
-                raise MergeRoundError("no reply within the round timeout")
+                raise MergeRoundError(silent)
             if reply.has_error():
                 raise MergeRoundError(reply.error.reason)
             metrics = dict(next(iter(reply.content.metric_records.values()), {}))
@@ -340,13 +345,14 @@ def _bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.values())
 
 
-def _send(grid: Grid, messages: list[Message], timeout: float) -> dict[str, Message]:
-    """grid.send_and_receive; replies by the id of the message they answer (the grid sets
-    each message's id when it pushes it)."""
+def _send(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict[str, Message], float]:
+    """grid.send_and_receive; (replies by the id of the message they answer (the grid sets
+    each message's id when it pushes it), seconds the wait took)."""
     if not messages:
-        return {}
+        return {}, 0.0
+    t0 = time.monotonic()
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    return {r.metadata.reply_to_message_id: r for r in replies}
+    return {r.metadata.reply_to_message_id: r for r in replies}, time.monotonic() - t0
 
 
 def _named_merge(name: str, method: str, doc: str) -> type[OneShotMerge]:

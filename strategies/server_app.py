@@ -22,9 +22,11 @@ from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
+from fl_merge.round.failures import FAILURE_FILE, failure_record
 from fl_merge.round.keys import MergeKeysError, check_merge_keys
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.tables import format_comparison
+from fl_merge.round.updates import MergeRoundError
 from fl_merge.task_vectors import StateDict
 from strategies.merge_round import run_round
 from strategies.one_shot import OneShotMerge
@@ -82,10 +84,26 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
     )
     wait_for_clients(grid, k, run.connect_timeout)
-    outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(), run.round_timeout)
+    try:
+        outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(), run.round_timeout)
+    except MergeRoundError as e:
+        write_failure(cfg.output_dir(), str(e), getattr(e, "partial", None))
+        raise
     outcome.timings["total-seconds"] = time.perf_counter() - t0
     write_outputs(cfg.output_dir(), outcome, cfg, run_id)
     return outcome
+
+
+def write_failure(out: Path, reason: str, r: MergeRound | None) -> None:
+    """failure.json for a round that stopped: why, which clients had finished (partition,
+    task, node) and where their updates are, who was lost, which tasks are missing."""
+    finished = [{"partition_id": c.partition_id, "task": r.task_name(c), "node_id": c.node_id,
+                 "cached": bool(c.metrics.get("cached", 0))} for c in (r.clients if r else [])]
+    failures = r.failures if r else []
+    stage = failures[-1]["stage"] if failures else "round"
+    results.write_json(out / FAILURE_FILE, failure_record(reason, stage, finished, failures,
+                                                          r.missing_tasks if r else []))
+    log(INFO, "the run failed: %s (details: %s)", reason, out / FAILURE_FILE)
 
 
 def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) -> None:
@@ -94,6 +112,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
     extra = {"run_id": run_id, "num_clients": cfg.run.num_clients, "data": cfg.run.data,
              **{f"het_{name}": v for name, v in r.heterogeneity.items() if isinstance(v, (int, float))}}
     results.write_rows(out / results.RESULTS_FILE, r.rows, extra)
+    (out / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failed run in this directory
     heads = {r.task_name(c): c.per_task for c in r.clients}
     for i, (label, (name, params)) in enumerate(r.methods.items()):
         eta = r.best_etas[label]
@@ -118,7 +137,8 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "clients": [{"task": r.task_name(c), "node_id": c.node_id, "grid-eval": c.grid_eval, **c.metrics}
                     for c in r.clients],
         "heterogeneity": r.heterogeneity,
-        "failures": r.failures,  # clients left out: who, at which stage, why
+        "failures": r.failures,  # clients left out: who (node, partition, task), at which stage, why
+        "missing_tasks": r.missing_tasks,  # tasks with no usable update: not in results.csv
         "timings": r.timings,
         "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
         "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)

@@ -106,3 +106,12 @@ def test_boolean_keys_accept_toml_and_text():
     assert RunConfig.from_flower({"cache": "true"}).cache is True
     with pytest.raises(ConfigError, match="cache: 'maybe' is not true or false"):
         RunConfig.from_flower({"cache": "maybe"})
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_trains(capsys):
+    with pytest.raises(ConfigError, match="device=cuda but torch sees no CUDA GPU on this "
+                                          r"machine \(torch .*\): use device=auto or device=cpu"):
+        RunConfig(device="cuda").resolve()
+    assert launch_main(["--run-config", "device=cuda"]) == 2
+    assert "device=cuda but torch sees no CUDA GPU" in capsys.readouterr().err

@@ -186,8 +186,13 @@ def test_crashing_client_is_left_out_and_attacker_flips_its_update(tmp_path):
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     strategy = holder["strategy"]
     assert [int(c.metrics["partition-id"]) for c in strategy.clients] == [0, 2]
-    (failure,) = json.loads((tmp_path / results.RUN_FILE).read_text())["failures"]
+    meta = json.loads((tmp_path / results.RUN_FILE).read_text())
+    (failure,) = meta["failures"]
     assert failure["stage"] == "train"
+    # named once, by node id and (by elimination: partitions 0 and 2 replied) partition 1, parity
+    assert (failure["partition_id"], failure["task"]) == (1, "parity")
+    assert failure["client"] == f"node {failure['node_id']} (partition 1)"
+    assert meta["missing_tasks"] == ["parity"]
     assert failure["reason"].endswith("injected fault: partition 1 crashed during training")
     assert "\n" not in failure["reason"]  # the exception line, not Ray's whole traceback
     rows = results.read_rows(tmp_path / results.RESULTS_FILE)

@@ -375,6 +375,7 @@ PLAUSIBLE = {
     "attack": ["", "sign_flip", "scale", "alie"], "attackers": ["", "last:1", "0"],
     "attack-params": ["", "scale=2", "factor=3"], "faults": ["", "crash@1", "nan@0"],
     "fault-delay": [0.0, 1.5],
+    "plugins": ["", "method:fedavg=fl_merge.aggregation.fedavg", "no.such.module", "task:x"],
 }
 assert set(PLAUSIBLE) == set(KEYS), "a new run-config key: give it plausible values here"
 JUNK_CONFIG = st.one_of(

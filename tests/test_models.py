@@ -139,7 +139,7 @@ def test_hub_names_fail_with_one_clear_message(tmp_path):
         RunConfig(model=f"timm:resnet18@{tmp_path / 'none.pth'}").resolve()
     with pytest.raises(ConfigError, match="give the local weights"):
         RunConfig(model="open_clip:ViT-B-32").resolve()
-    with pytest.raises(ConfigError, match="unknown model 'resnet'.*hf:<dir>"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet'.*hf:<dir or hub id>"):
         RunConfig(model="resnet").resolve()
     try:
         import timm  # noqa: F401
@@ -198,5 +198,5 @@ def test_a_model_whose_package_is_missing_is_refused_before_the_run(monkeypatch)
 
 
 def test_the_hf_group_without_a_path_says_what_to_set():
-    with pytest.raises(ConfigError, match="model.name is not set: give model.name=hf:<dir>"):
+    with pytest.raises(ConfigError, match="model.name is not set: give model.name=hf:<dir or hub id>"):
         RunConfig(model="???").resolve()

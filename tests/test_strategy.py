@@ -211,7 +211,8 @@ def test_failed_client_is_named_and_left_out():
     assert [c.node_id for c in r.clients] == [11, 13]
     torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), 2.0))  # mean of 1 and 3
     assert r.failures == [{"client": "node 12", "node_id": 12, "partition_id": None, "stage": "train",
-                           "reason": "out of memory"}]
+                           "reason": "out of memory", "task": None}]
+    assert r.missing_tasks == []  # these clients do not say their partition: nothing to guess
 
 
 def test_malformed_nan_silent_and_unweighted_clients_are_left_out():
@@ -531,3 +532,53 @@ def test_plain_clients_without_a_query_handler_skip_the_phase_with_a_note():
     assert any(n.startswith("learned coefficients skipped: coefficient round 0: no client answered")
                for n in r.notes), r.notes
     assert list(r.best_etas) == ["task_arithmetic"] and r.coefficients == {}
+
+
+def test_a_lost_client_is_named_once_with_its_partition_and_task():
+    """Partitions 0 and 2 reply, the node running partition 1 is lost (an error reply whose
+    reason is Flower's): one record, its node id, partition 1 by elimination, its task, the
+    true reason; the missing task is listed. With two lost nodes nothing is guessed."""
+    tasks = ["rotate90", "parity", "invert"]
+    lost = Error(code=0, reason="node lost: missed heartbeats")
+    r = _run(OneShotMerge(method="fedavg", task_names=tasks, etas=[1.0]),
+             FakeGrid({100: _rich(0, 10), 101: lost, 102: _rich(2, 10)}))
+    assert r.failures == [{"client": "node 101 (partition 1)", "node_id": 101, "partition_id": 1,
+                           "stage": "train", "reason": "node lost: missed heartbeats", "task": "parity"}]
+    assert r.missing_tasks == ["parity"]
+    r = _run(OneShotMerge(method="fedavg", task_names=tasks, etas=[1.0]),
+             FakeGrid({100: _rich(0, 10), 101: lost, 103: None}))
+    assert [(f["node_id"], f["partition_id"], f["task"]) for f in r.failures] == [(101, None, None),
+                                                                                 (103, None, None)]
+    assert "no reply" in r.failures[1]["reason"]
+    assert r.missing_tasks == ["parity", "invert"]
+
+
+def test_a_round_that_stops_writes_failure_json_with_who_finished(tmp_path):
+    """min-clients=3 and one of 3 lost: the MergeRoundError carries the round so far, and the
+    ServerApp's failure.json says why, who finished (partition, task, node), who was lost."""
+    import json
+
+    from fl_merge.round.failures import FAILURE_FILE
+    from strategies.server_app import write_failure
+
+    tasks = ["rotate90", "parity", "invert"]
+    with pytest.raises(MergeRoundError, match=r"only 2 usable .*need at least 3") as err:
+        _run(OneShotMerge(method="fedavg", task_names=tasks, min_clients=3),
+             FakeGrid({100: _rich(0, 10), 101: Error(code=0, reason="killed"), 102: _rich(2, 10)}))
+    write_failure(tmp_path, str(err.value), err.value.partial)
+    record = json.loads((tmp_path / FAILURE_FILE).read_text())
+    assert record["status"] == "failed" and "need at least 3" in record["reason"]
+    assert [(c["partition_id"], c["task"], c["node_id"]) for c in record["finished_clients"]] == [
+        (0, "rotate90", 100), (2, "invert", 102)]
+    assert [(f["node_id"], f["task"], f["reason"]) for f in record["lost_clients"]] == [
+        (101, "parity", "killed")]
+    assert record["missing_tasks"] == ["parity"] and record["stage"] == "train"
+    assert "cache=true reuses them" in record["cached_updates"]
+
+
+def test_no_reply_says_whether_the_timeout_ran_out_or_flower_gave_up_earlier():
+    from fl_merge.round.failures import no_reply_reason
+
+    assert no_reply_reason(120.0, 120.0) == "no reply within the round timeout (120s)"
+    assert no_reply_reason(71.2, 120.0) == ("no reply: Flower stopped waiting for the node after 71s, "
+                                            "before the round timeout (120s); the node was lost")

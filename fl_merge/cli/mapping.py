@@ -11,7 +11,10 @@ Mapping onto the Flower run config (`to_flower`), then ``RunConfig.from_flower(.
 * ``method.<param>`` values that differ from the registry default go to
   ``method-params`` as ``<method>.<param>=<value>`` for every listed method taking the
   parameter (one equal to the default is not passed: it is the default);
-* ``runtime.num_supernodes`` and ``runtime.client_gpus`` are for the CLI only.
+* ``runtime.num_supernodes`` and ``runtime.client_gpus`` are for the CLI only;
+* ``_target_`` in the method or model group, or a ``{_target_, name}`` entry of
+  ``data.tasks``, names a user's own function by import path: it becomes a ``plugins`` item
+  (fl_merge/plugins.py `from_hydra`), registered here at once and in every process of the run.
 
 `plan` composes and validates every job of a command line before anything trains.
 """
@@ -112,7 +115,18 @@ def to_flower(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     values set, CLI options). Raises ConfigError for a key that is no setting."""
     from omegaconf import DictConfig, OmegaConf
 
+    from fl_merge.plugins import PluginError, from_hydra, load_plugins
+
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    try:
+        data, items = from_hydra(data)
+        listed = data.get("plugins") or []
+        items = [*(listed.replace(",", " ").split() if isinstance(listed, str) else listed), *items]
+        load_plugins(items)  # the method group below looks the plugin methods up
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
+    if items:
+        data["plugins"] = items
     fields = run_config_fields()
     flower: dict[str, Any] = {}
     options: dict[str, Any] = {}

@@ -26,7 +26,8 @@ from fl_merge.config import RunConfig
 
 # Keys a group takes whatever its option; "name" selects the group's RunConfig field.
 GROUP_KEYS = {
-    "model": ("name", "pretrain_steps", "pretrain_seed"),
+    # _target_: a user's model builder by import path (fl_merge/plugins.py), model.name its name
+    "model": ("name", "_target_", "pretrain_steps", "pretrain_seed"),
     "training": ("local_steps", "lr", "batch_size", "fisher_samples"),
     "eval": ("etas", "weighting", "test_all_etas"),
     "runtime": ("device", "cache", "output_dir", "round_timeout", "connect_timeout",
@@ -53,7 +54,7 @@ def group_schema(group: str) -> type:
     """The structured config of `group` (see the module docstring)."""
     fields = []
     for key in GROUP_KEYS[group]:
-        if key == "name":
+        if key in ("name", "_target_"):
             kind: Any = Optional[str]  # noqa: UP007
         elif key in LIST_KEYS or key in CLI_KEYS:
             kind = Optional[Any]  # noqa: UP007 (CLI options: build_job names a bad value)

@@ -1,0 +1,75 @@
+"""Who was lost, where and why: failure records as run.json and failure.json report them.
+
+The server addresses clients by Flower node id; which partition (and so which task) a node
+runs lives in that node's own config. A client that replies says its partition; a lost one
+cannot. So a lost client's partition is worked out by elimination: the partitions with no
+usable update are the missing tasks, and when exactly one train failure has no partition and
+exactly one partition is missing, that failure is that partition. Otherwise the records keep
+their node ids and `missing_tasks` lists the tasks (never a guess).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+FAILURE_FILE = "failure.json"
+CACHE_NOTE = ("each finished client's update is in its client-update cache (~/.cache/fl-merge/updates "
+              "on its machine, or the SuperNode's node-config cache-dir): a rerun of the same config "
+              "with cache=true reuses them without retraining")
+
+
+def no_reply_reason(elapsed: float, timeout: float) -> str:
+    """Why a message got no reply: the round timeout ran out, or Flower gave up on the node
+    earlier (it ended the wait before the timeout: the node left, e.g. missed heartbeats)."""
+    if elapsed >= 0.99 * timeout:
+        return f"no reply within the round timeout ({timeout:g}s)"
+    return (f"no reply: Flower stopped waiting for the node after {elapsed:.0f}s, before the "
+            f"round timeout ({timeout:g}s); the node was lost")
+
+
+def task_of(partition: int | None, task_names: Sequence[str] | None) -> str | None:
+    if partition is None or task_names is None or not 0 <= partition < len(task_names):
+        return None
+    return task_names[partition]
+
+
+def attribute(failures: Sequence[Mapping[str, Any]], usable: Iterable[int | None], num_clients: int,
+              task_names: Sequence[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """(failures, missing tasks): one record per node (its first failure: a node lost in
+    training is not named again later), each with its partition and task where known (by
+    elimination for one unnamed lost client, see the module docstring), and the tasks of the
+    partitions 0..num_clients-1 that have no usable update (none listed when a usable client
+    does not say its partition, e.g. a foreign ClientApp: then it cannot be known)."""
+    seen: set[Any] = set()
+    out: list[dict[str, Any]] = []
+    for f in failures:
+        key = f.get("node_id", f.get("client"))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(dict(f))
+    usable = list(usable)
+    if any(p is None for p in usable):  # clients that do not say their partition: unknowable
+        missing: list[int] = []
+    else:
+        missing = [p for p in range(num_clients) if p not in set(usable)]
+    named = {f["partition_id"] for f in out if f.get("partition_id") is not None}
+    unnamed = [f for f in out if f.get("partition_id") is None and f.get("stage") == "train"]
+    open_partitions = [p for p in missing if p not in named]
+    if len(unnamed) == 1 and len(open_partitions) == 1:
+        f = unnamed[0]
+        f["partition_id"] = open_partitions[0]
+        f["client"] = f"{f['client']} (partition {open_partitions[0]})"
+    for f in out:
+        f["task"] = task_of(f.get("partition_id"), task_names)
+    return out, [task_of(p, task_names) or f"partition {p}" for p in missing]
+
+
+def failure_record(reason: str, stage: str, finished: Sequence[Mapping[str, Any]],
+                   failures: Sequence[Mapping[str, Any]], missing_tasks: Sequence[str]) -> dict[str, Any]:
+    """failure.json of a run that did not finish: why, at which stage, which clients had
+    finished (partition, task, node) and where their updates are, who was lost."""
+    return {"status": "failed", "reason": reason, "stage": stage, "finished_clients": list(finished),
+            "lost_clients": list(failures), "missing_tasks": list(missing_tasks),
+            "cached_updates": CACHE_NOTE if finished else "no client finished"}

@@ -1,0 +1,112 @@
+"""docs/extending.md runs as written: its `my_plugins.py` blocks make the module, its Python
+blocks run in order (one Flower simulation in all, with the plugin method, task and model
+together), its commands and its Hydra snippet resolve."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+FENCE = re.compile(r"^```(\S*)[ \t]*(\S*)\n(.*?)^```", re.S | re.M)
+
+
+def blocks() -> list[tuple[str, str, str]]:
+    """(language, file tag, code) of every fenced block, in order."""
+    return [(m.group(1), m.group(2), m.group(3)) for m in FENCE.finditer(DOC.read_text())]
+
+
+def test_the_page_has_one_worked_example_of_each_kind():
+    code = "".join(c for lang, tag, c in blocks() if tag == "my_plugins.py")
+    for name in ("def sign_mean(stacked, weights", "def stripes(seed", "def tiny_cnn()"):
+        assert name in code
+    runs = [c for lang, tag, c in blocks() if lang == "python" and not tag]
+    assert sum("run(cfg" in c for c in runs) == 1  # one Flower simulation in all
+
+
+@pytest.fixture
+def registries():
+    """Registrations the page makes stay in the test."""
+    from clients import tasks
+    from fl_merge import models
+    from fl_merge.aggregation import registry
+
+    tables = (tasks.TASKS, tasks.TASK_KINDS, models.MODELS)
+    saved = [dict(t.data) for t in tables]
+    methods = dict(registry._METHODS)
+    yield
+    for t, entries in zip(tables, saved):
+        t.data = entries
+    registry._METHODS.clear()
+    registry._METHODS.update(methods)
+
+
+def _resolve(line: str) -> None:
+    """A documented command resolved as its CLI would before running anything."""
+    from fl_merge import cli
+    from fl_merge.launch import resolve_args
+
+    argv = shlex.split(line)
+    assert argv[0] == "PYTHONPATH=.", line
+    prog, args = argv[1], argv[2:]
+    if prog == "fl-merge-run":
+        resolve_args(args)
+    else:
+        assert prog == "fl-merge", line
+        (job,) = cli.plan(args, False)
+        assert "method:sign_mean=my_plugins.sign_mean" in job.run.plugins
+        assert job.run.tasks == "stripes,rotate90" and job.run.model == "tiny-cnn"
+
+
+def test_the_examples_run(tmp_path, monkeypatch, registries):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, build_job
+
+    all_blocks = blocks()
+    (tmp_path / "my_plugins.py").write_text(
+        "".join(code for _, tag, code in all_blocks if tag == "my_plugins.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # the run's child process and its Ray workers import my_plugins too
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    namespace: dict = {}
+    for lang, tag, code in all_blocks:
+        if lang == "python" and not tag:
+            exec(compile(code, f"{DOC.name} block", "exec"), namespace)  # noqa: S102
+    outcome = namespace["outcome"]
+    chosen = [r for r in outcome.rows if r["model"] == "merged" and r["split"] == "test" and r["selected"] is True]
+    assert {(r["method"], r["task"]) for r in chosen} == {
+        (m, t) for m in ("task_arithmetic", "sign_mean") for t in ("stripes", "rotate90")}
+    # the plugin model learnt the plugin task and the built-in one (chance: 0.5 and 0.1) ...
+    tuned = {r["task"]: r["accuracy"] for r in outcome.rows if r["model"] == "finetuned" and r["split"] == "test"}
+    assert tuned["stripes"] > 0.9 and tuned["rotate90"] > 0.5, tuned
+    # ... and each method's merge, at its validation choice, beats theta0 on mean test accuracy
+    base = [r["accuracy"] for r in outcome.rows if r["model"] == "base" and r["split"] == "test"
+            and r["method"] == "sign_mean"]
+    for method in ("task_arithmetic", "sign_mean"):
+        merged = [r["accuracy"] for r in chosen if r["method"] == method]
+        assert sum(merged) / 2 > sum(base) / 2, (method, merged, base)
+    assert outcome.meta["config"]["plugins"].startswith("method:sign_mean=my_plugins.sign_mean")
+    # both commands and the Hydra snippet resolve (no second run)
+    commands = [line for lang, _, code in all_blocks if lang == "bash" for line in code.splitlines() if line]
+    assert len(commands) == 2
+    for line in commands:
+        _resolve(line)
+    (snippet,) = [code for lang, _, code in all_blocks if lang == "yaml"]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name="extending"):
+        cfg = compose(CONFIG_NAME, overrides=["model._target_=my_plugins.tiny_cnn", "model.name=tiny-cnn",
+                                              "data.tasks=[stripes,rotate90]", "num_clients=2",
+                                              "plugins='task:stripes=my_plugins.stripes'"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.method = OmegaConf.create(snippet).method
+    job = build_job(cfg)
+    assert job.run.method == "sign_mean"
+    assert set(job.run.plugins.split(",")) == {"task:stripes=my_plugins.stripes",
+                                               "method:sign_mean=my_plugins.sign_mean",
+                                               "model:tiny-cnn=my_plugins.tiny_cnn"}
