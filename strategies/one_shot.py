@@ -305,7 +305,7 @@ class OneShotMerge(FedAvg):
                                            c.node_id not in held)) for c in pending]
             for c, m in msgs:
                 sent_bytes["vectors" if c.node_id not in held else "coefficients"] += _bytes(m.content)
-            replies, pending = _send(grid, [m for _, m in msgs], timeout), []
+            (replies, _), pending = _send(grid, [m for _, m in msgs], timeout), []
             for c, m in msgs:
                 reply = replies.get(m.metadata.message_id)
                 if reply is None or reply.has_error():
