@@ -341,8 +341,15 @@ class OneShotMerge(FedAvg):
 
 
 def _bytes(content: RecordDict) -> int:
-    """A message's payload: the bytes of its records (Flower's own count per record)."""
-    return sum(rec.count_bytes() for rec in content.values())
+    """A message's payload: the bytes of its records (Flower's own count per record). flwr
+    1.41's ConfigRecord.count_bytes raises on an empty string or list (e.g. plugins=""), so
+    those entries (zero bytes of value) are left out of the count."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ConfigRecord):
+            rec = ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, (str, bytes, list)) and not v)})
+        total += rec.count_bytes()
+    return total
 
 
 def _send(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict[str, Message], float]:

@@ -582,3 +582,13 @@ def test_no_reply_says_whether_the_timeout_ran_out_or_flower_gave_up_earlier():
     assert no_reply_reason(120.0, 120.0) == "no reply within the round timeout (120s)"
     assert no_reply_reason(71.2, 120.0) == ("no reply: Flower stopped waiting for the node after 71s, "
                                             "before the round timeout (120s); the node was lost")
+
+
+def test_message_bytes_count_empty_config_values_as_nothing():
+    """Flower's ConfigRecord.count_bytes refuses "" and []: they count as 0 bytes here."""
+    from flwr.app import ConfigRecord
+
+    from strategies.one_shot import _bytes
+
+    content = RecordDict({"config": ConfigRecord({"plugins": "", "coef": [1.0, 2.0], "none": [], "m": "ab"})})
+    assert _bytes(content) == (2 * 8 + len("coef")) + (2 + len("m"))
