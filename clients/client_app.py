@@ -317,3 +317,21 @@ def _eta_grids(config: ConfigRecord, num_deltas: int) -> list[list[float]]:
                          f"{num_deltas} deltas")
     starts = [sum(counts[:i]) for i in range(num_deltas)]
     return [etas[a:a + n] for a, n in zip(starts, counts)]
+
+
+@app.query()
+def coefficients(msg: Message, context: Context) -> Message:
+    """The learned-coefficient phase (clients/coefficients.py): the coefficient gradient on
+    half the validation split and the accuracy on the other half, K x B numbers back."""
+    from clients.coefficients import answer
+
+    _limit_threads()
+    config = msg.content["config"]
+    pid = _partition_id(context, config)
+    task = _task_for(config, pid)
+    device = client_device(str(config.get("device", "cpu")))
+    seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
+    metrics = answer(msg.content, context.state, task,
+                     lambda s: model_for_task(str(config["model"]), task, s, seed, device))
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}),
+                   reply_to=msg)

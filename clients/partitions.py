@@ -2,7 +2,8 @@
 
 The split is done by flwr-datasets partitioners on an in-memory `datasets.Dataset` of the
 task's training pool: IID, Dirichlet(alpha) over labels (smaller alpha = more skewed), or
-pathological (each client sees only `classes_per_client` classes). Every client shares the
+pathological (each client sees only `classes_per_client` classes), or shared (no split:
+every client trains on the whole pool, so clients differ only by seed, lr and steps: DiWA). Every client shares the
 task's label space and one frozen head (a probe fitted on the task's public validation
 split, like a zero-shot head everyone has), and is scored on the task's global val/test.
 """
@@ -18,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from clients.tasks import SplitSizes, TaskData, load_task
 
-SCHEMES = ("iid", "dirichlet", "pathological")
+SCHEMES = ("iid", "dirichlet", "pathological", "shared")
 
 
 def make_partitioner(scheme: str, num_partitions: int, alpha: float = 0.5,
@@ -40,7 +41,10 @@ def make_partitioner(scheme: str, num_partitions: int, alpha: float = 0.5,
 
 def partition_indices(labels: np.ndarray, scheme: str, num_partitions: int, partition_id: int,
                       alpha: float = 0.5, classes_per_client: int = 2, seed: int = 0) -> np.ndarray:
-    """Indices into `labels` of partition `partition_id` (sorted)."""
+    """Indices into `labels` of partition `partition_id` (sorted). "shared": every client
+    gets every index (K runs on the SAME data, as DiWA and model soups fine-tune)."""
+    if scheme == "shared":
+        return np.arange(len(labels), dtype=np.int64)
     import datasets
 
     ds = datasets.Dataset.from_dict({"idx": np.arange(len(labels)), "label": np.asarray(labels)})

@@ -29,13 +29,13 @@ from fl_merge.config_parsing import (  # noqa: F401  (ConfigError, parse_method_
     resolve_methods,
 )
 
-PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shared")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     num_clients: int = 4
-    data: str = "tasks"  # tasks: one task per client | iid | dirichlet | pathological split
+    data: str = "tasks"  # tasks: one task per client | iid | dirichlet | pathological split | shared
     suite: str = "mnist8"
     tasks: str = ""  # comma list of task names; empty: the first num-clients of the suite
     partition_task: str = "rotate90"  # the one task split across clients (data != tasks)
@@ -64,6 +64,13 @@ class RunConfig:
     # One eta grid shared by every method (0, the base, is added); empty: the lambdas, or
     # DEFAULT_ETAS with search=off. Given with search=paper, the knobs are still searched.
     etas: str = ""
+    # Learned coefficients after the choice (fl_merge/round/coefficients.py): off | task |
+    # block; coefficient-only rounds, Adam's step size, supervised (aTLAS) | entropy (AdaMerging).
+    learn_coefficients: str = "off"
+    coef_rounds: int = 5
+    coef_lr: float = 0.05
+    coef_objective: str = "supervised"
+    greedy_soup: bool = False  # also the greedy soup of the clients' models (fl_merge/soups.py)
     weighting: str = "uniform"  # uniform | num-examples
     # Score the test split at every eta too (else only at the base and each method's eta
     # chosen on validation: the selection protocol, at a fraction of the evaluation cost).
@@ -186,6 +193,13 @@ class RunConfig:
 
         try:
             lambdas = resolve_lambdas(self.search, self.lambdas, self.etas, methods)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        from fl_merge.round.coefficients import check_settings
+
+        try:
+            check_settings(self.learn_coefficients, self.coef_objective, self.coef_rounds,
+                           self.coef_lr, "adam", [name for name, _ in methods])
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.weighting not in ("uniform", "num-examples"):

@@ -39,6 +39,7 @@ from fl_merge.task_vectors import MergeInputError
 # Whole-vector methods whose per-tensor run equals the whole-vector method, by parameters.
 _PER_TENSOR_EXACT = {
     "breadcrumbs": lambda p: True,
+    "model_stock": lambda p: True,  # its angle is per tensor by definition
     "dare": lambda p: p.get("base") != "ties" or float(p.get("density", 1.0)) >= 1.0,
 }
 NON_FLOAT_POLICIES = ("agree", "base")

@@ -25,6 +25,7 @@ from fl_merge.round.tables import chosen_predictions, comparison_rows, reference
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
+from strategies.phases import learn_phase, soup_phase
 
 
 def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
@@ -95,6 +96,13 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     ft_val = {t: finetuned_scores(c)["val"] for t, c in by_task.items()}
     choice, r.selection, r.notes = choose_settings(
         scores, ft_val, {label: c.method for label, c in r.candidates.items()})
+    # 6b. Learned coefficients (optional): a few coefficient-only rounds from Task
+    #     Arithmetic's choice, scored on validation like any candidate.
+    if s.coefficients["mode"] != "off":
+        learn_phase(s, grid, r, task_vectors, scores, deltas, ft_val, choice, evaluate_config, timeout)
+    # 6c. Greedy soup (optional): models added best first while validation does not drop.
+    if s.greedy_soup:
+        soup_phase(s, grid, r, task_vectors, scores, deltas, ft_val, choice, evaluate_config, timeout)
     for m, (label, eta, value) in choice.items():
         c = r.candidates[label]
         r.best_etas[m] = eta

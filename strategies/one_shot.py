@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fl_merge.attacks import AttackPlan
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
 from fl_merge.aggregation.search import LAMBDAS, is_grid
+from fl_merge.round import coefficients as coef
 from fl_merge.round.candidates import check_search, method_spaces
 from fl_merge.round.merging import given_params, label_methods
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION, SPLIT_KEY
@@ -75,6 +76,13 @@ class OneShotMerge(FedAvg):
         a grid searched with search="paper".
     lambdas: the lambda grid in each method's own paper units; None: the shared `etas`;
         "default": search.LAMBDAS with search="paper", the shared `etas` with search="off".
+    learn_coefficients: "off", "task" or "block": after the choice on validation, learn
+        per-vector (per-tensor) coefficients from Task Arithmetic's chosen scale in
+        `coef_rounds` coefficient-only rounds (Adam, `coef_lr`) on the clients' validation
+        halves, objective "supervised" (aTLAS) or "entropy" (AdaMerging); the learned model
+        is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
+    greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
+        as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
     """
 
     def __init__(
@@ -93,6 +101,11 @@ class OneShotMerge(FedAvg):
         attack_plan: AttackPlan | None = None,
         search: str = "off",
         lambdas: Sequence[float] | str | None = "default",
+        learn_coefficients: str = "off",
+        coef_objective: str = "supervised",
+        coef_rounds: int = 5,
+        coef_lr: float = 0.05,
+        greedy_soup: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -130,6 +143,11 @@ class OneShotMerge(FedAvg):
         self.measure_heterogeneity = measure_heterogeneity
         self.min_clients = min_clients
         self.attack_plan = attack_plan or AttackPlan()
+        coef.check_settings(learn_coefficients, coef_objective, coef_rounds, coef_lr, "adam",
+                            [name for name, _ in self.methods.values()])
+        self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
+                             "rounds": int(coef_rounds), "lr": float(coef_lr)}
+        self.greedy_soup = bool(greedy_soup)
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 
     def summary(self) -> None:
@@ -271,6 +289,67 @@ class OneShotMerge(FedAvg):
             except ValueError as e:
                 raise MergeRoundError(str(e)) from None
         return assemble_plain(grids, splits, answers)
+
+    # ------------------------------------------------------------ coefficients
+    def coefficient_round(self, grid: Grid, clients: Sequence[ClientUpdate], theta0: StateDict,
+                          task_vectors: Sequence[StateDict], coefs: Any, blocks: Sequence[Sequence[str]],
+                          config: Mapping[str, Any], held: set, timeout: float) -> tuple[list, dict[str, int]]:
+        """One round of the learned-coefficient phase (fl_merge/round/coefficients.py): the
+        coefficients to every client (with theta0 and the task vectors to one not in `held`,
+        or that replies it lost them); ([(client, gradient, score)], bytes sent/received by
+        kind). A client that fails is logged and left out of this round."""
+        sent_bytes = {"vectors": 0, "coefficients": 0, "replies": 0}
+        answers, pending = [], list(clients)
+        for attempt in range(2):
+            msgs = [(c, self._coef_message(c, theta0, task_vectors, coefs, blocks, config,
+                                           c.node_id not in held)) for c in pending]
+            for c, m in msgs:
+                sent_bytes["vectors" if c.node_id not in held else "coefficients"] += _bytes(m.content)
+            (replies, _), pending = _send(grid, [m for _, m in msgs], timeout), []
+            for c, m in msgs:
+                reply = replies.get(m.metadata.message_id)
+                if reply is None or reply.has_error():
+                    log(WARNING, "coefficients: no answer from node %s", c.node_id)
+                    continue
+                sent_bytes["replies"] += _bytes(reply.content)
+                metrics = dict(next(iter(reply.content.metric_records.values()), {}))
+                if metrics.get(coef.MISSING):
+                    held.discard(c.node_id)
+                    pending.append(c)
+                    continue
+                held.add(c.node_id)
+                try:
+                    g, score = coef.parse_reply(metrics, coefs.shape[0], coefs.shape[1])
+                except ValueError as e:
+                    log(WARNING, "coefficients: node %s: %s", c.node_id, e)
+                    continue
+                answers.append((c, g, score))
+            if not pending:
+                break
+        return answers, sent_bytes
+
+    def _coef_message(self, client: ClientUpdate, theta0: StateDict, task_vectors: Sequence[StateDict],
+                      coefs: Any, blocks: Sequence[Sequence[str]], config: Mapping[str, Any],
+                      with_vectors: bool) -> Message:
+        cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION,
+                            **coef.request_config(coefs, blocks, config[coef.OBJECTIVE], with_vectors)})
+        records: dict[str, Any] = {self.configrecord_key: cfg}
+        if with_vectors:
+            records[coef.BASE] = ArrayRecord({**theta0, **client.per_task})
+            records.update({f"{coef.VECTOR_PREFIX}{i}": ArrayRecord(tv) for i, tv in enumerate(task_vectors)})
+        return Message(content=RecordDict(records), dst_node_id=client.node_id, message_type=MessageType.QUERY)
+
+
+def _bytes(content: RecordDict) -> int:
+    """A message's payload: the bytes of its records (Flower's own count per record). flwr
+    1.41's ConfigRecord.count_bytes raises on an empty string or list (e.g. plugins=""), so
+    those entries (zero bytes of value) are left out of the count."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ConfigRecord):
+            rec = ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, (str, bytes, list)) and not v)})
+        total += rec.count_bytes()
+    return total
 
 
 def _send(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict[str, Message], float]:

@@ -79,7 +79,9 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     k = run.num_clients
     strategy = OneShotMerge(
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
-        search=run.search, lambdas=cfg.lambdas,
+        search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
+        coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
+        greedy_soup=run.greedy_soup,
         min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
@@ -143,6 +145,8 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "missing_tasks": r.missing_tasks,  # tasks with no usable update: not in results.csv
         "timings": r.timings,
         "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
+        "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)
+        "soup": r.soup,  # the greedy soup ({} when off)
     })
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     for line in results.format_summary(r.rows, "test accuracy").splitlines():

@@ -28,7 +28,7 @@ def test_known_methods_are_registered():
     assert set(available_methods()) >= {
         "fedavg", "task_arithmetic", "fednova", "fedgma", "median", "trimmed_mean", "cclip",
         "krum", "multikrum", "geometric_median", "ties", "dare", "breadcrumbs", "fisher",
-        "hetero",
+        "hetero", "model_stock",
     }
 
 

@@ -63,7 +63,7 @@ IDENTICAL = [
     ("geometric_median", {}), ("ties", {"density": 1.0}), ("dare", {"drop_rate": 0.0}),
     ("dare", {"drop_rate": 0.0, "base": "ties"}), ("breadcrumbs", {"beta": 0.0, "gamma": 0.0}),
     ("fisher", {}), ("fisher", {"min_fisher": 1e3}), ("hetero", {}),
-    ("hetero", {"gamma": 3.0, "clip": False}),
+    ("hetero", {"gamma": 3.0, "clip": False}), ("model_stock", {}),
 ]
 
 

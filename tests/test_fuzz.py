@@ -50,7 +50,7 @@ JUNK_VALUES = st.one_of(
 # Methods that give back the common vector of identical clients at their default
 # parameters (fednova and hetero only with equal local step counts).
 MEAN_LIKE = {"fedavg", "task_arithmetic", "fednova", "fedgma", "median", "trimmed_mean",
-             "krum", "multikrum", "geometric_median", "hetero"}
+             "krum", "multikrum", "geometric_median", "hetero", "model_stock"}
 
 
 def _tensor(shape, dtype, seed, scale=1.0):
@@ -355,7 +355,7 @@ def test_inputs_requiring_grad_merge_without_autograd():
 KEYS = flower_keys()
 # Plausible values per key (so that many generated configs resolve), mixed with junk.
 PLAUSIBLE = {
-    "num-clients": [1, 2, 3, 4, 5, 8], "data": ["tasks", "iid", "dirichlet", "pathological"],
+    "num-clients": [1, 2, 3, 4, 5, 8], "data": ["tasks", "iid", "dirichlet", "pathological", "shared"],
     "suite": ["mnist8", "mnist-far", "vision8"], "tasks": ["", "rotate90,parity", "invert",
                                              "csv:/nonexistent/bbc.csv?input=text&label=category"],
     "partition-task": ["rotate90", "parity", "folder:/nonexistent/digits"], "alpha": [0.1, 1.0, "0.5"],
@@ -368,6 +368,8 @@ PLAUSIBLE = {
     "method-params": ["", "density=0.5", "ties.density=0.3", "iters=3", "f=0", "rho=0.9"],
     "etas": ["1", "0.5,1,2", 2, ""], "search": ["paper", "off"], "lambdas": ["", "0.3", "0.1,1"],
     "weighting": ["uniform", "num-examples"],
+    "learn-coefficients": ["off", "task", "block"], "coef-rounds": [1, 5], "coef-lr": [0.05, 1],
+    "coef-objective": ["supervised", "entropy"], "greedy-soup": [True, False],
     "test-all-etas": [True, False, "true"], "local-steps": ["10", 5, "1..5", "10,20,30,40"],
     "lr": ["0.01", 0.1, "0.003..0.03"], "batch-size": ["32", 16, "16..64"], "seed": [0, 3],
     "data-seed": [0, 1], "fisher-samples": [1, 256], "device": ["auto", "cpu"],

@@ -49,9 +49,9 @@ def test_every_method_declares_a_scale_and_round_trips(method):
     assert lambda_for_eta(method, eta_for_lambda(method, 0.25, 5), 5) == pytest.approx(0.25)
 
 
-def test_only_ties_style_methods_take_lambda_as_eta():
+def test_only_ties_style_methods_and_model_stock_take_lambda_as_eta():
     delta = {m for m in available_methods() if lambda_scale(m) == "delta"}
-    assert delta == {"ties"}
+    assert delta == {"ties", "model_stock"}
 
 
 def test_bad_inputs_say_what_is_wrong():

@@ -517,6 +517,23 @@ def test_predictions_file_round_trip(tmp_path):
         assert '"ties": 0.3' in f.metadata()["etas"]
 
 
+def test_plain_clients_without_a_query_handler_skip_the_phase_with_a_note():
+    """A plain Flower ClientApp has no query function: its error replies leave no coefficient
+    gradient, so the phase is skipped (named in notes) and the round finishes."""
+
+    class NoQuery(FakeGrid):
+        def _answer(self, m):
+            if m.metadata.message_type == MessageType.QUERY:
+                return Error(code=0, reason="no query function registered")
+            return super()._answer(m)
+
+    s = OneShotMerge(method="task_arithmetic", etas=[1.0], learn_coefficients="task", coef_rounds=2)
+    r = _run(s, NoQuery({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
+    assert any(n.startswith("learned coefficients skipped: coefficient round 0: no client answered")
+               for n in r.notes), r.notes
+    assert list(r.best_etas) == ["task_arithmetic"] and r.coefficients == {}
+
+
 def test_a_lost_client_is_named_once_with_its_partition_and_task():
     """Partitions 0 and 2 reply, the node running partition 1 is lost (an error reply whose
     reason is Flower's): one record, its node id, partition 1 by elimination, its task, the
@@ -565,3 +582,13 @@ def test_no_reply_says_whether_the_timeout_ran_out_or_flower_gave_up_earlier():
     assert no_reply_reason(120.0, 120.0) == "no reply within the round timeout (120s)"
     assert no_reply_reason(71.2, 120.0) == ("no reply: Flower stopped waiting for the node after 71s, "
                                             "before the round timeout (120s); the node was lost")
+
+
+def test_message_bytes_count_empty_config_values_as_nothing():
+    """Flower's ConfigRecord.count_bytes refuses "" and []: they count as 0 bytes here."""
+    from flwr.app import ConfigRecord
+
+    from strategies.one_shot import _bytes
+
+    content = RecordDict({"config": ConfigRecord({"plugins": "", "coef": [1.0, 2.0], "none": [], "m": "ab"})})
+    assert _bytes(content) == (2 * 8 + len("coef")) + (2 + len("m"))

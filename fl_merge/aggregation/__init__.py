@@ -4,7 +4,7 @@ Importing this package registers every built-in method; `merge(method, task_vect
 is the single entry point (see registry.merge).
 """
 
-from fl_merge.aggregation import averaging, hetero, robust, sparsify  # noqa: F401  (registers)
+from fl_merge.aggregation import averaging, hetero, robust, sparsify, stock  # noqa: F401  (registers)
 from fl_merge.aggregation.averaging import (
     eta_for_task_arithmetic,
     fedavg,
@@ -37,6 +37,7 @@ from fl_merge.aggregation.robust import (
 )
 from fl_merge.aggregation.scales import eta_for_lambda, lambda_for_eta, lambda_scale
 from fl_merge.aggregation.sparsify import breadcrumbs, dare, ties
+from fl_merge.aggregation.stock import mean_pairwise_cosine, model_stock, model_stock_ratio
 from fl_merge.task_vectors import MergeInputError
 
 __all__ = [
@@ -62,7 +63,10 @@ __all__ = [
     "lambda_for_eta",
     "lambda_scale",
     "krum",
+    "mean_pairwise_cosine",
     "median",
+    "model_stock",
+    "model_stock_ratio",
     "merge",
     "multikrum",
     "normalisers_tensor",

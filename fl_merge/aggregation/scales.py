@@ -10,6 +10,8 @@ scale differently, and each method declares which way at registration (`lambda_s
   convention: its Delta stands where the mean stands, so the same lambda means the same step.
 * "delta": lambda multiplies the method's own merged vector (TIES-Merging, Yadav et al. 2023:
   theta0 + lambda * tau_m with tau_m the disjoint mean; DARE-TIES): eta = lambda.
+  Model Stock (Jang et al. 2024) too: its per-layer ratio t already sets the step
+  (theta0 + t * mean_i tau_i), it has no scale of its own, so lambda = eta = 1 is the paper.
 
 So `--lambda 0.3` means Task Arithmetic's lambda for every method, converted here.
 """

@@ -12,7 +12,9 @@ evenly spaced values from the smallest to the largest task-vector norm, the end 
 out, lambda over 0.05..2.0) and the methods' papers (TIES: keep the top 10-30%; DARE: drop
 50-90%; Breadcrumbs: drop the smallest 80-90%; trimmed mean: trim 10-40%; Krum: every f
 that K allows). A knob is either a tuple of values or a function of the round's task
-vectors (`Derived`), evaluated at merge time. Methods not listed have only their scale.
+vectors (`Derived`), evaluated at merge time. Methods not listed have only their scale
+(Model Stock: its lambda = eta grid holds 1.0, the paper's model, so search=paper can only
+do as well or better on validation than the paper's setting).
 Overrides: a knob given one value in method-params is pinned (not searched), a list of
 values replaces its grid; `lambdas` replaces the lambda grid.
 """

@@ -34,6 +34,11 @@ class MergeRound:
     # model (method label or "base") -> task -> 0/1 per test example, at the chosen eta
     predictions: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     comparison: list[dict[str, Any]] = field(default_factory=list)  # tables.comparison_rows
+    # The learned-coefficient phase (fl_merge/round/coefficients.py), when it ran: mode,
+    # objective, the coefficients, per-round validation history and bytes sent.
+    coefficients: dict[str, Any] = field(default_factory=dict)
+    # The greedy soup (fl_merge/soups.py), when it ran: own validation scores, members, history.
+    soup: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:

@@ -1,0 +1,113 @@
+"""Optional steps of a round after the choice on validation: learned coefficients
+(fl_merge/round/coefficients.py) and greedy soup (fl_merge/soups.py). Each ends with one more
+candidate (a model at eta 1) scored on validation like the others, whose test score the
+round's step 7 takes at its choice; nothing here reads test data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from logging import INFO
+from typing import Any
+
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fl_merge.coefficients import learn_coefficients, make_blocks
+from fl_merge.round import coefficients as coef
+from fl_merge.round.merging import merge_arguments
+from fl_merge.round.outcome import MergeRound
+from fl_merge.round.selection import choose_settings
+from fl_merge.soups import greedy_soup, soup_delta
+from fl_merge.task_vectors import StateDict
+
+
+def add_candidate(s: Any, grid: Grid, r: MergeRound, scores: dict, deltas: dict,
+                  ft_val: Mapping[str, float | None], choice: dict, cand: Any, delta: StateDict,
+                  config: Mapping[str, Any], timeout: float) -> None:
+    """Score `cand` (theta0 + eta * delta at its etas) on validation and add it to the
+    round's candidates, deltas and choices."""
+    val, lost = s.score(grid, r.clients, r.theta0, {cand.label: delta}, {cand.label: cand.etas}, ["val"],
+                        f"{cand.label} evaluation", config, timeout, r.task_name)
+    r.failures += lost
+    scores[cand.label] = val[cand.label]
+    r.candidates[cand.label] = cand
+    deltas[cand.label] = delta
+    r.methods[cand.label] = (cand.name, cand.params)
+    choice.update(choose_settings({cand.label: val[cand.label]}, ft_val, {cand.label: cand.label})[0])
+
+
+def validation_score(s: Any, grid: Grid, r: MergeRound, deltas: Mapping[str, StateDict],
+                     ft_val: Mapping[str, float | None], config: Mapping[str, Any], timeout: float
+                     ) -> dict[str, float]:
+    """label -> the round's validation criterion (mean normalized accuracy) of theta0 +
+    delta, every delta scored in one evaluation message per client."""
+    val, lost = s.score(grid, r.clients, r.theta0, deltas, {m: [1.0] for m in deltas}, ["val"],
+                        "soup evaluation", config, timeout, r.task_name)
+    r.failures += lost
+    chosen = choose_settings(val, ft_val, {m: m for m in deltas})[0]
+    return {m: chosen[m][2] for m in deltas}
+
+
+def soup_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict], scores: dict,
+               deltas: dict, ft_val: Mapping[str, float | None], choice: dict,
+               config: Mapping[str, Any], timeout: float) -> None:
+    """Greedy soup (Wortsman et al. 2022, Algorithm 1): each client's model scored on every
+    client's validation split, then added best first while the soup does not lose."""
+    singles = {f"model-{i}": tv for i, tv in enumerate(task_vectors)}
+    own = validation_score(s, grid, r, singles, ft_val, config, timeout)
+    members, history = greedy_soup(
+        [own[f"model-{i}"] for i in range(len(task_vectors))],
+        lambda m: validation_score(s, grid, r, {"soup": soup_delta(task_vectors, m)}, ft_val, config,
+                                   timeout)["soup"])
+    names = [r.task_name(c) for c in r.clients]
+    r.soup = {"own-validation": [own[f"model-{i}"] for i in range(len(names))],
+              "members": [names[i] for i in members],
+              "history": [{**h, "model": names[h["model"]]} for h in history]}
+    cand = coef.phase_candidate("greedy-soup", "greedy_soup", {"members": r.soup["members"]})
+    add_candidate(s, grid, r, scores, deltas, ft_val, choice, cand, soup_delta(task_vectors, members),
+                  config, timeout)
+    log(INFO, "greedy soup: %d of %d models (%s)", len(members), len(names), ", ".join(r.soup["members"]))
+
+
+def learn_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict], scores: dict,
+                deltas: dict, ft_val: Mapping[str, float | None], choice: dict, config: Mapping[str, Any],
+                timeout: float) -> None:
+    """The learned-coefficient phase (fl_merge/round/coefficients.py): start at Task
+    Arithmetic's validated eta, learn on the clients' validation halves, then score the
+    learned model on validation and add it to the round's candidates and choices."""
+    opts = s.coefficients
+    ta = next(m for m, (name, _) in s.methods.items() if name in coef.TA_NAMES)
+    blocks = make_blocks(list(task_vectors[0]), opts["mode"])
+    weights = merge_arguments(r.clients, s.weighting)["weights"] or [1.0] * len(r.clients)
+    start = coef.start_coefficients(choice[ta][1], weights, len(blocks))
+    held: set = set()
+    traffic: list[dict[str, int]] = []
+    pos = {id(c): i for i, c in enumerate(r.clients)}
+    cfg = {**config, coef.OBJECTIVE: opts["objective"]}
+
+    def ask(coefs):
+        answers, sent = s.coefficient_round(grid, r.clients, r.theta0, task_vectors, coefs, blocks,
+                                            cfg, held, timeout)
+        traffic.append(sent)
+        return [(g, coef.normalised_score(acc, ft_val.get(r.task_name(c))), weights[pos[id(c)]])
+                for c, g, acc in answers]
+
+    t0 = time.perf_counter()
+    try:
+        best, history = learn_coefficients(ask, start, rounds=opts["rounds"], lr=opts["lr"])
+    except ValueError as e:  # e.g. no client answers QUERY messages (a plain Flower client)
+        r.notes.append(f"learned coefficients skipped: {e}")
+        return
+    r.timings["coefficient-seconds"] = time.perf_counter() - t0
+    cand = coef.learned_candidate(opts["mode"], opts["objective"])
+    add_candidate(s, grid, r, scores, deltas, ft_val, choice, cand,
+                  coef.learned_delta(task_vectors, best, blocks), config, timeout)
+    r.coefficients = {"mode": opts["mode"], "objective": opts["objective"], "start-from": ta,
+                      "blocks": len(blocks), "coefficients": best.tolist(), "history": history,
+                      "bytes-first-round": traffic[0], "bytes-per-round": traffic[1:]}
+    log(INFO, "learned %s coefficients (%d x %d) in %d round(s): validation %.4f -> %.4f; "
+        "%d bytes of coefficients per later round (first: %d with the task vectors)",
+        opts["mode"], len(r.clients), len(blocks), len(history) - 1, history[0]["score"],
+        max(h["score"] for h in history), traffic[1]["coefficients"] if len(traffic) > 1 else 0,
+        traffic[0]["vectors"])
