@@ -27,7 +27,16 @@ def read_point(run_dir: Path, setting: str, seed: int) -> dict[str, Any]:
     run, acc = run_accuracies(Path(run_dir))
     het = run.get("heterogeneity") or {}
     measures = {m: float(het[m]) for m in MEASURES if het.get(m) is not None}
-    return {"setting": setting, "seed": seed, "acc": acc, "measures": measures}
+    seconds = float((run.get("timings") or {}).get("total-seconds", math.nan))
+    return {"setting": setting, "seed": seed, "acc": acc, "measures": measures, "seconds": seconds}
+
+
+def timing_line(points: Sequence[Mapping[str, Any]]) -> str:
+    """How many runs and how long they took together (run.json total-seconds)."""
+    secs = [float(p.get("seconds", math.nan)) for p in points]
+    known = [s for s in secs if not math.isnan(s)]
+    return (f"{len(points)} runs, {sum(known) / 60:.1f} min of run time in all "
+            f"({len(known)} timed; run.json timings, 2 CPU cores shared with other jobs).")
 
 
 def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _points import dump_points, markdown_table, plot_against, read_point, tabulate, write_csv
+from _points import (dump_points, markdown_table, plot_against, read_point, tabulate, timing_line,
+                     write_csv)
 from _runner import ROOT, run_point
 
 K = 4
@@ -65,6 +66,7 @@ def main() -> None:
                      f"K={K}, six suites, {len(SEEDS)} seeds: merged accuracy vs {measure}",
                      [*METHODS, "base"], families)
     table = markdown_table(rows, ["mean_cosine", "b_dissimilarity"])
+    table = timing_line(points) + "\n\n" + table
     (args.docs / "dissimilarity.md").write_text(table + "\n")
     print(table)
 

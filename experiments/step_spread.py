@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _points import dump_points, markdown_table, plot_against, read_point, tabulate, write_csv
+from _points import (dump_points, markdown_table, plot_against, read_point, tabulate, timing_line,
+                     write_csv)
 from _runner import ROOT, run_point
 
 SPREADS = [1, 4, 16]
@@ -64,6 +65,7 @@ def main() -> None:
                  f"K={K} mnist8 tasks, steps geometric around {CENTER}, spread r in {SPREADS}; "
                  f"{len(SEEDS)} seeds", [*METHODS, "base"])
     table = markdown_table(rows, ["steps_cv"])
+    table = timing_line(points) + "\n\n" + table
     (args.docs / "step_spread.md").write_text(table + "\n")
     print(table)
 

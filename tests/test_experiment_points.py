@@ -101,3 +101,8 @@ def test_every_experiment_config_resolves():
     for c in configs:
         RunConfig.from_flower({**c, "output-dir": "/tmp/unused"}).resolve()
     assert len(dis.SUITES) >= 6
+
+
+def test_timing_line_sums_the_runs_it_knows(points):
+    pts = [{"seconds": 90.0}, {"seconds": 150.0}, {"seconds": float("nan")}]
+    assert points.timing_line(pts).startswith("3 runs, 4.0 min of run time in all (2 timed;")
