@@ -143,8 +143,9 @@ def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, ti
                         for y, r in zip(ys, sel)],
                        [max(0.0, float(r[hi]) - y) if not math.isnan(float(r[hi])) else 0.0
                         for y, r in zip(ys, sel)]]
-                ax.errorbar(xs, ys, yerr=err, marker=markers[j % len(markers)], color=f"C{i}",
-                            capsize=3, label=label, ls="-" if fam else "-")
+                ax.errorbar(xs, ys, yerr=err, marker=markers[j % len(markers)],
+                            color="black" if model == "base" else f"C{i}", capsize=3, label=label,
+                            ls="--" if model == "base" else "-")
                 if key:
                     for x, r in zip(xs, sel):
                         if r["excludes_zero"]:
