@@ -28,7 +28,9 @@ def read_point(run_dir: Path, setting: str, seed: int) -> dict[str, Any]:
     het = run.get("heterogeneity") or {}
     measures = {m: float(het[m]) for m in MEASURES if het.get(m) is not None}
     seconds = float((run.get("timings") or {}).get("total-seconds", math.nan))
-    return {"setting": setting, "seed": seed, "acc": acc, "measures": measures, "seconds": seconds}
+    within = {str(c["model"]): bool(c.get("excludes_zero")) for c in run.get("comparison", [])}
+    return {"setting": setting, "seed": seed, "acc": acc, "measures": measures, "seconds": seconds,
+            "within": within}
 
 
 def timing_line(points: Sequence[Mapping[str, Any]]) -> str:
@@ -42,7 +44,8 @@ def timing_line(points: Sequence[Mapping[str, Any]]) -> str:
 def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[str, Any]]:
     """One row per (setting, model), settings in first-seen order: n seeds, mean accuracy and
     its 95% t CI, the paired difference vs `reference` and its CI, excludes_zero, and the mean
-    of each measure over the seeds. ValueError when a setting repeats a seed or a point lacks
+    of each measure over the seeds; `within_seed` 'k/n': in k of the n seeds the run's own
+    paired bootstrap CI over test examples (the point's `within`) excluded 0. ValueError when a setting repeats a seed or a point lacks
     the reference."""
     from fl_merge.stats import excludes_zero, paired_t, t_interval
 
@@ -64,10 +67,13 @@ def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[s
             vals = [float(p["acc"][model]) for p in group]
             m, lo, hi = t_interval(vals)
             d, dlo, dhi = paired_t(vals, ref)
+            marks = [p.get("within", {}).get(model) for p in group]
+            within = f"{sum(bool(x) for x in marks)}/{len(marks)}" if None not in marks else ""
             rows.append({"setting": setting, "model": model, "n_seeds": len(vals),
                          "mean": m, "ci_low": lo, "ci_high": hi, "reference": reference,
                          "diff": d, "diff_low": dlo, "diff_high": dhi,
-                         "excludes_zero": excludes_zero(dlo, dhi), **measures})
+                         "excludes_zero": excludes_zero(dlo, dhi), "within_seed": within,
+                         **measures})
     return rows
 
 
@@ -78,8 +84,9 @@ def _mean(values: Sequence[float]) -> float:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -> str:
     """The rows as a Markdown table in percentage points, `*` where the paired difference's CI
-    excludes 0."""
-    head = ["setting", *measures, "model", "accuracy [95% CI]", "vs " + str(rows[0]["reference"])]
+    excludes 0, and in how many seeds the within-run bootstrap CI excluded 0."""
+    head = ["setting", *measures, "model", "accuracy [95% CI]", "vs " + str(rows[0]["reference"]),
+            "within-seed CI excl. 0"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = f"{100 * r['mean']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
@@ -89,7 +96,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -
             diff = (f"{100 * r['diff']:+.1f} [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
                     + (" *" if r["excludes_zero"] else ""))
         cells = [str(r["setting"]), *(f"{float(r.get(m, math.nan)):.3g}" for m in measures),
-                 str(r["model"]), acc, diff]
+                 str(r["model"]), acc, diff,
+                 "" if r["model"] == r["reference"] else str(r.get("within_seed", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

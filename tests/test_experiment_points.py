@@ -42,7 +42,7 @@ def test_steps_are_geometric_around_the_centre_and_rotate_with_the_seed():
 def test_tabulate_gives_t_intervals_and_paired_differences(points):
     # fedavg 0.5, 0.6, 0.7; fednova 0.6, 0.8, 0.7 -> differences 0.1, 0.2, 0.0.
     pts = [{"setting": "r=2", "seed": s, "acc": {"fedavg": a, "fednova": b},
-            "measures": {"steps_cv": cv}}
+            "measures": {"steps_cv": cv}, "within": {"fedavg": False, "fednova": s == 1}}
            for s, a, b, cv in ((0, 0.5, 0.6, 0.2), (1, 0.6, 0.8, 0.3), (2, 0.7, 0.7, 0.4))]
     rows = {r["model"]: r for r in points.tabulate(pts, "fedavg")}
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * s / sqrt(n), s = 0.1
@@ -53,8 +53,10 @@ def test_tabulate_gives_t_intervals_and_paired_differences(points):
     assert rows["fednova"]["diff_high"] == pytest.approx(0.1 + half)  # differences have s = 0.1
     assert not rows["fednova"]["excludes_zero"]  # 0.1 - 0.248 < 0
     assert rows["fednova"]["steps_cv"] == pytest.approx(0.3)
+    assert rows["fednova"]["within_seed"] == "1/3"
     md = points.markdown_table(list(rows.values()), ["steps_cv"])
     assert "| r=2 | 0.3 | fednova | 70.0 [" in md and "| +10.0 [" in md and "*" not in md
+    assert md.splitlines()[3].endswith("] | 1/3 |")
 
 
 def test_tabulate_marks_a_difference_whose_interval_excludes_zero(points):
@@ -62,7 +64,7 @@ def test_tabulate_marks_a_difference_whose_interval_excludes_zero(points):
            for s, d in enumerate((0.10, 0.11, 0.12))]
     row = [r for r in points.tabulate(pts, "ta") if r["model"] == "m"][0]
     assert row["excludes_zero"] and row["diff_low"] > 0
-    assert points.markdown_table([row], []).rstrip().endswith("+13.5] * |")
+    assert points.markdown_table([row], []).rstrip().endswith("+13.5] * |  |")
 
 
 def test_tabulate_refuses_repeated_seeds_and_missing_reference(points):
