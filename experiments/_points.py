@@ -159,15 +159,17 @@ def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, ti
                         if r["excludes_zero"]:
                             ax.annotate("*", (x, float(r[hi])), ha="center", va="bottom",
                                         color="red", fontsize=14)
-    axes[0].set_ylabel("mean test accuracy over tasks (95% t CI over seeds)")
-    axes[1].set_ylabel(f"accuracy - {ref}, paired by seed (95% CI; * excludes 0)")
+    axes[0].set_ylabel("mean test accuracy over tasks")
+    axes[0].set_title("mean over seeds, 95% t CI", fontsize=9)
+    axes[1].set_ylabel(f"accuracy - {ref} (paired by seed)")
+    axes[1].set_title("paired difference, 95% t CI (* = excludes 0)", fontsize=9)
     axes[1].axhline(0.0, color="grey", lw=0.8)
     for ax in axes:
         ax.set_xlabel(measure + " (measured, mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
