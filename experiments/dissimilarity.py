@@ -13,7 +13,7 @@ the paired per-seed difference against Task Arithmetic. Accuracy is absolute: in
 suites every client is scored on the one task's test set, in the task suites each on its own.
 Writes docs/dissimilarity.{csv,md} and docs/dissimilarity_<measure>.png.
 
-    PYTHONPATH=$PWD .venv/bin/python experiments/dissimilarity.py [--out outputs/dissimilarity]
+    .venv/bin/python experiments/dissimilarity.py [--out outputs/dissimilarity]
 """
 
 from __future__ import annotations

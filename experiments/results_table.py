@@ -3,8 +3,8 @@ accuracy (absolute and normalized) at the setting each method chose on validatio
 paper, each method in its own units), with 95% paired-bootstrap CIs over test examples and
 the difference against Task Arithmetic (fedavg), for vision8 and text. One seed.
 
-    PYTHONPATH=$PWD .venv/bin/python experiments/results_table.py                 # both suites
-    PYTHONPATH=$PWD .venv/bin/python experiments/results_table.py --suites vision8
+    .venv/bin/python experiments/results_table.py                 # both suites
+    .venv/bin/python experiments/results_table.py --suites vision8
 
 Each suite is one run (SUITE_CONFIGS: the run config of configs/experiment/<suite>.yaml, with
 the smaller search grid SEARCH) through the one run path; it trains every client once and

@@ -10,7 +10,7 @@ on validation (search=paper); test only at the choice. Seeds 0, 1, 2: per spread
 mean with its 95% t CI and the paired per-seed difference FedNova - FedAvg with its CI.
 Writes docs/step_spread.{csv,png,md}; the x axis is the measured steps_cv of run.json.
 
-    PYTHONPATH=$PWD .venv/bin/python experiments/step_spread.py [--out outputs/step_spread]
+    .venv/bin/python experiments/step_spread.py [--out outputs/step_spread]
 """
 
 from __future__ import annotations
