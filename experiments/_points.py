@@ -45,8 +45,8 @@ def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[s
     """One row per (setting, model), settings in first-seen order: n seeds, mean accuracy and
     its 95% t CI, the paired difference vs `reference` and its CI, excludes_zero, and the mean
     of each measure over the seeds; `within_seed` 'k/n': in k of the n seeds the run's own
-    paired bootstrap CI over test examples (the point's `within`) excluded 0. ValueError when a setting repeats a seed or a point lacks
-    the reference."""
+    paired bootstrap CI over test examples (the point's `within`) excluded 0. ValueError when
+    a setting repeats a seed or a point lacks the reference."""
     from fl_merge.stats import excludes_zero, paired_t, t_interval
 
     settings: dict[str, list[Mapping[str, Any]]] = {}
