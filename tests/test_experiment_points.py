@@ -108,3 +108,21 @@ def test_every_experiment_config_resolves():
 def test_timing_line_sums_the_runs_it_knows(points):
     pts = [{"seconds": 90.0}, {"seconds": 150.0}, {"seconds": float("nan")}]
     assert points.timing_line(pts).startswith("3 runs, 4.0 min of run time in all (2 timed;")
+
+
+def test_the_table_search_has_the_candidate_count_results_md_states():
+    """docs/results.md: 168 validation candidates per vision8 run, by hand 7 lambdas x
+    (1 fedavg + 1 fednova + 3 fedgma rho + 1 median + 8 cclip radii + 3 ties + 3 dare
+    + 1 fisher + 3 hetero) = 7 x 24."""
+    import torch
+
+    from fl_merge.config_parsing import resolve_methods
+    from fl_merge.round.candidates import method_spaces, plan_candidates
+
+    rt = _load("results_table")
+    o = rt.suite_overrides("vision8")
+    methods = {n: (n, p) for n, p in resolve_methods(o["method"], o["method-params"], 8, search="paper")}
+    tvs = [{"w": torch.full((3,), float(i + 1))} for i in range(8)]  # 8 distinct norms
+    lambdas = [float(x) for x in str(o["lambdas"]).split(",")]
+    cands = plan_candidates(methods, method_spaces(methods), "paper", lambdas, [], tvs)
+    assert sum(1 for c in cands.values() for e in c.etas if e > 0) == 7 * 24
