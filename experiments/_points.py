@@ -1,0 +1,180 @@
+"""Shared by the replicated experiments (step_spread.py, dissimilarity.py): read one run into
+a point, tabulate points over seeds with 95% CIs, and plot accuracy against a measured
+heterogeneity measure.
+
+A point is one run: {"setting": label, "seed": s, "acc": {model: mean test accuracy over
+tasks at the setting chosen on validation}, "measures": {name: value from run.json
+`heterogeneity`}}. `tabulate` groups points by setting; per model it gives the over-seed mean
+with its t interval and the paired per-seed difference against the reference model (same
+seed = same client updates), with its t interval (fl_merge.stats)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MEASURES = ("steps_cv", "mean_cosine", "b_dissimilarity")
+
+
+def read_point(run_dir: Path, setting: str, seed: int) -> dict[str, Any]:
+    """One run as a point: accuracies from fl_merge.replicates.run_accuracies (each method at
+    its validation choice, and the base) and the MEASURES found in run.json."""
+    from fl_merge.replicates import run_accuracies
+
+    run, acc = run_accuracies(Path(run_dir))
+    het = run.get("heterogeneity") or {}
+    measures = {m: float(het[m]) for m in MEASURES if het.get(m) is not None}
+    seconds = float((run.get("timings") or {}).get("total-seconds", math.nan))
+    within = {str(c["model"]): bool(c.get("excludes_zero")) for c in run.get("comparison", [])}
+    return {"setting": setting, "seed": seed, "acc": acc, "measures": measures, "seconds": seconds,
+            "within": within}
+
+
+def timing_line(points: Sequence[Mapping[str, Any]]) -> str:
+    """How many runs and how long they took together (run.json total-seconds)."""
+    secs = [float(p.get("seconds", math.nan)) for p in points]
+    known = [s for s in secs if not math.isnan(s)]
+    return (f"{len(points)} runs, {sum(known) / 60:.1f} min of run time in all "
+            f"({len(known)} timed; run.json timings, 2 CPU cores shared with other jobs).")
+
+
+def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One row per (setting, model), settings in first-seen order: n seeds, mean accuracy and
+    its 95% t CI, the paired difference vs `reference` and its CI, excludes_zero, and the mean
+    of each measure over the seeds; `within_seed` 'k/n': in k of the n seeds the run's own
+    paired bootstrap CI over test examples (the point's `within`) excluded 0. ValueError when
+    a setting repeats a seed or a point lacks the reference."""
+    from fl_merge.stats import excludes_zero, paired_t, t_interval
+
+    settings: dict[str, list[Mapping[str, Any]]] = {}
+    for p in points:
+        group = settings.setdefault(str(p["setting"]), [])
+        if any(q["seed"] == p["seed"] for q in group):
+            raise ValueError(f"setting {p['setting']} has seed {p['seed']} twice")
+        if reference not in p["acc"]:
+            raise ValueError(f"point {p['setting']} seed {p['seed']} has no '{reference}' accuracy "
+                             f"(has {sorted(p['acc'])})")
+        group.append(p)
+    rows = []
+    for setting, group in settings.items():
+        ref = [float(p["acc"][reference]) for p in group]
+        names = sorted({n for p in group for n in p["measures"]})
+        measures = {n: _mean([p["measures"].get(n, math.nan) for p in group]) for n in names}
+        for model in group[0]["acc"]:
+            vals = [float(p["acc"][model]) for p in group]
+            m, lo, hi = t_interval(vals)
+            d, dlo, dhi = paired_t(vals, ref)
+            marks = [p.get("within", {}).get(model) for p in group]
+            within = f"{sum(bool(x) for x in marks)}/{len(marks)}" if None not in marks else ""
+            rows.append({"setting": setting, "model": model, "n_seeds": len(vals),
+                         "mean": m, "ci_low": lo, "ci_high": hi, "reference": reference,
+                         "diff": d, "diff_low": dlo, "diff_high": dhi,
+                         "excludes_zero": excludes_zero(dlo, dhi), "within_seed": within,
+                         **measures})
+    return rows
+
+
+def _mean(values: Sequence[float]) -> float:
+    v = [float(x) for x in values if not math.isnan(float(x))]
+    return sum(v) / len(v) if v else math.nan
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -> str:
+    """The rows as a Markdown table in percentage points, `*` where the paired difference's CI
+    excludes 0, and in how many seeds the within-run bootstrap CI excluded 0."""
+    head = ["setting", *measures, "model", "accuracy [95% CI]", "vs " + str(rows[0]["reference"]),
+            "within-seed CI excl. 0"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        acc = f"{100 * r['mean']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+        if r["model"] == r["reference"]:
+            diff = "(reference)"
+        else:
+            diff = (f"{100 * r['diff']:+.1f} [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
+                    + (" *" if r["excludes_zero"] else ""))
+        cells = [str(r["setting"]), *(f"{float(r.get(m, math.nan)):.3g}" for m in measures),
+                 str(r["model"]), acc, diff,
+                 "" if r["model"] == r["reference"] else str(r.get("within_seed", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    import csv
+
+    from fl_merge.results import atomic_write
+
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(Path(path), write)
+
+
+def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, title: str,
+                 models: Sequence[str], families: Mapping[str, str] | None = None) -> None:
+    """Two panels against `measure` (x: its mean over seeds): accuracy of each model with its
+    95% CI as error bars, and its paired difference vs the reference (red star where the CI
+    excludes 0). `families` (setting -> family) draws each family with its own marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = ["o", "s", "^", "D"]
+    fam_names = list(dict.fromkeys((families or {}).values())) or [""]
+    ref = rows[0]["reference"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, model in enumerate(models):
+        for j, fam in enumerate(fam_names):
+            sel = sorted((r for r in rows if r["model"] == model
+                          and (families or {}).get(str(r["setting"]), "") == fam),
+                         key=lambda r: float(r[measure]))
+            if not sel:
+                continue
+            xs = [float(r[measure]) for r in sel]
+            label = f"{model}{' (' + fam + ')' if fam else ''}"
+            for ax, key in ((axes[0], ""), (axes[1], "diff")):
+                if key and model == ref:
+                    continue
+                v, lo, hi = ((f"{key}", f"{key}_low", f"{key}_high") if key
+                             else ("mean", "ci_low", "ci_high"))
+                ys = [float(r[v]) for r in sel]
+                err = [[max(0.0, y - float(r[lo])) if not math.isnan(float(r[lo])) else 0.0
+                        for y, r in zip(ys, sel)],
+                       [max(0.0, float(r[hi]) - y) if not math.isnan(float(r[hi])) else 0.0
+                        for y, r in zip(ys, sel)]]
+                ax.errorbar(xs, ys, yerr=err, marker=markers[j % len(markers)],
+                            color="black" if model == "base" else f"C{i}", capsize=3, label=label,
+                            ls="--" if model == "base" else "-")
+                if key:
+                    for x, r in zip(xs, sel):
+                        if r["excludes_zero"]:
+                            ax.annotate("*", (x, float(r[hi])), ha="center", va="bottom",
+                                        color="red", fontsize=14)
+    axes[0].set_ylabel("mean test accuracy over tasks")
+    axes[0].set_title("mean over seeds, 95% t CI", fontsize=9)
+    axes[1].set_ylabel(f"accuracy - {ref} (paired by seed)")
+    axes[1].set_title("paired difference, 95% t CI (* = excludes 0)", fontsize=9)
+    axes[1].axhline(0.0, color="grey", lw=0.8)
+    for ax in axes:
+        ax.set_xlabel(measure + " (measured, mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dump_points(points: Sequence[Mapping[str, Any]], path: Path) -> None:
+    from fl_merge.results import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(list(points), indent=1))

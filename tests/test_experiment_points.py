@@ -1,0 +1,128 @@
+"""experiments/_points.py, step_spread.py and results_table.py's pure parts: how step lists
+are built, how replicated points are tabulated (against hand-computed t intervals), and how
+the one-seed table reads its bootstrap CIs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def points():
+    return _load("_points")
+
+
+def test_steps_are_geometric_around_the_centre_and_rotate_with_the_seed():
+    ss = _load("step_spread")
+    assert ss.steps_for(16, 4) == [50, 126, 317, 800]  # 200 * 16^(i/3 - 1/2), by hand
+    assert ss.steps_for(1, 4) == [200, 200, 200, 200]
+    assert ss.steps_for(4, 3, center=100) == [50, 100, 200]
+    assert ss.steps_for(16, 4, shift=1) == [126, 317, 800, 50]
+    assert ss.steps_for(16, 4, shift=5) == ss.steps_for(16, 4, shift=1)
+    with pytest.raises(ValueError, match="spread >= 1"):
+        ss.steps_for(0.5, 4)
+
+
+def test_tabulate_gives_t_intervals_and_paired_differences(points):
+    # fedavg 0.5, 0.6, 0.7; fednova 0.6, 0.8, 0.7 -> differences 0.1, 0.2, 0.0.
+    pts = [{"setting": "r=2", "seed": s, "acc": {"fedavg": a, "fednova": b},
+            "measures": {"steps_cv": cv}, "within": {"fedavg": False, "fednova": s == 1}}
+           for s, a, b, cv in ((0, 0.5, 0.6, 0.2), (1, 0.6, 0.8, 0.3), (2, 0.7, 0.7, 0.4))]
+    rows = {r["model"]: r for r in points.tabulate(pts, "fedavg")}
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * s / sqrt(n), s = 0.1
+    assert rows["fedavg"]["mean"] == pytest.approx(0.6)
+    assert rows["fedavg"]["ci_low"] == pytest.approx(0.6 - half)
+    assert rows["fedavg"]["diff"] == 0.0 and not rows["fedavg"]["excludes_zero"]
+    assert rows["fednova"]["diff"] == pytest.approx(0.1)
+    assert rows["fednova"]["diff_high"] == pytest.approx(0.1 + half)  # differences have s = 0.1
+    assert not rows["fednova"]["excludes_zero"]  # 0.1 - 0.248 < 0
+    assert rows["fednova"]["steps_cv"] == pytest.approx(0.3)
+    assert rows["fednova"]["within_seed"] == "1/3"
+    md = points.markdown_table(list(rows.values()), ["steps_cv"])
+    assert "| r=2 | 0.3 | fednova | 70.0 [" in md and "| +10.0 [" in md and "*" not in md
+    assert md.splitlines()[3].endswith("] | 1/3 |")
+
+
+def test_tabulate_marks_a_difference_whose_interval_excludes_zero(points):
+    pts = [{"setting": "x", "seed": s, "acc": {"ta": 0.5, "m": 0.5 + d}, "measures": {}}
+           for s, d in enumerate((0.10, 0.11, 0.12))]
+    row = [r for r in points.tabulate(pts, "ta") if r["model"] == "m"][0]
+    assert row["excludes_zero"] and row["diff_low"] > 0
+    assert points.markdown_table([row], []).rstrip().endswith("+13.5] * |  |")
+
+
+def test_tabulate_refuses_repeated_seeds_and_missing_reference(points):
+    p = {"setting": "x", "seed": 0, "acc": {"ta": 0.5}, "measures": {}}
+    with pytest.raises(ValueError, match="seed 0 twice"):
+        points.tabulate([p, p], "ta")
+    with pytest.raises(ValueError, match="no 'fedavg' accuracy"):
+        points.tabulate([p], "fedavg")
+
+
+def test_results_table_reads_the_bootstrap_comparison(tmp_path):
+    rt = _load("results_table")
+    (tmp_path / "run.json").write_text(json.dumps({"comparison": [
+        {"model": "fedavg", "accuracy": 0.7, "ci_low": 0.68, "ci_high": 0.72, "reference": "fedavg",
+         "diff": 0.0, "diff_low": 0.0, "diff_high": 0.0, "excludes_zero": False},
+        {"model": "ties", "accuracy": 0.75, "ci_low": 0.73, "ci_high": 0.77, "reference": "fedavg",
+         "diff": 0.05, "diff_low": 0.03, "diff_high": 0.07, "excludes_zero": True},
+        {"model": "base", "accuracy": 0.5, "ci_low": 0.48, "ci_high": 0.52, "reference": "fedavg",
+         "diff": -0.2, "diff_low": -0.22, "diff_high": -0.18, "excludes_zero": True}]}))
+    cells = rt.comparison_cells(tmp_path)
+    assert cells["ties"] == ("[73.0, 77.0]", "+5.0 [+3.0, +7.0] *")
+    assert cells["fedavg"][1] == "(reference)"
+    assert cells["base (linear probe)"][1] == "-20.0 [-22.0, -18.0] *"
+    rows = [{"model": "ties", "eta": "0.3", "a": 0.75, "absolute": 0.75, "normalized": 0.8}]
+    md = rt.markdown("text", ["a"], rows, "Run: x.", cells)
+    assert "vs fedavg [95% CI]" in md
+    assert "| ties | 0.3 | 75.0 | 75.0 | 80.0 | [73.0, 77.0] | +5.0 [+3.0, +7.0] * |" in md
+
+
+def test_every_experiment_config_resolves():
+    from fl_merge.config import RunConfig
+
+    ss, dis, rt = _load("step_spread"), _load("dissimilarity"), _load("results_table")
+    configs = [ss.overrides(16, 2), *(dis.overrides(s, 1) for s in dis.SUITES),
+               *(rt.suite_overrides(s) for s in rt.SUITES)]
+    for c in configs:
+        RunConfig.from_flower({**c, "output-dir": "/tmp/unused"}).resolve()
+    assert len(dis.SUITES) >= 6
+
+
+def test_timing_line_sums_the_runs_it_knows(points):
+    pts = [{"seconds": 90.0}, {"seconds": 150.0}, {"seconds": float("nan")}]
+    assert points.timing_line(pts).startswith("3 runs, 4.0 min of run time in all (2 timed;")
+
+
+def test_the_table_search_has_the_candidate_count_results_md_states():
+    """docs/results.md: 168 validation candidates per vision8 run, by hand 7 lambdas x
+    (1 fedavg + 1 fednova + 3 fedgma rho + 1 median + 8 cclip radii + 3 ties + 3 dare
+    + 1 fisher + 3 hetero) = 7 x 24."""
+    import torch
+
+    from fl_merge.config_parsing import resolve_methods
+    from fl_merge.round.candidates import method_spaces, plan_candidates
+
+    rt = _load("results_table")
+    o = rt.suite_overrides("vision8")
+    methods = {n: (n, p) for n, p in resolve_methods(o["method"], o["method-params"], 8, search="paper")}
+    tvs = [{"w": torch.full((3,), float(i + 1))} for i in range(8)]  # 8 distinct norms
+    lambdas = [float(x) for x in str(o["lambdas"]).split(",")]
+    cands = plan_candidates(methods, method_spaces(methods), "paper", lambdas, [], tvs)
+    assert sum(1 for c in cands.values() for e in c.etas if e > 0) == 7 * 24
