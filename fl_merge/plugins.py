@@ -256,7 +256,7 @@ def from_hydra(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if isinstance(tasks_group, dict) and isinstance(tasks_group.get("tasks"), (list, tuple)):
         entries = []
         for entry in tasks_group["tasks"]:
-            if isinstance(entry, dict):
+            if isinstance(entry, dict) and "_target_" in entry:  # else a task from data (data specs)
                 if set(entry) - {"_target_", "name"}:
                     raise PluginError(f"data.tasks entry {entry}: a task plugin takes _target_ and name only")
                 target = entry.get("_target_")

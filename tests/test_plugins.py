@@ -189,6 +189,12 @@ def test_hydra_targets_become_plugin_items():
     assert out["model"] == {"name": "tiny", "pretrain_steps": None}
     assert out["data"]["tasks"] == ["rotate90", "blobs", "b2"]
     assert "_target_" in data["method"]  # the input is left as it was
+    # a mapping without _target_ is a task from data (docs/data.md), left for its own parser
+    csv = {"format": "csv", "path": "/d/bbc.csv", "input": "text", "label": "category"}
+    out, items = from_hydra({"data": {"tasks": [csv, {"_target_": "pkg.tasks.blobs"}]}})
+    assert out["data"]["tasks"] == [csv, "blobs"] and items == ["task:blobs=pkg.tasks.blobs"]
+    with pytest.raises(PluginError, match="a task plugin takes _target_ and name only"):
+        from_hydra({"data": {"tasks": [{"_target_": "pkg.tasks.blobs", "size": 3}]}})
     # several methods: the plugin registers under its own name, which must be listed
     _, items = from_hydra({"method": {"_target_": "pkg.my_merge", "name": ["fedavg", "my_merge"]}})
     assert items == ["method:my_merge=pkg.my_merge"]
