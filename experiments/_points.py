@@ -178,3 +178,29 @@ def dump_points(points: Sequence[Mapping[str, Any]], path: Path) -> None:
     from fl_merge.results import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(list(points), indent=1))
+
+
+def experiment_args(doc: str, name: str, seeds: Sequence[int], root: Path) -> tuple[Path, Path, list[int]]:
+    """The replicated experiments' command line: (--out, --docs, the --seeds to run)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=root / "outputs" / name)
+    parser.add_argument("--docs", type=Path, default=root / "docs")
+    parser.add_argument("--seeds", default=",".join(map(str, seeds)),
+                        help="run only these seeds (parallel workers); the table covers them")
+    args = parser.parse_args()
+    return args.out.resolve(), args.docs, [int(s) for s in args.seeds.split(",")]
+
+
+def write_tables(points: Sequence[Mapping[str, Any]], out: Path, docs: Path, name: str,
+                 measures: Sequence[str]) -> list[dict[str, Any]]:
+    """Tabulate against fedavg; write the points (out/points.json), docs/<name>.csv and
+    docs/<name>.md (the run count and time, then the table); print the table; the rows."""
+    rows = tabulate(points, reference="fedavg")
+    dump_points(points, out / "points.json")
+    write_csv(rows, docs / f"{name}.csv")
+    table = timing_line(points) + "\n\n" + markdown_table(rows, measures)
+    (docs / f"{name}.md").write_text(table + "\n")
+    print(table)
+    return rows

@@ -18,11 +18,8 @@ Writes docs/dissimilarity.{csv,md} and docs/dissimilarity_<measure>.png.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from _points import (dump_points, markdown_table, plot_against, read_point, tabulate, timing_line,
-                     write_csv)
+from _points import experiment_args, plot_against, read_point, write_tables
 from _runner import ROOT, run_point
 
 K = 4
@@ -47,32 +44,20 @@ def overrides(suite: str, seed: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "dissimilarity")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
-                        help="run only these seeds (parallel workers); the table covers them")
-    args = parser.parse_args()
+    out_root, docs, seeds = experiment_args(__doc__, "dissimilarity", SEEDS, ROOT)
     points = []
-    seeds = [int(s) for s in args.seeds.split(",")]
     # every suite's first seed first: a partial run still spans the suites
     for seed in seeds:
         for suite in SUITES:
-            out = run_point(args.out.resolve() / suite / f"seed-{seed}", overrides(suite, seed))
+            out = run_point(out_root / suite / f"seed-{seed}", overrides(suite, seed))
             points.append(read_point(out, suite, seed))
     points.sort(key=lambda p: list(SUITES).index(p["setting"]))
-    rows = tabulate(points, reference="fedavg")
-    dump_points(points, args.out / "points.json")
-    write_csv(rows, args.docs / "dissimilarity.csv")
+    rows = write_tables(points, out_root, docs, "dissimilarity", ["mean_cosine", "b_dissimilarity"])
     families = {s: fam for s, (fam, _) in SUITES.items()}
     for measure in ("mean_cosine", "b_dissimilarity"):
-        plot_against(rows, measure, args.docs / f"dissimilarity_{measure}.png",
+        plot_against(rows, measure, docs / f"dissimilarity_{measure}.png",
                      f"K={K}, six suites, {len(seeds)} seeds: merged accuracy vs {measure}",
                      [*METHODS, "base"], families)
-    table = markdown_table(rows, ["mean_cosine", "b_dissimilarity"])
-    table = timing_line(points) + "\n\n" + table
-    (args.docs / "dissimilarity.md").write_text(table + "\n")
-    print(table)
 
 
 if __name__ == "__main__":

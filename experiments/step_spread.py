@@ -15,11 +15,8 @@ Writes docs/step_spread.{csv,png,md}; the x axis is the measured steps_cv of run
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from _points import (dump_points, markdown_table, plot_against, read_point, tabulate, timing_line,
-                     write_csv)
+from _points import experiment_args, plot_against, read_point, write_tables
 from _runner import ROOT, run_point
 
 SPREADS = [1, 4, 16]
@@ -47,31 +44,19 @@ def overrides(spread: float, seed: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "step_spread")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
-                        help="run only these seeds (parallel workers); the table covers them")
-    args = parser.parse_args()
+    out_root, docs, seeds = experiment_args(__doc__, "step_spread", SEEDS, ROOT)
     points = []
-    seeds = [int(s) for s in args.seeds.split(",")]
     # every spread's first seed first: a partial run still spans the spreads
     for seed in seeds:
         for spread in SPREADS:
-            out = run_point(args.out.resolve() / f"spread-{spread:g}" / f"seed-{seed}",
+            out = run_point(out_root / f"spread-{spread:g}" / f"seed-{seed}",
                             overrides(spread, seed))
             points.append(read_point(out, f"r={spread:g}", seed))
     points.sort(key=lambda p: float(p["setting"][2:]))
-    rows = tabulate(points, reference="fedavg")
-    dump_points(points, args.out / "points.json")
-    write_csv(rows, args.docs / "step_spread.csv")
-    plot_against(rows, "steps_cv", args.docs / "step_spread.png",
+    rows = write_tables(points, out_root, docs, "step_spread", ["steps_cv"])
+    plot_against(rows, "steps_cv", docs / "step_spread.png",
                  f"K={K} mnist8 tasks, steps geometric around {CENTER}, spread r in {SPREADS}; "
                  f"{len(seeds)} seeds", [*METHODS, "base"])
-    table = markdown_table(rows, ["steps_cv"])
-    table = timing_line(points) + "\n\n" + table
-    (args.docs / "step_spread.md").write_text(table + "\n")
-    print(table)
 
 
 if __name__ == "__main__":

@@ -68,15 +68,11 @@ def _save_hf(encoder, folder: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory):
     """Fine-tune, save as HF folders, run the round; returns what the checks need."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
     from clients.tasks import load_task
     from clients.training import LocalTrainConfig, fine_tune, model_for_task
     from fl_merge.config import RunConfig
     from fl_merge.models import pretrained_backbone
-    from strategies.server_app import run_one_shot
+    from simulate import simulate_round
 
     root = tmp_path_factory.mktemp("ckpt-clients")
     specs = _csv_tasks(root)
@@ -98,17 +94,7 @@ def merged_run(tmp_path_factory):
         "client-checkpoints": ",".join(folders), "checkpoint-steps": ",".join(str(STEPS[t]) for t in TASKS),
         "method": METHODS, "search": "off", "etas": "0.5,1", "cache": False, "output-dir": str(out),
     }).resolve()
-    holder = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        holder["round"] = run_one_shot(grid, cfg, run_id=context.run_id)
-
-    run_simulation(app, client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    assert "round" in holder, "the ServerApp did not finish"
-    return {"round": holder["round"], "out": out, "theta0": theta0, "tuned": tuned, "scores": scores,
+    return {"round": simulate_round(cfg, 3), "out": out, "theta0": theta0, "tuned": tuned, "scores": scores,
             "specs": specs, "classes": classes, "folders": folders, "n_test": n_test}
 
 

@@ -349,12 +349,8 @@ def test_flower_round_trains_two_clients_on_data_tasks_and_merges(digits, tmp_pa
     """End to end through Flower's simulation: K=2 mnist-cnn clients, one on the image
     folder (10 digit classes), one on the CSV of image paths (even/odd); the merged model
     at the eta chosen on validation is far above chance on both test splits."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
     from fl_merge import results
-    from strategies.server_app import run_one_shot
+    from simulate import simulate_round
 
     root, _, _ = digits
     tasks = [f"folder:{root / 'img'}", f"csv:{root / 'parity.csv'}?input=file&label=parity&kind=image"]
@@ -362,16 +358,7 @@ def test_flower_round_trains_two_clients_on_data_tasks_and_merges(digits, tmp_pa
         "num-clients": 2, "tasks": ",".join(tasks), "local-steps": "60", "batch-size": "32",
         "search": "off", "etas": "0.5,1", "output-dir": str(tmp_path), "cache": False,
     }).resolve()
-    holder = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        holder["strategy"] = run_one_shot(grid, cfg, run_id=context.run_id)
-
-    run_simulation(app, client_app, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    assert "strategy" in holder, "the ServerApp did not finish"
+    simulate_round(cfg, 2)
     rows = results.read_rows(tmp_path / results.RESULTS_FILE)
     chosen = {r["task"]: r for r in rows if r["selected"] and r["split"] == "test"}
     assert set(chosen) == set(tasks)

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
-from clients.client_app import app as client_app
 from fl_merge import results
 from fl_merge.config import RunConfig
 from fl_merge.evaluation import select_eta
 from fl_merge.launch import main as launch_main
+from simulate import simulate_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,24 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def simulated(tmp_path_factory):
     """One K=2 Fisher-merging run with heterogeneous local steps (clients compute and send
     their diagonal Fisher); returns (strategy, output dir)."""
-    from strategies.server_app import run_one_shot
-
     out = tmp_path_factory.mktemp("sim")
     cfg = RunConfig.from_flower({
         "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60",
         "etas": "0.5,1,2", "output-dir": str(out), "method": "fisher", "fisher-samples": 64,
     }).resolve()
-    holder = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        holder["strategy"] = run_one_shot(grid, cfg, run_id=context.run_id)
-
-    run_simulation(app, client_app, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    assert "strategy" in holder, "the ServerApp did not finish"
-    return holder["strategy"], out
+    return simulate_round(cfg, 2), out
 
 
 def test_each_client_ran_its_own_task_and_steps(simulated):
@@ -168,23 +154,13 @@ def test_crashing_client_is_left_out_and_attacker_flips_its_update(tmp_path):
     still finishes with the other two, names the crashed client, flags the attacker's rows,
     and the attacker really sent minus its honest update."""
     from clients.client_app import local_train
-    from strategies.server_app import run_one_shot
 
     cfg = RunConfig.from_flower({
         "num-clients": 3, "tasks": "rotate90,parity,invert", "local-steps": "20", "etas": "1",
         "output-dir": str(tmp_path), "method": "fedavg,median", "faults": "crash@1",
         "attack": "sign_flip", "attackers": "2",
     }).resolve()
-    holder = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        holder["strategy"] = run_one_shot(grid, cfg, run_id=context.run_id)
-
-    run_simulation(app, client_app, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    strategy = holder["strategy"]
+    strategy = simulate_round(cfg, 3)
     assert [int(c.metrics["partition-id"]) for c in strategy.clients] == [0, 2]
     meta = json.loads((tmp_path / results.RUN_FILE).read_text())
     (failure,) = meta["failures"]

@@ -126,3 +126,16 @@ def test_the_table_search_has_the_candidate_count_results_md_states():
     lambdas = [float(x) for x in str(o["lambdas"]).split(",")]
     cands = plan_candidates(methods, method_spaces(methods), "paper", lambdas, [], tvs)
     assert sum(1 for c in cands.values() for e in c.etas if e > 0) == 7 * 24
+
+
+def test_write_tables_writes_points_csv_and_the_timed_table(points, tmp_path):
+    pts = [{"setting": "r=1", "seed": s, "acc": {"fedavg": a}, "measures": {"steps_cv": 0.0},
+            "seconds": 60.0} for s, a in ((0, 0.5), (1, 0.7))]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "docs").mkdir()
+    rows = points.write_tables(pts, tmp_path / "out", tmp_path / "docs", "spread", ["steps_cv"])
+    assert [r["mean"] for r in rows] == [pytest.approx(0.6)]
+    assert json.loads((tmp_path / "out" / "points.json").read_text())[1]["acc"] == {"fedavg": 0.7}
+    md = (tmp_path / "docs" / "spread.md").read_text()
+    assert md.startswith(points.timing_line(pts) + "\n\n| ") and "| r=1 | 0 | fedavg | 60.0 [" in md
+    assert (tmp_path / "docs" / "spread.csv").read_text().startswith("setting,")

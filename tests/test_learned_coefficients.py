@@ -8,34 +8,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
-from clients.client_app import app as client_app
 from fl_merge.config import ConfigError, RunConfig
+from simulate import simulate_round
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    from strategies.server_app import run_one_shot
-
     out = tmp_path_factory.mktemp("coef")
     cfg = RunConfig.from_flower({
         "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "30", "method": "task_arithmetic",
         "search": "off", "etas": "0.5,1", "output-dir": str(out), "learn-coefficients": "block",
         "coef-rounds": 3, "coef-lr": 0.1, "cache": False, "greedy-soup": True,
     }).resolve()
-    holder = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        holder["outcome"] = run_one_shot(grid, cfg, run_id=context.run_id)
-
-    run_simulation(app, client_app, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    assert "outcome" in holder, "the ServerApp did not finish"
-    return holder["outcome"], out
+    return simulate_round(cfg, 2), out
 
 
 def test_later_rounds_carry_coefficients_only(learned):

@@ -1,0 +1,28 @@
+"""One fl-merge round in Flower's in-process simulation engine, for the tests that need a
+real round: the ServerApp runs `run_one_shot` on a resolved config with our ClientApp."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def simulate_round(cfg: Any, num_supernodes: int) -> Any:
+    """Run `cfg` (a ResolvedConfig) on `num_supernodes` simulated clients (one CPU each);
+    returns the round's MergeRound. Fails the test when the ServerApp did not finish."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from strategies.server_app import run_one_shot
+
+    holder: dict[str, Any] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        holder["round"] = run_one_shot(grid, cfg, run_id=context.run_id)
+
+    run_simulation(app, client_app, num_supernodes=num_supernodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    assert "round" in holder, "the ServerApp did not finish"
+    return holder["round"]
