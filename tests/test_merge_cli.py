@@ -76,6 +76,14 @@ def run(argv, capsys):
     return rc, err
 
 
+def merged_file(pool, capsys, *args):
+    """`fl-merge merge` of the pool's base and models with `args`; the merged tensors."""
+    tmp, _, _, b, ms = pool
+    out = tmp / "out.safetensors"
+    assert run(["--base", b, "--models", *ms, *args, "--out", out], capsys)[0] == 0
+    return load_file(str(out))
+
+
 @pytest.fixture
 def pool(tmp_path):
     base, models = make_pool()
@@ -122,21 +130,15 @@ def test_fedavg_with_a_given_lambda_is_task_arithmetic(pool, capsys, weights):
 
 
 def test_eta_is_the_scale_of_the_mean_update(pool, capsys):
-    tmp, base, models, b, ms = pool
-    out = tmp / "out.safetensors"
-    argv = ["--base", b, "--models", *ms, "--method", "fedavg", "--eta", 0.5, "--out", out]
-    assert run(argv, capsys)[0] == 0
-    got = load_file(str(out))
+    _, base, models, _, _ = pool
+    got = merged_file(pool, capsys, "--method", "fedavg", "--eta", 0.5)
     for n in SHAPES:
         torch.testing.assert_close(got[n], base[n] + 0.5 * sum(m[n] - base[n] for m in models) / 3)
 
 
 def test_weights_make_a_weighted_mean(pool, capsys):
-    tmp, base, models, b, ms = pool
-    out = tmp / "out.safetensors"
-    assert run(["--base", b, "--models", *ms, "--method", "fedavg", "--weights", 1, 2, 1, "--eta", 2.0,
-                "--out", out], capsys)[0] == 0
-    got = load_file(str(out))
+    _, base, models, _, _ = pool
+    got = merged_file(pool, capsys, "--method", "fedavg", "--weights", 1, 2, 1, "--eta", 2.0)
     for n in SHAPES:
         mean = (1 * (models[0][n] - base[n]) + 2 * (models[1][n] - base[n]) + (models[2][n] - base[n])) / 4
         torch.testing.assert_close(got[n], base[n] + 2.0 * mean)
@@ -168,11 +170,8 @@ def test_half_precision_is_kept_and_computed_in_float32(tmp_path, capsys, dtype)
 
 
 def test_median_equals_the_middle_task_vector(pool, capsys):
-    tmp, base, models, b, ms = pool
-    out = tmp / "out.safetensors"
-    argv = ["--base", b, "--models", *ms, "--method", "median", "--eta", 1.0, "--out", out]
-    assert run(argv, capsys)[0] == 0
-    got = load_file(str(out))
+    _, base, models, _, _ = pool
+    got = merged_file(pool, capsys, "--method", "median", "--eta", 1.0)
     for n in SHAPES:
         sorted_taus = torch.stack([m[n] - base[n] for m in models]).sort(0).values
         torch.testing.assert_close(got[n], base[n] + sorted_taus[1])  # K = 3: the middle one
@@ -186,15 +185,12 @@ def _taus(base, models, keys=SHAPES):
                                     and not method_scope(m).startswith("refused")])
 def test_exact_methods_equal_the_whole_vector_merge(pool, capsys, method):
     """'exact' in the help: the file merge equals fl_merge.merge on the whole task vectors."""
-    tmp, base, models, b, ms = pool
-    out = tmp / "out.safetensors"
+    _, base, models, _, ms = pool
     extra = ["--local-steps", 2, 3, 5] if method == "fednova" else []
-    assert run(["--base", b, "--models", *ms, "--method", method, "--eta", 0.7, "--out", out, *extra],
-               capsys)[0] == 0
+    got = merged_file(pool, capsys, "--method", method, "--eta", 0.7, *extra)
     kw = {"local_steps": [2, 3, 5]} if method == "fednova" else {}
     with pytest.warns(UserWarning) if method == "fednova" else _nothing():
         delta = merge(method, _taus(base, models), names=ms, **kw)
-    got = load_file(str(out))
     for n in SHAPES:
         torch.testing.assert_close(got[n], base[n] + 0.7 * delta[n])
 
@@ -209,24 +205,19 @@ class _nothing:
 
 @pytest.mark.parametrize("method", [m for m in available_methods() if method_scope(m) == "per-tensor"])
 def test_per_tensor_methods_run_the_method_on_each_tensor_alone(pool, capsys, method):
-    tmp, base, models, b, ms = pool
+    _, base, models, _, ms = pool
     params = {"krum": ["f=0"], "multikrum": ["f=0"]}.get(method, [])
-    out = tmp / "out.safetensors"
-    argv = ["--base", b, "--models", *ms, "--method", method, "--eta", 0.7, "--out", out]
-    assert run(argv + (["--param", *params] if params else []), capsys)[0] == 0
+    flags = ["--param", *params] if params else []
+    got = merged_file(pool, capsys, "--method", method, "--eta", 0.7, *flags)
     kw = {p.split("=")[0]: int(p.split("=")[1]) for p in params}
-    got = load_file(str(out))
     for n in SHAPES:
         delta = merge(method, _taus(base, models, [n]), names=ms, **kw)[n]
         torch.testing.assert_close(got[n], base[n] + 0.7 * delta)
 
 
 def test_ties_per_tensor_top_k_differs_from_global_top_k_and_lambda_is_its_own(pool, capsys):
-    tmp, base, models, b, ms = pool
-    out = tmp / "out.safetensors"
-    assert run(["--base", b, "--models", *ms, "--method", "ties", "--param", "density=0.3",
-                "--lambda", 0.8, "--out", out], capsys)[0] == 0
-    got = load_file(str(out))
+    _, base, models, _, _ = pool
+    got = merged_file(pool, capsys, "--method", "ties", "--param", "density=0.3", "--lambda", 0.8)
     per_tensor = {n: merge("ties", _taus(base, models, [n]), density=0.3)[n] for n in SHAPES}
     whole = merge("ties", _taus(base, models), density=0.3)
     # TIES's lambda multiplies its disjoint mean: eta = lambda
