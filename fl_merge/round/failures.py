@@ -36,8 +36,8 @@ def task_of(partition: int | None, task_names: Sequence[str] | None) -> str | No
 
 def attribute(failures: Sequence[Mapping[str, Any]], usable: Iterable[int | None], num_clients: int,
               task_names: Sequence[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """(failures, missing tasks): one record per node (its first failure: a node lost in
-    training is not named again later), each with its partition and task where known (by
+    """(failures, missing tasks): one record per node in node-id order (its first failure: a
+    node lost in training is not named again later), each with its partition and task where known (by
     elimination for one unnamed lost client, see the module docstring), and the tasks of the
     partitions 0..num_clients-1 that have no usable update (none listed when a usable client
     does not say its partition, e.g. a foreign ClientApp: then it cannot be known)."""
@@ -63,6 +63,7 @@ def attribute(failures: Sequence[Mapping[str, Any]], usable: Iterable[int | None
         f["client"] = f"{f['client']} (partition {open_partitions[0]})"
     for f in out:
         f["task"] = task_of(f.get("partition_id"), task_names)
+    out.sort(key=lambda f: (f.get("node_id") is None, f.get("node_id") or 0))  # not sampling order
     return out, [task_of(p, task_names) or f"partition {p}" for p in missing]
 
 
