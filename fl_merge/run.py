@@ -95,8 +95,7 @@ def _record_failure(path: Path, reason: str) -> None:
     """failure.json for a run that failed outside the round (the ServerApp writes its own,
     with the clients, when the round itself stops): every failed run leaves its reason."""
     if not path.exists():
-        out = path.parent
-        out.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         results.write_json(path, {"status": "failed", "reason": reason})
 
 
