@@ -81,7 +81,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
         search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
         coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-        greedy_soup=run.greedy_soup,
+        greedy_soup=run.greedy_soup, prescreen=run.prescreen, finalists=run.finalists,
         min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
