@@ -170,3 +170,69 @@ def _wait_for(pattern: str, read, proc: subprocess.Popen, timeout: float) -> flo
         assert time.monotonic() < deadline, f"no {pattern!r} within {timeout}s"
         time.sleep(0.2)
     return time.monotonic()
+
+
+class _Stream:
+    """The lines `flwr run --stream` prints, each with the (monotonic) time it arrived."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def first(self, pattern: str) -> float:
+        times = [t for t, line in self.lines if re.search(pattern, line)]
+        assert times, f"no {pattern!r} in the run's log:\n" + self.text()[-3000:]
+        return times[0]
+
+
+def test_cut_and_throttled_links_are_given_up_and_named(tmp_path):
+    """3 hosts. node0's link goes down while it trains (its ClientApp has started); node1's
+    link is throttled to 1 kbit/s right after it sent its update, so it never returns its
+    validation scores. Round timeout 600 s: what ends each wait is Flower's heartbeat (a
+    node is offline 2 x 30 s after its last heartbeat). The run completes with node1's and
+    node2's updates (min-clients=2), scored by node2."""
+    out = tmp_path / "out"
+    cfg = {"num-clients": 3, "min-clients": 2, "local-steps": "20", "etas": "1", "cache": False,
+           "round-timeout": 600, "output-dir": str(out)}
+    with federation(tmp_path, nodes=3) as fed:
+        proc = fed.flwr_run(cfg, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stream = _Stream(proc)
+        _wait_for(r"Start `flwr-clientapp` process", lambda: fed.log("node0"), proc, 600)
+        fed.net.cut("node0")
+        t_cut = time.monotonic()
+        _wait_for(r"Sent successfully", lambda: fed.log("node1"), proc, 600)
+        fed.net.throttle("node1")
+        t_slow = time.monotonic()
+        assert "tbf" in fed.net.qdiscs("node1")
+        proc.wait(timeout=900)
+        stream.thread.join(timeout=30)
+        ids = [fed.node_id(i) for i in range(3)]
+    log = stream.text()
+    assert (out / results.RUN_FILE).exists(), log[-3000:] + fed.log("superlink")[-2000:]
+    measured = {"train gave up on the cut node after (s)": stream.first(r"tasks missing from the results") - t_cut,
+                "evaluation gave up on the throttled node after (s)":
+                    stream.first(r"no evaluation scores from") - t_slow}
+    (tmp_path / "measured.json").write_text(json.dumps(measured, indent=1))
+    print(measured)
+    run = json.loads((out / results.RUN_FILE).read_text())
+    tasks = run["tasks"]
+    lost = {f["node_id"]: f for f in run["failures"]}
+    assert len(run["failures"]) == 2 and set(lost) == set(ids[:2]), run["failures"]  # each once
+    cut, slow = lost[ids[0]], lost[ids[1]]
+    assert (cut["stage"], cut["partition_id"], cut["task"]) == ("train", 0, tasks[0]), cut
+    assert (slow["stage"], slow["partition_id"], slow["task"]) == ("evaluation", 1, tasks[1]), slow
+    for f in (cut, slow):  # the true reason: Flower's heartbeat, not the round timeout
+        assert "heartbeat" in f["reason"] and "round timeout" not in f["reason"], f
+    assert run["missing_tasks"] == [tasks[0]]  # never merged
+    assert run["unscored_tasks"] == [tasks[1]]  # merged, but nobody scored it on test
+    assert {c["node_id"] for c in run["clients"]} == set(ids[1:])  # both updates merged
+    assert {r["task"] for r in results.read_rows(out / results.RESULTS_FILE)} == {tasks[2]}
+    assert all(0 < s < 600 for s in measured.values()), measured  # given up, and before the timeout
