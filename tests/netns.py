@@ -50,7 +50,7 @@ def unavailable() -> str | None:
     return None
 
 
-def _namespaces() -> list[str]:
+def namespaces() -> list[str]:
     out = _ip("netns", "list", check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
@@ -58,7 +58,7 @@ def _namespaces() -> list[str]:
 def remove_stale() -> list[str]:
     """Delete the namespaces of ours whose creating process is gone; returns their names."""
     gone = []
-    for ns in _namespaces():
+    for ns in namespaces():
         m = _NAME.match(ns)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             _ip("netns", "del", ns, check=False)
@@ -110,7 +110,7 @@ class Network:
         """Delete every namespace made (their veths, the bridge and any qdisc go with them)."""
         for name in reversed(self.made):
             _ip("netns", "del", name, check=False)
-        self.made = [n for n in self.made if n in _namespaces()]
+        self.made = [n for n in self.made if n in namespaces()]
 
     def popen(self, host: str, cmd: Sequence[str], **kwargs) -> subprocess.Popen:
         """`cmd` inside `host`'s namespace (`ip netns exec` execs it: the pid is the command's)."""

@@ -134,7 +134,37 @@ def federation(tmp_path: Path, nodes: int):
             yield fed
         finally:
             fed.stop()
-    assert not any(ns.startswith(net.tag) for ns in netns._namespaces()), "a namespace was left behind"
+    assert not any(ns.startswith(net.tag) for ns in netns.namespaces()), "a namespace was left behind"
+
+
+def _connects(net: netns.Network, host: str, address: str) -> str:
+    """Connect from `host` to `address`:PORT; "ok" or the error's name."""
+    code = (f"import socket\ntry:\n    socket.create_connection(('{address}', {PORT}), timeout=5); print('ok')\n"
+            "except OSError as e:\n    print(type(e).__name__)")
+    return net.run(host, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def test_the_hosts_reach_each_other_only_over_the_subnet_and_everything_is_removed():
+    with pytest.raises(KeyboardInterrupt), netns.network(["a", "b"]) as net:
+        server = net.popen("a", [sys.executable, "-c", (
+            f"import socket, time\ns = socket.create_server(('{net.ip('a')}', {PORT}))\nprint('up', flush=True)\n"
+            "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "up"
+            assert _connects(net, "b", net.ip("a")) == "ok"
+            assert _connects(net, "b", "127.0.0.1") == "ConnectionRefusedError"  # b's own loopback
+            net.cut("b")
+            assert _connects(net, "b", net.ip("a")) == "OSError"  # network unreachable
+            made = list(net.made)
+        finally:
+            server.kill()
+            server.wait()
+        raise KeyboardInterrupt  # Ctrl-C inside: the namespaces still go
+    assert not set(made) & set(netns.namespaces())
+    # one left by a process that no longer exists (SIGKILLed test) is removed by the next
+    subprocess.run(["ip", "netns", "add", f"{netns.PREFIX}999999999-x"], check=True)
+    assert netns.remove_stale() == [f"{netns.PREFIX}999999999-x"]
+    assert f"{netns.PREFIX}999999999-x" not in netns.namespaces()
 
 
 def test_merge_across_hosts_equals_the_simulation(tmp_path):
