@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -106,8 +107,20 @@ class Network:
             _ip("-n", ns, "addr", "add", f"{self.ip(host)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
 
+    def pids(self) -> list[int]:
+        """The processes still running inside any of this network's namespaces."""
+        out = []
+        for name in self.made:
+            out += [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split()]
+        return out
+
     def destroy(self) -> None:
-        """Delete every namespace made (their veths, the bridge and any qdisc go with them)."""
+        """Delete every namespace made (their veths, the bridge and any qdisc go with them).
+        A process still inside one (started there by this test, so ours) is killed first: a
+        namespace with a live process is only unlisted, not gone."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for name in reversed(self.made):
             _ip("netns", "del", name, check=False)
         self.made = [n for n in self.made if n in namespaces()]
@@ -141,8 +154,8 @@ class Network:
 @contextlib.contextmanager
 def network(hosts: Sequence[str]) -> Iterator[Network]:
     """A Network of `hosts`, deleted on exit whatever happens (exceptions, KeyboardInterrupt).
-    Stop the processes started in it before leaving (a namespace with a live process in it is
-    unlisted but lives on until that process ends)."""
+    Stop the processes started in it before leaving (`pids()` says what is left); whatever
+    is still running inside is killed on the way out."""
     remove_stale()
     net = Network(hosts)
     try:

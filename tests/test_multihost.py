@@ -134,6 +134,7 @@ def federation(tmp_path: Path, nodes: int):
             yield fed
         finally:
             fed.stop()
+        assert not net.pids(), "processes left on the hosts (a ClientApp outside the SuperNode's group?)"
     assert not any(ns.startswith(net.tag) for ns in netns.namespaces()), "a namespace was left behind"
 
 
@@ -146,20 +147,19 @@ def _connects(net: netns.Network, host: str, address: str) -> str:
 
 def test_the_hosts_reach_each_other_only_over_the_subnet_and_everything_is_removed():
     with pytest.raises(KeyboardInterrupt), netns.network(["a", "b"]) as net:
+        made = list(net.made)
+        # a server on host a, left running: leaving the network kills what runs inside
         server = net.popen("a", [sys.executable, "-c", (
             f"import socket, time\ns = socket.create_server(('{net.ip('a')}', {PORT}))\nprint('up', flush=True)\n"
             "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
-        try:
-            assert server.stdout.readline().strip() == "up"
-            assert _connects(net, "b", net.ip("a")) == "ok"
-            assert _connects(net, "b", "127.0.0.1") == "ConnectionRefusedError"  # b's own loopback
-            net.cut("b")
-            assert _connects(net, "b", net.ip("a")) == "OSError"  # network unreachable
-            made = list(net.made)
-        finally:
-            server.kill()
-            server.wait()
+        assert server.stdout.readline().strip() == "up"
+        assert _connects(net, "b", net.ip("a")) == "ok"
+        assert _connects(net, "b", "127.0.0.1") == "ConnectionRefusedError"  # b's own loopback
+        net.cut("b")
+        assert _connects(net, "b", net.ip("a")) == "OSError"  # network unreachable
+        assert net.pids() == [server.pid]
         raise KeyboardInterrupt  # Ctrl-C inside: the namespaces still go
+    assert server.wait(timeout=30) == -signal.SIGKILL
     assert not set(made) & set(netns.namespaces())
     # one left by a process that no longer exists (SIGKILLed test) is removed by the next
     subprocess.run(["ip", "netns", "add", f"{netns.PREFIX}999999999-x"], check=True)
