@@ -46,8 +46,8 @@ def check_host(host: str) -> str:
         pass
     labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
     if not host or len(host) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise ValueError(f"--host must be an IP address or a DNS name (e.g. 10.0.0.5, superlink.example.org), "
-                         f"got {host!r}")
+        raise ValueError("--host must be an IP address or a DNS name (e.g. 10.0.0.5, "
+                         f"superlink.example.org), got {host!r}")
     return host
 
 

@@ -139,7 +139,8 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], asked, r.task_names)
     r.unscored_tasks = unscored_tasks(r.failures)
     if r.unscored_tasks:
-        log(WARNING, "merged but not scored on test (client lost after training): %s", ", ".join(r.unscored_tasks))
+        log(WARNING, "merged but not scored on test (client lost after training): %s",
+            ", ".join(r.unscored_tasks))
     for note in r.notes:
         log(WARNING, "%s", note)
     return r

@@ -17,13 +17,15 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="open
 
 def _verifies(creds, flag: str, name: str) -> bool:
     proc = subprocess.run(["openssl", "verify", "-CAfile", str(creds / "ca.crt"), flag, name,
-                           str(creds / "server.pem")], capture_output=True, text=True, timeout=60, check=False)
+                           str(creds / "server.pem")], capture_output=True, text=True, timeout=60,
+                          check=False)
     return proc.returncode == 0 and "OK" in proc.stdout
 
 
 @needs_openssl
 def test_the_certificate_names_exactly_the_hosts_given(tmp_path, capsys):
-    assert main([str(tmp_path), "--supernodes", "1", "--host", "10.213.0.1", "--host", "superlink.example.org"]) == 0
+    assert main([str(tmp_path), "--supernodes", "1", "--host", "10.213.0.1",
+                 "--host", "superlink.example.org"]) == 0
     assert _verifies(tmp_path, "-verify_ip", "10.213.0.1")
     assert _verifies(tmp_path, "-verify_hostname", "superlink.example.org")
     assert not _verifies(tmp_path, "-verify_ip", "127.0.0.1")  # not given, so not valid for it
@@ -34,7 +36,8 @@ def test_the_certificate_names_exactly_the_hosts_given(tmp_path, capsys):
 @needs_openssl
 def test_without_host_the_certificate_is_for_this_machine(tmp_path):
     assert main([str(tmp_path), "--supernodes", "0"]) == 0
-    assert _verifies(tmp_path, "-verify_ip", "127.0.0.1") and _verifies(tmp_path, "-verify_hostname", "localhost")
+    assert _verifies(tmp_path, "-verify_ip", "127.0.0.1")
+    assert _verifies(tmp_path, "-verify_hostname", "localhost")
     assert not (tmp_path / "supernode0").exists()
 
 

@@ -36,11 +36,22 @@ from fl_merge import results
 from fl_merge.deploy import make_certificates, make_supernode_key
 
 _WHY = netns.unavailable()
-pytestmark = [pytest.mark.deployment, pytest.mark.skipif(_WHY is not None, reason=f"no network namespaces: {_WHY}")]
+pytestmark = [pytest.mark.deployment,
+              pytest.mark.skipif(_WHY is not None, reason=f"no network namespaces: {_WHY}")]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PORT = 9093  # the SuperLink's, on its own host: no clash with anything outside its namespace
 CONNECTION = "hosts"
+# run on the SuperLink's host (the test process is outside every namespace): exit 0 once
+# {address}:{port} accepts, 1 after 60 s
+_WAIT_FOR_PORT = """import socket, time
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    with socket.socket() as s:
+        if s.connect_ex(("{address}", {port})) == 0:
+            raise SystemExit(0)
+    time.sleep(0.3)
+raise SystemExit(1)"""
 
 
 def _toml(v: object) -> str:
@@ -111,15 +122,14 @@ def federation(tmp_path: Path, nodes: int):
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         fed = Federation(net, tmp_path, env, nodes)
         try:
-            fed.start("link", [str(BIN / "flower-superlink"), "--isolation", "subprocess", "--host", net.ip("link"),
-                               "--port", str(PORT), "--ssl-ca-certfile", str(ca["ca"]), "--ssl-certfile",
-                               str(ca["cert"]), "--ssl-keyfile", str(ca["key"]), "--enable-supernode-auth",
+            fed.start("link", [str(BIN / "flower-superlink"), "--isolation", "subprocess",
+                               "--host", net.ip("link"), "--port", str(PORT),
+                               "--ssl-ca-certfile", str(ca["ca"]), "--ssl-certfile", str(ca["cert"]),
+                               "--ssl-keyfile", str(ca["key"]), "--enable-supernode-auth",
                                "--database", str(tmp_path / "state.db")], "superlink.log")
             # wait for the SuperLink's port from its own host (the test process is outside)
-            up = net.run("link", [sys.executable, "-c", (
-                "import socket, time\nt = time.monotonic() + 60\nwhile time.monotonic() < t:\n"
-                f"    with socket.socket() as s:\n        if s.connect_ex(('{net.ip('link')}', {PORT})) == 0: break\n"
-                "    time.sleep(0.3)\nelse: raise SystemExit(1)")], timeout=90, check=False)
+            wait = _WAIT_FOR_PORT.format(address=net.ip("link"), port=PORT)
+            up = net.run("link", [sys.executable, "-c", wait], timeout=90, check=False)
             assert up.returncode == 0, fed.log("superlink")[-2000:]
             for i in range(nodes):
                 key, pub = make_supernode_key(creds / f"node{i}")
@@ -129,7 +139,8 @@ def federation(tmp_path: Path, nodes: int):
                 fed.start(f"node{i}", [str(BIN / "flower-supernode"), "--superlink", link,
                                        "--root-certificates", str(ca["ca"]), "--auth-supernode-private-key",
                                        str(key), "--node-config",
-                                       f'partition-id={i} num-partitions={nodes} cache-dir="{tmp_path / f"cache{i}"}"'],
+                                       f'partition-id={i} num-partitions={nodes} '
+                                       f'cache-dir="{tmp_path / f"cache{i}"}"'],
                           f"node{i}.log")
             yield fed
         finally:
@@ -140,9 +151,10 @@ def federation(tmp_path: Path, nodes: int):
 
 def _connects(net: netns.Network, host: str, address: str) -> str:
     """Connect from `host` to `address`:PORT; "ok" or the error's name."""
-    code = (f"import socket\ntry:\n    socket.create_connection(('{address}', {PORT}), timeout=5); print('ok')\n"
-            "except OSError as e:\n    print(type(e).__name__)")
-    return net.run(host, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+    code = (f"import socket\ntry:\n    socket.create_connection(('{address}', {PORT}), timeout=5)\n"
+            "    print('ok')\nexcept OSError as e:\n    print(type(e).__name__)")
+    proc = net.run(host, [sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return proc.stdout.strip()
 
 
 def test_the_hosts_reach_each_other_only_over_the_subnet_and_everything_is_removed():
@@ -150,8 +162,8 @@ def test_the_hosts_reach_each_other_only_over_the_subnet_and_everything_is_remov
         made = list(net.made)
         # a server on host a, left running: leaving the network kills what runs inside
         server = net.popen("a", [sys.executable, "-c", (
-            f"import socket, time\ns = socket.create_server(('{net.ip('a')}', {PORT}))\nprint('up', flush=True)\n"
-            "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+            f"import socket, time\ns = socket.create_server(('{net.ip('a')}', {PORT}))\n"
+            "print('up', flush=True)\ntime.sleep(120)")], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "up"
         assert _connects(net, "b", net.ip("a")) == "ok"
         assert _connects(net, "b", "127.0.0.1") == "ConnectionRefusedError"  # b's own loopback
@@ -247,7 +259,8 @@ def test_cut_and_throttled_links_are_given_up_and_named(tmp_path):
         ids = [fed.node_id(i) for i in range(3)]
     log = stream.text()
     assert (out / results.RUN_FILE).exists(), log[-3000:] + fed.log("superlink")[-2000:]
-    measured = {"train gave up on the cut node after (s)": stream.first(r"tasks missing from the results") - t_cut,
+    measured = {"train gave up on the cut node after (s)":
+                    stream.first(r"tasks missing from the results") - t_cut,
                 "evaluation gave up on the throttled node after (s)":
                     stream.first(r"no evaluation scores from") - t_slow}
     (tmp_path / "measured.json").write_text(json.dumps(measured, indent=1))
