@@ -15,7 +15,7 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_merge.round.failures import attribute
+from fl_merge.round.failures import attribute, unscored_tasks
 from fl_merge.round.candidates import candidate_methods, plan_candidates, search_record
 from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound
@@ -142,6 +142,10 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     r.notes += missing
     r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
     r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], asked, r.task_names)
+    r.unscored_tasks = unscored_tasks(r.failures)
+    if r.unscored_tasks:
+        log(WARNING, "merged but not scored on test (client lost after training): %s",
+            ", ".join(r.unscored_tasks))
     for note in r.notes:
         log(WARNING, "%s", note)
     return r

@@ -143,6 +143,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "heterogeneity": r.heterogeneity,
         "failures": r.failures,  # clients left out: who (node, partition, task), at which stage, why
         "missing_tasks": r.missing_tasks,  # tasks with no usable update: not in results.csv
+        "unscored_tasks": r.unscored_tasks,  # merged, but their client was lost before scoring test
         "timings": r.timings,
         "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
         "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)
