@@ -96,7 +96,7 @@ def stop_group(pid: int, grace: float = 5.0, wait: Callable[[float], Any] | None
         try:
             os.killpg(pid, first)
         except ProcessLookupError:
-            return
+            pass  # the group is gone; its tree or tagged processes may not be
         try:
             wait(grace)
         except subprocess.TimeoutExpired:
@@ -105,11 +105,26 @@ def stop_group(pid: int, grace: float = 5.0, wait: Callable[[float], Any] | None
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for p in tree:
-        try:
-            p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+    for _ in range(3):  # tagged processes started meanwhile (e.g. by a SuperExec) too
+        for p in tree:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        deadline = time.monotonic() + 5.0
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = tagged_processes(tag) if tag else []
+        if not tree:
+            break
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Running and not a zombie (a killed process whose parent has not reaped it yet)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stream_child(cmd: list[str], log_path: Path, stream: bool, env: dict[str, str]) -> tuple[int, str]:
@@ -124,6 +139,7 @@ def stream_child(cmd: list[str], log_path: Path, stream: bool, env: dict[str, st
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
+                log.flush()  # the log shows the run as it goes (tail -f; a watcher's test)
                 if stream:
                     sys.stdout.write(line)
                     sys.stdout.flush()
