@@ -44,7 +44,8 @@ TASKS = ["rotate90", "invert", "patch-shuffle"]  # mnist8's first three: partiti
 def _wait(what: str, check, timeout: float, poll: float = 0.2):
     deadline = time.monotonic() + timeout
     while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}; running: {_ps()}"
+        assert time.monotonic() < deadline, (f"timed out after {timeout:.0f}s waiting for {what}; "
+                                             f"running: {_ps()}")
         time.sleep(poll)
     return value
 
@@ -97,14 +98,15 @@ class Federation:
         return link
 
     def supernode(self, pid: int, log: str, *extra: str) -> subprocess.Popen:
-        return self.start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                           *extra, "--node-config",
-                           f'partition-id={pid} num-partitions={len(TASKS)} cache-dir="{self.tmp / f"cache{pid}"}"',
+        node = f'partition-id={pid} num-partitions={len(TASKS)} cache-dir="{self.tmp / f"cache{pid}"}"'
+        return self.start([str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                           f"127.0.0.1:{self.port}", *extra, "--node-config", node,
                            "--port", str(_free_port())], log)
 
     def flwr_run(self, config: dict, log: str) -> subprocess.Popen:
         items = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
-        return self.start([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config", items], log)
+        return self.start([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream",
+                           "--run-config", items], log)
 
     def text(self, log: str) -> str:
         return (self.tmp / log).read_text(errors="replace")
@@ -186,7 +188,8 @@ def test_supernode_killed_while_training(federation, capsys):
 
     meta = json.loads((out / results.RUN_FILE).read_text())
     (lost,) = meta["failures"]  # named once
-    assert (lost["node_id"], lost["partition_id"], lost["task"], lost["stage"]) == (lost_id, 1, "invert", "train")
+    assert (lost["node_id"], lost["partition_id"], lost["task"], lost["stage"]) == (
+        lost_id, 1, "invert", "train")
     assert "heartbeat" in lost["reason"], lost["reason"]
     assert meta["missing_tasks"] == ["invert"]
     assert {r["task"] for r in results.read_rows(out / results.RESULTS_FILE)} == {"rotate90", "patch-shuffle"}
@@ -277,7 +280,8 @@ def test_fl_merge_run_fails_in_one_line_when_its_superlink_dies(tmp_path, capsys
     output directory, and nothing left of what it started (its tag finds the ServerApp and
     simulation processes that the dead SuperLink's tree no longer reaches)."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     launcher = subprocess.Popen(
         [str(BIN / "python"), "-m", "fl_merge.launch", "--run-config",
          f'num-clients=2 local-steps="300" etas="1" search="off" cache=false output-dir="{out}"'],
@@ -296,10 +300,12 @@ def test_fl_merge_run_fails_in_one_line_when_its_superlink_dies(tmp_path, capsys
         _, err = launcher.communicate(timeout=180)
         assert launcher.returncode == 1
         (line,) = [x for x in err.splitlines() if x.strip()]
-        assert line.startswith("fl-merge-run: error: the SuperLink died during the run (killed by SIGKILL)"), err
+        assert line.startswith("fl-merge-run: error: the SuperLink died during the run "
+                               "(killed by SIGKILL)"), err
         assert sorted(p.name for p in out.iterdir()) == ["failure.json", "run.log"]
         # the launcher's record, or the ServerApp's own if its parent watch was first
-        assert re.search(r"the SuperLink (died|went away)", json.loads((out / FAILURE_FILE).read_text())["reason"])
+        reason = json.loads((out / FAILURE_FILE).read_text())["reason"]
+        assert re.search(r"the SuperLink (died|went away)", reason)
         _wait("the launcher's processes to end", lambda: not tagged_processes(tag), 10)  # it stopped them all
     finally:
         for p in tagged_processes(tag) if tag else []:
