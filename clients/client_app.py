@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from logging import INFO
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch.utils.data import TensorDataset
 
 from clients.cache import load_update, save_update, state_digest, update_key
@@ -42,6 +44,12 @@ from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
+
+# Logged by a client as it starts its local SGD steps (and after it stored the update): on a
+# SuperNode this lands in the SuperNode's output, which is how an operator (or a fault test)
+# sees that a node is training right now, not still loading, and that its update is safe.
+TRAINING_LINE = "fl-merge client: partition {pid} ({task}) training {steps} local steps"
+CACHED_LINE = "fl-merge client: partition {pid} update stored in the client-update cache: {path}"
 
 
 def _partition_id(context: Context, config: ConfigRecord) -> int:
@@ -195,6 +203,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     if bool(config.get("compute-grad0", False)):
         # The gradient at theta0, before any local step: for gradient dissimilarity.
         extras["grad0"] = mean_gradient(model, task.train, int(config.get("grad0-samples", 1024)))
+    log(INFO, TRAINING_LINE.format(pid=pid, task=spec["task"], steps=cfg.steps))
     metrics: dict[str, Any] = fine_tune(model, task, cfg)
     metrics.update({
         "num-examples": len(task.train),
@@ -212,7 +221,8 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     for name, arrays in extras.items():
         state.update({f"{EXTRA_PREFIX}{name}.{k}": v.detach().cpu() for k, v in arrays.items()})
     if use_cache:
-        save_update(key, state, metrics, cache_dir)
+        path = save_update(key, state, metrics, cache_dir)
+        log(INFO, CACHED_LINE.format(pid=pid, path=path))
     return state, {**metrics, "cached": 0}
 
 

@@ -37,6 +37,7 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     s = strategy
     r = MergeRound(methods=dict(s.methods), etas=s.etas, task_names=s.task_names,
                    theta0={k: v.detach().clone() for k, v in theta0.items()})
+    s.outcome = r  # the round in progress: what a failure record reports if the run must stop
     try:
         return _steps(s, grid, r, train_config, evaluate_config, timeout)
     except MergeRoundError as e:

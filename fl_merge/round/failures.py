@@ -19,6 +19,18 @@ CACHE_NOTE = ("each finished client's update is in its client-update cache (~/.c
               "with cache=true reuses them without retraining")
 
 
+def stopped_reason(updates_received: int, parent_gone: bool) -> str:
+    """Why a ServerApp stopped before its results: its parent process exited (so the
+    SuperLink was stopped or died), or Flower told it to stop (SIGINT/SIGTERM: e.g. `flwr
+    stop`); and at which point of the round, before any client update arrived or after."""
+    stage = (f"after {updates_received} client update(s) had arrived" if updates_received
+             else "while the clients were training (no update had arrived)")
+    if parent_gone:
+        return (f"the SuperLink went away {stage}: the ServerApp's parent process exited, so "
+                f"the SuperLink was stopped or died; the run cannot finish")
+    return f"the ServerApp was told to stop {stage} (by Flower: e.g. `flwr stop` or a lost SuperLink)"
+
+
 def no_reply_reason(elapsed: float, timeout: float) -> str:
     """Why a message got no reply: the round timeout ran out, or Flower gave up on the node
     earlier (it ended the wait before the timeout: the node left, e.g. missed heartbeats)."""
@@ -85,9 +97,16 @@ def unscored_tasks(failures: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def failure_record(reason: str, stage: str, finished: Sequence[Mapping[str, Any]],
-                   failures: Sequence[Mapping[str, Any]], missing_tasks: Sequence[str]) -> dict[str, Any]:
+                   failures: Sequence[Mapping[str, Any]], missing_tasks: Sequence[str],
+                   replies_lost: bool = False) -> dict[str, Any]:
     """failure.json of a run that did not finish: why, at which stage, which clients had
-    finished (partition, task, node) and where their updates are, who was lost."""
+    finished (partition, task, node) and where their updates are, who was lost.
+    replies_lost: the server lost contact (its SuperLink died), so clients may have
+    finished and cached their update without the server knowing."""
+    if replies_lost:
+        cached = "clients may have finished without the server knowing: " + CACHE_NOTE
+    else:
+        cached = CACHE_NOTE if finished else "no client finished"
     return {"status": "failed", "reason": reason, "stage": stage, "finished_clients": list(finished),
             "lost_clients": list(failures), "missing_tasks": list(missing_tasks),
-            "cached_updates": CACHE_NOTE if finished else "no client finished"}
+            "cached_updates": cached}
