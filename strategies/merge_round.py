@@ -23,9 +23,16 @@ from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
+from fl_merge.spill import SpillDir
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
 from strategies.phases import learn_phase, soup_phase
+
+
+def phase(name: str) -> None:
+    """Log the start of a phase with its wall-clock time (benchmarks/deployment_large.py
+    reads these markers to split its memory samples by phase)."""
+    log(INFO, "fl-merge phase %s t=%.3f", name, time.time())
 
 
 def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
@@ -35,22 +42,30 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     method's choice -> rows. `strategy` is a OneShotMerge (its settings and its Flower part)."""
     s = strategy
     r = MergeRound(methods=dict(s.methods), etas=s.etas, task_names=s.task_names,
-                   theta0={k: v.detach().clone() for k, v in theta0.items()})
+                   theta0={k: v.detach().clone() for k, v in theta0.items()} if s.spill_dir is None
+                   else dict(theta0))  # spilling: no second copy of theta0 (it is not modified)
+    s.spill = SpillDir(s.spill_dir) if s.spill_dir is not None else None
     try:
         return _steps(s, grid, r, train_config, evaluate_config, timeout)
     except MergeRoundError as e:
         e.partial = r  # what the round had when it stopped: the ServerApp's failure.json
         raise
+    finally:  # spill files never outlive the round (clients' per-task parts are in memory)
+        if s.spill is not None:
+            s.spill.cleanup()
+            s.spill = None
 
 
 def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
            evaluate_config: Mapping[str, Any], timeout: float) -> MergeRound:
     # 1. Train: theta0 to every client; replies become ClientUpdates (failures named).
+    phase("train")
     config = {**train_config, **train_requests(s.methods, s.measure_heterogeneity)}
     updates, r.failures = s.train(grid, r.theta0, config, timeout)
     t0 = time.perf_counter()
+    phase("aggregate")
     # 2. Task vectors over the merge-key patterns; malformed or non-finite ones left out.
-    r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, s.is_merged)
+    r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, s.is_merged, s.spill)
     r.failures += left_out
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     # One record per lost node, with its partition and task where known (by elimination).
@@ -85,6 +100,7 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
         k, list(s.methods), r.timings["aggregate-seconds"], len(r.candidates), r.search["candidates"])
     # 5. Every candidate scored on validation (and on test too with test_all_etas).
     t1 = time.perf_counter()
+    phase("validation")
     grids = {label: c.etas for label, c in r.candidates.items()}
     splits = ["val", "test"] if s.test_all_etas else ["val"]
     scores, lost = s.score(grid, r.clients, r.theta0, deltas, grids, splits, "evaluation",
@@ -113,6 +129,7 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     # 7. Test scored at the base and each method's choice only (unless already scored).
     if not s.test_all_etas:
         t2 = time.perf_counter()
+        phase("test")
         first = next(iter(r.candidates))
         scored = [c for c in r.clients if r.task_name(c) in scores[first]]
         test, lost = s.score(grid, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],

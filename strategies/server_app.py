@@ -29,7 +29,7 @@ from fl_merge.round.outcome import MergeRound
 from fl_merge.round.tables import format_comparison
 from fl_merge.round.updates import MergeRoundError
 from fl_merge.task_vectors import StateDict
-from strategies.merge_round import run_round
+from strategies.merge_round import phase, run_round
 from strategies.one_shot import OneShotMerge
 
 
@@ -77,11 +77,12 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     t0 = time.perf_counter()
     theta0 = load_theta0(cfg)
     k = run.num_clients
+    out = cfg.output_dir()  # once: a default (timestamped) folder must not change mid-run
     strategy = OneShotMerge(
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
         search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
         coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-        greedy_soup=run.greedy_soup,
+        greedy_soup=run.greedy_soup, spill_dir=str(out) if run.spill else None,
         min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
@@ -91,10 +92,11 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     try:
         outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(), run.round_timeout)
     except MergeRoundError as e:
-        write_failure(cfg.output_dir(), str(e), getattr(e, "partial", None))
+        write_failure(out, str(e), getattr(e, "partial", None))
         raise
     outcome.timings["total-seconds"] = time.perf_counter() - t0
-    write_outputs(cfg.output_dir(), outcome, cfg, run_id)
+    phase("write")
+    write_outputs(out, outcome, cfg, run_id)
     return outcome
 
 
