@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="extra run-config items (TOML-quoted)")
     parser.add_argument("--database", choices=("sqlite", "memory"), default="sqlite",
                         help="the SuperLink's state: a sqlite file (--database) or Flower's in-memory store")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="MALLOC_MMAP_THRESHOLD_ for every process (bytes; 0: glibc's default): "
+                             "larger blocks are mmap'ed and go back to the system when freed")
     parser.add_argument("--json", type=Path, help="write the samples, marks and peaks here")
     args = parser.parse_args()
     k = args.clients
@@ -118,7 +121,8 @@ def main() -> None:
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FL_MERGE_CACHE": os.environ.get("FL_MERGE_CACHE", str(work / "cache")),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {})}
     # Pretrain theta0 first (in a child: this process stays small) so the run does not include it.
     t0 = time.perf_counter()
     size_mb = float(subprocess.run(

@@ -89,6 +89,9 @@ class RunConfig:
     # file under output-dir as it arrives, task vectors too, read back memory-mapped; removed
     # when the round ends. Same results; docs/deployment.md "Memory".
     spill: bool = False
+    # Heterogeneity measures in results (fl_merge/metrics.py): clients also send their gradient
+    # at theta0, which doubles every train reply; false for large models through deployment.
+    measure_heterogeneity: bool = True
     output_dir: str = ""  # empty: ./outputs/<time>-<method>
     round_timeout: float = 1800.0
     connect_timeout: float = 120.0

@@ -19,10 +19,13 @@ by default) that `cleanup` removes, also when the round fails: nothing is kept.
 
 from __future__ import annotations
 
+import ctypes
+import io
 import mmap
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,32 @@ class MappedState(Mapping[str, torch.Tensor]):
         return f"MappedState({str(self.path)!r}, {len(self)} tensors)"
 
 
+def array_view(array: Any) -> torch.Tensor:
+    """A Flower Array (``.npy`` bytes in `data`) as a tensor viewing those bytes, without the
+    copy that `Array.numpy()` (np.load) makes. Read-only data: writing to it is an error."""
+    buf = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buf)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(buf)
+    if fortran or dtype.hasobject:
+        return torch.from_numpy(array.numpy())
+    count = int(np.prod(shape)) if shape else 1
+    a = np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
+    with warnings.catch_warnings():  # "non-writable": the view is only read (written to disk)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc `malloc_trim`; a no-op elsewhere).
+    Python frees a message's buffers, but glibc keeps the pages of a fragmented heap, so the
+    process's resident size stays at its peak (measured: 2-3 backbones after each phase)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _torch_dtype(numpy_dtype: str) -> torch.dtype:
     """The torch dtype of a numpy dtype name (an Array's `dtype`)."""
     return torch.from_numpy(np.empty(0, dtype=np.dtype(numpy_dtype))).dtype
@@ -114,7 +143,7 @@ class SpillDir:
 
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for k in keys:
-                yield k, torch.from_numpy(arrays.pop(k).numpy())
+                yield k, array_view(arrays.pop(k))
 
         path = self._file(name)
         write_checkpoint(path, specs, tensors(), max_shard_bytes=1 << 62)

@@ -23,15 +23,18 @@ from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
-from fl_merge.spill import SpillDir
+from fl_merge.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
 from strategies.phases import learn_phase, soup_phase
 
 
-def phase(name: str) -> None:
+def phase(s: Any, name: str) -> None:
     """Log the start of a phase with its wall-clock time (benchmarks/deployment_large.py
-    reads these markers to split its memory samples by phase)."""
+    reads these markers to split its memory samples by phase); a spilling round (large
+    models) also hands the last phase's freed message buffers back to the system."""
+    if s.spill_dir is not None:
+        release_freed_memory()
     log(INFO, "fl-merge phase %s t=%.3f", name, time.time())
 
 
@@ -59,11 +62,11 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
 def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
            evaluate_config: Mapping[str, Any], timeout: float) -> MergeRound:
     # 1. Train: theta0 to every client; replies become ClientUpdates (failures named).
-    phase("train")
+    phase(s, "train")
     config = {**train_config, **train_requests(s.methods, s.measure_heterogeneity)}
     updates, r.failures = s.train(grid, r.theta0, config, timeout)
     t0 = time.perf_counter()
-    phase("aggregate")
+    phase(s, "aggregate")
     # 2. Task vectors over the merge-key patterns; malformed or non-finite ones left out.
     r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, s.is_merged, s.spill)
     r.failures += left_out
@@ -100,7 +103,7 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
         k, list(s.methods), r.timings["aggregate-seconds"], len(r.candidates), r.search["candidates"])
     # 5. Every candidate scored on validation (and on test too with test_all_etas).
     t1 = time.perf_counter()
-    phase("validation")
+    phase(s, "validation")
     grids = {label: c.etas for label, c in r.candidates.items()}
     splits = ["val", "test"] if s.test_all_etas else ["val"]
     scores, lost = s.score(grid, r.clients, r.theta0, deltas, grids, splits, "evaluation",
@@ -129,7 +132,7 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     # 7. Test scored at the base and each method's choice only (unless already scored).
     if not s.test_all_etas:
         t2 = time.perf_counter()
-        phase("test")
+        phase(s, "test")
         first = next(iter(r.candidates))
         scored = [c for c in r.clients if r.task_name(c) in scores[first]]
         test, lost = s.score(grid, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],

@@ -14,6 +14,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fl_merge.spill import release_freed_memory
+
 
 def _bytes(content: RecordDict) -> int:
     """A message's payload: the bytes of its records (Flower's own count per record). flwr
@@ -50,6 +52,7 @@ def _send_each(grid: Grid, messages: list[Message], timeout: float, keep: Callab
     ids = list(grid.push_messages(messages))
     sent = [(mid or "", m.metadata.dst_node_id) for mid, m in zip(ids, messages)]
     messages.clear()
+    release_freed_memory()
     kept: dict[str, Any] = {}
     pending = [mid for mid, _ in sent if mid]
     while pending and time.monotonic() - t0 < timeout:
@@ -57,6 +60,7 @@ def _send_each(grid: Grid, messages: list[Message], timeout: float, keep: Callab
             for reply in grid.pull_messages([mid]):
                 kept[reply.metadata.reply_to_message_id] = keep(reply)
                 del reply
+                release_freed_memory()  # the reply's buffers: back to the system now
             if mid in kept:
                 pending.remove(mid)
         if pending:

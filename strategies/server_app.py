@@ -83,6 +83,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
         coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
         greedy_soup=run.greedy_soup, spill_dir=str(out) if run.spill else None,
+        measure_heterogeneity=run.measure_heterogeneity,
         min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
@@ -95,7 +96,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         write_failure(out, str(e), getattr(e, "partial", None))
         raise
     outcome.timings["total-seconds"] = time.perf_counter() - t0
-    phase("write")
+    phase(strategy, "write")
     write_outputs(out, outcome, cfg, run_id)
     return outcome
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fl_merge.aggregation import merge
-from fl_merge.spill import MappedState, SpillDir, materialize
+from fl_merge.spill import MappedState, SpillDir, array_view, materialize, split_extras_lazy
 from fl_merge.task_vectors import MergeInputError
 
 
@@ -81,3 +81,29 @@ def test_materialize_and_cleanup(tmp_path):
     spill.cleanup()
     assert not spill.path.exists()
     assert own["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_array_view_reads_flower_arrays_without_a_copy():
+    from flwr.app import Array
+
+    for t in (torch.randn(7, 5), torch.arange(12, dtype=torch.int64).reshape(3, 4), torch.tensor(2.5),
+              torch.randn(4).half()):
+        arr = Array(t.numpy())
+        view = array_view(arr)
+        assert view.dtype == t.dtype and tuple(view.shape) == tuple(t.shape)
+        assert torch.equal(view, t)
+    big = Array(np.zeros(1 << 16, dtype=np.float32))
+    assert array_view(big).numpy().base is not None  # a view of the Array's bytes
+
+
+def test_write_arrays_empties_the_record_and_round_trips(tmp_path):
+    from flwr.app import ArrayRecord
+
+    state = {"a.w": torch.randn(6, 3), "extra.fisher.a.w": torch.rand(6, 3), "n": torch.tensor(3)}
+    record = ArrayRecord(state)
+    mapped = SpillDir(tmp_path).write_arrays("node-5", record)
+    assert len(record) == 0  # each Array was freed as it was written
+    weights, extras = split_extras_lazy(mapped)
+    assert list(weights) == ["a.w", "n"] and list(extras) == ["fisher"]
+    assert torch.equal(weights["a.w"], state["a.w"]) and torch.equal(weights["n"], state["n"])
+    assert torch.equal(extras["fisher"]["a.w"], state["extra.fisher.a.w"])
