@@ -5,7 +5,8 @@ and its flwr-clientapp, Flower's superexec helpers) sampled over time with psuti
 peak of each in every phase of the round (the ServerApp logs "fl-merge phase <name> t=<unix
 time>" when a phase starts; strategies/merge_round.py).
 
-    python benchmarks/deployment_large.py [--model wide-mlp --clients 2 --local-steps 5]
+    python benchmarks/deployment_large.py [--model wide-mlp --clients 2 --local-steps 5
+        --database memory --run-config "spill=true measure-heterogeneity=false"]
 
 RSS counts file-backed pages too (a memory-mapped spill file's pages are resident after they
 are read, but the kernel can drop them); `anon` is RSS minus shared/file pages, the part
