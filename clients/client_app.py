@@ -37,6 +37,7 @@ from fl_merge.client_checkpoints import checkpoint_for
 from fl_merge.evaluation import evaluate, evaluate_examples
 from fl_merge.plugins import load_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
+from fl_merge.round.prescreen import FRACTION_KEY, first_fraction
 from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
@@ -273,7 +274,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         if bad or not splits:
             raise ValueError(f"splits must be a non-empty list of 'val'/'test', got {splits}")
         grids = _eta_grids(config, len(deltas))
-        data = {"val": task.val, "test": task.test}
+        data = {"val": first_fraction(task.val, float(config.get(FRACTION_KEY, 0.0))), "test": task.test}
         scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in splits for m in ("accuracy", "loss")}
         correct: list[int] = []  # test only: per candidate, per example
         # eta = 0 is theta0 whatever the delta: score once
@@ -302,7 +303,8 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got '{split}'")
         model = model_for_task(model_name, task, state, seed, device)
-        metrics["accuracy"], metrics["loss"] = evaluate(model, task.val if split == "val" else task.test)
+        val = first_fraction(task.val, float(config.get(FRACTION_KEY, 0.0)))  # a prescreen's subset
+        metrics["accuracy"], metrics["loss"] = evaluate(model, val if split == "val" else task.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

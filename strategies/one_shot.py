@@ -48,6 +48,7 @@ from fl_merge.round.scoring import (
     plain_requests,
 )
 from fl_merge.round.failures import no_reply_reason
+from fl_merge.round.prescreen import check_prescreen
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.spill import split_extras_lazy
 from strategies.sending import _bytes, _send, _send_each
@@ -84,9 +85,10 @@ class OneShotMerge(FedAvg):
         is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
     greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
         as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
-    spill_dir: a folder for spill files: each train reply is pulled on its own and written
-        there as it arrives, task vectors too, all read back memory-mapped (bounded server
-        memory for large models, fl_merge/spill.py); None keeps them in memory.
+    spill_dir: train replies and task vectors spilled to disk there as they arrive, read
+        back memory-mapped (fl_merge/spill.py); None keeps them in memory.
+    prescreen, finalists: score every candidate on that fraction of validation first, then
+        each method's `finalists` best on all of it (0: off; fl_merge/round/prescreen.py).
     """
 
     def __init__(
@@ -111,6 +113,8 @@ class OneShotMerge(FedAvg):
         coef_lr: float = 0.05,
         greedy_soup: bool = False,
         spill_dir: str | None = None,
+        prescreen: float = 0.0,
+        finalists: int = 3,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -153,10 +157,9 @@ class OneShotMerge(FedAvg):
         self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
                              "rounds": int(coef_rounds), "lr": float(coef_lr)}
         self.greedy_soup = bool(greedy_soup)
-        # Train replies and task vectors on disk (fl_merge/spill.py) under this folder; the
-        # round opens a SpillDir there (`spill`) and removes it when it ends.
-        self.spill_dir = spill_dir
-        self.spill = None
+        self.spill_dir, self.spill = spill_dir, None  # the round's SpillDir while it runs
+        check_prescreen(float(prescreen), int(finalists), test_all_etas)
+        self.prescreen = {"fraction": float(prescreen), "finalists": int(finalists)}
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 
     def summary(self) -> None:

@@ -82,8 +82,8 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
         search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
         coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-        greedy_soup=run.greedy_soup, spill_dir=str(out) if run.spill else None,
-        measure_heterogeneity=run.measure_heterogeneity,
+        greedy_soup=run.greedy_soup, prescreen=run.prescreen, finalists=run.finalists,
+        spill_dir=str(out) if run.spill else None, measure_heterogeneity=run.measure_heterogeneity,
         min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
         weighting=run.weighting, device=run.device, task_names=cfg.tasks,
         fraction_train=1.0, fraction_evaluate=1.0,
@@ -146,6 +146,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "heterogeneity": r.heterogeneity,
         "failures": r.failures,  # clients left out: who (node, partition, task), at which stage, why
         "missing_tasks": r.missing_tasks,  # tasks with no usable update: not in results.csv
+        "unscored_tasks": r.unscored_tasks,  # merged, but their client was lost before scoring test
         "timings": r.timings,
         "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
         "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)

@@ -421,6 +421,7 @@ def test_client_failing_evaluation_is_left_out_of_the_results():
     assert {row["partition_id"] for row in r.rows} == {0, 1}
     assert r.failures[-1]["client"] == "node 102 (partition 2)"
     assert r.failures[-1]["stage"] == "evaluation" and r.failures[-1]["reason"] == "evaluation crashed"
+    assert r.missing_tasks == [] and r.unscored_tasks == ["node 102 (partition 2)"]  # merged, not scored
     assert r.metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
     # The test phase asks only the clients that scored validation.
     test_msgs = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE][3:]

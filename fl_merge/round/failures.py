@@ -67,6 +67,23 @@ def attribute(failures: Sequence[Mapping[str, Any]], usable: Iterable[int | None
     return out, [task_of(p, task_names) or f"partition {p}" for p in missing]
 
 
+def unscored_tasks(failures: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The tasks that were merged but have no test result: their client sent a usable
+    update, then was lost at an evaluation stage (e.g. its link went down after training), so
+    nobody scored the merged model on its data. Its update stays in the merge; the task is in
+    neither results.csv's test rows nor `missing_tasks` (which holds the tasks never merged).
+    In failure order (node-id order after `attribute`), each task once; a client with no task
+    name is listed by its label."""
+    out: list[str] = []
+    for f in failures:
+        if f.get("stage") == "train":
+            continue
+        name = f.get("task") or f["client"]
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def failure_record(reason: str, stage: str, finished: Sequence[Mapping[str, Any]],
                    failures: Sequence[Mapping[str, Any]], missing_tasks: Sequence[str]) -> dict[str, Any]:
     """failure.json of a run that did not finish: why, at which stage, which clients had
