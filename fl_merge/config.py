@@ -89,6 +89,13 @@ class RunConfig:
     fisher_samples: int = 256  # examples per client for the diagonal Fisher (method=fisher)
     device: str = "auto"  # where the server aggregates: auto | cpu | cuda
     cache: bool = True  # reuse identical client updates from the client-update cache
+    # Server memory for large models (fl_merge/spill.py): each train reply written to a spill
+    # file under output-dir as it arrives, task vectors too, read back memory-mapped; removed
+    # when the round ends. Same results; docs/deployment.md "Memory".
+    spill: bool = False
+    # Heterogeneity measures in results (fl_merge/metrics.py): clients also send their gradient
+    # at theta0, which doubles every train reply; false for large models through deployment.
+    measure_heterogeneity: bool = True
     output_dir: str = ""  # empty: ./outputs/<time>-<method>
     round_timeout: float = 1800.0
     connect_timeout: float = 120.0

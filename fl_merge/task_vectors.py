@@ -70,20 +70,32 @@ def task_vector(
     Differences are taken in float32 at least (float64 stays float64), so low-precision
     weights do not lose the small update.
     """
+    keys = check_pair(finetuned, base, keys)
+    out: StateDict = {}
+    for k in keys:
+        dtype = _work_dtype(base[k].dtype)
+        out[k] = finetuned[k].detach().to(dtype) - base[k].detach().to(dtype)
+    return out
+
+
+def check_pair(finetuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+               keys: Iterable[str] | None = None) -> list[str]:
+    """The keys of tau = finetuned - base (default: every key of `base`); MergeInputError
+    when `finetuned` lacks one or a shape differs. Reads only names and shapes."""
     keys = list(base.keys()) if keys is None else list(keys)
     missing = [k for k in keys if k not in finetuned]
     if missing:
         raise MergeInputError(f"fine-tuned weights lack merged parameters {missing[:5]}")
-    out: StateDict = {}
     for k in keys:
-        b, f = base[k], finetuned[k]
-        if tuple(b.shape) != tuple(f.shape):
-            raise MergeInputError(
-                f"parameter '{k}' has shape {tuple(f.shape)} but the base has {tuple(b.shape)}"
-            )
-        dtype = _work_dtype(b.dtype)
-        out[k] = f.detach().to(dtype) - b.detach().to(dtype)
-    return out
+        fs, bs = tuple(finetuned[k].shape), tuple(base[k].shape)
+        if bs != fs:
+            raise MergeInputError(f"parameter '{k}' has shape {fs} but the base has {bs}")
+    return keys
+
+
+def vector_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a task vector of parameters of `dtype` (float32 at least)."""
+    return _work_dtype(dtype)
 
 
 def apply_update(

@@ -24,9 +24,19 @@ from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
+from fl_merge.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
 from strategies.phases import learn_phase, prescreen_phase, soup_phase
+
+
+def phase(s: Any, name: str) -> None:
+    """Log the start of a phase with its wall-clock time (benchmarks/deployment_large.py
+    reads these markers to split its memory samples by phase); a spilling round (large
+    models) also hands the last phase's freed message buffers back to the system."""
+    if s.spill_dir is not None:
+        release_freed_memory()
+    log(INFO, "fl-merge phase %s t=%.3f", name, time.time())
 
 
 def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
@@ -36,23 +46,31 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     method's choice -> rows. `strategy` is a OneShotMerge (its settings and its Flower part)."""
     s = strategy
     r = MergeRound(methods=dict(s.methods), etas=s.etas, task_names=s.task_names,
-                   theta0={k: v.detach().clone() for k, v in theta0.items()})
+                   theta0={k: v.detach().clone() for k, v in theta0.items()} if s.spill_dir is None
+                   else dict(theta0))  # spilling: no second copy of theta0 (it is not modified)
     s.outcome = r  # the round in progress: what a failure record reports if the run must stop
+    s.spill = SpillDir(s.spill_dir) if s.spill_dir is not None else None
     try:
         return _steps(s, grid, r, train_config, evaluate_config, timeout)
     except MergeRoundError as e:
         e.partial = r  # what the round had when it stopped: the ServerApp's failure.json
         raise
+    finally:  # spill files never outlive the round (clients' per-task parts are in memory)
+        if s.spill is not None:
+            s.spill.cleanup()
+            s.spill = None
 
 
 def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
            evaluate_config: Mapping[str, Any], timeout: float) -> MergeRound:
     # 1. Train: theta0 to every client; replies become ClientUpdates (failures named).
+    phase(s, "train")
     config = {**train_config, **train_requests(s.methods, s.measure_heterogeneity)}
     updates, r.failures = s.train(grid, r.theta0, config, timeout)
     t0 = time.perf_counter()
+    phase(s, "aggregate")
     # 2. Task vectors over the merge-key patterns; malformed or non-finite ones left out.
-    r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, s.is_merged)
+    r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, s.is_merged, s.spill)
     r.failures += left_out
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
     # One record per lost node, with its partition and task where known (by elimination).
@@ -88,6 +106,7 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     # 5. Every candidate scored on validation (and on test too with test_all_etas); with a
     #    prescreen, on a validation subset first and each method's finalists on all of it.
     t1 = time.perf_counter()
+    phase(s, "validation")
     by_task = {r.task_name(c): c for c in r.clients}
     ft_val = {t: finetuned_scores(c)["val"] for t, c in by_task.items()}
     grids = {label: c.etas for label, c in r.candidates.items()}
@@ -119,6 +138,7 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     # 7. Test scored at the base and each method's choice only (unless already scored).
     if not s.test_all_etas:
         t2 = time.perf_counter()
+        phase(s, "test")
         first = next(iter(r.candidates))
         scored = [c for c in r.clients if r.task_name(c) in scores[first]]
         test, lost = s.score(grid, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],

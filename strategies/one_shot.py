@@ -20,7 +20,6 @@ in sequence; no message is sent from inside another callback.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -51,6 +50,8 @@ from fl_merge.round.scoring import (
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.prescreen import check_prescreen
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
+from fl_merge.spill import split_extras_lazy
+from strategies.sending import _bytes, _send, _send_each
 from fl_merge.task_vectors import StateDict, split_extras
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
@@ -84,6 +85,8 @@ class OneShotMerge(FedAvg):
         is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
     greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
         as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
+    spill_dir: train replies and task vectors spilled to disk there as they arrive, read
+        back memory-mapped (fl_merge/spill.py); None keeps them in memory.
     prescreen, finalists: score every candidate on that fraction of validation first, then
         each method's `finalists` best on all of it (0: off; fl_merge/round/prescreen.py).
     """
@@ -109,6 +112,7 @@ class OneShotMerge(FedAvg):
         coef_rounds: int = 5,
         coef_lr: float = 0.05,
         greedy_soup: bool = False,
+        spill_dir: str | None = None,
         prescreen: float = 0.0,
         finalists: int = 3,
         **fedavg_kwargs: Any,
@@ -153,6 +157,7 @@ class OneShotMerge(FedAvg):
         self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
                              "rounds": int(coef_rounds), "lr": float(coef_lr)}
         self.greedy_soup = bool(greedy_soup)
+        self.spill_dir, self.spill = spill_dir, None  # the round's SpillDir while it runs
         check_prescreen(float(prescreen), int(finalists), test_all_etas)
         self.prescreen = {"fraction": float(prescreen), "finalists": int(finalists)}
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
@@ -189,46 +194,66 @@ class OneShotMerge(FedAvg):
         A node that fails, never replies or sends a malformed reply is a named failure."""
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "merge-keys": list(self.merge_keys)})
         messages = list(self.configure_train(1, ArrayRecord(theta0), cfg, grid))
-        replies, elapsed = _send(grid, messages, timeout)
+        if self.spill is None:
+            replies, elapsed = _send(grid, messages, timeout)
+            sent = [(m.metadata.message_id, m.metadata.dst_node_id) for m in messages]
+            settled = {mid: self._settle(r) for mid, r in replies.items()}
+        else:  # each reply spilled to disk as it arrives (its message is not kept)
+            settled, elapsed, sent = _send_each(grid, messages, timeout, self._settle)
         updates, failures = [], []
-        for m in messages:  # named by the node the message went to (an error reply's source
-            # may be the SuperLink itself, answering for a lost node)
-            node, reply = m.metadata.dst_node_id, replies.get(m.metadata.message_id)
-            if reply is None:
-                failures.append(failure(node, "train", no_reply_reason(elapsed, timeout)))
-            elif reply.has_error():
-                failures.append(failure(node, "train", reply.error.reason))
+        for mid, node in sent:  # named by the node the message went to (an error reply's
+            # source may be the SuperLink itself, answering for a lost node)
+            got = settled.get(mid, no_reply_reason(elapsed, timeout))
+            if isinstance(got, str):
+                failures.append(failure(node, "train", got))
             else:
-                try:
-                    updates.append(self.unpack(reply))
-                except MergeRoundError as e:
-                    failures.append(failure(node, "train", str(e)))
+                updates.append(got)
         return updates, failures
 
-    def unpack(self, msg: Message) -> ClientUpdate:
+    def _settle(self, reply: Message) -> ClientUpdate | str:
+        """A train reply as a ClientUpdate (weights and extras in a spill file when the round
+        spills: the message's arrays are freed as they are written), else why it is unusable."""
+        if reply.has_error():
+            return reply.error.reason
+        try:
+            return self.unpack(reply, self.spill)
+        except MergeRoundError as e:
+            return str(e)
+
+    def unpack(self, msg: Message, spill: Any = None) -> ClientUpdate:
         """A train reply as a ClientUpdate: exactly one ArrayRecord (weights, plus any
-        "extra.<name>." arrays) and one MetricRecord holding num-examples; errors name the node."""
+        "extra.<name>." arrays) and one MetricRecord holding num-examples; errors name the
+        node. With a `spill` folder (fl_merge.spill.SpillDir) the arrays go to a spill file
+        and the update reads them from there (memory-mapped, the same values)."""
         content, node = msg.content, msg.metadata.src_node_id
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise MergeRoundError(
                 f"node {node} replied {len(content.array_records)} ArrayRecord(s) and "
                 f"{len(content.metric_records)} MetricRecord(s); expected one of each")
-        state, extras = split_extras(next(iter(content.array_records.values())).to_torch_state_dict())
         metrics = dict(next(iter(content.metric_records.values())))
         if NUM_EXAMPLES not in metrics:
             raise MergeRoundError(f"node {node} sent no '{NUM_EXAMPLES}' metric")
+        record = next(iter(content.array_records.values()))
+        if spill is None:
+            state, extras = split_extras(record.to_torch_state_dict())
+        else:
+            state, extras = split_extras_lazy(spill.write_arrays(f"node-{node}", record))
         return ClientUpdate(node, metrics, state, extras=extras)
 
     # ---------------------------------------------------------------- evaluate
     def grid_message(self, client: ClientUpdate, theta0: StateDict, deltas: Mapping[str, StateDict],
-                     grids: Grids, splits: Sequence[str], config: Mapping[str, Any]) -> Message:
+                     grids: Grids, splits: Sequence[str], config: Mapping[str, Any],
+                     shared: tuple[ArrayRecord, list[ArrayRecord]] | None = None) -> Message:
         """theta0 + the client's per-task parameters, each method's Delta once ("delta",
-        "delta-1", ... in label order) and the etas to score each at."""
+        "delta-1", ... in label order) and the etas to score each at. `shared`: theta0's and
+        the Deltas' ArrayRecords made once for every client's message (their Arrays are
+        shared, not copied K times)."""
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "server-round": 1,
                             **grid_config(grids, splits)})
+        base, records = shared or (ArrayRecord(theta0), [ArrayRecord(deltas[m]) for m in grids])
         content = RecordDict({
-            self.arrayrecord_key: ArrayRecord({**theta0, **client.per_task}),
-            **{delta_key(i): ArrayRecord(deltas[m]) for i, m in enumerate(grids)},
+            self.arrayrecord_key: ArrayRecord({**base, **ArrayRecord(client.per_task)}),
+            **{delta_key(i): ArrayRecord(dict(r)) for i, r in enumerate(records)},
             self.configrecord_key: cfg,
         })
         return Message(content=content, dst_node_id=client.node_id, message_type=MessageType.EVALUATE)
@@ -248,9 +273,11 @@ class OneShotMerge(FedAvg):
         """Every client scores the candidates in `grids` on `splits` (grid or plain protocol,
         all messages sent at once); (scores[label][task][split], failures of `phase`)."""
         sent: list[tuple[ClientUpdate, Message, Any]] = []
+        shared = None
         for c in clients:
             if c.grid_eval:
-                sent.append((c, self.grid_message(c, theta0, deltas, grids, splits, config), None))
+                shared = shared or (ArrayRecord(theta0), [ArrayRecord(deltas[m]) for m in grids])
+                sent.append((c, self.grid_message(c, theta0, deltas, grids, splits, config, shared), None))
                 continue
             for req in plain_requests(grids, splits):
                 label, eta, split = req
@@ -345,28 +372,6 @@ class OneShotMerge(FedAvg):
             records[coef.BASE] = ArrayRecord({**theta0, **client.per_task})
             records.update({f"{coef.VECTOR_PREFIX}{i}": ArrayRecord(tv) for i, tv in enumerate(task_vectors)})
         return Message(content=RecordDict(records), dst_node_id=client.node_id, message_type=MessageType.QUERY)
-
-
-def _bytes(content: RecordDict) -> int:
-    """A message's payload: the bytes of its records (Flower's own count per record). flwr
-    1.41's ConfigRecord.count_bytes raises on an empty string or list (e.g. plugins=""), so
-    those entries (zero bytes of value) are left out of the count."""
-    total = 0
-    for rec in content.values():
-        if isinstance(rec, ConfigRecord):
-            rec = ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, (str, bytes, list)) and not v)})
-        total += rec.count_bytes()
-    return total
-
-
-def _send(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict[str, Message], float]:
-    """grid.send_and_receive; (replies by the id of the message they answer (the grid sets
-    each message's id when it pushes it), seconds the wait took)."""
-    if not messages:
-        return {}, 0.0
-    t0 = time.monotonic()
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    return {r.metadata.reply_to_message_id: r for r in replies}, time.monotonic() - t0
 
 
 def _named_merge(name: str, method: str, doc: str) -> type[OneShotMerge]:

@@ -32,7 +32,7 @@ from fl_merge.round.outcome import MergeRound
 from fl_merge.round.tables import format_comparison
 from fl_merge.round.updates import MergeRoundError
 from fl_merge.task_vectors import StateDict
-from strategies.merge_round import run_round
+from strategies.merge_round import phase, run_round
 from strategies.one_shot import OneShotMerge
 
 
@@ -88,13 +88,14 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     # once a record or the results are whole, "busy" while results are being written.
     writing = threading.RLock()
     held = {"done": False, "busy": False, "strategy": None, "ppid": os.getppid()}
+    out = cfg.output_dir()  # once: a default (timestamped) folder must not change mid-run
 
     def record_stop() -> None:
         with writing:
             if not held["done"] and not held["busy"]:
                 r = getattr(held["strategy"], "outcome", None)  # the round in progress
                 why = stopped_reason(len(r.clients) if r else 0, os.getppid() != held["ppid"])
-                write_failure(cfg.output_dir(), why, r, replies_lost=True)
+                write_failure(out, why, r, replies_lost=True)
                 held["done"] = True
 
     stop_watch = watch_parent(record_stop)
@@ -106,6 +107,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
             search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
             coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
             greedy_soup=run.greedy_soup, prescreen=run.prescreen, finalists=run.finalists,
+            spill_dir=str(out) if run.spill else None, measure_heterogeneity=run.measure_heterogeneity,
             min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
             weighting=run.weighting, device=run.device, task_names=cfg.tasks,
             fraction_train=1.0, fraction_evaluate=1.0,
@@ -117,13 +119,14 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
                                 run.round_timeout)
         except MergeRoundError as e:
             with writing:
-                write_failure(cfg.output_dir(), str(e), getattr(e, "partial", None))
+                write_failure(out, str(e), getattr(e, "partial", None))
                 held["done"] = True
             raise
         outcome.timings["total-seconds"] = time.perf_counter() - t0
         with writing:
             held["busy"] = True
-            write_outputs(cfg.output_dir(), outcome, cfg, run_id)
+            phase(strategy, "write")
+            write_outputs(out, outcome, cfg, run_id)
             held["done"] = True
     except Exception:
         stop_watch.set()

@@ -102,6 +102,25 @@ def test_results_file_and_merged_model(simulated):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_spilled_round_writes_the_same_merged_model(simulated, tmp_path):
+    """spill=true (train replies and task vectors on disk, fl_merge/spill.py) through the
+    ServerApp: the same config, same client updates (the client cache), gives the same merged
+    file as the in-memory round that the tests above check against their own computation;
+    the spill folder is removed with the round."""
+    _, out = simulated
+    cfg = RunConfig.from_flower({
+        "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60", "spill": True,
+        "etas": "0.5,1,2", "output-dir": str(tmp_path), "method": "fisher", "fisher-samples": 64,
+    }).resolve()
+    r = simulate_round(cfg, 2)
+    assert all(c.metrics.get("cached") for c in r.clients)  # the fixture's updates, reused
+    want, got = load_file(str(out / results.MODEL_FILE)), load_file(str(tmp_path / results.MODEL_FILE))
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert not list(tmp_path.glob(".spill-*"))
+
+
 def test_predictions_file_holds_per_example_test_correctness(simulated):
     """predictions.safetensors: the chosen merged model's and the base's 0/1 per test example;
     their means are results.csv's test accuracies, and the merged one is the saved model's own

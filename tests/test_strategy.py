@@ -70,6 +70,7 @@ class FakeGrid:
         self.train, self.score, self.asked = train, score, []
         self.plain = plain or (lambda state, cfg: {"accuracy": 0.5, "loss": 0.0})
         self.evaluate = evaluate  # node -> callable(message) -> reply content or Error, optional
+        self.ready, self.pulls = {}, []  # push/pull: replies not yet pulled, ids of each pull
 
     def get_node_ids(self):
         return list(self.train)
@@ -83,6 +84,23 @@ class FakeGrid:
             if content is not None:
                 out.append(Message(content, reply_to=m))
         return out
+
+    def push_messages(self, messages):
+        """Flower's Grid.push_messages (the spilling path pushes, then pulls each reply)."""
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"m{len(self.asked)}"
+            self.asked.append(m)
+            ids.append(m.metadata.message_id)
+            content = self._answer(m)
+            if content is not None:  # a fresh copy: what Flower inflates for each pull
+                self.ready[m.metadata.message_id] = Message(_copy(content), reply_to=m)
+        return ids
+
+    def pull_messages(self, message_ids):
+        ids = list(message_ids)
+        self.pulls.append(ids)
+        return [self.ready.pop(i) for i in ids if i in self.ready]
 
     def _answer(self, m):
         node = m.metadata.dst_node_id
@@ -102,6 +120,13 @@ class FakeGrid:
             metrics[f"{split}-accuracy"] = [self.score(i, eta, split) for i, eta in pairs]
             metrics[f"{split}-loss"] = [0.0] * len(pairs)
         return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _copy(content):
+    if isinstance(content, Error):
+        return content
+    return RecordDict({k: ArrayRecord(v.to_torch_state_dict()) if isinstance(v, ArrayRecord) else v
+                       for k, v in content.items()})
 
 
 def _run(strategy, grid, theta0=None):
@@ -632,3 +657,49 @@ def test_message_bytes_count_empty_config_values_as_nothing():
 
     content = RecordDict({"config": ConfigRecord({"plugins": "", "coef": [1.0, 2.0], "none": [], "m": "ab"})})
     assert _bytes(content) == (2 * 8 + len("coef")) + (2 + len("m"))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "fisher", "median"])
+def test_spilled_round_equals_the_in_memory_round_and_an_independent_merge(tmp_path, method):
+    """spill_dir: each train reply pulled on its own and written to disk as it arrives, task
+    vectors too (fl_merge/spill.py); the Deltas, heads and choices are those of the
+    in-memory round, the Delta that of merge() on task vectors computed here, and no spill
+    file is left behind."""
+    from fl_merge import merge
+    from fl_merge.task_vectors import split_extras, task_vector
+
+    steps = [10, 20, 40]
+    replies = {100 + i: _rich(i, s) for i, s in reversed(list(enumerate(steps)))}
+    kwargs = {"method": method, "weighting": "num-examples", "etas": [1.0, 2.0]}
+    plain = _run(OneShotMerge(**kwargs), FakeGrid(replies))
+    grid = FakeGrid(replies)
+    spilled = _run(OneShotMerge(**kwargs, spill_dir=str(tmp_path)), grid)
+    assert all(len(ids) == 1 for ids in grid.pulls)  # one reply in memory at a time
+    states = [split_extras(replies[100 + i]["arrays"].to_torch_state_dict()) for i in range(3)]
+    taus = [task_vector(w, _theta0(), list(_theta0())) for w, _ in states]
+    expected = merge(method, taus, weights=[10.0, 20.0, 30.0], local_steps=steps,
+                     names=[f"partition {i}" for i in range(3)],
+                     extras={"fisher": [e["fisher"] for _, e in states]} if method == "fisher" else None)
+    for k in _theta0():
+        torch.testing.assert_close(spilled.delta[k], expected[k], rtol=0, atol=0)
+        torch.testing.assert_close(spilled.delta[k], plain.delta[k], rtol=0, atol=0)
+    assert spilled.best_etas == plain.best_etas and spilled.rows == plain.rows
+    for c, (w, _) in zip(spilled.clients, states):
+        torch.testing.assert_close(c.per_task["head.weight"], w["head.weight"], rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []  # the spill folder went with the round
+
+
+def test_spilled_round_names_failed_and_malformed_clients_and_cleans_up(tmp_path):
+    bad = _standard(1.0, 10)
+    bad["arrays"]["backbone.w"] = ArrayRecord({"x": torch.full((3, 2), float("nan"))})["x"]
+    r = _run(OneShotMerge(method="fedavg", etas=[1.0], spill_dir=str(tmp_path)),
+             FakeGrid({11: _standard(1.0, 10), 12: bad, 13: Error(code=0, reason="out of memory"),
+                       14: _standard(3.0, 10)}))
+    torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), 2.0))
+    reasons = {f["node_id"]: f["reason"] for f in r.failures}
+    assert reasons == {12: "non-finite update in backbone.w", 13: "out of memory"}
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MergeRoundError, match="only 0 usable client update"):
+        _run(OneShotMerge(method="fedavg", etas=[1.0], spill_dir=str(tmp_path)),
+             FakeGrid({11: Error(code=0, reason="boom"), 12: Error(code=0, reason="boom")}))
+    assert list(tmp_path.iterdir()) == []  # also when the round fails

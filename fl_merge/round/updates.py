@@ -16,7 +16,7 @@ import torch
 from fl_merge.aggregation import check_method_params
 from fl_merge.client_checkpoints import CHECKPOINT_METRIC, CheckpointClientError, check_step_info
 from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, PARTITION_ID, speaks_grid
-from fl_merge.task_vectors import MergeInputError, StateDict, one_line, split_state, task_vector
+from fl_merge.task_vectors import MergeInputError, StateDict, one_line, task_vector
 
 
 class MergeRoundError(RuntimeError):
@@ -76,11 +76,14 @@ def failure(node_id: int, stage: str, reason: str, client: ClientUpdate | None =
 
 
 def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.Tensor],
-                    is_merged: Callable[[str], bool]
+                    is_merged: Callable[[str], bool], spill: Any = None
                     ) -> tuple[list[ClientUpdate], list[StateDict], list[dict[str, Any]]]:
     """(usable clients, their task vectors, failures) in a deterministic order (partition
     id, else node id): merge results never depend on which reply arrived first. Each usable
-    client's non-merged parameters go to `per_task`."""
+    client's non-merged parameters go to `per_task` (own in-memory tensors).
+
+    spill: a `fl_merge.spill.SpillDir`: task vectors are written there one tensor at a time
+    and returned memory-mapped (same values), never K of them in memory."""
     merged_keys = [k for k in theta0 if is_merged(k)]
     if not merged_keys:
         raise MergeRoundError("the initial model has no merged parameters (check merge-keys)")
@@ -88,7 +91,8 @@ def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.
     order = sorted(updates, key=lambda c: (math.inf if c.partition_id is None else c.partition_id, c.node_id))
     for c in order:
         try:
-            tv = task_vector(c.state, theta0, merged_keys)
+            tv = (task_vector(c.state, theta0, merged_keys) if spill is None
+                  else spill.task_vector(f"tau-{c.identity}", c.state, theta0, merged_keys))
         except MergeInputError as e:
             failures.append(failure(c.node_id, "train", f"malformed update: {e}", c))
             continue
@@ -96,7 +100,8 @@ def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.
         if bad:
             failures.append(failure(c.node_id, "train", f"non-finite update in {bad[0]}", c))
             continue
-        _, c.per_task = split_state(c.state, is_merged)
+        c.per_task = {k: c.state[k] if spill is None else c.state[k].clone()
+                      for k in c.state if not is_merged(k)}
         clients.append(c)
         task_vectors.append(tv)
     return clients, task_vectors, failures
