@@ -27,7 +27,7 @@ from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
-from strategies.phases import learn_phase, prescreen_phase, soup_phase
+from strategies.phases import learn_phase, prescreen_phase, score_batched, soup_phase
 
 
 def phase(s: Any, name: str) -> None:
@@ -114,8 +114,8 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     if s.prescreen["fraction"]:
         scores = prescreen_phase(s, grid, r, deltas, grids, ft_val, evaluate_config, timeout)
     else:
-        scores, lost = s.score(grid, r.clients, r.theta0, deltas, grids, splits, "evaluation",
-                               evaluate_config, timeout, r.task_name)
+        scores, lost = score_batched(s, grid, r.clients, r.theta0, deltas, grids, splits,
+                                     "evaluation", evaluate_config, timeout, r.task_name)
         r.failures += lost
     r.timings["validation-evaluate-seconds"] = time.perf_counter() - t1
     # 6. Per method, the (setting, eta) chosen on (whole-split) validation only.

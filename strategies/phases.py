@@ -6,7 +6,7 @@ round's step 7 takes at its choice; nothing here reads test data."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from logging import INFO
 from typing import Any
 
@@ -18,9 +18,28 @@ from fl_merge.round import coefficients as coef
 from fl_merge.round.merging import merge_arguments
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.prescreen import FRACTION_KEY, combine_stages, finalist_grids
+from fl_merge.round.scoring import delta_batches
 from fl_merge.round.selection import choose_settings
 from fl_merge.soups import greedy_soup, soup_delta
 from fl_merge.task_vectors import StateDict
+
+
+def score_batched(s: Any, grid: Grid, clients: Sequence[Any], theta0: StateDict,
+                  deltas: Mapping[str, StateDict], grids: dict, splits: Sequence[str], phase: str,
+                  config: Mapping[str, Any], timeout: float, task_name: Any) -> tuple[dict, list]:
+    """`s.score` over the candidates in `grids`, one batch of Deltas per message round
+    (fl_merge.round.scoring.delta_batches): the same scores table, bounded message size. A
+    client failing in several batches is named once later (fl_merge.round.failures.attribute)."""
+    first = deltas[next(iter(grids))]
+    size = sum(v.numel() * v.element_size() for v in first.values())
+    scores: dict = {}
+    failures: list = []
+    for batch in delta_batches(list(grids), size):
+        got, lost = s.score(grid, clients, theta0, {m: deltas[m] for m in batch},
+                            {m: grids[m] for m in batch}, splits, phase, config, timeout, task_name)
+        scores.update(got)
+        failures += lost
+    return scores, failures
 
 
 def add_candidate(s: Any, grid: Grid, r: MergeRound, scores: dict, deltas: dict,
@@ -120,13 +139,13 @@ def prescreen_phase(s: Any, grid: Grid, r: MergeRound, deltas: Mapping[str, Stat
     first `prescreen` fraction of each client's validation split, then each method's
     `finalists` best on the whole split. Returns the combined scores table."""
     fraction, finalists = s.prescreen["fraction"], s.prescreen["finalists"]
-    first, lost = s.score(grid, r.clients, r.theta0, deltas, grids, ["val"], "prescreen evaluation",
-                          {**config, FRACTION_KEY: fraction}, timeout, r.task_name)
+    first, lost = score_batched(s, grid, r.clients, r.theta0, deltas, grids, ["val"], "prescreen evaluation",
+                                {**config, FRACTION_KEY: fraction}, timeout, r.task_name)
     r.failures += lost
     kept = finalist_grids(first, ft_val, {label: c.method for label, c in r.candidates.items()}, finalists)
     scored = [c for c in r.clients if r.task_name(c) in first[next(iter(first))]]
-    full, lost = s.score(grid, scored, r.theta0, {m: deltas[m] for m in kept}, kept, ["val"],
-                         "finalist evaluation", config, timeout, r.task_name)
+    full, lost = score_batched(s, grid, scored, r.theta0, deltas, kept, ["val"],
+                               "finalist evaluation", config, timeout, r.task_name)
     r.failures += lost
     r.search["prescreen"] = {"fraction": fraction, "finalists": finalists,
                              "finalist-candidates": sum(len(e) - 1 for e in kept.values())}

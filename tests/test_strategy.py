@@ -388,6 +388,38 @@ def test_several_methods_share_one_training_pass_and_one_evaluate_message():
     assert len([row for row in r.rows if row["split"] == "val" and row["model"] != "finetuned"]) == 3 * 3 * 3
 
 
+def test_deltas_too_large_for_one_message_are_scored_in_batches(monkeypatch):
+    from fl_merge.round import scoring
+
+    order = list(_three_methods().methods)
+
+    class LabelGrid(FakeGrid):  # scores by method label, not by position in the message
+        def _answer(self, m):
+            if m.metadata.message_type == MessageType.EVALUATE and "delta" in m.content:
+                labels = list(m.content["config"]["delta-methods"])
+                self.score = lambda i, eta, split: _score(order.index(labels[i]), eta, split)
+            return super()._answer(m)
+
+    whole = _run(_three_methods(), LabelGrid(_three_clients()))
+    monkeypatch.setattr(scoring, "MESSAGE_DELTA_BYTES", 1)  # one Delta per message
+    grid = LabelGrid(_three_clients())
+    r = _run(_three_methods(), grid)
+    val = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE
+           and list(m.content["config"]["splits"]) == ["val"]]
+    assert len(val) == 3 * 3  # 3 clients x 3 batches
+    assert [list(m.content["config"]["delta-methods"]) for m in val[::3]] == [[m] for m in r.methods]
+    assert r.best_etas == whole.best_etas  # the same scores, the same choices
+    assert [row["accuracy"] for row in r.rows] == [row["accuracy"] for row in whole.rows]
+
+
+def test_delta_batches_fit_the_byte_budget():
+    from fl_merge.round.scoring import delta_batches
+
+    assert delta_batches(list("abcde"), 40, budget=100) == [["a", "b"], ["c", "d"], ["e"]]
+    assert delta_batches(list("abc"), 400, budget=100) == [["a"], ["b"], ["c"]]  # one at least
+    assert delta_batches(list("abc"), 1, budget=100) == [["a", "b", "c"]]
+
+
 def test_test_all_etas_scores_test_in_the_first_message():
     grid = FakeGrid(_three_clients())
     r = _run(_three_methods(test_all_etas=True), grid)

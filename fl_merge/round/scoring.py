@@ -143,3 +143,15 @@ def check_splits(splits: Sequence[str]) -> list[str]:
     if bad or not splits:
         raise ValueError(f"splits must be a non-empty list of 'val'/'test', got {list(splits)}")
     return list(splits)
+
+
+MESSAGE_DELTA_BYTES = 1 << 30  # at most this many bytes of Deltas in one evaluation message
+
+
+def delta_batches(labels: Sequence[str], delta_bytes: int, budget: int | None = None) -> list[list[str]]:
+    """The labels in order, cut into consecutive batches whose Deltas (each `delta_bytes`)
+    fit `budget` together, at least one per batch. Each batch is one evaluation message per
+    client, sent after the previous batch's replies: a client (and Flower's message copies)
+    then hold at most `budget` of Deltas, not every candidate's (24 MiniLM Deltas are 2.2 GB)."""
+    per = max(1, (MESSAGE_DELTA_BYTES if budget is None else budget) // max(1, delta_bytes))
+    return [list(labels[i:i + per]) for i in range(0, len(labels), per)]
