@@ -44,13 +44,15 @@ SEARCH = {"search": "paper", "lambdas": "0.01,0.02,0.03,0.05,0.1,0.3,1",
           "method-params": "fedgma.rho=0.3|0.5|0.7"}
 
 
-def suite_overrides(suite: str, seed: int = 0) -> dict[str, object]:
+def suite_overrides(suite: str, seed: int = 0, prescreen: float = 0.0) -> dict[str, object]:
     """The run-config overrides of one suite's table run: its preset, the search above,
-    every method of METHODS, the seed."""
-    return {**SUITE_CONFIGS[suite], **SEARCH, "method": ",".join(METHODS), "seed": seed}
+    every method of METHODS, the seed; with `prescreen`, two-stage validation scoring
+    (3 finalists per method; fl_merge/round/prescreen.py)."""
+    two_stage = {"prescreen": prescreen, "finalists": 3} if prescreen else {}
+    return {**SUITE_CONFIGS[suite], **SEARCH, **two_stage, "method": ",".join(METHODS), "seed": seed}
 
 
-def run_suite(suite: str, out: Path, rerun: bool) -> Path:
+def run_suite(suite: str, out: Path, rerun: bool, prescreen: float = 0.0) -> Path:
     """Run one suite into out/<suite> (unless its results exist and not `rerun`); the
     run's wall time goes to out/<suite>/wall.json."""
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -63,7 +65,7 @@ def run_suite(suite: str, out: Path, rerun: bool) -> Path:
         print(f"[reuse] {run_dir}", flush=True)
         return run_dir
     start = time.perf_counter()
-    run_point(run_dir, suite_overrides(suite))
+    run_point(run_dir, suite_overrides(suite, prescreen=prescreen))
     write_json(run_dir / "wall.json", {"seconds": time.perf_counter() - start})
     return run_dir
 
@@ -204,13 +206,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "results_table")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--rerun", action="store_true", help="run suites whose results exist")
+    parser.add_argument("--prescreen", type=float, default=0.0,
+                        help="score every candidate on this fraction of validation first (e.g. 0.25)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from fl_merge.results import atomic_write, atomic_write_text
 
     sections = []
     for suite in args.suites:
-        run_dir = run_suite(suite, args.out.resolve(), args.rerun)
+        run_dir = run_suite(suite, args.out.resolve(), args.rerun, args.prescreen)
         tasks, rows = table(run_dir)
         csv_path = args.docs / f"results_{suite}.csv"
         fields = ["model", "eta", *tasks, "absolute", "normalized"]
