@@ -335,3 +335,20 @@ def coefficients(msg: Message, context: Context) -> Message:
                      lambda s: model_for_task(str(config["model"]), task, s, seed, device))
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}),
                    reply_to=msg)
+
+
+@app.evaluate("ensemble")
+def ensemble(msg: Message, context: Context) -> Message:
+    """The prediction-ensemble phase (clients/ensemble.py): the mean softmax of the K members
+    theta0 + tau_i on this client's val and test, and each member's scores."""
+    from clients.ensemble import answer
+
+    _limit_threads()
+    config = msg.content["config"]
+    load_plugins(str(config.get("plugins", "")))
+    pid = _partition_id(context, config)
+    task = _task_for(config, pid)
+    device = client_device(str(config.get("device", "cpu")))
+    seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
+    metrics = answer(msg.content, task, lambda s: model_for_task(str(config["model"]), task, s, seed, device))
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}), reply_to=msg)

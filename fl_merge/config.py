@@ -71,6 +71,9 @@ class RunConfig:
     coef_lr: float = 0.05
     coef_objective: str = "supervised"
     greedy_soup: bool = False  # also the greedy soup of the clients' models (fl_merge/soups.py)
+    # Also the ensemble of the clients' models' predictions and the best single model (chosen
+    # on validation): reference rows (fl_merge/round/ensemble.py; DiWA's comparison).
+    ensemble: bool = False
     weighting: str = "uniform"  # uniform | num-examples
     # Score the test split at every eta too (else only at the base and each method's eta
     # chosen on validation: the selection protocol, at a fraction of the evaluation cost).

@@ -20,7 +20,6 @@ in sequence; no message is sent from inside another callback.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -51,6 +50,7 @@ from fl_merge.round.scoring import (
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.task_vectors import StateDict, split_extras
+from strategies.messaging import _bytes, _send
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
 
@@ -83,6 +83,8 @@ class OneShotMerge(FedAvg):
         is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
     greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
         as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
+    ensemble: also score the ensemble of the K clients' models (mean softmax) and the best
+        single one (chosen on validation): reference rows (fl_merge/round/ensemble.py).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class OneShotMerge(FedAvg):
         coef_rounds: int = 5,
         coef_lr: float = 0.05,
         greedy_soup: bool = False,
+        ensemble: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -148,6 +151,7 @@ class OneShotMerge(FedAvg):
         self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
                              "rounds": int(coef_rounds), "lr": float(coef_lr)}
         self.greedy_soup = bool(greedy_soup)
+        self.ensemble = bool(ensemble)
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 
     def summary(self) -> None:
@@ -338,28 +342,6 @@ class OneShotMerge(FedAvg):
             records[coef.BASE] = ArrayRecord({**theta0, **client.per_task})
             records.update({f"{coef.VECTOR_PREFIX}{i}": ArrayRecord(tv) for i, tv in enumerate(task_vectors)})
         return Message(content=RecordDict(records), dst_node_id=client.node_id, message_type=MessageType.QUERY)
-
-
-def _bytes(content: RecordDict) -> int:
-    """A message's payload: the bytes of its records (Flower's own count per record). flwr
-    1.41's ConfigRecord.count_bytes raises on an empty string or list (e.g. plugins=""), so
-    those entries (zero bytes of value) are left out of the count."""
-    total = 0
-    for rec in content.values():
-        if isinstance(rec, ConfigRecord):
-            rec = ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, (str, bytes, list)) and not v)})
-        total += rec.count_bytes()
-    return total
-
-
-def _send(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict[str, Message], float]:
-    """grid.send_and_receive; (replies by the id of the message they answer (the grid sets
-    each message's id when it pushes it), seconds the wait took)."""
-    if not messages:
-        return {}, 0.0
-    t0 = time.monotonic()
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    return {r.metadata.reply_to_message_id: r for r in replies}, time.monotonic() - t0
 
 
 def _named_merge(name: str, method: str, doc: str) -> type[OneShotMerge]:

@@ -129,6 +129,39 @@ def chosen_predictions(scores: Mapping[str, Mapping[str, Mapping[str, Mapping[st
     return out, []
 
 
+def choice_origin(label: str, search: Mapping[str, Any], coefficients: Mapping[str, Any],
+                  soup: Mapping[str, Any]) -> str:
+    """How a method's model was chosen on validation, for the run log: a searched method from
+    its candidates (run.json `search`), the learned coefficients as the best of their
+    coefficient rounds, the greedy soup from its validation evaluations."""
+    per = (search or {}).get("methods", {})
+    if label in per:
+        return f"chosen on validation from {per[label].get('candidates', '?')} candidate(s)"
+    if coefficients and label == f"learned-{coefficients.get('mode')}":
+        n = len(coefficients.get("history", []))
+        return f"the best on validation (stop halves) of {n} coefficient round(s)"
+    if soup and label == "greedy-soup":
+        k, tried = len(soup.get("own-validation", [])), len(soup.get("history", []))
+        return (f"built on validation: {len(soup.get('members', []))} of {k} models kept, "
+                f"{k + max(0, tried - 1)} validation evaluations")
+    return "chosen on validation"
+
+
+def add_references(predictions: dict[str, dict[str, list[int]]],
+                   references: Mapping[str, Mapping[str, list[int]]]) -> list[str]:
+    """Add the reference models' per-example test correctness (ensemble, best single) to
+    `predictions` when they cover exactly its tasks with the same sizes (the paired
+    bootstrap needs the same examples); returns a note when they do not."""
+    if not references or not predictions:
+        return []
+    sizes = {t: len(v) for t, v in next(iter(predictions.values())).items()}
+    bad = [m for m, per in references.items() if {t: len(v) for t, v in per.items()} != sizes]
+    if bad:
+        return [f"{', '.join(bad)} scored other test examples than the methods: not in the within-run comparison"]
+    predictions.update({m: dict(per) for m, per in references.items()})
+    return []
+
+
 def comparison_rows(predictions: Mapping[str, Mapping[str, list[int]]], reference: str | None,
                     seed: int = 0) -> list[dict[str, Any]]:
     """One row per model (methods, then base): mean test accuracy over tasks with its 95%
