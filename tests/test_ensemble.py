@@ -192,3 +192,25 @@ def test_diwa_round_scores_the_ensemble_the_test_computes_itself(diwa):
 
     _, acc = run_accuracies(out)
     assert acc["ensemble"] == pytest.approx(expected) and acc["best-single"] == pytest.approx(member_acc[best])
+
+
+def test_a_test_set_every_client_shares_is_resampled_once():
+    from fl_merge.round.tables import comparison_rows, one_test_set
+    from fl_merge.stats import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 200).tolist()
+    b = rng.integers(0, 2, 200).tolist()
+    shared = {"ta": {"t/0": a, "t/1": a, "t/2": a, "t/3": a}, "ens": {"t/0": b, "t/1": b, "t/2": b, "t/3": b}}
+    assert one_test_set(shared) == {"ta": {"t/0": a}, "ens": {"t/0": b}}
+    # different lists on different tasks (one task per client): nothing changes
+    own = {"ta": {"x": a, "y": b}, "ens": {"x": b, "y": b}}
+    assert one_test_set(own) == own
+    # the CI is that of the one test set (4 independent resamples of the copies would be
+    # about half as wide: sqrt(4))
+    rows = {r["model"]: r for r in comparison_rows(shared, "ta")}
+    one = bootstrap_ci({"ta": {"t": a}, "ens": {"t": b}}, "ta")
+    assert rows["ens"]["ci_low"] == one["ens"]["low"] and rows["ens"]["diff_high"] == one["ens"]["diff_high"]
+    copies = bootstrap_ci(shared, "ta")
+    width = lambda r: r["high"] - r["low"]
+    assert width(copies["ens"]) < 0.7 * width(one["ens"])
