@@ -52,8 +52,13 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     refs = list(dict.fromkeys(r["reference"] for r in rows))
     fig, axes = plt.subplots(1, len(refs), figsize=(5.5 * len(refs), 4.2), squeeze=False)
     for ax, ref in zip(axes[0], refs):
-        sel = [r for r in rows if r["reference"] == ref and r["model"] not in (ref, "base")]
-        names = [f"{r['setting']}: {r['model']}" for r in sel]
+        sel, seen = [], set()
+        for r in rows:  # a model measured alike in several settings (the same updates) once
+            key = (r["model"], round(float(r["diff"]), 9), round(float(r["diff_low"]), 9))
+            if r["reference"] == ref and r["model"] not in (ref, "base") and key not in seen:
+                seen.add(key)
+                sel.append(r)
+        names = [f"{r['setting']}: {r['model']}" if r["model"].startswith("learned") else r["model"] for r in sel]
         ys = [100 * float(r["diff"]) for r in sel]
         err = [[100 * (float(r["diff"]) - float(r["diff_low"])) for r in sel],
                [100 * (float(r["diff_high"]) - float(r["diff"])) for r in sel]]
