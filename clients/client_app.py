@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from logging import INFO
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch.utils.data import TensorDataset
 
 from clients.cache import entry_path, load_update, save_update, state_digest, update_key
@@ -37,10 +39,17 @@ from fl_merge.client_checkpoints import checkpoint_for
 from fl_merge.evaluation import evaluate, evaluate_examples
 from fl_merge.plugins import load_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
+from fl_merge.round.prescreen import FRACTION_KEY, first_fraction
 from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
+
+# Logged by a client as it starts its local SGD steps (and after it stored the update): on a
+# SuperNode this lands in the SuperNode's output, which is how an operator (or a fault test)
+# sees that a node is training right now, not still loading, and that its update is safe.
+TRAINING_LINE = "fl-merge client: partition {pid} ({task}) training {steps} local steps"
+CACHED_LINE = "fl-merge client: partition {pid} update stored in the client-update cache: {path}"
 
 
 def _partition_id(context: Context, config: ConfigRecord) -> int:
@@ -197,7 +206,8 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     """The honest (or label-flipped) update, from the cache when an identical one exists."""
     cfg = train_values(config, pid)
     use_cache = bool(config.get("cache", True))
-    key = update_key(state_digest(theta0), update_spec(config, pid, cfg, label_flip)) if use_cache else ""
+    spec = update_spec(config, pid, cfg, label_flip)
+    key = update_key(state_digest(theta0), spec) if use_cache else ""
     if use_cache and (hit := load_update(key, cache_dir)) is not None:
         state, metrics = hit
         return state, {**metrics, "cached": 1}
@@ -215,6 +225,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     if bool(config.get("compute-grad0", False)):
         # The gradient at theta0, before any local step: for gradient dissimilarity.
         extras["grad0"] = mean_gradient(model, task.train, int(config.get("grad0-samples", 1024)))
+    log(INFO, TRAINING_LINE.format(pid=pid, task=spec["task"], steps=cfg.steps))
     metrics: dict[str, Any] = fine_tune(model, task, cfg)
     metrics.update({
         "num-examples": len(task.train),
@@ -232,7 +243,8 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     for name, arrays in extras.items():
         state.update({f"{EXTRA_PREFIX}{name}.{k}": v.detach().cpu() for k, v in arrays.items()})
     if use_cache:
-        save_update(key, state, metrics, cache_dir)
+        path = save_update(key, state, metrics, cache_dir)
+        log(INFO, CACHED_LINE.format(pid=pid, path=path))
     return state, {**metrics, "cached": 0}
 
 
@@ -294,7 +306,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         if bad or not splits:
             raise ValueError(f"splits must be a non-empty list of 'val'/'test', got {splits}")
         grids = _eta_grids(config, len(deltas))
-        data = {"val": task.val, "test": task.test}
+        data = {"val": first_fraction(task.val, float(config.get(FRACTION_KEY, 0.0))), "test": task.test}
         scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in splits for m in ("accuracy", "loss")}
         correct: list[int] = []  # test only: per candidate, per example
         # eta = 0 is theta0 whatever the delta: score once
@@ -323,7 +335,8 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got '{split}'")
         model = model_for_task(model_name, task, state, seed, device)
-        metrics["accuracy"], metrics["loss"] = evaluate(model, task.val if split == "val" else task.test)
+        val = first_fraction(task.val, float(config.get(FRACTION_KEY, 0.0)))  # a prescreen's subset
+        metrics["accuracy"], metrics["loss"] = evaluate(model, val if split == "val" else task.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -10,7 +10,7 @@ Each suite is one run (SUITE_CONFIGS: the run config of configs/experiment/<suit
 the smaller search grid SEARCH) through the one run path; it trains every client once and
 scores all methods on the same updates. Client updates come from the client-update cache when
 they exist; a suite whose run directory already holds results is not rerun unless --rerun is
-given. Writes docs/results_<suite>.csv and the tables between the markers in docs/results.md.
+given. Writes docs/results_<suite>.csv, the plot docs/results_<suite>.png and the tables between the markers in docs/results.md.
 """
 
 from __future__ import annotations
@@ -127,6 +127,41 @@ def comparison_cells(run_dir: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+def plot(suite: str, run_dir: Path, path: Path) -> None:
+    """Two panels from run.json `comparison`: each model's mean test accuracy with its 95%
+    paired-bootstrap CI over test examples, and each method's difference vs the reference
+    (Task Arithmetic) with its CI, a red `*` where that CI excludes 0. One seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comp = json.loads((run_dir / "run.json").read_text())["comparison"]
+    ref = comp[0].get("reference", "")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(comp) + 1.6))
+    for ax, key in ((left, "accuracy"), (right, "diff")):
+        lo, hi = (("ci_low", "ci_high") if key == "accuracy" else ("diff_low", "diff_high"))
+        shown = [c for c in comp if key in c and (key == "accuracy" or c["model"] != ref)]
+        ys = range(len(shown))
+        vals = [100 * c[key] for c in shown]
+        err = [[v - 100 * c[lo] for v, c in zip(vals, shown)], [100 * c[hi] - v for v, c in zip(vals, shown)]]
+        ax.errorbar(vals, list(ys), xerr=err, fmt="o", capsize=3)
+        ax.set_yticks(list(ys), [str(c["model"]) for c in shown])
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3)
+        if key == "diff":
+            ax.axvline(0.0, color="grey", lw=0.8)
+            for y, c in zip(ys, shown):
+                if c.get("excludes_zero"):
+                    ax.annotate("*", (100 * c[hi], y), ha="left", va="center", color="red", fontsize=14)
+    left.set_xlabel("mean test accuracy over tasks (%), 95% CI")
+    right.set_xlabel(f"accuracy - {ref} (points), paired 95% CI, * = excludes 0")
+    fig.suptitle(f"{suite}: every method at its validation choice, one seed", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(suite: str, tasks: list[str], rows: list[dict[str, object]], wall: str,
              cis: dict[str, tuple[str, str]] | None = None) -> str:
     """One suite's section; with `cis` (comparison_cells) two more columns: the CI of the
@@ -187,7 +222,9 @@ def main() -> None:
                 w.writerows(rows)
 
         atomic_write(csv_path, write)
-        sections.append(markdown(suite, tasks, rows, timing_line(run_dir), comparison_cells(run_dir)))
+        plot(suite, run_dir, args.docs / f"results_{suite}.png")
+        sections.append(markdown(suite, tasks, rows, timing_line(run_dir), comparison_cells(run_dir))
+                        + f"\n\n![{suite}: methods against Task Arithmetic](results_{suite}.png)")
         print(sections[-1], flush=True)
     doc = args.docs / "results.md"
     atomic_write_text(doc, update_doc(doc.read_text(), sections))

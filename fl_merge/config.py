@@ -71,6 +71,10 @@ class RunConfig:
     coef_lr: float = 0.05
     coef_objective: str = "supervised"
     greedy_soup: bool = False  # also the greedy soup of the clients' models (fl_merge/soups.py)
+    # Two-stage validation scoring (fl_merge/round/prescreen.py): every candidate on this
+    # fraction of each validation split, then each method's `finalists` best on all of it.
+    prescreen: float = 0.0  # 0: off (every candidate on the whole validation split)
+    finalists: int = 3
     # Also the ensemble of the clients' models' predictions and the best single model (chosen
     # on validation): reference rows (fl_merge/round/ensemble.py; DiWA's comparison).
     ensemble: bool = False
@@ -203,6 +207,12 @@ class RunConfig:
         try:
             check_settings(self.learn_coefficients, self.coef_objective, self.coef_rounds,
                            self.coef_lr, "adam", [name for name, _ in methods])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        from fl_merge.round.prescreen import check_prescreen
+
+        try:
+            check_prescreen(self.prescreen, self.finalists, self.test_all_etas)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.weighting not in ("uniform", "num-examples"):

@@ -1,11 +1,13 @@
-"""Credentials for a secure deployment on one machine (tests, trying it out): a CA and a
-SuperLink certificate whose subject alternative names are 127.0.0.1 and localhost, and ECDSA
-P-384 SuperNode key pairs in OpenSSH format (what `--enable-supernode-auth` expects).
+"""Credentials for a secure deployment (tests, trying it out): a CA and a SuperLink
+certificate whose subject alternative names are the SuperLink's addresses (127.0.0.1 and
+localhost unless --host is given), and ECDSA P-384 SuperNode key pairs in OpenSSH format
+(what `--enable-supernode-auth` expects).
 
-    python -m fl_merge.deploy <dir> [--supernodes 2]
+    python -m fl_merge.deploy <dir> [--supernodes 2] [--host 10.0.0.5 --host superlink.lan]
 
-For real hosts, make the server certificate with the SuperLink's own DNS name/IP instead
-(docs/deployment.md has the openssl equivalent).
+On several hosts, give every address the SuperNodes and `flwr` use to reach the SuperLink
+(a node refuses a certificate that does not name the address it dialled); docs/deployment.md
+has the openssl equivalent with your own CA.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -29,6 +32,23 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     path.chmod(0o600)
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(host: str) -> str:
+    """`host` if it is an IP address (v4 or v6) or a DNS name (dot-separated labels of
+    letters, digits and inner hyphens; a leading "*." wildcard allowed); else ValueError."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
+    if not host or len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError("--host must be an IP address or a DNS name (e.g. 10.0.0.5, "
+                         f"superlink.example.org), got {host!r}")
+    return host
 
 
 def make_certificates(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
@@ -81,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fl_merge.deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory")
     parser.add_argument("--supernodes", type=int, default=2, help="SuperNode key pairs to make")
+    parser.add_argument("--host", action="append", default=None, metavar="ADDRESS",
+                        help="an IP address or DNS name the SuperLink is reached at (repeat for several; "
+                             "default: 127.0.0.1 and localhost)")
     args = parser.parse_args(argv)
     if args.supernodes < 0:
         parser.error("--supernodes must be >= 0")
-    paths = make_certificates(args.directory)
+    try:
+        hosts = tuple(check_host(h) for h in args.host or ("127.0.0.1", "localhost"))
+    except ValueError as e:
+        parser.error(str(e))
+    paths = make_certificates(args.directory, hosts=hosts)
     keys = [make_supernode_key(Path(args.directory) / f"supernode{i}") for i in range(args.supernodes)]
     for p in [*paths.values(), *(k for pair in keys for k in pair)]:
         print(p)

@@ -15,7 +15,9 @@ Every way of running fl-merge goes through `run`: Hydra `fl-merge` (one call per
    ``results.csv`` and ``run.json``.
 
 The output layout is the same for both engines (README "Output layout"): results.csv,
-run.json, merged*.safetensors, report.png and run.log in the output dir.
+run.json, merged*.safetensors, report.png and run.log in the output dir; a run that did not
+finish leaves failure.json beside run.log and none of the results files (the ServerApp's
+record with the clients, else `_record_failure`'s with the reason).
 """
 
 from __future__ import annotations

@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 
 from fl_merge.config import ConfigError, RunConfig
-from fl_merge.processes import ROOT, RunFailed, child_env, stop_group, stream_child
+from fl_merge.processes import (
+    ROOT,
+    TAG_VAR,
+    RunFailed,
+    child_env,
+    exit_text,
+    new_tag,
+    stop_group,
+    stream_child,
+)
 
 
 def app_dir() -> Path:
@@ -90,12 +99,19 @@ class LocalSuperLink:
         raise RunFailed(f"flower-superlink did not answer within {timeout:.0f}s; log: {self.log_file}")
 
     def stop(self) -> None:
-        """SIGTERM to the SuperLink's group, then SIGKILL to whatever is left in it (the
-        ServerApp, simulation and Ray processes share the session)."""
+        """SIGTERM to the SuperLink's group, then SIGKILL to whatever is left of it: its
+        tree and every process carrying its tag (TAG_VAR). flower-superlink starts its
+        SuperExec (and so the ServerApp) in a session of its own, and after the SuperLink
+        died they are no longer in its tree: the tag still finds them."""
         if self.proc is not None:
             proc, self.proc = self.proc, None
             stop_group(proc.pid, grace=10.0, wait=lambda t: proc.wait(timeout=t),
-                       first=signal.SIGTERM)
+                       first=signal.SIGTERM, tag=self.env.get(TAG_VAR, ""))
+
+    def died(self) -> str | None:
+        """How the SuperLink ended ('killed by SIGKILL'), or None while it runs."""
+        code = self.proc.poll() if self.proc is not None else None
+        return None if code is None else exit_text(code)
 
 
 def _run_status(env: dict[str, str]) -> tuple[str, str]:
@@ -140,6 +156,7 @@ def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, s
         # The app runs in this environment: no uv install of its dependencies per run.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        TAG_VAR: new_tag(),  # everything this run starts, found and stopped afterwards
         "FL_MERGE_CACHE": str(cache_root()),
         # The SuperLink starts its helpers (superexec, simulation) by name: they must be
         # this environment's, also when the venv is not activated (e.g. `make test`).
@@ -157,10 +174,19 @@ def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, s
                                       f"client-resources-num-gpus={gpus}",
                "--run-config", items]
         code, _ = stream_child(cmd, log_path, stream, env)
+        if (how := link.died()) is not None:
+            raise RunFailed(f"the SuperLink died during the run ({how}); `flwr run` exited with "
+                            f"code {code} (log: {log_path}; SuperLink log: {link.log_file})")
         if code != 0:
             raise RunFailed(f"`flwr run` exited with code {code} (log: {log_path}; "
                             f"SuperLink log: {link.log_file})")
-        run_id, status = _run_status(env)
+        try:
+            run_id, status = _run_status(env)
+        except RunFailed:
+            if (how := link.died()) is not None:  # it died after `flwr run` returned
+                raise RunFailed(f"the SuperLink died before the run's status was read ({how}); "
+                                f"log: {log_path}; SuperLink log: {link.log_file}") from None
+            raise
         if status != "finished:completed":
             raise RunFailed(f"Flower run {run_id} ended as '{status}' (log: {log_path}; "
                             f"SuperLink log: {link.log_file})")

@@ -15,10 +15,11 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_merge.round.failures import attribute
+from fl_merge.round.failures import attribute, unscored_tasks
 from fl_merge.round.candidates import candidate_methods, plan_candidates, search_record
 from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound
+from fl_merge.round.prescreen import with_full_validation
 from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import add_references, chosen_predictions, comparison_rows, reference_label
@@ -26,7 +27,7 @@ from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
 from strategies.ensemble_phase import ensemble_phase
-from strategies.phases import learn_phase, soup_phase
+from strategies.phases import learn_phase, prescreen_phase, soup_phase
 
 
 def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
@@ -37,6 +38,7 @@ def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mappin
     s = strategy
     r = MergeRound(methods=dict(s.methods), etas=s.etas, task_names=s.task_names,
                    theta0={k: v.detach().clone() for k, v in theta0.items()})
+    s.outcome = r  # the round in progress: what a failure record reports if the run must stop
     try:
         return _steps(s, grid, r, train_config, evaluate_config, timeout)
     except MergeRoundError as e:
@@ -84,19 +86,23 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
         r.heterogeneity = measure(r.clients, task_vectors, s.weighting)
     log(INFO, "merged %d task vectors with %s in %.2fs: %d setting(s), %d candidate(s) to score",
         k, list(s.methods), r.timings["aggregate-seconds"], len(r.candidates), r.search["candidates"])
-    # 5. Every candidate scored on validation (and on test too with test_all_etas).
+    # 5. Every candidate scored on validation (and on test too with test_all_etas); with a
+    #    prescreen, on a validation subset first and each method's finalists on all of it.
     t1 = time.perf_counter()
-    grids = {label: c.etas for label, c in r.candidates.items()}
-    splits = ["val", "test"] if s.test_all_etas else ["val"]
-    scores, lost = s.score(grid, r.clients, r.theta0, deltas, grids, splits, "evaluation",
-                           evaluate_config, timeout, r.task_name)
-    r.timings["validation-evaluate-seconds"] = time.perf_counter() - t1
-    r.failures += lost
-    # 6. Per method, the (setting, eta) chosen on validation only.
     by_task = {r.task_name(c): c for c in r.clients}
     ft_val = {t: finetuned_scores(c)["val"] for t, c in by_task.items()}
+    grids = {label: c.etas for label, c in r.candidates.items()}
+    splits = ["val", "test"] if s.test_all_etas else ["val"]
+    if s.prescreen["fraction"]:
+        scores = prescreen_phase(s, grid, r, deltas, grids, ft_val, evaluate_config, timeout)
+    else:
+        scores, lost = s.score(grid, r.clients, r.theta0, deltas, grids, splits, "evaluation",
+                               evaluate_config, timeout, r.task_name)
+        r.failures += lost
+    r.timings["validation-evaluate-seconds"] = time.perf_counter() - t1
+    # 6. Per method, the (setting, eta) chosen on (whole-split) validation only.
     choice, r.selection, r.notes = choose_settings(
-        scores, ft_val, {label: c.method for label, c in r.candidates.items()})
+        with_full_validation(scores), ft_val, {label: c.method for label, c in r.candidates.items()})
     # 6b. Learned coefficients (optional): a few coefficient-only rounds from Task
     #     Arithmetic's choice, scored on validation like any candidate.
     if s.coefficients["mode"] != "off":
@@ -143,6 +149,10 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
     r.notes += add_references(r.predictions, references)
     r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
     r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], asked, r.task_names)
+    r.unscored_tasks = unscored_tasks(r.failures)
+    if r.unscored_tasks:
+        log(WARNING, "merged but not scored on test (client lost after training): %s",
+            ", ".join(r.unscored_tasks))
     for note in r.notes:
         log(WARNING, "%s", note)
     return r

@@ -48,6 +48,7 @@ from fl_merge.round.scoring import (
     plain_requests,
 )
 from fl_merge.round.failures import no_reply_reason
+from fl_merge.round.prescreen import check_prescreen
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.task_vectors import StateDict, split_extras
 from strategies.messaging import _bytes, _send
@@ -83,6 +84,8 @@ class OneShotMerge(FedAvg):
         is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
     greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
         as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
+    prescreen, finalists: score every candidate on that fraction of validation first, then
+        each method's `finalists` best on all of it (0: off; fl_merge/round/prescreen.py).
     ensemble: also score the ensemble of the K clients' models (mean softmax) and the best
         single one (chosen on validation): reference rows (fl_merge/round/ensemble.py).
     """
@@ -108,6 +111,8 @@ class OneShotMerge(FedAvg):
         coef_rounds: int = 5,
         coef_lr: float = 0.05,
         greedy_soup: bool = False,
+        prescreen: float = 0.0,
+        finalists: int = 3,
         ensemble: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -151,6 +156,8 @@ class OneShotMerge(FedAvg):
         self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
                              "rounds": int(coef_rounds), "lr": float(coef_lr)}
         self.greedy_soup = bool(greedy_soup)
+        check_prescreen(float(prescreen), int(finalists), test_all_etas)
+        self.prescreen = {"fraction": float(prescreen), "finalists": int(finalists)}
         self.ensemble = bool(ensemble)
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 

@@ -17,6 +17,7 @@ from fl_merge.coefficients import learn_coefficients, make_blocks
 from fl_merge.round import coefficients as coef
 from fl_merge.round.merging import merge_arguments
 from fl_merge.round.outcome import MergeRound
+from fl_merge.round.prescreen import FRACTION_KEY, combine_stages, finalist_grids
 from fl_merge.round.selection import choose_settings
 from fl_merge.soups import greedy_soup, soup_delta
 from fl_merge.task_vectors import StateDict
@@ -111,3 +112,22 @@ def learn_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict]
         opts["mode"], len(r.clients), len(blocks), len(history) - 1, history[0]["score"],
         max(h["score"] for h in history), traffic[1]["coefficients"] if len(traffic) > 1 else 0,
         traffic[0]["vectors"])
+
+
+def prescreen_phase(s: Any, grid: Grid, r: MergeRound, deltas: Mapping[str, StateDict], grids: dict,
+                    ft_val: Mapping[str, float | None], config: Mapping[str, Any], timeout: float) -> dict:
+    """Two-stage validation scoring (fl_merge/round/prescreen.py): every candidate on the
+    first `prescreen` fraction of each client's validation split, then each method's
+    `finalists` best on the whole split. Returns the combined scores table."""
+    fraction, finalists = s.prescreen["fraction"], s.prescreen["finalists"]
+    first, lost = s.score(grid, r.clients, r.theta0, deltas, grids, ["val"], "prescreen evaluation",
+                          {**config, FRACTION_KEY: fraction}, timeout, r.task_name)
+    r.failures += lost
+    kept = finalist_grids(first, ft_val, {label: c.method for label, c in r.candidates.items()}, finalists)
+    scored = [c for c in r.clients if r.task_name(c) in first[next(iter(first))]]
+    full, lost = s.score(grid, scored, r.theta0, {m: deltas[m] for m in kept}, kept, ["val"],
+                         "finalist evaluation", config, timeout, r.task_name)
+    r.failures += lost
+    r.search["prescreen"] = {"fraction": fraction, "finalists": finalists,
+                             "finalist-candidates": sum(len(e) - 1 for e in kept.values())}
+    return combine_stages(first, full)

@@ -7,6 +7,8 @@ file or a directory holding model.safetensors). `merge-keys` and run-config
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Mapping
 from logging import INFO
@@ -23,7 +25,8 @@ from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
-from fl_merge.round.failures import FAILURE_FILE, failure_record
+from fl_merge.processes import watch_parent
+from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.tables import choice_origin, format_comparison
@@ -72,41 +75,77 @@ def load_theta0(cfg: ResolvedConfig) -> StateDict:
 
 def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRound:
     """The whole run: theta0 -> one merge round -> results files. Returns the MergeRound
-    (client updates, Deltas, chosen etas, result rows, failures)."""
+    (client updates, Deltas, chosen etas, result rows, failures).
+
+    A run that stops before its results leaves failure.json saying why (never beside
+    half-written results): a round that cannot finish (MergeRoundError), Flower stopping
+    this process (SystemExit/KeyboardInterrupt from its SIGINT), or the SuperLink dying: then
+    this process is orphaned, Flower's own retries never end, and `watch_parent` writes the
+    record and ends the process (docs/deployment.md)."""
     run = cfg.run
     t0 = time.perf_counter()
-    theta0 = load_theta0(cfg)
-    k = run.num_clients
-    strategy = OneShotMerge(
-        methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
-        search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
-        coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-        greedy_soup=run.greedy_soup, ensemble=run.ensemble,
-        min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
-        weighting=run.weighting, device=run.device, task_names=cfg.tasks,
-        fraction_train=1.0, fraction_evaluate=1.0,
-        min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
-    )
-    wait_for_clients(grid, k, run.connect_timeout)
+    # RLock: Flower's SIGINT may interrupt this thread inside `with writing`; "done" is set
+    # once a record or the results are whole, "busy" while results are being written.
+    writing = threading.RLock()
+    held = {"done": False, "busy": False, "strategy": None, "ppid": os.getppid()}
+
+    def record_stop() -> None:
+        with writing:
+            if not held["done"] and not held["busy"]:
+                r = getattr(held["strategy"], "outcome", None)  # the round in progress
+                why = stopped_reason(len(r.clients) if r else 0, os.getppid() != held["ppid"])
+                write_failure(cfg.output_dir(), why, r, replies_lost=True)
+                held["done"] = True
+
+    stop_watch = watch_parent(record_stop)
     try:
-        outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(), run.round_timeout)
-    except MergeRoundError as e:
-        write_failure(cfg.output_dir(), str(e), getattr(e, "partial", None))
+        theta0 = load_theta0(cfg)
+        k = run.num_clients
+        held["strategy"] = strategy = OneShotMerge(
+            methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
+            search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
+            coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
+            greedy_soup=run.greedy_soup, ensemble=run.ensemble,
+            prescreen=run.prescreen, finalists=run.finalists,
+            min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
+            weighting=run.weighting, device=run.device, task_names=cfg.tasks,
+            fraction_train=1.0, fraction_evaluate=1.0,
+            min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
+        )
+        wait_for_clients(grid, k, run.connect_timeout)
+        try:
+            outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(),
+                                run.round_timeout)
+        except MergeRoundError as e:
+            with writing:
+                write_failure(cfg.output_dir(), str(e), getattr(e, "partial", None))
+                held["done"] = True
+            raise
+        outcome.timings["total-seconds"] = time.perf_counter() - t0
+        with writing:
+            held["busy"] = True
+            write_outputs(cfg.output_dir(), outcome, cfg, run_id)
+            held["done"] = True
+    except Exception:
+        stop_watch.set()
         raise
-    outcome.timings["total-seconds"] = time.perf_counter() - t0
-    write_outputs(cfg.output_dir(), outcome, cfg, run_id)
+    except BaseException:  # Flower stops this process: record why; the watch stays armed,
+        record_stop()  # in case Flower's shutdown hangs on the lost SuperLink
+        raise
+    stop_watch.set()
     return outcome
 
 
-def write_failure(out: Path, reason: str, r: MergeRound | None) -> None:
+def write_failure(out: Path, reason: str, r: MergeRound | None, replies_lost: bool = False) -> None:
     """failure.json for a round that stopped: why, which clients had finished (partition,
-    task, node) and where their updates are, who was lost, which tasks are missing."""
+    task, node) and where their updates are, who was lost, which tasks are missing
+    (replies_lost: the SuperLink went away; see failure_record)."""
     finished = [{"partition_id": c.partition_id, "task": r.task_name(c), "node_id": c.node_id,
                  "cached": bool(c.metrics.get("cached", 0))} for c in (r.clients if r else [])]
     failures = r.failures if r else []
     stage = failures[-1]["stage"] if failures else "round"
     results.write_json(out / FAILURE_FILE, failure_record(reason, stage, finished, failures,
-                                                          r.missing_tasks if r else []))
+                                                          r.missing_tasks if r else [], replies_lost))
     log(INFO, "the run failed: %s (details: %s)", reason, out / FAILURE_FILE)
 
 
@@ -143,6 +182,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "heterogeneity": r.heterogeneity,
         "failures": r.failures,  # clients left out: who (node, partition, task), at which stage, why
         "missing_tasks": r.missing_tasks,  # tasks with no usable update: not in results.csv
+        "unscored_tasks": r.unscored_tasks,  # merged, but their client was lost before scoring test
         "timings": r.timings,
         "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
         "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)

@@ -55,3 +55,24 @@ def test_a_round_failure_written_by_the_server_is_kept(tmp_path, monkeypatch):
     with pytest.raises(RunFailed):
         run_module.run(RunConfig.from_flower({"num-clients": 2, "output-dir": str(out)}), progress=False)
     assert json.loads((out / FAILURE_FILE).read_text())["lost_clients"] == [1]
+
+
+def test_why_a_serverapp_stopped_names_the_cause_and_the_point_of_the_round():
+    from fl_merge.round.failures import stopped_reason
+
+    assert stopped_reason(0, parent_gone=True) == (
+        "the SuperLink went away while the clients were training (no update had arrived): the "
+        "ServerApp's parent process exited, so the SuperLink was stopped or died; the run cannot finish")
+    assert stopped_reason(2, parent_gone=False) == (
+        "the ServerApp was told to stop after 2 client update(s) had arrived (by Flower: e.g. "
+        "`flwr stop` or a lost SuperLink)")
+
+
+def test_a_failure_record_after_lost_replies_points_at_the_caches_even_with_no_finished_client():
+    from fl_merge.round.failures import CACHE_NOTE, failure_record
+
+    lost = failure_record("the SuperLink went away", "round", [], [], [], replies_lost=True)
+    assert lost["finished_clients"] == [] and lost["cached_updates"].endswith(CACHE_NOTE)
+    assert failure_record("x", "train", [], [], [])["cached_updates"] == "no client finished"
+    finished = [{"partition_id": 0}]
+    assert failure_record("x", "train", finished, [], [])["cached_updates"] == CACHE_NOTE

@@ -81,3 +81,18 @@ def test_regenerating_one_suite_keeps_the_other(results_table):
     assert first == f"x{b}\n### vision8\n\nV\n\n### text\n\nT\n{e}y"
     with pytest.raises(ValueError, match="markers"):
         results_table.update_doc("no markers", [])
+
+
+def test_plot_draws_the_comparison_of_a_run(tmp_path, results_table):
+    comparison = [
+        {"model": "base", "accuracy": 0.5, "ci_low": 0.45, "ci_high": 0.55},
+        {"model": "fedavg", "accuracy": 0.7, "ci_low": 0.65, "ci_high": 0.75, "reference": "fedavg",
+         "diff": 0.0, "diff_low": 0.0, "diff_high": 0.0, "excludes_zero": False},
+        {"model": "ties", "accuracy": 0.75, "ci_low": 0.7, "ci_high": 0.8, "reference": "fedavg",
+         "diff": 0.05, "diff_low": 0.01, "diff_high": 0.09, "excludes_zero": True},
+    ]
+    comparison[0]["reference"] = "fedavg"
+    (tmp_path / "run.json").write_text(json.dumps({"comparison": comparison}))
+    out = tmp_path / "plot.png"
+    results_table.plot("toy", tmp_path, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -396,6 +396,7 @@ def test_client_failing_evaluation_is_left_out_of_the_results():
     assert {row["partition_id"] for row in r.rows} == {0, 1}
     assert r.failures[-1]["client"] == "node 102 (partition 2)"
     assert r.failures[-1]["stage"] == "evaluation" and r.failures[-1]["reason"] == "evaluation crashed"
+    assert r.missing_tasks == [] and r.unscored_tasks == ["node 102 (partition 2)"]  # merged, not scored
     assert r.metrics["ties[density=0.5]-test-accuracy"] == pytest.approx(0.65)
     # The test phase asks only the clients that scored validation.
     test_msgs = [m for m in grid.asked if m.metadata.message_type == MessageType.EVALUATE][3:]
@@ -422,6 +423,45 @@ def test_merge_keys_matching_nothing_stop_the_run_before_any_message(tmp_path):
     with pytest.raises(ConfigError, match=r"merge-keys \['backbone\.\*'\] match none .*cls\.w, enc\.w"):
         run_one_shot(grid, cfg)
     assert grid.asked == [] and not (tmp_path / "out").exists()  # nothing sent, nothing written
+
+
+def test_a_serverapp_stopped_by_flower_mid_round_leaves_only_failure_json(tmp_path, monkeypatch):
+    """Flower stops a ServerApp with SIGINT, whose handler raises SystemExit inside whatever
+    the ServerApp waits on (here the train phase): the output directory gets failure.json
+    saying why, and nothing else; the SystemExit goes on, and the parent watch stays armed
+    (in case Flower's shutdown hangs)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fl_merge.config import RunConfig
+    from strategies import server_app
+    from strategies.server_app import run_one_shot
+
+    watches = []
+    real_watch = server_app.watch_parent
+    monkeypatch.setattr(server_app, "watch_parent", lambda f: watches.append(real_watch(f)) or watches[-1])
+
+    class StoppedGrid(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            raise SystemExit(0)
+
+    save_file(_theta0(), str(tmp_path / "base.safetensors"))
+    out = tmp_path / "out"
+    cfg = RunConfig(num_clients=2, base_checkpoint=str(tmp_path / "base.safetensors"),
+                    output_dir=str(out)).resolve()
+    try:
+        with pytest.raises(SystemExit):
+            run_one_shot(StoppedGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)}), cfg)
+        assert len(watches) == 1 and not watches[0].is_set()  # still armed
+    finally:
+        for w in watches:  # this process is pytest, not a ServerApp: disarm it
+            w.set()
+    assert sorted(p.name for p in out.iterdir()) == ["failure.json"]
+    record = json.loads((out / "failure.json").read_text())
+    assert record["status"] == "failed" and record["finished_clients"] == []
+    assert record["reason"].startswith("the ServerApp was told to stop while the clients were training")
+    assert "clients may have finished without the server knowing" in record["cached_updates"]
 
 
 def _with_correct(n: int = 20):

@@ -19,6 +19,18 @@ CACHE_NOTE = ("each finished client's update is in its client-update cache (~/.c
               "with cache=true reuses them without retraining")
 
 
+def stopped_reason(updates_received: int, parent_gone: bool) -> str:
+    """Why a ServerApp stopped before its results: its parent process exited (so the
+    SuperLink was stopped or died), or Flower told it to stop (SIGINT/SIGTERM: e.g. `flwr
+    stop`); and at which point of the round, before any client update arrived or after."""
+    stage = (f"after {updates_received} client update(s) had arrived" if updates_received
+             else "while the clients were training (no update had arrived)")
+    if parent_gone:
+        return (f"the SuperLink went away {stage}: the ServerApp's parent process exited, so "
+                f"the SuperLink was stopped or died; the run cannot finish")
+    return f"the ServerApp was told to stop {stage} (by Flower: e.g. `flwr stop` or a lost SuperLink)"
+
+
 def no_reply_reason(elapsed: float, timeout: float) -> str:
     """Why a message got no reply: the round timeout ran out, or Flower gave up on the node
     earlier (it ended the wait before the timeout: the node left, e.g. missed heartbeats)."""
@@ -67,10 +79,34 @@ def attribute(failures: Sequence[Mapping[str, Any]], usable: Iterable[int | None
     return out, [task_of(p, task_names) or f"partition {p}" for p in missing]
 
 
+def unscored_tasks(failures: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The tasks that were merged but have no test result: their client sent a usable
+    update, then was lost at an evaluation stage (e.g. its link went down after training), so
+    nobody scored the merged model on its data. Its update stays in the merge; the task is in
+    neither results.csv's test rows nor `missing_tasks` (which holds the tasks never merged).
+    In failure order (node-id order after `attribute`), each task once; a client with no task
+    name is listed by its label."""
+    out: list[str] = []
+    for f in failures:
+        if f.get("stage") == "train":
+            continue
+        name = f.get("task") or f["client"]
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def failure_record(reason: str, stage: str, finished: Sequence[Mapping[str, Any]],
-                   failures: Sequence[Mapping[str, Any]], missing_tasks: Sequence[str]) -> dict[str, Any]:
+                   failures: Sequence[Mapping[str, Any]], missing_tasks: Sequence[str],
+                   replies_lost: bool = False) -> dict[str, Any]:
     """failure.json of a run that did not finish: why, at which stage, which clients had
-    finished (partition, task, node) and where their updates are, who was lost."""
+    finished (partition, task, node) and where their updates are, who was lost.
+    replies_lost: the server lost contact (its SuperLink died), so clients may have
+    finished and cached their update without the server knowing."""
+    if replies_lost:
+        cached = "clients may have finished without the server knowing: " + CACHE_NOTE
+    else:
+        cached = CACHE_NOTE if finished else "no client finished"
     return {"status": "failed", "reason": reason, "stage": stage, "finished_clients": list(finished),
             "lost_clients": list(failures), "missing_tasks": list(missing_tasks),
-            "cached_updates": CACHE_NOTE if finished else "no client finished"}
+            "cached_updates": cached}

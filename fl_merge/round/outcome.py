@@ -23,6 +23,7 @@ class MergeRound:
     metrics: dict[str, float] = field(default_factory=dict)  # summary (tables.summary_metrics)
     failures: list[dict[str, Any]] = field(default_factory=list)  # clients left out: who, where, why
     missing_tasks: list[str] = field(default_factory=list)  # tasks with no usable update
+    unscored_tasks: list[str] = field(default_factory=list)  # merged, client lost before test
     heterogeneity: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # degraded protocol, e.g. missing metrics

@@ -10,6 +10,7 @@ from typing import Any
 from fl_merge.attacks import AttackPlan
 from fl_merge.evaluation import normalized_accuracy
 from fl_merge.results import mean
+from fl_merge.round.prescreen import PRESCREEN
 from fl_merge.round.protocol import CORRECT, FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
 from fl_merge.round.updates import ClientUpdate
 from fl_merge.stats import bootstrap_ci, ci_line
@@ -33,7 +34,7 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
     """Rows of one method (one knob setting of it): model is base (eta 0), finetuned (the
     client's own model, when it reported its accuracy; only with `finetuned`) or merged
     (eta > 0; `selected` marks the chosen eta, none when best_eta is None: a setting not
-    chosen). knobs: the setting's searched values (JSON column); lam(eta): the paper's
+    chosen; never on the prescreen's "val-prescreen" rows). knobs: the setting's searched values (JSON column); lam(eta): the paper's
     lambda of each eta (nan without it). normalized_accuracy is nan where the fine-tuned
     accuracy is unknown."""
     params_json = json.dumps(dict(params), sort_keys=True)
@@ -47,9 +48,9 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
                   "partition_id": pid, "node_id": c.node_id,
                   "attacker": plan.attacks(pid) if pid is not None else False}
         ft = finetuned_scores(c)
-        for split in ("val", "test"):
-            ref = ft[split]
-            if ref is not None and finetuned:
+        for split in ("val", "test", PRESCREEN):  # PRESCREEN: a validation subset (prescreen.py)
+            ref = ft["val" if split == PRESCREEN else split]
+            if ref is not None and finetuned and split != PRESCREEN:
                 loss = _metric(c.metrics, FINETUNED_LOSS) if split == "test" else None
                 rows.append({**common, "model": "finetuned", "eta": math.nan, "lambda": math.nan,
                              "selected": False,
@@ -59,7 +60,8 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
             for eta, acc, loss in zip(got["etas"], got["accuracy"], got["loss"]):
                 rows.append({**common, "model": "base" if eta == 0 else "merged", "eta": eta,
                              "lambda": lam(eta) if lam is not None else math.nan,
-                             "selected": eta == best_eta, "split": split, "accuracy": acc, "loss": loss,
+                             "selected": eta == best_eta and split != PRESCREEN, "split": split,
+                             "accuracy": acc, "loss": loss,
                              "finetuned_accuracy": math.nan if ref is None else ref,
                              "normalized_accuracy": (math.nan if ref is None
                                                      else normalized_accuracy(acc, ref))})
