@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch.utils.data import TensorDataset
 
-from clients.cache import load_update, save_update, state_digest, update_key
+from clients.cache import entry_path, load_update, save_update, state_digest, update_key
 from clients.checkpoint_client import checkpoint_update
 from clients.partitions import load_partitioned_task
 from clients.tasks import TaskData, load_task, task_fingerprint
@@ -160,15 +160,10 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     return state, metrics
 
 
-def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
-           cache_dir: Path | None, label_flip: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The honest (or label-flipped) update, from the cache when an identical one exists."""
-    cfg = LocalTrainConfig(
-        steps=int(_pick(config, "local-steps", pid)),
-        lr=float(_pick(config, "lr", pid)),
-        batch_size=int(_pick(config, "batch-size", pid)),
-        seed=int(_pick(config, "seed", pid)),
-    )
+def update_spec(config: Mapping[str, Any], pid: int, cfg: LocalTrainConfig,
+                label_flip: bool = False) -> dict[str, Any]:
+    """What identifies client `pid`'s update in the client-update cache (with theta0's
+    digest): its task and data, model, training values and the extras asked for."""
     tasks = list(config["tasks"])
     spec = {
         "task": tasks[pid] if pid < len(tasks) else None, "pid": pid, "num-clients": len(tasks),
@@ -184,7 +179,34 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     task_name = spec["task"] if str(config.get("data", "tasks")) == "tasks" else config.get("partition-task")
     if task_name and (data_state := task_fingerprint(str(task_name))):
         spec["task-data"] = data_state
+    return spec
+
+
+def train_values(config: Mapping[str, Any], pid: int) -> LocalTrainConfig:
+    """Client `pid`'s training values from the (per-client or shared) config entries."""
+    return LocalTrainConfig(
+        steps=int(_pick(config, "local-steps", pid)),
+        lr=float(_pick(config, "lr", pid)),
+        batch_size=int(_pick(config, "batch-size", pid)),
+        seed=int(_pick(config, "seed", pid)),
+    )
+
+
+def cached_clients(config: Mapping[str, Any], theta0: Mapping[str, torch.Tensor],
+                   cache_dir: Path | None = None) -> list[bool]:
+    """Per client of the training config: whether its honest update is already in the
+    cache (it would not train). Lets a long run be checked before it starts."""
+    digest = state_digest(theta0)
+    return [entry_path(update_key(digest, update_spec(config, pid, train_values(config, pid))),
+                       cache_dir).exists() for pid in range(len(list(config["tasks"])))]
+
+
+def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
+           cache_dir: Path | None, label_flip: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The honest (or label-flipped) update, from the cache when an identical one exists."""
+    cfg = train_values(config, pid)
     use_cache = bool(config.get("cache", True))
+    spec = update_spec(config, pid, cfg, label_flip)
     key = update_key(state_digest(theta0), spec) if use_cache else ""
     if use_cache and (hit := load_update(key, cache_dir)) is not None:
         state, metrics = hit
@@ -347,3 +369,20 @@ def coefficients(msg: Message, context: Context) -> Message:
                      lambda s: model_for_task(str(config["model"]), task, s, seed, device))
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}),
                    reply_to=msg)
+
+
+@app.evaluate("ensemble")
+def ensemble(msg: Message, context: Context) -> Message:
+    """The prediction-ensemble phase (clients/ensemble.py): the mean softmax of the K members
+    theta0 + tau_i on this client's val and test, and each member's scores."""
+    from clients.ensemble import answer
+
+    _limit_threads()
+    config = msg.content["config"]
+    load_plugins(str(config.get("plugins", "")))
+    pid = _partition_id(context, config)
+    task = _task_for(config, pid)
+    device = client_device(str(config.get("device", "cpu")))
+    seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
+    metrics = answer(msg.content, task, lambda s: model_for_task(str(config["model"]), task, s, seed, device))
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}), reply_to=msg)

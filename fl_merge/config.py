@@ -75,6 +75,9 @@ class RunConfig:
     # fraction of each validation split, then each method's `finalists` best on all of it.
     prescreen: float = 0.0  # 0: off (every candidate on the whole validation split)
     finalists: int = 3
+    # Also the ensemble of the clients' models' predictions and the best single model (chosen
+    # on validation): reference rows (fl_merge/round/ensemble.py; DiWA's comparison).
+    ensemble: bool = False
     weighting: str = "uniform"  # uniform | num-examples
     # Score the test split at every eta too (else only at the base and each method's eta
     # chosen on validation: the selection protocol, at a fraction of the evaluation cost).

@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -34,6 +35,7 @@ PLOT_FILE = "replicates.png"
 # Run-config keys that may differ between replicates of one config (DESIGN.md: seeds are the
 # client training seeds, and data seeds where asked).
 PER_REPLICATE = ("seed", "output-dir", "data-seed")
+REFERENCE_MODELS = ("ensemble", "single")  # results.csv `model` of ensemble=true's reference rows
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -65,13 +67,17 @@ def replicate_configs(overrides: Mapping[str, Any], seeds: Sequence[int], root: 
 
 def run_accuracies(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
     """(run.json, model -> mean over tasks of test accuracy) of one run: each method at its
-    chosen eta (the `selected` merged test rows), and "base" (eta 0) from the first method."""
+    chosen eta (the `selected` merged test rows), the reference models of `ensemble=true`
+    ("ensemble", "best-single") when the run has them, and "base" (eta 0) from the first
+    method."""
     run = json.loads((Path(run_dir) / RUN_FILE).read_text())
     rows = [r for r in read_rows(Path(run_dir) / RESULTS_FILE) if r["split"] == "test"]
     out: dict[str, float] = {}
     for label in run["methods"]:
         out[label] = mean([r["accuracy"] for r in rows if r["method"] == label
                            and r["model"] == "merged" and r["selected"] is True])
+    for label in sorted({r["method"] for r in rows if r["model"] in REFERENCE_MODELS}):
+        out[label] = mean([r["accuracy"] for r in rows if r["method"] == label and r["selected"] is True])
     first = next(iter(run["methods"]), None)
     out["base"] = mean([r["accuracy"] for r in rows if r["method"] == first and r["model"] == "base"])
     return run, out
@@ -108,10 +114,11 @@ def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     methods = {label: (m["name"], m.get("params", {})) for label, m in loaded[0][1]["methods"].items()}
     ref = reference_label(methods)
     rows = []
-    for model in [*methods, "base"]:
-        values = [acc[model] for _, _, acc in loaded]
+    references = [m for m in loaded[0][2] if m not in methods and m != "base"]
+    for model in [*methods, *references, "base"]:
+        values = [acc.get(model, math.nan) for _, _, acc in loaded]
         m, lo, hi = t_interval(values)
-        name = methods[model][0] if model in methods else "base"
+        name = methods[model][0] if model in methods else model.replace("-", "_")
         row: dict[str, Any] = {"model": model, "method_name": name,
                                "n_seeds": len(values), "seeds": ";".join(str(s) for s in seeds),
                                "per_seed": ";".join(f"{v:.6g}" for v in values),

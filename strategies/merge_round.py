@@ -22,11 +22,12 @@ from fl_merge.round.outcome import MergeRound
 from fl_merge.round.prescreen import with_full_validation
 from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
-from fl_merge.round.tables import chosen_predictions, comparison_rows, reference_label
+from fl_merge.round.tables import add_references, chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.task_vectors import StateDict
+from strategies.ensemble_phase import ensemble_phase
 from strategies.phases import learn_phase, prescreen_phase, score_batched, soup_phase
 
 
@@ -156,11 +157,16 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
                               scores[label], by_task, s.attack_plan, knobs=c.knobs,
                               lam=lambda e, c=c: c.lam(e, k), finetuned=chosen)
     r.metrics = summary_metrics(r.rows, r.best_etas, {m: ch["lambda"] for m, ch in r.choices.items()})
+    # 8b. The prediction ensemble and the best single run (optional): reference models,
+    #     scored on val and test in one message; they change no method's choice.
+    references = ensemble_phase(s, grid, r, task_vectors, ft_val, evaluate_config, timeout) if s.ensemble else {}
+    r.metrics.update({f"{m}-test-accuracy": v for m, v in r.ensemble.get("test-accuracy", {}).items()})
     # 9. Within-run CIs: a paired bootstrap over test examples (grid clients' test-correct),
     #    on each method's chosen setting.
     chosen_scores = {m: scores[label] for m, (label, _, _) in choice.items()}
     r.predictions, missing = chosen_predictions(chosen_scores, r.best_etas)
     r.notes += missing
+    r.notes += add_references(r.predictions, references)
     r.comparison = comparison_rows(r.predictions, reference_label(s.methods))
     r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], asked, r.task_names)
     r.unscored_tasks = unscored_tasks(r.failures)

@@ -37,22 +37,14 @@ from fl_merge.round.candidates import check_search, method_spaces
 from fl_merge.round.merging import given_params, label_methods
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION, SPLIT_KEY
 from fl_merge.round.scoring import (
-    Grids,
-    Part,
-    assemble_plain,
-    candidate_state,
-    delta_key,
-    grid_config,
-    parse_grid_reply,
-    plain_answer,
-    plain_requests,
-)
+    Grids, Part, assemble_plain, candidate_state, delta_key, grid_config, parse_grid_reply, plain_answer,
+    plain_requests)
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.prescreen import check_prescreen
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.spill import split_extras_lazy
-from strategies.sending import _bytes, _send, _send_each
 from fl_merge.task_vectors import StateDict, split_extras
+from strategies.sending import _bytes, _send, _send_each
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
 
@@ -89,6 +81,8 @@ class OneShotMerge(FedAvg):
         back memory-mapped (fl_merge/spill.py); None keeps them in memory.
     prescreen, finalists: score every candidate on that fraction of validation first, then
         each method's `finalists` best on all of it (0: off; fl_merge/round/prescreen.py).
+    ensemble: also score the ensemble of the K clients' models (mean softmax) and the best
+        single one (chosen on validation): reference rows (fl_merge/round/ensemble.py).
     """
 
     def __init__(
@@ -115,6 +109,7 @@ class OneShotMerge(FedAvg):
         spill_dir: str | None = None,
         prescreen: float = 0.0,
         finalists: int = 3,
+        ensemble: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -160,6 +155,7 @@ class OneShotMerge(FedAvg):
         self.spill_dir, self.spill = spill_dir, None  # the round's SpillDir while it runs
         check_prescreen(float(prescreen), int(finalists), test_all_etas)
         self.prescreen = {"fraction": float(prescreen), "finalists": int(finalists)}
+        self.ensemble = bool(ensemble)
         self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
 
     def summary(self) -> None:

@@ -29,7 +29,7 @@ from fl_merge.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound
-from fl_merge.round.tables import format_comparison
+from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
 from fl_merge.task_vectors import StateDict
 from strategies.merge_round import phase, run_round
@@ -106,7 +106,8 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
             methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
             search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
             coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-            greedy_soup=run.greedy_soup, prescreen=run.prescreen, finalists=run.finalists,
+            greedy_soup=run.greedy_soup, ensemble=run.ensemble,
+            prescreen=run.prescreen, finalists=run.finalists,
             spill_dir=str(out) if run.spill else None, measure_heterogeneity=run.measure_heterogeneity,
             min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
             weighting=run.weighting, device=run.device, task_names=cfg.tasks,
@@ -189,6 +190,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "comparison": r.comparison,  # test accuracy and difference vs Task Arithmetic, 95% CIs
         "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)
         "soup": r.soup,  # the greedy soup ({} when off)
+        "ensemble": r.ensemble,  # the prediction ensemble and best single model ({} when off)
     })
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     for line in results.format_summary(r.rows, "test accuracy").splitlines():
@@ -205,14 +207,12 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
 def choice_lines(r: MergeRound) -> list[str]:
     """One line per method: its chosen knobs, lambda (its paper's units) and eta, and how
     many candidates it was chosen from on validation."""
-    per = (r.search or {}).get("methods", {})
     out = []
     for label, ch in r.choices.items():
         knobs = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in ch["knobs"].items())
-        n = per.get(label, {}).get("candidates", "?")
         out.append(f"{label}: lambda={ch['lambda']:.4g} (eta={ch['eta']:.4g}){' ' + knobs if knobs else ''}"
-                   f", chosen on validation from {n} candidate(s)")
+                   f", {choice_origin(label, r.search, r.coefficients, r.soup)}")
     return out
 
 

@@ -76,3 +76,14 @@ def test_key_and_digest_are_stable():
     assert state_digest(a) != state_digest({**a, "b": torch.ones(2)})
     assert update_key("x", {"lr": 0.1}) == update_key("x", {"lr": 0.1}) != update_key("x", {"lr": 0.2})
     assert entry_path("k").is_absolute()
+
+
+def test_cached_clients_says_before_a_run_which_clients_would_not_train(theta0, config, tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_MERGE_CACHE", str(tmp_path))
+    assert client_app.cached_clients(config, theta0) == [False, False]
+    client_app.local_train(config, 0, theta0)  # client 0 trains once and is cached
+    assert client_app.cached_clients(config, theta0) == [True, False]
+    # asking for an extra (e.g. Fisher, when a fisher method joins the run) is another update
+    assert client_app.cached_clients({**config, "compute-fisher": True}, theta0) == [False, False]
+    _, metrics = client_app.local_train(config, 0, theta0)
+    assert metrics["cached"] == 1

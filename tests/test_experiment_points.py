@@ -139,3 +139,20 @@ def test_write_tables_writes_points_csv_and_the_timed_table(points, tmp_path):
     md = (tmp_path / "docs" / "spread.md").read_text()
     assert md.startswith(points.timing_line(pts) + "\n\n| ") and "| r=1 | 0 | fedavg | 60.0 [" in md
     assert (tmp_path / "docs" / "spread.csv").read_text().startswith("setting,")
+
+
+def test_issue16_tables_pair_every_model_with_each_reference_by_seed():
+    tables = _load("issue16_tables")
+    pts = [{"setting": "block", "seed": s, "acc": {"task_arithmetic": ta, "ties": ti, "learned-block": le},
+            "within": {"learned-block": s == 0}, "measures": {}}
+           for s, (ta, ti, le) in enumerate([(0.80, 0.85, 0.82), (0.81, 0.84, 0.83), (0.84, 0.85, 0.85)])]
+    rows = {(r["reference"], r["model"]): r for r in tables.compare(pts, ["task_arithmetic", "ties"])}
+    # learned - ties per seed: -0.03, -0.01, 0.00 -> mean -0.01333, sd 0.01528,
+    # half-width t_{2, 0.975} (4.3027) * sd / sqrt(3)
+    r = rows[("ties", "learned-block")]
+    half = 4.302653 * math.sqrt(((-0.03 + 0.04 / 3) ** 2 + (-0.01 + 0.04 / 3) ** 2 + (0.04 / 3) ** 2) / 2) / math.sqrt(3)
+    assert r["diff"] == pytest.approx(-0.04 / 3)
+    assert r["diff_low"] == pytest.approx(-0.04 / 3 - half) and r["diff_high"] == pytest.approx(-0.04 / 3 + half)
+    # the runs' own bootstrap marks are against Task Arithmetic: shown for that reference only
+    assert rows[("task_arithmetic", "learned-block")]["within_seed"] == "1/3"
+    assert rows[("ties", "learned-block")]["within_seed"] == ""

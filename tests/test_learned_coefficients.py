@@ -89,3 +89,20 @@ def test_greedy_soup_starts_from_the_best_model_and_is_scored(learned):
     assert {x["task"] for x in rows} == {"rotate90", "parity"} and all(x["accuracy"] > 0.5 for x in rows)
     assert json.loads((out / "run.json").read_text())["soup"]["members"] == soup["members"]
 
+
+
+def test_the_run_log_says_how_each_phase_model_was_chosen():
+    # the learned model and the greedy soup are not in the search record: the log line used
+    # to say "chosen on validation from ? candidate(s)" for them
+    from fl_merge.round.tables import choice_origin
+
+    search = {"methods": {"task_arithmetic": {"candidates": 8}}}
+    coefs = {"mode": "block", "history": [{"round": r} for r in range(4)]}
+    soup = {"own-validation": [0.9, 0.8, 0.7], "members": ["a", "b"], "history": [{}, {}, {}]}
+    assert choice_origin("task_arithmetic", search, coefs, soup) == "chosen on validation from 8 candidate(s)"
+    assert choice_origin("learned-block", search, coefs, soup) == \
+        "the best on validation (stop halves) of 4 coefficient round(s)"
+    # 3 models scored alone, then 2 soups (the first model starts the soup)
+    assert choice_origin("greedy-soup", search, coefs, soup) == \
+        "built on validation: 2 of 3 models kept, 5 validation evaluations"
+    assert "?" not in choice_origin("learned-task", search, {}, {})

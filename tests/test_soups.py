@@ -64,6 +64,7 @@ def test_the_diwa_preset_trains_every_client_on_the_same_data_with_diverse_setti
         cfg = compose(cli.CONFIG_NAME, overrides=["+experiment=diwa"])
     r = RunConfig.from_flower(cli.to_flower(cfg)[0]).resolve()
     assert r.run.data == "shared" and r.methods == [("task_arithmetic", {})] and r.etas == [0.0, 1.0]
+    assert r.run.ensemble and r.run.greedy_soup  # the references: ensemble and best single run
     assert len(set(r.local_steps)) == 4 and len(set(r.lrs)) == 4 and len(set(r.seeds)) == 4
     assert all(100 <= s <= 300 for s in r.local_steps) and all(0.003 <= x <= 0.03 for x in r.lrs)
     labels = __import__("numpy").array([0, 1, 1, 0, 2])

@@ -40,6 +40,9 @@ class MergeRound:
     coefficients: dict[str, Any] = field(default_factory=dict)
     # The greedy soup (fl_merge/soups.py), when it ran: own validation scores, members, history.
     soup: dict[str, Any] = field(default_factory=dict)
+    # The prediction ensemble (fl_merge/round/ensemble.py), when it ran: members, the best
+    # single run chosen on validation, test accuracies, bytes sent.
+    ensemble: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:

@@ -131,14 +131,61 @@ def chosen_predictions(scores: Mapping[str, Mapping[str, Mapping[str, Mapping[st
     return out, []
 
 
+def choice_origin(label: str, search: Mapping[str, Any], coefficients: Mapping[str, Any],
+                  soup: Mapping[str, Any]) -> str:
+    """How a method's model was chosen on validation, for the run log: a searched method from
+    its candidates (run.json `search`), the learned coefficients as the best of their
+    coefficient rounds, the greedy soup from its validation evaluations."""
+    per = (search or {}).get("methods", {})
+    if label in per:
+        return f"chosen on validation from {per[label].get('candidates', '?')} candidate(s)"
+    if coefficients and label == f"learned-{coefficients.get('mode')}":
+        n = len(coefficients.get("history", []))
+        return f"the best on validation (stop halves) of {n} coefficient round(s)"
+    if soup and label == "greedy-soup":
+        k, tried = len(soup.get("own-validation", [])), len(soup.get("history", []))
+        return (f"built on validation: {len(soup.get('members', []))} of {k} models kept, "
+                f"{k + max(0, tried - 1)} validation evaluations")
+    return "chosen on validation"
+
+
+def add_references(predictions: dict[str, dict[str, list[int]]],
+                   references: Mapping[str, Mapping[str, list[int]]]) -> list[str]:
+    """Add the reference models' per-example test correctness (ensemble, best single) to
+    `predictions` when they cover exactly its tasks with the same sizes (the paired
+    bootstrap needs the same examples); returns a note when they do not."""
+    if not references or not predictions:
+        return []
+    sizes = {t: len(v) for t, v in next(iter(predictions.values())).items()}
+    bad = [m for m, per in references.items() if {t: len(v) for t, v in per.items()} != sizes]
+    if bad:
+        return [f"{', '.join(bad)} scored other test examples than the methods: not in the within-run comparison"]
+    predictions.update({m: dict(per) for m, per in references.items()})
+    return []
+
+
+def one_test_set(predictions: Mapping[str, Mapping[str, list[int]]]) -> dict[str, dict[str, list[int]]]:
+    """When every model's correctness is the same list on every task (clients of one
+    partitioned task scored on its one global test split with one shared head: data=iid,
+    shared, ...), keep only the first task: the K copies are one test set, and resampling
+    them as K independent sets would shrink the bootstrap CI about sqrt(K)-fold. The mean
+    accuracy is unchanged. Anything else is returned as it is."""
+    out = {m: dict(per) for m, per in predictions.items()}
+    first = {m: next(iter(per.values()), None) for m, per in out.items()}
+    if any(len(per) < 2 or any(v != first[m] for v in per.values()) for m, per in out.items()):
+        return out
+    return {m: dict([next(iter(per.items()))]) for m, per in out.items()}
+
+
 def comparison_rows(predictions: Mapping[str, Mapping[str, list[int]]], reference: str | None,
                     seed: int = 0) -> list[dict[str, Any]]:
     """One row per model (methods, then base): mean test accuracy over tasks with its 95%
     paired-bootstrap CI over test examples and, with a reference method, the paired
-    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats)."""
+    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats).
+    A test set every client shares counts once (`one_test_set`)."""
     if not predictions:
         return []
-    got = bootstrap_ci(predictions, reference, seed=seed)
+    got = bootstrap_ci(one_test_set(predictions), reference, seed=seed)
     rows = []
     for model, r in got.items():
         row = {"model": model, "accuracy": r["accuracy"], "ci_low": r["low"], "ci_high": r["high"]}
