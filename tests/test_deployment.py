@@ -47,6 +47,20 @@ def _toml(v: object) -> str:
     return f'"{v}"' if isinstance(v, str) else str(v)
 
 
+def stop_process_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, then SIGKILL, each process's group (each started in a session of its own);
+    asserts every one has ended."""
+    for p in procs:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+                p.wait(timeout=10)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+    assert all(p.poll() is not None for p in procs)
+
+
 @contextlib.contextmanager
 def _federation(tmp_path: Path, secure: bool = False, extra_nodes: int = 0):
     """A SuperLink + 2 SuperNodes (partition-id 0 and 1, node-local cache dirs) and an env
@@ -107,15 +121,7 @@ def _federation(tmp_path: Path, secure: bool = False, extra_nodes: int = 0):
                 refused.append(proc)
         yield env, tmp_path, refused
     finally:
-        for p in procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(p.pid, sig)
-                    p.wait(timeout=10)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-        assert all(p.poll() is not None for p in procs)
+        stop_process_groups(procs)
         assert not any(_port_open(p) for p in ports)  # nothing left listening
 
 

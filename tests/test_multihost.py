@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 import netns
+from test_deployment import stop_process_groups
 from fl_merge import results
 from fl_merge.deploy import make_certificates, make_supernode_key
 
@@ -92,15 +93,7 @@ class Federation:
                                        "--run-config", _run_config(cfg)], env=self.env, text=True, **kwargs)
 
     def stop(self) -> None:
-        for p in self.procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(p.pid, sig)
-                    p.wait(timeout=10)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-        assert all(p.poll() is not None for p in self.procs)
+        stop_process_groups(self.procs)
 
 
 @contextlib.contextmanager
