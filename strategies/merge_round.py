@@ -142,8 +142,8 @@ def _steps(s: Any, grid: Grid, r: MergeRound, train_config: Mapping[str, Any],
         phase(s, "test")
         first = next(iter(r.candidates))
         scored = [c for c in r.clients if r.task_name(c) in scores[first]]
-        test, lost = s.score(grid, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],
-                             "test evaluation", evaluate_config, timeout, r.task_name)
+        test, lost = score_batched(s, grid, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],
+                                   "test evaluation", evaluate_config, timeout, r.task_name)
         r.timings["test-evaluate-seconds"] = time.perf_counter() - t2
         r.failures += lost
         for m, (label, _, _) in choice.items():
