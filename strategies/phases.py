@@ -47,8 +47,8 @@ def add_candidate(s: Any, grid: Grid, r: MergeRound, scores: dict, deltas: dict,
                   config: Mapping[str, Any], timeout: float) -> None:
     """Score `cand` (theta0 + eta * delta at its etas) on validation and add it to the
     round's candidates, deltas and choices."""
-    val, lost = s.score(grid, r.clients, r.theta0, {cand.label: delta}, {cand.label: cand.etas}, ["val"],
-                        f"{cand.label} evaluation", config, timeout, r.task_name)
+    val, lost = score_batched(s, grid, r.clients, r.theta0, {cand.label: delta}, {cand.label: cand.etas},
+                              ["val"], f"{cand.label} evaluation", config, timeout, r.task_name)
     r.failures += lost
     scores[cand.label] = val[cand.label]
     r.candidates[cand.label] = cand
@@ -62,8 +62,8 @@ def validation_score(s: Any, grid: Grid, r: MergeRound, deltas: Mapping[str, Sta
                      ) -> dict[str, float]:
     """label -> the round's validation criterion (mean normalized accuracy) of theta0 +
     delta, every delta scored in one evaluation message per client."""
-    val, lost = s.score(grid, r.clients, r.theta0, deltas, {m: [1.0] for m in deltas}, ["val"],
-                        "soup evaluation", config, timeout, r.task_name)
+    val, lost = score_batched(s, grid, r.clients, r.theta0, deltas, {m: [1.0] for m in deltas}, ["val"],
+                              "soup evaluation", config, timeout, r.task_name)
     r.failures += lost
     chosen = choose_settings(val, ft_val, {m: m for m in deltas})[0]
     return {m: chosen[m][2] for m in deltas}
