@@ -4,7 +4,7 @@
 
 Builds K task vectors of P float32 parameters spread over a few large and many small
 tensors, then for each method, in *fresh subprocesses* (so peak memory is its own):
-  * seconds: best of --repeat calls of fl_merge.aggregation.merge (default allocator);
+  * seconds: best of --repeat calls of fl_merge.methods.merge (default allocator);
   * peak extra memory: ru_maxrss after the first call minus ru_maxrss once the data exists,
     measured twice: "live" in a process run with MALLOC_MMAP_THRESHOLD_=65536, so every
     buffer above 64 KiB is mmapped and returned on free and RSS tracks live memory; and
@@ -90,7 +90,8 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from fl_merge.aggregation import merge, resolve_device
+    from fl_merge.merging.registry import resolve_device
+    from fl_merge.methods import merge
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +192,8 @@ def main() -> None:
 
     import torch
 
-    from fl_merge.aggregation import available_methods, resolve_device
+    from fl_merge.merging.registry import resolve_device
+    from fl_merge.methods import available_methods
 
     k, p = args.clients, args.params
     shapes = layout(p)

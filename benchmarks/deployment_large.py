@@ -127,7 +127,7 @@ def main() -> None:
     # Pretrain theta0 first (in a child: this process stays small) so the run does not include it.
     t0 = time.perf_counter()
     size_mb = float(subprocess.run(
-        [sys.executable, "-c", "import sys; from fl_merge.models import PretrainConfig, pretrained_backbone; "
+        [sys.executable, "-c", "import sys; from fl_merge.models.registry import PretrainConfig, pretrained_backbone; "
          f"s = pretrained_backbone('{args.model}', PretrainConfig(), progress=False); "
          "print(sum(v.numel() * v.element_size() for v in s.values()) / 2**20)"],
         env=env, capture_output=True, text=True, check=True).stdout.split()[-1])

@@ -71,7 +71,7 @@ def aggregation(devices: list[str], params: int, clients: int = 8) -> list[dict]
     """Seconds per merge for each method on each device, and the ratio first/second."""
     import torch
 
-    from fl_merge.aggregation import merge
+    from fl_merge.methods import merge
 
     g = torch.Generator().manual_seed(0)
     half = params // 2
@@ -94,8 +94,8 @@ def minilm(devices: list[str], steps: dict[str, int]) -> list[dict]:
     """MiniLM-L6 (+ a 5-class head) fine-tuning steps per second on each device."""
     import torch
 
-    from fl_merge.data import encode_texts
-    from fl_merge.models import build_model
+    from fl_merge.data.offline import encode_texts
+    from fl_merge.models.registry import build_model
 
     rows = []
     row: dict = {"part": "minilm", "batch": 32, "tokens": 64}
@@ -103,7 +103,7 @@ def minilm(devices: list[str], steps: dict[str, int]) -> list[dict]:
         torch.manual_seed(0)
         model = build_model("minilm-l6", 5).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        # our text models read UTF-8 bytes and tokenise inside forward (fl_merge.data)
+        # our text models read UTF-8 bytes and tokenise inside forward (fl_merge.data.offline)
         x = encode_texts([" ".join(f"word{(j * 7 + t) % 500}" for t in range(80)) for j in range(32)])
         y = torch.randint(0, 5, (32,), device=device)
 
@@ -127,8 +127,8 @@ def minilm(devices: list[str], steps: dict[str, int]) -> list[dict]:
 
 def vision8(out: Path, local_steps: int, client_gpus: float) -> list[dict]:
     """One vision8 run on cuda with a GPU share per simulated client."""
-    from fl_merge.config import RunConfig
-    from fl_merge.run import run
+    from fl_merge.config.run_config import RunConfig
+    from fl_merge.engine.run import run
 
     cfg = RunConfig.from_flower({
         "model": "efficientnet-lite0", "suite": "mnist8", "num-clients": 8,

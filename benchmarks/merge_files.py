@@ -5,7 +5,7 @@ the end), then, each in its own child process (peak RSS from os.wait4's rusage, 
 around the child):
 
 * read: every tensor of the K+1 files read once with safe_open + get_tensor and dropped;
-* merge: `python -m fl_merge.merge_cli --base ... --models ... --method M --lambda 0.3`.
+* merge: `python -m fl_merge.cli.merge --base ... --models ... --method M --lambda 0.3`.
 
 and prints both with the ratios. Targets (issue 15): merge peak RSS <= 1.5 GB and merge wall
 time <= 2x reading. Usage:
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Reading once "the same way" as the merge reads (fl_merge.checkpoints.Checkpoint: positioned
+# Reading once "the same way" as the merge reads (fl_merge.io.checkpoints.Checkpoint: positioned
 # reads, one whole tensor at a time), and with safetensors' own safe_open + get_tensor.
 READ = """
 import sys
-from fl_merge.checkpoints import Checkpoint
+from fl_merge.io.checkpoints import Checkpoint
 for path in sys.argv[1:]:
     with Checkpoint(path) as ck:
         for k in ck.keys:
@@ -118,7 +118,7 @@ def main() -> None:
         py = sys.executable
         subprocess.run(["sync"], check=False)
         warm(paths)
-        start_t, _ = measure([py, "-c", "import fl_merge.merge_cli"])  # interpreter + torch import
+        start_t, _ = measure([py, "-c", "import fl_merge.cli.merge"])  # interpreter + torch import
         read_t, read_rss = measure([py, "-c", READ, *paths])
         so_t, so_rss = measure([py, "-c", READ_SAFE_OPEN, *paths])
         print(f"load: {os.getloadavg()}")
@@ -127,7 +127,7 @@ def main() -> None:
         print(f"read once, safe_open + get_tensor + sum: {so_t:7.2f} s   peak RSS {so_rss:5.2f} GB")
         for method in args.method:
             out = tmp / "merged.safetensors"
-            merge_t, merge_rss = measure([py, "-m", "fl_merge.merge_cli", "--base", paths[0],
+            merge_t, merge_rss = measure([py, "-m", "fl_merge.cli.merge", "--base", paths[0],
                                           "--models", *paths[1:], "--method", method,
                                           "--lambda", "0.3", "--out", str(out)])
             out_gb = sum(f.stat().st_size for f in tmp.glob("merged*")) / 1e9

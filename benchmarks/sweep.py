@@ -2,7 +2,7 @@
 
     python benchmarks/sweep.py [--local-steps 30 --clients 4]
 
-Runs the real `fl-merge` command (python -m fl_merge: Hydra -> fl_merge.run.run, the one run
+Runs the real `fl-merge` command (python -m fl_merge: Hydra -> fl_merge.engine.run.run, the one run
 path shared with fl-merge-run and the experiments: run_simulation in a child
 process) with a fresh client-update cache (FL_MERGE_CACHE in a temp dir):
 
@@ -65,8 +65,8 @@ def main() -> None:
     env = {**os.environ, "FL_MERGE_CACHE": str(work / "cache")}
     common = [f"num_clients={k}", f"training.local_steps={args.local_steps}"]
     try:
-        pretrain = ("from fl_merge.config import RunConfig as R;"
-                    "from fl_merge.models import PretrainConfig as P, pretrained_backbone as b;"
+        pretrain = ("from fl_merge.config.run_config import RunConfig as R;"
+                    "from fl_merge.models.registry import PretrainConfig as P, pretrained_backbone as b;"
                     "r=R(); b(r.model, P(steps=r.pretrain_steps, seed=r.pretrain_seed), progress=False)")
         subprocess.run([sys.executable, "-c", pretrain], env=env, check=True)
         one, one_dir = fl_merge(["method=fedavg", "eval.etas=1", "seed=1", *common,

@@ -1,6 +1,6 @@
 """A checkpoint client's local work: its fine-tuned weights come from a file, not training.
 
-The reply is a training client's (fl_merge/client_checkpoints.py decides what is read):
+The reply is a training client's (fl_merge/io/client_checkpoints.py decides what is read):
 full weights (the checkpoint's backbone, and its head or a probe head fitted on frozen
 theta0 features, as a training client's), num-examples, the fine-tuned model's own
 validation and test scores, local steps where known, the same optional extras (gradient
@@ -15,18 +15,18 @@ from typing import Any
 
 import torch
 
-from clients.tasks import TaskData
-from clients.training import client_device, diagonal_fisher, mean_gradient, model_for_task
-from fl_merge.client_checkpoints import (
+from fl_merge.tasks.registry import TaskData
+from .training import client_device, diagonal_fisher, mean_gradient, model_for_task
+from fl_merge.io.client_checkpoints import (
     CHECKPOINT_METRIC,
     CheckpointClientError,
     read_client_checkpoint,
     steps_for,
 )
-from fl_merge.evaluation import evaluate
-from fl_merge.models import MERGED_PREFIX
+from fl_merge.models.evaluation import evaluate
+from fl_merge.models.registry import MERGED_PREFIX
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
-from fl_merge.task_vectors import EXTRA_PREFIX
+from fl_merge.core.task_vectors import EXTRA_PREFIX
 
 
 def checkpoint_update(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],

@@ -21,11 +21,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch.utils.data import TensorDataset
 
-from clients.cache import entry_path, load_update, save_update, state_digest, update_key
-from clients.checkpoint_client import checkpoint_update
-from clients.partitions import load_partitioned_task
-from clients.tasks import TaskData, load_task, task_fingerprint
-from clients.training import (
+from fl_merge.io.update_cache import entry_path, load_update, save_update, state_digest, update_key
+from .checkpoint_client import checkpoint_update
+from fl_merge.tasks.partitions import load_partitioned_task
+from fl_merge.tasks.registry import TaskData, load_task, task_fingerprint
+from .training import (
     LocalTrainConfig,
     client_device,
     diagonal_fisher,
@@ -33,15 +33,15 @@ from clients.training import (
     mean_gradient,
     model_for_task,
 )
-from fl_merge.attacks import AttackPlan, attack_update, parse_plan
-from fl_merge.attacks import label_flip as flip_labels
-from fl_merge.client_checkpoints import checkpoint_for
-from fl_merge.evaluation import evaluate, evaluate_examples
-from fl_merge.plugins import load_plugins
+from fl_merge.round.attacks import AttackPlan, attack_update, parse_plan
+from fl_merge.round.attacks import label_flip as flip_labels
+from fl_merge.io.client_checkpoints import checkpoint_for
+from fl_merge.models.evaluation import evaluate, evaluate_examples
+from fl_merge.config.plugins import load_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 from fl_merge.round.prescreen import FRACTION_KEY, first_fraction
 from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
-from fl_merge.task_vectors import EXTRA_PREFIX, apply_update
+from fl_merge.core.task_vectors import EXTRA_PREFIX, apply_update
 
 app = ClientApp()
 
@@ -119,7 +119,7 @@ def _limit_threads() -> None:
 
 
 def attack_plan(config: Mapping[str, Any]) -> AttackPlan:
-    """The run's attackers and faults (fl_merge.attacks), from the training config."""
+    """The run's attackers and faults (fl_merge.round.attacks), from the training config."""
     return parse_plan(str(config.get("attack", "")), str(config.get("attackers", "")),
                       str(config.get("attack-params", "")), str(config.get("faults", "")),
                       len(list(config["tasks"])), float(config.get("fault-delay", 0.0)))
@@ -132,7 +132,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     fine-tune, and return (full local weights + "extra.<name>." arrays, metrics).
 
     A checkpoint client (node-config 'checkpoint', else config 'client-checkpoints'[pid];
-    fl_merge/client_checkpoints.py) does not train: its checkpoint is the fine-tuned model.
+    fl_merge/io/client_checkpoints.py) does not train: its checkpoint is the fine-tuned model.
 
     With config "cache" true (the default) an identical earlier update is reused from the
     client-update cache (metrics then carry cached=1) instead of training again.
@@ -357,7 +357,7 @@ def _eta_grids(config: ConfigRecord, num_deltas: int) -> list[list[float]]:
 def coefficients(msg: Message, context: Context) -> Message:
     """The learned-coefficient phase (clients/coefficients.py): the coefficient gradient on
     half the validation split and the accuracy on the other half, K x B numbers back."""
-    from clients.coefficients import answer
+    from .coefficients import answer
 
     _limit_threads()
     config = msg.content["config"]
@@ -375,7 +375,7 @@ def coefficients(msg: Message, context: Context) -> Message:
 def ensemble(msg: Message, context: Context) -> Message:
     """The prediction-ensemble phase (clients/ensemble.py): the mean softmax of the K members
     theta0 + tau_i on this client's val and test, and each member's scores."""
-    from clients.ensemble import answer
+    from .ensemble import answer
 
     _limit_threads()
     config = msg.content["config"]

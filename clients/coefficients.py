@@ -9,17 +9,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from torch.utils.data import TensorDataset
 
-from clients.tasks import TaskData
-from fl_merge.coefficients import (
+from fl_merge.tasks.registry import TaskData
+from fl_merge.merging.learned import (
     coefficient_gradient,
     combine,
     parameter_gradient,
     split_validation,
 )
-from fl_merge.evaluation import evaluate
+from fl_merge.models.evaluation import evaluate
 from fl_merge.round import coefficients as proto
 
 _META = "coef-meta"

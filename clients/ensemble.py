@@ -1,6 +1,6 @@
 """The client's part of the prediction-ensemble phase (fl_merge/round/ensemble.py): build the
 K members theta0 + tau_i from the message, average their softmax on this client's
-validation and test examples (fl_merge.ensemble), and reply the ensemble's scores and each
+validation and test examples (fl_merge.merging.ensemble), and reply the ensemble's scores and each
 member's validation accuracy and per-example test correctness. Only scores travel back."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from clients.tasks import TaskData
-from fl_merge.ensemble import mean_probabilities, member_logits, probability_scores
+from fl_merge.tasks.registry import TaskData
+from fl_merge.merging.ensemble import mean_probabilities, member_logits, probability_scores
 from fl_merge.round import ensemble as proto
 from fl_merge.round.protocol import ACCURACY, CORRECT, LOSS
-from fl_merge.task_vectors import apply_update
+from fl_merge.core.task_vectors import apply_update
 
 
 def answer(content: RecordDict, task: TaskData,

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients.tasks import TaskData
-from fl_merge.evaluation import evaluate
-from fl_merge.models import TaskModel, build_model, is_merged_key
-from fl_merge.training import fit
+from fl_merge.tasks.registry import TaskData
+from fl_merge.models.evaluation import evaluate
+from fl_merge.models.registry import TaskModel, build_model, is_merged_key
+from fl_merge.models.training import fit
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ A point is one run: {"setting": label, "seed": s, "acc": {model: mean test accur
 tasks at the setting chosen on validation}, "measures": {name: value from run.json
 `heterogeneity`}}. `tabulate` groups points by setting; per model it gives the over-seed mean
 with its t interval and the paired per-seed difference against the reference model (same
-seed = same client updates), with its t interval (fl_merge.stats)."""
+seed = same client updates), with its t interval (fl_merge.stats.intervals)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ MEASURES = ("steps_cv", "mean_cosine", "b_dissimilarity")
 
 
 def read_point(run_dir: Path, setting: str, seed: int) -> dict[str, Any]:
-    """One run as a point: accuracies from fl_merge.replicates.run_accuracies (each method at
+    """One run as a point: accuracies from fl_merge.engine.replicates.run_accuracies (each method at
     its validation choice, and the base) and the MEASURES found in run.json."""
-    from fl_merge.replicates import run_accuracies
+    from fl_merge.engine.replicates import run_accuracies
 
     run, acc = run_accuracies(Path(run_dir))
     het = run.get("heterogeneity") or {}
@@ -47,7 +47,7 @@ def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[s
     of each measure over the seeds; `within_seed` 'k/n': in k of the n seeds the run's own
     paired bootstrap CI over test examples (the point's `within`) excluded 0. ValueError when
     a setting repeats a seed or a point lacks the reference."""
-    from fl_merge.stats import excludes_zero, paired_t, t_interval
+    from fl_merge.stats.intervals import excludes_zero, paired_t, t_interval
 
     settings: dict[str, list[Mapping[str, Any]]] = {}
     for p in points:
@@ -105,7 +105,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     import csv
 
-    from fl_merge.results import atomic_write
+    from fl_merge.core.files import atomic_write
 
     fields = list(dict.fromkeys(k for r in rows for k in r))
 
@@ -175,7 +175,7 @@ def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, ti
 
 
 def dump_points(points: Sequence[Mapping[str, Any]], path: Path) -> None:
-    from fl_merge.results import atomic_write_text
+    from fl_merge.core.files import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(list(points), indent=1))
 

@@ -1,5 +1,5 @@
 """Shared by the experiment scripts: run one fl-merge point per configuration through the
-one run path (`fl_merge.run.run`: a fresh Flower simulation and Ray per point, in a child
+one run path (`fl_merge.engine.run.run`: a fresh Flower simulation and Ray per point, in a child
 process), skipping points whose results already exist so an interrupted experiment resumes
 where it stopped."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_merge.config import RunConfig  # noqa: E402
-from fl_merge.run import RunFailed, run  # noqa: E402
+from fl_merge.config.run_config import RunConfig  # noqa: E402
+from fl_merge.engine.run import RunFailed, run  # noqa: E402
 
 
 def run_point(out_dir: Path, overrides: dict[str, object]) -> Path:

@@ -31,7 +31,7 @@ K = 8
 
 def honest_scores(run_dir: Path) -> dict[str, float]:
     """method -> mean normalized test accuracy over honest clients at the chosen eta."""
-    from fl_merge.results import RESULTS_FILE, read_rows
+    from fl_merge.io.results import RESULTS_FILE, read_rows
 
     out: dict[str, list[float]] = {}
     for r in read_rows(run_dir / RESULTS_FILE):
@@ -43,7 +43,7 @@ def honest_scores(run_dir: Path) -> dict[str, float]:
 
 def base_score(run_dir: Path) -> float:
     """Mean normalized test accuracy of the pretrained base (eta 0) over honest clients."""
-    from fl_merge.results import RESULTS_FILE, read_rows
+    from fl_merge.io.results import RESULTS_FILE, read_rows
 
     rows = [r for r in read_rows(run_dir / RESULTS_FILE) if r["split"] == "test"
             and r["model"] == "base" and r["attacker"] is not True]

@@ -15,11 +15,11 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from clients.client_app import cached_clients
-    from fl_merge.config import RunConfig
-    from fl_merge.launch import _parse_run_config
+    from fl_merge_clients.client_app import cached_clients
+    from fl_merge.config.run_config import RunConfig
+    from fl_merge.cli.launch import _parse_run_config
     from fl_merge.round.merging import label_methods, train_requests
-    from strategies.server_app import load_theta0
+    from fl_merge_strategies.server_app import load_theta0
 
     cfg = RunConfig.from_flower(_parse_run_config(argv)).resolve()
     config = {**cfg.train_config(), **train_requests(label_methods(cfg.methods), True)}

@@ -5,7 +5,7 @@ The same steps as a run (clients/training.py, fl_merge/round): theta0 from the m
 each task's probe head fitted on base features (seed + i), the backbone fine-tuned (seed + i),
 tau_i = theta_i - theta0, Task Arithmetic theta0 + lambda * sum_i tau_i scored on validation
 for every lambda of the grid, lambda chosen by the mean normalized validation accuracy
-(merged / fine-tuned, fl_merge/selection.py), test scored at the choice only. On the README
+(merged / fine-tuned, fl_merge/stats/selection.py), test scored at the choice only. On the README
 demo it gives the run's numbers (base 0.761, individual 0.953, TA 0.825 at lambda 0.3).
 Prints one JSON line (gain, recovery = metrics.gain_recovered, chosen lambda, wall time) and
 appends it to --log.
@@ -28,12 +28,12 @@ def main() -> None:
     t0 = time.time()
     torch.set_num_threads(1)
     import fl_merge.builtins  # noqa: F401  (registers the tasks and models)
-    from clients.tasks import load_task, suite_tasks
-    from clients.training import LocalTrainConfig, fine_tune, model_for_task
-    from fl_merge.aggregation.search import LAMBDAS
-    from fl_merge.evaluation import evaluate
-    from fl_merge.metrics import cosine_matrix, gain_recovered
-    from fl_merge.models import PretrainConfig, pretrained_backbone
+    from fl_merge.tasks.registry import load_task, suite_tasks
+    from fl_merge_clients.training import LocalTrainConfig, fine_tune, model_for_task
+    from fl_merge.merging.search import LAMBDAS
+    from fl_merge.models.evaluation import evaluate
+    from fl_merge.stats.heterogeneity import cosine_matrix, gain_recovered
+    from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="mnist-far")

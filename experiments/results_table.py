@@ -33,7 +33,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # Each suite's run config (the Flower keys of configs/experiment/<suite>.yaml) with a smaller
 # validation search than the preset, so one run fits a shared 2-core machine: 7 lambdas in each
 # method's own units instead of 9, FedGMA's rho over 0.3/0.5/0.7 instead of 0.1..0.9. The other
-# knobs keep the literature grids (fl_merge/aggregation/search.py). Selection stays on validation.
+# knobs keep the literature grids (fl_merge/merging/search.py). Selection stays on validation.
 SUITE_CONFIGS: dict[str, dict[str, object]] = {
     "vision8": {"model": "efficientnet-lite0", "suite": "vision8", "num-clients": 8,
                 "local-steps": "200", "lr": "0.0005", "batch-size": "64"},
@@ -58,7 +58,7 @@ def run_suite(suite: str, out: Path, rerun: bool, prescreen: float = 0.0) -> Pat
     sys.path.insert(0, str(ROOT / "experiments"))
     from _runner import run_point
 
-    from fl_merge.results import write_json
+    from fl_merge.io.results import write_json
 
     run_dir = out / suite
     if not rerun and (run_dir / "results.csv").exists() and (run_dir / "run.json").exists():
@@ -86,7 +86,7 @@ def timing_line(run_dir: Path) -> str:
 def table(run_dir: Path) -> tuple[list[str], list[dict[str, object]]]:
     """(tasks, rows): one row per model (base, individual, each method) with per-task test
     accuracy, their mean (absolute) and the mean of accuracy / individual accuracy."""
-    from fl_merge.results import RESULTS_FILE, read_rows
+    from fl_merge.io.results import RESULTS_FILE, read_rows
 
     rows = [r for r in read_rows(run_dir / RESULTS_FILE) if r["split"] == "test"]
     tasks = list(dict.fromkeys(str(r["task"]) for r in rows))
@@ -210,7 +210,7 @@ def main() -> None:
                         help="score every candidate on this fraction of validation first (e.g. 0.25)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from fl_merge.results import atomic_write, atomic_write_text
+    from fl_merge.core.files import atomic_write, atomic_write_text
 
     sections = []
     for suite in args.suites:

@@ -17,8 +17,8 @@ from fl_merge.round import ensemble as ens
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.protocol import PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.round.tables import finetuned_scores
-from fl_merge.task_vectors import StateDict
-from strategies.sending import _bytes, _send
+from fl_merge.core.task_vectors import StateDict
+from .sending import _bytes, _send
 
 
 def ensemble_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict],

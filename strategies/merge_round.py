@@ -24,11 +24,11 @@ from fl_merge.round.scoring import chosen_plan
 from fl_merge.round.selection import choose_settings
 from fl_merge.round.tables import add_references, chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
-from fl_merge.spill import SpillDir, release_freed_memory
+from fl_merge.io.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
-from fl_merge.task_vectors import StateDict
-from strategies.ensemble_phase import ensemble_phase
-from strategies.phases import learn_phase, prescreen_phase, score_batched, soup_phase
+from fl_merge.core.task_vectors import StateDict
+from .ensemble_phase import ensemble_phase
+from .phases import learn_phase, prescreen_phase, score_batched, soup_phase
 
 
 def phase(s: Any, name: str) -> None:

@@ -29,9 +29,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fl_merge.attacks import AttackPlan
+from fl_merge.round.attacks import AttackPlan
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
-from fl_merge.aggregation.search import LAMBDAS, is_grid
+from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
 from fl_merge.round.candidates import check_search, method_spaces
 from fl_merge.round.merging import given_params, label_methods
@@ -42,9 +42,9 @@ from fl_merge.round.scoring import (
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.prescreen import check_prescreen
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
-from fl_merge.spill import split_extras_lazy
-from fl_merge.task_vectors import StateDict, split_extras
-from strategies.sending import _bytes, _send, _send_each
+from fl_merge.io.spill import split_extras_lazy
+from fl_merge.core.task_vectors import StateDict, split_extras
+from .sending import _bytes, _send, _send_each
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
 
@@ -62,9 +62,9 @@ class OneShotMerge(FedAvg):
     task_names: label clients by partition id in results (default: 'client-<pid>').
     measure_heterogeneity: ask clients for their gradient at theta0.
     min_clients: fewest usable updates to merge (failed clients are named and left out).
-    attack_plan: who attacks how (fl_merge.attacks); colluding attacks run on the server.
+    attack_plan: who attacks how (fl_merge.round.attacks); colluding attacks run on the server.
     search: "off" (each method at its fixed params, at the shared `etas`, or at `lambdas`
-        converted per method) or "paper" (each method's declared space, fl_merge.aggregation
+        converted per method) or "paper" (each method's declared space, fl_merge.methods
         .search: its knobs x `lambdas`, default search.LAMBDAS, every candidate scored on
         validation, test only at each method's choice). A param given as a list of values is
         a grid searched with search="paper".
@@ -75,10 +75,10 @@ class OneShotMerge(FedAvg):
         `coef_rounds` coefficient-only rounds (Adam, `coef_lr`) on the clients' validation
         halves, objective "supervised" (aTLAS) or "entropy" (AdaMerging); the learned model
         is one more method, "learned-<mode>" (fl_merge/round/coefficients.py).
-    greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/soups.py)
+    greedy_soup: after the choice, the greedy soup of the clients' models (fl_merge/merging/soups.py)
         as one more method, "greedy-soup" (K + up to K - 1 validation evaluations).
     spill_dir: train replies and task vectors spilled to disk there as they arrive, read
-        back memory-mapped (fl_merge/spill.py); None keeps them in memory.
+        back memory-mapped (fl_merge/io/spill.py); None keeps them in memory.
     prescreen, finalists: score every candidate on that fraction of validation first, then
         each method's `finalists` best on all of it (0: off; fl_merge/round/prescreen.py).
     ensemble: also score the ensemble of the K clients' models (mean softmax) and the best
@@ -170,7 +170,7 @@ class OneShotMerge(FedAvg):
               evaluate_fn: Any = None) -> Result:
         """Flower's entry point: the whole round (strategies.merge_round.run_round); the
         returned arrays are the primary method's merged model at its chosen eta."""
-        from strategies.merge_round import run_round
+        from .merge_round import run_round
 
         if num_rounds != 1:
             raise ValueError(f"OneShotMerge runs exactly one round, not {num_rounds}")
@@ -219,7 +219,7 @@ class OneShotMerge(FedAvg):
     def unpack(self, msg: Message, spill: Any = None) -> ClientUpdate:
         """A train reply as a ClientUpdate: exactly one ArrayRecord (weights, plus any
         "extra.<name>." arrays) and one MetricRecord holding num-examples; errors name the
-        node. With a `spill` folder (fl_merge.spill.SpillDir) the arrays go to a spill file
+        node. With a `spill` folder (fl_merge.io.spill.SpillDir) the arrays go to a spill file
         and the update reads them from there (memory-mapped, the same values)."""
         content, node = msg.content, msg.metadata.src_node_id
         if len(content.array_records) != 1 or len(content.metric_records) != 1:

@@ -1,5 +1,5 @@
 """Optional steps of a round after the choice on validation: learned coefficients
-(fl_merge/round/coefficients.py) and greedy soup (fl_merge/soups.py). Each ends with one more
+(fl_merge/round/coefficients.py) and greedy soup (fl_merge/merging/soups.py). Each ends with one more
 candidate (a model at eta 1) scored on validation like the others, whose test score the
 round's step 7 takes at its choice; nothing here reads test data."""
 
@@ -13,15 +13,15 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_merge.coefficients import learn_coefficients, make_blocks
+from fl_merge.merging.learned import learn_coefficients, make_blocks
 from fl_merge.round import coefficients as coef
 from fl_merge.round.merging import merge_arguments
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.prescreen import FRACTION_KEY, combine_stages, finalist_grids
 from fl_merge.round.scoring import delta_batches
 from fl_merge.round.selection import choose_settings
-from fl_merge.soups import greedy_soup, soup_delta
-from fl_merge.task_vectors import StateDict
+from fl_merge.merging.soups import greedy_soup, soup_delta
+from fl_merge.core.task_vectors import StateDict
 
 
 def score_batched(s: Any, grid: Grid, clients: Sequence[Any], theta0: StateDict,

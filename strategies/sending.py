@@ -2,7 +2,7 @@
 
 `_send` is Flower's send_and_receive (every reply held until all arrived); `_send_each`
 pulls each reply on its own as it arrives and keeps only what a callback makes of it
-(train replies spilled to disk: fl_merge/spill.py), so one reply at a time is in memory.
+(train replies spilled to disk: fl_merge/io/spill.py), so one reply at a time is in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fl_merge.spill import release_freed_memory
+from fl_merge.io.spill import release_freed_memory
 
 
 def _bytes(content: RecordDict) -> int:

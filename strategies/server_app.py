@@ -19,21 +19,21 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_merge import results
-from fl_merge.client_checkpoints import CheckpointClientError, check_client_checkpoints
-from fl_merge.config import ConfigError, ResolvedConfig, RunConfig
-from fl_merge.predictions import PREDICTIONS_FILE, save_predictions
-from fl_merge.report import run_figure
+from fl_merge.io import results
+from fl_merge.io.client_checkpoints import CheckpointClientError, check_client_checkpoints
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
+from fl_merge.io.predictions import PREDICTIONS_FILE, save_predictions
+from fl_merge.stats.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
-from fl_merge.processes import watch_parent
+from fl_merge.deploy.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
-from fl_merge.task_vectors import StateDict
-from strategies.merge_round import phase, run_round
-from strategies.one_shot import OneShotMerge
+from fl_merge.core.task_vectors import StateDict
+from .merge_round import phase, run_round
+from .one_shot import OneShotMerge
 
 
 def wait_for_clients(grid: Grid, k: int, timeout: float) -> None:
@@ -59,7 +59,7 @@ def load_theta0(cfg: ResolvedConfig) -> StateDict:
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
     else:
-        from fl_merge.models import PretrainConfig, pretrained_backbone
+        from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
         theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
                                                                seed=run.pretrain_seed), progress=False)

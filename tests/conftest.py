@@ -15,8 +15,8 @@ os.environ["FL_MERGE_CACHE"] = _CACHE  # set before any test (and any Ray worker
 @pytest.fixture(scope="session")
 def theta0():
     """The default pretrained base backbone (pretrained once per session)."""
-    from fl_merge.config import RunConfig
-    from fl_merge.models import PretrainConfig, pretrained_backbone
+    from fl_merge.config.run_config import RunConfig
+    from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
     cfg = RunConfig()
     return pretrained_backbone(cfg.model, PretrainConfig(steps=cfg.pretrain_steps,

@@ -12,8 +12,8 @@ def simulate_round(cfg: Any, num_supernodes: int) -> Any:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
-    from strategies.server_app import run_one_shot
+    from fl_merge_clients.client_app import app as client_app
+    from fl_merge_strategies.server_app import run_one_shot
 
     holder: dict[str, Any] = {}
     app = ServerApp()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_merge.aggregation import _stream, merge
+from fl_merge.merging import streaming
+from fl_merge.methods import merge
 
 SHAPES = {"conv.weight": (4, 3, 3), "fc.weight": (5, 7), "fc.bias": (7,), "scale": ()}
 
@@ -378,8 +379,8 @@ def test_block_streaming_matches_unblocked(monkeypatch, method, kw):
     shapes = {"w": (37, 11), "b": (5,), "v": (130,)}
     tvs = make_tvs(6, 18, shapes=shapes)
     whole = merge(method, tvs, **kw)
-    monkeypatch.setattr(_stream, "CPU_BLOCK", 6 * 7)
-    monkeypatch.setattr(_stream, "MIN_ROW", 1)
+    monkeypatch.setattr(streaming, "CPU_BLOCK", 6 * 7)
+    monkeypatch.setattr(streaming, "MIN_ROW", 1)
     blocked = merge(method, tvs, **kw)
     for k in shapes:
         torch.testing.assert_close(blocked[k], whole[k], rtol=1e-5, atol=1e-6)
@@ -404,7 +405,7 @@ def test_float64_is_computed_in_float64():
 
 @pytest.mark.parametrize("n", list(range(1, 13)))
 def test_sorting_network_zero_one_principle(n):
-    nets = _stream.batcher_network(n)
+    nets = streaming.batcher_network(n)
     for bits in itertools.product([0, 1], repeat=n):
         v = list(bits)
         for i, j in nets:
@@ -416,7 +417,7 @@ def test_sorting_network_zero_one_principle(n):
 @pytest.mark.parametrize("k", [13, 16, 17, 24, 33, 40])
 def test_sorted_rows_large_k(k):
     x = torch.randn(k, 300)
-    rows = _stream.sorted_rows(x.clone(), list(range(k)))
+    rows = streaming.sorted_rows(x.clone(), list(range(k)))
     torch.testing.assert_close(torch.stack(rows), torch.sort(x, dim=0).values)
 
 
@@ -424,7 +425,8 @@ def test_sorted_rows_large_k(k):
 def test_linear_fast_path_matches_the_stacked_function(method):
     """merge streams linear methods through their coefficients; the registered function on a
     stacked block must give the same update."""
-    from fl_merge.aggregation import get_method, normalized_weights
+    from fl_merge.merging.registry import normalized_weights
+    from fl_merge.methods import get_method
 
     tvs, w, a = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3.0, 1.0, 4.5, 1.0, 5.2]
     out = merge(method, tvs, w, normalisers=a)

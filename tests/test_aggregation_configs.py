@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fl_merge import cli
-from fl_merge.aggregation import available_methods, get_method, merge
+from fl_merge.methods import available_methods, get_method, merge
 
 # Arguments a method function receives from `merge`, not hyper-parameters.
 NOT_PARAMS = {"stacked", "task_vectors", "p", "weights", "local_steps", "normalisers", "names", "extras",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_merge.aggregation import check_method_params, merge
-from fl_merge.task_vectors import MergeInputError
+from fl_merge.merging.registry import check_method_params
+from fl_merge.methods import merge
+from fl_merge.core.task_vectors import MergeInputError
 
 
 def tvs(k=6, shapes=None, seed=0):
@@ -65,7 +66,7 @@ def _bad_inputs():
 
 def test_messages_match_check_task_vectors():
     """merge's fast validation says exactly what task_vectors.check_task_vectors says."""
-    from fl_merge.task_vectors import check_task_vectors
+    from fl_merge.core.task_vectors import check_task_vectors
 
     for t, names in _bad_inputs():
         with pytest.raises(MergeInputError) as ref:
@@ -181,7 +182,7 @@ def test_errors_come_before_any_work(monkeypatch):
     """Validation happens before the method function is ever called."""
     import dataclasses
 
-    import fl_merge.aggregation.registry as reg
+    import fl_merge.merging.registry as reg
 
     calls = []
     for name in ("krum", "fisher", "fednova", "ties", "median"):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_merge.aggregation import available_methods, merge
+from fl_merge.methods import available_methods, merge
 
 SHAPES = {"a": (6, 5), "b": (5,), "c": (2, 3, 4)}
 K = 7

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fl_merge.aggregation import _stream, fednova_normaliser, merge, normalisers_tensor
+from fl_merge.merging import streaming
+from fl_merge.merging.per_client import normalisers_tensor
+from fl_merge.methods import merge
+from fl_merge.methods.averaging import fednova_normaliser
 
 # ------------------------------------------------------------------ FedNova normaliser
 
@@ -233,8 +236,8 @@ def test_ties_matches_the_reference_with_exact_ties(monkeypatch, w, density, fli
     x = np.stack([np.concatenate([tv[n].numpy().ravel() for n in shapes]) for tv in tvs]).astype(float)
     p = np.full(k, 1 / k) if w is None else np.asarray(w) / sum(w)
     ref = ref_ties_reference(x, p, density)
-    monkeypatch.setattr(_stream, "CPU_BLOCK", k * 6)
-    monkeypatch.setattr(_stream, "MIN_ROW", 1)
+    monkeypatch.setattr(streaming, "CPU_BLOCK", k * 6)
+    monkeypatch.setattr(streaming, "MIN_ROW", 1)
     for out in (merge("ties", tvs, w, density=density),
                 merge("dare", tvs, w, drop_rate=0.0, base="ties", density=density)):
         got = np.concatenate([out[n].numpy().ravel() for n in shapes])
@@ -265,7 +268,7 @@ def test_dare_does_not_depend_on_client_order(base):
 
 
 def test_dare_needs_unique_names():
-    from fl_merge.task_vectors import MergeInputError
+    from fl_merge.core.task_vectors import MergeInputError
 
     tvs = [{"a": torch.ones(3)} for _ in range(3)]
     with pytest.raises(MergeInputError, match="names must be unique, got 'x' twice"):

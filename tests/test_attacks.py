@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-import clients.client_app as client_app
-from fl_merge.attacks import AttackConfigError, alie, alie_z, parse_plan
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.models import is_merged_key
+import fl_merge_clients.client_app as client_app
+from fl_merge.round.attacks import AttackConfigError, alie, alie_z, parse_plan
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.models.registry import is_merged_key
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import clients.client_app as client_app
-from clients.cache import entry_path, load_update, state_digest, update_key
+import fl_merge_clients.client_app as client_app
+from fl_merge.io.update_cache import entry_path, load_update, state_digest, update_key
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def _csv_tasks(root: Path) -> dict[str, str]:
     """Three small CSV text tasks from the offline corpora: BBC topics (5 classes, 12 per
     class) and two tweet-sentiment domains (3 classes, 15 per class). Small on purpose:
     every example costs a MiniLM forward pass per candidate on 2 shared cores."""
-    from fl_merge.data import SENTIMENTS, load_bbc_news, load_tweets
+    from fl_merge.data.offline import SENTIMENTS, load_bbc_news, load_tweets
 
     specs = {}
     texts, labels, topics = load_bbc_news()
@@ -68,10 +68,10 @@ def _save_hf(encoder, folder: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory):
     """Fine-tune, save as HF folders, run the round; returns what the checks need."""
-    from clients.tasks import load_task
-    from clients.training import LocalTrainConfig, fine_tune, model_for_task
-    from fl_merge.config import RunConfig
-    from fl_merge.models import pretrained_backbone
+    from fl_merge.tasks.registry import load_task
+    from fl_merge_clients.training import LocalTrainConfig, fine_tune, model_for_task
+    from fl_merge.config.run_config import RunConfig
+    from fl_merge.models.registry import pretrained_backbone
     from simulate import simulate_round
 
     root = tmp_path_factory.mktemp("ckpt-clients")

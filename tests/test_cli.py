@@ -20,11 +20,13 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from fl_merge import cli, store
+from fl_merge import cli
+
+from fl_merge.io import store
 from fl_merge.cli import schema
-from fl_merge.aggregation import available_methods, get_method
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.results import read_rows
+from fl_merge.methods import available_methods, get_method
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.io.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -1,4 +1,4 @@
-"""Checkpoint clients' decisions (fl_merge/client_checkpoints.py) and the client's reply,
+"""Checkpoint clients' decisions (fl_merge/io/client_checkpoints.py) and the client's reply,
 Flower-free: where a checkpoint comes from, how its names map onto the model, which step
 information counts, the formats it may be in, and what a checkpoint client sends."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fl_merge.checkpoints import Checkpoint
-from fl_merge.client_checkpoints import (
+from fl_merge.io.checkpoints import Checkpoint
+from fl_merge.io.client_checkpoints import (
     CheckpointClientError,
     check_client_checkpoints,
     check_step_info,
@@ -24,8 +24,8 @@ from fl_merge.client_checkpoints import (
     read_client_checkpoint,
     steps_for,
 )
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.task_vectors import MergeInputError
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.core.task_vectors import MergeInputError
 
 # A MiniLM-like TaskModel naming: TaskModel.backbone (SentenceEncoder) .encoder (HF BertModel)
 MODEL = ["backbone.encoder.embeddings.word_embeddings.weight",
@@ -243,7 +243,7 @@ def test_a_checkpoint_client_replies_with_its_weights_and_its_own_scores(tmp_pat
     """mnist-cnn (cheap): a bare-backbone checkpoint (names without 'backbone.'), steps in its
     metadata; the client does not train, sends exactly those weights, a probe head, its
     fine-tuned scores; node-config's checkpoint wins over the run config's."""
-    from clients.client_app import local_train
+    from fl_merge_clients.client_app import local_train
 
     g = torch.Generator().manual_seed(0)
     fine = {k[len("backbone."):]: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in theta0.items()}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fl_merge.coefficients import (
+from fl_merge.merging.learned import (
     combine,
     combine_gradients,
     coefficient_gradient,
@@ -171,7 +171,7 @@ def test_the_loop_learns_coefficients_that_beat_the_start_on_held_out_validation
     one half of it (client 0's reads x0, client 1's x1), so only the two together solve it.
     The start is theta0 (lambda 0, chance level); the learned task-wise coefficients must
     reach well above chance on the stop halves, which never drive the gradient."""
-    from fl_merge.coefficients import learn_coefficients
+    from fl_merge.merging.learned import learn_coefficients
 
     torch.manual_seed(1)
     model = nn.Linear(2, 2).double()
@@ -212,7 +212,7 @@ def test_the_loop_learns_coefficients_that_beat_the_start_on_held_out_validation
 
 # ------------------------------------------------------------------ the round's step
 def test_round_start_is_the_validated_fedavg_merge():
-    from fl_merge.aggregation import merge
+    from fl_merge.methods import merge
     from fl_merge.round import coefficients as rc
 
     _, theta0, merged, tvs, _, _ = _setup()

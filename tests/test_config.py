@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.launch import main as launch_main
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.cli.launch import main as launch_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,8 +123,8 @@ def test_headroom_suite_and_preset_resolve():
     over the default 40 lambdas."""
     from hydra import compose, initialize_config_dir
 
-    from clients.tasks import suite_tasks
-    from fl_merge.aggregation.search import LAMBDAS
+    from fl_merge.tasks.registry import suite_tasks
+    from fl_merge.merging.search import LAMBDAS
     from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, build_job
 
     assert suite_tasks("headroom") == ["rotate90", "invert", "patch-shuffle"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fl_merge import MergeInputError, apply_update, eta_for_task_arithmetic, merge, split_state, task_vector
-from fl_merge.models import build_model, is_merged_key
+from fl_merge.models.registry import build_model, is_merged_key
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

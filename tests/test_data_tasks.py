@@ -1,4 +1,4 @@
-"""Tasks from data (clients/data_specs.py, clients/data_tasks.py, docs/data.md), offline, on
+"""Tasks from data (fl_merge/tasks/specs.py, fl_merge/tasks/from_data.py, docs/data.md), offline, on
 files the tests write: an image folder of MNIST digits, BBC News texts as CSV / JSON lines /
 parquet, a CSV of image paths. The references are the sources the files were written from
 (MNIST arrays, the BBC corpus), hand computations, and flwr-datasets' own partitioner."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clients.data_specs import (
+from fl_merge.tasks.specs import (
     DataTaskError,
     DataTaskSpec,
     format_task_spec,
@@ -21,9 +21,9 @@ from clients.data_specs import (
     parse_task_spec,
     split_counts,
 )
-from clients.tasks import SplitSizes, load_task
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.data import MNIST_MEAN, MNIST_STD, TEXT_MAX_BYTES, decode_texts
+from fl_merge.tasks.registry import SplitSizes, load_task
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.data.offline import MNIST_MEAN, MNIST_STD, TEXT_MAX_BYTES, decode_texts
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -109,7 +109,7 @@ def test_labels_map_to_sorted_values_or_are_taken_as_ids():
 def digits(tmp_path_factory):
     """300 MNIST test digits as PNGs in <root>/<digit word>/ (folder names sort differently
     from the digits), plus a CSV of the same images' relative paths labelled even/odd."""
-    from fl_merge.data import load_mnist
+    from fl_merge.data.offline import load_mnist
 
     m = load_mnist()
     root = tmp_path_factory.mktemp("digits")
@@ -145,7 +145,7 @@ def test_an_image_folder_of_mnist_digits_is_a_task_with_sorted_folder_names(digi
             seen.append(raw.tobytes())
     assert len(set(seen)) == 300  # every image once, no overlap between splits
     # exactly the tensor the built-in MNIST tasks make from the same pixels
-    from fl_merge.data import mnist_to_tensor
+    from fl_merge.data.offline import mnist_to_tensor
 
     torch.testing.assert_close(task.test.tensors[0][:5], mnist_to_tensor(
         np.stack([_pixels(x[0]) for x in task.test.tensors[0][:5]])), rtol=0, atol=0)
@@ -178,7 +178,7 @@ def test_a_parquet_of_image_bytes_is_an_image_task(digits, tmp_path):
 def bbc(tmp_path_factory):
     """300 BBC News articles (60 per topic) written as CSV, JSON lines (labels as ids) and
     parquet; returns (dir, {text[:512 bytes] -> topic}, topics)."""
-    from fl_merge.data import load_bbc_news
+    from fl_merge.data.offline import load_bbc_news
 
     texts, labels, topics = load_bbc_news()
     pick = np.concatenate([np.flatnonzero(labels == c)[:60] for c in range(len(topics))])
@@ -256,12 +256,12 @@ def test_hugging_face_dataset_offline_is_one_clear_error(monkeypatch):
 
 
 def test_a_csv_task_is_split_across_clients_by_dirichlet(bbc):
-    """One code path partitions built-in and data tasks (clients/partitions.py): disjoint
+    """One code path partitions built-in and data tasks (fl_merge/tasks/partitions.py): disjoint
     shares of the training pool, label-skewed, each equal to flwr-datasets' own partition
     of the same labels; shared val/test and a probe head fitted on val."""
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    from clients.partitions import load_partitioned_task
+    from fl_merge.tasks.partitions import load_partitioned_task
 
     root, cut, topics = bbc
     spec = f"csv:{root}/bbc.csv?input=text&label=category"
@@ -312,8 +312,8 @@ def test_hydra_takes_tasks_from_data_in_their_structured_form(bbc):
 def test_minilm_trains_on_a_csv_task(bbc):
     """The text model reads a CSV task exactly like the built-in text tasks (byte tensors its
     tokenizer decodes): a client trains a few steps on it, Flower-free."""
-    from clients.client_app import local_train
-    from fl_merge.models import pretrained_backbone
+    from fl_merge_clients.client_app import local_train
+    from fl_merge.models.registry import pretrained_backbone
 
     root, _, _ = bbc
     task = f"csv:{root}/bbc.csv?input=text&label=category&train=64&val=32&test=32"
@@ -330,7 +330,7 @@ def test_an_edited_data_file_is_not_served_from_the_update_cache(digits, theta0,
     """The client-update cache keys a data task by its files' state, not only its name."""
     import shutil
 
-    from clients.client_app import local_train
+    from fl_merge_clients.client_app import local_train
 
     root, _, _ = digits
     folder = tmp_path / "img"
@@ -349,7 +349,7 @@ def test_flower_round_trains_two_clients_on_data_tasks_and_merges(digits, tmp_pa
     """End to end through Flower's simulation: K=2 mnist-cnn clients, one on the image
     folder (10 digit classes), one on the CSV of image paths (even/odd); the merged model
     at the eta chosen on validation is far above chance on both test splits."""
-    from fl_merge import results
+    from fl_merge.io import results
     from simulate import simulate_round
 
     root, _, _ = digits
@@ -365,8 +365,8 @@ def test_flower_round_trains_two_clients_on_data_tasks_and_merges(digits, tmp_pa
     assert chosen[tasks[0]]["accuracy"] > 0.5  # 10 classes: chance 0.1
     assert chosen[tasks[1]]["accuracy"] > 0.7  # even/odd: chance 0.5
     # the saved merged model, read back for a data task by its spec, scores what was reported
-    from fl_merge.evaluation import evaluate
-    from fl_merge.merged import load_merged
+    from fl_merge.models.evaluation import evaluate
+    from fl_merge.io.merged import load_merged
 
     model = load_merged(tmp_path / results.MODEL_FILE, tasks[1])
     assert evaluate(model, load_task(tasks[1]).test)[0] == pytest.approx(chosen[tasks[1]]["accuracy"])

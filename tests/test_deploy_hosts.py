@@ -1,4 +1,4 @@
-"""`python -m fl_merge.deploy --host`: the SuperLink certificate names the addresses the
+"""`python -m fl_merge.deploy.credentials --host`: the SuperLink certificate names the addresses the
 nodes dial (several hosts: the SuperLink's subnet IP, a DNS name). Checked with openssl's
 own verifier, an implementation independent of the code that wrote the certificate."""
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fl_merge.deploy import check_host, main
+from fl_merge.deploy.credentials import check_host, main
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
@@ -52,10 +52,10 @@ def test_host_names_and_addresses_are_checked():
 
 
 def test_a_bad_host_is_one_error_line_and_nothing_written(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fl_merge.deploy", str(tmp_path / "creds"), "--host",
+    proc = subprocess.run([sys.executable, "-m", "fl_merge.deploy.credentials", str(tmp_path / "creds"), "--host",
                            "10.0.0.5:9093"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "python -m fl_merge.deploy: error: --host must be an IP address or a DNS name "
+        "python -m fl_merge.deploy.credentials: error: --host must be an IP address or a DNS name "
         "(e.g. 10.0.0.5, superlink.example.org), got '10.0.0.5:9093'")
     assert not (tmp_path / "creds").exists()

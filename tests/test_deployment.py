@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fl_merge import results
+from fl_merge.io import results
 
 pytestmark = pytest.mark.deployment
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def _federation(tmp_path: Path, secure: bool = False, extra_nodes: int = 0):
     conn = f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\n'
     tls: list[str] = ["--insecure"]
     if secure:
-        from fl_merge.deploy import make_certificates, make_supernode_key
+        from fl_merge.deploy.credentials import make_certificates, make_supernode_key
 
         paths = make_certificates(creds)
         conn += f'root-certificates = "{paths["ca"]}"\n'
@@ -142,9 +142,9 @@ def test_deployed_merge_equals_simulated_merge(tmp_path):
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
-    from fl_merge.config import RunConfig
-    from strategies.server_app import run_one_shot
+    from fl_merge_clients.client_app import app as client_app
+    from fl_merge.config.run_config import RunConfig
+    from fl_merge_strategies.server_app import run_one_shot
 
     sim_out = work / "simulated"
     cfg = RunConfig.from_flower({**RUN_CONFIG, "output-dir": str(sim_out)}).resolve()

@@ -14,8 +14,8 @@ import pytest
 
 from fl_merge import cli
 from fl_merge.cli.hydra_app import _HYDRA_PASSTHROUGH
-from fl_merge.config import ConfigError
-from fl_merge.launch import resolve_args
+from fl_merge.config.run_config import ConfigError
+from fl_merge.cli.launch import resolve_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -141,7 +141,7 @@ def test_attack_keys_work_with_every_attack():
 
 
 @pytest.mark.parametrize("argv", [["-m", "fl_merge", "method=nope"],
-                                  ["-m", "fl_merge.launch", "--run-config", "method=nope"]])
+                                  ["-m", "fl_merge.cli.launch", "--run-config", "method=nope"]])
 def test_both_clis_validate_from_any_directory(argv, tmp_path):
     """From a directory that is not the checkout (fl-merge-run used to die there reading
     ./pyproject.toml): one error line, exit 2, nothing written."""

@@ -27,9 +27,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clients.cache import entry_path, load_update, save_update
-from fl_merge import results, store
-from fl_merge.merged import merged_metadata_of
+from fl_merge.io.update_cache import entry_path, load_update, save_update
+from fl_merge.core import files
+from fl_merge.io import results
+from fl_merge.io import store
+from fl_merge.io.merged import merged_metadata_of
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -167,7 +169,7 @@ def check_cache(base: Path, saved: dict[str, int]) -> None:
 
 def temps(base: Path) -> list[Path]:
     return sorted(p for d in ("run", "sweep", "cache/updates") if (base / d).is_dir()
-                  for p in (base / d).iterdir() if results.is_temp(p.name))
+                  for p in (base / d).iterdir() if files.is_temp(p.name))
 
 
 def _temp_target(path: Path, base: Path) -> str:
@@ -203,7 +205,7 @@ def _wait_for_temp(base: Path, target: str, pid: int, timeout: float = 30.0) -> 
         try:
             for entry in os.scandir(d):
                 path = Path(entry.path)
-                if results.is_temp(entry.name) and _of(pid, path) and _temp_target(path, base) == target:
+                if files.is_temp(entry.name) and _of(pid, path) and _temp_target(path, base) == target:
                     return True
         except FileNotFoundError:
             pass
@@ -299,7 +301,7 @@ def test_only_dead_writers_temporary_files_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        host = results._HOST
+        host = files._HOST
         mine = tmp_path / f".{target.name}.tmp-{host}-{os.getpid()}-aa"       # in progress, us
         live = tmp_path / f".{target.name}.tmp-{host}-{sleeper.pid}-bb"       # another live writer
         gone = tmp_path / f".{target.name}.tmp-{host}-{dead.pid}-cc"          # killed writer
@@ -309,7 +311,7 @@ def test_only_dead_writers_temporary_files_are_removed(tmp_path):
         other = [tmp_path / ".results.csv.lock", tmp_path / "notes.tmp1", tmp_path / "x.csv"]
         for p in (mine, live, gone, legacy, remote, remote_old, *other):
             p.write_text("partial")
-        hour_ago = time.time() - results.STALE_TEMP_SECONDS - 60
+        hour_ago = time.time() - files.STALE_TEMP_SECONDS - 60
         os.utime(remote_old, (hour_ago, hour_ago))
         results.write_rows(target, [{"a": 1}])
         left = {p.name for p in tmp_path.iterdir()}
@@ -327,9 +329,9 @@ def test_a_temporary_file_is_never_taken_for_a_cache_entry(tmp_path):
     rename) is not an entry: the key is a miss until a real save."""
     key = "k" * 32
     path = save_update(key, {"w": torch.ones(3)}, {"m": 1}, root=tmp_path)
-    tmp = path.with_name(f".{path.name}.tmp-{results._HOST}-999999999-ab")
+    tmp = path.with_name(f".{path.name}.tmp-{files._HOST}-999999999-ab")
     os.replace(path, tmp)
-    assert results.is_temp(tmp.name)
+    assert files.is_temp(tmp.name)
     assert load_update(key, tmp_path) is None
     assert list((tmp_path / "updates").glob("*.safetensors")) == []
     save_update(key, {"w": torch.zeros(3)}, {"m": 2}, root=tmp_path)
@@ -364,7 +366,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        results.atomic_write(target, half_then_fail)
+        files.atomic_write(target, half_then_fail)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
@@ -405,9 +407,9 @@ CLIENT_CONFIG = {"model": "mnist-cnn", "tasks": ["parity", "invert", "rotate90",
 _TRAIN_ALL = """
 import sys
 from pathlib import Path
-from clients.client_app import local_train
-from fl_merge.models import PretrainConfig, pretrained_backbone
-from fl_merge.config import RunConfig
+from fl_merge_clients.client_app import local_train
+from fl_merge.models.registry import PretrainConfig, pretrained_backbone
+from fl_merge.config.run_config import RunConfig
 cfg = RunConfig()
 theta0 = pretrained_backbone(cfg.model, PretrainConfig(steps=cfg.pretrain_steps,
                                                        seed=cfg.pretrain_seed), progress=False)
@@ -421,7 +423,7 @@ for pid in range(4):
 def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, monkeypatch):
     """Clients killed part way through: on the rerun, every client whose update was cached
     before the kill is served from the cache (no training), the others train."""
-    from clients import client_app
+    from fl_merge_clients import client_app
 
     cache = tmp_path / "cache"
     code = _TRAIN_ALL.format(config=CLIENT_CONFIG, cache=str(cache))
@@ -456,10 +458,10 @@ def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, monkeypatch
 
 
 def temps_in(d: Path) -> list[str]:
-    return [p.name for p in d.iterdir() if results.is_temp(p.name)]
+    return [p.name for p in d.iterdir() if files.is_temp(p.name)]
 
 
 def test_entry_paths_are_not_temporary_names():
-    assert not results.is_temp(entry_path("a" * 32).name)
-    assert not results.is_temp(results.RESULTS_FILE)
-    assert results.is_temp(results.temp_path(Path("/x") / results.MODEL_FILE).name)
+    assert not files.is_temp(entry_path("a" * 32).name)
+    assert not files.is_temp(results.RESULTS_FILE)
+    assert files.is_temp(files.temp_path(Path("/x") / results.MODEL_FILE).name)

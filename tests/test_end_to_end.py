@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fl_merge import results
-from fl_merge.config import RunConfig
-from fl_merge.evaluation import select_eta
-from fl_merge.launch import main as launch_main
+from fl_merge.io import results
+from fl_merge.config.run_config import RunConfig
+from fl_merge.models.evaluation import select_eta
+from fl_merge.cli.launch import main as launch_main
 from simulate import simulate_round
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +88,9 @@ def test_results_file_and_merged_model(simulated):
         torch.testing.assert_close(saved[k], v + best * strategy.delta[k], rtol=1e-5, atol=1e-6)
     assert saved["heads.parity.weight"].shape == (2, 128)
     # The test accuracy reported at the chosen eta is that of the saved merged model.
-    from clients.tasks import load_task
-    from clients.training import model_for_task
-    from fl_merge.evaluation import evaluate
+    from fl_merge.tasks.registry import load_task
+    from fl_merge_clients.training import model_for_task
+    from fl_merge.models.evaluation import evaluate
 
     for r in chosen:
         head = {f"head.{k.split('.')[-1]}": v for k, v in saved.items() if k.startswith(f"heads.{r['task']}.")}
@@ -103,7 +103,7 @@ def test_results_file_and_merged_model(simulated):
 
 
 def test_spilled_round_writes_the_same_merged_model(simulated, tmp_path):
-    """spill=true (train replies and task vectors on disk, fl_merge/spill.py) through the
+    """spill=true (train replies and task vectors on disk, fl_merge/io/spill.py) through the
     ServerApp: the same config, same client updates (the client cache), gives the same merged
     file as the in-memory round that the tests above check against their own computation;
     the spill folder is removed with the round."""
@@ -125,9 +125,9 @@ def test_predictions_file_holds_per_example_test_correctness(simulated):
     """predictions.safetensors: the chosen merged model's and the base's 0/1 per test example;
     their means are results.csv's test accuracies, and the merged one is the saved model's own
     per-example correctness; run.json has the CI table."""
-    from clients.tasks import load_task
-    from clients.training import model_for_task
-    from fl_merge.predictions import PREDICTIONS_FILE, load_predictions
+    from fl_merge.tasks.registry import load_task
+    from fl_merge_clients.training import model_for_task
+    from fl_merge.io.predictions import PREDICTIONS_FILE, load_predictions
 
     strategy, out = simulated
     preds = load_predictions(out / PREDICTIONS_FILE)
@@ -154,7 +154,7 @@ def test_predictions_file_holds_per_example_test_correctness(simulated):
 
 def test_heterogeneity_is_measured_from_the_round(simulated):
     """Clients sent their gradient at theta0; the report matches the updates it came from."""
-    from fl_merge.metrics import cosine_matrix
+    from fl_merge.stats.heterogeneity import cosine_matrix
 
     strategy, out = simulated
     het = strategy.heterogeneity
@@ -172,7 +172,7 @@ def test_crashing_client_is_left_out_and_attacker_flips_its_update(tmp_path):
     """K=3: partition 1 crashes during training, partition 2 attacks with sign_flip. The run
     still finishes with the other two, names the crashed client, flags the attacker's rows,
     and the attacker really sent minus its honest update."""
-    from clients.client_app import local_train
+    from fl_merge_clients.client_app import local_train
 
     cfg = RunConfig.from_flower({
         "num-clients": 3, "tasks": "rotate90,parity,invert", "local-steps": "20", "etas": "1",
@@ -217,13 +217,13 @@ def test_flwr_run_demo_path(tmp_path, capsys, monkeypatch):
     printed, nothing left running."""
     out = tmp_path / "run"
     ports = []
-    real_free_port = __import__("fl_merge.superlink", fromlist=["_free_port"])._free_port
+    real_free_port = __import__("fl_merge.engine.superlink", fromlist=["_free_port"])._free_port
 
     def spy():
         ports.append(real_free_port())
         return ports[-1]
 
-    monkeypatch.setattr("fl_merge.superlink._free_port", spy)
+    monkeypatch.setattr("fl_merge.engine.superlink._free_port", spy)
     # From a directory that is not the checkout, without --app (it used to die there).
     monkeypatch.chdir(tmp_path)
     code = launch_main(["--run-config", f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])

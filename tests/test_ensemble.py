@@ -14,8 +14,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch.utils.data import TensorDataset
 
-from clients.tasks import TaskData
-from fl_merge.ensemble import best_member, mean_probabilities, probability_scores
+from fl_merge.tasks.registry import TaskData
+from fl_merge.merging.ensemble import best_member, mean_probabilities, probability_scores
 from fl_merge.round import ensemble as ens
 from fl_merge.round.tables import add_references
 
@@ -86,7 +86,7 @@ def _linear(state):
 
 
 def test_client_reply_equals_an_independent_average_of_the_members_softmax():
-    from clients.ensemble import answer
+    from fl_merge_clients.ensemble import answer
 
     task = _tiny_task()
     g = torch.Generator().manual_seed(1)
@@ -144,7 +144,7 @@ def test_references_join_the_paired_comparison_only_on_the_same_examples():
 
 @pytest.fixture(scope="module")
 def diwa(tmp_path_factory):
-    from fl_merge.config import RunConfig
+    from fl_merge.config.run_config import RunConfig
     from simulate import simulate_round
 
     out = tmp_path_factory.mktemp("diwa")
@@ -157,8 +157,8 @@ def diwa(tmp_path_factory):
 
 
 def test_diwa_round_scores_the_ensemble_the_test_computes_itself(diwa):
-    from clients.partitions import load_partitioned_task
-    from clients.training import model_for_task
+    from fl_merge.tasks.partitions import load_partitioned_task
+    from fl_merge_clients.training import model_for_task
 
     r, out = diwa
     assert r.ensemble["members"] == ["rotate90/0", "rotate90/1"]
@@ -188,7 +188,7 @@ def test_diwa_round_scores_the_ensemble_the_test_computes_itself(diwa):
     # each client got theta0 and the K = 2 task vectors: about three models' float32 bytes
     model_bytes = sum(v.numel() * v.element_size() for v in r.theta0.values())
     assert 2.9 * model_bytes < run["ensemble"]["bytes"]["per-client"] < 3.2 * model_bytes
-    from fl_merge.replicates import run_accuracies
+    from fl_merge.engine.replicates import run_accuracies
 
     _, acc = run_accuracies(out)
     assert acc["ensemble"] == pytest.approx(expected) and acc["best-single"] == pytest.approx(member_acc[best])
@@ -196,7 +196,7 @@ def test_diwa_round_scores_the_ensemble_the_test_computes_itself(diwa):
 
 def test_a_test_set_every_client_shares_is_resampled_once():
     from fl_merge.round.tables import comparison_rows, one_test_set
-    from fl_merge.stats import bootstrap_ci
+    from fl_merge.stats.intervals import bootstrap_ci
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2, 200).tolist()

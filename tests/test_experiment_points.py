@@ -95,7 +95,7 @@ def test_results_table_reads_the_bootstrap_comparison(tmp_path):
 
 
 def test_every_experiment_config_resolves():
-    from fl_merge.config import RunConfig
+    from fl_merge.config.run_config import RunConfig
 
     ss, dis, rt = _load("step_spread"), _load("dissimilarity"), _load("results_table")
     configs = [ss.overrides(16, 2), *(dis.overrides(s, 1) for s in dis.SUITES),
@@ -116,7 +116,7 @@ def test_the_table_search_has_the_candidate_count_results_md_states():
     + 1 fisher + 3 hetero) = 7 x 24."""
     import torch
 
-    from fl_merge.config_parsing import resolve_methods
+    from fl_merge.config.parsing import resolve_methods
     from fl_merge.round.candidates import method_spaces, plan_candidates
 
     rt = _load("results_table")

@@ -31,9 +31,9 @@ def test_the_page_has_one_worked_example_of_each_kind():
 @pytest.fixture
 def registries():
     """Registrations the page makes stay in the test."""
-    from clients import tasks
-    from fl_merge import models
-    from fl_merge.aggregation import registry
+    from fl_merge.tasks import registry as tasks
+    from fl_merge.models import registry as models
+    from fl_merge.merging import registry
 
     tables = (tasks.TASKS, tasks.TASK_KINDS, models.MODELS)
     saved = [dict(t.data) for t in tables]
@@ -48,7 +48,7 @@ def registries():
 def _resolve(line: str) -> None:
     """A documented command resolved as its CLI would before running anything."""
     from fl_merge import cli
-    from fl_merge.launch import resolve_args
+    from fl_merge.cli.launch import resolve_args
 
     argv = shlex.split(line)
     assert argv[0] == "PYTHONPATH=.", line

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from fl_merge import run as run_module
-from fl_merge.config import RunConfig
-from fl_merge.launch import main as launch_main
+from fl_merge.engine import run as run_module
+from fl_merge.config.run_config import RunConfig
+from fl_merge.cli.launch import main as launch_main
 from fl_merge.round.failures import FAILURE_FILE
-from fl_merge.run import RunFailed
+from fl_merge.engine.run import RunFailed
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import foreign_client as foreign
-from fl_merge import results
+from fl_merge.io import results
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def _check_outputs(out: Path) -> None:
 def test_foreign_client_completes_a_round_in_simulation(tmp_path, base_checkpoint, monkeypatch):
     from flwr.simulation import run_simulation
 
-    from strategies.server_app import make_server_app
+    from fl_merge_strategies.server_app import make_server_app
 
     # Ray workers import the client app by module name: put this folder on their path.
     path = [str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]
@@ -83,7 +83,7 @@ def test_foreign_client_completes_a_round_in_simulation(tmp_path, base_checkpoin
 
 def test_foreign_client_completes_a_round_through_flwr_run(tmp_path, base_checkpoint):
     """A test-only Flower app: fl-merge's ServerApp, the foreign module as its ClientApp."""
-    from fl_merge.launch import main as launch_main
+    from fl_merge.cli.launch import main as launch_main
 
     app = tmp_path / "app"
     app.mkdir()

@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from fl_merge import MergeInputError, available_methods, merge
-from fl_merge.aggregation import check_method_params, get_method
-from fl_merge.config import ConfigError, ResolvedConfig, RunConfig, flower_keys
+from fl_merge.merging.registry import check_method_params
+from fl_merge.methods import get_method
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, flower_keys
 
 # Deterministic by default (the same examples every run); FL_MERGE_FUZZ_EXAMPLES=5000 runs a
 # longer, randomised search.
@@ -380,7 +381,7 @@ PLAUSIBLE = {
     "attack": ["", "sign_flip", "scale", "alie"], "attackers": ["", "last:1", "0"],
     "attack-params": ["", "scale=2", "factor=3"], "faults": ["", "crash@1", "nan@0"],
     "fault-delay": [0.0, 1.5],
-    "plugins": ["", "method:fedavg=fl_merge.aggregation.fedavg", "no.such.module", "task:x"],
+    "plugins": ["", "method:fedavg=fl_merge.methods.fedavg", "no.such.module", "task:x"],
 }
 assert set(PLAUSIBLE) == set(KEYS), "a new run-config key: give it plausible values here"
 JUNK_CONFIG = st.one_of(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from clients.partitions import load_partitioned_task, partition_indices
-from clients.training import mean_gradient, model_for_task
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.tasks.partitions import load_partitioned_task, partition_indices
+from fl_merge_clients.training import mean_gradient, model_for_task
+from fl_merge.config.run_config import ConfigError, RunConfig
 
 LABELS = np.repeat(np.arange(10), 200)  # 2000 examples, balanced
 

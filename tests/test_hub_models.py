@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.image_layers import ChannelAffineAct, fold_batchnorm
-from fl_merge.models import build_model, get_model_spec, pretrained_backbone
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.models.image_layers import ChannelAffineAct, fold_batchnorm
+from fl_merge.models.registry import build_model, get_model_spec, pretrained_backbone
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, check_merge_keys, key_matcher
 
 transformers = pytest.importorskip("transformers")
@@ -32,7 +32,7 @@ def _save_vit(folder, mean=None, std=None):
 
 
 def test_an_hf_vit_folder_is_an_image_backbone_that_trains_and_is_merged(tmp_path):
-    from fl_merge.training import fit
+    from fl_merge.models.training import fit
 
     folder = tmp_path / "vit"
     saved = _save_vit(folder, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]).state_dict()
@@ -113,7 +113,7 @@ def test_hub_ids_offline_fail_with_one_line_naming_the_id(monkeypatch):
 
 
 def test_hub_ids_online_load_the_id_and_report_a_failure_in_one_line(monkeypatch, tmp_path):
-    from fl_merge import hf_models
+    from fl_merge.models import hf as hf_models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.config.run_config import ConfigError, RunConfig
 from simulate import simulate_round
 
 

@@ -1,4 +1,4 @@
-"""`fl-merge merge` (fl_merge.merge_cli / file_merge / checkpoints) on small checkpoints the
+"""`fl-merge merge` (fl_merge.cli.merge / file_merge / checkpoints) on small checkpoints the
 tests write in every accepted format. References are computed here with plain torch from
 the tensors the test made (Task Arithmetic, median), or, for methods with no short closed
 form, with fl_merge.merge on the in-memory task vectors."""
@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fl_merge.aggregation import available_methods, eta_for_lambda, merge
-from fl_merge.checkpoints import Checkpoint, parse_size, plan_shards
-from fl_merge.file_merge import method_scope
-from fl_merge.merge_cli import main
+from fl_merge.merging.scales import eta_for_lambda
+from fl_merge.methods import available_methods, merge
+from fl_merge.io.checkpoints import Checkpoint, parse_size, plan_shards
+from fl_merge.io.file_merge import method_scope
+from fl_merge.cli.merge import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"enc.weight": (6, 5), "enc.bias": (6,), "head.weight": (3, 6), "scalar": ()}

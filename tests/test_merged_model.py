@@ -14,9 +14,10 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from safetensors import safe_open
 
-from clients.client_app import app as client_app
-from fl_merge import load_merged, results
-from fl_merge.config import RunConfig
+from fl_merge_clients.client_app import app as client_app
+from fl_merge import load_merged
+from fl_merge.io import results
+from fl_merge.config.run_config import RunConfig
 
 TASKS = ("rotate90", "parity")
 
@@ -27,7 +28,7 @@ def _sha256(path: Path) -> str:
 
 def _simulate(out: Path) -> None:
     """One tiny K=2 task-arithmetic run through Flower's simulation engine."""
-    from strategies.server_app import run_one_shot
+    from fl_merge_strategies.server_app import run_one_shot
 
     cfg = RunConfig.from_flower({"num-clients": 2, "tasks": ",".join(TASKS), "local-steps": "20",
                                  "etas": "1,2", "output-dir": str(out)}).resolve()
@@ -66,8 +67,8 @@ def test_identical_runs_write_identical_merged_models(two_runs):
 
 
 def _accuracy(model: torch.nn.Module, task: str) -> float:
-    """Top-1 accuracy on the task's test split, in one plain loop (not fl_merge.evaluation)."""
-    from clients.tasks import load_task
+    """Top-1 accuracy on the task's test split, in one plain loop (not fl_merge.models.evaluation)."""
+    from fl_merge.tasks.registry import load_task
 
     x, y = load_task(task, 0).test.tensors
     correct = 0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_merge import metrics
-from fl_merge.metrics import (
+from fl_merge.stats import heterogeneity as metrics
+from fl_merge.stats.heterogeneity import (
     cosine_matrix,
     gradient_dissimilarity,
     heterogeneity_report,
@@ -20,7 +20,7 @@ from fl_merge.metrics import (
     task_vector_norms,
     training_heterogeneity,
 )
-from fl_merge.task_vectors import MergeInputError
+from fl_merge.core.task_vectors import MergeInputError
 
 SHAPES = {"w": (3, 4), "b": (4,), "conv": (2, 1, 3, 3)}
 

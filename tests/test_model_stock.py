@@ -8,15 +8,11 @@ import math
 import pytest
 import torch
 
-from fl_merge.aggregation import (
-    eta_for_lambda,
-    get_method,
-    mean_pairwise_cosine,
-    merge,
-    model_stock_ratio,
-)
+from fl_merge.merging.scales import eta_for_lambda
+from fl_merge.methods import get_method, merge
+from fl_merge.methods.model_stock import mean_pairwise_cosine, model_stock_ratio
 from fl_merge.cli.schema import method_configs
-from fl_merge.file_merge import method_scope
+from fl_merge.io.file_merge import method_scope
 
 
 def _rotated(angle: float, norm: float) -> torch.Tensor:
@@ -100,6 +96,6 @@ def test_registration_scale_config_and_file_scope():
 
 
 def test_the_lambda_grid_holds_the_papers_model():
-    from fl_merge.aggregation.search import LAMBDAS, knob_grids
+    from fl_merge.merging.search import LAMBDAS, knob_grids
 
     assert 1.0 in LAMBDAS and knob_grids("model_stock", {}) == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fl_merge.models import MODELS, build_model, is_merged_key
+from fl_merge.models.registry import MODELS, build_model, is_merged_key
 
 
 def test_wide_mlp_backbone_is_over_200mb_and_heads_attach():
@@ -25,8 +25,8 @@ import io  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fl_merge.config import ConfigError, RunConfig  # noqa: E402
-from fl_merge.models import get_model_spec, pretrained_backbone  # noqa: E402
+from fl_merge.config.run_config import ConfigError, RunConfig  # noqa: E402
+from fl_merge.models.registry import get_model_spec, pretrained_backbone  # noqa: E402
 
 
 def _loaded(name: str, num_classes: int):
@@ -70,9 +70,9 @@ def test_efficientnet_lite0_loads_imagenet_weights_with_batchnorm_folded_exactly
 def test_efficientnet_features_separate_digits_better_than_chance():
     """ImageNet features at 32 px already tell MNIST digits apart: a linear probe on the base
     backbone (what the base row of the results table scores) is far above 10% chance."""
-    from clients.tasks import SplitSizes, load_task
-    from clients.training import model_for_task
-    from fl_merge.evaluation import evaluate
+    from fl_merge.tasks.registry import SplitSizes, load_task
+    from fl_merge_clients.training import model_for_task
+    from fl_merge.models.evaluation import evaluate
 
     task = load_task("rotate90", 0, SplitSizes(train=400, val=50, test=300))
     model = model_for_task("efficientnet-lite0", task, pretrained_backbone("efficientnet-lite0"), seed=0)
@@ -84,7 +84,7 @@ def _minilm_reference(texts: list[str]) -> torch.Tensor:
     """all-MiniLM-L6-v2's token embeddings mean-pooled, straight from transformers."""
     import transformers
 
-    from fl_merge.hub import TEXT_MAX_TOKENS, minilm_path
+    from fl_merge.models.hub import TEXT_MAX_TOKENS, minilm_path
 
     path = str(minilm_path())
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -101,7 +101,7 @@ TEXTS = ["The airline lost my bag again.", "Stocks rallied as profits beat forec
 
 
 def test_minilm_loads_and_mean_pools_like_sentence_transformers():
-    from fl_merge.data import encode_texts
+    from fl_merge.data.offline import encode_texts
 
     model, theta0 = _loaded("minilm-l6", num_classes=3)
     assert 22e6 < sum(v.numel() for v in theta0.values()) < 23.5e6
@@ -114,8 +114,8 @@ def test_minilm_loads_and_mean_pools_like_sentence_transformers():
 
 
 def test_hf_path_loader_reads_a_local_transformers_checkpoint():
-    from fl_merge.data import encode_texts
-    from fl_merge.hub import minilm_path
+    from fl_merge.data.offline import encode_texts
+    from fl_merge.models.hub import minilm_path
 
     name = f"hf:{minilm_path()}"
     spec = get_model_spec(name)
@@ -158,7 +158,7 @@ def test_model_and_tasks_must_read_the_same_kind_of_input():
 
 
 def test_batchnorm_folding_matches_eval_mode_batchnorm():
-    from fl_merge.hub import ChannelAffine, fold_batchnorm
+    from fl_merge.models.hub import ChannelAffine, fold_batchnorm
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, eps=1e-3), torch.nn.ReLU())
@@ -175,7 +175,7 @@ def test_batchnorm_folding_matches_eval_mode_batchnorm():
 
 
 def test_clients_run_where_device_says():
-    from clients.training import client_device
+    from fl_merge_clients.training import client_device
 
     assert client_device("cpu").type == "cpu"
     assert client_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +185,7 @@ def test_clients_run_where_device_says():
 
 
 def test_a_model_whose_package_is_missing_is_refused_before_the_run(monkeypatch):
-    from fl_merge import models
+    from fl_merge.models import registry as models
 
     spec = models.ModelSpec("needs-absent", lambda: torch.nn.Identity(), 4,
                             load_pretrained=lambda: torch.nn.Identity(),

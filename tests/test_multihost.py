@@ -33,8 +33,8 @@ from safetensors.torch import load_file
 
 import netns
 from test_deployment import stop_process_groups
-from fl_merge import results
-from fl_merge.deploy import make_certificates, make_supernode_key
+from fl_merge.io import results
+from fl_merge.deploy.credentials import make_certificates, make_supernode_key
 
 _WHY = netns.unavailable()
 pytestmark = [pytest.mark.deployment,
@@ -184,7 +184,7 @@ def test_merge_across_hosts_equals_the_simulation(tmp_path):
     run = json.loads((out / results.RUN_FILE).read_text())
     assert {c["node_id"] for c in run["clients"]} == node_ids and not run["failures"]
 
-    from fl_merge.config import RunConfig
+    from fl_merge.config.run_config import RunConfig
     from simulate import simulate_round
 
     sim = RunConfig.from_flower({**cfg, "output-dir": str(tmp_path / "simulated")}).resolve()

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from flwr.app import ConfigRecord
 
-from clients.client_app import _cache_dir, _partition_id
+from fl_merge_clients.client_app import _cache_dir, _partition_id
 
 RUN = ConfigRecord({"tasks": ["mnist-rot15", "mnist-inv", "digits"]})
 
@@ -45,7 +45,7 @@ def test_cache_dir_is_node_local(tmp_path):
 
 
 def test_eta_grids_per_delta():
-    from clients.client_app import _eta_grids
+    from fl_merge_clients.client_app import _eta_grids
 
     assert _eta_grids(ConfigRecord({"etas": [0.0, 1.0]}), 2) == [[0.0, 1.0], [0.0, 1.0]]
     cfg = ConfigRecord({"etas": [0.0, 1.0, 0.0, 2.5, 3.0], "etas-per-delta": [2, 3]})

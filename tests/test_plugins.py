@@ -1,4 +1,4 @@
-"""A user's own merge methods, tasks and models by import path (fl_merge/plugins.py): parsed,
+"""A user's own merge methods, tasks and models by import path (fl_merge/config/plugins.py): parsed,
 registered once per process, checked before training, reachable from Hydra's ``_target_``."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from fl_merge.config import ConfigError, RunConfig
-from fl_merge.plugins import Plugin, PluginError, from_hydra, load_plugins, parse_plugins
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.config.plugins import Plugin, PluginError, from_hydra, load_plugins, parse_plugins
 
 _counter = itertools.count()
 
@@ -19,7 +19,7 @@ PLUGIN_SOURCE = '''
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from clients.tasks import TaskData
+from fl_merge.tasks.registry import TaskData
 
 
 def absmax(stacked, weights, keep=1.0):
@@ -83,9 +83,9 @@ def dimless():
 def plugin_module(tmp_path, monkeypatch):
     """A fresh plugin module (its own name: registrations never collide across tests) on
     sys.path, and the registries restored afterwards."""
-    from clients import tasks
-    from fl_merge import models
-    from fl_merge.aggregation import registry
+    from fl_merge.tasks import registry as tasks
+    from fl_merge.models import registry as models
+    from fl_merge.merging import registry
 
     name = f"user_plugins_{next(_counter)}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(PLUGIN_SOURCE))
@@ -112,7 +112,7 @@ def test_items_parse_in_every_form_and_a_bad_one_names_the_forms():
 
 
 def test_a_coordinatewise_plugin_method_merges_like_its_formula(plugin_module):
-    from fl_merge.aggregation import get_method, merge
+    from fl_merge.methods import get_method, merge
 
     load_plugins(f"method:absmax_{plugin_module}=" + f"{plugin_module}.absmax")
     name = f"absmax_{plugin_module}"
@@ -124,7 +124,7 @@ def test_a_coordinatewise_plugin_method_merges_like_its_formula(plugin_module):
 
 
 def test_a_whole_vector_plugin_method_and_the_run_config_accepts_it(plugin_module):
-    from fl_merge.aggregation import get_method, merge
+    from fl_merge.methods import get_method, merge
 
     name = f"first_{plugin_module}"
     cfg = RunConfig(plugins=f"method:{name}={plugin_module}.first_only", method=f"fedavg,{name}",
@@ -156,8 +156,8 @@ def test_bad_plugins_are_one_line_before_training(plugin_module, item, message):
 
 
 def test_plugin_task_and_model_register_with_their_input_kinds(plugin_module):
-    from clients.tasks import TASK_KINDS, load_task
-    from fl_merge.models import build_model, get_model_spec
+    from fl_merge.tasks.registry import TASK_KINDS, load_task
+    from fl_merge.models.registry import build_model, get_model_spec
 
     m = plugin_module
     cfg = RunConfig(plugins=f"task:blobs_{m}={m}.blobs model:tiny_{m}={m}.tiny", model=f"tiny_{m}",
@@ -173,7 +173,7 @@ def test_plugin_task_and_model_register_with_their_input_kinds(plugin_module):
         RunConfig(plugins=f"task:words_{m}={m}.words model:tiny_{m}={m}.tiny", model=f"tiny_{m}",
                   tasks=f"words_{m}", num_clients=1).resolve()
     assert TASK_KINDS[f"words_{m}"] == "text"
-    with pytest.raises(TypeError, match=f"task 'words_{m}' .*returned a NoneType, not clients.tasks.TaskData"):
+    with pytest.raises(TypeError, match=f"task 'words_{m}' .*returned a NoneType, not fl_merge.tasks.registry.TaskData"):
         load_task(f"words_{m}", 0)
 
 

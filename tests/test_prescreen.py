@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.round.prescreen import (
     PRESCREEN,
     check_prescreen,
@@ -87,9 +87,9 @@ def test_bad_settings_are_refused(fraction, finalists, test_all, match):
 
 
 def test_a_round_scores_all_candidates_on_the_subset_and_chooses_among_finalists(tmp_path):
-    from clients.tasks import load_task
-    from clients.training import model_for_task
-    from fl_merge.evaluation import evaluate
+    from fl_merge.tasks.registry import load_task
+    from fl_merge_clients.training import model_for_task
+    from fl_merge.models.evaluation import evaluate
 
     fraction = 0.3
     cfg = RunConfig.from_flower({

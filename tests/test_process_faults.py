@@ -14,7 +14,7 @@ output) says when it is training and when its update is in the node's cache.
    the finished updates (the third client's too if it finished after the kill: its
    SuperNode was alive) and completes.
 
-Every process carries an environment tag (fl_merge.processes.TAG_VAR): teardown finds and
+Every process carries an environment tag (fl_merge.deploy.processes.TAG_VAR): teardown finds and
 stops exactly ours, also those whose parent died, and asserts none is left.
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from clients.client_app import CACHED_LINE, TRAINING_LINE
-from fl_merge import results
-from fl_merge.processes import TAG_VAR, new_tag, tagged_processes
+from fl_merge_clients.client_app import CACHED_LINE, TRAINING_LINE
+from fl_merge.io import results
+from fl_merge.deploy.processes import TAG_VAR, new_tag, tagged_processes
 from fl_merge.round.failures import FAILURE_FILE
 from test_deployment import BIN, ROOT, _free_port, _toml
 
@@ -283,7 +283,7 @@ def test_fl_merge_run_fails_in_one_line_when_its_superlink_dies(tmp_path, capsys
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     launcher = subprocess.Popen(
-        [str(BIN / "python"), "-m", "fl_merge.launch", "--run-config",
+        [str(BIN / "python"), "-m", "fl_merge.cli.launch", "--run-config",
          f'num-clients=2 local-steps="300" etas="1" search="off" cache=false output-dir="{out}"'],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     tag = ""

@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from fl_merge.processes import process_tree, stop_group
+from fl_merge.deploy.processes import process_tree, stop_group
 
 # A child that starts a grandchild in a NEW session (out of the child's process group, as a
 # daemon would), prints the grandchild's pid, then sleeps.
@@ -50,7 +50,7 @@ import signal  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fl_merge.processes import (  # noqa: E402
+from fl_merge.deploy.processes import (  # noqa: E402
     ORPHAN_EXIT,
     TAG_VAR,
     exit_text,
@@ -86,7 +86,7 @@ def test_has_tag():
 # writes <file> and exits ORPHAN_EXIT.
 WATCHED = """
 import sys, time
-from fl_merge.processes import watch_parent
+from fl_merge.deploy.processes import watch_parent
 watch_parent(lambda: open(sys.argv[1], "w").write("orphaned"), grace=1.0, poll=0.1)
 open(sys.argv[1] + ".armed", "w").close()
 time.sleep(120)
@@ -102,7 +102,7 @@ time.sleep(120)
 def test_watch_parent_ends_an_orphan_and_tags_find_it(tmp_path):
     """A real orphan: its parent is SIGKILLed, the child (found by its inherited tag, not
     through the dead parent's tree) records why and exits by itself ~grace seconds later."""
-    from fl_merge.processes import ROOT, new_tag
+    from fl_merge.deploy.processes import ROOT, new_tag
 
     tag, marker = new_tag(), tmp_path / "why"
     env = {**os.environ, TAG_VAR: tag, "PYTHONPATH": str(ROOT)}

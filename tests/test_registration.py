@@ -1,6 +1,7 @@
-"""Explicit registration: no import circles among the project's modules, the registries find
-the built-ins in a fresh process without anyone importing fl_merge.builtins, and the code
-stays within the Python floor flwr sets."""
+"""The house's structure: packages by concern whose imports point one way (no circles, no
+import that climbs back up), registries that find the built-ins in a fresh process without
+anyone importing them, `import fl_merge.methods` free of Flower and Hydra, and code within
+the Python floor flwr sets."""
 
 from __future__ import annotations
 
@@ -69,28 +70,71 @@ def test_circle_finder_sees_a_circle_and_a_clean_graph():
     assert _find_circle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
+# The packages from the ground up: a module may import its own package and those on lower
+# floors, never one above (docs/architecture.md draws this). data and deploy import nothing of ours.
+FLOORS = {
+    "fl_merge.core": 0, "fl_merge.deploy": 0, "fl_merge.data": 0, "fl_merge.merging": 1, "fl_merge.methods": 2,
+    "fl_merge.models": 3, "fl_merge.tasks": 4, "fl_merge.io": 5, "fl_merge.stats": 6,
+    "fl_merge.round": 7, "fl_merge.config": 8, "clients": 9, "strategies": 9,
+    "fl_merge.engine": 10, "fl_merge.cli": 11, "fl_merge": 12,
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "fl_merge" and len(parts) > 2 or (
+        parts[0] == "fl_merge" and len(parts) == 2 and ".".join(parts) in FLOORS) else (
+        "fl_merge" if parts[0] == "fl_merge" else parts[0])
+
+
 def test_no_import_circles():
     graph = _module_graph()
-    assert {"fl_merge.models", "clients.tasks", "fl_merge.builtins"} <= set(graph)
-    # The registries import none of their registrants; the builtins module imports them all.
-    assert "fl_merge.hub" not in graph["fl_merge.models"]
-    assert "clients.text_tasks" not in graph["clients.tasks"]
-    assert {"clients.image_tasks", "clients.text_tasks", "fl_merge.hub",
-            "fl_merge.backbones"} <= graph["fl_merge.builtins"]
+    assert {"fl_merge.models.registry", "fl_merge.tasks.registry", "fl_merge.core.registration"} <= set(graph)
+    # The registries import none of their registrants (they load them by name on first use).
+    assert "fl_merge.models.hub" not in graph["fl_merge.models.registry"]
+    assert "fl_merge.tasks.text" not in graph["fl_merge.tasks.registry"]
+    assert graph["fl_merge.core.registration"] == set()
     assert _find_circle(graph) is None, " -> ".join(_find_circle(graph))
+
+
+def test_packages_import_only_downwards():
+    graph = _module_graph()
+    assert {_package(m) for m in graph} == set(FLOORS), "a package without a floor"
+    climbs = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if FLOORS[_package(b)] > FLOORS[_package(a)])
+    assert climbs == [], "imports that climb back up: " + ", ".join(climbs)
+    # The two sides of the Flower glue share a floor and never import each other.
+    assert not [f"{a} -> {b}" for a, ts in graph.items() for b in ts
+                if {_package(a), _package(b)} == {"clients", "strategies"}]
+    # Floor 0 packages import nothing of ours.
+    assert not [b for a, ts in graph.items() for b in ts if _package(a) in ("fl_merge.deploy", "fl_merge.data")]
+
+
+def test_the_top_level_is_only_the_public_api():
+    files = sorted(p.name for p in (ROOT / "fl_merge").glob("*.py"))
+    assert files == ["__init__.py", "__main__.py"]
+
+
+def test_merge_math_imports_neither_flower_nor_hydra():
+    code = ("import sys, fl_merge.methods, fl_merge.merging.search, fl_merge.io.file_merge\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'hydra', 'ray', 'omegaconf'))\n"
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_lookups_load_the_builtins_once_in_a_fresh_process():
     code = """
 import sys
-from clients.tasks import check_tasks, load_task, suite_tasks
-from fl_merge.models import get_model_spec
-from fl_merge.aggregation.registry import get_method
-assert "fl_merge.builtins" not in sys.modules, "imported before any lookup"
+from fl_merge.tasks.registry import check_tasks, load_task, suite_tasks
+from fl_merge.models.registry import get_model_spec
+from fl_merge.merging.registry import get_method
+assert "fl_merge.tasks.text" not in sys.modules, "imported before any lookup"
 print(suite_tasks("text")[0], suite_tasks("mnist8")[0], get_model_spec("minilm-l6").input_kind,
       get_model_spec("mnist-cnn").feature_dim, get_method("ties").name)
 check_tasks(["digits8x8", "bbc-news"])
-assert "fl_merge.builtins" in sys.modules
+assert "fl_merge.tasks.text" in sys.modules and "fl_merge.methods.sparsify" in sys.modules
 """
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
@@ -112,3 +156,25 @@ def test_python_floor_is_flwrs_and_the_code_parses_at_that_floor():
     for pkg in (*PACKAGES, "tests", "experiments", "benchmarks"):
         for path in (ROOT / pkg).rglob("*.py"):
             ast.parse(path.read_text(), filename=str(path), feature_version=floor)
+
+
+def test_every_package_is_installed_and_the_glue_under_names_that_say_whose():
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    ours = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fl_merge").rglob("__init__.py")}
+    assert set(setup["packages"]) == ours | {"fl_merge.configs", "fl_merge_clients", "fl_merge_strategies"}
+    assert setup["package-dir"]["fl_merge_clients"] == "clients"
+    assert setup["package-dir"]["fl_merge_strategies"] == "strategies"
+
+
+def test_the_wheel_holds_no_plainly_named_clients_or_strategies(tmp_path):
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fl_merge-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"fl_merge", "fl_merge_clients", "fl_merge_strategies"}
+    assert "fl_merge_strategies/server_app.py" in names and "fl_merge_clients/client_app.py" in names
+    assert "fl_merge/configs/config.yaml" in names and "fl_merge/methods/sparsify.py" in names

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_merge import replicates as rep
-from fl_merge.results import RESULTS_FILE, RUN_FILE, write_rows
+from fl_merge.engine import replicates as rep
+from fl_merge.io.results import RESULTS_FILE, RUN_FILE, write_rows
 
 T2 = 4.302653  # Student t quantile t_{2, 0.975} (table)
 
@@ -129,10 +129,10 @@ def test_entry_point_rejects_a_bad_config_before_any_run(tmp_path, capsys):
 
 
 def test_fl_merge_run_seeds_runs_each_seed_through_the_run_path(tmp_path, monkeypatch, capsys):
-    """fl-merge-run --seeds: one call of fl_merge.run.run per seed (same config but seed and
+    """fl-merge-run --seeds: one call of fl_merge.engine.run.run per seed (same config but seed and
     output dir), then the table; a seed also given in --run-config is refused before any run."""
-    from fl_merge import launch
-    from fl_merge.run import Outcome
+    from fl_merge.cli import launch
+    from fl_merge.engine.run import Outcome
 
     asked = []
 

@@ -1,4 +1,4 @@
-"""fl_merge.report on synthetic run directories (no Flower run)."""
+"""fl_merge.stats.report on synthetic run directories (no Flower run)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_merge.report import across_runs_figure, collect_points, main, run_figure
-from fl_merge.results import RESULTS_FILE, RUN_FILE, read_rows, write_json, write_rows
+from fl_merge.stats.report import across_runs_figure, collect_points, main, run_figure
+from fl_merge.io.results import RESULTS_FILE, RUN_FILE, read_rows, write_json, write_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TASKS = ["t0", "t1", "t2"]

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fl_merge import cli, selection, store
-from fl_merge.results import RESULTS_FILE, RUN_FILE, read_rows, write_json, write_rows
+from fl_merge import cli
+
+from fl_merge.stats import selection
+
+from fl_merge.io import store
+from fl_merge.io.results import RESULTS_FILE, RUN_FILE, read_rows, write_json, write_rows
 
 
 def make_run(run_dir: Path, config: dict, scores: dict[str, tuple[float, float]]) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_merge.results import write_rows
+from fl_merge.io.results import write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

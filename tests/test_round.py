@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.round.base import CheckpointError, checkpoint_file, load_checkpoint
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher, parse_merge_keys
 from fl_merge.round.merging import merge_arguments, train_requests
@@ -29,7 +29,7 @@ from fl_merge.round.updates import ClientUpdate, MergeRoundError, check_enough, 
 
 
 def test_merge_key_patterns_are_fnmatch_globs_and_the_default_is_the_backbone_rule():
-    from fl_merge.models import is_merged_key
+    from fl_merge.models.registry import is_merged_key
 
     assert parse_merge_keys(" enc.*, cls.w  lin?.b") == ("enc.*", "cls.w", "lin?.b")
     m = key_matcher(parse_merge_keys("enc.*, lin?.b"))
@@ -81,7 +81,7 @@ def test_run_config_validates_merge_keys_and_base_checkpoint(tmp_path):
 
 
 def test_load_theta0_checks_merge_keys_before_any_client_trains(tmp_path):
-    from strategies.server_app import load_theta0
+    from fl_merge_strategies.server_app import load_theta0
 
     save_file({"enc.w": torch.zeros(2), "cls.w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
     good = RunConfig(base_checkpoint=str(tmp_path / "m.safetensors"), merge_keys="enc.*").resolve()
@@ -199,7 +199,7 @@ def test_eta_is_chosen_by_normalized_accuracy_or_raw_accuracy_with_a_note():
 
 
 def test_rows_without_finetuned_scores_have_nan_normalized_accuracy():
-    from fl_merge.attacks import AttackPlan
+    from fl_merge.round.attacks import AttackPlan
 
     full = _client(1, 0, 1, **{"finetuned-val-accuracy": 0.5, "finetuned-accuracy": 0.8,
                                "finetuned-loss": 0.3})

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fl_merge import apply_update, merge
-from fl_merge.aggregation import available_methods, eta_for_lambda, lambda_for_eta, lambda_scale
+from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta, lambda_scale
+from fl_merge.methods import available_methods
 
 THETA0 = {"w": torch.tensor([0.5, -1.0, 2.0, 0.0])}
 # Signs agree on every coordinate, so TIES at density 1 elects them all and keeps every entry.

@@ -12,11 +12,11 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from fl_merge.aggregation.search import LAMBDAS, cclip_radii, expand, knob_grids
-from fl_merge.config import ConfigError, RunConfig
+from fl_merge.merging.search import LAMBDAS, cclip_radii, expand, knob_grids
+from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.round.candidates import method_spaces, plan_candidates
 from fl_merge.round.selection import choose_settings
-from strategies import OneShotMerge
+from fl_merge_strategies import OneShotMerge
 from test_strategy import FakeGrid, _rich, _run, _server_identity  # noqa: F401  (fixture)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_merge.soups import greedy_soup, ingredient_order, keep_ingredient, soup_delta
+from fl_merge.merging.soups import greedy_soup, ingredient_order, keep_ingredient, soup_delta
 
 
 def test_soup_update_is_the_average_of_the_chosen_models_weights():
@@ -42,7 +42,7 @@ def test_the_soup_preset_is_one_task_sharded_uniform_soup_and_greedy_soup():
     from hydra import compose, initialize_config_dir
 
     from fl_merge import cli
-    from fl_merge.config import RunConfig
+    from fl_merge.config.run_config import RunConfig
 
     with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
         cfg = compose(cli.CONFIG_NAME, overrides=["+experiment=soup"])
@@ -56,9 +56,9 @@ def test_the_soup_preset_is_one_task_sharded_uniform_soup_and_greedy_soup():
 def test_the_diwa_preset_trains_every_client_on_the_same_data_with_diverse_settings():
     from hydra import compose, initialize_config_dir
 
-    from clients.partitions import partition_indices
+    from fl_merge.tasks.partitions import partition_indices
     from fl_merge import cli
-    from fl_merge.config import RunConfig
+    from fl_merge.config.run_config import RunConfig
 
     with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
         cfg = compose(cli.CONFIG_NAME, overrides=["+experiment=diwa"])

@@ -1,4 +1,4 @@
-"""fl_merge.spill: states and task vectors on disk, read back memory-mapped, give the same
+"""fl_merge.io.spill: states and task vectors on disk, read back memory-mapped, give the same
 numbers as the in-memory path (checked against numpy, an independent computation)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fl_merge.aggregation import merge
-from fl_merge.spill import MappedState, SpillDir, array_view, materialize, split_extras_lazy
-from fl_merge.task_vectors import MergeInputError
+from fl_merge.methods import merge
+from fl_merge.io.spill import MappedState, SpillDir, array_view, materialize, split_extras_lazy
+from fl_merge.core.task_vectors import MergeInputError
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:

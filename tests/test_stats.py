@@ -1,4 +1,4 @@
-"""fl_merge.stats against hand computations, a normal approximation and a coverage simulation."""
+"""fl_merge.stats.intervals against hand computations, a normal approximation and a coverage simulation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fl_merge import stats
+from fl_merge.stats import intervals as stats
 
 
 def test_t_interval_matches_hand_computation_with_table_quantile():

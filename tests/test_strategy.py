@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.error import Error
 
 from fl_merge import MergeInputError
-from strategies import MergeRoundError, OneShotMerge
-from strategies.merge_round import run_round
+from fl_merge_strategies import MergeRoundError, OneShotMerge
+from fl_merge_strategies.merge_round import run_round
 
 
 @pytest.fixture(autouse=True)
@@ -270,7 +270,7 @@ def test_too_few_usable_clients_is_one_clear_error():
 
 
 def test_alie_attackers_collude_on_their_own_updates():
-    from fl_merge.attacks import alie_z, parse_plan
+    from fl_merge.round.attacks import alie_z, parse_plan
 
     plan = parse_plan("alie", "2,3", "", "", 4)
     replies = {100 + i: _rich(i, 10) for i in range(4)}
@@ -302,7 +302,7 @@ def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
 def test_every_method_runs_through_the_round_as_merge_would(method):
     """The round hands merge() the right task vectors, weights, local steps and extras."""
     from fl_merge import merge
-    from fl_merge.task_vectors import split_extras, task_vector
+    from fl_merge.core.task_vectors import split_extras, task_vector
 
     steps = [10, 20, 40, 80, 160, 320]
     replies = {100 + i: _rich(i, s) for i, s in reversed(list(enumerate(steps)))}
@@ -324,7 +324,7 @@ def test_every_method_runs_through_the_round_as_merge_would(method):
 def test_fednova_uses_the_normalisers_clients_report():
     """A client's reported fednova-a is its normaliser; Delta = a_eff * sum p_i tau_i / a_i,
     checked against that formula written out here (not merge())."""
-    from fl_merge.task_vectors import task_vector
+    from fl_merge.core.task_vectors import task_vector
 
     replies = {100 + i: _rich(i, 10) for i in range(3)}
     a = [2.0, 5.0, 11.0]  # reported normalisers; the 10 local steps each would weigh all alike
@@ -470,8 +470,8 @@ def test_start_returns_the_merged_model_at_the_chosen_eta():
 def test_merge_keys_matching_nothing_stop_the_run_before_any_message(tmp_path):
     from safetensors.torch import save_file
 
-    from fl_merge.config import ConfigError, RunConfig
-    from strategies.server_app import run_one_shot
+    from fl_merge.config.run_config import ConfigError, RunConfig
+    from fl_merge_strategies.server_app import run_one_shot
 
     save_file({"enc.w": torch.zeros(2), "cls.w": torch.zeros(3)}, str(tmp_path / "base.safetensors"))
     cfg = RunConfig(num_clients=2, base_checkpoint=str(tmp_path / "base.safetensors"),
@@ -491,9 +491,9 @@ def test_a_serverapp_stopped_by_flower_mid_round_leaves_only_failure_json(tmp_pa
 
     from safetensors.torch import save_file
 
-    from fl_merge.config import RunConfig
-    from strategies import server_app
-    from strategies.server_app import run_one_shot
+    from fl_merge.config.run_config import RunConfig
+    from fl_merge_strategies import server_app
+    from fl_merge_strategies.server_app import run_one_shot
 
     watches = []
     real_watch = server_app.watch_parent
@@ -604,7 +604,7 @@ def test_malformed_test_correct_leaves_the_client_out_named():
 def test_predictions_file_round_trip(tmp_path):
     from safetensors import safe_open
 
-    from fl_merge.predictions import load_predictions, save_predictions
+    from fl_merge.io.predictions import load_predictions, save_predictions
 
     preds = {"ties": {"mnist": [1, 0, 1], "parity": [0, 0]}, "base": {"mnist": [0, 0, 1], "parity": [1, 1]}}
     save_predictions(tmp_path / "p.safetensors", preds, {"ties": 0.3})
@@ -656,7 +656,7 @@ def test_a_round_that_stops_writes_failure_json_with_who_finished(tmp_path):
     import json
 
     from fl_merge.round.failures import FAILURE_FILE
-    from strategies.server_app import write_failure
+    from fl_merge_strategies.server_app import write_failure
 
     tasks = ["rotate90", "parity", "invert"]
     with pytest.raises(MergeRoundError, match=r"only 2 usable .*need at least 3") as err:
@@ -685,7 +685,7 @@ def test_message_bytes_count_empty_config_values_as_nothing():
     """Flower's ConfigRecord.count_bytes refuses "" and []: they count as 0 bytes here."""
     from flwr.app import ConfigRecord
 
-    from strategies.one_shot import _bytes
+    from fl_merge_strategies.one_shot import _bytes
 
     content = RecordDict({"config": ConfigRecord({"plugins": "", "coef": [1.0, 2.0], "none": [], "m": "ab"})})
     assert _bytes(content) == (2 * 8 + len("coef")) + (2 + len("m"))
@@ -694,11 +694,11 @@ def test_message_bytes_count_empty_config_values_as_nothing():
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "fisher", "median"])
 def test_spilled_round_equals_the_in_memory_round_and_an_independent_merge(tmp_path, method):
     """spill_dir: each train reply pulled on its own and written to disk as it arrives, task
-    vectors too (fl_merge/spill.py); the Deltas, heads and choices are those of the
+    vectors too (fl_merge/io/spill.py); the Deltas, heads and choices are those of the
     in-memory round, the Delta that of merge() on task vectors computed here, and no spill
     file is left behind."""
     from fl_merge import merge
-    from fl_merge.task_vectors import split_extras, task_vector
+    from fl_merge.core.task_vectors import split_extras, task_vector
 
     steps = [10, 20, 40]
     replies = {100 + i: _rich(i, s) for i, s in reversed(list(enumerate(steps)))}

@@ -4,10 +4,9 @@ per-example Fisher loop used by backbones that cannot run under vmap."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from fl_merge.data import decode_texts, encode_texts
+from fl_merge.data.offline import decode_texts, encode_texts
 
 
 def test_texts_round_trip_through_bytes_and_cut_on_a_character_boundary():
@@ -19,7 +18,7 @@ def test_texts_round_trip_through_bytes_and_cut_on_a_character_boundary():
 
 
 def test_bbc_news_has_five_topics_from_sorted_folders_without_reprints():
-    from fl_merge.data import load_bbc_news
+    from fl_merge.data.offline import load_bbc_news
 
     texts, labels, topics = load_bbc_news()
     assert topics == ["business", "entertainment", "politics", "sports", "tech"]
@@ -29,7 +28,7 @@ def test_bbc_news_has_five_topics_from_sorted_folders_without_reprints():
 
 
 def test_tweets_split_into_four_disjoint_domains_with_three_sentiments():
-    from fl_merge.data import TWEET_DOMAINS, load_tweets
+    from fl_merge.data.offline import TWEET_DOMAINS, load_tweets
 
     tweets = load_tweets()
     assert set(tweets) == set(TWEET_DOMAINS)
@@ -44,7 +43,7 @@ def test_tweets_split_into_four_disjoint_domains_with_three_sentiments():
 
 
 def test_text_suite_tasks_are_deterministic_disjoint_splits():
-    from clients.tasks import SUITES, TASK_KINDS, load_task
+    from fl_merge.tasks.registry import SUITES, TASK_KINDS, load_task
 
     assert SUITES["text"] == ["bbc-news", "tweets-airline", "tweets-apple", "tweets-deflategate",
                               "tweets-driverless"]
@@ -64,9 +63,9 @@ def test_text_suite_tasks_are_deterministic_disjoint_splits():
 def test_fisher_loop_equals_vmap_fisher():
     """Backbones that tokenise in forward take the per-example loop; it must give the same
     diagonal Fisher as the vmap path."""
-    from clients.tasks import SplitSizes, load_task
-    from clients.training import diagonal_fisher
-    from fl_merge.models import build_model
+    from fl_merge.tasks.registry import SplitSizes, load_task
+    from fl_merge_clients.training import diagonal_fisher
+    from fl_merge.models.registry import build_model
 
     torch.manual_seed(0)
     task = load_task("rotate90", 0, SplitSizes(train=64, val=8, test=8))
@@ -83,9 +82,9 @@ def test_fisher_loop_equals_vmap_fisher():
 def test_a_text_client_trains_and_sends_fisher_and_gradient_extras():
     """One MiniLM client, Flower-free: a couple of steps on tweets, with the per-example Fisher
     loop and the gradient at theta0 travelling as extras shaped like the backbone."""
-    from clients.client_app import local_train
-    from fl_merge.models import is_merged_key, pretrained_backbone
-    from fl_merge.task_vectors import EXTRA_PREFIX
+    from fl_merge_clients.client_app import local_train
+    from fl_merge.models.registry import is_merged_key, pretrained_backbone
+    from fl_merge.core.task_vectors import EXTRA_PREFIX
 
     theta0 = pretrained_backbone("minilm-l6")
     config = {"model": "minilm-l6", "tasks": ["tweets-apple"], "data": "tasks", "data-seed": 0,

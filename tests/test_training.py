@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.tasks import SUITES, TASKS, load_task
-from clients.training import LocalTrainConfig, fine_tune, model_for_task
-from fl_merge.evaluation import evaluate
+from fl_merge.tasks.registry import SUITES, TASKS, load_task
+from fl_merge_clients.training import LocalTrainConfig, fine_tune, model_for_task
+from fl_merge.models.evaluation import evaluate
 
 
 def test_suite_tasks_are_registered_with_disjoint_deterministic_splits():
@@ -58,7 +58,7 @@ def test_received_head_is_reused_instead_of_refitted(theta0):
 
 
 def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
-    from fl_merge.models import PretrainConfig, base_model_path, pretrained_backbone
+    from fl_merge.models.registry import PretrainConfig, base_model_path, pretrained_backbone
 
     cfg = PretrainConfig(steps=5)
     states = []
@@ -79,7 +79,7 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
     again = pretrained_backbone("mnist-cnn", cfg, progress=False)
     assert all(torch.equal(again[k], states[1][k]) for k in again)
     # A dead writer's leftover temp file is cleaned by the next write and never read.
-    from fl_merge.results import _HOST
+    from fl_merge.core.files import _HOST
 
     stale = path.parent / f".{path.name}.tmp-{_HOST}-999999999-dead"
     stale.write_bytes(b"half a file")
@@ -92,7 +92,7 @@ def test_fit_reports_the_momentum_normaliser_and_checks_momentum_first():
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from fl_merge.training import fit
+    from fl_merge.models.training import fit
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g))

@@ -10,10 +10,13 @@ The package by concern:
 
 * `fl_merge.cli.mapping`: the config tree (``configs/``) -> Flower run config -> a
   validated job (`to_flower`, `build_job`, `plan`);
-* `fl_merge.cli.hydra_app`: Hydra's app; each job runs through `fl_merge.run.run`, the one
+* `fl_merge.cli.hydra_app`: Hydra's app; each job runs through `fl_merge.engine.run.run`, the one
   run path shared with `fl-merge-run`, the experiments and the benchmarks;
 * `fl_merge.cli.report_cli`: `fl-merge report`;
-* `fl_merge.merge_cli`: `fl-merge merge`, checkpoint files merged without Flower.
+* `fl_merge.cli.merge`: `fl-merge merge`, checkpoint files merged without Flower;
+* `fl_merge.cli.launch`: `fl-merge-run`, one run through `flwr run`.
+
+May import: every package of fl_merge (it is the top).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return report_main(argv[1:])
     if argv and argv[0] == "merge":
-        from fl_merge.merge_cli import main as merge_main
+        from fl_merge.cli.merge import main as merge_main
 
         return merge_main(argv[1:])
     from fl_merge.cli.hydra_app import main as hydra_main

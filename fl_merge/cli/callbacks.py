@@ -9,7 +9,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from fl_merge import results
+from fl_merge.io import results
 
 
 class SweepSummary(Callback):

@@ -1,10 +1,10 @@
-"""`fl-merge` runs and sweeps: Hydra's app, one `fl_merge.run.run` per job.
+"""`fl-merge` runs and sweeps: Hydra's app, one `fl_merge.engine.run.run` per job.
 
 Every job of a command is composed and validated (`fl_merge.cli.mapping.plan`) before
 anything trains; a bad config is one line on stderr and exit code 2. Each job then runs
-through `fl_merge.run.run` (Flower's simulation engine in a child process); a failed job
+through `fl_merge.engine.run.run` (Flower's simulation engine in a child process); a failed job
 stops the command with exit code 1. In a sweep every job appends its tidy rows to
-``<sweep dir>/results.csv`` (`fl_merge.store`).
+``<sweep dir>/results.csv`` (`fl_merge.io.store`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_merge import results, store
+from fl_merge.io import results
+
+from fl_merge.io import store
 from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, Job, _is_hydra_override, build_job, plan
-from fl_merge.config import ConfigError
+from fl_merge.config.run_config import ConfigError
 
 SUMMARY = "fl_merge.cli.callbacks.SweepSummary"
 # Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them).
@@ -84,11 +86,11 @@ def _job_line(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
 
 
 def task(cfg: Any, state: Sweep) -> None:
-    """Hydra's task function: one job through `fl_merge.run.run`."""
+    """Hydra's task function: one job through `fl_merge.engine.run.run`."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from fl_merge.run import RunFailed, run
+    from fl_merge.engine.run import RunFailed, run
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN

@@ -17,7 +17,7 @@ Mapping onto the Flower run config (`to_flower`), then ``RunConfig.from_flower(.
 * ``runtime.num_supernodes`` and ``runtime.client_gpus`` are for the CLI only;
 * ``_target_`` in the method or model group, or a ``{_target_, name}`` entry of
   ``data.tasks``, names a user's own function by import path: it becomes a ``plugins`` item
-  (fl_merge/plugins.py `from_hydra`), registered here at once and in every process of the run.
+  (fl_merge/config/plugins.py `from_hydra`), registered here at once and in every process of the run.
 
 `plan` composes and validates every job of a command line before anything trains.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.cli import schema
-from fl_merge.config import ConfigError, RunConfig, check_client_gpus
+from fl_merge.config.run_config import ConfigError, RunConfig, check_client_gpus
 
 # The copy inside the package in a wheel install; ./configs in a checkout or editable install.
 _PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,7 +67,7 @@ def _scalar(path: str, value: Any) -> Any:
         return ",".join(str(_scalar(path, v)) for v in value)
     if isinstance(value, dict):
         if path.rsplit(".", 1)[-1] in TASK_KEYS:  # a task from data in its structured form
-            from clients.data_specs import DataTaskError, format_task_spec
+            from fl_merge.tasks.specs import DataTaskError, format_task_spec
 
             try:
                 return format_task_spec(value)
@@ -86,8 +86,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def _method_settings(node: Mapping[str, Any]) -> dict[str, Any]:
     """The method group -> {"method": ..., "method-params": ...} (see the module docstring)."""
-    from fl_merge.aggregation import available_methods, get_method
-    from fl_merge.task_vectors import MergeInputError
+    from fl_merge.methods import available_methods, get_method
+    from fl_merge.core.task_vectors import MergeInputError
 
     raw = node.get("name")
     names = [str(n) for n in raw] if isinstance(raw, (list, tuple)) else \
@@ -128,7 +128,7 @@ def to_flower(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     values set, CLI options). Raises ConfigError for a key that is no setting."""
     from omegaconf import DictConfig, OmegaConf
 
-    from fl_merge.plugins import PluginError, from_hydra, load_plugins
+    from fl_merge.config.plugins import PluginError, from_hydra, load_plugins
 
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     try:

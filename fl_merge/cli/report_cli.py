@@ -1,9 +1,9 @@
 """`fl-merge report DIR`: the best setting per method, chosen on validation, and plots.
 
-Finds every run at any depth under DIR (`fl_merge.store.load_sweep`), ranks only runs of
+Finds every run at any depth under DIR (`fl_merge.io.store.load_sweep`), ranks only runs of
 one group (a sweep's jobs; loose runs with the same run config but for method, method
 parameters and seed), and picks each method's setting on validation
-(`fl_merge.selection.best_settings`); the test accuracy is shown at that setting.
+(`fl_merge.stats.selection.best_settings`); the test accuracy is shown at that setting.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_merge import results, selection, store
+from fl_merge.io import results
+
+from fl_merge.stats import selection
+
+from fl_merge.io import store
 from fl_merge.cli.mapping import run_config_fields
 
 
@@ -26,7 +30,7 @@ def _plot_eta(rows: list[dict[str, Any]], best: list[dict[str, Any]], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fl_merge.report import _atomic_savefig
+    from fl_merge.stats.report import _atomic_savefig
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, b in enumerate(best):
@@ -65,7 +69,7 @@ def _plot_heatmap(scores: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from fl_merge.report import _atomic_savefig
+    from fl_merge.stats.report import _atomic_savefig
 
     methods = list(dict.fromkeys(s["method"] for s in scores))
     settings = list(dict.fromkeys(s["setting"] for s in scores))
@@ -134,7 +138,7 @@ def main(argv: Sequence[str]) -> int:
                         help="het_ measure or run-config key for the accuracy-vs-heterogeneity "
                              "plot (repeatable; default: every one that differs across runs)")
     args = parser.parse_args(argv)
-    from fl_merge.report import across_runs_figure
+    from fl_merge.stats.report import across_runs_figure
 
     try:
         rows = store.load_sweep(args.dir)

@@ -1,4 +1,4 @@
-"""Hydra configs derived from the code (ConfigStore): from `fl_merge.config.RunConfig` and
+"""Hydra configs derived from the code (ConfigStore): from `fl_merge.config.run_config.RunConfig` and
 from the merge-method registry.
 
 ``<group>/_schema`` for the groups whose keys apply whatever option is chosen
@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from fl_merge.config import RunConfig
+from fl_merge.config.run_config import RunConfig
 
 # Keys a group takes whatever its option; "name" selects the group's RunConfig field.
 GROUP_KEYS = {
-    # _target_: a user's model builder by import path (fl_merge/plugins.py), model.name its name
+    # _target_: a user's model builder by import path (fl_merge/config/plugins.py), model.name its name
     "model": ("name", "_target_", "pretrain_steps", "pretrain_seed"),
     "training": ("local_steps", "lr", "batch_size", "fisher_samples"),
     "eval": ("etas", "weighting", "test_all_etas"),
@@ -74,10 +74,10 @@ def model_schema() -> type:
 
 def method_configs() -> dict[str, dict[str, Any]]:
     """One Hydra config per registered merge method: ``name`` plus its parameters at the
-    defaults of the method function's signature (`fl_merge.aggregation.get_method(name)
+    defaults of the method function's signature (`fl_merge.methods.get_method(name)
     .params`), the one place they are written. Flat, so overrides read
     ``fl-merge method=ties method.density=0.3``."""
-    from fl_merge.aggregation import available_methods, get_method
+    from fl_merge.methods import available_methods, get_method
 
     return {name: {"name": name, **get_method(name).params} for name in available_methods()}
 

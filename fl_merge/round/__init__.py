@@ -6,4 +6,10 @@ their scores, grid or plain protocol (scoring) -> eta chosen on validation (sele
 test at the choice (scoring) -> rows and summary (tables), held in a MergeRound (outcome).
 
 The message protocol these steps serve is named in `protocol` and written in docs/protocol.md.
+Also here: the Byzantine attacks and faults a round can simulate (`attacks`), theta0 from a
+checkpoint (`base`), the learned-coefficient and ensemble phases (`coefficients`,
+`ensemble`), two-stage validation scoring (`prescreen`) and failure records (`failures`).
+
+May import: fl_merge.core, merging, methods, models, tasks, io, stats; never config, the
+Flower glue, the engine or the CLI.
 """

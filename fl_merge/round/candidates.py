@@ -1,7 +1,7 @@
 """The round's candidates: each method expanded into its knob settings, each setting with its
 own eta list (its lambda grid in its own units), all from the same task vectors.
 
-search="paper": every method's declared space (fl_merge.aggregation.search) x the lambda grid.
+search="paper": every method's declared space (fl_merge.merging.search) x the lambda grid.
 search="off": today's protocol: each method at its fixed parameters.
 Either way the scale is a lambda grid converted per method, or (lambdas None) one eta grid
 shared by every method (the old, unfair protocol, kept for comparison and old configs).
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from fl_merge.aggregation.scales import eta_for_lambda, lambda_for_eta
-from fl_merge.aggregation.search import LAMBDAS, Derived, expand, knob_grids
+from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta
+from fl_merge.merging.search import LAMBDAS, Derived, expand, knob_grids
 
 SEARCH_MODES = ("paper", "off")
 Grid = tuple | Derived
@@ -94,7 +94,7 @@ def candidate_methods(candidates: Mapping[str, Candidate]) -> dict[str, tuple[st
 def search_record(candidates: Mapping[str, Candidate], spaces: Mapping[str, Mapping[str, Grid]],
                   search: str, lambdas: Sequence[float] | None, num_models: int) -> dict[str, Any]:
     """What run.json records of the search: per method its space, settings and count."""
-    from fl_merge.aggregation.search import describe
+    from fl_merge.merging.search import describe
 
     per: dict[str, Any] = {}
     for c in candidates.values():
@@ -113,7 +113,7 @@ def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tupl
     """The run config's scale grid: the lambdas given, else search.LAMBDAS with search=paper
     and no shared etas, else None (the shared eta grid). ValueError, one line, for a bad
     search mode, lambdas and etas both given, a bad lambda, or a grid with search=off."""
-    from fl_merge.aggregation.search import is_grid
+    from fl_merge.merging.search import is_grid
 
     check_search(search)
     grids = [f"{n}.{k}" for n, p in methods for k, v in p.items() if is_grid(v)]

@@ -1,4 +1,4 @@
-"""The learned-coefficient phase of a round (issue 16; the math is fl_merge.coefficients).
+"""The learned-coefficient phase of a round (issue 16; the math is fl_merge.merging.learned).
 
 Where the task vectors live: the server sends each client theta0 (with the client's own
 per-task parameters) and the K task vectors ONCE, in the phase's first message; the client
@@ -18,7 +18,7 @@ its chosen eta gives lambda_i = eta * p_i for every block (round 0 scores exactl
 merge). The learned model is theta0 + Delta_learned with Delta_learned = sum_ib lambda_ib
 tau_ib, i.e. eta = 1: it is scored like any candidate, on validation then test at eta 1.
 The clients' gradient uses the even-position half of their validation split and the stopping
-score the odd half (fl_merge.coefficients.split_validation); test data is never read.
+score the odd half (fl_merge.merging.learned.split_validation); test data is never read.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from fl_merge.coefficients import GRANULARITIES, OBJECTIVES, OPTIMIZERS, combine
-from fl_merge.task_vectors import StateDict
+from fl_merge.merging.learned import GRANULARITIES, OBJECTIVES, OPTIMIZERS, combine
+from fl_merge.core.task_vectors import StateDict
 
 MODES = ("off", *GRANULARITIES)
 TA_NAMES = ("task_arithmetic", "fedavg")

@@ -1,4 +1,4 @@
-"""The prediction-ensemble phase of a round (`ensemble=true`; the math is fl_merge.ensemble).
+"""The prediction-ensemble phase of a round (`ensemble=true`; the math is fl_merge.merging.ensemble).
 
 Where the predictions are made: at the clients that hold the evaluation data. The server
 sends each client ONE message (type "evaluate.ensemble") carrying theta0 with the client's
@@ -24,8 +24,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fl_merge.ensemble import best_member
-from fl_merge.evaluation import normalized_accuracy
+from fl_merge.merging.ensemble import best_member
+from fl_merge.models.evaluation import normalized_accuracy
 from fl_merge.round.protocol import ACCURACY, CORRECT, LOSS
 
 ACTION = "ensemble"  # message type "evaluate.ensemble" (a Flower action of evaluate)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
 
-from fl_merge.task_vectors import one_line
+from fl_merge.core.task_vectors import one_line
 
 DEFAULT_MERGE_KEYS: tuple[str, ...] = ("backbone.*",)
 

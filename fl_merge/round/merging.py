@@ -12,13 +12,13 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fl_merge.aggregation import get_method, merge
-from fl_merge.aggregation.search import check_space_params
-from fl_merge.attacks import ATTACKS, AttackPlan
-from fl_merge.metrics import heterogeneity_report
+from fl_merge.methods import get_method, merge
+from fl_merge.merging.search import check_space_params
+from fl_merge.round.attacks import ATTACKS, AttackPlan
+from fl_merge.stats.heterogeneity import heterogeneity_report
 from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, NUM_EXAMPLES
 from fl_merge.round.updates import ClientUpdate, MergeRoundError
-from fl_merge.task_vectors import StateDict
+from fl_merge.core.task_vectors import StateDict
 
 Methods = dict[str, tuple[str, dict[str, Any]]]  # label -> (method name, full params)
 
@@ -71,7 +71,7 @@ def train_requests(methods: Methods, measure_heterogeneity: bool) -> dict[str, b
 def collude(plan: AttackPlan, clients: Sequence[ClientUpdate], task_vectors: list[StateDict],
             num_clients: int) -> list[StateDict]:
     """Colluding attackers (e.g. ALIE) replace their task vectors together, from their own
-    honest updates only (fl_merge.attacks); other attacks happen on the clients."""
+    honest updates only (fl_merge.round.attacks); other attacks happen on the clients."""
     if plan.where != "collusion":
         return task_vectors
     idx = [i for i, c in enumerate(clients) if (c.partition_id if c.partition_id is not None else -1)
@@ -134,7 +134,7 @@ def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vector
 
 def measure(clients: Sequence[ClientUpdate], task_vectors: list[StateDict], weighting: str
             ) -> dict[str, Any]:
-    """Heterogeneity of this round (fl_merge.metrics.heterogeneity_report), from whatever
+    """Heterogeneity of this round (fl_merge.stats.heterogeneity.heterogeneity_report), from whatever
     the clients sent (gradients at theta0, steps and learning rates are optional)."""
     args = merge_arguments(clients, weighting)
     grads = [c.extras.get("grad0") for c in clients]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fl_merge.round.updates import ClientUpdate
-from fl_merge.task_vectors import StateDict, apply_update
+from fl_merge.core.task_vectors import StateDict, apply_update
 
 
 @dataclass
@@ -38,7 +38,7 @@ class MergeRound:
     # The learned-coefficient phase (fl_merge/round/coefficients.py), when it ran: mode,
     # objective, the coefficients, per-round validation history and bytes sent.
     coefficients: dict[str, Any] = field(default_factory=dict)
-    # The greedy soup (fl_merge/soups.py), when it ran: own validation scores, members, history.
+    # The greedy soup (fl_merge/merging/soups.py), when it ran: own validation scores, members, history.
     soup: dict[str, Any] = field(default_factory=dict)
     # The prediction ensemble (fl_merge/round/ensemble.py), when it ran: members, the best
     # single run chosen on validation, test accuracies, bytes sent.

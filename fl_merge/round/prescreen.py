@@ -23,7 +23,7 @@ from typing import Any
 
 from torch.utils.data import TensorDataset
 
-from fl_merge.evaluation import select_eta
+from fl_merge.models.evaluation import select_eta
 
 PRESCREEN = "val-prescreen"  # the split name of stage-1 scores in results
 FRACTION_KEY = "val-fraction"  # evaluate-message config: score on this fraction of val

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fl_merge.round.protocol import ACCURACY, CORRECT, LOSS, SPLITS
-from fl_merge.task_vectors import StateDict, apply_update
+from fl_merge.core.task_vectors import StateDict, apply_update
 
 Grids = dict[str, list[float]]  # method label -> etas scored
 Part = dict[str, dict[str, list[float]]]  # split -> {"etas", "accuracy", "loss"}

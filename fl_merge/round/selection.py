@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fl_merge.evaluation import select_eta
+from fl_merge.models.evaluation import select_eta
 
 NORMALIZED = "mean normalized validation accuracy"
 RAW = "mean validation accuracy"
@@ -16,7 +16,7 @@ def choose_etas(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
                 finetuned_val: Mapping[str, float | None]) -> tuple[dict[str, float], str, list[str]]:
     """(label -> chosen eta, criterion, notes). scores[label][task]["val"] holds "etas" and
     "accuracy"; finetuned_val[task] is the client's fine-tuned validation accuracy or None.
-    Only eta > 0 is a candidate; ties go to the smaller eta (fl_merge.evaluation.select_eta)."""
+    Only eta > 0 is a candidate; ties go to the smaller eta (fl_merge.models.evaluation.select_eta)."""
     tasks = sorted({t for per_task in scores.values() for t in per_task})
     lacking = [t for t in tasks if finetuned_val.get(t) is None]
     notes = []

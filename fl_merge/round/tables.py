@@ -7,13 +7,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fl_merge.attacks import AttackPlan
-from fl_merge.evaluation import normalized_accuracy
-from fl_merge.results import mean
+from fl_merge.round.attacks import AttackPlan
+from fl_merge.models.evaluation import normalized_accuracy
+from fl_merge.io.results import mean
 from fl_merge.round.prescreen import PRESCREEN
 from fl_merge.round.protocol import CORRECT, FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
 from fl_merge.round.updates import ClientUpdate
-from fl_merge.stats import bootstrap_ci, ci_line
+from fl_merge.stats.intervals import bootstrap_ci, ci_line
 
 
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -181,7 +181,7 @@ def comparison_rows(predictions: Mapping[str, Mapping[str, list[int]]], referenc
                     seed: int = 0) -> list[dict[str, Any]]:
     """One row per model (methods, then base): mean test accuracy over tasks with its 95%
     paired-bootstrap CI over test examples and, with a reference method, the paired
-    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats).
+    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats.intervals).
     A test set every client shares counts once (`one_test_set`)."""
     if not predictions:
         return []

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from fl_merge.aggregation import check_method_params
-from fl_merge.client_checkpoints import CHECKPOINT_METRIC, CheckpointClientError, check_step_info
+from fl_merge.merging.registry import check_method_params
+from fl_merge.io.client_checkpoints import CHECKPOINT_METRIC, CheckpointClientError, check_step_info
 from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, PARTITION_ID, speaks_grid
-from fl_merge.task_vectors import MergeInputError, StateDict, one_line, task_vector
+from fl_merge.core.task_vectors import MergeInputError, StateDict, one_line, task_vector
 
 
 class MergeRoundError(RuntimeError):
@@ -82,7 +82,7 @@ def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.
     id, else node id): merge results never depend on which reply arrived first. Each usable
     client's non-merged parameters go to `per_task` (own in-memory tensors).
 
-    spill: a `fl_merge.spill.SpillDir`: task vectors are written there one tensor at a time
+    spill: a `fl_merge.io.spill.SpillDir`: task vectors are written there one tensor at a time
     and returned memory-mapped (same values), never K of them in memory."""
     merged_keys = [k for k in theta0 if is_merged(k)]
     if not merged_keys:

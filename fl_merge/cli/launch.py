@@ -1,0 +1,156 @@
+"""`fl-merge-run`: one fl-merge run through `flwr run` (the ``superlink`` engine of
+`fl_merge.engine.run.run`), from any directory.
+
+    fl-merge-run --run-config 'method=ties method-params="density=0.3" num-clients=4'
+
+What it adds to a bare `flwr run .`:
+* validates the run config before anything starts (one-line error, exit 2); the defaults
+  are RunConfig's (fl_merge/config/run_config.py), whatever the current directory;
+* pretrains/caches the base model here, with a progress bar in your terminal;
+* starts its own local SuperLink on free ports in a private FLWR_HOME (fl_merge.engine.superlink);
+* reads the run's final status (flwr run exits 0 even when a run fails) and exits 1 on
+  failure;
+* prints the per-task summary and the output directory (layout: README "Output layout");
+* stops the SuperLink and everything it started, unless --keep-superlink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+from fl_merge.io import results
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
+
+
+def _parse_run_config(items: list[str]) -> dict:
+    """'k=v k2=v2' strings (or paths to TOML files) -> dict. Values are TOML; a bare word
+    that is not valid TOML is taken as a string, so method=ties works without quotes."""
+    import shlex
+
+    out: dict = {}
+    for item in items:
+        if item.endswith(".toml") and Path(item).is_file():
+            with open(item, "rb") as f:
+                out.update(tomllib.load(f))
+            continue
+        for pair in shlex.split(item):
+            if "=" not in pair:
+                raise ConfigError(f"--run-config item '{pair}' is not key=value")
+            key, value = pair.split("=", 1)
+            try:
+                out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key.strip()] = value
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-merge-run", description=__doc__.split("\n")[0])
+    parser.add_argument("--run-config", "-c", action="append", default=[],
+                        help="run-config keys (fl_merge.config.run_config.RunConfig, dashed), e.g. "
+                             "'method=fedavg num-clients=6', or a TOML file of them")
+    parser.add_argument("--num-supernodes", type=int, default=None,
+                        help="simulated SuperNodes (default: num-clients)")
+    parser.add_argument("--client-gpus", type=float, default=0.0,
+                        help="GPU share per simulated client, e.g. 0.25 (default 0: CPU only)")
+    parser.add_argument("--app", default=None,
+                        help="the Flower app directory (default: this installation's checkout)")
+    parser.add_argument("--engine", default="superlink", choices=ENGINES,
+                        help="superlink: `flwr run` on a private local SuperLink (default); "
+                             "simulation: Flower's in-process engine, as `fl-merge` uses")
+    parser.add_argument("--seeds", default=None,
+                        help="replicates: run the config once per seed (e.g. 0,1,2) into "
+                             "<output-dir>/seed-<s>/ and write replicates.csv/png there: mean test "
+                             "accuracy over seeds with 95%% CIs, paired differences vs Task Arithmetic")
+    parser.add_argument("--data-seeds", action="store_true",
+                        help="with --seeds: each replicate also sets data-seed to its seed")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="retrain every client even when its update is cached")
+    parser.add_argument("--keep-superlink", action="store_true",
+                        help="leave the SuperLink running afterwards (prints how to stop it)")
+    return parser
+
+
+def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig, int, float]:
+    """The command line -> (options, prepared RunConfig, SuperNodes, GPU share per client),
+    everything validated; raises ConfigError (one line). Nothing starts here."""
+    args = _parser().parse_args(argv)
+    overrides = _parse_run_config(args.run_config)
+    if args.no_cache:
+        overrides["cache"] = False
+    if args.seeds is not None:
+        from fl_merge.engine.replicates import parse_seeds
+
+        try:
+            parse_seeds(args.seeds)
+        except ValueError as e:
+            raise ConfigError(f"--seeds: {e}") from None
+        if "seed" in overrides:
+            raise ConfigError("--seeds sets seed per replicate: drop seed= from --run-config")
+    elif args.data_seeds:
+        raise ConfigError("--data-seeds goes with --seeds (replicates), e.g. --seeds 0,1,2 --data-seeds")
+    run_cfg = RunConfig.from_flower(overrides)  # unset keys: RunConfig's defaults
+    supernodes = args.num_supernodes or run_cfg.num_clients
+    if supernodes < run_cfg.num_clients:
+        raise ConfigError(f"num-clients={run_cfg.num_clients} is larger than the "
+                          f"{supernodes} available clients (--num-supernodes)")
+    run_cfg, supernodes, gpus = prepare(run_cfg, supernodes, args.client_gpus,
+                                        ("--num-supernodes", "--client-gpus"))
+    if args.app is not None and not (Path(args.app) / "pyproject.toml").is_file():
+        raise ConfigError(f"--app {args.app}: no pyproject.toml there (a Flower app directory)")
+    return args, run_cfg, supernodes, gpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, run_cfg, supernodes, gpus = resolve_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"fl-merge-run: error: {e}", file=sys.stderr)
+        return 2
+    print(f"fl-merge: {run_cfg.num_clients} clients; method={run_cfg.method}; "
+          f"output {run_cfg.output_dir}", flush=True)
+    if args.seeds is not None:
+        return _replicates(args, run_cfg, supernodes, gpus)
+    try:
+        outcome = run(run_cfg, num_supernodes=supernodes, client_gpus=gpus, engine=args.engine,
+                      app=Path(args.app) if args.app else None, keep_superlink=args.keep_superlink)
+    except (RunFailed, ConfigError) as e:
+        print(f"fl-merge-run: error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
+                                               "(merged at the eta chosen on validation)"))
+    print(f"\nresults: {outcome.out_dir}")
+    return 0
+
+
+def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, gpus: float) -> int:
+    """--seeds: the config once per seed through `run`, then the over-seed table
+    (fl_merge.engine.replicates); every replicate's config is checked before the first one trains."""
+    from fl_merge.engine.replicates import format_table, parse_seeds, run_replicates
+
+    base = {k: v for k, v in run_cfg.to_flower().items() if k not in ("seed", "output-dir", "data-seed")}
+    if not args.data_seeds:
+        base["data-seed"] = run_cfg.data_seed
+
+    def one(config: dict) -> Path:
+        return run(RunConfig.from_flower(config), num_supernodes=supernodes, client_gpus=gpus,
+                   engine=args.engine, app=Path(args.app) if args.app else None).out_dir
+
+    try:
+        rows = run_replicates(base, parse_seeds(args.seeds), Path(run_cfg.output_dir), one, args.data_seeds)
+    except (RunFailed, ValueError) as e:  # ConfigError is a ValueError
+        print(f"fl-merge-run: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, RunFailed) else 1
+    print()
+    print(format_table(rows))
+    print(f"\nreplicates: {run_cfg.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`fl-merge merge`: merge checkpoint files without Flower, mergekit-style.
+
+    fl-merge merge --base BASE --models M1 M2 ... --method NAME [--param k=v ...]
+                   (--lambda L | --eta E) --out OUT.safetensors
+    fl-merge merge CONFIG.yaml
+
+Also `python -m fl_merge.cli.merge ...`. The engine is fl_merge.io.file_merge; docs/merge.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from fl_merge.merging.scales import eta_for_lambda, lambda_scale
+from fl_merge.methods import available_methods
+from fl_merge.io.checkpoints import DEFAULT_MAX_SHARD_BYTES, FORMATS, parse_dtype, parse_size
+from fl_merge.io.file_merge import NON_FLOAT_POLICIES, merge_files, method_scope
+from fl_merge.core.task_vectors import MergeInputError
+
+PROG = "fl-merge merge"
+# YAML keys (the long flags' names with '_' for '-'); `params` is a mapping there.
+CONFIG_KEYS = ("base", "models", "method", "params", "lambda", "eta", "out", "dtype",
+               "max_shard_size", "non_float", "weights", "local_steps", "normalisers")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise MergeInputError(message)
+
+
+def methods_help() -> str:
+    """One line per registered method: how it runs on files and its lambda scale."""
+    lines = []
+    for name in available_methods():
+        scope = method_scope(name)
+        scale = "" if scope.startswith("refused") else (
+            f"; lambda scale '{lambda_scale(name)}'")
+        lines.append(f"  {name:17s} {scope}{scale}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge checkpoints tensor by tensor: theta0 + eta * Delta(method, "
+                    "theta_i - theta0). BASE and models: " + FORMATS + ".",
+        epilog="methods ('exact': per tensor is the method; 'per-tensor': a layer-wise variant "
+               "of a whole-vector method; lambda scale 'sum': eta = K * lambda, 'delta': "
+               "eta = lambda):\n" + methods_help()
+               + "\n\nSee docs/merge.md.")
+    p.add_argument("config", nargs="?", help="YAML file with keys " + ", ".join(CONFIG_KEYS)
+                   + " (instead of the flags)")
+    p.add_argument("--base", help="the pretrained model theta0")
+    p.add_argument("--models", nargs="+", help="the fine-tuned models theta_1 ... theta_K")
+    p.add_argument("--method", help="a registered merge method (list below)")
+    p.add_argument("--param", nargs="+", action="extend", default=[], metavar="K=V",
+                   help="method parameter, value read as YAML (density=0.2, base=ties)")
+    p.add_argument("--lambda", dest="lambda_", type=float,
+                   help="Task Arithmetic's lambda, converted to eta by the method's scale")
+    p.add_argument("--eta", type=float, help="the scale of Delta directly")
+    p.add_argument("--out", help="OUT.safetensors (shards + index beside it when large) "
+                   "or a folder")
+    p.add_argument("--dtype", help="output float dtype (default: the base's per tensor)")
+    p.add_argument("--max-shard-size", default=None,
+                   help=f"largest output shard, e.g. 2GB (default {DEFAULT_MAX_SHARD_BYTES:,} bytes)")
+    p.add_argument("--non-float", choices=NON_FLOAT_POLICIES, default=None,
+                   help="int/bool tensors: 'agree' (default) copies the base's when every "
+                        "model agrees and stops otherwise; 'base' keeps the base's always")
+    p.add_argument("--weights", nargs="+", type=float, help="per-model weights p_i")
+    p.add_argument("--local-steps", nargs="+", type=float, help="per-model local steps (fednova)")
+    p.add_argument("--normalisers", nargs="+", type=float,
+                   help="per-model FedNova normalisers a_i")
+    return p
+
+
+def parse_params(items: Sequence[str]) -> dict:
+    """['density=0.2', 'base=ties'] -> {'density': 0.2, 'base': 'ties'} (values as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise MergeInputError(f"--param wants key=value, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def load_config(path: str) -> dict:
+    """The YAML config as flag values (dest names)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except OSError as e:
+        raise MergeInputError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise MergeInputError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise MergeInputError(f"config {path} must be a mapping with keys {', '.join(CONFIG_KEYS)}")
+    unknown = sorted(set(map(str, cfg)) - set(CONFIG_KEYS))
+    if unknown:
+        raise MergeInputError(f"config {path}: unknown key(s) {unknown}; known: "
+                              f"{', '.join(CONFIG_KEYS)}")
+    if not isinstance(cfg.get("params") or {}, dict):
+        raise MergeInputError(f"config {path}: params must be a mapping, got {cfg['params']!r}")
+    models = cfg.get("models")
+    if models is not None and (isinstance(models, (str, dict)) or not isinstance(models, list)):
+        raise MergeInputError(f"config {path}: models must be a list of paths, got {models!r}")
+    out = {k.replace("lambda", "lambda_"): v for k, v in cfg.items()}
+    out["params"] = dict(cfg.get("params") or {})
+    return out
+
+
+def resolve(argv: Sequence[str] | None) -> dict:
+    """Arguments (flags or YAML) -> merge_files keyword arguments, all checked."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k != "config" and v not in (None, [])}
+    if args.config is not None:
+        if given:
+            raise MergeInputError(f"give either a config file or flags, not both "
+                                  f"(got {args.config} and --{next(iter(given)).rstrip('_')})")
+        opts = load_config(args.config)
+    else:
+        opts = dict(given)
+        opts["params"] = parse_params(opts.pop("param", []))
+    for key, flag in (("base", "--base"), ("models", "--models"), ("method", "--method"),
+                      ("out", "--out")):
+        if opts.get(key) in (None, "", []):
+            raise MergeInputError(f"missing {flag} (usage: {PROG} --base BASE --models M1 M2 ... "
+                                  "--method NAME (--lambda L | --eta E) --out OUT.safetensors)")
+    lam, eta = opts.pop("lambda_", None), opts.pop("eta", None)
+    if (lam is None) == (eta is None):
+        raise MergeInputError("give exactly one of --lambda (Task Arithmetic's lambda) or --eta "
+                              f"(the scale of Delta), got {'both' if lam is not None else 'neither'}")
+    models = [str(m) for m in opts.pop("models")]
+    method, params = str(opts.pop("method")), opts.pop("params")
+    for name, v in (("lambda", lam), ("eta", eta)):
+        if v is not None and not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise MergeInputError(f"{name} must be a number, got {v!r}")
+    if lam is not None:
+        scope = method_scope(method, params)
+        if scope.startswith("refused"):
+            raise MergeInputError(f"merge method '{method}' cannot merge checkpoint files: "
+                                  f"{scope[9:]}")
+        eta = eta_for_lambda(method, float(lam), len(models), params)
+    kw = {"base": str(opts.pop("base")), "models": models, "method": method,
+          "eta": float(eta), "out": str(opts.pop("out")), "params": params}
+    if opts.get("dtype") is not None:
+        kw["dtype"] = parse_dtype(opts.pop("dtype"))
+    if opts.get("max_shard_size") is not None:
+        kw["max_shard_bytes"] = parse_size(opts.pop("max_shard_size"))
+    for key in ("non_float", "weights", "local_steps", "normalisers"):
+        if opts.get(key) is not None:
+            kw[key] = opts.pop(key)
+    return kw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        kw = resolve(argv)
+        files = merge_files(**kw)
+    except MergeInputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: {kw['method']} of {len(kw['models'])} models at eta={kw['eta']:g} -> "
+          + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Deployment helpers: credentials for a secure SuperLink (`credentials`; also
+``python -m fl_merge.deploy.credentials``) and the child processes of a run (`processes`:
+their environment, their output streamed to a log, stopping a whole process tree).
+
+May import: nothing of fl-merge's own.
+"""

@@ -1,0 +1,164 @@
+"""A run's outputs: tidy results CSV, merged model (safetensors), run metadata, summary.
+
+All files are written atomically (`fl_merge.core.files.atomic_write`): a reader sees the
+old file or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fl_merge.core.files import atomic_write, atomic_write_text
+
+RESULTS_FILE = "results.csv"
+MODEL_FILE = "merged.safetensors"
+RUN_FILE = "run.json"
+
+def write_rows(path: Path, rows: list[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
+    """Write tidy rows as CSV; `extra` columns (run id, config) are added to every row."""
+    rows = [{**(extra or {}), **r} for r in rows]
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read a results CSV back, numbers as floats/ints and booleans as bool."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# What merged.safetensors' metadata may hold: only what config and seeds fix, so two runs of one
+# config write the same bytes. Run ids, times and hosts belong in run.json.
+MERGED_FIELDS = ("eta", "method", "model", "params", "tasks")
+MERGED_METADATA_KEY = "fl_merge"
+
+
+def merged_metadata(fields: Mapping[str, Any]) -> dict[str, str]:
+    """The safetensors header metadata for a merged model: ONE key holding the fields as JSON
+    with sorted keys (safetensors writes a metadata map in a random order, so several keys
+    would give different bytes each time). Raises ValueError on a field outside MERGED_FIELDS
+    or a value JSON cannot write exactly (e.g. a datetime)."""
+    extra = sorted(set(fields) - set(MERGED_FIELDS))
+    if extra:
+        raise ValueError(f"merged model metadata may hold only {', '.join(MERGED_FIELDS)} (fixed by "
+                         f"config and seeds), got {extra}: run ids and times belong in {RUN_FILE}")
+    try:
+        text = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"merged model metadata must be plain JSON values (str, number, bool, "
+                         f"list, dict): {e}") from None
+    return {MERGED_METADATA_KEY: text}
+
+
+def save_merged_model(path: Path, backbone: Mapping[str, torch.Tensor],
+                      heads: Mapping[str, Mapping[str, torch.Tensor]], metadata: Mapping[str, Any]) -> None:
+    """One safetensors file: the merged backbone under its own keys and each task's head
+    under ``heads.<task>.<param>``; `metadata` as `merged_metadata` checks it. The same
+    tensors and metadata always give the same bytes (fl_merge.load_merged reads it back)."""
+    meta = merged_metadata(metadata)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.items()}
+    for task, head in heads.items():
+        for k, v in head.items():
+            tensors[f"heads.{task}.{k.removeprefix('head.')}"] = v.detach().contiguous().cpu()
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def model_file(method_label: str, primary: bool) -> str:
+    """merged.safetensors for the run's primary method, merged-<label>.safetensors else."""
+    if primary:
+        return MODEL_FILE
+    safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in method_label)
+    return f"merged-{safe}.safetensors"
+
+
+def summary_rows(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list[dict[str, Any]]:
+    """Per task: base and fine-tuned accuracy and, per method, the merged accuracy at its
+    chosen eta; then a 'mean' row and a 'normalized' row (mean normalized accuracy)."""
+    table: dict[str, dict[str, Any]] = {}
+    normalized: dict[str, list[float]] = {}
+    for r in rows:
+        if r["split"] != split:
+            continue
+        t = table.setdefault(r["task"], {"task": r["task"]})
+        if r["model"] == "base":
+            t["base"] = r["accuracy"]
+        elif r["model"] == "finetuned":
+            t["finetuned"] = r["accuracy"]
+        elif r["model"] == "merged" and _truthy(r["selected"]):
+            t[r["method"]] = r["accuracy"]
+            normalized.setdefault(r["method"], []).append(r["normalized_accuracy"])
+    out = list(table.values())
+    if out:
+        keys = ["base", "finetuned", *normalized]
+        out.append({"task": "mean", **{k: mean([t[k] for t in out if k in t]) for k in keys}})
+        out.append({"task": "normalized", "finetuned": 1.0,
+                    **{m: mean(v) for m, v in normalized.items()}})
+    return out
+
+
+def chosen_etas(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    return {r["method"]: r["eta"] for r in rows if r["model"] == "merged" and _truthy(r["selected"])}
+
+
+def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
+    """A plain-text table of `summary_rows` (readable in logs and terminals alike): one
+    column per method, its chosen eta in the header."""
+    rows = list(rows)
+    table = summary_rows(rows)
+    etas = chosen_etas(rows)
+    columns = [("base", "base"), ("finetuned", "fine-tuned"),
+               *((m, f"{m} (eta={etas[m]:g})") for m in etas)]
+    widths = [max(10, len(h) + 2) for _, h in columns]
+    lines = [title] if title else []
+    lines.append(f"{'task':<16}" + "".join(f"{h:>{w}}" for (_, h), w in zip(columns, widths)))
+    for t in table:
+        if t["task"] == "mean":
+            lines.append("-" * (16 + sum(widths)))
+
+        def fmt(key: str, t: Mapping[str, Any] = t) -> str:
+            v = t.get(key)
+            return f"{v:.3f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-"
+
+        lines.append(f"{t['task']:<16}" + "".join(f"{fmt(k):>{w}}" for (k, _), w in zip(columns, widths)))
+    return "\n".join(lines)
+
+
+def mean(values: list[float]) -> float:
+    """Arithmetic mean; nan for no values."""
+    return sum(values) / len(values) if values else math.nan
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or (isinstance(v, str) and v.lower() == "true")
+
+
+def _parse(v: str) -> Any:
+    if v in ("True", "False"):
+        return v == "True"
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v)
+    except ValueError:
+        return v

@@ -1,0 +1,9 @@
+"""The merge contract and its machinery: the method registry and the one entry point
+`merge` (`registry`: what a method declares), streaming over tensors in blocks
+(`streaming`), per-client weights, steps and normalisers (`per_client`), a method's lambda
+units (`scales`), validation search spaces and their expansion (`search`), and the merges
+that learn or pick from the clients' models (`learned`: aTLAS / AdaMerging coefficients,
+`soups`, `ensemble`). The methods themselves are files in fl_merge/methods/.
+
+May import: fl_merge.core.
+"""

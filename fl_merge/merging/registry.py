@@ -1,0 +1,392 @@
+"""Registry of merge methods and the one entry point `merge`.
+
+Convention (see DESIGN.md): every method returns a mean-like update Delta; the merged model
+is theta0 + eta * Delta. Two shapes of method exist:
+
+* coordinate-wise methods see blocks of flattened coordinates stacked over clients,
+  ``[K, n]`` (n at most a fixed block size, see `streaming.block_numel`); `merge` streams over
+  tensors and blocks, so peak extra memory is one block plus the result, never K times the
+  model;
+* whole-vector methods (norms, distances or ranks over the flattened update) receive the
+  list of task vectors and must stream themselves (helpers in `streaming`).
+
+Methods may also declare per-client extra arrays they need (``needs_extras``, e.g. diagonal
+Fisher estimates): `merge(..., extras={"fisher": [dict per client]})` validates them like the
+task vectors (same keys and shapes, finite, non-negative) and hands them to the method.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fl_merge.merging.streaming import iter_blocks, linear_combination, work_dtype
+from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
+    local_steps_tensor,
+    normaliser_values,
+    normalisers_tensor,
+    normalized_weights,
+)
+from fl_merge.core.registration import METHOD_MODULES, BuiltinRegistry
+from fl_merge.core.task_vectors import MergeInputError, StateDict, all_finite, check_task_vectors
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    fn: the pure function. Coordinate-wise: ``fn(stacked[K, n], p[K], **params) -> Tensor[n]``
+        (stacked is scratch: the function may overwrite it). Whole-vector:
+        ``fn(task_vectors, p, **params) -> StateDict``. Either form that declares a
+        ``local_steps`` argument receives the clients' step counts (float64 [K] tensor, or
+        None when unknown); one that declares ``normalisers`` receives FedNova's a_i
+        (float64 [K], `per_client.normalisers_tensor`: reported ones, else the plain-SGD
+        a_i = t_i from the steps, else None); one that declares ``names`` receives the
+        clients' names (list of str, or None when the caller gave none); one that declares
+        ``extras`` receives the extra arrays
+        (coordinate-wise: name -> stacked [K, n] block; whole-vector: name -> list of
+        per-client dicts); a whole-vector one that declares ``device`` gets the resolved
+        torch.device for its arithmetic.
+    params: name -> default value of the method's hyper-parameters (from fn's signature).
+    needs_local_steps: the method cannot run without each client's local step count.
+    needs_normalisers: the method cannot run without each client's normaliser (or steps).
+    min_clients: a check ``(K, params) -> None`` raising MergeInputError when K is too small.
+    needs_extras: names of per-client extra arrays the method cannot run without.
+    check_params: a check ``(params) -> None`` raising MergeInputError on invalid values.
+    coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
+        **params) -> c[K]`` (per_client: the local_steps / normalisers that fn declares);
+        `merge` then streams the clients' rows with fused multiply-adds instead of
+        gathering [K, n] blocks (same result as `fn`, fewer memory passes). `fn` stays the
+        reference implementation on a stacked block.
+    """
+
+    name: str
+    fn: Callable
+    coordinatewise: bool
+    params: dict = field(default_factory=dict)
+    needs_local_steps: bool = False
+    min_clients: Callable[[int, dict], None] | None = None
+    summary: str = ""
+    takes_local_steps: bool = False
+    needs_extras: tuple[str, ...] = ()
+    check_params: Callable[[dict], None] | None = None
+    takes_extras: bool = False
+    takes_device: bool = False
+    coefficients: Callable | None = None
+    needs_normalisers: bool = False
+    takes_normalisers: bool = False
+    takes_names: bool = False
+    # How the method's paper scales its output: "sum" (Task Arithmetic's lambda multiplies the
+    # sum of K task vectors, so eta = K * lambda for our mean-like Delta) or "delta" (lambda
+    # multiplies the method's own merged vector: eta = lambda). A callable(params) -> either,
+    # for methods whose convention depends on a parameter (dare's base). fl_merge.merging.scales.
+    lambda_scale: str | Callable[[dict], str] = "sum"
+
+
+# Loads the built-in methods (fl_merge.methods) on first use: fl_merge/core/registration.py.
+_METHODS: dict[str, MergeMethod] = BuiltinRegistry(METHOD_MODULES)
+
+# Arguments every method receives from `merge` itself, not user hyper-parameters.
+_RESERVED = {"stacked", "weights", "task_vectors", "local_steps", "normalisers", "names",
+             "extras", "device"}
+
+
+def register(
+    name: str,
+    *,
+    coordinatewise: bool,
+    needs_local_steps: bool = False,
+    min_clients: Callable[[int, dict], None] | None = None,
+    aliases: Sequence[str] = (),
+    needs_extras: Sequence[str] = (),
+    check_params: Callable[[dict], None] | None = None,
+    coefficients: Callable | None = None,
+    needs_normalisers: bool = False,
+    lambda_scale: str | Callable[[dict], str] = "sum",
+) -> Callable[[Callable], Callable]:
+    """Decorator registering `fn` as merge method `name` (and its aliases)."""
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn).parameters
+        params = {
+            p.name: p.default
+            for p in sig.values()
+            if p.name not in _RESERVED
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        takes_steps = "local_steps" in sig
+        if needs_extras and "extras" not in sig:
+            raise ValueError(f"merge method '{name}' needs extras but takes no 'extras' argument")
+        for n in (name, *aliases):
+            if n in _METHODS:
+                raise ValueError(f"merge method '{n}' registered twice")
+            _METHODS[n] = MergeMethod(
+                n, fn, coordinatewise, params, needs_local_steps, min_clients, summary,
+                takes_steps, tuple(needs_extras), check_params, "extras" in sig,
+                "device" in sig, coefficients, needs_normalisers, "normalisers" in sig,
+                "names" in sig, lambda_scale,
+            )
+        return fn
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MergeMethod:
+    if not isinstance(name, str):
+        raise MergeInputError(
+            f"merge method must be a name, got {name!r}; known: {', '.join(available_methods())}"
+        )
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise MergeInputError(
+            f"unknown merge method '{name}'; known: {', '.join(available_methods())}"
+        ) from None
+
+
+def is_number(value) -> bool:
+    """A finite real number (int or float; a bool or a numeric string is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def is_integer(value) -> bool:
+    """An integer, or a float with an integral value (1.0 from a config file); not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return is_number(value) and float(value).is_integer()
+
+
+def number_param(params: Mapping, name: str) -> float:
+    """params[name] as a float, or MergeInputError unless it is a finite real number."""
+    value = params[name]
+    if not is_number(value):
+        raise MergeInputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_method_params(method: str, params: Mapping, num_clients: int | None = None) -> dict:
+    """Return the method's full parameters (defaults updated by `params`); raise on unknown
+    names or invalid values, and, given `num_clients`, when the method cannot run with that
+    many clients. Usable before any training, to fail fast on bad config."""
+    m = get_method(method)
+    unknown = sorted(set(params) - set(m.params))
+    if unknown:
+        known = ", ".join(sorted(m.params)) or "none"
+        raise MergeInputError(
+            f"unknown parameter(s) {unknown} for merge method '{method}' (it takes: {known})"
+        )
+    full = {**m.params, **params}
+    if m.check_params is not None:
+        try:
+            m.check_params(full)
+        except MergeInputError as e:
+            raise MergeInputError(f"merge method '{method}': {e}") from None
+    if num_clients is not None and m.min_clients is not None:
+        m.min_clients(num_clients, full)
+    return full
+
+
+def known_extras() -> set[str]:
+    """Names of extra per-client arrays some registered method uses."""
+    return {n for m in _METHODS.values() for n in m.needs_extras}
+
+
+def check_extras(
+    method: MergeMethod,
+    extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None,
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    names: Sequence[str] | None = None,
+) -> dict:
+    """Validate per-client extra arrays against the task vectors; return the ones `method`
+    uses. Every given array must be known to some method, hold one dict per client with the
+    task vectors' keys and shapes, floating point, finite and non-negative (they are
+    diagonal second-moment statistics such as Fisher estimates)."""
+    if extras is not None and not isinstance(extras, Mapping):
+        raise MergeInputError(
+            f"extras must be a dict {{name: [one dict of tensors per client]}}, got {extras!r}"
+        )
+    extras = dict(extras or {})
+    k = len(task_vectors)
+    names = [str(n) for n in names] if names is not None else [f"client {i}" for i in range(k)]
+    missing = [n for n in method.needs_extras if n not in extras]
+    if missing:
+        raise MergeInputError(
+            f"merge method '{method.name}' needs extras {missing}: pass "
+            f"extras={{'{missing[0]}': [one dict of tensors per client]}}"
+        )
+    unknown = sorted(set(extras) - known_extras(), key=str)
+    if unknown:
+        raise MergeInputError(
+            f"unknown extras {unknown}; methods use: {sorted(known_extras()) or 'none'}"
+        )
+    ref = task_vectors[0]
+    for ename, per_client in extras.items():
+        if isinstance(per_client, (Mapping, str, bytes)) or not isinstance(per_client, Sequence) \
+                or len(per_client) != k:
+            got = ("a dict" if isinstance(per_client, Mapping) else f"{len(per_client)} entries"
+                   if isinstance(per_client, Sequence) else type(per_client).__name__)
+            raise MergeInputError(f"extras['{ename}'] must hold one dict per client ({k}), got {got}")
+        for name, ex in zip(names, per_client):
+            if not isinstance(ex, Mapping):
+                raise MergeInputError(
+                    f"{name}: extras['{ename}'] is {type(ex).__name__}, not a dict of tensors"
+                )
+            if set(ex.keys()) != set(ref.keys()):
+                diff = sorted(set(ex.keys()) ^ set(ref.keys()))
+                raise MergeInputError(
+                    f"{name}: extras['{ename}'] keys differ from the task vector's: {diff[:5]}"
+                )
+            for key, v in ex.items():
+                if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point \
+                        or v.layout != torch.strided or v.device.type == "meta":
+                    raise MergeInputError(
+                        f"{name}: extras['{ename}']['{key}'] must be a floating-point tensor"
+                    )
+                if tuple(v.shape) != tuple(ref[key].shape):
+                    raise MergeInputError(
+                        f"{name}: extras['{ename}']['{key}'] has shape {tuple(v.shape)}, "
+                        f"the task vector has {tuple(ref[key].shape)}"
+                    )
+                if not all_finite(v):
+                    raise MergeInputError(f"{name}: extras['{ename}']['{key}'] contains NaN or Inf")
+                if v.numel() and float(v.min()) < 0:
+                    raise MergeInputError(
+                        f"{name}: extras['{ename}']['{key}'] has negative entries"
+                    )
+    return {n: extras[n] for n in method.needs_extras}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' -> cuda when available else cpu."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise MergeInputError(f"device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise MergeInputError(
+            f"device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got {device!r}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeInputError("device 'cuda' asked for, but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeInputError(
+                f"device '{dev}' asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type != "cpu":
+        raise MergeInputError(f"device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got {device!r}")
+    return dev
+
+
+def merge(
+    method: str,
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | torch.Tensor | None = None,
+    local_steps: Sequence[int] | None = None,
+    *,
+    normalisers: Sequence[float | None] | None = None,
+    names: Sequence[str] | None = None,
+    device: str | torch.device | None = "cpu",
+    extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
+    **params,
+) -> StateDict:
+    """Delta = method(task_vectors) under the mean convention; theta = theta0 + eta * Delta.
+
+    Validates everything before any arithmetic: the method and its parameters (names and
+    values), the task vectors (same keys/shapes/dtypes, finite; `names` label clients in
+    errors), weights, local steps where the method needs them, `normalisers` (FedNova's
+    a_i = ||a_i||_1 per client, as reported by the client for the optimizer it ran, None for
+    a client that reported none: methods that use them fall back to its local steps, the
+    plain-SGD normaliser, with a warning), `extras` (per-client arrays
+    such as ``{"fisher": [dict per client]}``) where it needs them, and the method's minimum
+    client count. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
+    least; the result has the task vectors' dtypes and lives on the CPU, and is finite (a
+    result that overflows its dtype is a MergeInputError naming the parameter). Every
+    invalid input is a MergeInputError with a one-line message, never an error from torch.
+    """
+    m = get_method(method)
+    full_params = check_method_params(method, params)
+    check_task_vectors(task_vectors, names)
+    k = len(task_vectors)
+    p = normalized_weights(weights, k)
+    steps = local_steps_tensor(local_steps, k)
+    if m.needs_local_steps and steps is None:
+        raise MergeInputError(f"merge method '{method}' needs every client's local_steps")
+    norm = None
+    if m.takes_normalisers:
+        norm = normalisers_tensor(normalisers, steps, k, names)
+        if m.needs_normalisers and norm is None:
+            raise MergeInputError(
+                f"merge method '{method}' needs every client's local_steps or normalisers")
+    else:  # unused by this method, but junk is still an error
+        normaliser_values(normalisers, k)
+    used_extras = check_extras(m, extras, task_vectors, names)
+    if m.min_clients is not None:
+        try:
+            m.min_clients(k, full_params)
+        except MergeInputError as e:
+            raise MergeInputError(f"merge method '{method}' with {k} clients: {e}") from None
+    dev = resolve_device(device)
+    # Inputs that require grad must not drag autograd into the arithmetic (out= kernels
+    # refuse them); Delta is data, never part of a graph.
+    with torch.no_grad():
+        per_client = {"local_steps": steps, "normalisers": norm,
+                      "names": None if names is None else [str(n) for n in names]}
+        out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev)
+    for key, v in out.items():
+        if not all_finite(v):
+            raise MergeInputError(
+                f"merge method '{method}': the merged update of '{key}' overflows "
+                f"{v.dtype} (inputs or coefficients too large for the dtype)"
+            )
+    return out
+
+
+def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, dev) -> StateDict:
+    takes = {"local_steps": m.takes_local_steps, "normalisers": m.takes_normalisers,
+             "names": m.takes_names}
+    extra = {n: v for n, v in per_client.items() if takes[n]}
+    if not m.coordinatewise:
+        if m.takes_extras:
+            extra["extras"] = used_extras
+        if m.takes_device:
+            extra["device"] = dev
+        out = m.fn(task_vectors, p, **extra, **full_params)
+        return {key: v.to("cpu") for key, v in out.items()}
+
+    ref = task_vectors[0]
+    if m.coefficients is not None:
+        return linear_combination(task_vectors, m.coefficients(p, **extra, **full_params), dev)
+    extra = {n: v.to(dev) if isinstance(v, torch.Tensor) else v for n, v in extra.items()}
+    # Keys grouped by working dtype; each group streamed in [K, n] blocks of a reused buffer:
+    # memory ~ one block plus the result, whatever the model size.
+    flat_out = {key: torch.empty(r.numel(), dtype=r.dtype) for key, r in ref.items()}
+    for work in {work_dtype(r.dtype) for r in ref.values()}:
+        keys = [key for key, r in ref.items() if work_dtype(r.dtype) == work]
+        pw = p.to(device=dev, dtype=work)
+        for key, s, e, stacked, ext in iter_blocks(
+            task_vectors, dev, work, keys=keys, extra_rows=used_extras
+        ):
+            kw = {"extras": ext} if m.takes_extras else {}
+            res = m.fn(stacked, pw, **extra, **kw, **full_params)
+            flat_out[key][s:e].copy_(res.reshape(-1))
+    return {key: v.reshape(ref[key].shape) for key, v in flat_out.items()}
