@@ -56,7 +56,7 @@ def run_config_fields() -> set[str]:
 # attack.attack_params={factor:10} -> attack-params="factor=10".
 MAPPING_KEYS = ("attack_params",)
 # Keys naming tasks, where a mapping is a task from data ({format: csv, path: ..., input: ...}
-# -> 'csv:/...?input=...', clients/data_specs.format_task_spec; docs/data.md).
+# -> 'csv:/...?input=...', fl_merge.tasks.specs.format_task_spec; docs/data.md).
 TASK_KEYS = ("tasks", "partition_task")
 
 

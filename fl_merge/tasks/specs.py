@@ -173,7 +173,7 @@ def split_counts(name: str, n: int, spec: DataTaskSpec, train: int, val: int, te
 
     A split the spec sets is that many examples (a share < 1: round(share * n)). Otherwise
     val = min(val, 15% of n), test = min(test, 25% of n) and train = min(train, the rest):
-    `train`/`val`/`test` are what the caller asks for (clients/tasks.SplitSizes). Raises
+    `train`/`val`/`test` are what the caller asks for (fl_merge.tasks.registry.SplitSizes). Raises
     DataTaskError when a split would be empty or the splits need more than n examples."""
 
     def given(share: float | None) -> int | None:
