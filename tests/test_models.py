@@ -187,7 +187,8 @@ def test_clients_run_where_device_says():
 
 
 @pytest.mark.parametrize("gpu", [True, False])
-def test_a_client_told_no_device_runs_where_the_run_configs_default_puts_it(monkeypatch, gpu, message_identity):
+def test_a_client_told_no_device_runs_where_the_run_configs_default_puts_it(monkeypatch, gpu,
+                                                                         message_identity):
     """A client whose messages carry no 'device' (a foreign server) and one told the run
     config's default resolve alike, on a machine with a GPU and on one without: both end on
     the GPU when torch sees one (the run config's default is auto)."""

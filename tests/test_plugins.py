@@ -218,7 +218,8 @@ def test_fl_merge_cli_maps_target_overrides_to_the_run_config(plugin_module):
         plan([f"model._target_={m}.tiny"], False)
 
 
-def test_a_plugin_model_and_task_learn_coefficients_through_the_client_handler(plugin_module, message_identity):
+def test_a_plugin_model_and_task_learn_coefficients_through_the_client_handler(plugin_module,
+                                                                              message_identity):
     """A client process that has not registered the run's plugins (a Ray worker, a SuperNode)
     answers the learned-coefficient message for a plugin model on a plugin task: the handler
     registers them from the message's config, and its gradient and score are the ones
