@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from fl_merge.tasks.registry import TaskData
-from .training import client_device, diagonal_fisher, mean_gradient, model_for_task
+from .training import diagonal_fisher, mean_gradient, model_for_task
 from fl_merge.io.client_checkpoints import (
     CHECKPOINT_METRIC,
     CheckpointClientError,
     read_client_checkpoint,
     steps_for,
 )
+from fl_merge.models.device import client_device
 from fl_merge.models.evaluation import evaluate
 from fl_merge.models.registry import MERGED_PREFIX
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
@@ -39,7 +40,7 @@ def checkpoint_update(config: Mapping[str, Any], pid: int, theta0: dict[str, tor
     role = f"partition {pid} ({task.name}) checkpoint {path}"
     is_merged = key_matcher([str(p) for p in config.get("merge-keys", DEFAULT_MERGE_KEYS)])
     state, head, meta = read_client_checkpoint(path, theta0, is_merged, task.name, role)
-    device = client_device(str(config.get("device", "cpu")))
+    device = client_device(config.get("device"))
     model = model_for_task(str(config["model"]), task, theta0, seed, device)  # probe head on theta0
     if head:
         want = tuple(model.head.weight.shape)

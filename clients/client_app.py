@@ -27,7 +27,6 @@ from fl_merge.tasks.partitions import load_partitioned_task
 from fl_merge.tasks.registry import TaskData, load_task, task_fingerprint
 from .training import (
     LocalTrainConfig,
-    client_device,
     diagonal_fisher,
     fine_tune,
     mean_gradient,
@@ -36,8 +35,9 @@ from .training import (
 from fl_merge.round.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.round.attacks import label_flip as flip_labels
 from fl_merge.io.client_checkpoints import checkpoint_for
+from fl_merge.models.device import client_device
 from fl_merge.models.evaluation import evaluate, evaluate_examples
-from fl_merge.config.plugins import load_plugins
+from fl_merge.config.plugins import load_run_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 from fl_merge.round.prescreen import FRACTION_KEY, first_fraction
 from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
@@ -118,6 +118,16 @@ def _limit_threads() -> None:
     torch.set_num_threads(1)
 
 
+def _receive(msg: Message, context: Context) -> tuple[ConfigRecord, int]:
+    """What every handler does first, before it builds a task or a model: one thread, the
+    run's plugins registered in this process (a Ray worker or a SuperNode is not the process
+    that resolved the run config), and (the message's config, this node's partition id)."""
+    _limit_threads()
+    config = msg.content["config"]
+    load_run_plugins(config)
+    return config, _partition_id(context, config)
+
+
 def attack_plan(config: Mapping[str, Any]) -> AttackPlan:
     """The run's attackers and faults (fl_merge.round.attacks), from the training config."""
     return parse_plan(str(config.get("attack", "")), str(config.get("attackers", "")),
@@ -139,7 +149,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     An attacker (config "attack"/"attackers") trains honestly (label_flip: on flipped
     labels), then replaces its task vector; the cache holds the honest update.
     """
-    load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
+    load_run_plugins(config)  # this process's registry: the run's own plugins
     plan = attack_plan(config)
     label_flip = plan.attacks(pid) and plan.attack == "label_flip"
     ckpt = checkpoint_for(node_config or {}, [str(p) for p in config.get("client-checkpoints", [])], pid)
@@ -219,7 +229,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
         task = dataclasses.replace(task, probe=task.probe or task.train,
                                    train=TensorDataset(x, flip_labels(y, task.num_classes)))
     t0 = time.perf_counter()
-    device = client_device(str(config.get("device", "cpu")))
+    device = client_device(config.get("device"))
     model = model_for_task(str(config["model"]), task, theta0, cfg.seed, device)
     extras: dict[str, dict] = {}
     if bool(config.get("compute-grad0", False)):
@@ -250,9 +260,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    _limit_threads()
-    config = msg.content["config"]
-    pid = _partition_id(context, config)
+    config, pid = _receive(msg, context)
     fault = attack_plan(config).faults.get(pid)
     if fault == "crash":
         raise RuntimeError(f"injected fault: partition {pid} crashed during training")
@@ -287,14 +295,11 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     with test among the splits also "test-correct": every candidate's 0/1 per test example,
     concatenated in that order (for paired bootstrap CIs; docs/protocol.md).
     Without a delta, score the received model on config 'split' (default test)."""
-    _limit_threads()
-    config = msg.content["config"]
-    load_plugins(str(config.get("plugins", "")))  # this process's registry: the run's own plugins
-    pid = _partition_id(context, config)
+    config, pid = _receive(msg, context)
     task = _task_for(config, pid)
     state = msg.content["arrays"].to_torch_state_dict()
     model_name = str(config["model"])
-    device = client_device(str(config.get("device", "cpu")))
+    device = client_device(config.get("device"))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0  # for a probe head only
     metrics: dict[str, Any] = {"num-examples": len(task.test), "partition-id": pid}
     records = msg.content.array_records
@@ -359,11 +364,9 @@ def coefficients(msg: Message, context: Context) -> Message:
     half the validation split and the accuracy on the other half, K x B numbers back."""
     from .coefficients import answer
 
-    _limit_threads()
-    config = msg.content["config"]
-    pid = _partition_id(context, config)
+    config, pid = _receive(msg, context)
     task = _task_for(config, pid)
-    device = client_device(str(config.get("device", "cpu")))
+    device = client_device(config.get("device"))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
     metrics = answer(msg.content, context.state, task,
                      lambda s: model_for_task(str(config["model"]), task, s, seed, device))
@@ -377,12 +380,9 @@ def ensemble(msg: Message, context: Context) -> Message:
     theta0 + tau_i on this client's val and test, and each member's scores."""
     from .ensemble import answer
 
-    _limit_threads()
-    config = msg.content["config"]
-    load_plugins(str(config.get("plugins", "")))
-    pid = _partition_id(context, config)
+    config, pid = _receive(msg, context)
     task = _task_for(config, pid)
-    device = client_device(str(config.get("device", "cpu")))
+    device = client_device(config.get("device"))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
     metrics = answer(msg.content, task, lambda s: model_for_task(str(config["model"]), task, s, seed, device))
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}), reply_to=msg)

@@ -45,15 +45,6 @@ def _features(backbone: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.
     return torch.cat([backbone(x[i : i + batch].to(device)) for i in range(0, len(x), batch)])
 
 
-def client_device(requested: str) -> torch.device:
-    """Where a client trains and scores: cuda for 'cuda' (an error without a GPU) and for
-    'auto' when torch sees one; else the CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but this client's torch sees no CUDA GPU")
-    use_cuda = requested in ("cuda", "auto") and torch.cuda.is_available()
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
 def fit_probe_head(model: TaskModel, task: TaskData, seed: int, max_iter: int = 200) -> None:
     """Fit model.head by L2-regularized logistic regression (L-BFGS) on frozen features of
     the task's probe data (default: its train split). Deterministic given the backbone,

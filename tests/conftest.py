@@ -21,3 +21,14 @@ def theta0():
     cfg = RunConfig()
     return pretrained_backbone(cfg.model, PretrainConfig(steps=cfg.pretrain_steps,
                                                          seed=cfg.pretrain_seed), progress=False)
+
+
+@pytest.fixture
+def message_identity(monkeypatch):
+    """A Message built outside Flower reads the run and task id of its process (set by Flower
+    inside a real ServerApp or ClientApp): tests that call a handler directly set them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)

@@ -175,13 +175,45 @@ def test_batchnorm_folding_matches_eval_mode_batchnorm():
 
 
 def test_clients_run_where_device_says():
-    from fl_merge_clients.training import client_device
+    from fl_merge.models.device import client_device
 
     assert client_device("cpu").type == "cpu"
     assert client_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device=cuda but .* no CUDA GPU"):
             client_device("cuda")
+    with pytest.raises(ValueError, match="^device must be one of auto, cpu, cuda, got 'gpu'$"):
+        client_device("gpu")
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_a_client_told_no_device_runs_where_the_run_configs_default_puts_it(monkeypatch, gpu,
+                                                                         message_identity):
+    """A client whose messages carry no 'device' (a foreign server) and one told the run
+    config's default resolve alike, on a machine with a GPU and on one without: both end on
+    the GPU when torch sees one (the run config's default is auto)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    import fl_merge_clients.client_app as client_app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert RunConfig().device == "auto"
+    seen = []
+
+    def spy(requested=None):  # what the handler resolves; it then scores on the CPU here
+        seen.append(real(requested))
+        return torch.device("cpu")
+
+    real = client_app.client_device
+    monkeypatch.setattr(client_app, "client_device", spy)
+    task = {"model": "mnist-cnn", "tasks": ["parity"], "data-seed": 0, "data": "tasks", "split": "val"}
+    theta0 = {k: v for k, v in build_model("mnist-cnn", 2).state_dict().items()}
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    for config in (task, {**task, "device": RunConfig().device}):
+        msg = Message(RecordDict({"arrays": ArrayRecord(theta0), "config": ConfigRecord(config)}),
+                      dst_node_id=1, message_type="evaluate")
+        client_app.evaluate_model(msg, ctx)
+    assert seen == [torch.device("cuda" if gpu else "cpu")] * 2
 
 
 def test_a_model_whose_package_is_missing_is_refused_before_the_run(monkeypatch):

@@ -216,3 +216,53 @@ def test_fl_merge_cli_maps_target_overrides_to_the_run_config(plugin_module):
                                                          f"model:tiny_{m}={m}.tiny"])
     with pytest.raises(ConfigError, match=r"plugin 'model:mnist-cnn=.*': model 'mnist-cnn' is already registered"):
         plan([f"model._target_={m}.tiny"], False)
+
+
+def test_a_plugin_model_and_task_learn_coefficients_through_the_client_handler(plugin_module,
+                                                                              message_identity):
+    """A client process that has not registered the run's plugins (a Ray worker, a SuperNode)
+    answers the learned-coefficient message for a plugin model on a plugin task: the handler
+    registers them from the message's config, and its gradient and score are the ones
+    written out here by hand (aTLAS: d/d lambda of the cross-entropy of theta0 + sum lambda_i
+    tau_i on the even half of validation; accuracy on the odd half)."""
+    import importlib
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    import fl_merge_clients.client_app as client_app
+    from fl_merge.models.registry import MODELS
+    from fl_merge.round import coefficients as coef
+    from fl_merge.tasks.registry import TASKS
+
+    m = plugin_module
+    assert f"tiny_{m}" not in MODELS and f"blobs_{m}" not in TASKS  # this process knows neither
+    g = torch.Generator().manual_seed(0)
+    keys = ("backbone.net.1.weight", "backbone.net.1.bias")
+    theta0 = {keys[0]: 0.05 * torch.randn(6, 784, generator=g), keys[1]: 0.1 * torch.randn(6, generator=g),
+              "head.weight": torch.randn(2, 6, generator=g), "head.bias": torch.randn(2, generator=g)}
+    taus = [{k: 0.05 * torch.randn(theta0[k].shape, generator=g) for k in keys} for _ in range(2)]
+    lam = torch.tensor([[0.3, 0.7], [0.5, -0.2]], dtype=torch.float64)  # K=2 vectors x B=2 blocks (tensors)
+    config = {"model": f"tiny_{m}", "tasks": [f"blobs_{m}", "rotate90"], "data-seed": 3, "data": "tasks",
+              "plugins": f"task:blobs_{m}={m}.blobs model:tiny_{m}={m}.tiny", "seed": [0, 1],
+              **coef.request_config(lam, [(keys[0],), (keys[1],)], "supervised", with_vectors=True)}
+    msg = Message(RecordDict({"config": ConfigRecord(config), coef.BASE: ArrayRecord(theta0),
+                              **{f"{coef.VECTOR_PREFIX}{i}": ArrayRecord(t) for i, t in enumerate(taus)}}),
+                  dst_node_id=1, message_type="query")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = client_app.coefficients(msg, ctx).content["metrics"]
+
+    # the reference: the plugin's own data, theta(lambda) and the model's formula in float64
+    x, y = importlib.import_module(m).blobs(3, None).val.tensors
+    x = x.reshape(len(x), -1).double()
+    lam_leaf = lam.clone().requires_grad_(True)
+    w, b = (theta0[k].double() + sum(lam_leaf[i, j] * taus[i][k].double() for i in range(2))
+            for j, k in enumerate(keys))
+
+    def logits(rows):
+        return (rows @ w.T + b) @ theta0["head.weight"].double().T + theta0["head.bias"].double()
+
+    torch.nn.functional.cross_entropy(logits(x[0::2]), y[0::2]).backward()
+    expected_acc = float((logits(x[1::2]).argmax(1) == y[1::2]).double().mean())
+    assert reply[coef.GRAD] == pytest.approx(lam_leaf.grad.reshape(-1).tolist(), rel=1e-4, abs=1e-6)
+    assert reply[coef.SCORE] == pytest.approx(expected_acc)
+    assert reply["num-examples"] == 10 and reply["partition-id"] == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fl_merge", "strategies", "clients")
+INSTALLED = {"fl_merge_clients": "clients", "fl_merge_strategies": "strategies"}
 
 
 def _module_graph() -> dict[str, set[str]]:
@@ -39,6 +40,9 @@ def _module_graph() -> dict[str, set[str]]:
                     base = ".".join(parts + ([base] if base else []))
                 targets.add(base)
                 targets.update(f"{base}.{a.name}" for a in node.names)
+        # the Flower glue imported under its installed names is the same folder (pyproject.toml)
+        targets = {INSTALLED.get(t.partition(".")[0], t.partition(".")[0]) + "".join(t.partition(".")[1:])
+                   for t in targets}
         graph[name] = {t for t in targets if t in files and t != name and not name.startswith(t + ".")}
     return graph
 

@@ -29,7 +29,8 @@ naming the item and what is expected:
 
 Every process of a run registers the plugins from the run config: `RunConfig.resolve()` (the
 CLI, the run's child process, the ServerApp) and each ClientApp from the ``plugins`` entry of
-the config its messages carry (Ray workers and SuperNodes are other processes). The modules
+the config its messages carry, every handler alike (`load_run_plugins`; Ray workers and
+SuperNodes are other processes). The modules
 must be importable there (installed, or on PYTHONPATH). Registering the same function under
 the same name again does nothing, so every process may call `load_plugins` as often as it likes.
 """
@@ -39,7 +40,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +203,13 @@ def load_plugins(text: str | Sequence[str]) -> list[Plugin]:
         if plugin.kind != "module":
             _REGISTER[plugin.kind](plugin, obj)
     return plugins
+
+
+def load_run_plugins(config: Mapping[str, Any]) -> list[Plugin]:
+    """Register the plugins a client message's config names (its ``plugins`` entry, from
+    `ResolvedConfig.task_config`; none when absent) in this process: what every ClientApp
+    handler does before it builds a task or a model."""
+    return load_plugins(str(config.get("plugins", "") or ""))
 
 
 # --------------------------------------------------------------------------- Hydra

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fl_merge.models.device import DEFAULT_DEVICE, DEVICES
 from fl_merge.round.attacks import AttackPlan
 from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_params: public here too)
     DEFAULT_ETAS,
@@ -90,7 +91,7 @@ class RunConfig:
     seed: int = 0  # client i trains with seed + i
     data_seed: int = 0
     fisher_samples: int = 256  # examples per client for the diagonal Fisher (method=fisher)
-    device: str = "auto"  # where the server aggregates: auto | cpu | cuda
+    device: str = DEFAULT_DEVICE  # where the server aggregates and clients train: auto | cpu | cuda
     cache: bool = True  # reuse identical client updates from the client-update cache
     # Server memory for large models (fl_merge/io/spill.py): each train reply written to a spill
     # file under output-dir as it arrives, task vectors too, read back memory-mapped; removed
@@ -224,7 +225,7 @@ class RunConfig:
             raise ConfigError(str(e)) from None
         if self.weighting not in ("uniform", "num-examples"):
             raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
         if self.device == "cuda":
             import torch

@@ -33,8 +33,8 @@ from fl_merge.stats.intervals import ci_line, excludes_zero, paired_t, t_interva
 
 TABLE_FILE = "replicates.csv"
 PLOT_FILE = "replicates.png"
-# Run-config keys that may differ between replicates of one config (DESIGN.md: seeds are the
-# client training seeds, and data seeds where asked).
+# Run-config keys that may differ between replicates of one config (the docstring above: seeds
+# are the client training seeds, with --data-seeds the data seeds too).
 PER_REPLICATE = ("seed", "output-dir", "data-seed")
 REFERENCE_MODELS = ("ensemble", "single")  # results.csv `model` of ensemble=true's reference rows
 

@@ -1,6 +1,6 @@
 """Registry of merge methods and the one entry point `merge`.
 
-Convention (see DESIGN.md): every method returns a mean-like update Delta; the merged model
+Convention (docs/methods.md): every method returns a mean-like update Delta; the merged model
 is theta0 + eta * Delta. Two shapes of method exist:
 
 * coordinate-wise methods see blocks of flattened coordinates stacked over clients,

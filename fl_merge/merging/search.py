@@ -3,8 +3,8 @@
 A candidate is (knob setting, lambda): the method's hyper-parameters ("knobs") and its
 paper's scale lambda, converted per method to our eta by `scales.eta_for_lambda` (Task
 Arithmetic and the FL aggregators: eta = K * lambda; TIES: eta = lambda). Every candidate is
-scored on validation; test only at the chosen one (fl_merge/round, DESIGN.md "Fair
-comparison protocol").
+scored on validation; test only at the chosen one (fl_merge/round, docs/protocol.md "What
+the server does with the scores").
 
 Defaults follow the literature, learnt from the one-shot FL task-arithmetic code
 (SilviaTao/one_shot_fl_task_arithmetic: FedGMA's rho over 0.1..0.9, CClip's radius over

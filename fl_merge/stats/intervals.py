@@ -1,4 +1,5 @@
-"""Confidence intervals for reported accuracies (DESIGN.md "Fair comparison protocol").
+"""Confidence intervals for reported accuracies (README.md "One run path, one output layout",
+Uncertainty; selection on validation only: docs/protocol.md "What the server does with the scores").
 
 Two sources of noise, two intervals:
 
