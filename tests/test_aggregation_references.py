@@ -12,7 +12,7 @@ import torch
 from fl_merge.merging import streaming
 from fl_merge.merging.per_client import normalisers_tensor
 from fl_merge.methods import merge
-from fl_merge.methods.averaging import fednova_normaliser
+from fl_merge.methods.fednova import fednova_normaliser
 
 # ------------------------------------------------------------------ FedNova normaliser
 

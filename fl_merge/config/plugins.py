@@ -20,7 +20,10 @@ naming the item and what is expected:
 * merge function: ``fn(stacked, weights, **params)`` (coordinate-wise: ``stacked`` [K, n],
   ``weights`` p [K] -> Delta [n]) or ``fn(task_vectors, weights, **params)`` (whole-vector:
   K dicts of tensors -> one dict), every hyper-parameter with its default in the signature;
-  fl_merge.merging.registry.register is the full form (aliases, checks, lambda scale).
+  fl_merge.merging.registry.register is the full form (search space, client statistics,
+  lambda scale, per-tensor exactness, checks, paper): a module whose function carries it
+  (a method file, docs/extending.md "Add a method") is registered with those declarations,
+  under the plugin's name too.
 * task builder: ``fn(seed, sizes) -> fl_merge.tasks.registry.TaskData``; its inputs are images unless
   the function carries ``input_kind = "text"``.
 * model builder: ``fn() -> torch.nn.Module`` with an int ``feature_dim`` (its output size)
@@ -36,6 +39,7 @@ the same name again does nothing, so every process may call `load_plugins` as of
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -115,7 +119,7 @@ def method_shape(fn: Callable) -> bool:
 
 
 def _register_method(plugin: Plugin, fn: Any) -> None:
-    from fl_merge.merging.registry import available_methods, get_method, register
+    from fl_merge.merging.registry import _METHODS, available_methods, get_method, register
 
     _signature(plugin, fn)
     if plugin.name in available_methods():
@@ -123,6 +127,10 @@ def _register_method(plugin: Plugin, fn: Any) -> None:
             return
         raise PluginError(f"plugin '{plugin.item}': merge method '{plugin.name}' is already "
                           "registered (a built-in or another plugin): give it another name")
+    declared = next((m for m in _METHODS.values() if m.fn is fn), None)
+    if declared is not None:  # a method file's register(...) made it: same declarations
+        _METHODS[plugin.name] = dataclasses.replace(declared, name=plugin.name, aliases=())
+        return
     try:
         coordinatewise = method_shape(fn)
     except ValueError as e:
