@@ -139,7 +139,8 @@ def test_a_method_file_on_the_path_is_seen_everywhere(tmp_path, monkeypatch, reg
     load_plugins("steps_mean_method")  # a bare module item: its register(...) runs at import
     assert knob_grids("steps_mean", {}) == {"power": (0.0, 0.5, 1.0)}
     taus = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
-    assert [s["power"] for s in expand("steps_mean", {}, knob_grids("steps_mean", {}), taus)] == [0.0, 0.5, 1.0]
+    settings = expand("steps_mean", {}, knob_grids("steps_mean", {}), taus)
+    assert [s["power"] for s in settings] == [0.0, 0.5, 1.0]
     assert method_scope("steps_mean") == "exact"
     with pytest.raises(MergeInputError, match="needs each model's local step count"):
         check_merge_inputs("steps_mean", {}, 2)
