@@ -66,11 +66,16 @@ IDENTICAL = [
 ]
 
 
-def test_identical_list_covers_every_method():
-    assert {m for m, _ in IDENTICAL} == set(available_methods())
+# Every other registered method (a new method file) is held to it at its defaults.
+IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in available_methods() if m not in {n for n, _ in IDENTICAL}]
 
 
-@pytest.mark.parametrize("method,kw", IDENTICAL)
+def test_identical_list_names_registered_methods():
+    assert {m for m, _ in IDENTICAL} <= set(available_methods())
+    assert {m for m, _ in IDENTICAL_CASES} == set(available_methods())
+
+
+@pytest.mark.parametrize("method,kw", IDENTICAL_CASES)
 def test_identical_clients_give_the_common_vector(method, kw):
     common = make(1, seed=5)[0]
     tvs = [{k: v.clone() for k, v in common.items()} for _ in range(K)]
