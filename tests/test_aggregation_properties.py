@@ -33,7 +33,7 @@ def fisher(k=K, seed=1):
 def call(method, tvs, weights=None, steps=None, fis=None, names=None, **kw):
     steps = steps if steps is not None else [5] * len(tvs)
     extras = {"fisher": fis if fis is not None else fisher(len(tvs))}
-    return merge(method, tvs, weights, normalisers=steps, extras=extras, names=names, **kw)
+    return merge(method, tvs, weights, steps, normalisers=steps, extras=extras, names=names, **kw)
 
 
 def dist(a, b):
