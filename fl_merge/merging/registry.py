@@ -10,9 +10,12 @@ is theta0 + eta * Delta. Two shapes of method exist:
 * whole-vector methods (norms, distances or ranks over the flattened update) receive the
   list of task vectors and must stream themselves (helpers in `streaming`).
 
-Methods may also declare per-client extra arrays they need (``needs=Needs(extras=...)``, e.g.
-diagonal Fisher estimates): `merge(..., extras={"fisher": [dict per client]})` validates them like the
-task vectors (same keys and shapes, finite, non-negative) and hands them to the method.
+A method file registers its function with `register(...)`, which holds everything fl-merge
+reads about the method beside it (fl_merge/merging/method.py, `MergeMethod`): its search
+space, lambda units, per-tensor exactness, the client statistics it needs (`Needs`), its
+paper and formula. Per-client extra arrays a method needs (``Needs(extras=...)``, e.g.
+diagonal Fisher estimates) arrive as `merge(..., extras={"fisher": [dict per client]})`,
+validated like the task vectors (same keys and shapes, finite, non-negative).
 """
 
 from __future__ import annotations
