@@ -48,8 +48,8 @@ def method_scope(method: str, params: dict | None = None) -> str:
     """'exact' (per tensor is the method), 'per-tensor' (a layer-wise variant of a
     whole-vector method) or 'refused: <why>' for `method` with `params`."""
     m = get_method(method)
-    if m.needs_extras:
-        return (f"refused: needs per-model {', '.join(m.needs_extras)} arrays, which "
+    if m.needs.extras:
+        return (f"refused: needs per-model {', '.join(m.needs.extras)} arrays, which "
                 "checkpoints do not carry (use fl_merge.merge(..., extras=...) or a Flower round)")
     return "exact" if is_per_tensor_exact(method, params) else "per-tensor"
 
@@ -64,7 +64,7 @@ def check_merge_inputs(method: str, params: dict, num_models: int,
         raise MergeInputError(f"merge method '{method}' cannot merge checkpoint files: {scope[9:]}")
     check_method_params(method, params, num_models)
     m = get_method(method)
-    if (m.needs_normalisers or m.needs_local_steps) and local_steps is None and normalisers is None:
+    if (m.needs.normalisers or m.needs.local_steps) and local_steps is None and normalisers is None:
         raise MergeInputError(
             f"merge method '{method}' needs each model's local step count: pass --local-steps "
             f"N1 ... N{num_models} (or --normalisers a1 ... a{num_models}, FedNova's a_i)")

@@ -113,6 +113,7 @@ class MergeMethod:
     takes_extras: bool = False
     takes_device: bool = False
 
+    # Read-only views of `needs` for older callers (one declaration: `needs`).
     @property
     def needs_local_steps(self) -> bool:
         return self.needs.local_steps

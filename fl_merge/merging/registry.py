@@ -174,7 +174,7 @@ def is_per_tensor_exact(method: str, params: Mapping | None = None) -> bool:
 
 def known_extras() -> set[str]:
     """Names of extra per-client arrays some registered method uses."""
-    return {n for m in _METHODS.values() for n in m.needs_extras}
+    return {n for m in _METHODS.values() for n in m.needs.extras}
 
 
 def check_extras(
@@ -194,7 +194,7 @@ def check_extras(
     extras = dict(extras or {})
     k = len(task_vectors)
     names = [str(n) for n in names] if names is not None else [f"client {i}" for i in range(k)]
-    missing = [n for n in method.needs_extras if n not in extras]
+    missing = [n for n in method.needs.extras if n not in extras]
     if missing:
         raise MergeInputError(
             f"merge method '{method.name}' needs extras {missing}: pass "
@@ -239,7 +239,7 @@ def check_extras(
                     raise MergeInputError(
                         f"{name}: extras['{ename}']['{key}'] has negative entries"
                     )
-    return {n: extras[n] for n in method.needs_extras}
+    return {n: extras[n] for n in method.needs.extras}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -298,12 +298,12 @@ def merge(
     k = len(task_vectors)
     p = normalized_weights(weights, k)
     steps = local_steps_tensor(local_steps, k)
-    if m.needs_local_steps and steps is None:
+    if m.needs.local_steps and steps is None:
         raise MergeInputError(f"merge method '{method}' needs every client's local_steps")
     norm = None
     if m.takes_normalisers:
         norm = normalisers_tensor(normalisers, steps, k, names)
-        if m.needs_normalisers and norm is None:
+        if m.needs.normalisers and norm is None:
             raise MergeInputError(
                 f"merge method '{method}' needs every client's local_steps or normalisers")
     else:  # unused by this method, but junk is still an error
