@@ -39,7 +39,6 @@ the same name again does nothing, so every process may call `load_plugins` as of
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -119,7 +118,7 @@ def method_shape(fn: Callable) -> bool:
 
 
 def _register_method(plugin: Plugin, fn: Any) -> None:
-    from fl_merge.merging.registry import _METHODS, available_methods, get_method, register
+    from fl_merge.merging.registry import available_methods, get_method, register, register_again
 
     _signature(plugin, fn)
     if plugin.name in available_methods():
@@ -127,9 +126,7 @@ def _register_method(plugin: Plugin, fn: Any) -> None:
             return
         raise PluginError(f"plugin '{plugin.item}': merge method '{plugin.name}' is already "
                           "registered (a built-in or another plugin): give it another name")
-    declared = next((m for m in _METHODS.values() if m.fn is fn), None)
-    if declared is not None:  # a method file's register(...) made it: same declarations
-        _METHODS[plugin.name] = dataclasses.replace(declared, name=plugin.name, aliases=())
+    if register_again(plugin.name, fn):  # a method file's register(...): its declarations
         return
     try:
         coordinatewise = method_shape(fn)

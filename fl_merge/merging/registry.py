@@ -164,6 +164,19 @@ def replace_method(name: str, **fields) -> None:
             _METHODS[n] = dataclasses.replace(m, **fields)
 
 
+def register_again(name: str, fn: Callable) -> bool:
+    """Register `fn`, already registered under another name (a method file a plugin names by
+    its function), as `name` too, with every declaration it carries. False when `fn` is not
+    registered (the caller then registers it plainly)."""
+    declared = next((m for m in _METHODS.values() if m.fn is fn), None)
+    if declared is None:
+        return False
+    if name in _METHODS:
+        raise ValueError(f"merge method '{name}' registered twice")
+    _METHODS[name] = dataclasses.replace(declared, name=name, aliases=())
+    return True
+
+
 def is_per_tensor_exact(method: str, params: Mapping | None = None) -> bool:
     """Whether `method` with `params` run on each tensor alone is the method itself (its
     `per_tensor_exact` declaration, evaluated at its full parameters)."""
