@@ -144,6 +144,19 @@ def test_a_method_file_on_the_path_is_seen_everywhere(tmp_path, monkeypatch, reg
     assert method_scope("steps_mean") == "exact"
     with pytest.raises(MergeInputError, match="needs each model's local step count"):
         check_merge_inputs("steps_mean", {}, 2)
+    # fl-merge merge runs it on files: theta0 + eta * sum_i t_i tau_i / sum_i t_i (power 1)
+    from safetensors.torch import load_file, save_file
+
+    from fl_merge.io.file_merge import merge_files
+
+    base, models = torch.tensor([1.0, 2.0]), [torch.tensor([2.0, 2.0]), torch.tensor([1.0, 6.0])]
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
+    for i, m in enumerate(models):
+        save_file({"w": m}, str(tmp_path / f"m{i}.safetensors"))
+    merge_files(tmp_path / "base.safetensors", [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"],
+                "steps_mean", 0.5, tmp_path / "out.safetensors", local_steps=[1, 3])
+    # taus (1, 0) and (0, 4) weighted 1/4 and 3/4: Delta (0.25, 3), theta0 + 0.5 Delta
+    assert load_file(str(tmp_path / "out.safetensors"))["w"].tolist() == [1.125, 3.5]
     assert method_configs()["steps_mean"] == {"name": "steps_mean", "power": 1.0}
     assert train_requests({"s": ("steps_mean", {})}, False) == {}
     row = next(line for line in method_table().splitlines() if line.startswith("| `steps_mean`"))

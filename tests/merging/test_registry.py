@@ -206,3 +206,15 @@ def test_declarations_are_read_back_for_the_method_and_its_aliases(scratch_regis
                  per_tensor_exact=lambda params: params["alpha"] > 0)(
         lambda task_vectors, weights, alpha=1.0: task_vectors[0])
     assert reg.is_per_tensor_exact("m6") and not reg.is_per_tensor_exact("m6", {"alpha": -1.0})
+
+
+def test_a_registered_function_registers_again_under_another_name(scratch_registry):
+    reg = scratch_registry
+    assert reg.register_again("m7", _mean) is False  # not registered: nothing happens
+    assert "m7" not in reg.available_methods()
+    reg.register("m8", coordinatewise=True, space={"alpha": (0.5,)}, lambda_scale="delta")(_mean)
+    assert reg.register_again("m7", _mean) is True
+    m = reg.get_method("m7")
+    assert (m.name, m.space, m.lambda_scale, m.fn) == ("m7", {"alpha": (0.5,)}, "delta", _mean)
+    with pytest.raises(ValueError, match="'m8' registered twice"):
+        reg.register_again("m8", _mean)
