@@ -16,7 +16,7 @@ from typing import Any
 from fl_merge.core.task_vectors import MergeInputError, apply_update, split_state, task_vector
 from fl_merge.io.merged import load_merged
 from fl_merge.methods import available_methods, merge
-from fl_merge.methods.averaging import eta_for_task_arithmetic
+from fl_merge.methods.fedavg import eta_for_task_arithmetic
 
 __version__ = "0.1.0"
 

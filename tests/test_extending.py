@@ -110,3 +110,64 @@ def test_the_examples_run(tmp_path, monkeypatch, registries):
     assert set(job.run.plugins.split(",")) == {"task:stripes=my_plugins.stripes",
                                                "method:sign_mean=my_plugins.sign_mean",
                                                "model:tiny-cnn=my_plugins.tiny_cnn"}
+
+
+def _method_file_blocks() -> tuple[str, str]:
+    """(the method file, its test) of the section "Add a method"."""
+    (method,) = [c for lang, tag, c in blocks() if tag == "fl_merge/methods/steps_mean.py"]
+    (test,) = [c for lang, tag, c in blocks() if tag == "tests/methods/test_steps_mean.py"]
+    return method, test
+
+
+def test_a_method_file_on_the_path_is_seen_everywhere(tmp_path, monkeypatch, registries):
+    """The page's method file, put on the path and imported (which registers it), is searched
+    with its declared space, scoped by `fl-merge merge`, has a Hydra method config and a row in
+    the docs' table, and its test passes: no other file touched."""
+    import torch
+
+    from fl_merge.cli.schema import method_configs
+    from fl_merge.config.plugins import load_plugins
+    from fl_merge.core.task_vectors import MergeInputError
+    from fl_merge.io.file_merge import check_merge_inputs, method_scope
+    from fl_merge.merging.method_table import method_table
+    from fl_merge.merging.search import expand, knob_grids
+    from fl_merge.round.merging import train_requests
+
+    method, test = _method_file_blocks()
+    (tmp_path / "steps_mean_method.py").write_text(method)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    load_plugins("steps_mean_method")  # a bare module item: its register(...) runs at import
+    assert knob_grids("steps_mean", {}) == {"power": (0.0, 0.5, 1.0)}
+    taus = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
+    settings = expand("steps_mean", {}, knob_grids("steps_mean", {}), taus)
+    assert [s["power"] for s in settings] == [0.0, 0.5, 1.0]
+    assert method_scope("steps_mean") == "exact"
+    with pytest.raises(MergeInputError, match="needs each model's local step count"):
+        check_merge_inputs("steps_mean", {}, 2)
+    # fl-merge merge runs it on files: theta0 + eta * sum_i t_i tau_i / sum_i t_i (power 1)
+    from safetensors.torch import load_file, save_file
+
+    from fl_merge.io.file_merge import merge_files
+
+    base, models = torch.tensor([1.0, 2.0]), [torch.tensor([2.0, 2.0]), torch.tensor([1.0, 6.0])]
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
+    for i, m in enumerate(models):
+        save_file({"w": m}, str(tmp_path / f"m{i}.safetensors"))
+    merge_files(tmp_path / "base.safetensors", [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"],
+                "steps_mean", 0.5, tmp_path / "out.safetensors", local_steps=[1, 3])
+    # taus (1, 0) and (0, 4) weighted 1/4 and 3/4: Delta (0.25, 3), theta0 + 0.5 Delta
+    assert load_file(str(tmp_path / "out.safetensors"))["w"].tolist() == [1.125, 3.5]
+    assert method_configs()["steps_mean"] == {"name": "steps_mean", "power": 1.0}
+    assert train_requests({"s": ("steps_mean", {})}, False) == {}
+    row = next(line for line in method_table().splitlines() if line.startswith("| `steps_mean`"))
+    assert "power in 0.0, 0.5, 1.0" in row and "local steps" in row and "ours (an example)" in row
+    namespace: dict = {}
+    exec(compile(test, "test_steps_mean.py", "exec"), namespace)  # noqa: S102
+    for power in (0.0, 0.5, 1.0):
+        namespace["test_steps_mean_is_the_step_weighted_mean"](power)
+    namespace["test_steps_mean_needs_local_steps"]()
+    # named as a plugin function under another name, it keeps every declaration
+    load_plugins("method:weighted_by_steps=steps_mean_method.steps_mean")
+    assert knob_grids("weighted_by_steps", {}) == {"power": (0.0, 0.5, 1.0)}
+    assert method_configs()["weighted_by_steps"] == {"name": "weighted_by_steps", "power": 1.0}
+    assert "| `weighted_by_steps`" in method_table()

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fl_merge.merging.scales import eta_for_lambda
-from fl_merge.methods import available_methods, merge
+from fl_merge.methods import available_methods, get_method, merge
 from fl_merge.io.checkpoints import Checkpoint, parse_size, plan_shards
 from fl_merge.io.file_merge import method_scope
 from fl_merge.cli.merge import main
@@ -178,6 +178,12 @@ def test_median_equals_the_middle_task_vector(pool, capsys):
         torch.testing.assert_close(got[n], base[n] + sorted_taus[1])  # K = 3: the middle one
 
 
+def _needs_steps(method: str) -> bool:
+    """The method declares it needs each client's local steps or FedNova normalisers."""
+    needs = get_method(method).needs
+    return needs.local_steps or needs.normalisers
+
+
 def _taus(base, models, keys=SHAPES):
     return [{n: m[n] - base[n] for n in keys} for m in models]
 
@@ -187,10 +193,11 @@ def _taus(base, models, keys=SHAPES):
 def test_exact_methods_equal_the_whole_vector_merge(pool, capsys, method):
     """'exact' in the help: the file merge equals fl_merge.merge on the whole task vectors."""
     _, base, models, _, ms = pool
-    extra = ["--local-steps", 2, 3, 5] if method == "fednova" else []
+    extra = ["--local-steps", 2, 3, 5] if _needs_steps(method) else []
     got = merged_file(pool, capsys, "--method", method, "--eta", 0.7, *extra)
-    kw = {"local_steps": [2, 3, 5]} if method == "fednova" else {}
-    with pytest.warns(UserWarning) if method == "fednova" else _nothing():
+    kw = {"local_steps": [2, 3, 5]} if _needs_steps(method) else {}
+    # steps standing in for FedNova normalisers: merge warns (plain-SGD a_i = t_i)
+    with pytest.warns(UserWarning) if get_method(method).needs.normalisers else _nothing():
         delta = merge(method, _taus(base, models), names=ms, **kw)
     for n in SHAPES:
         torch.testing.assert_close(got[n], base[n] + 0.7 * delta[n])
@@ -231,8 +238,8 @@ def test_every_registered_method_runs_or_is_refused_by_name(pool, capsys):
     tmp, base, models, b, ms = pool
     for method in available_methods():
         out = tmp / f"{method}.safetensors"
-        extra = {"fednova": ["--local-steps", 1, 2, 3], "krum": ["--param", "f=0"],
-                 "multikrum": ["--param", "f=0"]}.get(method, [])
+        extra = ["--local-steps", 1, 2, 3] if _needs_steps(method) else \
+            {"krum": ["--param", "f=0"], "multikrum": ["--param", "f=0"]}.get(method, [])
         rc, err = run(["--base", b, "--models", *ms, "--method", method, "--lambda", 0.2,
                        "--out", out, *extra], capsys)
         if method_scope(method).startswith("refused"):

@@ -138,7 +138,7 @@ assert "fl_merge.tasks.text" not in sys.modules, "imported before any lookup"
 print(suite_tasks("text")[0], suite_tasks("mnist8")[0], get_model_spec("minilm-l6").input_kind,
       get_model_spec("mnist-cnn").feature_dim, get_method("ties").name)
 check_tasks(["digits8x8", "bbc-news"])
-assert "fl_merge.tasks.text" in sys.modules and "fl_merge.methods.sparsify" in sys.modules
+assert "fl_merge.tasks.text" in sys.modules and "fl_merge.methods.ties" in sys.modules
 """
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
@@ -181,4 +181,4 @@ def test_the_wheel_holds_no_plainly_named_clients_or_strategies(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"fl_merge", "fl_merge_clients", "fl_merge_strategies"}
     assert "fl_merge_strategies/server_app.py" in names and "fl_merge_clients/client_app.py" in names
-    assert "fl_merge/configs/config.yaml" in names and "fl_merge/methods/sparsify.py" in names
+    assert "fl_merge/configs/config.yaml" in names and "fl_merge/methods/ties.py" in names

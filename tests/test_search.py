@@ -12,7 +12,8 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from fl_merge.merging.search import LAMBDAS, cclip_radii, expand, knob_grids
+from fl_merge.merging.search import LAMBDAS, expand, knob_grids
+from fl_merge.methods.cclip import cclip_radii
 from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.round.candidates import method_spaces, plan_candidates
 from fl_merge.round.selection import choose_settings

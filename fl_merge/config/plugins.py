@@ -20,7 +20,10 @@ naming the item and what is expected:
 * merge function: ``fn(stacked, weights, **params)`` (coordinate-wise: ``stacked`` [K, n],
   ``weights`` p [K] -> Delta [n]) or ``fn(task_vectors, weights, **params)`` (whole-vector:
   K dicts of tensors -> one dict), every hyper-parameter with its default in the signature;
-  fl_merge.merging.registry.register is the full form (aliases, checks, lambda scale).
+  fl_merge.merging.registry.register is the full form (search space, client statistics,
+  lambda scale, per-tensor exactness, checks, paper): a module whose function carries it
+  (a method file, docs/extending.md "Add a method") is registered with those declarations,
+  under the plugin's name too.
 * task builder: ``fn(seed, sizes) -> fl_merge.tasks.registry.TaskData``; its inputs are images unless
   the function carries ``input_kind = "text"``.
 * model builder: ``fn() -> torch.nn.Module`` with an int ``feature_dim`` (its output size)
@@ -116,7 +119,7 @@ def method_shape(fn: Callable) -> bool:
 
 
 def _register_method(plugin: Plugin, fn: Any) -> None:
-    from fl_merge.merging.registry import available_methods, get_method, register
+    from fl_merge.merging.registry import available_methods, get_method, register, register_again
 
     _signature(plugin, fn)
     if plugin.name in available_methods():
@@ -124,6 +127,8 @@ def _register_method(plugin: Plugin, fn: Any) -> None:
             return
         raise PluginError(f"plugin '{plugin.item}': merge method '{plugin.name}' is already "
                           "registered (a built-in or another plugin): give it another name")
+    if register_again(plugin.name, fn):  # a method file's register(...): its declarations
+        return
     try:
         coordinatewise = method_shape(fn)
     except ValueError as e:

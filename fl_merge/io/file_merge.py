@@ -5,16 +5,17 @@ form tau_i = theta_i - theta0 in float32 (float64 stays float64), Delta = fl_mer
 method, [{name: tau_i}], ...), and write theta0 + eta * Delta in the base's dtype (or the
 one asked for). Memory: K + 3 tensors of the largest size in float32, never a model.
 
-Methods and the per-tensor scope (`method_scope`):
+Methods and the per-tensor scope (`method_scope`), from what each method declares in its
+file (`register(..., per_tensor_exact=..., needs=...)`):
 
-* coordinate-wise methods (fedavg/task_arithmetic, fedgma, median, trimmed_mean, fednova):
+* coordinate-wise methods, and whole-vector ones that declare per_tensor_exact (e.g.
+  breadcrumbs and model_stock, per tensor by definition; dare unless base=ties trims):
   per tensor IS the method, exactly;
-* breadcrumbs and dare with base=fedavg mask per tensor by definition (DARE's masks are
-  seeded by (seed, model name, tensor name)): exact as well;
-* the other whole-vector methods (ties and dare with base=ties: top-k threshold;
-  cclip, krum, multikrum, geometric_median, hetero: norms, distances, cosines) run on
-  each tensor alone: a per-tensor (layer-wise) variant of the method, as mergekit runs TIES;
-* methods needing per-model arrays that checkpoints do not carry (fisher) are refused.
+* the other whole-vector methods (top-k thresholds, norms, distances, cosines over the
+  whole update) run on each tensor alone: a per-tensor (layer-wise) variant of the method,
+  as mergekit runs TIES;
+* methods needing per-model arrays that checkpoints do not carry (`Needs.extras`, e.g.
+  fisher) are refused.
 
 Non-float tensors (BatchNorm's num_batches_tracked, int buffers) are never merged: they are
 copied from the base when every model holds the same values, and otherwise the merge stops
@@ -30,19 +31,13 @@ from pathlib import Path
 
 import torch
 
-from fl_merge.merging.registry import check_method_params, normalized_weights
+from fl_merge.merging.registry import check_method_params, is_per_tensor_exact, normalized_weights
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.streaming import work_dtype
 from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
 from fl_merge.io.checkpoints import DEFAULT_MAX_SHARD_BYTES, DTYPES, Checkpoint, write_checkpoint
 from fl_merge.core.task_vectors import MergeInputError
 
-# Whole-vector methods whose per-tensor run equals the whole-vector method, by parameters.
-_PER_TENSOR_EXACT = {
-    "breadcrumbs": lambda p: True,
-    "model_stock": lambda p: True,  # its angle is per tensor by definition
-    "dare": lambda p: p.get("base") != "ties" or float(p.get("density", 1.0)) >= 1.0,
-}
 NON_FLOAT_POLICIES = ("agree", "base")
 # Elements per chunk of the linear path: 32K float32 = 128 KiB per buffer, so the chunk's
 # buffers stay in cache, and below torch's parallel grain (no thread hand-offs per chunk).
@@ -53,14 +48,10 @@ def method_scope(method: str, params: dict | None = None) -> str:
     """'exact' (per tensor is the method), 'per-tensor' (a layer-wise variant of a
     whole-vector method) or 'refused: <why>' for `method` with `params`."""
     m = get_method(method)
-    if m.needs_extras:
-        return (f"refused: needs per-model {', '.join(m.needs_extras)} arrays, which "
+    if m.needs.extras:
+        return (f"refused: needs per-model {', '.join(m.needs.extras)} arrays, which "
                 "checkpoints do not carry (use fl_merge.merge(..., extras=...) or a Flower round)")
-    if m.coordinatewise:
-        return "exact"
-    full = {**m.params, **(params or {})}
-    exact = _PER_TENSOR_EXACT.get(m.name)
-    return "exact" if exact is not None and exact(full) else "per-tensor"
+    return "exact" if is_per_tensor_exact(method, params) else "per-tensor"
 
 
 def check_merge_inputs(method: str, params: dict, num_models: int,
@@ -73,7 +64,7 @@ def check_merge_inputs(method: str, params: dict, num_models: int,
         raise MergeInputError(f"merge method '{method}' cannot merge checkpoint files: {scope[9:]}")
     check_method_params(method, params, num_models)
     m = get_method(method)
-    if (m.needs_normalisers or m.needs_local_steps) and local_steps is None and normalisers is None:
+    if (m.needs.normalisers or m.needs.local_steps) and local_steps is None and normalisers is None:
         raise MergeInputError(
             f"merge method '{method}' needs each model's local step count: pass --local-steps "
             f"N1 ... N{num_models} (or --normalisers a1 ... a{num_models}, FedNova's a_i)")

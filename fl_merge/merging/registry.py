@@ -10,18 +10,19 @@ is theta0 + eta * Delta. Two shapes of method exist:
 * whole-vector methods (norms, distances or ranks over the flattened update) receive the
   list of task vectors and must stream themselves (helpers in `streaming`).
 
-Methods may also declare per-client extra arrays they need (``needs_extras``, e.g. diagonal
-Fisher estimates): `merge(..., extras={"fisher": [dict per client]})` validates them like the
-task vectors (same keys and shapes, finite, non-negative) and hands them to the method.
+A method file registers its function with `register(...)`, which holds everything fl-merge
+reads about the method beside it (fl_merge/merging/method.py, `MergeMethod`): its search
+space, lambda units, per-tensor exactness, the client statistics it needs (`Needs`), its
+paper and formula. Per-client extra arrays a method needs (``Needs(extras=...)``, e.g.
+diagonal Fisher estimates) arrive as `merge(..., extras={"fisher": [dict per client]})`,
+validated like the task vectors (same keys and shapes, finite, non-negative).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -33,59 +34,16 @@ from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
     normalized_weights,
 )
 from fl_merge.core.registration import METHOD_MODULES, BuiltinRegistry
+from fl_merge.merging.method import (  # noqa: F401  (public here too: method files import them)
+    Derived,
+    MergeMethod,
+    Needs,
+    Paper,
+    is_integer,
+    is_number,
+    number_param,
+)
 from fl_merge.core.task_vectors import MergeInputError, StateDict, all_finite, check_task_vectors
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered merge method.
-
-    fn: the pure function. Coordinate-wise: ``fn(stacked[K, n], p[K], **params) -> Tensor[n]``
-        (stacked is scratch: the function may overwrite it). Whole-vector:
-        ``fn(task_vectors, p, **params) -> StateDict``. Either form that declares a
-        ``local_steps`` argument receives the clients' step counts (float64 [K] tensor, or
-        None when unknown); one that declares ``normalisers`` receives FedNova's a_i
-        (float64 [K], `per_client.normalisers_tensor`: reported ones, else the plain-SGD
-        a_i = t_i from the steps, else None); one that declares ``names`` receives the
-        clients' names (list of str, or None when the caller gave none); one that declares
-        ``extras`` receives the extra arrays
-        (coordinate-wise: name -> stacked [K, n] block; whole-vector: name -> list of
-        per-client dicts); a whole-vector one that declares ``device`` gets the resolved
-        torch.device for its arithmetic.
-    params: name -> default value of the method's hyper-parameters (from fn's signature).
-    needs_local_steps: the method cannot run without each client's local step count.
-    needs_normalisers: the method cannot run without each client's normaliser (or steps).
-    min_clients: a check ``(K, params) -> None`` raising MergeInputError when K is too small.
-    needs_extras: names of per-client extra arrays the method cannot run without.
-    check_params: a check ``(params) -> None`` raising MergeInputError on invalid values.
-    coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
-        **params) -> c[K]`` (per_client: the local_steps / normalisers that fn declares);
-        `merge` then streams the clients' rows with fused multiply-adds instead of
-        gathering [K, n] blocks (same result as `fn`, fewer memory passes). `fn` stays the
-        reference implementation on a stacked block.
-    """
-
-    name: str
-    fn: Callable
-    coordinatewise: bool
-    params: dict = field(default_factory=dict)
-    needs_local_steps: bool = False
-    min_clients: Callable[[int, dict], None] | None = None
-    summary: str = ""
-    takes_local_steps: bool = False
-    needs_extras: tuple[str, ...] = ()
-    check_params: Callable[[dict], None] | None = None
-    takes_extras: bool = False
-    takes_device: bool = False
-    coefficients: Callable | None = None
-    needs_normalisers: bool = False
-    takes_normalisers: bool = False
-    takes_names: bool = False
-    # How the method's paper scales its output: "sum" (Task Arithmetic's lambda multiplies the
-    # sum of K task vectors, so eta = K * lambda for our mean-like Delta) or "delta" (lambda
-    # multiplies the method's own merged vector: eta = lambda). A callable(params) -> either,
-    # for methods whose convention depends on a parameter (dare's base). fl_merge.merging.scales.
-    lambda_scale: str | Callable[[dict], str] = "sum"
 
 
 # Loads the built-in methods (fl_merge.methods) on first use: fl_merge/core/registration.py.
@@ -100,16 +58,21 @@ def register(
     name: str,
     *,
     coordinatewise: bool,
-    needs_local_steps: bool = False,
-    min_clients: Callable[[int, dict], None] | None = None,
+    needs: Needs = Needs(),
+    space: Mapping[str, tuple | Derived] | None = None,
+    lambda_scale: str | Callable[[dict], str] = "sum",
+    per_tensor_exact: bool | Callable[[dict], bool] | None = None,
+    paper: Paper | str | None = None,
+    formula: str = "",
     aliases: Sequence[str] = (),
-    needs_extras: Sequence[str] = (),
+    min_clients: Callable[[int, dict], None] | None = None,
     check_params: Callable[[dict], None] | None = None,
     coefficients: Callable | None = None,
-    needs_normalisers: bool = False,
-    lambda_scale: str | Callable[[dict], str] = "sum",
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering `fn` as merge method `name` (and its aliases)."""
+    """Decorator registering `fn` as merge method `name` (and its aliases), with everything
+    fl-merge reads about it (`MergeMethod` says what each declaration means). Its
+    hyper-parameters and their defaults are fn's signature. per_tensor_exact None: True for
+    a coordinate-wise method (per tensor is the method), False otherwise."""
 
     def deco(fn: Callable) -> Callable:
         sig = inspect.signature(fn).parameters
@@ -119,19 +82,36 @@ def register(
             if p.name not in _RESERVED
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         }
-        summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        takes_steps = "local_steps" in sig
-        if needs_extras and "extras" not in sig:
+        if not isinstance(needs, Needs):
+            raise ValueError(f"merge method '{name}': needs must be a Needs(...), got {needs!r}")
+        if needs.extras and "extras" not in sig:
             raise ValueError(f"merge method '{name}' needs extras but takes no 'extras' argument")
+        knobs = dict(space or {})
+        unknown = sorted(set(knobs) - set(params))
+        if unknown:
+            raise ValueError(f"merge method '{name}' declares a search space for {unknown}, which "
+                             f"are not its parameters ({', '.join(params) or 'none'})")
+        bad = [k for k, v in knobs.items() if not isinstance(v, Derived)
+               and (not isinstance(v, (tuple, list)) or not v)]
+        if bad:
+            raise ValueError(f"merge method '{name}': the space of {bad[0]} must be a non-empty "
+                             f"tuple of values or a Derived grid, got {knobs[bad[0]]!r}")
+        method = MergeMethod(
+            name, fn, coordinatewise, params, needs=needs,
+            space={k: v if isinstance(v, Derived) else tuple(v) for k, v in knobs.items()},
+            lambda_scale=lambda_scale,
+            per_tensor_exact=coordinatewise if per_tensor_exact is None else per_tensor_exact,
+            paper=Paper(paper) if isinstance(paper, str) else paper, formula=formula,
+            summary=(inspect.getdoc(fn) or "").split("\n")[0], aliases=tuple(aliases),
+            min_clients=min_clients, check_params=check_params, coefficients=coefficients,
+            takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
+            takes_names="names" in sig, takes_extras="extras" in sig, takes_device="device" in sig,
+        )
         for n in (name, *aliases):
             if n in _METHODS:
                 raise ValueError(f"merge method '{n}' registered twice")
-            _METHODS[n] = MergeMethod(
-                n, fn, coordinatewise, params, needs_local_steps, min_clients, summary,
-                takes_steps, tuple(needs_extras), check_params, "extras" in sig,
-                "device" in sig, coefficients, needs_normalisers, "normalisers" in sig,
-                "names" in sig, lambda_scale,
-            )
+        for n in (name, *aliases):
+            _METHODS[n] = dataclasses.replace(method, name=n)
         return fn
 
     return deco
@@ -152,33 +132,6 @@ def get_method(name: str) -> MergeMethod:
         raise MergeInputError(
             f"unknown merge method '{name}'; known: {', '.join(available_methods())}"
         ) from None
-
-
-def is_number(value) -> bool:
-    """A finite real number (int or float; a bool or a numeric string is not one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond float range
-        return False
-
-
-def is_integer(value) -> bool:
-    """An integer, or a float with an integral value (1.0 from a config file); not a bool."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, numbers.Integral):
-        return True
-    return is_number(value) and float(value).is_integer()
-
-
-def number_param(params: Mapping, name: str) -> float:
-    """params[name] as a float, or MergeInputError unless it is a finite real number."""
-    value = params[name]
-    if not is_number(value):
-        raise MergeInputError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def check_method_params(method: str, params: Mapping, num_clients: int | None = None) -> dict:
@@ -203,9 +156,38 @@ def check_method_params(method: str, params: Mapping, num_clients: int | None = 
     return full
 
 
+def replace_method(name: str, **fields) -> None:
+    """Change declarations of a registered method (and of its aliases), e.g. its space."""
+    fn = get_method(name).fn
+    for n, m in list(_METHODS.items()):
+        if m.fn is fn:
+            _METHODS[n] = dataclasses.replace(m, **fields)
+
+
+def register_again(name: str, fn: Callable) -> bool:
+    """Register `fn`, already registered under another name (a method file a plugin names by
+    its function), as `name` too, with every declaration it carries. False when `fn` is not
+    registered (the caller then registers it plainly)."""
+    declared = next((m for m in _METHODS.values() if m.fn is fn), None)
+    if declared is None:
+        return False
+    if name in _METHODS:
+        raise ValueError(f"merge method '{name}' registered twice")
+    _METHODS[name] = dataclasses.replace(declared, name=name, aliases=())
+    return True
+
+
+def is_per_tensor_exact(method: str, params: Mapping | None = None) -> bool:
+    """Whether `method` with `params` run on each tensor alone is the method itself (its
+    `per_tensor_exact` declaration, evaluated at its full parameters)."""
+    m = get_method(method)
+    exact = m.per_tensor_exact
+    return bool(exact({**m.params, **dict(params or {})}) if callable(exact) else exact)
+
+
 def known_extras() -> set[str]:
     """Names of extra per-client arrays some registered method uses."""
-    return {n for m in _METHODS.values() for n in m.needs_extras}
+    return {n for m in _METHODS.values() for n in m.needs.extras}
 
 
 def check_extras(
@@ -225,7 +207,7 @@ def check_extras(
     extras = dict(extras or {})
     k = len(task_vectors)
     names = [str(n) for n in names] if names is not None else [f"client {i}" for i in range(k)]
-    missing = [n for n in method.needs_extras if n not in extras]
+    missing = [n for n in method.needs.extras if n not in extras]
     if missing:
         raise MergeInputError(
             f"merge method '{method.name}' needs extras {missing}: pass "
@@ -270,7 +252,7 @@ def check_extras(
                     raise MergeInputError(
                         f"{name}: extras['{ename}']['{key}'] has negative entries"
                     )
-    return {n: extras[n] for n in method.needs_extras}
+    return {n: extras[n] for n in method.needs.extras}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -329,12 +311,12 @@ def merge(
     k = len(task_vectors)
     p = normalized_weights(weights, k)
     steps = local_steps_tensor(local_steps, k)
-    if m.needs_local_steps and steps is None:
+    if m.needs.local_steps and steps is None:
         raise MergeInputError(f"merge method '{method}' needs every client's local_steps")
     norm = None
     if m.takes_normalisers:
         norm = normalisers_tensor(normalisers, steps, k, names)
-        if m.needs_normalisers and norm is None:
+        if m.needs.normalisers and norm is None:
             raise MergeInputError(
                 f"merge method '{method}' needs every client's local_steps or normalisers")
     else:  # unused by this method, but junk is still an error

@@ -1,8 +1,9 @@
 """Merge methods: one file per method, each registering itself by name.
 
 A method file holds the method's pure torch function and, beside it in its ``register(...)``
-call, everything the rest of fl-merge reads about it (fl_merge/merging/registry.py says
-what). Importing this package imports every module of this folder, so a new method is one
+call, everything the rest of fl-merge reads about it (fl_merge/merging/method.py says
+what: parameters, search space, lambda units, per-tensor exactness, client statistics,
+paper, formula). Importing this package imports every module of this folder, so a new method is one
 new file here (docs/extending.md, "Add a method") and no list anywhere else.
 
 May import: fl_merge.core and fl_merge.merging (the method contract and the streaming

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.merging import streaming
-from fl_merge.merging.registry import number_param, register
+from fl_merge.merging.registry import Paper, number_param, register
 from fl_merge.core.task_vectors import MergeInputError, StateDict
 
 
@@ -69,7 +69,13 @@ def _check_hetero(params: dict) -> None:
         raise MergeInputError(f"floor must lie in [1e-12, 1e12], got {params['floor']}")
 
 
-@register("hetero", coordinatewise=False, check_params=_check_hetero)
+@register(
+    "hetero", coordinatewise=False, check_params=_check_hetero,
+    space={"gamma": (0.5, 1.0, 2.0)},
+    formula="normalise by a_i, clip to the median norm, weight by the leave-one-out cosine with "
+            "the others plus a floor, rescale by a_eff",
+    paper=Paper("ours (this project)"),
+)
 def hetero(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,

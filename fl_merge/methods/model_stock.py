@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.merging import streaming
-from fl_merge.merging.registry import register
+from fl_merge.merging.registry import Paper, register
 from fl_merge.core.task_vectors import StateDict
 
 
@@ -41,7 +41,15 @@ def model_stock_ratio(cos: float, num_models: int) -> float:
     return n * c / den if den > 0 else 0.0
 
 
-@register("model_stock", coordinatewise=False, lambda_scale="delta")
+@register(
+    "model_stock", coordinatewise=False, lambda_scale="delta",
+    per_tensor_exact=True,  # its angle is per tensor by definition
+    formula="per tensor l: t_l sum_i p_i tau_i,l, t_l = K c_l / (1 + (K - 1) c_l), c_l the mean "
+            "pairwise cosine of tensor l clamped to [0, 1] (K > 2: mean over the pairs, ours); "
+            "lambda = eta, 1 is the paper's model",
+    paper=Paper("Jang, Yun & Han, ECCV 2024, \"Model Stock: All we need is just a few "
+                "fine-tuned models\""),
+)
 def model_stock(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from fl_merge.methods.averaging import fednova_normaliser
+from fl_merge.methods.fednova import fednova_normaliser
 
 
 @dataclass

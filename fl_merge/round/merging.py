@@ -61,8 +61,8 @@ def given_params(methods: Sequence[str | tuple[str, Mapping[str, Any]]]
 def train_requests(methods: Methods, measure_heterogeneity: bool) -> dict[str, bool]:
     """Config flags for the training message: the extras the methods and measures need."""
     flags = {}
-    if any("fisher" in get_method(name).needs_extras for name, _ in methods.values()):
-        flags["compute-fisher"] = True  # clients add their diagonal Fisher to the reply
+    for name, _ in methods.values():  # e.g. compute-fisher: clients add their diagonal Fisher
+        flags.update({f"compute-{extra}": True for extra in get_method(name).needs.extras})
     if measure_heterogeneity:
         flags["compute-grad0"] = True  # clients add their gradient at theta0
     return flags

@@ -51,8 +51,14 @@ def test_every_method_declares_a_scale_and_round_trips(method):
 
 
 def test_only_ties_style_methods_and_model_stock_take_lambda_as_eta():
+    """The built-ins' papers: TIES and Model Stock scale their own merged vector; Task
+    Arithmetic, Breadcrumbs and every FL aggregator scale the sum (a new method file may
+    declare either)."""
     delta = {m for m in available_methods() if lambda_scale(m) == "delta"}
-    assert delta == {"ties", "model_stock"}
+    assert {"ties", "model_stock"} <= delta
+    assert not delta & {"fedavg", "task_arithmetic", "fednova", "fedgma", "median", "trimmed_mean",
+                        "cclip", "krum", "multikrum", "geometric_median", "fisher", "hetero",
+                        "breadcrumbs", "dare"}
 
 
 def test_bad_inputs_say_what_is_wrong():

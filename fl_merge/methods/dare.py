@@ -1,0 +1,99 @@
+"""DARE, Drop And REscale (Yu et al., ICML 2024), then Task Arithmetic or TIES (DARE-TIES,
+with the block machinery of fl_merge/methods/ties.py)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fl_merge.core.task_vectors import MergeInputError, StateDict
+from fl_merge.merging import streaming
+from fl_merge.merging.blocks import task_vectors_dtype
+from fl_merge.merging.registry import Paper, is_integer, number_param, register
+from fl_merge.methods.ties import check_density, ties_merge
+
+
+def dare_seed(seed: int, client: str, key: str) -> int:
+    """The seed of one DARE mask, from the run's seed, the client's name and the tensor's
+    name: a stable hash (BLAKE2b, the same in every process, unlike Python's hash), so a
+    client's mask does not depend on where it sits in the list."""
+    msg = "\x1f".join((str(int(seed)), client, key)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") % (2**63)
+
+
+def _check_dare(params: dict) -> None:
+    r = number_param(params, "drop_rate")
+    if not 0.0 <= r < 1.0:
+        raise MergeInputError(f"drop_rate must lie in [0, 1), got {params['drop_rate']}")
+    if not isinstance(params["base"], str) or params["base"] not in ("fedavg", "ties"):
+        raise MergeInputError(f"base must be 'fedavg' or 'ties', got {params['base']!r}")
+    check_density(params)
+    if not is_integer(params["seed"]):
+        raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
+
+
+
+@register(
+    "dare", coordinatewise=False, check_params=_check_dare,
+    lambda_scale=lambda params: "delta" if params.get("base") == "ties" else "sum",
+    # masks are per tensor by definition; the TIES top-k threshold is not, unless nothing is trimmed
+    per_tensor_exact=lambda params: params["base"] != "ties" or float(params["density"]) >= 1.0,
+    space={"drop_rate": (0.5, 0.7, 0.9)},
+    formula="Bernoulli(1 - drop_rate) masks seeded by (seed, client name, tensor name), rescaled "
+            "by 1/(1 - drop_rate), then the fedavg mean or TIES (base)",
+    paper=Paper("Yu et al., ICML 2024, \"Language Models are Super Mario: Absorbing Abilities "
+                "from Homologous Models as a Free Lunch\""),
+)
+def dare(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    names: Sequence[str] | None = None,
+    device: torch.device = torch.device("cpu"),
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    base: str = "fedavg",
+    density: float = 1.0,
+) -> StateDict:
+    """DARE, Drop And REscale (Yu et al., ICML 2024, "Language Models are Super Mario"):
+    hat tau_i = m_i * tau_i / (1 - drop_rate), m_i ~ Bernoulli(1 - drop_rate) per entry,
+    then base="fedavg": Delta = sum_i p_i hat tau_i (unbiased: E[Delta] = fedavg), or
+    base="ties": TIES(hat tau, density) (DARE-TIES; density 1 = sign election and
+    disjoint mean without further trimming).
+
+    Masks come from a CPU generator seeded by (seed, client name, tensor name)
+    (`dare_seed`): a client keeps its mask wherever it sits in the list, so the result does
+    not depend on client order, and a given seed gives the same masks on every device and
+    in every call. Names must be unique and stable across runs (a task or partition, not a
+    node id that changes every run). Without `names` (merge(..., names=None)) a client is
+    named by its position, "client <i>", so reordering clients then changes the masks.
+    """
+    ref = task_vectors[0]
+    keys = list(ref)
+    dtype = task_vectors_dtype(task_vectors)
+    keep_p = 1.0 - float(drop_rate)
+    names = [f"client {i}" for i in range(len(task_vectors))] if names is None else list(names)
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise MergeInputError(f"dare keys its random masks by client name: names must be unique, "
+                              f"got {dup!r} twice")
+
+    def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
+        if drop_rate == 0:
+            return x
+        g = torch.Generator().manual_seed(dare_seed(seed, names[i], key))
+        keep = torch.rand(x.numel(), generator=g) < keep_p
+        return x * keep.to(x.device).reshape(x.shape) / keep_p
+
+    if base == "ties":
+        return ties_merge(task_vectors, weights, device, density, transform)
+    p = weights.tolist()
+    out = {}
+    for key in keys:
+        acc = torch.zeros(ref[key].numel(), dtype=dtype, device=device)
+        for i, tv in enumerate(task_vectors):
+            acc.add_(transform(i, key, tv[key].reshape(-1).to(device=device, dtype=dtype)), alpha=p[i])
+        out[key] = acc
+    return streaming.to_output(out, ref)
+

@@ -1,0 +1,160 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge; its block
+machinery (`ties_block`, `ties_merge`) is DARE-TIES's too (fl_merge/methods/dare.py).
+
+Global top-k needs the k-th largest |value| of each client's *whole* task vector: it is
+found exactly by a streamed two-pass radix select (`streaming.abs_order_stats`: histogram
+of the float bit patterns, then kthvalue inside one bucket), so nothing model-sized is
+flattened; the merge itself streams over ``[K, n]`` blocks. Only DARE-TIES, whose random
+masks are drawn per whole tensor, flattens one client's (masked) vector at a time
+(`streaming.kth_largest_abs`, memory ~2P values, independent of K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from fl_merge.core.task_vectors import MergeInputError, StateDict
+from fl_merge.merging import streaming
+from fl_merge.merging.blocks import task_vectors_dtype
+from fl_merge.merging.registry import Paper, number_param, register
+
+
+def ties_block(
+    x: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor, tie_sign: float = 0.0
+) -> tuple[torch.Tensor, int, bool]:
+    """TIES on one block x[K, n] (overwritten): trim |x_i| < thresholds_i to 0, elect
+    s = sign(sum_i p_i x_i), use `tie_sign` where that sum is exactly 0, and return
+    ``(delta, balance, live_ties)``: delta the p-weighted mean over the clients whose trimmed
+    entry agrees with s (0 where none does), balance = #(s > 0) - #(s < 0) of the elected
+    signs before tie-breaking, live_ties whether some tied coordinate has a nonzero entry
+    (so that `tie_sign` decides it).
+
+    Agreement follows the TIES reference code (prateeky2806/ties-merging,
+    src/utils/merge_utils.py, disjoint_merge): entries with x > 0 where s > 0, else entries
+    with x < 0, so a sign s = 0 selects the negative entries."""
+    x.mul_(x.abs() >= thresholds.reshape(-1, 1))
+    w = weights.reshape(-1, 1)
+    elected = torch.sign(w.T @ x).reshape(-1)  # [n]
+    tied = elected == 0
+    balance = int((elected > 0).sum()) - int((elected < 0).sum())
+    live_ties = bool((tied & (x != 0).any(0)).any())
+    if tie_sign != 0:
+        elected = torch.where(tied, torch.full_like(elected, tie_sign), elected)
+    agree = torch.where(elected > 0, x > 0, x < 0)
+    wa = agree.to(x.dtype).mul_(w)  # [K, n]: p_i where client i agrees
+    num = (wa * x).sum(0)
+    den = wa.sum(0)
+    delta = torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    return delta, balance, live_ties
+
+
+def _top_count(total: int, density: float) -> int:
+    return max(1, int(density * total))
+
+
+def ties_merge(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device,
+    density: float,
+    transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+) -> StateDict:
+    """TIES over whole task vectors; `transform(client, key, flat_tensor)` optionally rewrites
+    each client's tensor first (DARE). Without a transform the merge streams [K, n] blocks;
+    with one it stacks whole tensors (memory K x largest tensor) so each random mask is
+    generated once per (client, tensor), independent of the block size.
+
+    Tie-breaking as in the TIES reference code: where the elected sum is exactly 0 the sign
+    is the majority sign of all elected signs over the whole flattened update (`tie_sign`
+    = sign of the summed balance; the reference's resolve_zero_signs). That sign is known
+    only after a full pass, so the pass runs with tie_sign 0 and the tensors holding a tie
+    decided by a nonzero entry are merged again with the majority sign (rare: the sum must
+    cancel exactly); when the majority sign is itself 0 the first pass is already the
+    reference's result (it then keeps the negative entries)."""
+    ref = task_vectors[0]
+    dtype = task_vectors_dtype(task_vectors)
+    total = sum(v.numel() for v in ref.values())
+    if total == 0:  # only zero-size tensors: nothing to trim or merge
+        return {key: torch.empty_like(r, device="cpu") for key, r in ref.items()}
+    count = _top_count(total, density)
+    if transform is None:
+        ranks = [[total - count + 1]] * len(task_vectors)
+        thr_list = [r[0] for r in streaming.abs_order_stats(task_vectors, ranks, device, dtype)]
+    else:
+        thr_list = [
+            streaming.kth_largest_abs(tv, count, device, dtype, lambda key, x, i=i: transform(i, key, x))
+            for i, tv in enumerate(task_vectors)
+        ]
+    thr = torch.tensor(thr_list, dtype=dtype, device=device)
+    pw = weights.to(device=device, dtype=dtype)
+    out = streaming.empty_like_flat(ref, device, dtype)
+
+    def run(keys, tie_sign: float) -> tuple[int, set]:
+        balance, tied = 0, set()
+        if transform is None:
+            blocks = ((key, s, e, x) for key, s, e, x, _ in
+                      streaming.iter_blocks(task_vectors, device, dtype, keys=keys))
+        else:
+            blocks = ((key, 0, ref[key].numel(), torch.stack([
+                transform(i, key, tv[key].reshape(-1).to(device=device, dtype=dtype))
+                for i, tv in enumerate(task_vectors)])) for key in keys)
+        for key, s, e, x in blocks:
+            out[key][s:e], b, live = ties_block(x, thr, pw, tie_sign)
+            balance += b
+            if live:
+                tied.add(key)
+        return balance, tied
+
+    balance, tied = run(list(ref), 0.0)
+    majority = float((balance > 0) - (balance < 0))
+    if tied and majority != 0:
+        run([key for key in ref if key in tied], majority)
+    return streaming.to_output(out, ref)
+
+def check_density(params: dict) -> None:
+    d = number_param(params, "density")
+    if not 0.0 < d <= 1.0:
+        raise MergeInputError(f"density must lie in (0, 1], got {params['density']}")
+
+
+@register(
+    "ties", coordinatewise=False, check_params=check_density, lambda_scale="delta",
+    space={"density": (0.1, 0.2, 0.3)},
+    formula="keep each client's top density fraction of abs(tau_i), elect the sign by mass (an "
+            "exact 0 takes the majority of the elected signs), mean over the agreeing clients",
+    paper=Paper("Yadav et al., NeurIPS 2023, \"TIES-Merging: Resolving Interference When "
+                "Merging Models\"",
+                code="prateeky2806/ties-merging, src/utils/merge_utils.py (sign election, tie-break)"),
+)
+def ties(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    density: float = 0.2,
+) -> StateDict:
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+    1. trim: per client keep the top k = max(1, floor(density * P)) entries of |tau_i| over
+       the whole flattened vector (all tensors; entries tied with the k-th largest are kept
+       too), zero the rest -> hat tau_i;
+    2. elect: s = sign(sum_i p_i hat tau_i) per coordinate (the paper's mass vote; uniform p
+       gives the same sign); where the sum is exactly 0, s is the majority of the elected
+       signs over the whole vector, as in the TIES reference code (resolve_zero_signs in
+       prateeky2806/ties-merging; with no majority its disjoint_merge keeps the negative
+       entries, and so does this);
+    3. disjoint mean: Delta = sum_{i in A} p_i hat tau_i / sum_{i in A} p_i over
+       A = {i : sign(hat tau_i) = s, hat tau_i != 0}, 0 where A is empty (the reference's
+       mean over the nonzero selected entries; uniform p gives the same).
+
+    Mean-convention scaling: the disjoint mean already *is* a mean over the agreeing
+    clients, so Delta is used as is (no factor K): identical clients give back their common
+    vector (at density 1), and eta plays exactly the paper's lambda (theta = theta0 +
+    lambda * tau_m). Unlike fedavg's mean it is not diluted by clients that are silent on a
+    coordinate, which is the point of the disjoint merge.
+    Memory: one [K, n] block at a time, K x 32768 histogram counts and the candidate values
+    of one radix bucket per client; nothing model-sized besides the result.
+    """
+    return ties_merge(task_vectors, weights, device, density)
+
