@@ -398,6 +398,22 @@ def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
         assert events == ["fsync-file", "replace", "fsync-dir"], events
 
 
+def test_the_one_csv_writer_puts_given_columns_first_and_leaves_missing_cells_empty(tmp_path):
+    path = results.write_rows(tmp_path / "t.csv", [{"b": 1, "c": "x,y"}, {"d": True}],
+                              extra={"run": 7}, columns=["a", "b"])
+    # written out by hand: RFC 4180 quoting, csv's \r\n line ends, header a, b, then the rest
+    assert path.read_bytes() == (b"a,b,run,c,d\r\n"
+                                 b',1,7,"x,y",\r\n'
+                                 b",,7,,True\r\n")
+
+
+def test_appending_to_the_store_keeps_old_columns_and_adds_new_ones_at_the_end(tmp_path):
+    path = tmp_path / "s.csv"
+    store.append_rows(path, [{"job": 0, "acc": 0.5}])
+    store.append_rows(path, [{"job": 1, "loss": 2}])
+    assert path.read_bytes() == b"job,acc,loss\r\n0,0.5,\r\n1,,2\r\n"
+
+
 # --------------------------------------------------------------------------- resume
 
 CLIENT_CONFIG = {"model": "mnist-cnn", "tasks": ["parity", "invert", "rotate90", "blur"],

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fl_merge.core.files import atomic_write_text, remove_stale_temps, temp_path
+from fl_merge.core.files import atomic_write_text, remove_stale_temps, sync_directory, temp_path
 from fl_merge.core.task_vectors import MergeInputError
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -387,6 +387,7 @@ def write_checkpoint(
                 os.fsync(f.fileno())
         for tmp, p in zip(temps, paths):
             os.replace(tmp, p)
+        sync_directory(paths[0].parent)  # the renames survive a crash
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

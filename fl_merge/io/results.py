@@ -10,30 +10,32 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
 from fl_merge.core.files import atomic_write, atomic_write_text
+from fl_merge.io.checkpoints import write_checkpoint
 
 RESULTS_FILE = "results.csv"
 MODEL_FILE = "merged.safetensors"
 RUN_FILE = "run.json"
 
-def write_rows(path: Path, rows: list[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
-    """Write tidy rows as CSV; `extra` columns (run id, config) are added to every row."""
+def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+               extra: Mapping[str, Any] | None = None, columns: Sequence[str] = ()) -> Path:
+    """Write rows as CSV, atomically: the one CSV writer (run results, the sweep store, the
+    over-seed tables, the experiments' tables). `extra` columns (run id, config) are added
+    in front of every row; the header is `columns`, then every other key in order of first
+    appearance; a row lacking a column leaves it empty."""
     rows = [{**(extra or {}), **r} for r in rows]
-    columns: list[str] = []
-    for r in rows:
-        columns.extend(k for k in r if k not in columns)
+    header = list(dict.fromkeys([*columns, *(k for r in rows for k in r)]))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer = csv.DictWriter(buf, fieldnames=header, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -75,7 +77,10 @@ def save_merged_model(path: Path, backbone: Mapping[str, torch.Tensor],
     for task, head in heads.items():
         for k, v in head.items():
             tensors[f"heads.{task}.{k.removeprefix('head.')}"] = v.detach().contiguous().cpu()
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    keys = sorted(tensors)  # by name: the bytes do not depend on the order clients replied in
+    specs = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in keys]
+    write_checkpoint(path, specs, ((k, tensors[k]) for k in keys), max_shard_bytes=1 << 62,
+                     metadata=meta)  # one file, through the one safetensors writer
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
