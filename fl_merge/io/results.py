@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fl_merge.core.files import atomic_write, atomic_write_text
+from fl_merge.core.files import atomic_write_text
 from fl_merge.io.checkpoints import write_checkpoint
 
 RESULTS_FILE = "results.csv"
