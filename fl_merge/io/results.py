@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from fl_merge.core.files import atomic_write_text
+from fl_merge.core.values import parse_value
 from fl_merge.io.checkpoints import write_checkpoint
 
 RESULTS_FILE = "results.csv"
@@ -39,9 +40,10 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a results CSV back, numbers as floats/ints and booleans as bool."""
+    """Read a results CSV back, each cell through `parse_value`: numbers as ints/floats,
+    true/false as bool, the rest as text."""
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: parse_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # What merged.safetensors' metadata may hold: only what config and seeds fix, so two runs of one
@@ -154,16 +156,3 @@ def mean(values: list[float]) -> float:
 
 def _truthy(v: Any) -> bool:
     return v is True or (isinstance(v, str) and v.lower() == "true")
-
-
-def _parse(v: str) -> Any:
-    if v in ("True", "False"):
-        return v == "True"
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v)
-    except ValueError:
-        return v
