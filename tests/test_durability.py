@@ -436,7 +436,7 @@ for pid in range(4):
 """
 
 
-def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, monkeypatch):
+def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, counted_trainer):
     """Clients killed part way through: on the rerun, every client whose update was cached
     before the kill is served from the cache (no training), the others train."""
     from fl_merge_clients import client_app
@@ -457,14 +457,7 @@ def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, monkeypatch
     assert len(entries) >= min(finished, 4)
     assert all(load_update(e.stem, cache) is not None for e in entries)  # none is partial
 
-    calls = []
-    real = client_app.fine_tune
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(client_app, "fine_tune", spy)
+    calls = counted_trainer  # counts only the trainings below: the ones above ran in a child
     cached = [client_app.local_train(CLIENT_CONFIG, pid, theta0, cache)[1]["cached"]
               for pid in range(4)]
     assert cached[:2] == [1, 1]  # trained before the kill: reused
