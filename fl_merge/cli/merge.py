@@ -17,7 +17,8 @@ import yaml
 
 from fl_merge.merging.scales import eta_for_lambda, lambda_scale
 from fl_merge.methods import available_methods
-from fl_merge.io.checkpoints import DEFAULT_MAX_SHARD_BYTES, FORMATS, parse_dtype, parse_size
+from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
+from fl_merge.io.checkpoints import FORMATS, parse_dtype, parse_size
 from fl_merge.io.file_merge import NON_FLOAT_POLICIES, merge_files, method_scope
 from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.core.values import parse_value

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from fl_merge.core.files import atomic_write_text
 from fl_merge.core.values import parse_value
-from fl_merge.io.checkpoints import write_checkpoint
+from fl_merge.core.safetensors_writer import save_tensors
 
 RESULTS_FILE = "results.csv"
 MODEL_FILE = "merged.safetensors"
@@ -79,10 +79,7 @@ def save_merged_model(path: Path, backbone: Mapping[str, torch.Tensor],
     for task, head in heads.items():
         for k, v in head.items():
             tensors[f"heads.{task}.{k.removeprefix('head.')}"] = v.detach().contiguous().cpu()
-    keys = sorted(tensors)  # by name: the bytes do not depend on the order clients replied in
-    specs = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in keys]
-    write_checkpoint(path, specs, ((k, tensors[k]) for k in keys), max_shard_bytes=1 << 62,
-                     metadata=meta)  # one file, through the one safetensors writer
+    save_tensors(path, tensors, meta)  # sorted by name: reply order does not change the bytes
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
