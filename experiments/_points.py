@@ -47,7 +47,7 @@ def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[s
     of each measure over the seeds; `within_seed` 'k/n': in k of the n seeds the run's own
     paired bootstrap CI over test examples (the point's `within`) excluded 0. ValueError when
     a setting repeats a seed or a point lacks the reference."""
-    from fl_merge.stats.intervals import excludes_zero, paired_t, t_interval
+    from fl_merge.stats.intervals import over_seed_table, seed_marks
 
     settings: dict[str, list[Mapping[str, Any]]] = {}
     for p in points:
@@ -60,19 +60,13 @@ def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[s
         group.append(p)
     rows = []
     for setting, group in settings.items():
-        ref = [float(p["acc"][reference]) for p in group]
         names = sorted({n for p in group for n in p["measures"]})
         measures = {n: _mean([p["measures"].get(n, math.nan) for p in group]) for n in names}
-        for model in group[0]["acc"]:
-            vals = [float(p["acc"][model]) for p in group]
-            m, lo, hi = t_interval(vals)
-            d, dlo, dhi = paired_t(vals, ref)
-            marks = [p.get("within", {}).get(model) for p in group]
-            within = f"{sum(bool(x) for x in marks)}/{len(marks)}" if None not in marks else ""
-            rows.append({"setting": setting, "model": model, "n_seeds": len(vals),
-                         "mean": m, "ci_low": lo, "ci_high": hi, "reference": reference,
-                         "diff": d, "diff_low": dlo, "diff_high": dhi,
-                         "excludes_zero": excludes_zero(dlo, dhi), "within_seed": within,
+        stats = over_seed_table({model: [float(p["acc"][model]) for p in group]
+                                 for model in group[0]["acc"]}, reference)
+        for model, row in stats.items():
+            within = seed_marks([p.get("within", {}).get(model) for p in group])
+            rows.append({"setting": setting, "model": model, **row, "within_seed": within,
                          **measures})
     return rows
 
@@ -100,22 +94,6 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -
                  "" if r["model"] == r["reference"] else str(r.get("within_seed", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    import csv
-
-    from fl_merge.core.files import atomic_write
-
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(Path(path), write)
 
 
 def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, title: str,
@@ -197,9 +175,11 @@ def write_tables(points: Sequence[Mapping[str, Any]], out: Path, docs: Path, nam
                  measures: Sequence[str]) -> list[dict[str, Any]]:
     """Tabulate against fedavg; write the points (out/points.json), docs/<name>.csv and
     docs/<name>.md (the run count and time, then the table); print the table; the rows."""
+    from fl_merge.io.results import write_rows
+
     rows = tabulate(points, reference="fedavg")
     dump_points(points, out / "points.json")
-    write_csv(rows, docs / f"{name}.csv")
+    write_rows(docs / f"{name}.csv", rows)
     table = timing_line(points) + "\n\n" + markdown_table(rows, measures)
     (docs / f"{name}.md").write_text(table + "\n")
     print(table)

@@ -15,10 +15,11 @@ Writes docs/byzantine.png and docs/byzantine.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 from _runner import ROOT, run_point
+
+from fl_merge.io.results import write_rows
 
 METHODS = "fedavg,median,trimmed_mean,cclip,krum,geometric_median,ties"
 # Robust settings for up to f=3 of 8: trim 3 per side, Krum tolerating 2 (K > 2f+2 needs
@@ -67,10 +68,8 @@ def main() -> None:
                 {**common, "attack": attack, "attackers": f"last:{f}", "attack-params": params})
             points += [(attack, f, m, s) for m, s in honest_scores(run).items()]
     csv_path = ROOT / "docs" / "byzantine.csv"
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["attack", "f", "method", "honest_normalized_accuracy"])
-        w.writerows((a, f, m, f"{s:.4f}") for a, f, m, s in points)
+    write_rows(csv_path, [{"attack": a, "f": f, "method": m, "honest_normalized_accuracy": f"{s:.4f}"}
+                          for a, f, m, s in points])
     base = base_score(clean)
     import matplotlib
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _points import markdown_table, read_point, tabulate, write_csv  # noqa: E402
+from _points import markdown_table, read_point, tabulate  # noqa: E402
+
+from fl_merge.io.results import write_rows  # noqa: E402
 
 # The references each comparison is paired against.
 REFERENCES = {"learned": ("task_arithmetic", "ties"), "diwa": ("task_arithmetic", "ensemble", "best-single")}
@@ -87,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dirs = dict(item.split("=", 1) for item in args.runs)
     rows = compare(points({k: Path(v) for k, v in dirs.items()}), REFERENCES[args.which])
     name = {"learned": "learned_headroom", "diwa": "diwa"}[args.which]
-    write_csv(rows, args.docs / f"{name}.csv")
+    write_rows(args.docs / f"{name}.csv", rows)
     plot(rows, args.docs / f"{name}.png", {"learned": "Learned coefficients, headroom suite, 3 seeds",
                                            "diwa": "DiWA: rotate90, 4 diverse runs on the same data, 3 seeds"}[
         args.which])

@@ -16,7 +16,6 @@ given. Writes docs/results_<suite>.csv, the plot docs/results_<suite>.png and th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -210,22 +209,15 @@ def main() -> None:
                         help="score every candidate on this fraction of validation first (e.g. 0.25)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from fl_merge.core.files import atomic_write, atomic_write_text
+    from fl_merge.core.files import atomic_write_text
+    from fl_merge.io.results import write_rows
 
     sections = []
     for suite in args.suites:
         run_dir = run_suite(suite, args.out.resolve(), args.rerun, args.prescreen)
         tasks, rows = table(run_dir)
         csv_path = args.docs / f"results_{suite}.csv"
-        fields = ["model", "eta", *tasks, "absolute", "normalized"]
-
-        def write(tmp: Path, rows: list = rows, fields: list = fields) -> None:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-
-        atomic_write(csv_path, write)
+        write_rows(csv_path, rows, columns=["model", "eta", *tasks, "absolute", "normalized"])
         plot(suite, run_dir, args.docs / f"results_{suite}.png")
         sections.append(markdown(suite, tasks, rows, timing_line(run_dir), comparison_cells(run_dir))
                         + f"\n\n![{suite}: methods against Task Arithmetic](results_{suite}.png)")

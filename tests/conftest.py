@@ -32,3 +32,20 @@ def message_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.fixture
+def counted_trainer(monkeypatch):
+    """The calls of the client's trainer (fl_merge_clients.client_app.fine_tune), counted: one
+    entry per training, so a test sees whether an update came from the cache instead."""
+    from fl_merge_clients import client_app
+
+    calls = []
+    real = client_app.fine_tune
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "fine_tune", spy)
+    return calls

@@ -15,19 +15,6 @@ def config():
             "local-steps": 5, "lr": 0.01, "batch-size": 32, "seed": [0, 1], "cache": True}
 
 
-@pytest.fixture
-def counted_trainer(monkeypatch):
-    calls = []
-    real = client_app.fine_tune
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(client_app, "fine_tune", spy)
-    return calls
-
-
 def _cache_files(tmp_path):
     return sorted((tmp_path / "updates").glob("*.safetensors"))
 

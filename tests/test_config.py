@@ -134,3 +134,31 @@ def test_headroom_suite_and_preset_resolve():
     assert cfg.tasks == ["rotate90", "invert", "patch-shuffle"] and job.run.num_clients == 3
     assert cfg.local_steps == [50, 50, 50] and cfg.lrs == [0.01] * 3 and job.run.model == "mnist-cnn"
     assert job.run.search == "paper" and cfg.lambdas == list(LAMBDAS)
+
+
+# Text -> value, written out by hand: what every place that reads a value from text gives.
+VALUES = [("0.3", 0.3), ("2", 2), ("-4", -4), ("1e-3", 0.001), ("true", True), ("False", False),
+          ("TRUE", True), ("ties", "ties"), ("0.1..0.3", "0.1..0.3"), ("a,b", "a,b")]
+
+
+def test_every_value_read_from_text_goes_through_one_parser(tmp_path):
+    import math
+
+    from fl_merge.cli.launch import _parse_run_config
+    from fl_merge.cli.merge import parse_params
+    from fl_merge.config.parsing import parse_method_params
+    from fl_merge.core.values import parse_value
+    from fl_merge.io.results import read_rows
+
+    (tmp_path / "cells.csv").write_text("cell\n" + "\n".join(f'"{t}"' for t, _ in VALUES) + "\n")
+    cells = [r["cell"] for r in read_rows(tmp_path / "cells.csv")]
+    for (text, want), cell in zip(VALUES, cells):
+        got = {"parse_value": parse_value(text),
+               "method-params": parse_method_params(f"x={text}")["x"] if "," not in text else want,
+               "fl-merge merge --param": parse_params([f"x={text}"])["x"],
+               "fl-merge-run --run-config": _parse_run_config([f"x={text}"])["x"],
+               "results CSV": cell}
+        for where, value in got.items():
+            assert value == want and type(value) is type(want), (where, text, value)
+    assert math.isnan(parse_value("nan")) and parse_value("") == ""
+    assert parse_method_params("rho=0.1|true|x") == {"rho": [0.1, True, "x"]}

@@ -398,6 +398,22 @@ def test_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
         assert events == ["fsync-file", "replace", "fsync-dir"], events
 
 
+def test_the_one_csv_writer_puts_given_columns_first_and_leaves_missing_cells_empty(tmp_path):
+    path = results.write_rows(tmp_path / "t.csv", [{"b": 1, "c": "x,y"}, {"d": True}],
+                              extra={"run": 7}, columns=["a", "b"])
+    # written out by hand: RFC 4180 quoting, csv's \r\n line ends, header a, b, then the rest
+    assert path.read_bytes() == (b"a,b,run,c,d\r\n"
+                                 b',1,7,"x,y",\r\n'
+                                 b",,7,,True\r\n")
+
+
+def test_appending_to_the_store_keeps_old_columns_and_adds_new_ones_at_the_end(tmp_path):
+    path = tmp_path / "s.csv"
+    store.append_rows(path, [{"job": 0, "acc": 0.5}])
+    store.append_rows(path, [{"job": 1, "loss": 2}])
+    assert path.read_bytes() == b"job,acc,loss\r\n0,0.5,\r\n1,,2\r\n"
+
+
 # --------------------------------------------------------------------------- resume
 
 CLIENT_CONFIG = {"model": "mnist-cnn", "tasks": ["parity", "invert", "rotate90", "blur"],
@@ -420,7 +436,7 @@ for pid in range(4):
 """
 
 
-def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, monkeypatch):
+def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, counted_trainer):
     """Clients killed part way through: on the rerun, every client whose update was cached
     before the kill is served from the cache (no training), the others train."""
     from fl_merge_clients import client_app
@@ -441,14 +457,7 @@ def test_rerun_after_a_kill_resumes_from_the_cache(theta0, tmp_path, monkeypatch
     assert len(entries) >= min(finished, 4)
     assert all(load_update(e.stem, cache) is not None for e in entries)  # none is partial
 
-    calls = []
-    real = client_app.fine_tune
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(client_app, "fine_tune", spy)
+    calls = counted_trainer  # counts only the trainings below: the ones above ran in a child
     cached = [client_app.local_train(CLIENT_CONFIG, pid, theta0, cache)[1]["cached"]
               for pid in range(4)]
     assert cached[:2] == [1, 1]  # trained before the kill: reused

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from fl_merge.merging.scales import eta_for_lambda
 from fl_merge.methods import available_methods, get_method, merge
-from fl_merge.io.checkpoints import Checkpoint, parse_size, plan_shards
+from fl_merge.core.safetensors_writer import plan_shards
+from fl_merge.io.checkpoints import Checkpoint, parse_size
 from fl_merge.io.file_merge import method_scope
 from fl_merge.cli.merge import main
 
@@ -399,6 +400,28 @@ def test_checkpoint_reads_what_safetensors_reads_in_every_format(tmp_path, dtype
                 assert ck.info(n).shape == tuple(v.shape) and torch.equal(ck.get(n), v)
             flat = sd["enc.weight"].reshape(-1)
             assert torch.equal(ck.read_flat("enc.weight", 7, 19), flat[7:19])
+
+
+def test_the_one_writer_in_its_one_file_form_is_read_by_safetensors_itself(tmp_path):
+    """save_tensors (the merged model, predictions, update and base caches): safetensors'
+    own load_file reads every dtype back, metadata included; dict order does not change the
+    bytes."""
+    from fl_merge.core.safetensors_writer import save_tensors
+
+    sd = {"z.w": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+          "a.ids": torch.arange(5, dtype=torch.int64), "m.mask": torch.tensor([True, False]),
+          "h.bf": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "e.empty": torch.zeros(0, 3),
+          "u.bytes": torch.tensor([0, 1, 255], dtype=torch.uint8)}
+    a = save_tensors(tmp_path / "a.safetensors", sd, {"k": "v"})
+    b = save_tensors(tmp_path / "b.safetensors", dict(reversed(sd.items())), {"k": "v"})
+    assert a.read_bytes() == b.read_bytes()
+    got = load_file(str(a))
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    with safe_open(str(a), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no temps
 
 
 def test_shard_planning_and_sizes():

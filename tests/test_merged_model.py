@@ -116,6 +116,25 @@ def test_metadata_order_does_not_change_the_bytes(tmp_path):
     assert len(blobs) == 1
 
 
+def test_tensor_order_does_not_change_the_bytes_and_safetensors_reads_them_back(tmp_path):
+    backbone = {"backbone.b": torch.ones(2, dtype=torch.float16), "backbone.a": torch.arange(6.0).view(2, 3)}
+    heads = {"t": {"head.weight": torch.zeros(3, 2), "head.bias": torch.ones(3)}}
+    turned = {k: backbone[k] for k in reversed(backbone)}
+    turned_heads = {"t": {k: heads["t"][k] for k in reversed(heads["t"])}}
+    blobs = set()
+    for i, (b, h) in enumerate([(backbone, heads), (turned, turned_heads)]):
+        path = tmp_path / f"m{i}.safetensors"
+        results.save_merged_model(path, b, h, {"eta": 1.0})
+        blobs.add(path.read_bytes())
+        with safe_open(str(path), framework="pt") as f:  # the safetensors library reads it
+            got = {k: f.get_tensor(k) for k in f.keys()}
+            assert json.loads(f.metadata()[results.MERGED_METADATA_KEY]) == {"eta": 1.0}
+        want = {**backbone, "heads.t.weight": heads["t"]["head.weight"], "heads.t.bias": heads["t"]["head.bias"]}
+        assert set(got) == set(want)
+        assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items())
+    assert len(blobs) == 1
+
+
 @pytest.mark.parametrize("metadata, message", [
     ({"method": "fedavg", "run_id": 7},
      r"may hold only eta, method, model, params, tasks .*\['run_id'\].*run.json"),

@@ -84,7 +84,9 @@ def test_replicate_table_matches_hand_computation(tmp_path):
     assert by["base"]["excludes_zero"]
     ta = by["task_arithmetic"]
     assert (ta["diff"], ta["diff_low"], ta["diff_high"], ta["excludes_zero"]) == (0.0, 0.0, 0.0, False)
-    assert (tmp_path / rep.TABLE_FILE).read_text().splitlines()[0].startswith("model,method_name,n_seeds")
+    assert (tmp_path / rep.TABLE_FILE).read_text().splitlines()[0] == (
+        "model,method_name,n_seeds,seeds,per_seed,mean,ci_low,ci_high,reference,diff,diff_low,"
+        "diff_high,excludes_zero,within_seed_marked")
     assert (tmp_path / rep.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ties" in rep.format_table(rows) and " *" in rep.format_table(rows)
 

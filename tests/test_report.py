@@ -1,4 +1,5 @@
-"""fl_merge.stats.report on synthetic run directories (no Flower run)."""
+"""fl_merge.stats.report, and `fl-merge report` drawing its figures, on synthetic run
+directories (no Flower run)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_merge.stats.report import across_runs_figure, collect_points, main, run_figure
+from fl_merge import cli
+from fl_merge.stats.report import across_runs_figure, collect_points, run_figure
 from fl_merge.io.results import RESULTS_FILE, RUN_FILE, read_rows, write_json, write_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,12 +166,33 @@ def test_logx_rejects_nonpositive(runs: list[Path], tmp_path: Path) -> None:
         across_runs_figure(runs, "mean_cosine", tmp_path / "c.png", logx=True)
 
 
-def test_cli(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    written = main([str(runs[1])])
-    assert written == [runs[1] / "report.png"]
-    out = tmp_path / "across.png"
-    written = main([*map(str, runs), "--measure", "mean_cosine", "--out", str(out)])
-    assert written == [out, out.with_suffix(".csv")]
-    assert_png(out)
+def test_the_one_report_command_draws_what_the_figures_module_draws(
+        runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fl-merge report DIR` (the only report command) with the options the removed
+    `python -m fl_merge.stats.report` had: --split, --logx, every run's own figure."""
+    for run_dir in runs:  # val accuracy 0.01 below test in each merged row: --split shows it
+        rows = read_rows(run_dir / RESULTS_FILE)
+        for r in rows:
+            if r["split"] == "val" and r["model"] == "merged":
+                r["accuracy"] = round(r["accuracy"] - 0.01, 4)
+                r["normalized_accuracy"] = r["accuracy"] / r["finetuned_accuracy"]
+        write_rows(run_dir / RESULTS_FILE, rows)
+    assert cli.main(["report", str(tmp_path), "--measure", "alpha", "--logx", "--split", "val",
+                     "--run-figures"]) == 0
+    png = tmp_path / "report" / "across_alpha.png"
+    assert_png(png)
+    points = read_rows(png.with_suffix(".csv"))
+    assert [p["x"] for p in points] == [0.1, 0.1, 1.0, 1.0, 10.0, 10.0]  # alpha, sorted
+    run1_ties = [p for p in points if p["x"] == 0.1 and p["method"] == "ties"][0]
+    want = sum((_acc(1, "ties", ti, 1.5) - 0.01) / _finetuned(ti) for ti in range(3)) / 3
+    assert run1_ties["normalized_accuracy"] == pytest.approx(want, rel=1e-3)
+    for run_dir in runs:
+        assert_png(run_dir / "report.png")
     printed = capsys.readouterr().out
-    assert str(out) in printed and str(runs[1] / "report.png") in printed
+    assert str(png) in printed and str(runs[1] / "report.png") in printed
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path), "--split", "train"])
+    assert cli.main(["report", str(tmp_path), "--measure", "mean_cosine", "--logx"]) == 0
+    assert "skipped mean_cosine: --logx needs positive values" in capsys.readouterr().err
+
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from fl_merge.config.run_config import ConfigError, RunConfig
-from fl_merge.round.base import CheckpointError, checkpoint_file, load_checkpoint
+from fl_merge.round.base import CheckpointError, check_base_checkpoint, load_checkpoint
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher, parse_merge_keys
 from fl_merge.round.merging import merge_arguments, train_requests
 from fl_merge.round.protocol import speaks_grid
@@ -51,30 +52,60 @@ def test_merge_keys_selecting_nothing_name_the_patterns_and_some_keys():
         check_merge_keys(keys, ["backbone.*"])
 
 
-def test_base_checkpoint_is_a_safetensors_file_or_a_directory_holding_one(tmp_path):
-    state = {"enc.w": torch.arange(6.0).reshape(2, 3), "cls.b": torch.ones(2)}
+def test_base_checkpoint_is_read_in_every_form_a_client_checkpoint_may_take(tmp_path):
+    """One reader for the base and the fine-tuned checkpoints: a file, a Hugging Face folder,
+    a sharded folder with its index (hand-written here), the index file, a torch pickle."""
+    state = {"enc.w": torch.arange(6.0).reshape(2, 3), "cls.b": torch.ones(2),
+             "pos": torch.arange(4, dtype=torch.int64)}
     save_file(state, str(tmp_path / "base.safetensors"))
     (tmp_path / "hf").mkdir()
     save_file(state, str(tmp_path / "hf" / "model.safetensors"))
-    for path in (tmp_path / "base.safetensors", tmp_path / "hf"):
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"enc.w": state["enc.w"]}, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({"cls.b": state["cls.b"], "pos": state["pos"]},
+              str(sharded / "model-00002-of-00002.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 24 + 8 + 32},
+         "weight_map": {"enc.w": "model-00001-of-00002.safetensors",
+                        "cls.b": "model-00002-of-00002.safetensors",
+                        "pos": "model-00002-of-00002.safetensors"}}))
+    torch.save({"state_dict": state}, tmp_path / "base.pt")
+    for path in (tmp_path / "base.safetensors", tmp_path / "hf", sharded,
+                 sharded / "model.safetensors.index.json", tmp_path / "base.pt"):
+        check_base_checkpoint(path)
         got = load_checkpoint(path)
-        assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items())
+        assert set(got) == set(state), path
+        for k, v in state.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (path, k)
+
+
+def test_a_base_checkpoint_that_cannot_be_read_is_one_line_naming_it(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "w.bin").write_bytes(b"x")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
-    for path, message in ((tmp_path / "empty", "has no model.safetensors"),
-                          (tmp_path / "nope.safetensors", "does not exist"),
-                          (tmp_path / "w.bin", "is not a .safetensors file"),
-                          (tmp_path / "bad.safetensors", "is not a readable safetensors file")):
-        with pytest.raises(CheckpointError, match=message):
-            load_checkpoint(path)
-    assert checkpoint_file(tmp_path / "hf") == (tmp_path / "hf" / "model.safetensors").resolve()
+    save_file({}, str(tmp_path / "none.safetensors"))
+    (tmp_path / "lost").mkdir()
+    (tmp_path / "lost" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    for path, message in ((tmp_path / "empty", "holds no single checkpoint"),
+                          (tmp_path / "nope.safetensors", "no such file or folder"),
+                          (tmp_path / "w.bin", "cannot read .* as a torch state dict"),
+                          (tmp_path / "bad.safetensors", "cannot read .* as safetensors"),
+                          (tmp_path / "none.safetensors", "holds no tensors"),
+                          (tmp_path / "lost", r"shard file\(s\) .* are missing")):
+        for read in (check_base_checkpoint, load_checkpoint):
+            if read is check_base_checkpoint and path.suffix == ".bin":
+                continue  # a pickle is only looked for before the run, read at its start
+            with pytest.raises(CheckpointError, match=message) as e:
+                read(path)
+            assert str(e.value).startswith("base-checkpoint") and "\n" not in str(e.value)
 
 
 def test_run_config_validates_merge_keys_and_base_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="merge-keys is empty"):
         RunConfig(merge_keys=" ").resolve()
-    with pytest.raises(ConfigError, match="base-checkpoint .* does not exist"):
+    with pytest.raises(ConfigError, match="base-checkpoint: no such file or folder"):
         RunConfig(base_checkpoint=str(tmp_path / "x.safetensors")).resolve()
     cfg = RunConfig.from_flower({"merge-keys": "enc.*,cls.*"}).resolve()
     assert cfg.merge_keys == ("enc.*", "cls.*")

@@ -39,6 +39,33 @@ def test_paired_t_is_the_interval_of_differences():
         stats.paired_t([1.0], [1.0, 2.0])
 
 
+def test_over_seed_table_gives_each_model_its_mean_and_paired_difference_by_hand():
+    table = stats.over_seed_table({"ta": [0.68, 0.69, 0.71], "ties": [0.70, 0.72, 0.75],
+                                   "base": [0.40, 0.50, 0.45]}, reference="ta")
+    assert list(table) == ["ta", "ties", "base"]
+    ties = table["ties"]
+    # ties: mean 0.7233.., s^2 = (0.0233^2 + 0.0033^2 + 0.0267^2) / 2 = 0.000633..; t_{2,0.975} = 4.303
+    assert ties["n_seeds"] == 3 and ties["mean"] == pytest.approx(2.17 / 3)
+    assert ties["ci_high"] - ties["mean"] == pytest.approx(4.302653 * math.sqrt(0.0019 / 3 / 3), rel=1e-4)
+    # ties - ta per seed: 0.02, 0.03, 0.04 (as in the paired test above)
+    assert ties["reference"] == "ta" and ties["diff"] == pytest.approx(0.03)
+    assert ties["diff_high"] - 0.03 == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    assert ties["excludes_zero"] is True
+    # base - ta: -0.28, -0.19, -0.26: mean -0.2433, all below 0 but the interval is wide
+    assert table["base"]["diff"] == pytest.approx(-0.73 / 3)
+    ta = table["ta"]
+    assert (ta["diff"], ta["diff_low"], ta["diff_high"], ta["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+    plain = stats.over_seed_table({"m": [0.5]})
+    assert set(plain["m"]) == {"n_seeds", "mean", "ci_low", "ci_high"} and math.isnan(plain["m"]["ci_low"])
+    with pytest.raises(KeyError):
+        stats.over_seed_table({"m": [0.5]}, reference="ta")
+
+
+def test_seed_marks_count_the_seeds_whose_interval_excluded_zero():
+    assert stats.seed_marks([True, False, True]) == "2/3"
+    assert stats.seed_marks([True, None]) == "" and stats.seed_marks([]) == ""
+
+
 def test_excludes_zero():
     assert stats.excludes_zero(0.01, 0.2) and stats.excludes_zero(-0.3, -0.01)
     assert not stats.excludes_zero(-0.01, 0.2) and not stats.excludes_zero(0.0, 0.0)

@@ -21,14 +21,16 @@ import sys
 import tomllib
 from pathlib import Path
 
+from fl_merge.core.values import parse_value
 from fl_merge.io import results
 from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
 
 
 def _parse_run_config(items: list[str]) -> dict:
-    """'k=v k2=v2' strings (or paths to TOML files) -> dict. Values are TOML; a bare word
-    that is not valid TOML is taken as a string, so method=ties works without quotes."""
+    """'k=v k2=v2' strings (or paths to TOML files) -> dict. Values go through
+    fl_merge.core.values.parse_value (true/false, a number, else text: method=ties needs no
+    quotes); shell quotes group a value with spaces or commas."""
     import shlex
 
     out: dict = {}
@@ -41,10 +43,7 @@ def _parse_run_config(items: list[str]) -> dict:
             if "=" not in pair:
                 raise ConfigError(f"--run-config item '{pair}' is not key=value")
             key, value = pair.split("=", 1)
-            try:
-                out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                out[key.strip()] = value
+            out[key.strip()] = parse_value(value)
     return out
 
 

@@ -17,9 +17,11 @@ import yaml
 
 from fl_merge.merging.scales import eta_for_lambda, lambda_scale
 from fl_merge.methods import available_methods
-from fl_merge.io.checkpoints import DEFAULT_MAX_SHARD_BYTES, FORMATS, parse_dtype, parse_size
+from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
+from fl_merge.io.checkpoints import FORMATS, parse_dtype, parse_size
 from fl_merge.io.file_merge import NON_FLOAT_POLICIES, merge_files, method_scope
 from fl_merge.core.task_vectors import MergeInputError
+from fl_merge.core.values import parse_value
 
 PROG = "fl-merge merge"
 # YAML keys (the long flags' names with '_' for '-'); `params` is a mapping there.
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help="the fine-tuned models theta_1 ... theta_K")
     p.add_argument("--method", help="a registered merge method (list below)")
     p.add_argument("--param", nargs="+", action="extend", default=[], metavar="K=V",
-                   help="method parameter, value read as YAML (density=0.2, base=ties)")
+                   help="method parameter: true/false, a number or text (density=0.2, base=ties)")
     p.add_argument("--lambda", dest="lambda_", type=float,
                    help="Task Arithmetic's lambda, converted to eta by the method's scale")
     p.add_argument("--eta", type=float, help="the scale of Delta directly")
@@ -78,16 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_params(items: Sequence[str]) -> dict:
-    """['density=0.2', 'base=ties'] -> {'density': 0.2, 'base': 'ties'} (values as YAML)."""
+    """['density=0.2', 'base=ties'] -> {'density': 0.2, 'base': 'ties'} (values through
+    fl_merge.core.values.parse_value, as everywhere in fl-merge)."""
     out = {}
     for item in items:
         key, sep, value = str(item).partition("=")
         if not sep or not key:
             raise MergeInputError(f"--param wants key=value, got {item!r}")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key] = value
+        out[key] = parse_value(value)
     return out
 
 

@@ -1,4 +1,5 @@
-"""`fl-merge report DIR`: the best setting per method, chosen on validation, and plots.
+"""`fl-merge report DIR`: the best setting per method, chosen on validation, and plots: the
+one report command (the figures themselves are drawn by `fl_merge.stats.report`).
 
 Finds every run at any depth under DIR (`fl_merge.io.store.load_sweep`), ranks only runs of
 one group (a sweep's jobs; loose runs with the same run config but for method, method
@@ -16,11 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_merge.io import results
-
+from fl_merge.io import results, store
 from fl_merge.stats import selection
-
-from fl_merge.io import store
 from fl_merge.cli.mapping import run_config_fields
 
 
@@ -137,8 +135,15 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--measure", action="append",
                         help="het_ measure or run-config key for the accuracy-vs-heterogeneity "
                              "plot (repeatable; default: every one that differs across runs)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="the split of the accuracy-vs-heterogeneity plots and run figures")
+    parser.add_argument("--logx", action="store_true",
+                        help="log-scale x axis of the accuracy-vs-heterogeneity plots")
+    parser.add_argument("--run-figures", action="store_true",
+                        help="also redraw report.png in every run directory (each run draws "
+                             "its own when it ends)")
     args = parser.parse_args(argv)
-    from fl_merge.stats.report import across_runs_figure
+    from fl_merge.stats.report import across_runs_figure, run_figure
 
     try:
         rows = store.load_sweep(args.dir)
@@ -174,10 +179,13 @@ def main(argv: Sequence[str]) -> int:
     if len(run_dirs) > 1:
         for measure in args.measure or _measures(rows, run_dirs):
             try:
-                written.append(across_runs_figure(run_dirs, measure, out / f"across_{measure}.png",
-                                                  split="test"))
+                png = across_runs_figure(run_dirs, measure, out / f"across_{measure}.png",
+                                         split=args.split, logx=args.logx)
+                written += [png, png.with_suffix(".csv")]
             except ValueError as e:
                 print(f"fl-merge report: skipped {measure}: {e}", file=sys.stderr)
+    if args.run_figures:
+        written += [run_figure(d, split=args.split) for d in run_dirs]
     print("\nwritten:")
     for p in written:
         print(f"  {p}")

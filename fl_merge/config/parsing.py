@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fl_merge.core.values import parse_value
+
 
 class ConfigError(ValueError):
     """A run configuration that cannot run; the message (one line) says what is wrong."""
@@ -32,7 +34,7 @@ def parse_method_params(text: str) -> dict[str, Any]:
         name, value = item.split("=", 1)
         value = value.strip()
         # a|b|c: several values, a grid the search tries (search=paper)
-        out[name.strip()] = [_literal(v) for v in value.split("|")] if "|" in value else _literal(value)
+        out[name.strip()] = [parse_value(v) for v in value.split("|")] if "|" in value else parse_value(value)
     return out
 
 
@@ -78,18 +80,6 @@ def resolve_methods(method: str, method_params: str, num_clients: int | None = N
 
 
 DEFAULT_ETAS = "0.5,1,1.5,2,2.5,3"  # the shared eta grid of search=off when etas is empty
-
-
-def _literal(value: str) -> Any:
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _split(text: str) -> list[str]:

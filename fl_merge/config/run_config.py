@@ -192,13 +192,13 @@ class RunConfig:
             methods = resolve_methods(self.method, self.method_params, k, self.search)
         except MergeInputError as e:
             raise ConfigError(str(e)) from None
-        from fl_merge.round.base import CheckpointError, checkpoint_file
+        from fl_merge.round.base import CheckpointError, check_base_checkpoint
         from fl_merge.round.keys import MergeKeysError, parse_merge_keys
 
         try:
             merge_keys = parse_merge_keys(self.merge_keys)
             if self.base_checkpoint:
-                checkpoint_file(self.base_checkpoint)
+                check_base_checkpoint(self.base_checkpoint)
         except (MergeKeysError, CheckpointError) as e:
             raise ConfigError(str(e)) from None
         etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas or DEFAULT_ETAS))})

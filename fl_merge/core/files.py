@@ -92,6 +92,12 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def sync_directory(directory: str | os.PathLike) -> None:
+    """fsync a directory, so that renames into it survive a crash (no-op where a platform
+    cannot open directories)."""
+    _fsync(Path(directory), directory=True)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Write `path` atomically: `write(tmp)` fills a temporary file in the same directory,
     which is fsync'd and renamed over `path`; then the directory is fsync'd, so after a
@@ -107,7 +113,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(path.parent, directory=True)  # the rename itself survives a crash
+    sync_directory(path.parent)  # the rename itself survives a crash
     return path
 
 

@@ -16,8 +16,6 @@ where that interval excludes 0 (fl_merge.stats.intervals).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import sys
@@ -26,10 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fl_merge.core.files import atomic_write_text
-from fl_merge.io.results import RESULTS_FILE, RUN_FILE, mean, read_rows
+from fl_merge.io.results import RESULTS_FILE, RUN_FILE, mean, read_rows, write_rows
 from fl_merge.round.tables import reference_label
-from fl_merge.stats.intervals import ci_line, excludes_zero, paired_t, t_interval
+from fl_merge.stats.intervals import ci_line, over_seed_table, seed_marks
 
 TABLE_FILE = "replicates.csv"
 PLOT_FILE = "replicates.png"
@@ -114,21 +111,19 @@ def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     seeds = [run.get("config", {}).get("seed") for _, run, _ in loaded]
     methods = {label: (m["name"], m.get("params", {})) for label, m in loaded[0][1]["methods"].items()}
     ref = reference_label(methods)
-    rows = []
     references = [m for m in loaded[0][2] if m not in methods and m != "base"]
-    for model in [*methods, *references, "base"]:
+    models = [*methods, *references, "base"]
+    stats = over_seed_table({model: [acc.get(model, math.nan) for _, _, acc in loaded]
+                             for model in models}, ref)
+    rows = []
+    for model in models:
         values = [acc.get(model, math.nan) for _, _, acc in loaded]
-        m, lo, hi = t_interval(values)
         name = methods[model][0] if model in methods else model.replace("-", "_")
         row: dict[str, Any] = {"model": model, "method_name": name,
                                "n_seeds": len(values), "seeds": ";".join(str(s) for s in seeds),
-                               "per_seed": ";".join(f"{v:.6g}" for v in values),
-                               "mean": m, "ci_low": lo, "ci_high": hi}
+                               "per_seed": ";".join(f"{v:.6g}" for v in values), **stats[model]}
         if ref is not None:
-            d, dlo, dhi = paired_t(values, [acc[ref] for _, _, acc in loaded])
-            row.update(reference=ref, diff=d, diff_low=dlo, diff_high=dhi,
-                       excludes_zero=excludes_zero(dlo, dhi),
-                       within_seed_marked=_within_seed_marks(model, ref, [run for _, run, _ in loaded]))
+            row["within_seed_marked"] = _within_seed_marks(model, ref, [run for _, run, _ in loaded])
         rows.append(row)
     return rows
 
@@ -140,10 +135,8 @@ def _within_seed_marks(model: str, ref: str, runs: Sequence[Mapping[str, Any]]) 
     for run in runs:
         got = [c for c in run.get("comparison", [])
                if c.get("model") == model and c.get("reference") == ref]
-        if not got:
-            return ""
-        marks.append(bool(got[0].get("excludes_zero")))
-    return f"{sum(marks)}/{len(marks)}"
+        marks.append(bool(got[0].get("excludes_zero")) if got else None)
+    return seed_marks(marks)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -206,12 +199,7 @@ def write_replicates(run_dirs: Sequence[Path], out: Path) -> list[dict[str, Any]
     rows = replicate_table(run_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / TABLE_FILE, buf.getvalue())
+    write_rows(out / TABLE_FILE, rows)
     plot_table(rows, out / PLOT_FILE)
     return rows
 

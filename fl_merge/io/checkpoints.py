@@ -1,4 +1,5 @@
-"""Checkpoints on disk as lazy tensor sources, and a streamed (sharded) safetensors writer.
+"""Checkpoints on disk as lazy tensor sources: the one checkpoint reader (the base and the
+fine-tuned checkpoints alike).
 
 Reading: `Checkpoint(path)` opens a safetensors file, a sharded folder with its index
 (``*.safetensors.index.json``, or the index file itself) or a Hugging Face model folder
@@ -13,15 +14,7 @@ containers only, never arbitrary objects). A pickle cannot be read tensor by ten
 is held in memory whole; `fl-merge merge`, which promises one tensor at a time, keeps
 refusing it.
 
-Writing: safetensors' `save_file` needs every tensor of a file in memory at once. The format
-is a little-endian u64 header length, a JSON header (dtype, shape, byte offsets per tensor,
-padded with spaces to 8 bytes) and the raw bytes (https://github.com/huggingface/safetensors,
-"Format"). Since the output's dtypes and shapes are known before any tensor is computed,
-`write_checkpoint` writes the header first and then each tensor as it is produced, so
-writing costs one tensor of memory too. Shards and the index follow Hugging Face's layout
-(``model-00001-of-00003.safetensors`` + ``model.safetensors.index.json`` with
-``metadata.total_size`` and ``weight_map``). Every file is written under a temporary name
-and renamed only when all shards are complete (the index last): a failure leaves nothing.
+Writing: `fl_merge.core.safetensors_writer` (the one safetensors writer).
 """
 
 from __future__ import annotations
@@ -29,29 +22,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from fl_merge.core.files import atomic_write_text, remove_stale_temps, temp_path
+from fl_merge.core.safetensors_writer import DTYPE_NAMES, DTYPES, HF_WEIGHTS, nbytes
 from fl_merge.core.task_vectors import MergeInputError
 
 INDEX_SUFFIX = ".safetensors.index.json"
-HF_WEIGHTS = "model.safetensors"
-# Hugging Face's save_pretrained default max_shard_size.
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-
-# safetensors dtype names <-> torch dtypes (the format's "dtype" field).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # --dtype spellings.
 DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -299,101 +280,3 @@ class Checkpoint:
 
     def __del__(self) -> None:
         self.close()
-
-
-def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * dtype.itemsize
-
-
-def plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
-    """Group keys, in order, into shards of at most `max_bytes` (a larger tensor gets a
-    shard of its own), as Hugging Face's shard splitting does."""
-    shards: list[list[str]] = []
-    used = 0
-    for key, size in sizes:
-        if not shards or used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += size
-    return shards or [[]]
-
-
-def output_paths(out: str | os.PathLike, num_shards: int) -> tuple[list[Path], Path | None]:
-    """Shard files and index for `out`: ``X.safetensors`` -> itself when one shard, else
-    ``X-0000i-of-0000n.safetensors`` + ``X.safetensors.index.json`` beside it; any other
-    `out` is a folder receiving model.safetensors (or its shards and index)."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out / HF_WEIGHTS
-    if num_shards == 1:
-        return [out], None
-    stem = out.name[: -len(".safetensors")]
-    shards = [out.with_name(f"{stem}-{i:05d}-of-{num_shards:05d}.safetensors")
-              for i in range(1, num_shards + 1)]
-    return shards, out.with_name(out.name + ".index.json")
-
-
-def header_bytes(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None) -> bytes:
-    """The safetensors header (length prefix + padded JSON) for tensors in `specs` order."""
-    head: dict[str, object] = {}
-    if metadata:
-        head["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for key, dtype, shape in specs:
-        size = nbytes(dtype, shape)
-        head[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                     "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(head, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def write_checkpoint(
-    out: str | os.PathLike,
-    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    metadata: dict[str, str] | None = None,
-) -> list[Path]:
-    """Write the tensors that `tensors` yields (in `specs` order, with the dtype and shape
-    `specs` announces) as one safetensors file or Hugging Face shards + index at `out`
-    (`output_paths`), streaming: one tensor in memory at a time. Atomic as a whole: files
-    appear only after every tensor was written. Returns the files written (index last)."""
-    spec = {k: (d, tuple(s)) for k, d, s in specs}
-    groups = plan_shards([(k, nbytes(d, s)) for k, d, s in specs], max_shard_bytes)
-    paths, index = output_paths(out, len(groups))
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(paths[0].parent)
-    temps = [temp_path(p) for p in paths]
-    it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
-    try:
-        for keys, tmp in zip(groups, temps):
-            with open(tmp, "wb") as f:
-                f.write(header_bytes([(k, *spec[k]) for k in keys], metadata))
-                for want in keys:
-                    key, t = next(it)
-                    if key != want or t.dtype != spec[key][0] or tuple(t.shape) != spec[key][1]:
-                        raise RuntimeError(f"writer expected {want} {spec[want]}, got {key} "
-                                           f"{t.dtype} {tuple(t.shape)}")
-                    if t.numel():
-                        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, p in zip(temps, paths):
-            os.replace(tmp, p)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-    if index is None:
-        return paths
-    weight_map = {k: p.name for keys, p in zip(groups, paths) for k in keys}
-    total = sum(nbytes(*spec[k]) for k in spec)
-    body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write_text(index, json.dumps(body, indent=2, sort_keys=True) + "\n")
-    return [*paths, index]

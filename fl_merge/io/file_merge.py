@@ -35,7 +35,8 @@ from fl_merge.merging.registry import check_method_params, is_per_tensor_exact, 
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.streaming import work_dtype
 from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
-from fl_merge.io.checkpoints import DEFAULT_MAX_SHARD_BYTES, DTYPES, Checkpoint, write_checkpoint
+from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_checkpoint
+from fl_merge.io.checkpoints import Checkpoint
 from fl_merge.core.task_vectors import MergeInputError
 
 NON_FLOAT_POLICIES = ("agree", "base")

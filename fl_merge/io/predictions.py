@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fl_merge.core.files import atomic_write
+from fl_merge.core.safetensors_writer import save_tensors
 
 PREDICTIONS_FILE = "predictions.safetensors"
 
@@ -25,7 +24,7 @@ def save_predictions(path: Path, predictions: Mapping[str, Mapping[str, list[int
                for model, per_task in predictions.items() for task, v in per_task.items()}
     meta = {"layout": "<model>/<task>: uint8 0/1 per test example, in the client's test order",
             "etas": json.dumps({**{m: float(e) for m, e in etas.items()}, "base": 0.0})}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    save_tensors(path, tensors, meta)
 
 
 def load_predictions(path: Path) -> dict[str, dict[str, list[int]]]:

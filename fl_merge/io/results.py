@@ -10,36 +10,40 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
-from fl_merge.core.files import atomic_write, atomic_write_text
+from fl_merge.core.files import atomic_write_text
+from fl_merge.core.values import parse_value
+from fl_merge.core.safetensors_writer import save_tensors
 
 RESULTS_FILE = "results.csv"
 MODEL_FILE = "merged.safetensors"
 RUN_FILE = "run.json"
 
-def write_rows(path: Path, rows: list[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
-    """Write tidy rows as CSV; `extra` columns (run id, config) are added to every row."""
+def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+               extra: Mapping[str, Any] | None = None, columns: Sequence[str] = ()) -> Path:
+    """Write rows as CSV, atomically: the one CSV writer (run results, the sweep store, the
+    over-seed tables, the experiments' tables). `extra` columns (run id, config) are added
+    in front of every row; the header is `columns`, then every other key in order of first
+    appearance; a row lacking a column leaves it empty."""
     rows = [{**(extra or {}), **r} for r in rows]
-    columns: list[str] = []
-    for r in rows:
-        columns.extend(k for k in r if k not in columns)
+    header = list(dict.fromkeys([*columns, *(k for r in rows for k in r)]))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer = csv.DictWriter(buf, fieldnames=header, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue())
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a results CSV back, numbers as floats/ints and booleans as bool."""
+    """Read a results CSV back, each cell through `parse_value`: numbers as ints/floats,
+    true/false as bool, the rest as text."""
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: parse_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # What merged.safetensors' metadata may hold: only what config and seeds fix, so two runs of one
@@ -75,7 +79,7 @@ def save_merged_model(path: Path, backbone: Mapping[str, torch.Tensor],
     for task, head in heads.items():
         for k, v in head.items():
             tensors[f"heads.{task}.{k.removeprefix('head.')}"] = v.detach().contiguous().cpu()
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    save_tensors(path, tensors, meta)  # sorted by name: reply order does not change the bytes
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -149,16 +153,3 @@ def mean(values: list[float]) -> float:
 
 def _truthy(v: Any) -> bool:
     return v is True or (isinstance(v, str) and v.lower() == "true")
-
-
-def _parse(v: str) -> Any:
-    if v in ("True", "False"):
-        return v == "True"
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v)
-    except ValueError:
-        return v

@@ -3,7 +3,7 @@
 The ServerApp holds every client's full weights from the moment its train reply arrives,
 then one task vector per client: 2K copies of the model. With spilling, each reply is
 written to a safetensors file as it arrives (`SpillDir.write`, streamed one tensor at a time
-by `fl_merge.io.checkpoints.write_checkpoint`) and the message is dropped; task vectors are
+by `fl_merge.core.safetensors_writer.write_checkpoint`) and the message is dropped; task vectors are
 written alike (`SpillDir.task_vector`). Both are read back as `MappedState`: a read-only
 mapping whose every access memory-maps just that tensor's bytes (zero copy, `mmap` +
 `torch.frombuffer`). Its pages are file-backed (the kernel can drop them and read them back)
@@ -34,7 +34,8 @@ import numpy as np
 
 import torch
 
-from fl_merge.io.checkpoints import DTYPES, read_header, write_checkpoint
+from fl_merge.core.safetensors_writer import DTYPES, ONE_FILE, write_checkpoint
+from fl_merge.io.checkpoints import read_header
 from fl_merge.core.task_vectors import EXTRA_PREFIX, MergeInputError, StateDict, check_pair, task_vector, vector_dtype
 
 
@@ -131,7 +132,7 @@ class SpillDir:
         keys = list(state)
         path = self._file(name)
         write_checkpoint(path, _specs(state, keys), ((k, state[k]) for k in keys),
-                         max_shard_bytes=1 << 62)
+                         max_shard_bytes=ONE_FILE)
         return MappedState(path)
 
     def write_arrays(self, name: str, arrays: MutableMapping[str, Any]) -> MappedState:
@@ -146,7 +147,7 @@ class SpillDir:
                 yield k, array_view(arrays.pop(k))
 
         path = self._file(name)
-        write_checkpoint(path, specs, tensors(), max_shard_bytes=1 << 62)
+        write_checkpoint(path, specs, tensors(), max_shard_bytes=ONE_FILE)
         return MappedState(path)
 
     def task_vector(self, name: str, state: Mapping[str, torch.Tensor],
@@ -157,7 +158,7 @@ class SpillDir:
         specs = [(k, vector_dtype(theta0[k].dtype), tuple(theta0[k].shape)) for k in keys]
         tensors = ((k, task_vector({k: state[k]}, {k: theta0[k]})[k]) for k in keys)
         path = self._file(name)
-        write_checkpoint(path, specs, tensors, max_shard_bytes=1 << 62)
+        write_checkpoint(path, specs, tensors, max_shard_bytes=ONE_FILE)
         return MappedState(path)
 
     def cleanup(self) -> None:

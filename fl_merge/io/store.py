@@ -3,8 +3,8 @@
 `append_rows` is safe against concurrent jobs and interruption: it takes an exclusive
 ``fcntl.flock`` on a side lock file (``.<name>.lock``), reads the existing rows, and writes
 all rows (old + new, columns the union in order of first appearance) with
-`fl_merge.core.files.atomic_write` (temporary file in the same directory, fsync, rename).
-Ctrl-C, SIGKILL or a crash at any point leaves either the old file or the new one, never a
+`fl_merge.io.results.write_rows`, the one CSV writer (temporary file in the same directory,
+fsync, rename). Ctrl-C, SIGKILL or a crash at any point leaves either the old file or the new one, never a
 half-written one; rows of completed jobs are never lost. The lock dies with its holder.
 
 Sweep rows are a run's ``results.csv`` rows plus, per job: ``job`` (Hydra job number),
@@ -18,15 +18,13 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fl_merge.core.files import atomic_write_text
-from fl_merge.io.results import RESULTS_FILE, RUN_FILE, read_rows
+from fl_merge.io.results import RESULTS_FILE, RUN_FILE, read_rows, write_rows
 
 OVERRIDE_PREFIX = "ov:"
 # Overrides that pick what is compared, not the setting it is compared in: the report
@@ -53,14 +51,7 @@ def append_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> P
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             columns, existing = _raw_rows(path)
-            for r in rows:
-                columns.extend(k for k in r if k not in columns)
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(existing)
-            writer.writerows(rows)
-            atomic_write_text(path, buf.getvalue())
+            write_rows(path, [*existing, *rows], columns=columns)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path

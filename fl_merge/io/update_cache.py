@@ -7,9 +7,10 @@ produces). An entry is one safetensors file written atomically, holding the upda
 tensors plus, in its metadata, the metrics and a SHA-256 of every tensor's bytes: an entry
 that fails to load or to verify is deleted and rebuilt, never used.
 
-Writes go through `fl_merge.core.files.atomic_write` (hidden temporary file in the same
-directory, fsync, rename): a client killed mid-write leaves no entry under the key's name,
-only a hidden temporary file that is never read and is removed by the next write. Entries
+Writes go through the one safetensors writer, `fl_merge.core.safetensors_writer` (hidden
+temporary file in the same directory, fsync, rename): a client killed mid-write leaves no
+entry under the key's name, only a hidden temporary file that is never read and is removed
+by the next write. Entries
 written before the kill are whole, so a rerun resumes from them.
 """
 
@@ -23,10 +24,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fl_merge.models.registry import cache_root
-from fl_merge.core.files import atomic_write
+from fl_merge.core.safetensors_writer import save_tensors
 
 TRAINER_VERSION = 1
 
@@ -77,4 +78,4 @@ def save_update(key: str, state: Mapping[str, torch.Tensor], metrics: Mapping[st
     path = entry_path(key, root)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"metrics": json.dumps(dict(metrics)), "checksum": state_digest(tensors)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return save_tensors(path, tensors, meta)

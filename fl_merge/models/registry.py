@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -193,9 +193,9 @@ def pretrained_backbone(name: str, cfg: PretrainConfig = PretrainConfig(),
     finally:
         torch.set_num_threads(threads)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_merged_key(k)}
-    from fl_merge.core.files import atomic_write  # temp file, fsync, rename, dead writers' temps removed
+    from fl_merge.core.safetensors_writer import save_tensors  # atomic: temp file, fsync, rename
 
     meta = {"model": name, **{k: str(v) for k, v in asdict(cfg).items()}}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    save_tensors(path, state, meta)
     return state
 

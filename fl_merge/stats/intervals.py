@@ -9,13 +9,15 @@ Two sources of noise, two intervals:
 * within one run, over test examples: the paired percentile bootstrap (`bootstrap_accuracies`,
   `bootstrap_ci`), every method re-scored on the SAME resample of test examples.
 
-`excludes_zero` is the mark that tables and plots show next to a difference.
+`excludes_zero` is the mark that tables and plots show next to a difference; `over_seed_table`
+is the one over-seed table (mean and paired difference per model, each with its t interval).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -53,6 +55,34 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tu
 def excludes_zero(low: float, high: float) -> bool:
     """True when the interval [low, high] lies strictly on one side of 0 (NaN: False)."""
     return bool(low > 0 or high < 0)
+
+
+def over_seed_table(per_seed: Mapping[str, Sequence[float]], reference: str | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """The over-seed table, one implementation for the replicates (fl_merge.engine.replicates)
+    and the experiments' settings (experiments/_points.py). `per_seed`: model -> its
+    accuracy in each seed, the seeds in one order for every model. Per model: n_seeds and the
+    `t_interval` of the mean (mean, ci_low, ci_high); given a `reference` model, also the
+    `paired_t` of the per-seed differences against it (diff, diff_low, diff_high) and
+    excludes_zero. KeyError when the reference is not among the models."""
+    ref = None if reference is None else per_seed[reference]
+    table = {}
+    for model, values in per_seed.items():
+        m, lo, hi = t_interval(values)
+        row: dict[str, Any] = {"n_seeds": len(values), "mean": m, "ci_low": lo, "ci_high": hi}
+        if ref is not None:
+            d, dlo, dhi = paired_t(values, ref)
+            row.update(reference=reference, diff=d, diff_low=dlo, diff_high=dhi,
+                       excludes_zero=excludes_zero(dlo, dhi))
+        table[model] = row
+    return table
+
+
+def seed_marks(marks: Sequence[bool | None]) -> str:
+    """'k/n': in k of n seeds a within-run interval excluded 0; '' when a seed has no mark."""
+    if not marks or any(m is None for m in marks):
+        return ""
+    return f"{sum(bool(m) for m in marks)}/{len(marks)}"
 
 
 def _check_correct(correct: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, int]:

@@ -6,17 +6,15 @@
   (a ``het_<measure>`` results column or a run-config key such as ``alpha``) over many
   runs, with the plotted points written as CSV next to the PNG.
 
-Command line::
-
-    python -m fl_merge.stats.report RUN_DIR                      # RUN_DIR/report.png
-    python -m fl_merge.stats.report RUN_DIR ... --measure alpha [--out PATH] [--logx]
+Both are drawn by the one report command, `fl-merge report DIR` (fl_merge/cli/report_cli.py:
+``--run-figures`` redraws every run's figure, ``--measure NAME`` picks the across-runs
+figures), and `run_figure` by every run when it ends.
 
 Matplotlib runs on the Agg backend (set here), so this works headless.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,10 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from fl_merge.core.files import atomic_write  # noqa: E402
 from fl_merge.io.results import (  # noqa: E402
     RESULTS_FILE,
     RUN_FILE,
-    atomic_write,
     read_rows,
     summary_rows,
     write_rows,
@@ -295,35 +293,3 @@ def across_runs_figure(run_dirs: Iterable[str | os.PathLike], measure: str,
     ax.legend(fontsize=9)
     write_rows(out_path.with_suffix(".csv"), points)
     return _atomic_savefig(fig, out_path)
-
-
-# --------------------------------------------------------------------------- CLI
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """CLI entry point; returns (and prints) the written paths."""
-    parser = argparse.ArgumentParser(prog="python -m fl_merge.stats.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--measure", help="het_ column (prefix optional) or run-config key, e.g. "
-                                          "mean_cosine or alpha: draw the across-runs figure")
-    parser.add_argument("--out", help="across-runs PNG path (default: <parent of first RUN_DIR>/"
-                                      "across_<measure>.png)")
-    parser.add_argument("--split", default="test", choices=["test", "val"])
-    parser.add_argument("--logx", action="store_true", help="log-scale x axis (across-runs figure)")
-    args = parser.parse_args(argv)
-    written: list[Path] = []
-    if args.measure:
-        out = Path(args.out) if args.out else \
-            Path(args.run_dirs[0]).resolve().parent / f"across_{args.measure}.png"
-        png = across_runs_figure(args.run_dirs, args.measure, out, split=args.split, logx=args.logx)
-        written += [png, png.with_suffix(".csv")]
-    else:
-        if args.out:
-            parser.error("--out applies to the across-runs figure (give --measure)")
-        written += [run_figure(d, split=args.split) for d in args.run_dirs]
-    for p in written:
-        print(p)
-    return written
-
-
-if __name__ == "__main__":
-    main()

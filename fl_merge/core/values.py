@@ -1,0 +1,23 @@
+"""The one parser of a value written as text, for every place fl-merge reads one: method
+parameters (``ties.density=0.3``, `fl_merge.config.parsing`), ``fl-merge merge --param``,
+``fl-merge-run --run-config`` items and the cells of a results CSV (`fl_merge.io.results`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def parse_value(text: str) -> Any:
+    """A value as its text says: 'true'/'false' (any case) -> bool, an integer -> int, any
+    other number Python reads (0.5, 1e-3, nan, inf) -> float, anything else -> the text as
+    given (so ``ties``, ``0.1..0.3`` and the empty string stay text)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
