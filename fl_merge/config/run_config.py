@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.round.attacks import AttackPlan
+from fl_merge.round.settings import RoundSettings
 from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_params: public here too)
     DEFAULT_ETAS,
     INT64_MAX,
@@ -343,6 +344,20 @@ class ResolvedConfig:
             **({"client-checkpoints": list(self.client_checkpoints),
                 "checkpoint-steps": list(self.checkpoint_steps)} if any(self.client_checkpoints) else {}),
         }
+
+    def round_settings(self, out: Path) -> RoundSettings:
+        """The merge round's typed settings (fl_merge.round.settings), built from this config
+        once; `out`: the run's output folder (spill files go there with spill=true)."""
+        run = self.run
+        return RoundSettings.build(
+            methods=self.methods, etas=self.etas, test_all_etas=run.test_all_etas, search=run.search,
+            lambdas=self.lambdas, learn_coefficients=run.learn_coefficients,
+            coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
+            greedy_soup=run.greedy_soup, ensemble=run.ensemble, prescreen=run.prescreen,
+            finalists=run.finalists, spill_dir=str(out) if run.spill else None,
+            measure_heterogeneity=run.measure_heterogeneity, min_clients=run.min_clients,
+            attack_plan=self.attack_plan, merge_keys=self.merge_keys, weighting=run.weighting,
+            device=run.device, task_names=self.tasks)
 
     @property
     def method_params(self) -> dict[str, Any]:
