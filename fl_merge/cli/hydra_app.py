@@ -9,7 +9,6 @@ stops the command with exit code 1. In a sweep every job appends its tidy rows t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -103,12 +102,14 @@ def task(cfg: Any, state: Sweep) -> None:
         job = build_job(cfg, overrides)
     except ConfigError as e:
         state.fail(2, f"{where}: {e}")
+    resolved = job.resolved  # resolved once, in build_job; run() takes it as it is
     if not job.run.output_dir:
-        job.run = dataclasses.replace(job.run, output_dir=str(job_dir))
+        resolved = resolved.with_output_dir(job_dir)
+        job.run = resolved.run
     t0 = time.monotonic()
     try:
         # Pretrains (or loads) the base here, with a progress bar in a terminal.
-        outcome = run(job.run, num_supernodes=job.num_supernodes, client_gpus=job.client_gpus,
+        outcome = run(resolved, num_supernodes=job.num_supernodes, client_gpus=job.client_gpus,
                       stream=not multirun, progress=not multirun)
     except (RunFailed, ConfigError) as e:
         state.fail(1, f"{where} failed: {e}")

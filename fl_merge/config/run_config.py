@@ -364,6 +364,10 @@ class ResolvedConfig:
         """The primary (first) method's parameters."""
         return self.methods[0][1]
 
+    def with_output_dir(self, path: str | Path) -> ResolvedConfig:
+        """The same resolved config writing to `path` (the output dir is not validated)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, output_dir=str(path)))
+
     def output_dir(self) -> Path:
         if self.run.output_dir:
             return Path(self.run.output_dir).expanduser().resolve()
