@@ -169,3 +169,17 @@ def test_a_hydra_job_is_resolved_once_in_build_job(monkeypatch):
 
 def test_default_attack_plan_attacks_nobody():
     assert not RoundSettings.build().attack_plan.attacks(0) and RoundSettings.build().attack_plan == AttackPlan()
+
+
+def test_settings_from_a_resolved_config_are_not_checked_twice(monkeypatch, tmp_path):
+    import fl_merge.round.settings as settings
+
+    cfg = RunConfig(num_clients=2, method="ties", prescreen=0.5).resolve()  # every check made here
+
+    def again(*args, **kwargs):
+        raise AssertionError("checked a second time")
+
+    monkeypatch.setattr(settings, "_check", again)
+    assert cfg.round_settings(tmp_path).prescreen == PrescreenSettings(0.5, 3)
+    with pytest.raises(AssertionError, match="second time"):
+        RoundSettings.build(method="ties")  # keyword arguments from a user: checked

@@ -347,7 +347,7 @@ class ResolvedConfig:
 
     def round_settings(self, out: Path) -> RoundSettings:
         """The merge round's typed settings (fl_merge.round.settings), built from this config
-        once; `out`: the run's output folder (spill files go there with spill=true)."""
+        once, not checked again; `out`: the run's output folder (spill files go there)."""
         run = self.run
         return RoundSettings.build(
             methods=self.methods, etas=self.etas, test_all_etas=run.test_all_etas, search=run.search,
@@ -357,7 +357,7 @@ class ResolvedConfig:
             finalists=run.finalists, spill_dir=str(out) if run.spill else None,
             measure_heterogeneity=run.measure_heterogeneity, min_clients=run.min_clients,
             attack_plan=self.attack_plan, merge_keys=self.merge_keys, weighting=run.weighting,
-            device=run.device, task_names=self.tasks)
+            device=run.device, task_names=self.tasks, checked=True)  # resolve() checked them
 
     @property
     def method_params(self) -> dict[str, Any]:

@@ -104,34 +104,30 @@ class RoundSettings:
         prescreen: float = 0.0,
         finalists: int = 3,
         ensemble: bool = False,
+        *,
+        checked: bool = False,
     ) -> RoundSettings:
         """Check and normalise; ValueError (one line) naming what is wrong. lambdas:
-        "default" = search.LAMBDAS with search="paper", the shared `etas` with "off"."""
+        "default" = search.LAMBDAS with search="paper", the shared `etas` with "off".
+        checked=True: the values come from `RunConfig.resolve()`, which has made every one of
+        these checks already (they are not made twice); only the normalising is done."""
         if methods is None:
             methods = [(method, dict(method_params or {}))]
         elif method_params:
             raise ValueError("give method_params inside `methods`, not both")
-        labelled = label_methods(methods)  # label -> (name, params); checked here
+        labelled = label_methods(methods)  # label -> (name, full params)
         if not labelled:
             raise ValueError("no merge method given")
-        search = check_search(search)
         given = given_params(methods)
-        grids = [f"{label}.{k}" for label, (_, p) in given.items() for k, v in p.items() if is_grid(v)]
-        if grids and search != "paper":
-            raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
         if isinstance(lambdas, str):
             if lambdas != "default":
                 raise ValueError(f"lambdas must be a list of numbers, None or 'default', got '{lambdas}'")
             lambdas = LAMBDAS if search == "paper" else None
         if lambdas is not None:
             lambdas = sorted({float(v) for v in lambdas})
-            if not lambdas or lambdas[0] <= 0:
-                raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
-        coef.check_settings(learn_coefficients, coef_objective, coef_rounds, coef_lr, "adam",
-                            [name for name, _ in labelled.values()])
-        check_prescreen(float(prescreen), int(finalists), test_all_etas)
+        if not checked:
+            _check(search, given, lambdas, weighting, (learn_coefficients, coef_objective, coef_rounds, coef_lr),
+                   [name for name, _ in labelled.values()], float(prescreen), int(finalists), test_all_etas)
         return cls(
             methods=labelled, etas=sorted({0.0, *map(float, etas)}), spaces=method_spaces(given),
             search=search, lambdas=lambdas, test_all_etas=test_all_etas, weighting=weighting,
@@ -144,3 +140,20 @@ class RoundSettings:
             greedy_soup=bool(greedy_soup), spill_dir=spill_dir,
             prescreen=PrescreenSettings(float(prescreen), int(finalists)), ensemble=bool(ensemble),
         )
+
+
+def _check(search: str, given: Methods, lambdas: list[float] | None, weighting: str,
+           coefficients: tuple[str, str, int, float], names: list[str], prescreen: float, finalists: int,
+           test_all_etas: bool) -> None:
+    """The checks `RunConfig.resolve()` makes for a run config, for settings given directly
+    (OneShotMerge's keyword arguments); ValueError naming what is wrong."""
+    check_search(search)
+    grids = [f"{label}.{k}" for label, (_, p) in given.items() for k, v in p.items() if is_grid(v)]
+    if grids and search != "paper":
+        raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
+    if lambdas is not None and (not lambdas or lambdas[0] <= 0):
+        raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
+    coef.check_settings(*coefficients, "adam", names)
+    check_prescreen(prescreen, finalists, test_all_etas)
