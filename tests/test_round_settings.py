@@ -183,3 +183,21 @@ def test_settings_from_a_resolved_config_are_not_checked_twice(monkeypatch, tmp_
     assert cfg.round_settings(tmp_path).prescreen == PrescreenSettings(0.5, 3)
     with pytest.raises(AssertionError, match="second time"):
         RoundSettings.build(method="ties")  # keyword arguments from a user: checked
+
+
+def test_a_hydra_run_resolves_its_config_once_and_hands_it_to_the_run(monkeypatch, tmp_path):
+    import fl_merge.engine.run as engine_run
+    from fl_merge.cli import hydra_app
+
+    monkeypatch.chdir(tmp_path)  # Hydra's job dir (outputs/...) goes here
+    calls = _count_resolutions(monkeypatch)
+    handed = []
+
+    def fake_run(cfg, **kwargs):
+        handed.append(cfg)
+        raise engine_run.RunFailed("stopped here")
+
+    monkeypatch.setattr(engine_run, "run", fake_run)
+    assert hydra_app.main(["num_clients=2"]) == 1
+    assert calls == [1] and isinstance(handed[0], ResolvedConfig)  # plan's resolution, reused
+    assert handed[0].run.num_clients == 2 and handed[0].run.output_dir.startswith(str(tmp_path))
