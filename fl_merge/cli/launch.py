@@ -139,8 +139,8 @@ def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, g
     if not args.data_seeds:
         base["data-seed"] = run_cfg.data_seed
 
-    def one(config: dict) -> Path:
-        return run(RunConfig.from_flower(config), num_supernodes=supernodes, client_gpus=gpus,
+    def one(cfg: ResolvedConfig) -> Path:  # resolved once, by run_replicates
+        return run(cfg, num_supernodes=supernodes, client_gpus=gpus,
                    engine=args.engine, app=Path(args.app) if args.app else None).out_dir
 
     try:
