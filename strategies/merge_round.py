@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -36,6 +36,9 @@ from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, chec
 from fl_merge.core.task_vectors import StateDict
 from .ensemble_phase import ensemble_phase
 from .phases import Exchange, learn_phase, prescreen_phase, score_batched, soup_phase
+
+if TYPE_CHECKING:
+    from .one_shot import OneShotMerge
 
 Scores = dict[str, dict[str, Any]]  # candidate label -> task -> split -> {"etas", "accuracy", "loss"}
 
@@ -68,7 +71,7 @@ class Validated:
     ft_val: dict[str, float | None]
 
 
-def run_round(strategy: Any, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
+def run_round(strategy: OneShotMerge, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
               evaluate_config: Mapping[str, Any], timeout: float, r: MergeRound | None = None
               ) -> MergeRound:
     """The round, top to bottom: train -> merge candidates -> score every (setting, eta) on

@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -27,6 +27,9 @@ from fl_merge.round.settings import RoundSettings
 from fl_merge.merging.soups import greedy_soup, soup_delta
 from fl_merge.core.task_vectors import StateDict
 
+if TYPE_CHECKING:
+    from .one_shot import OneShotMerge
+
 
 @dataclass
 class Exchange:
@@ -34,7 +37,7 @@ class Exchange:
     (OneShotMerge: train, score, coefficient_round), the grid, the evaluate config every
     scoring message carries, the reply timeout and the round's spill folder (or None)."""
 
-    strategy: Any
+    strategy: OneShotMerge
     grid: Grid
     config: Mapping[str, Any]
     timeout: float
