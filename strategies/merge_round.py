@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -35,10 +35,7 @@ from fl_merge.io.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.core.task_vectors import StateDict
 from .ensemble_phase import ensemble_phase
-from .phases import Exchange, learn_phase, prescreen_phase, score_batched, soup_phase
-
-if TYPE_CHECKING:
-    from .one_shot import OneShotMerge
+from .phases import Exchange, RoundMessages, learn_phase, prescreen_phase, score_batched, soup_phase
 
 Scores = dict[str, dict[str, Any]]  # candidate label -> task -> split -> {"etas", "accuracy", "loss"}
 
@@ -71,13 +68,13 @@ class Validated:
     ft_val: dict[str, float | None]
 
 
-def run_round(strategy: OneShotMerge, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
+def run_round(strategy: RoundMessages, grid: Grid, theta0: StateDict, train_config: Mapping[str, Any],
               evaluate_config: Mapping[str, Any], timeout: float, r: MergeRound | None = None
               ) -> MergeRound:
     """The round, top to bottom: train -> merge candidates -> score every (setting, eta) on
     validation -> choose per method on validation (then the optional learned coefficients and
     greedy soup) -> test at each method's choice -> rows. `strategy`: a OneShotMerge (its
-    `settings` and its messages). `r`: the round to fill (the ServerApp makes it first, so a
+    settings and its messages). `r`: the round to fill (the ServerApp makes it first, so a
     failure record can report what the round had); default a new one."""
     st: RoundSettings = strategy.settings
     r = r if r is not None else new_round(st, theta0)
@@ -85,7 +82,7 @@ def run_round(strategy: OneShotMerge, grid: Grid, theta0: StateDict, train_confi
                  SpillDir(st.spill_dir) if st.spill_dir is not None else None)
     try:
         trained = train_step(x, st, r, train_config)
-        deltas = merge_step(x, st, r, trained)
+        deltas = merge_step(st, r, trained)
         validated = validation_step(x, st, r, deltas)
         choice = choose_step(x, st, r, trained, validated, deltas)
         test_step(x, st, r, validated.scores, choice)
@@ -129,10 +126,10 @@ def train_step(x: Exchange, st: RoundSettings, r: MergeRound, train_config: Mapp
     return Trained(collude(st.attack_plan, r.clients, task_vectors, asked), asked, t0)
 
 
-def merge_step(x: Exchange, st: RoundSettings, r: MergeRound, trained: Trained) -> dict[str, StateDict]:
+def merge_step(st: RoundSettings, r: MergeRound, trained: Trained) -> dict[str, StateDict]:
     """Candidates: each method's knob settings (search=paper; its fixed params otherwise),
     each with its own etas; one Delta per setting (candidate label -> Delta), all from the
-    same updates."""
+    same updates. No message is sent here."""
     k = len(r.clients)
     r.candidates = plan_candidates(st.methods, st.spaces, st.search, st.lambdas, st.etas, trained.task_vectors)
     check_enough(k, st.min_clients, candidate_methods(r.candidates), r.failures)  # e.g. Krum, K < 3

@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -26,9 +26,27 @@ from fl_merge.round.selection import Choice, choose_settings
 from fl_merge.round.settings import RoundSettings
 from fl_merge.merging.soups import greedy_soup, soup_delta
 from fl_merge.core.task_vectors import StateDict
+from fl_merge.round.updates import ClientUpdate
 
-if TYPE_CHECKING:
-    from .one_shot import OneShotMerge
+
+class RoundMessages(Protocol):
+    """What the round asks of the Flower strategy (OneShotMerge): its settings (read once, by
+    run_round) and messages out, replies checked. The steps read nothing else of it."""
+
+    settings: RoundSettings
+    arrayrecord_key: str
+    configrecord_key: str
+
+    def train(self, grid: Grid, theta0: StateDict, config: Mapping[str, Any], timeout: float,
+              spill: SpillDir | None = None) -> tuple[list[ClientUpdate], list[dict[str, Any]]]: ...
+
+    def score(self, grid: Grid, clients: Sequence[ClientUpdate], theta0: StateDict,
+              deltas: Mapping[str, StateDict], grids: dict, splits: Sequence[str], phase: str,
+              config: Mapping[str, Any], timeout: float, task_name: Any) -> tuple[dict, list]: ...
+
+    def coefficient_round(self, grid: Grid, clients: Sequence[ClientUpdate], theta0: StateDict,
+                          task_vectors: Sequence[StateDict], coefs: Any, blocks: Sequence[Sequence[str]],
+                          config: Mapping[str, Any], held: set, timeout: float) -> tuple[list, dict[str, int]]: ...
 
 
 @dataclass
@@ -37,7 +55,7 @@ class Exchange:
     (OneShotMerge: train, score, coefficient_round), the grid, the evaluate config every
     scoring message carries, the reply timeout and the round's spill folder (or None)."""
 
-    strategy: OneShotMerge
+    strategy: RoundMessages
     grid: Grid
     config: Mapping[str, Any]
     timeout: float
