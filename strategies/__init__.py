@@ -1,8 +1,9 @@
 """Flower strategies: thin glue over fl_merge. Installed as `fl_merge_strategies`; a checkout's
 root app (`flwr run .`) loads it as `strategies`, so its modules import each other relatively.
 
-`OneShotMerge(method=..., method_params=...)` builds and checks the round's messages;
-`strategies.merge_round.run_round` runs the round's steps (fl_merge.round) in order. The
+`OneShotMerge(settings=RoundSettings)` (or `OneShotMerge(method=..., method_params=...)`)
+builds and checks the round's messages; `strategies.merge_round.run_round` runs the round's
+typed steps (fl_merge.round) in order, reading the settings, never the strategy's attributes. The
 named subclasses fix the method for readability (`FedNovaMerge()`, `TiesMerge(...)`).
 
 May import: every package of fl_merge up to fl_merge.config, and fl_merge.deploy; never the

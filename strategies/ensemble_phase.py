@@ -11,25 +11,26 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from fl_merge.round import ensemble as ens
 from fl_merge.round.outcome import MergeRound
 from fl_merge.round.protocol import PROTOCOL_KEY, PROTOCOL_VERSION
+from fl_merge.round.settings import RoundSettings
 from fl_merge.round.tables import finetuned_scores
 from fl_merge.core.task_vectors import StateDict
+from .phases import Exchange
 from .sending import _bytes, _send
 
 
-def ensemble_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDict],
-                   ft_val: Mapping[str, float | None], config: Mapping[str, Any], timeout: float
-                   ) -> dict[str, dict[str, dict[str, Any]]]:
+def ensemble_phase(x: Exchange, st: RoundSettings, r: MergeRound, task_vectors: list[StateDict],
+                   ft_val: Mapping[str, float | None]) -> dict[str, dict[str, dict[str, Any]]]:
     """Score the ensemble of the K clients' models and the best single one at every client;
     adds their rows and r.ensemble, and returns model label -> task -> per-example test
     correctness (empty, with a note, when no client answered)."""
     t0 = time.perf_counter()
     k = len(task_vectors)
-    cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, **ens.request_config(k)})
+    s = x.strategy  # its record keys: Flower's "arrays" and "config"
+    cfg = ConfigRecord({**x.config, PROTOCOL_KEY: PROTOCOL_VERSION, **ens.request_config(k)})
     msgs = []
     for c in r.clients:
         content = RecordDict({s.arrayrecord_key: ArrayRecord({**r.theta0, **c.per_task}),
@@ -38,7 +39,7 @@ def ensemble_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDi
         msgs.append((c, Message(content=content, dst_node_id=c.node_id,
                                 message_type=f"{MessageType.EVALUATE}.{ens.ACTION}")))
     sent = sum(_bytes(m.content) for _, m in msgs)
-    replies, _ = _send(grid, [m for _, m in msgs], timeout)
+    replies, _ = _send(x.grid, [m for _, m in msgs], x.timeout)
     parsed: dict[str, dict[str, Any]] = {}
     for c, m in msgs:
         reply = replies.get(m.metadata.message_id)
@@ -57,7 +58,7 @@ def ensemble_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDi
     got = ens.outcome(parsed, {t: ft_val.get(t) for t in parsed}, names)
     by_task = {r.task_name(c): c for c in r.clients}
     common = {t: {"partition_id": by_task[t].partition_id, "node_id": by_task[t].node_id,
-                  "attacker": s.attack_plan.attacks(by_task[t].partition_id)
+                  "attacker": st.attack_plan.attacks(by_task[t].partition_id)
                   if by_task[t].partition_id is not None else False,
                   **{f"finetuned-{sp}": v for sp, v in finetuned_scores(by_task[t]).items()}} for t in parsed}
     params = {ens.ENSEMBLE_LABEL: {"members": names}, ens.SINGLE_LABEL: {"member": got["best-name"]}}
@@ -66,7 +67,7 @@ def ensemble_phase(s: Any, grid: Grid, r: MergeRound, task_vectors: list[StateDi
     r.ensemble = {"members": names, "best-single": got["best-name"], "member-validation": got["criterion"],
                   "test-accuracy": {label: sum(v.values()) / len(v) for label, v in test.items()},
                   "bytes": {"sent": sent, "per-client": sent // max(1, len(msgs)),
-                            "replies": sum(_bytes(x.content) for x in replies.values())},
+                            "replies": sum(_bytes(rep.content) for rep in replies.values())},
                   "seconds": time.perf_counter() - t0}
     log(INFO, "ensemble of %d models: test %.4f; best single (%s, chosen on validation): test %.4f; "
         "%d bytes sent (%d per client: theta0 + %d task vectors)", k, r.ensemble["test-accuracy"]["ensemble"],

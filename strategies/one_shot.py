@@ -20,6 +20,7 @@ in sequence; no message is sent from inside another callback.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -29,28 +30,30 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fl_merge.round.attacks import AttackPlan
-from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
-from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
-from fl_merge.round.candidates import check_search, method_spaces
-from fl_merge.round.merging import given_params, label_methods
+from fl_merge.round.outcome import MergeRound
+from fl_merge.round.settings import RoundSettings
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION, SPLIT_KEY
 from fl_merge.round.scoring import (
     Grids, Part, assemble_plain, candidate_state, delta_key, grid_config, parse_grid_reply, plain_answer,
     plain_requests)
 from fl_merge.round.failures import no_reply_reason
-from fl_merge.round.prescreen import check_prescreen
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
-from fl_merge.io.spill import split_extras_lazy
+from fl_merge.io.spill import SpillDir, split_extras_lazy
 from fl_merge.core.task_vectors import StateDict, split_extras
 from .sending import _bytes, _send, _send_each
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
+# OneShotMerge's keyword arguments that are the round's settings (RoundSettings.build's)
+_ROUND_KEYWORDS = frozenset(inspect.signature(RoundSettings.build).parameters) - {"cls"}
 
 
 class OneShotMerge(FedAvg):
     """One-shot FL merge with any registered method(s).
+
+    settings: the round's typed settings (fl_merge.round.settings.RoundSettings), as the
+    ServerApp builds them once from the resolved run config. Without `settings`, the round's
+    keyword arguments are those of `RoundSettings.build` (checked there), e.g.
 
     method, method_params: a name from `fl_merge.available_methods()` and its parameters.
     methods: instead of one method, a list of names or (name, params) pairs, all merged
@@ -83,86 +86,30 @@ class OneShotMerge(FedAvg):
         each method's `finalists` best on all of it (0: off; fl_merge/round/prescreen.py).
     ensemble: also score the ensemble of the K clients' models (mean softmax) and the best
         single one (chosen on validation): reference rows (fl_merge/round/ensemble.py).
+
+    Any other keyword argument is FedAvg's (sampling: fraction_train, min_train_nodes, ...).
     """
 
-    def __init__(
-        self,
-        method: str = "fedavg",
-        method_params: dict[str, Any] | None = None,
-        methods: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-        etas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-        test_all_etas: bool = False,
-        weighting: str = "uniform",
-        merge_keys: str | Sequence[str] = DEFAULT_MERGE_KEYS,
-        device: str = "cpu",
-        task_names: Sequence[str] | None = None,
-        measure_heterogeneity: bool = True,
-        min_clients: int = 0,
-        attack_plan: AttackPlan | None = None,
-        search: str = "off",
-        lambdas: Sequence[float] | str | None = "default",
-        learn_coefficients: str = "off",
-        coef_objective: str = "supervised",
-        coef_rounds: int = 5,
-        coef_lr: float = 0.05,
-        greedy_soup: bool = False,
-        spill_dir: str | None = None,
-        prescreen: float = 0.0,
-        finalists: int = 3,
-        ensemble: bool = False,
-        **fedavg_kwargs: Any,
-    ) -> None:
-        super().__init__(**fedavg_kwargs)
-        if methods is None:
-            methods = [(method, dict(method_params or {}))]
-        elif method_params:
-            raise ValueError("give method_params inside `methods`, not both")
-        self.methods = label_methods(methods)  # label -> (name, params); checked here
-        if not self.methods:
-            raise ValueError("no merge method given")
-        self.search = check_search(search)
-        given = given_params(methods)
-        grids = [f"{label}.{k}" for label, (_, p) in given.items() for k, v in p.items() if is_grid(v)]
-        if grids and search != "paper":
-            raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
-        self.spaces = method_spaces(given)  # label -> knob grids (used with search=paper)
-        if isinstance(lambdas, str):
-            if lambdas != "default":
-                raise ValueError(f"lambdas must be a list of numbers, None or 'default', got '{lambdas}'")
-            lambdas = LAMBDAS if search == "paper" else None
-        if lambdas is not None:
-            lambdas = sorted({float(v) for v in lambdas})
-            if not lambdas or lambdas[0] <= 0:
-                raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
-        self.lambdas = lambdas  # None: the shared `etas`
-        self.etas = sorted({0.0, *map(float, etas)})
-        self.test_all_etas = test_all_etas
-        if weighting not in ("uniform", "num-examples"):
-            raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
-        self.weighting = weighting
-        self.merge_keys = parse_merge_keys(merge_keys)
-        self.is_merged = key_matcher(self.merge_keys)
-        self.device = device
-        self.task_names = list(task_names) if task_names is not None else None
-        self.measure_heterogeneity = measure_heterogeneity
-        self.min_clients = min_clients
-        self.attack_plan = attack_plan or AttackPlan()
-        coef.check_settings(learn_coefficients, coef_objective, coef_rounds, coef_lr, "adam",
-                            [name for name, _ in self.methods.values()])
-        self.coefficients = {"mode": learn_coefficients, "objective": coef_objective,
-                             "rounds": int(coef_rounds), "lr": float(coef_lr)}
-        self.greedy_soup = bool(greedy_soup)
-        self.spill_dir, self.spill = spill_dir, None  # the round's SpillDir while it runs
-        check_prescreen(float(prescreen), int(finalists), test_all_etas)
-        self.prescreen = {"fraction": float(prescreen), "finalists": int(finalists)}
-        self.ensemble = bool(ensemble)
-        self.outcome = None  # the last round's fl_merge.round.outcome.MergeRound
+    def __init__(self, method: str | None = None, method_params: dict[str, Any] | None = None, *,
+                 settings: RoundSettings | None = None, **kwargs: Any) -> None:
+        round_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _ROUND_KEYWORDS}
+        if method is not None:
+            round_kwargs["method"] = method
+        if method_params is not None:
+            round_kwargs["method_params"] = method_params
+        if settings is not None and round_kwargs:
+            raise ValueError(f"give the round's settings either as `settings` or as keyword arguments "
+                             f"({', '.join(round_kwargs)}), not both")
+        super().__init__(**kwargs)
+        self.settings = settings if settings is not None else RoundSettings.build(**round_kwargs)
+        self.outcome: MergeRound | None = None  # the last round start() ran
 
     def summary(self) -> None:
+        st = self.settings
         log(INFO, "\t├──> One-shot merge: methods=%s weighting=%s search=%s %s merge-keys=%s",
-            self.methods, self.weighting, self.search,
-            f"lambdas={self.lambdas}" if self.lambdas is not None else f"etas={self.etas}",
-            list(self.merge_keys))
+            st.methods, st.weighting, st.search,
+            f"lambdas={st.lambdas}" if st.lambdas is not None else f"etas={st.etas}",
+            list(st.merge_keys))
         super().summary()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 1, timeout: float = 3600.0,
@@ -184,18 +131,32 @@ class OneShotMerge(FedAvg):
                       else ArrayRecord())
 
     # ------------------------------------------------------------------ train
-    def train(self, grid: Grid, theta0: StateDict, config: Mapping[str, Any], timeout: float
-              ) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
+    def train(self, grid: Grid, theta0: StateDict, config: Mapping[str, Any], timeout: float,
+              spill: SpillDir | None = None) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
         """Send theta0 + `config` to the sampled nodes; (updates, failures) from the replies.
-        A node that fails, never replies or sends a malformed reply is a named failure."""
-        cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "merge-keys": list(self.merge_keys)})
+        A node that fails, never replies or sends a malformed reply is a named failure. With a
+        `spill` folder each reply is spilled to disk as it arrives (its message not kept)."""
+        cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION,
+                            "merge-keys": list(self.settings.merge_keys)})
         messages = list(self.configure_train(1, ArrayRecord(theta0), cfg, grid))
-        if self.spill is None:
+
+        def settle(reply: Message) -> ClientUpdate | str:
+            """A train reply as a ClientUpdate (weights and extras in a spill file when the
+            round spills: the message's arrays are freed as they are written), else why it
+            is unusable."""
+            if reply.has_error():
+                return reply.error.reason
+            try:
+                return self.unpack(reply, spill)
+            except MergeRoundError as e:
+                return str(e)
+
+        if spill is None:
             replies, elapsed = _send(grid, messages, timeout)
             sent = [(m.metadata.message_id, m.metadata.dst_node_id) for m in messages]
-            settled = {mid: self._settle(r) for mid, r in replies.items()}
-        else:  # each reply spilled to disk as it arrives (its message is not kept)
-            settled, elapsed, sent = _send_each(grid, messages, timeout, self._settle)
+            settled = {mid: settle(r) for mid, r in replies.items()}
+        else:
+            settled, elapsed, sent = _send_each(grid, messages, timeout, settle)
         updates, failures = [], []
         for mid, node in sent:  # named by the node the message went to (an error reply's
             # source may be the SuperLink itself, answering for a lost node)
@@ -206,17 +167,7 @@ class OneShotMerge(FedAvg):
                 updates.append(got)
         return updates, failures
 
-    def _settle(self, reply: Message) -> ClientUpdate | str:
-        """A train reply as a ClientUpdate (weights and extras in a spill file when the round
-        spills: the message's arrays are freed as they are written), else why it is unusable."""
-        if reply.has_error():
-            return reply.error.reason
-        try:
-            return self.unpack(reply, self.spill)
-        except MergeRoundError as e:
-            return str(e)
-
-    def unpack(self, msg: Message, spill: Any = None) -> ClientUpdate:
+    def unpack(self, msg: Message, spill: SpillDir | None = None) -> ClientUpdate:
         """A train reply as a ClientUpdate: exactly one ArrayRecord (weights, plus any
         "extra.<name>." arrays) and one MetricRecord holding num-examples; errors name the
         node. With a `spill` folder (fl_merge.io.spill.SpillDir) the arrays go to a spill file

@@ -28,7 +28,7 @@ from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.deploy.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
-from fl_merge.round.outcome import MergeRound
+from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
 from fl_merge.core.task_vectors import StateDict
@@ -87,13 +87,14 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     # RLock: Flower's SIGINT may interrupt this thread inside `with writing`; "done" is set
     # once a record or the results are whole, "busy" while results are being written.
     writing = threading.RLock()
-    held = {"done": False, "busy": False, "strategy": None, "ppid": os.getppid()}
+    held: dict[str, Any] = {"done": False, "busy": False, "round": None, "ppid": os.getppid()}
     out = cfg.output_dir()  # once: a default (timestamped) folder must not change mid-run
+    settings = cfg.round_settings(out)  # the round's typed settings, built once
 
     def record_stop() -> None:
         with writing:
             if not held["done"] and not held["busy"]:
-                r = getattr(held["strategy"], "outcome", None)  # the round in progress
+                r = held["round"]  # the round in progress
                 why = stopped_reason(len(r.clients) if r else 0, os.getppid() != held["ppid"])
                 write_failure(out, why, r, replies_lost=True)
                 held["done"] = True
@@ -102,22 +103,13 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
     try:
         theta0 = load_theta0(cfg)
         k = run.num_clients
-        held["strategy"] = strategy = OneShotMerge(
-            methods=cfg.methods, etas=cfg.etas, test_all_etas=run.test_all_etas,
-            search=run.search, lambdas=cfg.lambdas, learn_coefficients=run.learn_coefficients,
-            coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-            greedy_soup=run.greedy_soup, ensemble=run.ensemble,
-            prescreen=run.prescreen, finalists=run.finalists,
-            spill_dir=str(out) if run.spill else None, measure_heterogeneity=run.measure_heterogeneity,
-            min_clients=run.min_clients, attack_plan=cfg.attack_plan, merge_keys=cfg.merge_keys,
-            weighting=run.weighting, device=run.device, task_names=cfg.tasks,
-            fraction_train=1.0, fraction_evaluate=1.0,
-            min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k,
-        )
+        strategy = OneShotMerge(settings=settings, fraction_train=1.0, fraction_evaluate=1.0,
+                                min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k)
+        held["round"] = r = new_round(settings, theta0)  # what a failure record reports
         wait_for_clients(grid, k, run.connect_timeout)
         try:
             outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(),
-                                run.round_timeout)
+                                run.round_timeout, r)
         except MergeRoundError as e:
             with writing:
                 write_failure(out, str(e), getattr(e, "partial", None))
@@ -126,7 +118,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         outcome.timings["total-seconds"] = time.perf_counter() - t0
         with writing:
             held["busy"] = True
-            phase(strategy, "write")
+            phase("write", settings.spill_dir is not None)
             write_outputs(out, outcome, cfg, run_id)
             held["done"] = True
     except Exception:

@@ -108,13 +108,13 @@ def test_entry_point_runs_each_seed_then_builds_the_table(tmp_path, capsys):
 
     def fake(cfg):
         asked.append(cfg)
-        return _fake_run(tmp_path / "runs", cfg["seed"])
+        return _fake_run(tmp_path / "runs", cfg.run.seed)
 
     out = tmp_path / "rep"
     argv = ["--seeds", "0,1,2", "--out", str(out), "--", "num-clients=2", "local-steps=5"]
     assert rep.main(argv, run=fake) == 0
-    assert [c["seed"] for c in asked] == [0, 1, 2] and all(c["local-steps"] == "5" for c in asked)
-    assert asked[1]["output-dir"] == str(out / "seed-1")
+    assert [c.run.seed for c in asked] == [0, 1, 2] and all(c.run.local_steps == "5" for c in asked)
+    assert asked[1].run.output_dir == str(out / "seed-1")
     assert (out / rep.TABLE_FILE).exists()
     assert "paired difference vs task_arithmetic" in capsys.readouterr().out
 
@@ -140,15 +140,15 @@ def test_fl_merge_run_seeds_runs_each_seed_through_the_run_path(tmp_path, monkey
 
     def fake_run(cfg, **kw):
         asked.append(cfg)
-        return Outcome(_fake_run(tmp_path / "runs", cfg.seed), [], {})
+        return Outcome(_fake_run(tmp_path / "runs", cfg.run.seed), [], {})
 
     monkeypatch.setattr(launch, "run", fake_run)
     out = tmp_path / "rep"
     rc = launch.main(["--engine", "simulation", "--seeds", "0,1,2",
                       "--run-config", f"num-clients=2 local-steps=\"5\" output-dir=\"{out}\""])
     assert rc == 0, capsys.readouterr().err
-    assert [c.seed for c in asked] == [0, 1, 2] and {c.local_steps for c in asked} == {"5"}
-    assert [c.output_dir for c in asked] == [str(out / f"seed-{s}") for s in (0, 1, 2)]
+    assert [c.run.seed for c in asked] == [0, 1, 2] and {c.run.local_steps for c in asked} == {"5"}
+    assert [c.run.output_dir for c in asked] == [str(out / f"seed-{s}") for s in (0, 1, 2)]
     assert (out / rep.TABLE_FILE).exists()
     assert "paired difference vs task_arithmetic" in capsys.readouterr().out
     asked.clear()

@@ -159,7 +159,7 @@ def test_search_off_is_todays_protocol():
     """Fixed params (fedgma's default rho 0.5) and one shared eta grid for every method."""
     s = OneShotMerge(methods=["fedgma", ("ties", {"density": 0.5})], etas=[1.0, 2.0],
                      measure_heterogeneity=False)
-    assert s.search == "off" and s.lambdas is None
+    assert s.settings.search == "off" and s.settings.lambdas is None
     grid = FakeGrid({100 + i: _rich(i, 10) for i in range(3)})
     r = _run(s, grid)
     cfg = grid.asked[3].content["config"]

@@ -357,19 +357,19 @@ def _three_clients() -> dict:
 
 def test_several_methods_share_one_training_pass_and_one_evaluate_message():
     s = _three_methods()
-    assert list(s.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
-    assert s.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
+    assert list(s.settings.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
+    assert s.settings.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
     grid = FakeGrid(_three_clients())
     r = _run(s, grid)
-    assert set(r.deltas) == set(s.methods)
+    assert set(r.deltas) == set(s.settings.methods)
     torch.testing.assert_close(r.delta["backbone.w"], r.deltas["fedavg"]["backbone.w"])
     kinds = [m.metadata.message_type for m in grid.asked]
     assert kinds == [MessageType.TRAIN] * 3 + [MessageType.EVALUATE] * 6  # val, then test
     content = grid.asked[3].content
-    assert list(content["config"]["delta-methods"]) == list(s.methods)
+    assert list(content["config"]["delta-methods"]) == list(s.settings.methods)
     assert list(content["config"]["splits"]) == ["val"]  # the eta grid is scored on val only
     assert list(content["config"]["etas"]) == [0.0, 1.0, 2.0] * 3
-    for i, label in enumerate(s.methods):
+    for i, label in enumerate(s.settings.methods):
         key = "delta" if i == 0 else f"delta-{i}"
         torch.testing.assert_close(content[key].to_torch_state_dict()["backbone.b"],
                                    r.deltas[label]["backbone.b"])
@@ -391,7 +391,7 @@ def test_several_methods_share_one_training_pass_and_one_evaluate_message():
 def test_deltas_too_large_for_one_message_are_scored_in_batches(monkeypatch):
     from fl_merge.round import scoring
 
-    order = list(_three_methods().methods)
+    order = list(_three_methods().settings.methods)
 
     class LabelGrid(FakeGrid):  # scores by method label, not by position in the message
         def _answer(self, m):

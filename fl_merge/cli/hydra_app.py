@@ -9,7 +9,6 @@ stops the command with exit code 1. In a sweep every job appends its tidy rows t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -85,6 +84,24 @@ def _job_line(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
     return f"normalized test acc: {', '.join(scores)}; {cached}/{len(clients)} clients cached"
 
 
+def _planned(state: Sweep, cfg: Any, overrides: Sequence[str]) -> Job | None:
+    """The job `plan` composed and resolved before anything ran, when this is it (the same
+    overrides mapping to the same run config): it is not resolved again. Its plugins are
+    registered in this process (a Hydra launcher may run the job in another one)."""
+    from fl_merge.cli.mapping import to_flower
+    from fl_merge.config.plugins import PluginError, load_plugins
+
+    flower, _ = to_flower(cfg)
+    for job in state.jobs or []:
+        if job.overrides == list(overrides) and job.flower == flower and job.resolved is not None:
+            try:
+                load_plugins(job.run.plugins)
+            except PluginError as e:
+                raise ConfigError(str(e)) from None
+            return job
+    return None
+
+
 def task(cfg: Any, state: Sweep) -> None:
     """Hydra's task function: one job through `fl_merge.engine.run.run`."""
     from hydra.core.hydra_config import HydraConfig
@@ -100,15 +117,17 @@ def task(cfg: Any, state: Sweep) -> None:
     total = len(state.jobs) if state.jobs else "?"
     where = f"job {num + 1}/{total} [{' '.join(overrides) or '(defaults)'}]" if multirun else "run"
     try:
-        job = build_job(cfg, overrides)
+        job = _planned(state, cfg, overrides) or build_job(cfg, overrides)
     except ConfigError as e:
         state.fail(2, f"{where}: {e}")
+    resolved = job.resolved  # resolved once (plan's build_job); run() takes it as it is
     if not job.run.output_dir:
-        job.run = dataclasses.replace(job.run, output_dir=str(job_dir))
+        resolved = resolved.with_output_dir(job_dir)
+        job.run = resolved.run
     t0 = time.monotonic()
     try:
         # Pretrains (or loads) the base here, with a progress bar in a terminal.
-        outcome = run(job.run, num_supernodes=job.num_supernodes, client_gpus=job.client_gpus,
+        outcome = run(resolved, num_supernodes=job.num_supernodes, client_gpus=job.client_gpus,
                       stream=not multirun, progress=not multirun)
     except (RunFailed, ConfigError) as e:
         state.fail(1, f"{where} failed: {e}")

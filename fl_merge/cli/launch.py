@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fl_merge.core.values import parse_value
 from fl_merge.io import results
-from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
 
 
@@ -74,9 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig, int, float]:
-    """The command line -> (options, prepared RunConfig, SuperNodes, GPU share per client),
-    everything validated; raises ConfigError (one line). Nothing starts here."""
+def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, int, float]:
+    """The command line -> (options, the resolved config with its output dir fixed,
+    SuperNodes, GPU share per client), everything validated once (the run is handed this
+    ResolvedConfig, not resolved again); raises ConfigError (one line). Nothing starts here."""
     args = _parser().parse_args(argv)
     overrides = _parse_run_config(args.run_config)
     if args.no_cache:
@@ -97,25 +98,26 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig, int, f
     if supernodes < run_cfg.num_clients:
         raise ConfigError(f"num-clients={run_cfg.num_clients} is larger than the "
                           f"{supernodes} available clients (--num-supernodes)")
-    run_cfg, supernodes, gpus = prepare(run_cfg, supernodes, args.client_gpus,
-                                        ("--num-supernodes", "--client-gpus"))
+    resolved, supernodes, gpus = prepare(run_cfg, supernodes, args.client_gpus,
+                                         ("--num-supernodes", "--client-gpus"))
     if args.app is not None and not (Path(args.app) / "pyproject.toml").is_file():
         raise ConfigError(f"--app {args.app}: no pyproject.toml there (a Flower app directory)")
-    return args, run_cfg, supernodes, gpus
+    return args, resolved, supernodes, gpus
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, run_cfg, supernodes, gpus = resolve_args(sys.argv[1:] if argv is None else argv)
+        args, resolved, supernodes, gpus = resolve_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
         print(f"fl-merge-run: error: {e}", file=sys.stderr)
         return 2
+    run_cfg = resolved.run
     print(f"fl-merge: {run_cfg.num_clients} clients; method={run_cfg.method}; "
           f"output {run_cfg.output_dir}", flush=True)
     if args.seeds is not None:
         return _replicates(args, run_cfg, supernodes, gpus)
     try:
-        outcome = run(run_cfg, num_supernodes=supernodes, client_gpus=gpus, engine=args.engine,
+        outcome = run(resolved, num_supernodes=supernodes, client_gpus=gpus, engine=args.engine,
                       app=Path(args.app) if args.app else None, keep_superlink=args.keep_superlink)
     except (RunFailed, ConfigError) as e:
         print(f"fl-merge-run: error: {e}", file=sys.stderr)
@@ -136,8 +138,8 @@ def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, g
     if not args.data_seeds:
         base["data-seed"] = run_cfg.data_seed
 
-    def one(config: dict) -> Path:
-        return run(RunConfig.from_flower(config), num_supernodes=supernodes, client_gpus=gpus,
+    def one(cfg: ResolvedConfig) -> Path:  # resolved once, by run_replicates
+        return run(cfg, num_supernodes=supernodes, client_gpus=gpus,
                    engine=args.engine, app=Path(args.app) if args.app else None).out_dir
 
     try:

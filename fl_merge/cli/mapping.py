@@ -31,7 +31,7 @@ from typing import Any
 
 from fl_merge.cli import schema
 from fl_merge.config.parsing import _split
-from fl_merge.config.run_config import ConfigError, RunConfig, check_client_gpus
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, check_client_gpus
 
 # The copy inside the package in a wheel install; ./configs in a checkout or editable install.
 _PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -179,6 +179,7 @@ class Job:
     run: RunConfig
     num_supernodes: int
     client_gpus: float = 0.0
+    resolved: ResolvedConfig | None = None  # `run` validated (build_job resolves it once)
 
     @property
     def label(self) -> str:
@@ -189,13 +190,13 @@ def build_job(cfg: Any, overrides: Sequence[str] = ()) -> Job:
     """Map, build RunConfig (unset values: its defaults) and validate; raises ConfigError."""
     flower, options = to_flower(cfg)
     run = RunConfig.from_flower(flower)
-    run.resolve()
+    resolved = run.resolve()
     supernodes = options.get("num_supernodes") or run.num_clients
     if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < run.num_clients:
         raise ConfigError(f"runtime.num_supernodes={supernodes} must be an integer of at least "
                           f"num_clients={run.num_clients}")
     gpus = check_client_gpus(options.get("client_gpus", 0.0), "runtime.client_gpus")
-    return Job(list(overrides), flower, run, supernodes, gpus)
+    return Job(list(overrides), flower, run, supernodes, gpus, resolved)
 
 
 def _is_hydra_override(item: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 from fl_merge.models.device import DEFAULT_DEVICE, DEVICES
 from fl_merge.round.attacks import AttackPlan
+from fl_merge.round.settings import RoundSettings
 from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_params: public here too)
     DEFAULT_ETAS,
     INT64_MAX,
@@ -345,10 +346,28 @@ class ResolvedConfig:
                 "checkpoint-steps": list(self.checkpoint_steps)} if any(self.client_checkpoints) else {}),
         }
 
+    def round_settings(self, out: Path) -> RoundSettings:
+        """The merge round's typed settings (fl_merge.round.settings), built from this config
+        once, not checked again; `out`: the run's output folder (spill files go there)."""
+        run = self.run
+        return RoundSettings.build(
+            methods=self.methods, etas=self.etas, test_all_etas=run.test_all_etas, search=run.search,
+            lambdas=self.lambdas, learn_coefficients=run.learn_coefficients,
+            coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
+            greedy_soup=run.greedy_soup, ensemble=run.ensemble, prescreen=run.prescreen,
+            finalists=run.finalists, spill_dir=str(out) if run.spill else None,
+            measure_heterogeneity=run.measure_heterogeneity, min_clients=run.min_clients,
+            attack_plan=self.attack_plan, merge_keys=self.merge_keys, weighting=run.weighting,
+            device=run.device, task_names=self.tasks, checked=True)  # resolve() checked them
+
     @property
     def method_params(self) -> dict[str, Any]:
         """The primary (first) method's parameters."""
         return self.methods[0][1]
+
+    def with_output_dir(self, path: str | Path) -> ResolvedConfig:
+        """The same resolved config writing to `path` (the output dir is not validated)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, output_dir=str(path)))
 
     def output_dir(self) -> Path:
         if self.run.output_dir:

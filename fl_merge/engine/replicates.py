@@ -22,11 +22,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fl_merge.io.results import RESULTS_FILE, RUN_FILE, mean, read_rows, write_rows
 from fl_merge.round.tables import reference_label
 from fl_merge.stats.intervals import ci_line, over_seed_table, seed_marks
+
+if TYPE_CHECKING:
+    from fl_merge.config.run_config import ResolvedConfig
 
 TABLE_FILE = "replicates.csv"
 PLOT_FILE = "replicates.png"
@@ -204,25 +207,25 @@ def write_replicates(run_dirs: Sequence[Path], out: Path) -> list[dict[str, Any]
     return rows
 
 
-def run_once(run_config: Mapping[str, Any], engine: str = "simulation") -> Path:
-    """One replicate through the one run path (`fl_merge.engine.run.run`); its output directory."""
-    from fl_merge.config.run_config import RunConfig
+def run_once(cfg: ResolvedConfig, engine: str = "simulation") -> Path:
+    """One replicate through the one run path (`fl_merge.engine.run.run`, which takes the
+    resolved config as it is); its output directory."""
     from fl_merge.engine.run import run
 
-    return run(RunConfig.from_flower(dict(run_config)), engine=engine).out_dir
+    return run(cfg, engine=engine).out_dir
 
 
 def run_replicates(overrides: Mapping[str, Any], seeds: Sequence[int], out: Path,
-                   run: Callable[[Mapping[str, Any]], Path] = run_once, data_seeds: bool = False
+                   run: Callable[[ResolvedConfig], Path] = run_once, data_seeds: bool = False
                    ) -> list[dict[str, Any]]:
-    """Run the config once per seed (`run`: one run config -> its output dir), then write the
-    over-seed table under `out`. Every config is checked before the first run starts."""
+    """Run the config once per seed (`run`: one resolved config -> its output dir), then write
+    the over-seed table under `out`. Every config is resolved (checked) once, before the first
+    run starts."""
     configs = replicate_configs(overrides, seeds, out, data_seeds)
     from fl_merge.config.run_config import RunConfig
 
-    for c in configs:
-        RunConfig.from_flower(c).resolve()  # ConfigError before any training
-    dirs = [run(c) for c in configs]
+    resolved = [RunConfig.from_flower(c).resolve() for c in configs]  # ConfigError before any training
+    dirs = [run(cfg) for cfg in resolved]
     return write_replicates(dirs, out)
 
 
@@ -234,7 +237,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None,
-         run: Callable[[Mapping[str, Any]], Path] = run_once) -> int:
+         run: Callable[[ResolvedConfig], Path] = run_once) -> int:
     p = argparse.ArgumentParser(prog="python -m fl_merge.engine.replicates", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", help="where seed-<s>/ and the table go (default outputs/replicates-<time>)")

@@ -3,8 +3,9 @@
 Every way of running fl-merge goes through `run`: Hydra `fl-merge` (one call per job),
 `fl-merge-run`, experiments/_runner.py and benchmarks (through `fl-merge`). It
 
-1. validates the config (`RunConfig.resolve()`, ConfigError before anything starts) and
-   fixes the output dir (``output-dir``, else ``./outputs/<time>-<methods>``);
+1. validates the config (`RunConfig.resolve()`, ConfigError before anything starts; an
+   entry point that has resolved it already passes the `ResolvedConfig`, which is not
+   resolved again) and fixes the output dir (``output-dir``, else ``./outputs/<time>-<methods>``);
 2. pretrains (or loads from the cache) the base model here, so the run finds it cached;
 3. executes the Flower run with one of two engines:
    * ``simulation`` (default): Flower's in-process engine (`flwr.simulation.run_simulation`)
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.io import results
-from fl_merge.config.run_config import ConfigError, RunConfig, check_client_gpus
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, check_client_gpus
 from fl_merge.deploy.processes import ERROR_TAG, RunFailed, child_env, stream_child
 
 __all__ = ["ENGINES", "LOG_FILE", "Outcome", "RunFailed", "prepare", "run"]
@@ -49,20 +50,22 @@ class Outcome:
     meta: dict[str, Any]
 
 
-def prepare(run_cfg: RunConfig, num_supernodes: int | None = None, client_gpus: float = 0.0,
-            keys: tuple[str, str] = ("num-supernodes", "client-gpus")) -> tuple[RunConfig, int, float]:
-    """Validate; returns the config with its output dir fixed (absolute), the SuperNode
-    count and the GPU share per client. Raises ConfigError (one line)."""
-    cfg = run_cfg.resolve()
-    supernodes = num_supernodes or run_cfg.num_clients
-    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < run_cfg.num_clients:
+def prepare(cfg: RunConfig | ResolvedConfig, num_supernodes: int | None = None, client_gpus: float = 0.0,
+            keys: tuple[str, str] = ("num-supernodes", "client-gpus")) -> tuple[ResolvedConfig, int, float]:
+    """Validate (a RunConfig is resolved here, a ResolvedConfig is taken as it is); returns
+    the resolved config with its output dir fixed (absolute), the SuperNode count and the
+    GPU share per client. Raises ConfigError (one line)."""
+    resolved = cfg if isinstance(cfg, ResolvedConfig) else cfg.resolve()
+    k = resolved.run.num_clients
+    supernodes = num_supernodes or k
+    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < k:
         raise ConfigError(f"{keys[0]}={supernodes} must be an integer of at least "
-                          f"num-clients={run_cfg.num_clients} (one SuperNode per client)")
+                          f"num-clients={k} (one SuperNode per client)")
     gpus = check_client_gpus(client_gpus, keys[1])
-    return dataclasses.replace(run_cfg, output_dir=str(cfg.output_dir())), supernodes, gpus
+    return resolved.with_output_dir(resolved.output_dir()), supernodes, gpus
 
 
-def run(run_cfg: RunConfig, *, num_supernodes: int | None = None, client_gpus: float = 0.0,
+def run(cfg: RunConfig | ResolvedConfig, *, num_supernodes: int | None = None, client_gpus: float = 0.0,
         engine: str = "simulation", stream: bool = True, progress: bool = True,
         app: Path | None = None, keep_superlink: bool = False) -> Outcome:
     """Run one fl-merge run (see the module docstring). Raises ConfigError for a bad config
@@ -70,7 +73,8 @@ def run(run_cfg: RunConfig, *, num_supernodes: int | None = None, client_gpus: f
     `keep_superlink` are for the superlink engine (`fl_merge.engine.superlink.flwr_run`)."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got '{engine}'")
-    run_cfg, supernodes, gpus = prepare(run_cfg, num_supernodes, client_gpus)
+    resolved, supernodes, gpus = prepare(cfg, num_supernodes, client_gpus)
+    run_cfg = resolved.run
     out = Path(run_cfg.output_dir)
     from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
@@ -103,7 +107,9 @@ def _record_failure(path: Path, reason: str) -> None:
 
 def _execute(run_cfg: RunConfig, engine: str, supernodes: int, gpus: float, log_path: Path,
              stream: bool, app: Path | None, keep_superlink: bool) -> None:
-    """The run itself, in a child process (simulation) or through `flwr run` (superlink)."""
+    """The run itself, in a child process (simulation) or through `flwr run` (superlink):
+    each is a process of its own that receives the flat run config and resolves it once
+    (job_main here; the ServerApp's main under `flwr run`)."""
     if engine == "simulation":
         spec = {"run_config": run_cfg.to_flower(), "num_supernodes": supernodes,
                 "parent": os.getpid(), "client_gpus": gpus}
@@ -148,7 +154,7 @@ def job_main(argv: Sequence[str]) -> int:
     from fl_merge_clients.client_app import app as client_app
     from fl_merge_strategies.server_app import run_one_shot
 
-    cfg = RunConfig.from_flower(spec["run_config"]).resolve()
+    cfg = RunConfig.from_flower(spec["run_config"]).resolve()  # this process's one resolution
     holder: dict[str, Any] = {}
     app = ServerApp()
 

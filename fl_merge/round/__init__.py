@@ -5,6 +5,8 @@ colluding attacks (merging.collude) -> one Delta per method (merging) -> candida
 their scores, grid or plain protocol (scoring) -> eta chosen on validation (selection) ->
 test at the choice (scoring) -> rows and summary (tables), held in a MergeRound (outcome).
 
+The round's settings are one typed, checked object (`settings.RoundSettings`), built once
+from the resolved run config; every step reads them from there.
 The message protocol these steps serve is named in `protocol` and written in docs/protocol.md.
 Also here: the Byzantine attacks and faults a round can simulate (`attacks`), theta0 from a
 checkpoint (`base`), the learned-coefficient and ensemble phases (`coefficients`,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fl_merge.round.updates import ClientUpdate
 from fl_merge.core.task_vectors import StateDict, apply_update
+
+if TYPE_CHECKING:
+    from fl_merge.round.settings import RoundSettings
 
 
 @dataclass
@@ -78,3 +81,14 @@ class MergeRound:
         if self.task_names is not None and pid < len(self.task_names):
             return self.task_names[pid]
         return f"client-{pid}"
+
+
+def new_round(settings: RoundSettings, theta0: StateDict) -> MergeRound:
+    """An empty round for `settings`: its methods
+    (a copy: the round records each method's chosen setting there), etas, task names and
+    theta0 (cloned, unless the round spills: large models get no second copy; theta0 is
+    never modified)."""
+    return MergeRound(methods=dict(settings.methods), etas=list(settings.etas),
+                      task_names=settings.task_names,
+                      theta0={k: v.detach().clone() for k, v in theta0.items()}
+                      if settings.spill_dir is None else dict(theta0))

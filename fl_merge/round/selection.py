@@ -7,6 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from fl_merge.models.evaluation import select_eta
+from fl_merge.round.outcome import MergeRound
+from fl_merge.core.task_vectors import StateDict
+
+# method label -> (chosen candidate label, its eta, its validation criterion value)
+Choice = dict[str, tuple[str, float, float]]
 
 NORMALIZED = "mean normalized validation accuracy"
 RAW = "mean validation accuracy"
@@ -37,7 +42,7 @@ def choose_etas(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
 
 def choose_settings(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
                     finetuned_val: Mapping[str, float | None], method_of: Mapping[str, str]
-                    ) -> tuple[dict[str, tuple[str, float, float]], str, list[str]]:
+                    ) -> tuple[Choice, str, list[str]]:
     """Per method: (chosen candidate, its eta, its mean normalized validation accuracy), the
     criterion and notes. scores[candidate][task]["val"] as in `choose_etas`; method_of maps
     each candidate to its method. Each candidate's eta is chosen as `choose_etas` does; the
@@ -57,3 +62,17 @@ def choose_settings(scores: Mapping[str, Mapping[str, Mapping[str, Any]]],
         if method not in out or value > out[method][2]:
             out[method] = (cand, eta, value)
     return out, criterion, notes
+
+
+def apply_choice(r: MergeRound, choice: Choice, deltas: Mapping[str, StateDict]) -> None:
+    """Record each method's choice in the round: its eta, the chosen setting's full
+    parameters, run.json's choice record (candidate, knobs, lambda in its paper's units, eta,
+    validation value) and its Delta. r.candidates[label] must be the chosen candidates."""
+    k = len(r.clients)
+    for m, (label, eta, value) in choice.items():
+        c = r.candidates[label]
+        r.best_etas[m] = eta
+        r.methods[m] = (c.name, c.params)
+        r.choices[m] = {"candidate": label, "knobs": c.knobs, "lambda": c.lam(eta, k), "eta": eta,
+                        "validation": value}
+    r.deltas = {m: deltas[label] for m, (label, _, _) in choice.items()}
