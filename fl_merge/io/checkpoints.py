@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 

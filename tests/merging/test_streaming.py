@@ -70,7 +70,6 @@ def test_linear_fast_path_matches_the_stacked_function(method):
     """merge streams linear methods through their coefficients; the registered function on a
     stacked block must give the same update."""
     from fl_merge.merging.registry import normalized_weights
-    from fl_merge.methods import get_method
 
     tvs, w, a = make_tvs(5, 20), [1.0, 2.0, 3.0, 1.0, 0.5], [3.0, 1.0, 4.5, 1.0, 5.2]
     out = merge(method, tvs, w, normalisers=a)

@@ -85,7 +85,6 @@ def test_dare_does_not_depend_on_client_order(base):
 
 
 def test_dare_needs_unique_names():
-    from fl_merge.core.task_vectors import MergeInputError
 
     tvs = [{"a": torch.ones(3)} for _ in range(3)]
     with pytest.raises(MergeInputError, match="names must be unique, got 'x' twice"):
