@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: fl_merge/deploy/processes.py -> ../../
 ERROR_TAG = "fl-merge job error: "
 # Set in a child's environment, inherited by everything it starts (Flower's SuperExec,
 # ServerApp and ClientApps, Ray workers): finds them after their parent died or they left
