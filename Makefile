@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-deployment clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fl-merge-run $(ARGS)
 
+# Everything but the real multi-process deployment tests (at most 12 min on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not deployment"
+
+# Real SuperLink/SuperNode processes (loopback, network namespaces, killed processes; Flower's
+# fixed 30 s heartbeat makes each lost-node test wait ~1 min): ~10 min on 2 cores. CI runs both.
+test-deployment: $(STAMP)
+	$(PY) -m pytest -q -m deployment
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -49,3 +49,24 @@ def counted_trainer(monkeypatch):
 
     monkeypatch.setattr(client_app, "fine_tune", spy)
     return calls
+
+
+@pytest.fixture(scope="session")
+def fisher_runs(tmp_path_factory):
+    """One small round through Flower's simulation engine, run twice; test_end_to_end and
+    test_merged_model both read it (each Flower start-up costs ~10 s). K=2 Fisher merging with
+    heterogeneous local steps (clients compute and send their diagonal Fisher), first in memory,
+    then the same config with spill=true (replies and task vectors on disk), whose clients reuse
+    the first run's updates from the client cache. Returns [(round, output dir)] * 2."""
+    from fl_merge.config.run_config import RunConfig
+    from simulate import simulate_round
+
+    runs = []
+    for spill in (False, True):
+        out = tmp_path_factory.mktemp("fisher-spilled" if spill else "fisher")
+        cfg = RunConfig.from_flower({
+            "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60", "spill": spill,
+            "etas": "0.5,1,2", "output-dir": str(out), "method": "fisher", "fisher-samples": 64,
+        }).resolve()
+        runs.append((simulate_round(cfg, 2), out))
+    return runs

@@ -1,7 +1,8 @@
 """The whole one-shot round through Flower: in-process simulation and the `flwr run` demo.
 
-Each Flower run costs ~10 s of Ray start-up, so one simulation feeds several checks and the
-launcher is run twice (a good run and a deliberately broken app).
+Each Flower run costs ~10 s of Ray start-up, so one simulation (and its spilled twin, shared
+with test_merged_model through conftest.fisher_runs) feeds several checks and the launcher is
+run twice (a good run and a deliberately broken app).
 """
 
 from __future__ import annotations
@@ -26,15 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory):
+def simulated(fisher_runs):
     """One K=2 Fisher-merging run with heterogeneous local steps (clients compute and send
-    their diagonal Fisher); returns (strategy, output dir)."""
-    out = tmp_path_factory.mktemp("sim")
-    cfg = RunConfig.from_flower({
-        "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60",
-        "etas": "0.5,1,2", "output-dir": str(out), "method": "fisher", "fisher-samples": 64,
-    }).resolve()
-    return simulate_round(cfg, 2), out
+    their diagonal Fisher), in memory (conftest.fisher_runs); returns (strategy, output dir)."""
+    return fisher_runs[0]
 
 
 def test_each_client_ran_its_own_task_and_steps(simulated):
@@ -102,23 +98,19 @@ def test_results_file_and_merged_model(simulated):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_spilled_round_writes_the_same_merged_model(simulated, tmp_path):
+def test_spilled_round_writes_the_same_merged_model(fisher_runs):
     """spill=true (train replies and task vectors on disk, fl_merge/io/spill.py) through the
     ServerApp: the same config, same client updates (the client cache), gives the same merged
     file as the in-memory round that the tests above check against their own computation;
     the spill folder is removed with the round."""
-    _, out = simulated
-    cfg = RunConfig.from_flower({
-        "num-clients": 2, "tasks": "rotate90,parity", "local-steps": "40,60", "spill": True,
-        "etas": "0.5,1,2", "output-dir": str(tmp_path), "method": "fisher", "fisher-samples": 64,
-    }).resolve()
-    r = simulate_round(cfg, 2)
-    assert all(c.metrics.get("cached") for c in r.clients)  # the fixture's updates, reused
-    want, got = load_file(str(out / results.MODEL_FILE)), load_file(str(tmp_path / results.MODEL_FILE))
+    (_, out), (r, spilled) = fisher_runs
+    assert json.loads((spilled / results.RUN_FILE).read_text())["config"]["spill"] is True
+    assert all(c.metrics.get("cached") for c in r.clients)  # the in-memory run's updates, reused
+    want, got = load_file(str(out / results.MODEL_FILE)), load_file(str(spilled / results.MODEL_FILE))
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
-    assert not list(tmp_path.glob(".spill-*"))
+    assert not list(spilled.glob(".spill-*"))
 
 
 def test_predictions_file_holds_per_example_test_correctness(simulated):

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 from safetensors import safe_open
 
-from fl_merge_clients.client_app import app as client_app
 from fl_merge import load_merged
 from fl_merge.io import results
-from fl_merge.config.run_config import RunConfig
 
 TASKS = ("rotate90", "parity")
 
@@ -26,32 +22,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _simulate(out: Path) -> None:
-    """One tiny K=2 task-arithmetic run through Flower's simulation engine."""
-    from fl_merge_strategies.server_app import run_one_shot
-
-    cfg = RunConfig.from_flower({"num-clients": 2, "tasks": ",".join(TASKS), "local-steps": "20",
-                                 "etas": "1,2", "output-dir": str(out)}).resolve()
-    app = ServerApp()
-    done = []
-
-    @app.main()
-    def main(grid, context):
-        run_one_shot(grid, cfg, run_id=context.run_id)
-        done.append(True)
-
-    run_simulation(app, client_app, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    assert done, "the ServerApp did not finish"
-
-
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The same config run twice (the second reuses the client-update cache)."""
-    outs = [tmp_path_factory.mktemp(f"run{i}") for i in range(2)]
-    for out in outs:
-        _simulate(out)
-    return outs
+def two_runs(fisher_runs):
+    """The same config run twice (conftest.fisher_runs: a K=2 Fisher merge; the second run
+    spills to disk and reuses the client-update cache): their output folders."""
+    return [out for _, out in fisher_runs]
 
 
 def test_identical_runs_write_identical_merged_models(two_runs):
@@ -62,7 +37,7 @@ def test_identical_runs_write_identical_merged_models(two_runs):
     assert ids[0] != ids[1]
     with safe_open(str(a), framework="pt") as f:
         meta = json.loads(f.metadata()[results.MERGED_METADATA_KEY])
-    assert meta["model"] == "mnist-cnn" and meta["method"] == "task_arithmetic"
+    assert meta["model"] == "mnist-cnn" and meta["method"] == "fisher"
     assert meta["tasks"] == ",".join(TASKS) and "run_id" not in meta
 
 

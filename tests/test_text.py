@@ -79,15 +79,27 @@ def test_fisher_loop_equals_vmap_fisher():
     assert sum(float(v.sum()) for v in looped.values()) > 0
 
 
-def test_a_text_client_trains_and_sends_fisher_and_gradient_extras():
+def test_a_text_client_trains_and_sends_fisher_and_gradient_extras(tmp_path):
     """One MiniLM client, Flower-free: a couple of steps on tweets, with the per-example Fisher
-    loop and the gradient at theta0 travelling as extras shaped like the backbone."""
+    loop and the gradient at theta0 travelling as extras shaped like the backbone. The tweets
+    are a small CSV task (20 apple tweets per sentiment): the client scores its fine-tuned
+    model on val and test, and MiniLM forward passes over the registered task's 700 val and
+    test tweets were most of this test's time."""
+    import csv
+
     from fl_merge_clients.client_app import local_train
+    from fl_merge.data.offline import SENTIMENTS, load_tweets
     from fl_merge.models.registry import is_merged_key, pretrained_backbone
     from fl_merge.core.task_vectors import EXTRA_PREFIX
 
+    texts, labels = load_tweets()["apple"]
+    with open(tmp_path / "apple.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows((t, SENTIMENTS[y]) for c in range(3)
+                    for t, y in [(t, y) for t, y in zip(texts, labels) if y == c][:20])
     theta0 = pretrained_backbone("minilm-l6")
-    config = {"model": "minilm-l6", "tasks": ["tweets-apple"], "data": "tasks", "data-seed": 0,
+    config = {"model": "minilm-l6", "tasks": [f"csv:{tmp_path / 'apple.csv'}"], "data": "tasks", "data-seed": 0,
               "local-steps": 2, "lr": 0.01, "batch-size": 8, "seed": [0], "cache": False,
               "compute-fisher": True, "fisher-samples": 3, "compute-grad0": True, "grad0-samples": 16}
     state, metrics = local_train(config, 0, theta0)
