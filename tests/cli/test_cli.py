@@ -28,7 +28,7 @@ from fl_merge.methods import available_methods, get_method
 from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.io.results import read_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
 

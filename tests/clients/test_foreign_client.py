@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import foreign_client as foreign
 from fl_merge.io import results
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

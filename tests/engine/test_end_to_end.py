@@ -23,7 +23,7 @@ from fl_merge.models.evaluation import select_eta
 from fl_merge.cli.launch import main as launch_main
 from simulate import simulate_round
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

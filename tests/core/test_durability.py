@@ -33,7 +33,7 @@ from fl_merge.io import results
 from fl_merge.io import store
 from fl_merge.io.merged import merged_metadata_of
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 
 # Sizes: a few MB per file, so a write takes long enough to be interrupted in its middle.

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from fl_merge.io import results
 
 pytestmark = pytest.mark.deployment
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUN_CONFIG = {"num-clients": 2, "local-steps": "20", "etas": "0.5,1", "cache": False}
 

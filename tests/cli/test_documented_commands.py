@@ -17,7 +17,7 @@ from fl_merge.cli.hydra_app import _HYDRA_PASSTHROUGH
 from fl_merge.config.run_config import ConfigError
 from fl_merge.cli.launch import resolve_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A command: optional .venv/bin/, then fl-merge or fl-merge-run and its arguments.
 COMMAND = re.compile(r"^(?:\.venv/bin/)?(fl-merge(?:-run)?)(?=\s|$)(.*)$")
@@ -35,7 +35,7 @@ def documented_commands() -> list[tuple[str, str]]:
     """(where, command line) of every fl-merge / fl-merge-run command in the docs: lines
     of fenced code blocks (a line ending in a backslash continues on the next) and inline
     code spans. `fl-merge report` takes a directory and `fl-merge merge` checkpoint files, not
-    a run config: they are left out (tests/test_report*.py and tests/test_merge_cli.py)."""
+    a run config: they are left out (tests/stats/test_report*.py and tests/cli/test_merge_cli.py)."""
     found = []
     for path in DOCS:
         fenced, lines = False, path.read_text().splitlines()

@@ -10,7 +10,7 @@ import pytest
 from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.cli.launch import main as launch_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pyproject_run_config_mirrors_runconfig_defaults():

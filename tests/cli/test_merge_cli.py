@@ -21,7 +21,7 @@ from fl_merge.io.checkpoints import Checkpoint, parse_size
 from fl_merge.io.file_merge import method_scope
 from fl_merge.cli.merge import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {"enc.weight": (6, 5), "enc.bias": (6,), "head.weight": (3, 6), "scalar": ()}
 
 

@@ -39,7 +39,7 @@ from fl_merge.deploy.credentials import make_certificates, make_supernode_key
 _WHY = netns.unavailable()
 pytestmark = [pytest.mark.deployment,
               pytest.mark.skipif(_WHY is not None, reason=f"no network namespaces: {_WHY}")]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PORT = 9093  # the SuperLink's, on its own host: no clash with anything outside its namespace
 CONNECTION = "hosts"
