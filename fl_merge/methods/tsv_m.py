@@ -88,11 +88,11 @@ def tsv_m(
     "text_projection", averaged too, is model-specific and not reproduced).
 
     Scale: the authors' merged model is theta0 + alpha * M, with alpha tuned on validation
-    over 0.1..3.0 (1.0 typical). M is their own merged vector (its matrix part a sum of K
+    over 0.1, 0.2, .., 3.0 (their src/eval/eval.py, 30 points). M is their own merged vector (its matrix part a sum of K
     rank-k pieces, its other tensors a mean), so lambda_scale is "delta": Delta = M,
     eta = lambda = alpha, and theta0 + eta * Delta is their model at alpha = lambda. TSV-M
     has no knob of its own (k is fixed by K), so its search space is lambda alone, in
-    alpha's units (the authors search 0.1..3.0; give such a grid with `lambdas`).
+    alpha's units (the default lambda grid stops at 2; give theirs with `lambdas`).
 
     Weights (ours: the authors' code is unweighted): client i's kept singular values are
     multiplied by c_i = p_i / mean(p) = K p_i, and other tensors take sum_i p_i tau_i. For
