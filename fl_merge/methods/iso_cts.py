@@ -103,6 +103,7 @@ def iso_cts(
     weight (its directions do not); other tensors are sum_i p_i tau_i. Uniform p gives their
     merge exactly. Work in float32 (float64 stays float64) on `device`; result on CPU in the
     inputs' dtype.
+    Memory: the K task matrices of one tensor at a time (K x the largest matrix) on `device`.
     """
     fraction = float(common_space_fraction)
     ref = task_vectors[0]
