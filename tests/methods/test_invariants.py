@@ -66,13 +66,23 @@ IDENTICAL = [
 ]
 
 
+# Methods that by their paper's definition do NOT give back identical clients' common vector
+# at any setting (their own tests check what they give instead: tests/methods/test_<name>.py).
+NOT_IDENTICAL = {
+    "tsv_m": "keeps floor(r / K) singular components per task: a rank-k approximation",
+    "iso_c": "flattens the spectrum of the sum of the task matrices",
+    "iso_cts": "flattens the spectrum of the common and task-specific subspaces",
+}
+
 # Every other registered method (a new method file) is held to it at its defaults.
-IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in available_methods() if m not in {n for n, _ in IDENTICAL}]
+IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in available_methods()
+                               if m not in {n for n, _ in IDENTICAL} and m not in NOT_IDENTICAL]
 
 
 def test_identical_list_names_registered_methods():
     assert {m for m, _ in IDENTICAL} <= set(available_methods())
-    assert {m for m, _ in IDENTICAL_CASES} == set(available_methods())
+    assert set(NOT_IDENTICAL) <= set(available_methods())
+    assert {m for m, _ in IDENTICAL_CASES} | set(NOT_IDENTICAL) == set(available_methods())
 
 
 @pytest.mark.parametrize("method,kw", IDENTICAL_CASES)
