@@ -70,13 +70,20 @@ IDENTICAL = [
 ]
 
 
+# Methods that by their source's definition never give it back, at any parameters (each one's
+# own test shows what it gives instead): pcb follows its authors' code, which caps the largest
+# |tau_i| at the next order statistic and min-max normalises the scores, zeroing each client's
+# lowest-scored entry (tests/methods/test_pcb.py).
+NEVER_IDENTICAL = {"pcb"}
+
 # Every other registered method (a new method file) is held to it at its defaults.
-IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in available_methods() if m not in {n for n, _ in IDENTICAL}]
+IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in available_methods()
+                               if m not in {n for n, _ in IDENTICAL} | NEVER_IDENTICAL]
 
 
 def test_identical_list_names_registered_methods():
     assert {m for m, _ in IDENTICAL} <= set(available_methods())
-    assert {m for m, _ in IDENTICAL_CASES} == set(available_methods())
+    assert {m for m, _ in IDENTICAL_CASES} | NEVER_IDENTICAL == set(available_methods())
 
 
 @pytest.mark.parametrize("method,kw", IDENTICAL_CASES)
