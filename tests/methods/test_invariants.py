@@ -63,6 +63,10 @@ IDENTICAL = [
     ("dare", {"drop_rate": 0.0, "base": "ties"}), ("breadcrumbs", {"beta": 0.0, "gamma": 0.0}),
     ("fisher", {}), ("fisher", {"min_fisher": 1e3}), ("hetero", {}),
     ("hetero", {"gamma": 3.0, "clip": False}), ("model_stock", {}),
+    # consensus: K identical clients each see the others add (K - 1) tau, so a TALL mask keeps
+    # a weight only at mask_lambda <= 1/(K - 1) (Wang et al. 2024's definition; the default
+    # 0.4 drops all of them at K = 7, tests/methods/test_consensus.py); 0 keeps everything.
+    ("consensus", {"mask_lambda": 0.0}),
 ]
 
 
@@ -72,6 +76,8 @@ NOT_IDENTICAL = {
     "tsv_m": "keeps floor(r / K) singular components per task: a rank-k approximation",
     "iso_c": "flattens the spectrum of the sum of the task matrices",
     "iso_cts": "flattens the spectrum of the common and task-specific subspaces",
+    "pcb": "its authors' code caps the largest |tau_i| at the next order statistic and min-max "
+           "normalises the scores, zeroing each client's lowest-scored entry",
 }
 
 # Every other registered method (a new method file) is held to it at its defaults.
