@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fl_merge.merging import streaming
+from fl_merge.merging.matrices import live_clients, merge_per_matrix, numerical_rank_mask, weighted_mean
 from fl_merge.merging.registry import Paper, register
 from fl_merge.core.task_vectors import StateDict
 
@@ -20,33 +20,11 @@ PAPER = Paper(
 )
 
 
-def is_matrix(t: torch.Tensor) -> bool:
-    """The tensors Iso merges by SVD: 2-D with no empty side (the authors' code: every 2-D
-    tensor but CLIP's text_projection, which image-classification fine-tuning leaves at 0)."""
-    return t.ndim == 2 and t.numel() > 0
-
-
-def live_clients(weights: torch.Tensor) -> list[int]:
-    """The clients with a positive weight p_i (a client of weight 0 is left out, as if absent)."""
-    return [i for i, w in enumerate(weights.tolist()) if w > 0]
-
-
-def weighted_mean(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
-                  key: str, live: Sequence[int], device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """sum_i p_i tau_i[key] over the live clients, on `device` in `dtype`."""
-    acc = torch.zeros(task_vectors[0][key].shape, dtype=dtype, device=device)
-    for i in live:
-        acc.add_(task_vectors[i][key].to(device=device, dtype=dtype), alpha=float(weights[i]))
-    return acc
-
-
 def flat_spectrum(m: torch.Tensor) -> torch.Tensor:
     """U_r diag(mean(s_1..s_r)) V_r^T from the thin SVD m = U S V^T, r = the numerical rank
     of m (singular values above s_max * max(shape) * eps, numpy's matrix_rank rule)."""
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    tol = (s.max() if s.numel() else s.new_zeros(())) * max(m.shape) * torch.finfo(m.dtype).eps
-    r = int((s > tol).sum())
+    r = int(numerical_rank_mask(s, m.shape).sum())
     if r == 0:
         return torch.zeros_like(m)
     return s[:r].mean() * (u[:, :r] @ vh[:r])
@@ -86,13 +64,6 @@ def iso_c(
     of weight 0 is as if absent). Uniform p gives the authors' sum and mean exactly.
     Work in float32 (float64 stays float64) on `device`; result on CPU in the inputs' dtype.
     """
-    ref = task_vectors[0]
     live = live_clients(weights)
-    out: StateDict = {}
-    for key, r in ref.items():
-        work = streaming.work_dtype(r.dtype)
-        merged = weighted_mean(task_vectors, weights, key, live, device, work)
-        if is_matrix(r):
-            merged = flat_spectrum(merged * len(live))
-        out[key] = merged.to(device="cpu", dtype=r.dtype)
-    return out
+    return merge_per_matrix(task_vectors, weights, device, lambda key, work: flat_spectrum(
+        weighted_mean(task_vectors, weights, key, live, device, work) * len(live)))

@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.core.task_vectors import MergeInputError, StateDict
-from fl_merge.merging import streaming
 from fl_merge.merging.registry import number_param, register
-from fl_merge.methods.iso_c import PAPER, is_matrix, live_clients, weighted_mean
+from fl_merge.merging.matrices import live_clients, merge_per_matrix, polar
+from fl_merge.methods.iso_c import PAPER
 
 
 def _check_fraction(params: dict) -> None:
@@ -30,13 +30,6 @@ def subspace_sizes(rank: int, fraction: float, k: int) -> tuple[int, int]:
     common = int(rank * fraction)
     per_task = min(round((rank - common) / k), rank // k)
     return rank - k * per_task, per_task
-
-
-def polar(a: torch.Tensor) -> torch.Tensor:
-    """The orthonormal factor P Q^T of a = P S Q^T (the nearest matrix with orthonormal
-    columns, or rows for a wide a), the authors' orthogonalisation."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
 
 
 def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
@@ -106,16 +99,11 @@ def iso_cts(
     Memory: the K task matrices of one tensor at a time (K x the largest matrix) on `device`.
     """
     fraction = float(common_space_fraction)
-    ref = task_vectors[0]
     live = live_clients(weights)
-    out: StateDict = {}
-    for key, r in ref.items():
-        work = streaming.work_dtype(r.dtype)
-        if is_matrix(r):
-            taus = [task_vectors[i][key].to(device=device, dtype=work) * (len(live) * float(weights[i]))
-                    for i in live]
-            merged = iso_cts_matrix(taus, fraction)
-        else:
-            merged = weighted_mean(task_vectors, weights, key, live, device, work)
-        out[key] = merged.to(device="cpu", dtype=r.dtype)
-    return out
+
+    def matrix(key: str, work: torch.dtype) -> torch.Tensor:
+        taus = [task_vectors[i][key].to(device=device, dtype=work) * (len(live) * float(weights[i]))
+                for i in live]
+        return iso_cts_matrix(taus, fraction)
+
+    return merge_per_matrix(task_vectors, weights, device, matrix)

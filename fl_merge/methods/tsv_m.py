@@ -9,24 +9,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.core.task_vectors import StateDict
-from fl_merge.merging import streaming
+from fl_merge.merging.matrices import merge_per_matrix, partial_isometry
 from fl_merge.merging.registry import Paper, register
-
-
-def _partial_isometry(a: torch.Tensor) -> torch.Tensor:
-    """P Q^T from the thin SVD a = P S Q^T, keeping only the singular pairs above the usual
-    rank tolerance (S_max * max(shape) * eps, as numpy's matrix_rank). On a matrix of full
-    column (or row) rank that is all pairs: the authors' orthogonalisation, the orthonormal
-    matrix nearest to `a`. On a rank-deficient one (zero slots, clients sharing directions)
-    the authors' P Q^T is not unique (the null-space columns are LAPACK's choice); dropping
-    them gives the unique partial isometry, and those columns meet zero singular values in
-    the leftover slots anyway."""
-    if a.numel() == 0:
-        return torch.zeros_like(a)
-    p, s, qh = torch.linalg.svd(a, full_matrices=False)
-    tol = s.max() * max(a.shape) * torch.finfo(a.dtype).eps
-    keep = s > tol
-    return p[:, keep] @ qh[keep, :]
 
 
 def tsv_matrix(mats: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
@@ -45,8 +29,8 @@ def tsv_matrix(mats: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tenso
         us.append(u[:, :k])
         ss.append(s[:k] * scale[i])
         vhs.append(vh[:k, :])
-    u_perp = _partial_isometry(torch.cat(us, dim=1))   # [m, Kk]
-    vh_perp = _partial_isometry(torch.cat(vhs, dim=0))  # [Kk, n]
+    u_perp = partial_isometry(torch.cat(us, dim=1))   # [m, Kk]
+    vh_perp = partial_isometry(torch.cat(vhs, dim=0))  # [Kk, n]
     return (u_perp * torch.cat(ss)[None, :]) @ vh_perp
 
 
@@ -78,7 +62,7 @@ def tsv_m(
     1. tau_i = U_i diag(S_i) V_i^T (thin SVD); keep U_i[:, :k], S_i[:k], V_i[:, :k];
     2. U_hat = [U_1,k .. U_K,k], V_hat likewise, s_hat = [S_1,k .. S_K,k];
     3. U_perp = P Q^T from the SVD U_hat = P Sigma Q^T, V_perp likewise (the authors'
-       orthogonalisation; see `_partial_isometry` for the rank-deficient case, where theirs
+       orthogonalisation; see `partial_isometry` (fl_merge/merging/matrices.py) for the rank-deficient case, where theirs
        is not unique and we drop the null-space pairs: identical clients then give tau's
        top-k truncation);
     4. M = U_perp diag(s_hat) V_perp^T.
@@ -104,18 +88,7 @@ def tsv_m(
     Computed on `device` in float32 (float64 inputs in float64); the result is on CPU in the
     task vectors' dtype. Cost per matrix: K thin SVDs plus two of the m x Kk / Kk x n stacks.
     """
-    ref = task_vectors[0]
     p = weights.to(torch.float64).cpu()
     scale = p / p.mean()
-    out: dict[str, torch.Tensor] = {}
-    for key, r in ref.items():
-        work = streaming.work_dtype(r.dtype)
-        xs = [tv[key].to(device=device, dtype=work) for tv in task_vectors]
-        if r.dim() == 2 and r.numel() > 0:
-            merged = tsv_matrix(xs, scale.to(device=device, dtype=work))
-        else:
-            merged = torch.zeros_like(xs[0])
-            for pi, x in zip(p.tolist(), xs):
-                merged.add_(x, alpha=pi)
-        out[key] = merged.to(device="cpu", dtype=r.dtype)
-    return out
+    return merge_per_matrix(task_vectors, weights, device, lambda key, work: tsv_matrix(
+        [tv[key].to(device=device, dtype=work) for tv in task_vectors], scale.to(device=device, dtype=work)))
