@@ -104,22 +104,13 @@ def _train_message(config: dict, theta0) -> Message:
                    dst_node_id=1, message_type="train")
 
 
-@pytest.fixture
-def _identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
-
 def _run_train(config, theta0, fault):
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     msg = _train_message({"fault-delay": 0.0, **config, "faults": f"{fault}@1"}, theta0)
     return client_app.train(msg, ctx)
 
 
-@pytest.mark.usefixtures("_identity")
+@pytest.mark.usefixtures("message_identity")
 def test_faults_make_the_client_fail_as_stated(config, theta0, monkeypatch):
     with pytest.raises(RuntimeError, match="injected fault: partition 1 crashed"):
         _run_train(config, theta0, "crash")

@@ -18,7 +18,9 @@ from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.round.candidates import method_spaces, plan_candidates
 from fl_merge.round.selection import choose_settings
 from fl_merge_strategies import OneShotMerge
-from test_strategy import FakeGrid, _rich, _run, _server_identity  # noqa: F401  (fixture)
+from test_strategy import FakeGrid, _rich, _run
+
+pytestmark = pytest.mark.usefixtures("message_identity")
 
 
 def _taus(norms):

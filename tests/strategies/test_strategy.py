@@ -15,15 +15,8 @@ from fl_merge_strategies import MergeRoundError, OneShotMerge
 from fl_merge_strategies.merge_round import run_round
 
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    """Instruction Messages read the run id of the process they are built in (set by Flower
-    inside a real ServerApp)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+# Instruction Messages read the run id of the process they are built in (conftest.py).
+pytestmark = pytest.mark.usefixtures("message_identity")
 
 
 def _theta0() -> dict[str, torch.Tensor]:
