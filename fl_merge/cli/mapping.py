@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.cli import schema
-from fl_merge.config.parsing import _split
+from fl_merge.core.values import split_list
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, check_client_gpus
 
 # The copy inside the package in a wheel install; ./configs in a checkout or editable install.
@@ -91,7 +91,7 @@ def _method_settings(node: Mapping[str, Any]) -> dict[str, Any]:
     from fl_merge.core.task_vectors import MergeInputError
 
     raw = node.get("name")
-    names = [str(n) for n in raw] if isinstance(raw, (list, tuple)) else _split(raw or "")
+    names = [str(n) for n in raw] if isinstance(raw, (list, tuple)) else split_list(raw or "")
     if not names:
         raise ConfigError("method.name is empty: name at least one merge method")
     try:

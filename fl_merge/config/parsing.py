@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fl_merge.core.values import parse_value
+from fl_merge.core.values import parse_value, split_list
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,7 @@ def resolve_methods(method: str, method_params: str, num_clients: int | None = N
     from fl_merge.methods import get_method
     from fl_merge.core.task_vectors import MergeInputError
 
-    names = _split(method)
+    names = split_list(method)
     if not names:
         raise ConfigError("method is empty: name at least one merge method")
     if len(set(names)) != len(names):
@@ -82,10 +82,6 @@ def resolve_methods(method: str, method_params: str, num_clients: int | None = N
 DEFAULT_ETAS = "0.5,1,1.5,2,2.5,3"  # the shared eta grid of search=off when etas is empty
 
 
-def _split(text: str) -> list[str]:
-    return [t for t in (s.strip() for s in str(text).replace(" ", ",").split(",")) if t]
-
-
 # Integers travel to clients in Flower config records: signed 64 bits.
 INT64_MAX = 2**63 - 1
 
@@ -113,7 +109,7 @@ def _per_client(key: str, value: Any, k: int, conv: type, seed: int = 0) -> list
     (seeded): integers uniformly in [lo, hi], floats log-uniformly (lr 0.003..0.03)."""
     if isinstance(value, str) and ".." in value:
         return _draw_spread(key, value, k, conv, seed)
-    items = _split(value) if isinstance(value, str) else [value]
+    items = split_list(value) if isinstance(value, str) else [value]
     if not items:
         raise ConfigError(f"{key} is missing: give one value or a comma list of {k} values")
     nums = [_number(key, v, conv) for v in items]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.models.device import DEFAULT_DEVICE, DEVICES
+from fl_merge.core.values import split_list
 from fl_merge.round.attacks import AttackPlan
 from fl_merge.round.settings import RoundSettings
 from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_params: public here too)
@@ -26,7 +27,6 @@ from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_
     _coerce,
     _number,
     _per_client,
-    _split,
     parse_method_params,
     resolve_methods,
 )
@@ -163,7 +163,7 @@ class RunConfig:
                 check_tasks([self.partition_task])
                 tasks = [f"{self.partition_task}/{i}" for i in range(k)]
             elif self.tasks.strip():
-                tasks = _split(self.tasks)
+                tasks = split_list(self.tasks)
                 check_tasks(tasks)
             else:
                 tasks = suite_tasks(self.suite)
@@ -202,7 +202,7 @@ class RunConfig:
                 check_base_checkpoint(self.base_checkpoint)
         except (MergeKeysError, CheckpointError) as e:
             raise ConfigError(str(e)) from None
-        etas = sorted({0.0, *(_number("etas", v, float) for v in _split(self.etas or DEFAULT_ETAS))})
+        etas = sorted({0.0, *(_number("etas", v, float) for v in split_list(self.etas or DEFAULT_ETAS))})
         if any(e < 0 for e in etas) or len(etas) < 2:
             raise ConfigError(f"etas must be non-negative with at least one above 0, got '{self.etas}'")
         from fl_merge.round.candidates import resolve_lambdas

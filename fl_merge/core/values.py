@@ -1,6 +1,8 @@
 """The one parser of a value written as text, for every place fl-merge reads one: method
 parameters (``ties.density=0.3``, `fl_merge.config.parsing`), ``fl-merge merge --param``,
-``fl-merge-run --run-config`` items and the cells of a results CSV (`fl_merge.io.results`).
+``fl-merge-run --run-config`` items and the cells of a results CSV (`fl_merge.io.results`);
+and the one splitter of a list written as text (`split_list`: method names, tasks, etas,
+lambdas).
 """
 
 from __future__ import annotations
@@ -21,3 +23,9 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def split_list(text: str) -> list[str]:
+    """The items of a list written as text, separated by commas and/or spaces, empty ones
+    left out: 'a, b c' -> ['a', 'b', 'c']."""
+    return [t for t in (s.strip() for s in str(text).replace(" ", ",").split(",")) if t]

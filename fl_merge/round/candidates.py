@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fl_merge.core.values import split_list
 from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta
 from fl_merge.merging.search import LAMBDAS, Derived, expand, knob_grids
 
@@ -125,12 +126,11 @@ def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tupl
     if not lambdas.strip():
         return list(LAMBDAS) if search == "paper" and not etas.strip() else None
     values = []
-    for item in lambdas.replace(" ", ",").split(","):
-        if item.strip():
-            try:
-                values.append(float(item))
-            except ValueError:
-                raise ValueError(f"lambdas: '{item.strip()}' is not a number") from None
+    for item in split_list(lambdas):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"lambdas: '{item}' is not a number") from None
     if not values or not all(0 < v < float("inf") for v in values):
         raise ValueError(f"lambdas must be positive finite numbers, got '{lambdas}'")
     return sorted(set(values))
