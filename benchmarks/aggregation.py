@@ -1,9 +1,11 @@
 """Benchmark every registered merge method against Flower's numpy aggregators.
 
     python benchmarks/aggregation.py [--params 10_000_000 --clients 8 --device auto]
+    python benchmarks/aggregation.py --model minilm-l6 --clients 8   # a real model's shapes
 
 Builds K task vectors of P float32 parameters spread over a few large and many small
-tensors, then for each method, in *fresh subprocesses* (so peak memory is its own):
+tensors (or, with --model, of the shapes of a registered model's merged parameters: the SVD
+and least-squares methods' cost depends on the matrices' shapes, not only on P), then for each method, in *fresh subprocesses* (so peak memory is its own):
   * seconds: best of --repeat calls of fl_merge.methods.merge (default allocator);
   * peak extra memory: ru_maxrss after the first call minus ru_maxrss once the data exists,
     measured twice: "live" in a process run with MALLOC_MMAP_THRESHOLD_=65536, so every
@@ -67,11 +69,22 @@ def layout(p: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build(p: int, k: int, extras: bool = False):
+def model_layout(name: str) -> dict[str, tuple[int, ...]]:
+    """The shapes of a registered model's merged (backbone) parameters; no weights loaded."""
+    from fl_merge.models.registry import build_model, is_merged_key
+
+    return {k: tuple(v.shape) for k, v in build_model(name, 2).state_dict().items()
+            if is_merged_key(k)}
+
+
+def shapes_for(args) -> dict[str, tuple[int, ...]]:
+    return model_layout(args.model) if args.model else layout(args.params)
+
+
+def build(shapes: dict[str, tuple[int, ...]], k: int, extras: bool = False):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    shapes = layout(p)
     tvs = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(k)]
     fis = None
     if extras:
@@ -95,8 +108,8 @@ def child(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    k, p = args.clients, args.params
-    shapes, tvs, fis = build(p, k, extras=args.case == "fisher")
+    k = args.clients
+    shapes, tvs, fis = build(shapes_for(args), k, extras=args.case == "fisher")
     gc.collect()
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
@@ -125,7 +138,7 @@ def child(args) -> dict:
             "aggregate_krum_multi": lambda: fa.aggregate_krum(results, params.get("f", 1), k - params.get("f", 1)),
         }[name]
     else:
-        params, _ = CASES[args.case]
+        params, _ = CASES.get(args.case, ({}, None))
         weights = [100 + i for i in range(k)]
         steps = [10 + 5 * i for i in range(k)]
         ex = {"fisher": fis} if fis is not None else None
@@ -159,7 +172,7 @@ def run_child(case: str, args, method: str = "") -> dict:
     out = {}
     for live in (False, True):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--method", method,
-               "--params", str(args.params), "--clients", str(args.clients),
+               "--params", str(args.params), "--model", args.model, "--clients", str(args.clients),
                "--device", args.device, "--repeat", "0" if live else str(args.repeat),
                "--threads", str(args.threads)]
         env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if live else {}))
@@ -177,6 +190,8 @@ def run_child(case: str, args, method: str = "") -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=lambda s: int(s.replace("_", "")), default=10_000_000)
+    ap.add_argument("--model", default="", help="use this registered model's merged tensor "
+                    "shapes instead of --params (e.g. minilm-l6, the text backbone)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=3)
@@ -195,12 +210,14 @@ def main() -> None:
     from fl_merge.merging.registry import resolve_device
     from fl_merge.methods import available_methods
 
-    k, p = args.clients, args.params
-    shapes = layout(p)
+    k = args.clients
+    shapes = shapes_for(args)
+    p = sum(math.prod(s) for s in shapes.values())
     largest = max(math.prod(s) for s in shapes.values())
     limit_mb = 2 * k * largest * 4 / 2**20
     dev = resolve_device(args.device)
-    print(f"# K={k} clients, P={p:,} float32 params in {len(shapes)} tensors "
+    what = f"{args.model}'s merged tensors" if args.model else "float32 params"
+    print(f"# K={k} clients, P={p:,} {what} in {len(shapes)} tensors "
           f"(largest {largest:,}); device={dev}; torch {torch.__version__}, "
           f"{args.threads or torch.get_num_threads()} torch threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     copy = run_child("copy", args)
@@ -208,15 +225,16 @@ def main() -> None:
     print(f"# numpy streaming copy of K*P values: {copy['seconds']:.4f} s ({gbps:.1f} GB/s read)")
     print(f"# peak-memory limit 2*K*largest tensor = {limit_mb:.0f} MB\n")
     methods = [m for m in available_methods() if not args.methods or m in args.methods.split(",")]
-    hdr = (f"{'method':<17}{'params':<11}{'seconds':>9}{'flower s':>10}{'speedup':>9}"
-           f"{'copy bw':>9}{'live MB':>9}{'rss MB':>8}{'flwr MB':>9}  live<=limit")
+    ta = run_child("task_arithmetic", args)  # the ratios' reference, measured in this run
+    hdr = (f"{'method':<17}{'params':<11}{'seconds':>9}{'x TA s':>8}{'flower s':>10}{'speedup':>9}"
+           f"{'copy bw':>9}{'live MB':>9}{'x TA MB':>8}{'rss MB':>8}{'flwr MB':>9}  live<=limit")
     print(hdr)
     print("-" * len(hdr))
     rows = []
     flower_cache: dict[str, dict] = {}
     for m in methods:
         params, fl = CASES.get(m, ({}, None))
-        r = run_child(m, args)
+        r = ta if m == "task_arithmetic" else run_child(m, args)
         f = None
         if fl is not None:
             key = f"{fl}:{json.dumps(params, sort_keys=True)}"
@@ -232,11 +250,16 @@ def main() -> None:
         fm = f"{f['live_mb']:.0f}" if f and "error" not in f else "-"
         bw = f"{copy['seconds'] / r['seconds'] * 100:.0f}%"
         ok = "yes" if r["live_mb"] <= limit_mb else "NO"
-        line = (f"{m:<17}{ps:<11}{r['seconds']:>9.3f}{fs:>10}{sp:>9}{bw:>9}"
-                f"{r['live_mb']:>9.0f}{r['rss_mb']:>8.0f}{fm:>9}  {ok}")
+        xs = f"{r['seconds'] / ta['seconds']:.1f}" if "error" not in ta else "-"
+        xm = (f"{r['live_mb'] / ta['live_mb']:.1f}" if "error" not in ta and ta["live_mb"] > 0
+              else "-")
+        line = (f"{m:<17}{ps:<11}{r['seconds']:>9.3f}{xs:>8}{fs:>10}{sp:>9}{bw:>9}"
+                f"{r['live_mb']:>9.0f}{xm:>8}{r['rss_mb']:>8.0f}{fm:>9}  {ok}")
         print(line, flush=True)
         rows.append(line)
-    print("\ncopy bw = numpy copy time / method time (100% = as fast as copying every input once);"
+    print("\nx TA s / x TA MB = this method's seconds / live MB over task_arithmetic's, measured"
+          "\nin the same run;"
+          "\ncopy bw = numpy copy time / method time (100% = as fast as copying every input once);"
           "\nspeedup = Flower seconds / ours; live MB / rss MB = extra peak resident memory of the"
           "\nfirst call in a fresh process (ru_maxrss delta) with mmap-for-all-buffers malloc /"
           " glibc default malloc; flwr MB = Flower's live MB.")
