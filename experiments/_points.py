@@ -77,8 +77,9 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -> str:
-    """The rows as a Markdown table in percentage points, `*` where the paired difference's CI
-    excludes 0, and in how many seeds the within-run bootstrap CI excluded 0."""
+    """The rows as a Markdown table in percentage points, `*` where the paired difference is
+    significant after the Holm correction over each setting's comparisons (over_seed_table),
+    and in how many seeds the within-run bootstrap CI excluded 0."""
     head = ["setting", *measures, "model", "accuracy [95% CI]", "vs " + str(rows[0]["reference"]),
             "within-seed CI excl. 0"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -88,7 +89,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -
             diff = "(reference)"
         else:
             diff = (f"{100 * r['diff']:+.1f} [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
-                    + (" *" if r["excludes_zero"] else ""))
+                    + (" *" if r.get("significant") else ""))
         cells = [str(r["setting"]), *(f"{float(r.get(m, math.nan)):.3g}" for m in measures),
                  str(r["model"]), acc, diff,
                  "" if r["model"] == r["reference"] else str(r.get("within_seed", ""))]
@@ -99,8 +100,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -
 def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, title: str,
                  models: Sequence[str], families: Mapping[str, str] | None = None) -> None:
     """Two panels against `measure` (x: its mean over seeds): accuracy of each model with its
-    95% CI as error bars, and its paired difference vs the reference (red star where the CI
-    excludes 0). `families` (setting -> family) draws each family with its own marker."""
+    95% CI as error bars, and its paired difference vs the reference (red star where it is
+    significant after the Holm correction). `families` (setting -> family) draws each family with its own marker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +135,7 @@ def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, ti
                             ls="--" if model == "base" else "-")
                 if key:
                     for x, r in zip(xs, sel):
-                        if r["excludes_zero"]:
+                        if r.get("significant"):
                             ax.annotate("*", (x, float(r[hi])), ha="center", va="bottom",
                                         color="red", fontsize=14)
     axes[0].set_ylabel("mean test accuracy over tasks")

@@ -85,13 +85,15 @@ def test_results_table_reads_the_bootstrap_comparison(tmp_path):
         {"model": "base", "accuracy": 0.5, "ci_low": 0.48, "ci_high": 0.52, "reference": "fedavg",
          "diff": -0.2, "diff_low": -0.22, "diff_high": -0.18, "excludes_zero": True}]}))
     cells = rt.comparison_cells(tmp_path)
-    assert cells["ties"] == ("[73.0, 77.0]", "+5.0 [+3.0, +7.0] *")
+    # one seed: the intervals are shown, no difference is marked (even where a CI excludes 0)
+    assert cells["ties"] == ("[73.0, 77.0]", "+5.0 [+3.0, +7.0]")
     assert cells["fedavg"][1] == "(reference)"
-    assert cells["base (linear probe)"][1] == "-20.0 [-22.0, -18.0] *"
+    assert cells["base (linear probe)"][1] == "-20.0 [-22.0, -18.0]"
     rows = [{"model": "ties", "eta": "0.3", "a": 0.75, "absolute": 0.75, "normalized": 0.8}]
     md = rt.markdown("text", ["a"], rows, "Run: x.", cells)
     assert "vs fedavg [95% CI]" in md
-    assert "| ties | 0.3 | 75.0 | 75.0 | 80.0 | [73.0, 77.0] | +5.0 [+3.0, +7.0] * |" in md
+    assert "| ties | 0.3 | 75.0 | 75.0 | 80.0 | [73.0, 77.0] | +5.0 [+3.0, +7.0] |" in md
+    assert "One seed: no difference is marked" in md and " * |" not in md
 
 
 def test_every_experiment_config_resolves():

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fl_merge.io.results import RESULTS_FILE, RUN_FILE, mean, read_rows, write_rows
 from fl_merge.round.tables import reference_label
 from fl_merge.stats.intervals import ci_line, over_seed_table, seed_marks
+from fl_merge.stats.multiplicity import NAMES, caption
 
 if TYPE_CHECKING:
     from fl_merge.config.run_config import ResolvedConfig
@@ -143,20 +144,25 @@ def _within_seed_marks(model: str, ref: str, runs: Sequence[Mapping[str, Any]]) 
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The over-seed table as text, `*` where the difference's CI excludes 0."""
+    """The over-seed table as text, `*` where the difference is significant after the
+    table's multiple-comparison correction (`over_seed_table`), and a caption naming it."""
     if not rows:
         return ""
     ref = rows[0].get("reference")
     lines = [f"test accuracy over {rows[0]['n_seeds']} seeds ({rows[0]['seeds']}): mean [95% t CI]"
-             + (f"; paired difference vs {ref} (* = CI excludes 0)" if ref else "")]
+             + (f"; paired difference vs {ref} [95% t CI, unadjusted]" if ref else "")]
+    if ref and rows[0]["n_seeds"] > 1:
+        family = sum(1 for r in rows if r.get("p_adjusted") == r.get("p_adjusted"))
+        lines.append(caption(rows[0].get("correction", "holm"), family, ref))
     for r in rows:
-        diff = (r["diff"], r["diff_low"], r["diff_high"], r["excludes_zero"]) if ref else None
+        diff = (r["diff"], r["diff_low"], r["diff_high"], bool(r.get("significant"))) if ref else None
         line = ci_line(r["model"], 24, r["mean"], r["ci_low"], r["ci_high"], diff)
         if ref and r.get("within_seed_marked"):
             line += f"   within-seed CI excludes 0 in {r['within_seed_marked']} seeds"
         lines.append(line)
     if rows[0]["n_seeds"] == 1:
-        lines.append("(one seed: the spread over seeds is unknown, so the intervals are nan)")
+        lines.append("(one seed: the spread over seeds is unknown, so the intervals are nan "
+                     "and no difference is marked)")
     return "\n".join(lines)
 
 
@@ -188,10 +194,11 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         bars(ax, "diff", "diff_low", "diff_high")
         ax.axhline(0.0, color="grey", lw=0.8)
         for x, r in zip(xs, rows):
-            if r["excludes_zero"]:
+            if r.get("significant"):
                 ax.annotate("*", (x, r["diff_high"]), ha="center", va="bottom", fontsize=14, color="red")
         ax.set_ylabel(f"accuracy - {ref} (paired by seed)")
-        ax.set_title("difference vs reference (* CI excludes 0)")
+        ax.set_title(f"difference vs reference (* {NAMES[rows[0].get('correction', 'holm')]}"
+                     "-adjusted p < 0.05)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

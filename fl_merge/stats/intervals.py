@@ -9,7 +9,8 @@ Two sources of noise, two intervals:
 * within one run, over test examples: the paired percentile bootstrap (`bootstrap_accuracies`,
   `bootstrap_ci`), every method re-scored on the SAME resample of test examples.
 
-`excludes_zero` is the mark that tables and plots show next to a difference; `over_seed_table`
+`excludes_zero` is a raw interval's fact; the over-seed marks are `significant` after a
+multiple-comparison correction over the table's family (fl_merge/stats/multiplicity.py); `over_seed_table`
 is the one over-seed table (mean and paired difference per model, each with its t interval).
 """
 
@@ -57,14 +58,20 @@ def excludes_zero(low: float, high: float) -> bool:
     return bool(low > 0 or high < 0)
 
 
-def over_seed_table(per_seed: Mapping[str, Sequence[float]], reference: str | None = None
-                    ) -> dict[str, dict[str, Any]]:
+def over_seed_table(per_seed: Mapping[str, Sequence[float]], reference: str | None = None,
+                    correction: str = "holm") -> dict[str, dict[str, Any]]:
     """The over-seed table, one implementation for the replicates (fl_merge.engine.replicates)
     and the experiments' settings (experiments/_points.py). `per_seed`: model -> its
     accuracy in each seed, the seeds in one order for every model. Per model: n_seeds and the
     `t_interval` of the mean (mean, ci_low, ci_high); given a `reference` model, also the
-    `paired_t` of the per-seed differences against it (diff, diff_low, diff_high) and
-    excludes_zero. KeyError when the reference is not among the models."""
+    `paired_t` of the per-seed differences against it (diff, diff_low, diff_high),
+    excludes_zero (that raw interval's fact), the paired t test's p_value, p_adjusted over
+    the table's family (every other model vs the reference; `correction`:
+    fl_merge.stats.multiplicity, Holm by default) and `significant` = p_adjusted < 0.05, the
+    one mark tables and plots draw (never with one seed: p is NaN there). KeyError when the
+    reference is not among the models."""
+    from fl_merge.stats.multiplicity import ALPHA, adjust, paired_p_value
+
     ref = None if reference is None else per_seed[reference]
     table = {}
     for model, values in per_seed.items():
@@ -72,9 +79,16 @@ def over_seed_table(per_seed: Mapping[str, Sequence[float]], reference: str | No
         row: dict[str, Any] = {"n_seeds": len(values), "mean": m, "ci_low": lo, "ci_high": hi}
         if ref is not None:
             d, dlo, dhi = paired_t(values, ref)
+            p = math.nan if model == reference else paired_p_value(
+                [float(x) - float(y) for x, y in zip(values, ref)])
             row.update(reference=reference, diff=d, diff_low=dlo, diff_high=dhi,
-                       excludes_zero=excludes_zero(dlo, dhi))
+                       excludes_zero=excludes_zero(dlo, dhi), p_value=p)
         table[model] = row
+    if ref is not None:
+        models = list(table)
+        for model, q in zip(models, adjust([table[m]["p_value"] for m in models], correction)):
+            table[model].update(p_adjusted=q, correction=correction,
+                                significant=bool(q < ALPHA))
     return table
 
 
@@ -162,7 +176,8 @@ def bootstrap_ci(correct: Mapping[str, Mapping[str, Sequence[int]]], reference: 
 def ci_line(model: str, width: int, value: float, low: float, high: float,
             diff: tuple[float, float, float, bool] | None = None) -> str:
     """One row of a CI table: `model  0.812 [0.800, 0.824]`, and with a paired difference
-    (diff, low, high, excludes 0) `   +0.012 [+0.003, +0.020] *` (* where its CI excludes 0)."""
+    (diff, low, high, mark) `   +0.012 [+0.003, +0.020] *` (* where `mark`: the caller says
+    what a mark means, e.g. significant after a multiple-comparison correction)."""
     line = f"{model:<{width}}{value:.3f} [{low:.3f}, {high:.3f}]"
     if diff is not None:
         d, dlo, dhi, mark = diff

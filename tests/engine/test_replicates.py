@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from scipy.stats import t as scipy_t
 
 from fl_merge.engine import replicates as rep
 from fl_merge.io.results import RESULTS_FILE, RUN_FILE, write_rows
@@ -86,15 +87,28 @@ def test_replicate_table_matches_hand_computation(tmp_path):
     assert (ta["diff"], ta["diff_low"], ta["diff_high"], ta["excludes_zero"]) == (0.0, 0.0, 0.0, False)
     assert (tmp_path / rep.TABLE_FILE).read_text().splitlines()[0] == (
         "model,method_name,n_seeds,seeds,per_seed,mean,ci_low,ci_high,reference,diff,diff_low,"
-        "diff_high,excludes_zero,within_seed_marked")
+        "diff_high,excludes_zero,p_value,p_adjusted,correction,significant,within_seed_marked")
     assert (tmp_path / rep.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "ties" in rep.format_table(rows) and " *" in rep.format_table(rows)
+    # marks are Holm-adjusted over the family {ties, base}: ties' (near-)constant gap has p ~ 0;
+    # base's p from the t test of its differences; Holm multiplies the smaller p (ties') by
+    # 2 and the larger (base's) by 1, then takes the running maximum
+    t = (-0.20) / (0.03 / math.sqrt(3))
+    p_base = 2 * scipy_t.sf(abs(t), 2)
+    assert by["base"]["p_value"] == pytest.approx(p_base, rel=1e-6)
+    assert by["base"]["p_adjusted"] == pytest.approx(p_base, rel=1e-6)  # max(2*0, 1*p)
+    assert by["ties"]["p_adjusted"] < 1e-20 and by["ties"]["significant"]
+    assert math.isnan(ta["p_value"]) and not ta["significant"]
+    text = rep.format_table(rows)
+    assert "ties" in text and " *" in text
+    assert "Holm-adjusted p < 0.05 over the family of 2 comparisons vs task_arithmetic" in text
 
 
 def test_one_seed_has_unknown_interval(tmp_path):
     rows = rep.replicate_table([_fake_run(tmp_path, 1)])
     assert rows[1]["mean"] == pytest.approx(0.70) and math.isnan(rows[1]["ci_low"])
     assert not rows[1]["excludes_zero"] and "intervals are nan" in rep.format_table(rows)
+    assert not any(r["significant"] for r in rows) and " *" not in rep.format_table(rows)
+    assert "no difference is marked" in rep.format_table(rows)
 
 
 def test_runs_of_different_configs_are_not_replicates(tmp_path):
