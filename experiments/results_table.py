@@ -43,15 +43,20 @@ SEARCH = {"search": "paper", "lambdas": "0.01,0.02,0.03,0.05,0.1,0.3,1",
           "method-params": "fedgma.rho=0.3|0.5|0.7"}
 
 
-def suite_overrides(suite: str, seed: int = 0, prescreen: float = 0.0) -> dict[str, object]:
+def suite_overrides(suite: str, seed: int = 0, prescreen: float = 0.0,
+                    methods: tuple[str, ...] = METHODS) -> dict[str, object]:
     """The run-config overrides of one suite's table run: its preset, the search above,
     every method of METHODS, the seed; with `prescreen`, two-stage validation scoring
     (3 finalists per method; fl_merge/round/prescreen.py)."""
     two_stage = {"prescreen": prescreen, "finalists": 3} if prescreen else {}
-    return {**SUITE_CONFIGS[suite], **SEARCH, **two_stage, "method": ",".join(METHODS), "seed": seed}
+    search = dict(SEARCH)
+    if "fedgma" not in methods:  # its rho grid names it, and names only the methods run
+        search.pop("method-params")
+    return {**SUITE_CONFIGS[suite], **search, **two_stage, "method": ",".join(methods), "seed": seed}
 
 
-def run_suite(suite: str, out: Path, rerun: bool, prescreen: float = 0.0) -> Path:
+def run_suite(suite: str, out: Path, rerun: bool, prescreen: float = 0.0,
+              methods: tuple[str, ...] = METHODS) -> Path:
     """Run one suite into out/<suite> (unless its results exist and not `rerun`); the
     run's wall time goes to out/<suite>/wall.json."""
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -64,7 +69,7 @@ def run_suite(suite: str, out: Path, rerun: bool, prescreen: float = 0.0) -> Pat
         print(f"[reuse] {run_dir}", flush=True)
         return run_dir
     start = time.perf_counter()
-    run_point(run_dir, suite_overrides(suite, prescreen=prescreen))
+    run_point(run_dir, suite_overrides(suite, prescreen=prescreen, methods=methods))
     write_json(run_dir / "wall.json", {"seconds": time.perf_counter() - start})
     return run_dir
 
@@ -110,8 +115,8 @@ def table(run_dir: Path) -> tuple[list[str], list[dict[str, object]]]:
 
 def comparison_cells(run_dir: Path) -> dict[str, tuple[str, str]]:
     """model -> (its test accuracy's 95% paired-bootstrap CI over test examples, its
-    difference vs the reference with that CI, `*` where it excludes 0), from run.json
-    `comparison`; labels as in `table` (base -> "base (linear probe)")."""
+    difference vs the reference with that CI; no significance mark: one seed, and the CI
+    ignores training-seed and selection noise), from run.json `comparison`; labels as in `table` (base -> "base (linear probe)")."""
     meta = json.loads((run_dir / "run.json").read_text())
     out = {}
     for c in meta.get("comparison", []):
@@ -122,8 +127,7 @@ def comparison_cells(run_dir: Path) -> dict[str, tuple[str, str]]:
         elif c["model"] == c.get("reference"):
             diff = "(reference)"
         else:
-            diff = (f"{100 * c['diff']:+.1f} [{100 * c['diff_low']:+.1f}, {100 * c['diff_high']:+.1f}]"
-                    + (" *" if c.get("excludes_zero") else ""))
+            diff = f"{100 * c['diff']:+.1f} [{100 * c['diff_low']:+.1f}, {100 * c['diff_high']:+.1f}]"
         out[label] = (ci, diff)
     return out
 
@@ -131,7 +135,7 @@ def comparison_cells(run_dir: Path) -> dict[str, tuple[str, str]]:
 def plot(suite: str, run_dir: Path, path: Path) -> None:
     """Two panels from run.json `comparison`: each model's mean test accuracy with its 95%
     paired-bootstrap CI over test examples, and each method's difference vs the reference
-    (Task Arithmetic) with its CI, a red `*` where that CI excludes 0. One seed."""
+    (Task Arithmetic) with its CI. One seed, so no difference is marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,12 +156,10 @@ def plot(suite: str, run_dir: Path, path: Path) -> None:
         ax.grid(alpha=0.3)
         if key == "diff":
             ax.axvline(0.0, color="grey", lw=0.8)
-            for y, c in zip(ys, shown):
-                if c.get("excludes_zero"):
-                    ax.annotate("*", (100 * c[hi], y), ha="left", va="center", color="red", fontsize=14)
     left.set_xlabel("mean test accuracy over tasks (%), 95% CI")
-    right.set_xlabel(f"accuracy - {ref} (points), paired 95% CI, * = excludes 0")
-    fig.suptitle(f"{suite}: every method at its validation choice, one seed", fontsize=10)
+    right.set_xlabel(f"accuracy - {ref} (points), paired 95% CI over test examples")
+    fig.suptitle(f"{suite}: every method at its validation choice; one seed: no significance "
+                 "marks", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -172,8 +174,11 @@ def markdown(suite: str, tasks: list[str], rows: list[dict[str, object]], wall: 
     head = ["model", "eta", *tasks, "absolute", "normalized"]
     if cis:
         head += ["absolute 95% CI", f"vs {ref} [95% CI]"]
-    lines = [f"### {suite}", "", wall, "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"### {suite}", "", wall, ""]
+    if cis:
+        lines += ["One seed: no difference is marked. The CIs are paired bootstraps over test "
+                  "examples only; they ignore training-seed and selection noise.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["model"]), str(r["eta"])]
         cells += [f"{100 * float(r[t]):.1f}" for t in tasks]  # type: ignore[arg-type]
@@ -207,6 +212,8 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run suites whose results exist")
     parser.add_argument("--prescreen", type=float, default=0.0,
                         help="score every candidate on this fraction of validation first (e.g. 0.25)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated methods (default: %(default)s)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from fl_merge.core.files import atomic_write_text
@@ -214,7 +221,8 @@ def main() -> None:
 
     sections = []
     for suite in args.suites:
-        run_dir = run_suite(suite, args.out.resolve(), args.rerun, args.prescreen)
+        run_dir = run_suite(suite, args.out.resolve(), args.rerun, args.prescreen,
+                            tuple(args.methods.split(",")))
         tasks, rows = table(run_dir)
         csv_path = args.docs / f"results_{suite}.csv"
         write_rows(csv_path, rows, columns=["model", "eta", *tasks, "absolute", "normalized"])
