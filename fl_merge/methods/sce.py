@@ -27,11 +27,12 @@ def sce_tensor(x: torch.Tensor, c: torch.Tensor, select_topk: float) -> torch.Te
     Select: where select_topk < 1, keep the int(select_topk * m) coordinates of largest
     variance over the clients (population variance; m = how many are nonzero), zero the
     rest. Calculate: w_i = c_i mean_j x_ij^2, normalised to sum 1 (uniform 1/K when the
-    sum is below 1e-6). Erase: s = +1 where sum_i c_i x_ij >= 0 else -1; Delta_j = sum_i
+    sum is below 1e-6); variance and squares in float64 (mergekit: the tensor's dtype,
+    where entries near the dtype's maximum overflow). Erase: s = +1 where sum_i c_i x_ij >= 0 else -1; Delta_j = sum_i
     w_i [sign x_ij = s] x_ij / max(sum_i w_i [sign x_ij = s], 1e-6)."""
     k, n = x.shape
     if select_topk < 1.0 and n:
-        var = x.var(0, unbiased=False)
+        var = x.double().var(0, unbiased=False)  # float64: squares of large entries overflow
         top = int(int(torch.count_nonzero(var)) * select_topk)
         keep = torch.zeros(n, dtype=x.dtype, device=x.device)
         if top > 0:
@@ -40,9 +41,9 @@ def sce_tensor(x: torch.Tensor, c: torch.Tensor, select_topk: float) -> torch.Te
     cx = x * c[:, None]
     elected = torch.where(cx.sum(0) >= 0, 1.0, -1.0).to(x.dtype)
     agree = (torch.sign(x) == elected).to(x.dtype)
-    w = x.square().mean(1) * c if n else torch.zeros(k, dtype=x.dtype, device=x.device)
+    w = x.double().square().mean(1) * c if n else torch.zeros(k, dtype=torch.float64, device=x.device)
     total = float(w.sum())
-    w = torch.full_like(w, 1.0 / k) if abs(total) < 1e-6 else w / total
+    w = (torch.full_like(w, 1.0 / k) if abs(total) < 1e-6 else w / total).to(x.dtype)
     erased = agree * w[:, None]
     return (x * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
 
