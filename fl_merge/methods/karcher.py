@@ -10,7 +10,6 @@ import torch
 
 from fl_merge.core.task_vectors import MergeInputError, StateDict
 from fl_merge.merging import streaming
-from fl_merge.merging.blocks import task_vectors_dtype
 from fl_merge.merging.registry import Needs, Paper, is_integer, number_param, register
 
 MAX_ITER = 10_000
@@ -26,7 +25,7 @@ def _check(params: dict) -> None:
 
 def karcher_tensor(xs: Sequence[torch.Tensor], alphas: Sequence[float], max_iter: int,
                    tol: float) -> torch.Tensor:
-    """mergekit's karcher_merge_tensors on flat float32/64 tensors xs with weights alphas.
+    """mergekit's karcher_merge_tensors on flat tensors xs with weights alphas.
 
     u_i = x_i / ||x_i|| (0 for a zero tensor); the models with ||x_i|| > tol are the valid
     ones, their alphas renormalised to a_i. Start: m = sum a_i u_i / ||.|| (the first valid
@@ -92,7 +91,8 @@ def karcher(
     `karcher_tensor`): each tensor is one vector; its direction is the weighted Karcher
     mean of the models' unit directions, by at most max_iter Riemannian gradient steps
     (stopping when the tangent's norm falls below tol), and its norm the weighted mean of
-    the models' norms. float32 arithmetic (float64 for float64 inputs). K = 1: the model.
+    the models' norms. Arithmetic in float64 (mergekit: float32, whose norms overflow for
+    entries near its maximum); results agree to float32 rounding. K = 1: the model.
 
     Convention: like mergekit's, it averages the models themselves, not the task vectors:
     theta0 is only subtracted so that the result has our form theta0 + eta * Delta, and
@@ -105,10 +105,10 @@ def karcher(
     the default is mergekit's computation; karcher_merge_tensors already takes weights).
     tol is absolute, as mergekit's: it also decides which models count as nonzero. No space
     beyond eta (max_iter, tol are numerical settings). Memory: the K models' versions of
-    one tensor at a time.
+    one tensor at a time, in float64.
     """
     ref = task_vectors[0]
-    dtype = task_vectors_dtype(task_vectors)
+    dtype = torch.float64  # norms of float32 entries near its maximum overflow in float32
     alphas = [float(v) for v in weights.to(torch.float64)]
     out = {}
     for key in ref:

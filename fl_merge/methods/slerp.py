@@ -10,7 +10,6 @@ import torch
 
 from fl_merge.core.task_vectors import MergeInputError, StateDict
 from fl_merge.merging import streaming
-from fl_merge.merging.blocks import task_vectors_dtype
 from fl_merge.merging.registry import Needs, Paper, number_param, register
 
 DOT_THRESHOLD = 0.9995  # mergekit's: |cos| above it interpolates linearly
@@ -31,7 +30,7 @@ def _two_models(num_clients: int, params: dict) -> None:
 
 
 def slerp_pair(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """mergekit's slerp(t, a, b) of two flat float32/64 tensors: c = cos of the angle between
+    """mergekit's slerp(t, a, b) of two flat tensors: c = cos of the angle between
     a / max-safe ||a|| and b / ||b|| (a norm <= 1e-8 counts as 1), clamped to [-1, 1];
     |c| > 0.9995: (1 - t) a + t b; else, with w = arccos c,
     sin((1 - t) w) / sin w * a + sin(t w) / sin w * b (on the raw, unnormalised a and b)."""
@@ -70,7 +69,8 @@ def slerp(
     spherical interpolation of the two fine-tuned models (Shoemake 1985) as mergekit 0.1.5
     computes it (mergekit/merge_methods/slerp.py, `slerp`; see `slerp_pair`): each tensor
     is one vector, normalised by its own norm; nearly colinear or antipodal tensors
-    (|cos| > 0.9995) are interpolated linearly; float32 arithmetic (float64 for float64).
+    (|cos| > 0.9995) are interpolated linearly. Arithmetic in float64 (mergekit: float32, whose
+    norms overflow for entries near its maximum); results agree to float32 rounding.
 
     Convention: mergekit's slerp interpolates the models themselves, base_model (t = 0) and
     the other one (t = 1); theta0, the pretrained model, plays no part in its arithmetic.
@@ -85,10 +85,11 @@ def slerp(
     through its filters); its default 0.5 is ours (mergekit requires t), and at 0.5 the
     result does not depend on the clients' order (swapping them is t -> 1 - t). The
     clients' weights p_i are not used (mergekit's slerp has none). K != 2 is refused
-    before any training (min_clients). Memory: the two models' versions of one tensor.
+    before any training (min_clients). Memory: the two models' versions of one tensor, in
+    float64.
     """
     ref = task_vectors[0]
-    dtype = task_vectors_dtype(task_vectors)
+    dtype = torch.float64  # norms of float32 entries near its maximum overflow in float32
     out = {}
     for key in ref:
         base = theta0[key].reshape(-1).to(device=device, dtype=dtype)
