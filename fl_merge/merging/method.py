@@ -50,9 +50,8 @@ class Needs:
     def describe(self) -> str:
         """One line for the docs' table ("" when the method needs nothing)."""
         out = (["local steps"] if self.local_steps else []) + \
-            (["normalisers (else local steps)"] if self.normalisers else []) + \
-            list(self.extras) + (["theta0 (the base model)"] if self.theta0 else [])
-        return ", ".join(out)
+            (["normalisers (else local steps)"] if self.normalisers else []) + list(self.extras)
+        return ", ".join(out)  # theta0 is the server's own, not something clients send
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def karcher_tensor(xs: Sequence[torch.Tensor], alphas: Sequence[float], max_iter
             "p-weighted Karcher mean of theta_i / norm(theta_i) on the sphere (max_iter, tol); "
             "eta = 1 is mergekit's model",
     paper=Paper("Karcher, Comm. Pure Appl. Math. 1977, \"Riemannian center of mass and "
-                "mollifier smoothing\"; as a model merge, mergekit",
+                "mollifier smoothing\"; as a model merge, mergekit (which cites arXiv:2603.04972)",
                 code="arcee-ai/mergekit 0.1.5, mergekit/merge_methods/karcher.py"),
 )
 def karcher(

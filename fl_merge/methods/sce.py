@@ -55,8 +55,8 @@ def sce_tensor(x: torch.Tensor, c: torch.Tensor, select_topk: float) -> torch.Te
     formula="per tensor: keep the top select_topk coordinates by variance over clients, "
             "w_i ~ p_i mean(tau_i^2), elect s = sign(sum_i p_i tau_i) (0 -> +), "
             "sum_{agree} w_i tau_i / sum_{agree} w_i",
-    paper=Paper("Wan et al. 2024, \"FuseChat: Knowledge Fusion of Chat Models\" (FuseChat 2.0's "
-                "SCE merge, arXiv:2408.07990)",
+    paper=Paper("Wan et al. 2024, FuseChat 2.0's SCE merge (arXiv:2408.07990, the reference "
+                "mergekit's sce cites)",
                 code="arcee-ai/mergekit 0.1.5, mergekit/merge_methods/sce.py"),
 )
 def sce(
