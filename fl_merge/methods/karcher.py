@@ -27,8 +27,8 @@ def karcher_tensor(xs: Sequence[torch.Tensor], alphas: Sequence[float], max_iter
                    tol: float) -> torch.Tensor:
     """mergekit's karcher_merge_tensors on flat tensors xs with weights alphas.
 
-    u_i = x_i / ||x_i|| (0 for a zero tensor); the models with ||x_i|| > tol are the valid
-    ones, their alphas renormalised to a_i. Start: m = sum a_i u_i / ||.|| (the first valid
+    u_i = x_i / ||x_i|| (0 for a zero tensor); the models with ||x_i|| > tol (and, ours,
+    alpha_i > 0: a zero weight) are the valid ones, their alphas renormalised to a_i. Start: m = sum a_i u_i / ||.|| (the first valid
     u when that norm is below tol). Each iteration: v = sum a_i theta_i / sin(theta_i)
     (u_i - cos_i m) over the valid i with theta_i = arccos(clamp(<m, u_i>)) >= tol; stop
     when ||v|| < tol, else m = cos(||v||) m + sin(||v||) v / ||v||, renormalised. Result:
@@ -37,7 +37,7 @@ def karcher_tensor(xs: Sequence[torch.Tensor], alphas: Sequence[float], max_iter
         return xs[0]
     norms = [torch.linalg.vector_norm(x) for x in xs]
     units = [torch.zeros_like(x) if float(n) == 0.0 else x / n for x, n in zip(xs, norms)]
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol and alphas[i] > 0]
     if not valid:
         return torch.zeros_like(xs[0])
     total = sum(alphas[i] for i in valid)

@@ -108,6 +108,10 @@ def test_zero_models_are_left_out_of_the_direction_but_not_the_norm():
     torch.testing.assert_close(out, torch.tensor([1.0, 0.0]))  # (2 + 0) / 2 along a
     out = merge("karcher", [{"w": torch.zeros(2)}] * 2, theta0={"w": torch.zeros(2)})["w"]
     assert out.tolist() == [0.0, 0.0]
+    # a zero-weight model takes no part; when it is the only nonzero one, the result is 0
+    out = merge("karcher", [{"w": a}, {"w": torch.zeros(2)}], [0.0, 1.0],
+                theta0={"w": torch.zeros(2)})["w"]
+    assert out.tolist() == [0.0, 0.0]
 
 
 def test_per_tensor_exact_and_the_file_merge_passes_theta0():
