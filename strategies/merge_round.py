@@ -134,7 +134,7 @@ def merge_step(st: RoundSettings, r: MergeRound, trained: Trained) -> dict[str, 
     r.candidates = plan_candidates(st.methods, st.spaces, st.search, st.lambdas, st.etas, trained.task_vectors)
     check_enough(k, st.min_clients, candidate_methods(r.candidates), r.failures)  # e.g. Krum, K < 3
     deltas = merge_methods(candidate_methods(r.candidates), r.clients, trained.task_vectors, st.weighting,
-                           st.device)
+                           st.device, theta0=r.theta0)
     r.timings["aggregate-seconds"] = time.perf_counter() - trained.aggregate_start
     r.search = search_record(r.candidates, st.spaces, st.search, st.lambdas, k)
     if st.measure_heterogeneity:

@@ -174,6 +174,29 @@ def check_task_vectors(
                 raise MergeInputError(f"{name}: update of '{k}' contains NaN or Inf")
 
 
+def check_theta0(method: str, theta0, ref: Mapping[str, torch.Tensor]) -> dict:
+    """The base model for a method that needs it: a dict of finite floating-point tensors
+    with the task vectors' keys and shapes (its dtype may differ)."""
+    if theta0 is None:
+        raise MergeInputError(f"merge method '{method}' is defined on the models theta0 + tau_i: "
+                              "pass the base model, merge(..., theta0={name: tensor})")
+    if not isinstance(theta0, Mapping):
+        raise MergeInputError(f"theta0 must be a dict of tensors, got {type(theta0).__name__}")
+    if set(theta0.keys()) != set(ref.keys()):
+        diff = sorted(set(theta0.keys()) ^ set(ref.keys()), key=str)
+        raise MergeInputError(f"theta0's keys differ from the task vectors': {diff[:5]}")
+    for key, v in theta0.items():
+        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point \
+                or v.layout != torch.strided or v.device.type == "meta":
+            raise MergeInputError(f"theta0['{key}'] must be a floating-point tensor")
+        if tuple(v.shape) != tuple(ref[key].shape):
+            raise MergeInputError(f"theta0['{key}'] has shape {tuple(v.shape)}, the task vector "
+                                  f"has {tuple(ref[key].shape)}")
+        if not all_finite(v):
+            raise MergeInputError(f"theta0['{key}'] contains NaN or Inf")
+    return {key: theta0[key] for key in ref}
+
+
 def all_finite(v: torch.Tensor) -> bool:
     """No NaN or Inf in `v`: a read-only sum first (finite sum => finite entries), the
     element-wise check only when the sum is not finite (NaN/Inf, or an overflowing sum of

@@ -70,7 +70,9 @@ def check_merge_inputs(method: str, params: dict, num_models: int,
             f"merge method '{method}' needs each model's local step count: pass --local-steps "
             f"N1 ... N{num_models} (or --normalisers a1 ... a{num_models}, FedNova's a_i)")
     probe = [{"probe": torch.zeros(1)} for _ in range(num_models)]
-    merge(method, probe, weights, local_steps, normalisers=normalisers, names=names, **params)
+    base = {"probe": torch.zeros(1)} if m.takes_theta0 else None
+    merge(method, probe, weights, local_steps, normalisers=normalisers, names=names, theta0=base,
+          **params)
 
 
 def plan(base: Checkpoint, models: Sequence[Checkpoint], dtype: torch.dtype | None
@@ -132,6 +134,8 @@ def merge_tensor(method: str, key: str, theta0: torch.Tensor, thetas: Sequence[t
     base = theta0.to(work)
     taus = [{key: t.to(work).sub_(base) if t.dtype != work else t.sub(base)} for t in thetas]
     weights, steps = per_model.pop("weights", None), per_model.pop("local_steps", None)
+    if get_method(method).takes_theta0:  # slerp, karcher: defined on the models themselves
+        per_model["theta0"] = {key: base}
     delta = merge(method, taus, weights, steps, **per_model, **params)[key]
     del taus
     out = base.add_(delta, alpha=eta) if base is not theta0 else base.add(delta, alpha=eta)

@@ -38,17 +38,20 @@ class Needs:
     local_steps: each client's local step count; normalisers: FedNova's a_i per client (a
     client without one falls back on its local steps); extras: names of per-client arrays
     with the task vectors' keys and shapes (e.g. "fisher": a Flower round asks its clients
-    for them with the training flag ``compute-<name>``)."""
+    for them with the training flag ``compute-<name>``); theta0: the base model itself, for
+    methods defined on the models theta_i = theta0 + tau_i rather than on their task
+    vectors (slerp, karcher: norms and angles of the models)."""
 
     local_steps: bool = False
     normalisers: bool = False
     extras: tuple[str, ...] = ()
+    theta0: bool = False
 
     def describe(self) -> str:
         """One line for the docs' table ("" when the method needs nothing)."""
         out = (["local steps"] if self.local_steps else []) + \
             (["normalisers (else local steps)"] if self.normalisers else []) + list(self.extras)
-        return ", ".join(out)
+        return ", ".join(out)  # theta0 is the server's own, not something clients send
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ class MergeMethod:
         clients' names (list of str, or None when the caller gave none); one that declares
         ``extras`` receives the extra arrays (coordinate-wise: name -> stacked [K, n] block;
         whole-vector: name -> list of per-client dicts); a whole-vector one that declares
-        ``device`` gets the resolved torch.device for its arithmetic.
+        ``device`` gets the resolved torch.device for its arithmetic; a whole-vector one that
+        declares ``theta0`` gets the base model (a dict with the task vectors' keys).
     params: name -> default value of the method's hyper-parameters (from fn's signature).
     needs: the client statistics it cannot run without (`Needs`).
     space: its validation search space in its own units, knob -> values or `Derived`
@@ -112,6 +116,7 @@ class MergeMethod:
     takes_names: bool = False
     takes_extras: bool = False
     takes_device: bool = False
+    takes_theta0: bool = False
 
     # Read-only views of `needs` for older callers (one declaration: `needs`).
     @property

@@ -43,7 +43,9 @@ from fl_merge.merging.method import (  # noqa: F401  (public here too: method fi
     is_number,
     number_param,
 )
-from fl_merge.core.task_vectors import MergeInputError, StateDict, all_finite, check_task_vectors
+from fl_merge.core.task_vectors import (
+    MergeInputError, StateDict, all_finite, check_task_vectors, check_theta0,
+)
 
 
 # Loads the built-in methods (fl_merge.methods) on first use: fl_merge/core/registration.py.
@@ -51,7 +53,7 @@ _METHODS: dict[str, MergeMethod] = BuiltinRegistry(METHOD_MODULES)
 
 # Arguments every method receives from `merge` itself, not user hyper-parameters.
 _RESERVED = {"stacked", "weights", "task_vectors", "local_steps", "normalisers", "names",
-             "extras", "device"}
+             "extras", "device", "theta0"}
 
 
 def register(
@@ -86,6 +88,9 @@ def register(
             raise ValueError(f"merge method '{name}': needs must be a Needs(...), got {needs!r}")
         if needs.extras and "extras" not in sig:
             raise ValueError(f"merge method '{name}' needs extras but takes no 'extras' argument")
+        if needs.theta0 and (coordinatewise or "theta0" not in sig):
+            raise ValueError(f"merge method '{name}' needs theta0: it must be whole-vector and "
+                             "take a 'theta0' argument")
         knobs = dict(space or {})
         unknown = sorted(set(knobs) - set(params))
         if unknown:
@@ -106,6 +111,7 @@ def register(
             min_clients=min_clients, check_params=check_params, coefficients=coefficients,
             takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
             takes_names="names" in sig, takes_extras="extras" in sig, takes_device="device" in sig,
+            takes_theta0="theta0" in sig and not coordinatewise,
         )
         for n in (name, *aliases):
             if n in _METHODS:
@@ -289,6 +295,7 @@ def merge(
     names: Sequence[str] | None = None,
     device: str | torch.device | None = "cpu",
     extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
+    theta0: Mapping[str, torch.Tensor] | None = None,
     **params,
 ) -> StateDict:
     """Delta = method(task_vectors) under the mean convention; theta = theta0 + eta * Delta.
@@ -299,8 +306,9 @@ def merge(
     a_i = ||a_i||_1 per client, as reported by the client for the optimizer it ran, None for
     a client that reported none: methods that use them fall back to its local steps, the
     plain-SGD normaliser, with a warning), `extras` (per-client arrays
-    such as ``{"fisher": [dict per client]}``) where it needs them, and the method's minimum
-    client count. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
+    such as ``{"fisher": [dict per client]}``) where it needs them, `theta0` (the base
+    model, same keys and shapes, finite) for methods defined on the models theta0 + tau_i
+    (`Needs(theta0=True)`; ignored by the others), and the method's minimum client count. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
     least; the result has the task vectors' dtypes and lives on the CPU, and is finite (a
     result that overflows its dtype is a MergeInputError naming the parameter). Every
     invalid input is a MergeInputError with a one-line message, never an error from torch.
@@ -322,6 +330,7 @@ def merge(
     else:  # unused by this method, but junk is still an error
         normaliser_values(normalisers, k)
     used_extras = check_extras(m, extras, task_vectors, names)
+    base = check_theta0(method, theta0, task_vectors[0]) if m.takes_theta0 else None
     if m.min_clients is not None:
         try:
             m.min_clients(k, full_params)
@@ -333,7 +342,7 @@ def merge(
     with torch.no_grad():
         per_client = {"local_steps": steps, "normalisers": norm,
                       "names": None if names is None else [str(n) for n in names]}
-        out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev)
+        out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev, base)
     for key, v in out.items():
         if not all_finite(v):
             raise MergeInputError(
@@ -343,7 +352,8 @@ def merge(
     return out
 
 
-def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, dev) -> StateDict:
+def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, dev,
+         theta0=None) -> StateDict:
     takes = {"local_steps": m.takes_local_steps, "normalisers": m.takes_normalisers,
              "names": m.takes_names}
     extra = {n: v for n, v in per_client.items() if takes[n]}
@@ -352,6 +362,8 @@ def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, 
             extra["extras"] = used_extras
         if m.takes_device:
             extra["device"] = dev
+        if m.takes_theta0:
+            extra["theta0"] = theta0
         out = m.fn(task_vectors, p, **extra, **full_params)
         return {key: v.to("cpu") for key, v in out.items()}
 

@@ -123,12 +123,17 @@ def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[S
 
 
 def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vectors: list[StateDict],
-                  weighting: str, device: str = "cpu") -> dict[str, StateDict]:
-    """label -> Delta = fl_merge.merge(method, task_vectors, ...), all from the same updates."""
+                  weighting: str, device: str = "cpu", theta0: StateDict | None = None
+                  ) -> dict[str, StateDict]:
+    """label -> Delta = fl_merge.merge(method, task_vectors, ...), all from the same updates;
+    `theta0` (the round's base model) for the methods defined on the models (slerp, karcher)."""
     args = merge_arguments(clients, weighting)
+    base = None
+    if theta0 is not None and task_vectors:
+        base = {k: theta0[k] for k in task_vectors[0] if k in theta0}
     return {label: merge(name, task_vectors, args["weights"], args["local_steps"], names=args["names"],
                          normalisers=args["normalisers"], device=device, extras=extras_for(name, clients),
-                         **params)
+                         theta0=base, **params)
             for label, (name, params) in methods.items()}
 
 

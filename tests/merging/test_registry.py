@@ -185,7 +185,26 @@ def test_declarations_are_checked_when_a_method_registers(scratch_registry):
         reg.register("m3", coordinatewise=True, needs=reg.Needs(extras=("fisher",)))(_mean)
     with pytest.raises(ValueError, match="needs must be a Needs"):
         reg.register("m4", coordinatewise=True, needs="local_steps")(_mean)
-    assert not {"m1", "m2", "m3", "m4"} & set(reg.available_methods())
+    # theta0 (the base model) only reaches whole-vector methods that take it
+    with pytest.raises(ValueError, match="needs theta0: it must be whole-vector and take a 'theta0'"):
+        reg.register("m4b", coordinatewise=False, needs=reg.Needs(theta0=True))(
+            lambda task_vectors, weights: task_vectors[0])
+    with pytest.raises(ValueError, match="needs theta0: it must be whole-vector"):
+        reg.register("m4c", coordinatewise=True, needs=reg.Needs(theta0=True))(
+            lambda stacked, weights, theta0=None: stacked[0])
+    assert not {"m1", "m2", "m3", "m4", "m4b", "m4c"} & set(reg.available_methods())
+
+
+def test_theta0_reaches_the_methods_that_take_it(scratch_registry):
+    import torch
+    reg = scratch_registry
+    reg.register("m4d", coordinatewise=False, needs=reg.Needs(theta0=True))(
+        lambda task_vectors, weights, theta0: {k: theta0[k] + v for k, v in task_vectors[0].items()})
+    out = reg.merge("m4d", [{"w": torch.ones(2)}], theta0={"w": torch.full((2,), 3.0)})
+    assert out["w"].tolist() == [4.0, 4.0]
+    assert reg.get_method("m4d").needs.describe() == ""  # not something clients send
+    # methods that do not take it ignore it
+    assert reg.merge("fedavg", [{"w": torch.ones(2)}], theta0="junk")["w"].tolist() == [1.0, 1.0]
 
 
 def test_declarations_are_read_back_for_the_method_and_its_aliases(scratch_registry):

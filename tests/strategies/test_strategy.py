@@ -296,18 +296,26 @@ def test_every_method_runs_through_the_round_as_merge_would(method):
     """The round hands merge() the right task vectors, weights, local steps and extras."""
     from fl_merge import merge
     from fl_merge.core.task_vectors import split_extras, task_vector
+    from fl_merge.merging.registry import check_method_params, get_method
 
-    steps = [10, 20, 40, 80, 160, 320]
+    try:
+        check_method_params(method, {}, 6)
+        n = 6
+    except MergeInputError:
+        n = 2  # slerp: exactly two models
+    steps = [10, 20, 40, 80, 160, 320][:n]
     replies = {100 + i: _rich(i, s) for i, s in reversed(list(enumerate(steps)))}
     r = _run(OneShotMerge(method=method, weighting="num-examples", etas=[1.0]), FakeGrid(replies))
     # Independent: clients ordered by partition id, task vectors over the backbone only.
-    states = [split_extras(replies[100 + i]["arrays"].to_torch_state_dict()) for i in range(6)]
+    states = [split_extras(replies[100 + i]["arrays"].to_torch_state_dict()) for i in range(n)]
     taus = [task_vector(w, r.theta0, list(r.theta0)) for w, _ in states]
     fisher = {"fisher": [e["fisher"] for _, e in states]}
     # Clients are identified by partition (DARE keys its masks by it, stable across runs).
-    names = [f"partition {i}" for i in range(6)]
-    expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(6)], local_steps=steps,
-                     names=names, extras=fisher if method == "fisher" else None)
+    names = [f"partition {i}" for i in range(n)]
+    # slerp and karcher are defined on the models theta0 + tau_i: the round passes theta0
+    base = dict(r.theta0) if get_method(method).needs.theta0 else None
+    expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(n)], local_steps=steps,
+                     names=names, extras=fisher if method == "fisher" else None, theta0=base)
     assert set(r.delta) == set(r.theta0)
     for k in r.theta0:
         torch.testing.assert_close(r.delta[k], expected[k])
