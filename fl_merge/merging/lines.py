@@ -130,6 +130,22 @@ def scale_update(delta: Mapping[str, torch.Tensor], scales: Mapping[str, float])
     return {key: (v.to(work_dtype(v.dtype)) * scales[key]).to(v.dtype) for key, v in delta.items()}
 
 
+def lines_update(method: str, delta: Mapping[str, torch.Tensor], lines: Mapping[str, Any],
+                 task_vectors: Sequence[Mapping[str, torch.Tensor]],
+                 weights: Sequence[float] | torch.Tensor | None = None,
+                 params: Mapping[str, Any] | None = None) -> StateDict:
+    """scale(l) * delta per tensor for `method`'s update `delta` (module docstring), the
+    task vectors and weights it came from (read for alpha="auto" only), its params."""
+    full = check_lines(lines)
+    scales_of = depths(delta.keys(), full["pattern"])
+    alpha = full["alpha"]
+    if alpha == "auto":
+        s = eta_for_lambda(method, 1.0, len(task_vectors), dict(params or {}))
+        p = normalized_weights(weights, len(task_vectors))
+        alpha = auto_alpha(task_vectors, p, {k: v * s for k, v in delta.items()})
+    return scale_update(delta, layer_scales(scales_of, alpha, full["beta"], full["pattern"]))
+
+
 def lines_merge(method: str, task_vectors: Sequence[Mapping[str, torch.Tensor]],
                 weights: Sequence[float] | torch.Tensor | None = None,
                 local_steps: Sequence[int] | None = None, *, lines: Mapping[str, Any] | None = None,
@@ -142,16 +158,10 @@ def lines_merge(method: str, task_vectors: Sequence[Mapping[str, torch.Tensor]],
     full = check_lines(lines or {})
     if not task_vectors or not isinstance(task_vectors[0], Mapping):
         return merge(method, task_vectors, weights, local_steps, **merge_kw)  # merge says what is wrong
-    d = depths(task_vectors[0].keys(), full["pattern"])  # refuses a pattern that finds < 2 layers
+    depths(task_vectors[0].keys(), full["pattern"])  # refuses a pattern that finds < 2 layers
     delta = merge(method, task_vectors, weights, local_steps, **merge_kw)
-    alpha = full["alpha"]
-    if alpha == "auto":
-        params = {k: v for k, v in merge_kw.items()
-                  if k not in ("normalisers", "names", "device", "extras")}
-        s = eta_for_lambda(method, 1.0, len(task_vectors), params)
-        p = normalized_weights(weights, len(task_vectors))
-        alpha = auto_alpha(task_vectors, p, {k: v * s for k, v in delta.items()})
-    return scale_update(delta, layer_scales(d, alpha, full["beta"], full["pattern"]))
+    params = {k: v for k, v in merge_kw.items() if k not in ("normalisers", "names", "device", "extras")}
+    return lines_update(method, delta, full, task_vectors, weights, params)
 
 
 def lines_settings(given: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -179,3 +179,58 @@ def test_file_merge_refusals_are_one_line_and_write_nothing(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- the round's candidates
+
+def test_round_candidates_cross_each_setting_with_the_lines_grid():
+    from fl_merge.round.candidates import candidate_lines, plan_candidates
+
+    tvs = _tvs(BLOCKS)
+    methods = {"fedavg": ("fedavg", {}), "ties": ("ties", {"density": 0.2})}
+    spaces = {"ties": {"density": (0.1, 0.2)}}
+    cands = plan_candidates(methods, spaces, "paper", [0.5, 1.0], [], tvs, {"beta": [0.2, 0.6]})
+    assert list(cands) == [
+        "fedavg[lines.alpha=auto,lines.beta=0.2]", "fedavg[lines.alpha=auto,lines.beta=0.6]",
+        "ties[density=0.1,lines.alpha=auto,lines.beta=0.2]", "ties[density=0.1,lines.alpha=auto,lines.beta=0.6]",
+        "ties[density=0.2,lines.alpha=auto,lines.beta=0.2]", "ties[density=0.2,lines.alpha=auto,lines.beta=0.6]"]
+    for c in cands.values():  # LiNeS replaces lambda: the one eta of lambda 1 (0 is the base)
+        assert c.etas == [0.0, eta_for_lambda(c.name, 1.0, 3)] and c.lines["pattern"] == DEFAULT_PATTERN
+    assert set(candidate_lines(cands)) == set(cands)
+    # search=off: the one setting given (defaults for the rest); no LiNeS: lambda grid as before
+    off = plan_candidates(methods, spaces, "off", None, [0.5, 1.0], tvs, {"alpha": 0.1, "beta": 0.3})
+    assert [(c.lines["alpha"], c.lines["beta"]) for c in off.values()] == [(0.1, 0.3), (0.1, 0.3)]
+    plain = plan_candidates(methods, spaces, "paper", [0.5, 1.0], [], tvs)
+    assert candidate_lines(plain) == {} and plain["fedavg"].etas == [0.0, 1.5, 3.0]
+
+
+def test_round_merge_scales_each_candidate_and_merges_each_setting_once(monkeypatch):
+    import fl_merge.round.merging as rm
+    from fl_merge.round.candidates import candidate_lines, candidate_methods, plan_candidates
+    from fl_merge.round.updates import ClientUpdate
+
+    tvs = _tvs(BLOCKS, seed=3)
+    clients = [ClientUpdate(i, {"num-examples": 1 + i, "partition-id": i}, {}) for i in range(3)]
+    cands = plan_candidates({"ties": ("ties", {"density": 0.5})}, {}, "paper", None, [1.0], tvs,
+                            {"alpha": 0.1, "beta": [0.0, 0.9]})
+    calls = []
+    real = rm.merge
+    monkeypatch.setattr(rm, "merge", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    deltas = rm.merge_methods(candidate_methods(cands), clients, tvs, "num-examples", "cpu",
+                              candidate_lines(cands))
+    assert calls == ["ties"]  # one merge, two LiNeS settings
+    ties = merge("ties", tvs, [1, 2, 3], names=[c.identity for c in clients], density=0.5)
+    for label, beta in zip(cands, (0.0, 0.9)):
+        for n, lam in zip(BLOCKS, (0.1, 0.1, 0.1 + beta / 3, 0.1 + 2 * beta / 3, 0.1 + beta, 0.1)):
+            np.testing.assert_allclose(deltas[label][n].numpy(), lam * ties[n].numpy(), rtol=1e-12)
+
+
+def test_round_settings_check_lines_up_front():
+    from fl_merge.round.settings import RoundSettings
+
+    st = RoundSettings.build(method="fedavg", search="paper", lines={"beta": [0.1, 0.2]})
+    assert st.lines == {"beta": [0.1, 0.2]} and RoundSettings.build().lines is None
+    with pytest.raises(ValueError, match="beta .* >= 0"):
+        RoundSettings.build(search="paper", lines={"beta": [0.1, -0.2]})
+    with pytest.raises(ValueError, match="several values for beta .* needs search=paper"):
+        RoundSettings.build(search="off", lines={"beta": [0.1, 0.2]})
