@@ -13,13 +13,14 @@ replace lambda: each such candidate has the one eta of lambda 1.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fl_merge.core.values import split_list
+from fl_merge.core.values import parse_value, split_list
 from fl_merge.merging.lines import check_lines, lines_settings
 from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta
 from fl_merge.merging.search import LAMBDAS, Derived, expand, knob_grids
@@ -127,14 +128,43 @@ def search_record(candidates: Mapping[str, Candidate], spaces: Mapping[str, Mapp
             "candidates": total, "methods": per}
 
 
-def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tuple[str, Mapping[str, Any]]]
-                    ) -> list[float] | None:
+def parse_lines(text: str, search: str) -> dict[str, Any] | None:
+    """The run config's `lines` (LiNeS, fl_merge/merging/lines.py): "" or "off": none; "paper":
+    the paper's (its beta grid under search=paper); else items "alpha=A beta=B1|B2 ...
+    pattern=REGEX" (a value with | or , is a grid: search=paper only; pattern last, read to
+    the end). The items given, checked; ValueError (one line) otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"lines must be text: off, paper or 'alpha=A beta=B', got {text!r}")
+    text, out = text.strip(), {}
+    if text in ("", "off"):
+        return None
+    hit = re.search(r"(?:^|\s)pattern=", text)
+    if hit:
+        text, out["pattern"] = text[:hit.start()], text[hit.end():].strip()
+    for item in ([] if text == "paper" else text.split()):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"lines item '{item}' is not name=value (lines: off, paper or 'alpha=A beta=B')")
+        values = [parse_value(v) for v in re.split(r"[|,]", value)]
+        out[name] = values if len(values) > 1 else values[0]
+    grids = [k for k, v in out.items() if isinstance(v, list)]
+    if grids and search != "paper":
+        raise ValueError(f"lines gives several values for {', '.join(grids)} (a grid): that needs "
+                         "search=paper")
+    _ = lines_settings(out) if search == "paper" else check_lines(out)
+    return out
+
+
+def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tuple[str, Mapping[str, Any]]],
+                    lines: str = "") -> list[float] | None:
     """The run config's scale grid: the lambdas given, else search.LAMBDAS with search=paper
     and no shared etas, else None (the shared eta grid). ValueError, one line, for a bad
-    search mode, lambdas and etas both given, a bad lambda, or a grid with search=off."""
+    search mode, lambdas and etas both given, a bad lambda, or a grid with search=off; also
+    for a bad `lines`, LiNeS's per-layer lambda (`parse_lines`), checked here."""
     from fl_merge.merging.search import is_grid
 
     check_search(search)
+    parse_lines(lines, search)
     grids = [f"{n}.{k}" for n, p in methods for k, v in p.items() if is_grid(v)]
     if grids and search == "off":
         raise ValueError(f"method-params gives several values for {', '.join(grids)}: a grid needs "

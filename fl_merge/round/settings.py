@@ -17,7 +17,7 @@ from fl_merge.merging.lines import check_lines, lines_settings
 from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
 from fl_merge.round.attacks import AttackPlan
-from fl_merge.round.candidates import Grid, check_search, method_spaces
+from fl_merge.round.candidates import Grid, check_search, method_spaces, parse_lines
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
 from fl_merge.round.merging import Methods, given_params, label_methods
 from fl_merge.round.prescreen import check_prescreen
@@ -106,7 +106,7 @@ class RoundSettings:
         prescreen: float = 0.0,
         finalists: int = 3,
         ensemble: bool = False,
-        lines: dict[str, Any] | None = None,
+        lines: dict[str, Any] | str | None = None,
         *,
         checked: bool = False,
     ) -> RoundSettings:
@@ -128,6 +128,8 @@ class RoundSettings:
             lambdas = LAMBDAS if search == "paper" else None
         if lambdas is not None:
             lambdas = sorted({float(v) for v in lambdas})
+        if isinstance(lines, str):  # the run config's form (candidates.parse_lines)
+            lines = parse_lines(lines, search)
         if not checked:
             _check(search, given, lambdas, weighting, (learn_coefficients, coef_objective, coef_rounds, coef_lr),
                    [name for name, _ in labelled.values()], float(prescreen), int(finalists), test_all_etas)

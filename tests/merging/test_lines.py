@@ -18,6 +18,8 @@ from fl_merge.merging.lines import DEFAULT_PATTERN, depths, lines_merge, lines_s
 from fl_merge.merging.scales import eta_for_lambda
 from fl_merge.methods import merge
 
+ROOT_TMP = __import__("pathlib").Path("/tmp")
+
 # (name, layer by hand) for the naming schemes the default pattern reads; None: no layer
 NAMES = [
     ("backbone.embeddings.word_embeddings.weight", None),        # Hugging Face BERT
@@ -234,3 +236,32 @@ def test_round_settings_check_lines_up_front():
         RoundSettings.build(search="paper", lines={"beta": [0.1, -0.2]})
     with pytest.raises(ValueError, match="several values for beta .* needs search=paper"):
         RoundSettings.build(search="off", lines={"beta": [0.1, 0.2]})
+
+
+def test_run_config_lines_parse_check_and_reach_the_round():
+    from fl_merge.config.run_config import ConfigError, RunConfig
+    from fl_merge.round.candidates import parse_lines
+
+    assert parse_lines("", "paper") is None and parse_lines("off", "off") is None
+    assert parse_lines("paper", "paper") == {}  # the paper's: auto alpha, its beta grid
+    assert parse_lines(r"alpha=0.1 beta=0.2|0.4,0.6 pattern=(?:blocks|layers)\.(\d+)\.", "paper") == \
+        {"alpha": 0.1, "beta": [0.2, 0.4, 0.6], "pattern": r"(?:blocks|layers)\.(\d+)\."}
+    for text, search, match in [("beta=0.1|0.2", "off", "several values for beta .* search=paper"),
+                                ("beta", "paper", "'beta' is not name=value"),
+                                ("beta=-1", "paper", "beta .* >= 0"),
+                                ("pattern=blocks", "paper", "needs a group capturing")]:
+        with pytest.raises(ValueError, match=match):
+            parse_lines(text, search)
+    with pytest.raises(ConfigError, match="lines beta"):
+        RunConfig.from_flower({"lines": "beta=-2"}).resolve()
+    cfg = RunConfig.from_flower({"lines": "alpha=auto beta=0.3|0.7"}).resolve()
+    st = cfg.round_settings(ROOT_TMP)
+    assert st.lines == {"alpha": "auto", "beta": [0.3, 0.7]}
+    assert RunConfig.from_flower({}).resolve().round_settings(ROOT_TMP).lines is None
+
+
+def test_hydra_mapping_gives_the_run_config_string():
+    from fl_merge.cli.mapping import to_flower
+
+    flower, _ = to_flower({"lines": {"alpha": 0.2, "beta": [0.1, 0.5]}})
+    assert flower["lines"] == "alpha=0.2 beta=0.1,0.5"
