@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fl_merge.core.values import parse_value, split_list
-from fl_merge.merging.lines import check_lines, lines_settings
+from fl_merge.merging.lines import check_lines, depths, lines_settings
 from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta
 from fl_merge.merging.search import LAMBDAS, Derived, expand, knob_grids
 
@@ -153,6 +153,14 @@ def parse_lines(text: str, search: str) -> dict[str, Any] | None:
                          "search=paper")
     _ = lines_settings(out) if search == "paper" else check_lines(out)
     return out
+
+
+def check_lines_layers(text: str, search: str, merged_keys: Sequence[str]) -> None:
+    """The run config's `lines` finds at least two layers among the merged parameters' names
+    (checked on theta0, before any client trains); ValueError (one line) otherwise."""
+    lines = parse_lines(text, search)
+    if lines is not None:
+        depths(merged_keys, check_lines({k: v for k, v in lines.items() if k == "pattern"})["pattern"])
 
 
 def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tuple[str, Mapping[str, Any]]],

@@ -45,3 +45,20 @@ def test_each_lines_setting_is_a_candidate_and_the_choice_is_scaled_per_layer():
                "backbone.norm.w": 0.2}  # 0.2 + 0.6 (l - 1) / 2; no layer index: alpha
     for k, lam in by_hand.items():
         np.testing.assert_allclose(r.delta[k].numpy(), lam * ties[k].numpy(), rtol=1e-6)
+
+
+def test_a_pattern_finding_no_layers_stops_before_any_client_trains(tmp_path):
+    from safetensors.torch import save_file
+
+    from fl_merge.config.run_config import ConfigError, RunConfig
+    from fl_merge_strategies.server_app import load_theta0
+
+    save_file({"backbone.blocks.0.w": torch.zeros(2), "backbone.blocks.1.w": torch.zeros(2),
+               "head.w": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    base = {"base_checkpoint": str(tmp_path / "m.safetensors")}
+    assert set(load_theta0(RunConfig(**base, lines="beta=0.5").resolve())) == \
+        {"backbone.blocks.0.w", "backbone.blocks.1.w", "head.w"}
+    with pytest.raises(ConfigError, match=r"lines pattern .* matches no parameter name"):
+        load_theta0(RunConfig(**base, lines=r"beta=0.5 pattern=layers\.(\d+)\.").resolve())
+    with pytest.raises(ConfigError, match=r"finds one layer only"):
+        load_theta0(RunConfig(**base, lines=r"beta=0.5 pattern=blocks\.(0)\.").resolve())
