@@ -137,13 +137,13 @@ def lines_update(method: str, delta: Mapping[str, torch.Tensor], lines: Mapping[
     """scale(l) * delta per tensor for `method`'s update `delta` (module docstring), the
     task vectors and weights it came from (read for alpha="auto" only), its params."""
     full = check_lines(lines)
-    scales_of = depths(delta.keys(), full["pattern"])
+    layer_of = depths(delta.keys(), full["pattern"])
     alpha = full["alpha"]
     if alpha == "auto":
         s = eta_for_lambda(method, 1.0, len(task_vectors), dict(params or {}))
         p = normalized_weights(weights, len(task_vectors))
         alpha = auto_alpha(task_vectors, p, {k: v * s for k, v in delta.items()})
-    return scale_update(delta, layer_scales(scales_of, alpha, full["beta"], full["pattern"]))
+    return scale_update(delta, layer_scales(layer_of, alpha, full["beta"], full["pattern"]))
 
 
 def lines_merge(method: str, task_vectors: Sequence[Mapping[str, torch.Tensor]],
@@ -171,6 +171,9 @@ def lines_settings(given: Mapping[str, Any] | None = None) -> list[dict[str, Any
     grids = {k: tuple(given[k]) if isinstance(given.get(k), (list, tuple)) else
              ((given[k],) if k in given else v) for k, v in SPACE.items()}
     base = {k: v for k, v in given.items() if k not in SPACE}
+    empty = [k for k, v in grids.items() if not v]
+    if empty:
+        raise MergeInputError(f"lines: the grid of {empty[0]} is empty (give at least one value)")
     out = []
     for combo in itertools.product(*grids.values()):
         out.append(check_lines({**base, **dict(zip(grids, combo))}))

@@ -120,6 +120,8 @@ def test_search_grid_is_the_papers():
         [(0.1, 1.0), (0.2, 1.0)]
     with pytest.raises(MergeInputError, match="beta .* >= 0"):
         lines_settings({"beta": [0.5, -1.0]})
+    with pytest.raises(MergeInputError, match="grid of beta is empty"):
+        lines_settings({"beta": []})
 
 
 @pytest.mark.parametrize("lines,match", [
