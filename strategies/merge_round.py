@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_merge.round.failures import attribute, unscored_tasks
-from fl_merge.round.candidates import candidate_methods, plan_candidates, search_record
+from fl_merge.round.candidates import candidate_lines, candidate_methods, plan_candidates, search_record
 from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.prescreen import with_full_validation
@@ -131,10 +131,11 @@ def merge_step(st: RoundSettings, r: MergeRound, trained: Trained) -> dict[str, 
     each with its own etas; one Delta per setting (candidate label -> Delta), all from the
     same updates. No message is sent here."""
     k = len(r.clients)
-    r.candidates = plan_candidates(st.methods, st.spaces, st.search, st.lambdas, st.etas, trained.task_vectors)
+    r.candidates = plan_candidates(st.methods, st.spaces, st.search, st.lambdas, st.etas, trained.task_vectors,
+                                   st.lines)
     check_enough(k, st.min_clients, candidate_methods(r.candidates), r.failures)  # e.g. Krum, K < 3
     deltas = merge_methods(candidate_methods(r.candidates), r.clients, trained.task_vectors, st.weighting,
-                           st.device, theta0=r.theta0)
+                           st.device, candidate_lines(r.candidates), theta0=r.theta0)
     r.timings["aggregate-seconds"] = time.perf_counter() - trained.aggregate_start
     r.search = search_record(r.candidates, st.spaces, st.search, st.lambdas, k)
     if st.measure_heterogeneity:

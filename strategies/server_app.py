@@ -27,11 +27,12 @@ from fl_merge.stats.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.deploy.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
+from fl_merge.round.candidates import check_lines_layers
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
-from fl_merge.core.task_vectors import StateDict
+from fl_merge.core.task_vectors import MergeInputError, StateDict
 from .merge_round import phase, run_round
 from .one_shot import OneShotMerge
 
@@ -64,11 +65,12 @@ def load_theta0(cfg: ResolvedConfig) -> StateDict:
         theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
                                                                seed=run.pretrain_seed), progress=False)
     try:
-        check_merge_keys(theta0, cfg.merge_keys)
+        merged = check_merge_keys(theta0, cfg.merge_keys)
+        check_lines_layers(run.lines, run.search, merged)  # LiNeS's pattern finds its layers
         # run-config client checkpoints: names, shapes and step information fit theta0
         check_client_checkpoints(cfg.client_checkpoints, cfg.checkpoint_steps, theta0,
                                  key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)
-    except (MergeKeysError, CheckpointClientError) as e:
+    except (MergeKeysError, CheckpointClientError, MergeInputError) as e:
         raise ConfigError(str(e)) from None
     return theta0
 

@@ -390,6 +390,7 @@ PLAUSIBLE = {
     "pretrain-steps": [1, 40], "pretrain-seed": [0, 7], "method": METHODS + ["fedavg,ties,median"],
     "method-params": ["", "density=0.5", "ties.density=0.3", "iters=3", "f=0", "rho=0.9"],
     "etas": ["1", "0.5,1,2", 2, ""], "search": ["paper", "off"], "lambdas": ["", "0.3", "0.1,1"],
+    "lines": ["", "paper", "off", "beta=0.5", "alpha=0.1 beta=0.1|0.5", "beta=-1", "pattern=x"],
     "weighting": ["uniform", "num-examples"],
     "learn-coefficients": ["off", "task", "block"], "coef-rounds": [1, 5], "coef-lr": [0.05, 1],
     "coef-objective": ["supervised", "entropy"], "greedy-soup": [True, False],

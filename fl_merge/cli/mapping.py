@@ -54,8 +54,8 @@ def run_config_fields() -> set[str]:
 
 
 # Flower run-config strings of `key=value` items that Hydra may give as a mapping:
-# attack.attack_params={factor:10} -> attack-params="factor=10".
-MAPPING_KEYS = ("attack_params",)
+# attack.attack_params={factor:10} -> attack-params="factor=10"; lines={beta:[0.1,0.5]} -> "beta=0.1,0.5".
+MAPPING_KEYS = ("attack_params", "lines")
 # Keys naming tasks, where a mapping is a task from data ({format: csv, path: ..., input: ...}
 # -> 'csv:/...?input=...', fl_merge.tasks.specs.format_task_spec; docs/data.md).
 TASK_KEYS = ("tasks", "partition_task")
@@ -155,7 +155,7 @@ def to_flower(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             continue
         if key == "method" and isinstance(value, dict):
             flower.update(_method_settings(value))
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and key not in MAPPING_KEYS:  # a group (lines={...} is a value)
             for sub, v in value.items():
                 path = f"{key}.{sub}"
                 if path in CLI_OPTIONS:

@@ -1,7 +1,8 @@
 """`fl-merge merge`: merge checkpoint files without Flower, mergekit-style.
 
     fl-merge merge --base BASE --models M1 M2 ... --method NAME [--param k=v ...]
-                   (--lambda L | --eta E) --out OUT.safetensors
+                   (--lambda L | --eta E | --lines alpha=A beta=B [pattern=RE])
+                   --out OUT.safetensors
     fl-merge merge CONFIG.yaml
 
 Also `python -m fl_merge.cli.merge ...`. The engine is fl_merge.io.file_merge; docs/merge.md.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from fl_merge.merging.lines import check_lines
 from fl_merge.merging.scales import eta_for_lambda, lambda_scale
 from fl_merge.methods import available_methods
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
@@ -26,7 +28,7 @@ from fl_merge.core.values import parse_value
 PROG = "fl-merge merge"
 # YAML keys (the long flags' names with '_' for '-'); `params` is a mapping there.
 CONFIG_KEYS = ("base", "models", "method", "params", "lambda", "eta", "out", "dtype",
-               "max_shard_size", "non_float", "weights", "local_steps", "normalisers")
+               "max_shard_size", "non_float", "weights", "local_steps", "normalisers", "lines")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambda_", type=float,
                    help="Task Arithmetic's lambda, converted to eta by the method's scale")
     p.add_argument("--eta", type=float, help="the scale of Delta directly")
+    p.add_argument("--lines", nargs="+", action="extend", default=[], metavar="K=V",
+                   help="LiNeS layer scaling instead of --lambda: alpha=A beta=B [pattern=RE]; "
+                        "tensor of layer l of L gets lambda = A + B (l-1)/(L-1), a tensor "
+                        "without a layer index A (fl_merge/merging/lines.py)")
     p.add_argument("--out", help="OUT.safetensors (shards + index beside it when large) "
                    "or a folder")
     p.add_argument("--dtype", help="output float dtype (default: the base's per tensor)")
@@ -106,8 +112,9 @@ def load_config(path: str) -> dict:
     if unknown:
         raise MergeInputError(f"config {path}: unknown key(s) {unknown}; known: "
                               f"{', '.join(CONFIG_KEYS)}")
-    if not isinstance(cfg.get("params") or {}, dict):
-        raise MergeInputError(f"config {path}: params must be a mapping, got {cfg['params']!r}")
+    for key in ("params", "lines"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise MergeInputError(f"config {path}: {key} must be a mapping, got {cfg[key]!r}")
     models = cfg.get("models")
     if models is not None and (isinstance(models, (str, dict)) or not isinstance(models, list)):
         raise MergeInputError(f"config {path}: models must be a list of paths, got {models!r}")
@@ -128,12 +135,21 @@ def resolve(argv: Sequence[str] | None) -> dict:
     else:
         opts = dict(given)
         opts["params"] = parse_params(opts.pop("param", []))
+        if "lines" in opts:
+            opts["lines"] = parse_params(opts["lines"])
     for key, flag in (("base", "--base"), ("models", "--models"), ("method", "--method"),
                       ("out", "--out")):
         if opts.get(key) in (None, "", []):
             raise MergeInputError(f"missing {flag} (usage: {PROG} --base BASE --models M1 M2 ... "
                                   "--method NAME (--lambda L | --eta E) --out OUT.safetensors)")
     lam, eta = opts.pop("lambda_", None), opts.pop("eta", None)
+    lines = opts.pop("lines", None)
+    if lines is not None:
+        if lam is not None or eta is not None:
+            raise MergeInputError("--lines replaces --lambda/--eta (each tensor gets lambda = "
+                                  "alpha + beta (l-1)/(L-1)): give no --lambda or --eta with it")
+        lines = check_lines(lines, allow_auto=False)
+        lam = 1.0  # LiNeS's scales are in the method's lambda units: theta0 + scale(l) tau_MTL
     if (lam is None) == (eta is None):
         raise MergeInputError("give exactly one of --lambda (Task Arithmetic's lambda) or --eta "
                               f"(the scale of Delta), got {'both' if lam is not None else 'neither'}")
@@ -157,6 +173,8 @@ def resolve(argv: Sequence[str] | None) -> dict:
     for key in ("non_float", "weights", "local_steps", "normalisers"):
         if opts.get(key) is not None:
             kw[key] = opts.pop(key)
+    if lines is not None:
+        kw["lines"] = lines
     return kw
 
 

@@ -63,6 +63,7 @@ class RunConfig:
     # knobs x its lambda grid in its own units); off = fixed params, one shared eta grid.
     search: str = "paper"
     lambdas: str = ""  # lambda grid, each method's paper units; empty: search.LAMBDAS (0.05..2)
+    lines: str = ""  # LiNeS per-layer lambda (docs/methods.md): off | paper | "alpha=A beta=B1|B2 pattern=RE"
     # One eta grid shared by every method (0, the base, is added); empty: the lambdas, or
     # DEFAULT_ETAS with search=off. Given with search=paper, the knobs are still searched.
     etas: str = ""
@@ -208,7 +209,7 @@ class RunConfig:
         from fl_merge.round.candidates import resolve_lambdas
 
         try:
-            lambdas = resolve_lambdas(self.search, self.lambdas, self.etas, methods)
+            lambdas = resolve_lambdas(self.search, self.lambdas, self.etas, methods, self.lines)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         from fl_merge.round.coefficients import check_settings
@@ -354,7 +355,7 @@ class ResolvedConfig:
             methods=self.methods, etas=self.etas, test_all_etas=run.test_all_etas, search=run.search,
             lambdas=self.lambdas, learn_coefficients=run.learn_coefficients,
             coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
-            greedy_soup=run.greedy_soup, ensemble=run.ensemble, prescreen=run.prescreen,
+            greedy_soup=run.greedy_soup, ensemble=run.ensemble, prescreen=run.prescreen, lines=run.lines,
             finalists=run.finalists, spill_dir=str(out) if run.spill else None,
             measure_heterogeneity=run.measure_heterogeneity, min_clients=run.min_clients,
             attack_plan=self.attack_plan, merge_keys=self.merge_keys, weighting=run.weighting,

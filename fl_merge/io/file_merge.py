@@ -20,17 +20,25 @@ file (`register(..., per_tensor_exact=..., needs=...)`):
 Non-float tensors (BatchNorm's num_batches_tracked, int buffers) are never merged: they are
 copied from the base when every model holds the same values, and otherwise the merge stops
 naming the tensor (or copies the base's anyway with non_float="base").
+
+LiNeS (`lines=`, fl_merge/merging/lines.py): tensor `key` is written with eta * scale(key),
+scale(l) = alpha + beta (l - 1) / (L - 1) from the layer index in its name; eta =
+eta_for_lambda(method, 1, K) is the paper's LiNeS (the CLI passes it). alpha must be a
+number here: "auto" needs the whole merged vector's l1 norm, which a tensor-by-tensor
+merge does not have.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from fl_merge.merging.lines import check_lines, layer_scales
 from fl_merge.merging.registry import check_method_params, is_per_tensor_exact, normalized_weights
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.streaming import work_dtype
@@ -219,10 +227,13 @@ def merge_files(
     weights: Sequence[float] | None = None,
     local_steps: Sequence[float] | None = None,
     normalisers: Sequence[float] | None = None,
+    lines: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Merge checkpoint files into `out` (see the module docstring); returns the files
     written. Every input is checked before anything is written; the output is atomic."""
     params = dict(params or {})
+    if lines is not None:
+        lines = check_lines(lines, allow_auto=False)
     if not models:
         raise MergeInputError("no models to merge: give at least one checkpoint besides the base")
     names = [str(m) for m in models]
@@ -236,15 +247,19 @@ def merge_files(
     cks = [Checkpoint(m, f"model {m}") for m in models]
     try:
         return _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes,
-                           non_float, weights, local_steps, normalisers, names)
+                           non_float, weights, local_steps, normalisers, names, lines)
     finally:
         for ck in (base_ck, *cks):
             ck.close()
 
 
 def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, non_float,
-                weights, local_steps, normalisers, names) -> list[Path]:
+                weights, local_steps, normalisers, names, lines=None) -> list[Path]:
     specs = plan(base_ck, cks, dtype)
+    scale = {}  # LiNeS: eta * scale(key) per float tensor
+    if lines is not None:
+        scale = layer_scales([k for k, _, _ in specs if base_ck.info(k).is_float],
+                             lines["alpha"], lines["beta"], lines["pattern"])
     check_non_float(base_ck, cks, non_float)
     per_model = {"weights": weights, "local_steps": local_steps, "normalisers": normalisers,
                  "names": names}
@@ -257,18 +272,21 @@ def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, 
             if not base_ck.info(key).is_float:
                 yield key, base_ck.get(key)
                 continue
+            eta_key = eta * scale.get(key, 1.0)
             if coefs is not None:  # linear method: chunked straight from the files
-                yield key, linear_tensor(base_ck, cks, key, [eta * c for c in coefs], out_dtype)
+                yield key, linear_tensor(base_ck, cks, key, [eta_key * c for c in coefs], out_dtype)
                 continue
             theta0 = base_ck.get(key)
             thetas = [c.get(key) for c in cks]
             with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
                 warnings.simplefilter("ignore", UserWarning)
-                merged = merge_tensor(method, key, theta0, thetas, eta, out_dtype, params,
+                merged = merge_tensor(method, key, theta0, thetas, eta_key, out_dtype, params,
                                       **per_model)
             del thetas
             yield key, merged
             del merged, theta0  # before the next tensor is read: peak stays one tensor's worth
 
     meta = {"format": "pt", "merged_by": "fl-merge merge", "method": method, "eta": repr(eta)}
+    if lines is not None:
+        meta["lines"] = repr({k: lines[k] for k in ("alpha", "beta", "pattern")})
     return write_checkpoint(out, specs, tensors(), max_shard_bytes, meta)

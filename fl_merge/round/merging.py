@@ -12,6 +12,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from fl_merge.merging.lines import lines_update
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.search import check_space_params
 from fl_merge.round.attacks import ATTACKS, AttackPlan
@@ -123,18 +124,32 @@ def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[S
 
 
 def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vectors: list[StateDict],
-                  weighting: str, device: str = "cpu", theta0: StateDict | None = None
-                  ) -> dict[str, StateDict]:
+                  weighting: str, device: str = "cpu", lines: Mapping[str, Mapping[str, Any]] | None = None,
+                  theta0: StateDict | None = None) -> dict[str, StateDict]:
     """label -> Delta = fl_merge.merge(method, task_vectors, ...), all from the same updates;
-    `theta0` (the round's base model) for the methods defined on the models (slerp, karcher)."""
+    `theta0` (the round's base model) for the methods defined on the models (slerp, karcher);
+    a label in `lines` gets its LiNeS-scaled update (fl_merge/merging/lines.py), each
+    (method, params) merged once however many LiNeS settings scale it."""
     args = merge_arguments(clients, weighting)
+    lines, unscaled, out = dict(lines or {}), {}, {}
     base = None
     if theta0 is not None and task_vectors:
         base = {k: theta0[k] for k in task_vectors[0] if k in theta0}
-    return {label: merge(name, task_vectors, args["weights"], args["local_steps"], names=args["names"],
-                         normalisers=args["normalisers"], device=device, extras=extras_for(name, clients),
-                         theta0=base, **params)
-            for label, (name, params) in methods.items()}
+
+    def delta(name: str, params: dict[str, Any]) -> StateDict:
+        return merge(name, task_vectors, args["weights"], args["local_steps"], names=args["names"],
+                     normalisers=args["normalisers"], device=device, extras=extras_for(name, clients),
+                     theta0=base, **params)
+
+    for label, (name, params) in methods.items():
+        if label not in lines:
+            out[label] = delta(name, params)
+            continue
+        key = (name, repr(sorted(params.items())))
+        if key not in unscaled:
+            unscaled[key] = delta(name, params)
+        out[label] = lines_update(name, unscaled[key], lines[label], task_vectors, args["weights"], params)
+    return out
 
 
 def measure(clients: Sequence[ClientUpdate], task_vectors: list[StateDict], weighting: str

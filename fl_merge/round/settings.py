@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_merge.merging.lines import check_lines, lines_settings
 from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
 from fl_merge.round.attacks import AttackPlan
-from fl_merge.round.candidates import Grid, check_search, method_spaces
+from fl_merge.round.candidates import Grid, check_search, method_spaces, parse_lines
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
 from fl_merge.round.merging import Methods, given_params, label_methods
 from fl_merge.round.prescreen import check_prescreen
@@ -66,6 +67,7 @@ class RoundSettings:
     spill_dir: str | None = None  # train replies and task vectors spilled there (large models)
     prescreen: PrescreenSettings = field(default_factory=PrescreenSettings)
     ensemble: bool = False
+    lines: dict[str, Any] | None = None  # LiNeS as given (fl_merge/merging/lines.py); None: off
 
     @property
     def is_merged(self) -> Callable[[str], bool]:
@@ -104,6 +106,7 @@ class RoundSettings:
         prescreen: float = 0.0,
         finalists: int = 3,
         ensemble: bool = False,
+        lines: dict[str, Any] | str | None = None,
         *,
         checked: bool = False,
     ) -> RoundSettings:
@@ -125,9 +128,17 @@ class RoundSettings:
             lambdas = LAMBDAS if search == "paper" else None
         if lambdas is not None:
             lambdas = sorted({float(v) for v in lambdas})
+        if isinstance(lines, str):  # the run config's form (candidates.parse_lines)
+            lines = parse_lines(lines, search)
         if not checked:
             _check(search, given, lambdas, weighting, (learn_coefficients, coef_objective, coef_rounds, coef_lr),
                    [name for name, _ in labelled.values()], float(prescreen), int(finalists), test_all_etas)
+            if lines is not None:  # LiNeS: its grid (search=paper) or its one setting, checked
+                grids = [k for k, v in dict(lines).items() if is_grid(v)]
+                if grids and search != "paper":
+                    raise ValueError(f"lines gives several values for {', '.join(grids)} (a grid): "
+                                     "that needs search=paper")
+                _ = lines_settings(lines) if search == "paper" else check_lines(lines)
         return cls(
             methods=labelled, etas=sorted({0.0, *map(float, etas)}), spaces=method_spaces(given),
             search=search, lambdas=lambdas, test_all_etas=test_all_etas, weighting=weighting,
@@ -139,6 +150,7 @@ class RoundSettings:
                                              float(coef_lr)),
             greedy_soup=bool(greedy_soup), spill_dir=spill_dir,
             prescreen=PrescreenSettings(float(prescreen), int(finalists)), ensemble=bool(ensemble),
+            lines=None if lines is None else dict(lines),
         )
 
 

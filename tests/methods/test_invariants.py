@@ -96,6 +96,8 @@ NOT_IDENTICAL = {
     "iso_cts": "flattens the spectrum of the common and task-specific subspaces",
     "pcb": "its authors' code caps the largest |tau_i| at the next order statistic and min-max "
            "normalises the scores, zeroing each client's lowest-scored entry",
+    "wudi": "starts from the sum K tau and takes iters * lr-bounded Adam steps (300 x 1e-5); "
+            "non-matrix tensors stay at the base by default",
 }
 
 # Every other registered method (a new method file) is held to it at its defaults.
