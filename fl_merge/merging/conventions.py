@@ -32,9 +32,10 @@ L1_EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
 
 
 def check_convention(params: dict) -> None:
-    if params["convention"] not in CONVENTIONS:
+    value = params["convention"]
+    if not isinstance(value, str) or value not in CONVENTIONS:
         raise MergeInputError(f"convention must be one of {', '.join(CONVENTIONS)}, got "
-                              f"{params['convention']!r}")
+                              f"{value!r}")
 
 
 def _magnitudes(x: torch.Tensor) -> torch.Tensor:
