@@ -13,6 +13,8 @@ mergekit's per-model weight is K p_i for methods whose Delta stands where the me
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +47,10 @@ class Case:
     """fl-merge `method` with `params` at `--lambda lam` against mergekit's `mk_method` with
     global parameters `mk_params` (plus `lambda: lam` where `mk_lambda`). `mk_weights`:
     whether mergekit takes per-model weights. `exact`: the files are bit-identical, else equal
-    within `ulps` units in the last place of the output dtype. `masks`: the method draws
-    DARE masks; mergekit's torch.bernoulli is then fed fl-merge's (`dare_masks`)."""
+    within `ulps` units in the last place of the output dtype. `peer_rng`: for a method
+    that draws random masks, `peer_rng(models, params)` is a context manager within which
+    mergekit draws fl-merge's masks (`dare_masks` for DARE). `mk_config`: more top-level
+    keys of mergekit's YAML config."""
 
     id: str
     method: str
@@ -58,8 +62,9 @@ class Case:
     mk_lambda: bool = True
     exact: bool = True
     ulps: int = 0
-    masks: bool = False
+    peer_rng: Callable[[list[Path], dict], AbstractContextManager] | None = None
     weights: tuple | None = WEIGHTS  # None: uniform (mergekit's method takes no weights)
+    mk_config: dict = field(default_factory=dict)
 
 
 def write_checkpoints(folder: Path, dtype: torch.dtype, seed: int = 0) -> tuple[Path, list[Path]]:
@@ -103,13 +108,14 @@ def read(path: Path) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def dare_masks(models: list[Path], drop_rate: float, seed: int):
+def dare_masks(models: list[Path], params: dict):
     """Within the block, torch.bernoulli (mergekit's DARE masks) returns the mask fl-merge's
     dare draws for the same (model, tensor): the tensor is known by its shape, the model by
     the call's position among that tensor's calls (mergekit sparsifies a tensor's models in
     config order). The rest of mergekit's pipeline (rescaling, consensus, sums) runs as is."""
     from fl_merge.methods.dare import keep_mask
 
+    drop_rate, seed = params["drop_rate"], params.get("seed", 0)
     by_shape = {tuple(s): k for k, s in SHAPES.items()}
     calls = {k: 0 for k in SHAPES}
     real = torch.bernoulli
@@ -129,10 +135,11 @@ def dare_masks(models: list[Path], drop_rate: float, seed: int):
     assert calls == {k: len(models) for k in SHAPES}, calls
 
 
-def run_mergekit(case: Case, base: Path, models: list[Path], dtype: torch.dtype, out: Path,
-                 config: dict | None = None) -> dict[str, torch.Tensor]:
+def run_mergekit(case: Case, base: Path, models: list[Path], dtype: torch.dtype, out: Path
+                 ) -> dict[str, torch.Tensor]:
     """mergekit's raw-checkpoint merge (`mergekit-pytorch CONFIG OUT`, in-process) with
-    `dtype: float32` (ours computes in float32) and the inputs' dtype out."""
+    `dtype: float32` (ours computes in float32) and the inputs' dtype out; with case.peer_rng
+    active when the case has one."""
     from mergekit.scripts.merge_raw_pytorch import main
 
     p = torch.tensor(case.weights or [1.0] * len(models), dtype=torch.float64)
@@ -146,10 +153,12 @@ def run_mergekit(case: Case, base: Path, models: list[Path], dtype: torch.dtype,
     if case.mk_lambda:
         params["lambda"] = case.lam
     cfg = {"merge_method": case.mk_method, "base_model": str(base), "models": entries,
-           "parameters": params, "dtype": "float32", "out_dtype": DTYPE_NAMES[dtype], **(config or {})}
+           "parameters": params, "dtype": "float32", "out_dtype": DTYPE_NAMES[dtype], **case.mk_config}
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
-    main.main([str(path), str(out), "--device", "cpu", "--quiet"], standalone_mode=False)
+    rng = contextlib.nullcontext() if case.peer_rng is None else case.peer_rng(models, case.params)
+    with rng:
+        main.main([str(path), str(out), "--device", "cpu", "--quiet"], standalone_mode=False)
     return read(out)
 
 

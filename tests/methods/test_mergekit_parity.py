@@ -27,6 +27,11 @@ from methods.mergekit_peer import (  # noqa: E402
 )
 
 MK = {"convention": "mergekit"}
+# One entry per method pair. A new one (della, sce, slerp, karcher, ...): its fl-merge name
+# and parameters, mergekit's merge_method and global parameters, the --lambda both take
+# (mk_lambda=False where mergekit has none), mk_weights / weights for its per-model weights,
+# exact or the ulps it may differ by, a peer_rng context for random masks (see dare_masks),
+# and mk_config for other top-level keys of mergekit's YAML.
 CASES = [
     # Task Arithmetic: ours streams theta0 + sum_i eta p_i tau_i, mergekit theta0 + lambda *
     # sum_i w_i tau_i: the same sum in another order
@@ -34,10 +39,10 @@ CASES = [
     Case("ties", "ties", {"density": 0.3, **MK}, "ties", {"density": 0.3}, lam=0.5),
     Case("ties-density-1", "ties", {"density": 1.0, **MK}, "ties", {"density": 1.0}, lam=1.0),
     Case("dare_ties", "dare", {"drop_rate": 0.5, "base": "ties", "density": 1.0, **MK},
-         "dare_ties", {"density": 0.5, "normalize": True}, lam=0.5, masks=True),
+         "dare_ties", {"density": 0.5, "normalize": True}, lam=0.5, peer_rng=dare_masks),
     # dare_linear: ours accumulates p_i hat tau_i, mergekit sums w_i hat tau_i
     Case("dare_linear", "dare", {"drop_rate": 0.5, **MK}, "dare_linear", {"density": 0.5},
-         lam=0.3, masks=True, exact=False, ulps=2),
+         lam=0.3, peer_rng=dare_masks, exact=False, ulps=2),
     Case("dare-no-drop", "dare", {"drop_rate": 0.0}, "dare_linear", {"density": 1.0}, lam=0.3,
          exact=False, ulps=2),
     # mergekit's density 0.25 and gamma 0.125 (top fraction) are our beta 0.125, gamma 0.625
@@ -57,23 +62,13 @@ def checkpoints(tmp_path_factory):
     return {name: write_checkpoints(root / name, dtype) for name, dtype in DTYPES.items()}
 
 
-def _run_both(case, dtype_name, checkpoints, tmp_path):
-    base, models = checkpoints[dtype_name]
-    ours = run_ours(case, base, models, tmp_path / "ours.safetensors")
-    if case.masks:
-        with dare_masks(models, case.params["drop_rate"], case.params.get("seed", 0)):
-            theirs = run_mergekit(case, base, models, DTYPES[dtype_name], tmp_path / "mergekit")
-    else:
-        theirs = run_mergekit(case, base, models, DTYPES[dtype_name], tmp_path / "mergekit")
-    return ours, theirs
-
-
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_parity(case, dtype_name, checkpoints, tmp_path):
-    ours, theirs = _run_both(case, dtype_name, checkpoints, tmp_path)
-    MEASURED[f"{case.id}/{dtype_name}"] = max(max_abs_diff(ours, theirs).values())
     base, models = checkpoints[dtype_name]
+    ours = run_ours(case, base, models, tmp_path / "ours.safetensors")
+    theirs = run_mergekit(case, base, models, DTYPES[dtype_name], tmp_path / "mergekit")
+    MEASURED[f"{case.id}/{dtype_name}"] = max(max_abs_diff(ours, theirs).values())
     inputs = [read(p) for p in (base, *models)]
     assert_parity(case, ours, theirs, inputs)
     assert any(not torch.equal(ours[k], inputs[0][k]) for k in SHAPES)  # something was merged
