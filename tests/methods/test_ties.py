@@ -35,7 +35,9 @@ def test_ties_topk_is_global_across_tensors():
 def ref_ties_reference(x, p, density):
     """TIES as the reference code does it (prateeky2806/ties-merging, merge_utils.py:
     topk_values_mask, resolve_sign with resolve_zero_signs 'majority', disjoint_merge
-    'dis-mean'), written out with loops; weights enter the vote and the mean as p_i."""
+    'dis-mean'), written out with loops; weights enter the vote and the mean as p_i. The
+    count is the paper's floor(density n): topk_values_mask's `>=` the (n - floor(density n))-th
+    smallest keeps one entry more (see the ties docstring)."""
     k, n = x.shape
     cnt = max(1, int(density * n))
     trimmed = np.zeros_like(x)
