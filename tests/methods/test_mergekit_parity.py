@@ -142,8 +142,7 @@ def test_model_stock_default_differs_on_opposed_updates(checkpoints, tmp_path):
                   [read(p) for p in (base, *models)])
 
 
-def test_report_measured_differences(capsys):
+def test_report_measured_differences():
     """Prints the max |fl-merge - mergekit| per case and dtype (run with -s to see it)."""
-    with capsys.disabled():
-        for name, value in sorted(MEASURED.items()):
-            print(f"\nmergekit parity: {name}: {value:.3g}", end="")
+    for name, value in sorted(MEASURED.items()):
+        print(f"mergekit parity: {name}: {value:.3g}")
