@@ -185,8 +185,8 @@ def assert_parity(case: Case, ours: dict, theirs: dict, inputs: list[dict]) -> N
     last place of the output dtype at the entry's scale: the largest |value| among the
     base, the models and both outputs there (the size of the sums both tools round)."""
     assert set(ours) == set(theirs)
-    for key in ours:
-        a, b = ours[key], theirs[key]
+    for key, a in ours.items():
+        b = theirs[key]
         assert a.dtype == b.dtype and a.shape == b.shape, key
         if case.exact:
             bad = int((a != b).sum())
