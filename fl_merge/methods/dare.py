@@ -9,10 +9,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.core.task_vectors import MergeInputError, StateDict
-from fl_merge.merging import streaming
+from fl_merge.merging import conventions, streaming
 from fl_merge.merging.blocks import task_vectors_dtype
 from fl_merge.merging.registry import Paper, is_integer, number_param, register
-from fl_merge.methods.ties import check_density, ties_merge
+from fl_merge.methods.ties import check_density, ties_merge, ties_mergekit
 
 
 def dare_seed(seed: int, client: str, key: str) -> int:
@@ -23,6 +23,13 @@ def dare_seed(seed: int, client: str, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "little") % (2**63)
 
 
+def keep_mask(seed: int, client: str, key: str, numel: int, keep_p: float) -> torch.Tensor:
+    """DARE's keep mask of one client's tensor (bool [numel], on the CPU): u < keep_p for
+    u uniform from a CPU generator seeded by `dare_seed(seed, client, key)`."""
+    g = torch.Generator().manual_seed(dare_seed(seed, client, key))
+    return torch.rand(numel, generator=g) < keep_p
+
+
 def _check_dare(params: dict) -> None:
     r = number_param(params, "drop_rate")
     if not 0.0 <= r < 1.0:
@@ -30,6 +37,7 @@ def _check_dare(params: dict) -> None:
     if not isinstance(params["base"], str) or params["base"] not in ("fedavg", "ties"):
         raise MergeInputError(f"base must be 'fedavg' or 'ties', got {params['base']!r}")
     check_density(params)
+    conventions.check_convention(params)
     if not is_integer(params["seed"]):
         raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
 
@@ -39,10 +47,12 @@ def _check_dare(params: dict) -> None:
     "dare", coordinatewise=False, check_params=_check_dare,
     lambda_scale=lambda params: "delta" if params.get("base") == "ties" else "sum",
     # masks are per tensor by definition; the TIES top-k threshold is not, unless nothing is trimmed
-    per_tensor_exact=lambda params: params["base"] != "ties" or float(params["density"]) >= 1.0,
+    per_tensor_exact=lambda params: (params["base"] != "ties" or float(params["density"]) >= 1.0
+                                     or params["convention"] == "mergekit"),
     space={"drop_rate": (0.5, 0.7, 0.9)},
     formula="Bernoulli(1 - drop_rate) masks seeded by (seed, client name, tensor name), rescaled "
-            "by 1/(1 - drop_rate), then the fedavg mean or TIES (base)",
+            "by 1/(1 - drop_rate) (convention=mergekit: to the tensor's l1 norm), then the fedavg "
+            "mean or TIES (base)",
     paper=Paper("Yu et al., ICML 2024, \"Language Models are Super Mario: Absorbing Abilities "
                 "from Homologous Models as a Free Lunch\""),
 )
@@ -55,6 +65,7 @@ def dare(
     seed: int = 0,
     base: str = "fedavg",
     density: float = 1.0,
+    convention: str = "fl-merge",
 ) -> StateDict:
     """DARE, Drop And REscale (Yu et al., ICML 2024, "Language Models are Super Mario"):
     hat tau_i = m_i * tau_i / (1 - drop_rate), m_i ~ Bernoulli(1 - drop_rate) per entry,
@@ -68,6 +79,17 @@ def dare(
     in every call. Names must be unique and stable across runs (a task or partition, not a
     node id that changes every run). Without `names` (merge(..., names=None)) a client is
     named by its position, "client <i>", so reordering clients then changes the masks.
+
+    convention="mergekit" (mergekit 0.1.5's dare_linear / dare_ties: sparsify.bernoulli
+    with rescale, merge_methods/generalized_task_arithmetic.py): the kept entries are
+    rescaled so that the tensor keeps its l1 norm, masked * ||tau||_1 / ||masked||_1
+    (`conventions.l1_rescale`), instead of the paper's 1/(1 - drop_rate), and base="ties"
+    follows mergekit's TIES rules (`ties.ties_mergekit`: per tensor, exact top-k, an exact-0
+    vote elects +). mergekit's density is our 1 - drop_rate; its dare_ties trims nothing
+    further (our density=1) and, with its default normalize: false, sums the agreeing
+    clients where we average them (so only its normalize: true is this method). Its masks
+    come from torch's global generator (torch.bernoulli), ours from `keep_mask`: the same
+    distribution, not the same draws (the parity test feeds ours to mergekit's bernoulli).
     """
     ref = task_vectors[0]
     keys = list(ref)
@@ -82,12 +104,14 @@ def dare(
     def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
         if drop_rate == 0:
             return x
-        g = torch.Generator().manual_seed(dare_seed(seed, names[i], key))
-        keep = torch.rand(x.numel(), generator=g) < keep_p
-        return x * keep.to(x.device).reshape(x.shape) / keep_p
+        keep = keep_mask(seed, names[i], key, x.numel(), keep_p).to(x.device).reshape(x.shape)
+        if convention == "mergekit":
+            return conventions.l1_rescale(x, x * keep)
+        return x * keep / keep_p
 
     if base == "ties":
-        return ties_merge(task_vectors, weights, device, density, transform)
+        merge_ties = ties_mergekit if convention == "mergekit" else ties_merge
+        return merge_ties(task_vectors, weights, device, density, transform)
     p = weights.tolist()
     out = {}
     for key in keys:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fl_merge.merging import streaming
+from fl_merge.merging import conventions, streaming
 from fl_merge.merging.registry import Paper, register
 from fl_merge.core.task_vectors import StateDict
 
@@ -41,12 +41,29 @@ def model_stock_ratio(cos: float, num_models: int) -> float:
     return n * c / den if den > 0 else 0.0
 
 
+def mergekit_ratio(gram: torch.Tensor, num_models: int) -> float:
+    """Model Stock's t as mergekit 0.1.5 computes it (merge_methods/model_stock.py): the mean
+    pairwise cosine c with each norm product clamped to >= 1e-6 and c clamped to [-1, 1]
+    only, t = N c / (1 + (N - 1) c), and t = 0 where |1 + (N - 1) c| < 1e-6. K = 1 (which
+    mergekit refuses) gives t = 1 as ours."""
+    g = gram.to(torch.float64).cpu()
+    k = g.shape[0]
+    if k == 1:
+        return 1.0
+    norms = torch.diagonal(g).clamp_min(0.0).sqrt()
+    cos = (g / (norms[:, None] * norms[None, :]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+    iu = torch.triu_indices(k, k, offset=1)
+    c = float(cos[iu[0], iu[1]].mean())
+    den = 1.0 + (k - 1) * c
+    return 0.0 if abs(den) < 1e-6 else k * c / den
+
+
 @register(
-    "model_stock", coordinatewise=False, lambda_scale="delta",
+    "model_stock", coordinatewise=False, lambda_scale="delta", check_params=conventions.check_convention,
     per_tensor_exact=True,  # its angle is per tensor by definition
     formula="per tensor l: t_l sum_i p_i tau_i,l, t_l = K c_l / (1 + (K - 1) c_l), c_l the mean "
             "pairwise cosine of tensor l clamped to [0, 1] (K > 2: mean over the pairs, ours); "
-            "lambda = eta, 1 is the paper's model",
+            "lambda = eta, 1 is the paper's model; convention=mergekit: c not clamped below 0",
     paper=Paper("Jang, Yun & Han, ECCV 2024, \"Model Stock: All we need is just a few "
                 "fine-tuned models\""),
 )
@@ -54,6 +71,7 @@ def model_stock(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
     device: torch.device = torch.device("cpu"),
+    convention: str = "fl-merge",
 ) -> StateDict:
     """Delta_l = t_l * sum_i p_i tau_i,l per tensor l, t_l = N c_l / (1 + (N - 1) c_l) with
     c_l the mean pairwise cosine of the task vectors' tensor l (Model Stock, Jang, Yun &
@@ -74,7 +92,18 @@ def model_stock(
 
     Cost: one streamed pass for the per-tensor K x K Gram matrices (float64), one for the
     weighted sums; memory one block plus the result.
+
+    convention="mergekit" (mergekit 0.1.5's "model_stock", filter_wise: false): t from
+    `mergekit_ratio`, i.e. the cosine is not clamped to [0, 1], so opposed updates give a
+    negative t (a step against the average; singular denominator: t = 0), and a pair whose
+    norm product is below 1e-6 has its cosine shrunk rather than set to 0. mergekit has no
+    weights (uniform p_i is its average) and no lambda (ours at lambda = 1), computes t in
+    the tensors' dtype (we use float64) and writes t mean_i theta_i + (1 - t) theta0 where
+    we write theta0 + t mean_i tau_i: equal up to rounding. Its filter_wise: true (one t
+    per output row) has no fl-merge counterpart.
     """
+    ratio_fn = mergekit_ratio if convention == "mergekit" else (
+        lambda gram, n: model_stock_ratio(mean_pairwise_cosine(gram), n))
     ref = task_vectors[0]
     k = len(task_vectors)
     out: dict[str, torch.Tensor] = {}
@@ -86,7 +115,7 @@ def model_stock(
             xd = x.double()
             grams[key] += xd @ xd.T
         flat = {key: torch.zeros(ref[key].numel(), dtype=work, device=device) for key in keys}
-        coef = {key: (model_stock_ratio(mean_pairwise_cosine(grams[key]), k) * p)
+        coef = {key: (ratio_fn(grams[key], k) * p)
                 .to(device=device, dtype=work) for key in keys}
         for key, s, e, x, _ in streaming.iter_blocks(task_vectors, device, work, keys=keys):
             torch.mv(x.T, coef[key], out=flat[key][s:e])

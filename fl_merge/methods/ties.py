@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from fl_merge.core.task_vectors import MergeInputError, StateDict
-from fl_merge.merging import streaming
+from fl_merge.merging import conventions, streaming
 from fl_merge.merging.blocks import task_vectors_dtype
 from fl_merge.merging.registry import Paper, number_param, register
 
@@ -113,17 +113,50 @@ def ties_merge(
         run([key for key in ref if key in tied], majority)
     return streaming.to_output(out, ref)
 
+
+def ties_mergekit(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    weights: torch.Tensor,
+    device: torch.device,
+    density: float,
+    transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+) -> StateDict:
+    """TIES by mergekit's rules (`fl_merge.merging.conventions`), tensor by tensor as
+    mergekit runs it: each client's tensor (after `transform`, DARE's masks) keeps exactly
+    its top k = max(1, floor(density n)) entries (`conventions.topk_exact`), then
+    `conventions.disjoint_mean` (an exact-0 sum elects +). Memory: K x the largest tensor."""
+    ref = task_vectors[0]
+    dtype = task_vectors_dtype(task_vectors)
+    pw = weights.to(device=device, dtype=dtype)
+    out = {}
+    for key in ref:
+        rows = []
+        for i, tv in enumerate(task_vectors):
+            x = tv[key].reshape(-1).to(device=device, dtype=dtype)
+            rows.append(conventions.topk_exact(x if transform is None else transform(i, key, x), density))
+        out[key] = conventions.disjoint_mean(torch.stack(rows), pw)
+    return streaming.to_output(out, ref)
+
+
 def check_density(params: dict) -> None:
     d = number_param(params, "density")
     if not 0.0 < d <= 1.0:
         raise MergeInputError(f"density must lie in (0, 1], got {params['density']}")
 
 
+def _check_ties(params: dict) -> None:
+    check_density(params)
+    conventions.check_convention(params)
+
+
 @register(
-    "ties", coordinatewise=False, check_params=check_density, lambda_scale="delta",
+    "ties", coordinatewise=False, check_params=_check_ties, lambda_scale="delta",
     space={"density": (0.1, 0.2, 0.3)},
+    # mergekit's TIES trims each tensor alone: per tensor is then the method itself
+    per_tensor_exact=lambda params: params["convention"] == "mergekit",
     formula="keep each client's top density fraction of abs(tau_i), elect the sign by mass (an "
-            "exact 0 takes the majority of the elected signs), mean over the agreeing clients",
+            "exact 0 takes the majority of the elected signs), mean over the agreeing clients; "
+            "convention=mergekit: per tensor, exactly k kept, an exact 0 elects +",
     paper=Paper("Yadav et al., NeurIPS 2023, \"TIES-Merging: Resolving Interference When "
                 "Merging Models\"",
                 code="prateeky2806/ties-merging, src/utils/merge_utils.py (sign election, tie-break)"),
@@ -133,6 +166,7 @@ def ties(
     weights: torch.Tensor,
     device: torch.device = torch.device("cpu"),
     density: float = 0.2,
+    convention: str = "fl-merge",
 ) -> StateDict:
     """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
 
@@ -155,6 +189,32 @@ def ties(
     coordinate, which is the point of the disjoint merge.
     Memory: one [K, n] block at a time, K x 32768 histogram counts and the candidate values
     of one radix bucket per client; nothing model-sized besides the result.
+
+    Against the authors' code (prateeky2806/ties-merging, merge_utils.py topk_values_mask):
+    it keeps the entries >= the (P - floor(density P))-th smallest |tau_i|, i.e.
+    floor(density P) + 1 of them; we keep the paper's top density fraction, floor(density P)
+    (one entry fewer per client; mergekit's count is ours).
+
+    convention="mergekit" (mergekit 0.1.5's "ties": merge_methods/
+    generalized_task_arithmetic.py, sparsify.magnitude) differs in four rules, each an
+    edge case of the same method (fl_merge/merging/conventions.py; test:
+    tests/methods/test_mergekit_parity.py, bit-identical files):
+    a. scope: each tensor is trimmed alone (per_tensor_exact then holds, so `fl-merge merge`
+       is this method exactly); ours ranks the whole task vector;
+    b. trim ties: exactly k entries per tensor, those first in torch.argsort(|tau_i|,
+       descending=True); ours keeps every entry tied with the k-th largest (the authors'
+       >= kthvalue), which differs mostly on fp16/bf16 checkpoints, whose task vectors
+       repeat values;
+    c. sign ties: where sum_i p_i hat tau_i is exactly 0 the elected sign is + (mergekit's
+       ``sum >= 0``); ours takes the majority of the elected signs (authors' code);
+    d. arithmetic: the vote sums the products p_i hat tau_i row by row (a sum that rounds to
+       0 or flips sign can elect differently from our matrix-vector product).
+    mergekit's weights are our p_i up to a common factor (its normalize: true divides by
+    the agreeing weights, as our mean does; its lambda is our eta). Without ``dtype:
+    float32`` mergekit computes in the checkpoint's dtype (fp16 arithmetic); we always
+    compute in float32 at least.
     """
+    if convention == "mergekit":
+        return ties_mergekit(task_vectors, weights, device, density)
     return ties_merge(task_vectors, weights, device, density)
 

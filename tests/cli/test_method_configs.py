@@ -51,7 +51,8 @@ def test_no_method_yaml_repeats_the_defaults():
 
 
 def test_a_parameter_override_reaches_the_run_config():
-    assert composed_method("method=ties", "method.density=0.3") == {"name": "ties", "density": 0.3}
+    assert composed_method("method=ties", "method.density=0.3") == {"name": "ties", "density": 0.3,
+                                                                    "convention": "fl-merge"}
     mapped = cli.to_flower(compose_root("method=ties", "method.density=0.3"))[0]
     assert mapped["method-params"] == "ties.density=0.3"
 

@@ -100,3 +100,16 @@ def test_dare_needs_unique_names():
 ])
 def test_invalid_parameters_are_refused(kw, match):
     assert_refused("dare", kw, match)
+
+
+def test_mergekit_convention_keeps_the_l1_norm():
+    """convention=mergekit rescales each kept tensor to its l1 norm (mergekit's
+    RescaleNorm.l1) instead of dividing by 1 - drop_rate; the masks are the same."""
+    tvs = make_tvs(1, 5)
+    ours = merge("dare", tvs, drop_rate=0.5, seed=3)
+    mk = merge("dare", tvs, drop_rate=0.5, seed=3, convention="mergekit")
+    for key, tau in tvs[0].items():
+        if tau.numel() < 2:
+            continue
+        assert torch.equal(ours[key] != 0, mk[key] != 0)
+        assert float(mk[key].abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-6)

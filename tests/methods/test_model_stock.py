@@ -95,9 +95,9 @@ def test_float16_and_float32_tensors_keep_their_dtype_and_match_float64():
 
 def test_registration_scale_config_and_file_scope():
     m = get_method("model_stock")
-    assert m.params == {} and not m.coordinatewise
+    assert m.params == {"convention": "fl-merge"} and not m.coordinatewise
     assert eta_for_lambda("model_stock", 1.0, 4) == 1.0  # lambda = eta: paper at 1
-    assert method_configs()["model_stock"] == {"name": "model_stock"}
+    assert method_configs()["model_stock"] == {"name": "model_stock", "convention": "fl-merge"}
     assert method_scope("model_stock") == "exact"  # per tensor by definition
 
 

@@ -35,7 +35,9 @@ def test_ties_topk_is_global_across_tensors():
 def ref_ties_reference(x, p, density):
     """TIES as the reference code does it (prateeky2806/ties-merging, merge_utils.py:
     topk_values_mask, resolve_sign with resolve_zero_signs 'majority', disjoint_merge
-    'dis-mean'), written out with loops; weights enter the vote and the mean as p_i."""
+    'dis-mean'), written out with loops; weights enter the vote and the mean as p_i. The
+    count is the paper's floor(density n): topk_values_mask's `>=` the (n - floor(density n))-th
+    smallest keeps one entry more (see the ties docstring)."""
     k, n = x.shape
     cnt = max(1, int(density * n))
     trimmed = np.zeros_like(x)
@@ -98,3 +100,29 @@ def test_ties_matches_the_reference_with_exact_ties(monkeypatch, w, density, fli
 ])
 def test_invalid_parameters_are_refused(kw, match):
     assert_refused("ties", kw, match)
+
+
+def test_mergekit_convention_by_hand():
+    """convention=mergekit (fl_merge/merging/conventions.py): an exact-0 vote elects + where
+    ours takes the majority sign (here -), and exactly k entries survive the trim where ours
+    keeps every entry tied with the k-th largest. Checked against mergekit itself in
+    tests/methods/test_mergekit_parity.py."""
+    tvs = [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([-1.0, -2.0])}]
+    assert merge("ties", tvs, density=1.0)["w"].tolist() == [-1.0, -2.0]
+    assert merge("ties", tvs, density=1.0, convention="mergekit")["w"].tolist() == [1.0, -2.0]
+    one = [{"w": torch.tensor([3.0, 1.0, 1.0, 1.0])}]
+    assert int((merge("ties", one, density=0.5)["w"] != 0).sum()) == 4
+    out = merge("ties", one, density=0.5, convention="mergekit")["w"]
+    assert int((out != 0).sum()) == 2 and out[0] == 3.0
+
+
+def test_mergekit_convention_is_per_tensor_exact():
+    from fl_merge.io.file_merge import method_scope
+    assert method_scope("ties") == "per-tensor"
+    assert method_scope("ties", {"convention": "mergekit"}) == "exact"
+    assert method_scope("dare", {"base": "ties", "density": 0.5, "convention": "mergekit"}) == "exact"
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "breadcrumbs", "model_stock"])
+def test_unknown_convention_is_refused(method):
+    assert_refused(method, {"convention": "peft"}, r"convention must be one of fl-merge, mergekit, got 'peft'")
