@@ -213,6 +213,22 @@ def linear_tensor(base: Checkpoint, models: Sequence[Checkpoint], key: str, scal
     return out.reshape(info.shape)
 
 
+def model_names(models: Sequence[str | os.PathLike]) -> list[str]:
+    """Each model's name for the merge (the key of its random masks, e.g. dare's, and its
+    label in errors): its path relative to the folder holding all of them (a lone model: its
+    file or folder name), so the merge does not change when the set of files moves or is
+    named by relative instead of absolute paths."""
+    paths = [Path(m).resolve() for m in models]
+    if len(paths) == 1:
+        return [paths[0].name]
+    common = Path(os.path.commonpath(paths))
+    names = [str(p.relative_to(common)) for p in paths]
+    if len(set(names)) != len(names) or "." in names:
+        raise MergeInputError(f"model {models[names.index('.')] if '.' in names else models[0]} "
+                              "is given twice")
+    return names
+
+
 def merge_files(
     base: str | os.PathLike,
     models: Sequence[str | os.PathLike],
@@ -236,10 +252,11 @@ def merge_files(
         lines = check_lines(lines, allow_auto=False)
     if not models:
         raise MergeInputError("no models to merge: give at least one checkpoint besides the base")
-    names = [str(m) for m in models]
-    if len(set(names)) != len(names):
-        raise MergeInputError(f"model {next(n for i, n in enumerate(names) if n in names[:i])} "
+    given = [str(m) for m in models]
+    if len(set(given)) != len(given):
+        raise MergeInputError(f"model {next(n for i, n in enumerate(given) if n in given[:i])} "
                               "is given twice")
+    names = model_names(models)
     check_merge_inputs(method, params, len(models), weights, local_steps, normalisers, names)
     if dtype is not None and not dtype.is_floating_point:
         raise MergeInputError(f"dtype must be a floating-point type, got {dtype}")

@@ -5,6 +5,7 @@ form, with fl_merge.merge on the in-memory task vectors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from fl_merge.merging.scales import eta_for_lambda
 from fl_merge.methods import available_methods, get_method, merge
 from fl_merge.core.safetensors_writer import plan_shards
 from fl_merge.io.checkpoints import Checkpoint, parse_size
-from fl_merge.io.file_merge import method_scope
+from fl_merge.io.file_merge import method_scope, model_names
 from fl_merge.cli.merge import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +221,7 @@ def test_exact_methods_equal_the_whole_vector_merge(pool, capsys, method):
     kw = {"local_steps": [2, 3, 5]} if _needs_steps(method) else {}
     # steps standing in for FedNova normalisers: merge warns (plain-SGD a_i = t_i)
     with pytest.warns(UserWarning) if get_method(method).needs.normalisers else _nothing():
-        delta = merge(method, _taus(base, models[:k]), names=ms[:k],
+        delta = merge(method, _taus(base, models[:k]), names=model_names(ms[:k]),
                       theta0=_theta0(method, base), **kw)
     for n in SHAPES:
         torch.testing.assert_close(got[n], base[n] + 0.7 * delta[n])
@@ -449,3 +450,22 @@ def test_the_one_writer_in_its_one_file_form_is_read_by_safetensors_itself(tmp_p
 def test_shard_planning_and_sizes():
     assert plan_shards([("a", 4), ("b", 4), ("c", 10), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(100) == 100
+
+
+def test_random_masks_do_not_depend_on_where_the_files_are(pool, capsys, tmp_path_factory, monkeypatch):
+    """dare's masks are keyed by each model's name, its path relative to the folder of all
+    the models: the same files merged from another folder, or named by relative paths, give
+    the same merged file."""
+    tmp, _, _, b, ms = pool
+    args = ["--method", "dare", "--param", "drop_rate=0.5", "--eta", 1.0]
+    first = merged_file(pool, capsys, *args)
+    moved = tmp_path_factory.mktemp("elsewhere") / "pool"
+    shutil.copytree(tmp, moved)
+    out = moved / "again.safetensors"
+    monkeypatch.chdir(moved)
+    rel = [Path(m).relative_to(tmp) for m in ms]
+    assert run(["--base", "base.safetensors", "--models", *rel, *args, "--out", out], capsys)[0] == 0
+    again = load_file(str(out))
+    assert all(torch.equal(first[n], again[n]) for n in SHAPES)
+    assert model_names(["/x/a/m.safetensors", "/x/b/m.safetensors"]) == ["a/m.safetensors", "b/m.safetensors"]
+    assert model_names(["/x/a/m.safetensors"]) == ["m.safetensors"]

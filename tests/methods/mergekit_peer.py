@@ -50,7 +50,9 @@ class Case:
     within `ulps` units in the last place of the output dtype. `peer_rng`: for a method
     that draws random masks, `peer_rng(models, params)` is a context manager within which
     mergekit draws fl-merge's masks (`dare_masks` for DARE). `mk_config`: more top-level
-    keys of mergekit's YAML config."""
+    keys of mergekit's YAML config. `num_models`: merge only the first n models (slerp: 2).
+    `mk_base`: mergekit's base_model, "base" (the shared base), "first" (the first model, as
+    slerp's t = 0 end, also listed among the models) or "none" (karcher takes no base)."""
 
     id: str
     method: str
@@ -65,6 +67,8 @@ class Case:
     peer_rng: Callable[[list[Path], dict], AbstractContextManager] | None = None
     weights: tuple | None = WEIGHTS  # None: uniform (mergekit's method takes no weights)
     mk_config: dict = field(default_factory=dict)
+    num_models: int | None = None
+    mk_base: str = "base"
 
 
 def write_checkpoints(folder: Path, dtype: torch.dtype, seed: int = 0) -> tuple[Path, list[Path]]:
@@ -113,8 +117,10 @@ def dare_masks(models: list[Path], params: dict):
     dare draws for the same (model, tensor): the tensor is known by its shape, the model by
     the call's position among that tensor's calls (mergekit sparsifies a tensor's models in
     config order). The rest of mergekit's pipeline (rescaling, consensus, sums) runs as is."""
+    from fl_merge.io.file_merge import model_names
     from fl_merge.methods.dare import keep_mask
 
+    names = model_names(models)  # the names `fl-merge merge` keys the masks by
     drop_rate, seed = params["drop_rate"], params.get("seed", 0)
     by_shape = {tuple(s): k for k, s in SHAPES.items()}
     calls = {k: 0 for k in SHAPES}
@@ -124,7 +130,7 @@ def dare_masks(models: list[Path], params: dict):
         key = by_shape[tuple(probs.shape)]
         i, calls[key] = calls[key], calls[key] + 1
         assert float(probs.reshape(-1)[0]) == 1.0 - drop_rate
-        mask = keep_mask(seed, str(models[i]), key, probs.numel(), 1.0 - drop_rate)
+        mask = keep_mask(seed, names[i], key, probs.numel(), 1.0 - drop_rate)
         return mask.reshape(probs.shape).to(probs.dtype)
 
     torch.bernoulli = bernoulli
@@ -142,6 +148,7 @@ def run_mergekit(case: Case, base: Path, models: list[Path], dtype: torch.dtype,
     active when the case has one."""
     from mergekit.scripts.merge_raw_pytorch import main
 
+    models = models[:case.num_models]
     p = torch.tensor(case.weights or [1.0] * len(models), dtype=torch.float64)
     p = p / p.sum()
     scale = len(models) if lambda_scale(case.method, case.params) == "sum" else 1
@@ -154,6 +161,10 @@ def run_mergekit(case: Case, base: Path, models: list[Path], dtype: torch.dtype,
         params["lambda"] = case.lam
     cfg = {"merge_method": case.mk_method, "base_model": str(base), "models": entries,
            "parameters": params, "dtype": "float32", "out_dtype": DTYPE_NAMES[dtype], **case.mk_config}
+    if case.mk_base == "first":
+        cfg["base_model"] = str(models[0])
+    elif case.mk_base == "none":
+        del cfg["base_model"]
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     rng = contextlib.nullcontext() if case.peer_rng is None else case.peer_rng(models, case.params)
@@ -164,6 +175,7 @@ def run_mergekit(case: Case, base: Path, models: list[Path], dtype: torch.dtype,
 
 def run_ours(case: Case, base: Path, models: list[Path], out: Path) -> dict[str, torch.Tensor]:
     """`fl-merge merge --lambda lam` through its engine, fl_merge.io.file_merge.merge_files."""
+    models = models[:case.num_models]
     eta = eta_for_lambda(case.method, case.lam, len(models), case.params)
     weights = None if case.weights is None else list(case.weights)
     merge_files(base, models, case.method, eta, out, case.params, weights=weights)

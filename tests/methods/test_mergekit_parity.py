@@ -59,6 +59,24 @@ CASES = [
     # mergekit writes t mean theta_i + (1 - t) theta0, we theta0 + t mean tau_i
     Case("model_stock", "model_stock", MK, "model_stock", mk_weights=False, mk_lambda=False,
          weights=None, exact=False, ulps=2),
+    # DELLA at density 1 and epsilon 0 keeps every entry (its masks are random below that,
+    # and drawn from other generators, as DARE's): the rescale, the sign election and the
+    # agreeing mean; della normalises (eta = lambda), della_linear sums (eta = K lambda)
+    Case("della", "della", {"density": 1.0, "epsilon": 0.0}, "della",
+         {"density": 1.0, "epsilon": 0.0}, lam=0.5, exact=False, ulps=2),
+    Case("della_linear", "della", {"density": 1.0, "epsilon": 0.0, "linear": True},
+         "della_linear", {"density": 1.0, "epsilon": 0.0}, lam=0.3, exact=False, ulps=2),
+    # SCE takes no weights and no lambda: mergekit's model is eta = 1
+    Case("sce", "sce", {"select_topk": 0.5}, "sce", {"select_topk": 0.5}, mk_weights=False,
+         mk_lambda=False, weights=None, exact=False, ulps=2),
+    # slerp of the first two models; mergekit's t = 0 end is its base_model (our first client)
+    Case("slerp", "slerp", {"t": 0.3}, "slerp", {"t": 0.3}, mk_weights=False, mk_lambda=False,
+         weights=None, exact=False, ulps=2, num_models=2, mk_base="first"),
+    # karcher: the spherical mean of the K models, no base model; its 10 iterations run in
+    # float64 here and float32 in mergekit: up to 4 ulp apart (3-4 on 8 entries of 1344)
+    Case("karcher", "karcher", {"max_iter": 10, "tol": 1e-5}, "karcher",
+         {"max_iter": 10, "tol": 1e-5}, mk_weights=False, mk_lambda=False, weights=None,
+         exact=False, ulps=4, mk_base="none"),
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MEASURED: dict[str, float] = {}
