@@ -31,7 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PARTS = ("aggregation", "minilm", "vision8")
-METHODS = ("fedavg", "median", "trimmed_mean", "ties", "geometric_median", "fisher")
+METHODS = ("fedavg", "median", "trimmed_mean", "ties", "geometric_median", "fisher",
+           # issue 26's methods: per-matrix SVD (tsv_m, iso_c, iso_cts), per-matrix Adam (wudi),
+           # whole-vector order statistics (pcb), the mergekit family (della, sce, karcher)
+           "tsv_m", "iso_c", "iso_cts", "wudi", "consensus", "pcb", "della", "sce", "karcher")
+# Shorter runs of the iterative methods (the cpu side would take minutes at their defaults);
+# each row records the parameters it ran with.
+PARAMS = {"wudi": {"iters": 20}}
 
 
 class NoGPU(RuntimeError):
@@ -71,20 +77,24 @@ def aggregation(devices: list[str], params: int, clients: int = 8) -> list[dict]
     """Seconds per merge for each method on each device, and the ratio first/second."""
     import torch
 
-    from fl_merge.methods import merge
+    from fl_merge.methods import get_method, merge
 
     g = torch.Generator().manual_seed(0)
     half = params // 2
     tvs = [{"a.weight": torch.randn(half // 1000, 1000, generator=g),
             "b.weight": torch.randn(params - half, generator=g)} for _ in range(clients)]
     fisher = [{k: v.abs() for k, v in tv.items()} for tv in tvs]
+    theta0 = {k: torch.randn(v.shape, generator=g) for k, v in tvs[0].items()}
     rows = []
     for method in METHODS:
         extras = {"fisher": fisher} if method == "fisher" else None
-        row: dict = {"part": "aggregation", "method": method, "params": params, "clients": clients}
+        kw = {**PARAMS.get(method, {}),
+              **({"theta0": theta0} if get_method(method).needs.theta0 else {})}
+        row: dict = {"part": "aggregation", "method": method, "params": params, "clients": clients,
+                     "method_params": PARAMS.get(method, {})}
         for i, device in enumerate(devices):
             row[f"seconds_{i}"] = best_seconds(
-                lambda d=device: merge(method, tvs, extras=extras, device=d), device)
+                lambda d=device: merge(method, tvs, extras=extras, device=d, **kw), device)
         row["ratio"] = row["seconds_0"] / row["seconds_1"]
         rows.append(row)
     return rows

@@ -43,7 +43,10 @@ def test_the_report_from_the_cpu_path(tmp_path):
     assert res.returncode == 0, res.stderr
     rows = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert [r["method"] for r in rows] == ["fedavg", "median", "trimmed_mean", "ties",
-                                           "geometric_median", "fisher"]
+                                           "geometric_median", "fisher", "tsv_m", "iso_c",
+                                           "iso_cts", "wudi", "consensus", "pcb", "della",
+                                           "sce", "karcher"]
+    assert next(r for r in rows if r["method"] == "wudi")["method_params"] == {"iters": 20}
     for r in rows:
         assert r["seconds_0"] > 0 and r["seconds_1"] > 0
         assert r["ratio"] == pytest.approx(r["seconds_0"] / r["seconds_1"])
