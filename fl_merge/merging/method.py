@@ -33,8 +33,8 @@ class Derived:
 
 # How a per-client statistic (an "extra") is laid out; fl_merge/merging/statistics.py checks it.
 DIAGONAL = "diagonal"  # one array per task-vector key, of its shape, non-negative (a diagonal Fisher)
-GRAM = "gram"  # for the 2-D weights [d_out, d_in] it covers (at least one, the same for every
-#               client), a symmetric [d_in, d_in] matrix: the Gram matrix of that layer's inputs
+GRAM = "gram"  # for the 2-D weights [d_out, d_in] it covers (the same for every client), a
+#               symmetric [d_in, d_in] matrix: the Gram matrix of that layer's inputs
 LAYOUTS = {DIAGONAL: "", GRAM: "[d_in, d_in] per linear weight"}  # layout -> its docs' note
 
 

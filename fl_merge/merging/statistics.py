@@ -7,8 +7,9 @@ MergeInputError line naming the client, the statistic and the key:
 
 * DIAGONAL (e.g. "fisher"): the task vectors' keys and shapes, floating point, finite,
   non-negative (diagonal second moments);
-* GRAM (e.g. "gram"): for the 2-D weights [d_out, d_in] a client covers (at least one, the same
-  keys for every client), a floating-point [d_in, d_in] matrix, finite, symmetric, with a
+* GRAM (e.g. "gram"): for the 2-D weights [d_out, d_in] a client covers (the same keys for
+  every client; none at all when a merge runs on tensors without one, e.g. `fl-merge merge` on
+  a bias), a floating-point [d_in, d_in] matrix, finite, symmetric, with a
   non-negative diagonal and |G_jk| <= sqrt(G_jj G_kk) (Cauchy-Schwarz: a cheap necessary
   condition of a Gram matrix X^T X; a full eigenvalue test would cost d_in^3 per layer).
 """
@@ -91,9 +92,6 @@ def _check_diagonal(ename: str, per_client, ref: Mapping[str, torch.Tensor], nam
 def _check_gram(ename: str, per_client, ref: Mapping[str, torch.Tensor], names) -> None:
     first = sorted(per_client[0].keys(), key=str) if per_client else []
     for name, ex in zip(names, per_client):
-        if not ex:
-            raise MergeInputError(f"{name}: extras['{ename}'] holds no matrix (one [d_in, d_in] Gram "
-                                  "matrix per linear weight [d_out, d_in] is needed)")
         stray = sorted((key for key in ex if key not in ref), key=str)
         if stray:
             raise MergeInputError(f"{name}: extras['{ename}'] has {stray[:5]}, which are not task-vector keys")

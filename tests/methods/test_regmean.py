@@ -90,6 +90,13 @@ def test_one_client_and_a_two_by_two_by_hand():
     assert merge("regmean", tvs, extras={"gram": g}, ridge=0.0)["w"].item() == pytest.approx(5.0)
 
 
+def test_weights_without_grams_are_averaged():
+    """Every tensor no client sent a Gram for is the mean (biases, convolutions; all of them
+    when the Grams cover nothing, as `fl-merge merge` calls it on such a tensor alone)."""
+    tvs = make_tvs(K, 27)
+    assert_close(merge("regmean", tvs, extras={"gram": [{} for _ in range(K)]}), stack(tvs).mean(0))
+
+
 def _bad(fix):
     g = grams(inputs())
     fix(g)
@@ -98,7 +105,7 @@ def _bad(fix):
 
 @pytest.mark.parametrize("gram,match", [
     (None, r"merge method 'regmean' needs extras \['gram'\]"),
-    (lambda g: g[1].clear(), r"client 1: extras\['gram'\] holds no matrix"),
+    (lambda g: g[1].clear(), r"client 1: extras\['gram'\] covers other weights than client 0's: \['fc.weight'\]"),
     (lambda g: g[2].update({"fc.weight": torch.eye(5)}),
      r"client 2: extras\['gram'\]\['fc.weight'\] has shape \(5, 5\), the weight \(5, 7\) needs \(7, 7\)"),
     (lambda g: g[0].update({"fc.bias": torch.eye(7)}),
