@@ -19,6 +19,7 @@ from fl_merge.tasks.registry import TaskData
 from fl_merge.models.evaluation import evaluate
 from fl_merge.models.registry import TaskModel, build_model, is_merged_key
 from fl_merge.models.training import fit
+from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,10 @@ def trained_statistics(model: TaskModel, data: TensorDataset, config: Mapping, s
     out = {}
     if bool(config.get("compute-fisher", False)):
         out["fisher"] = diagonal_fisher(model, data, int(config.get("fisher-samples", 256)), seed)
-    if bool(config.get("compute-gram", False)):
-        out["gram"] = gram_matrices(model, data, int(config.get("gram-samples", 1000)))
+    if bool(config.get("compute-gram", False)):  # only for the merged weights (merge-keys)
+        is_merged = key_matcher([str(p) for p in config.get("merge-keys", DEFAULT_MERGE_KEYS)])
+        grams = gram_matrices(model, data, int(config.get("gram-samples", 1000)))
+        out["gram"] = {k: v for k, v in grams.items() if is_merged(k)}
     return out
 
 

@@ -34,6 +34,8 @@ def regmean_matrix(taus: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], 
     """Delta_W = (sum_i p_i tau_i G~_i + r M)(sum_i p_i G~_i + r I)^-1 for one weight [d_out,
     d_in], with M = sum_i p_i tau_i and r = ridge * mean(diag(sum_i p_i G~_i)) (1 for an
     all-zero sum): float64 on the tensors' device."""
+    if taus[0].numel() == 0:  # an empty side: nothing to solve
+        return torch.zeros(taus[0].shape, dtype=torch.float64, device=taus[0].device)
     s = b = m = None
     for tau, g, w in zip(taus, grams, p):
         tau, gt = tau.double(), scaled_gram(g.double(), alpha)

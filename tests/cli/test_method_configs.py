@@ -69,7 +69,9 @@ def test_composed_params_run_through_merge(name):
     method = params.pop("name")
     k = 6
     tvs = [{"a": torch.randn(4, 3), "b": torch.randn(3)} for _ in range(k)]
-    extras = {"fisher": [{"a": torch.rand(4, 3), "b": torch.rand(3)} for _ in range(k)]}
+    xs = [torch.randn(8, 3) for _ in range(k)]  # regmean: Grams of the inputs of "a" [4, 3]
+    extras = {"fisher": [{"a": torch.rand(4, 3), "b": torch.rand(3)} for _ in range(k)],
+              "gram": [{"a": x.T @ x / 8} for x in xs]}
     out = merge(method, tvs, local_steps=[3] * k, extras=extras, **params)
     assert set(out) == {"a", "b"} and out["a"].shape == (4, 3)
     assert bool(torch.isfinite(out["a"]).all())

@@ -22,7 +22,7 @@ def by_hand(backbone_state: dict, x: torch.Tensor) -> torch.Tensor:
 
 def test_gram_matrices_are_the_linear_inputs_second_moments(theta0):
     from fl_merge.tasks.registry import load_task
-    from fl_merge_clients.training import gram_matrices, model_for_task
+    from fl_merge_clients.training import gram_matrices, model_for_task, trained_statistics
 
     task = load_task("rotate90", 0)
     model = model_for_task("mnist-cnn", task, theta0, seed=0)
@@ -31,6 +31,10 @@ def test_gram_matrices_are_the_linear_inputs_second_moments(theta0):
     assert torch.equal(got[LINEAR], got[LINEAR].T)
     ref = by_hand({k[len("backbone."):]: v for k, v in theta0.items()}, task.train.tensors[0][:100])
     torch.testing.assert_close(got[LINEAR], ref, rtol=1e-4, atol=1e-5)
+    # only for merged weights: merge-keys without the linear layer leave nothing to send
+    asked = {"compute-gram": True, "gram-samples": 8}
+    assert list(trained_statistics(model, task.train, asked, 0)["gram"]) == [LINEAR]
+    assert trained_statistics(model, task.train, {**asked, "merge-keys": ["backbone.0.*"]}, 0) == {"gram": {}}
 
 
 def test_a_checkpoint_client_sends_grams_at_its_checkpoints_weights(tmp_path, theta0):
