@@ -81,8 +81,9 @@ def check_merge_inputs(method: str, params: dict, num_models: int, weights=None,
     if unused:
         raise MergeInputError(f"merge method '{method}' uses no per-model {unused[0]} arrays "
                               f"(it needs: {', '.join(m.needs.extras) or 'none'})")
-    probe = [{"probe": torch.zeros(1, 1)} for _ in range(num_models)]  # 1 x 1: a GRAM fits it
-    given = {n: [{"probe": torch.ones(1, 1)} for _ in range(num_models)] for n in m.needs.extras}
+    shape = (1, 1) if m.needs.extras else (1,)  # 1 x 1: a weight a GRAM array fits
+    probe = [{"probe": torch.zeros(shape)} for _ in range(num_models)]
+    given = {n: [{"probe": torch.ones(shape)} for _ in range(num_models)] for n in m.needs.extras}
     merge(method, probe, weights, local_steps, normalisers=normalisers, names=names,
           extras=given or None, **params)
 
