@@ -4,7 +4,8 @@ The reply is a training client's (fl_merge/io/client_checkpoints.py decides what
 full weights (the checkpoint's backbone, and its head or a probe head fitted on frozen
 theta0 features, as a training client's), num-examples, the fine-tuned model's own
 validation and test scores, local steps where known, the same optional extras (gradient
-at theta0, diagonal Fisher at the fine-tuned weights).
+at theta0, diagonal Fisher and Gram matrices at the fine-tuned weights, computed on the
+client's own training split).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from fl_merge.tasks.registry import TaskData
-from .training import diagonal_fisher, mean_gradient, model_for_task
+from .training import mean_gradient, model_for_task, trained_statistics
 from fl_merge.io.client_checkpoints import (
     CHECKPOINT_METRIC,
     CheckpointClientError,
@@ -67,8 +68,7 @@ def checkpoint_update(config: Mapping[str, Any], pid: int, theta0: dict[str, tor
         "train-seconds": time.perf_counter() - t0,  # reading and scoring: no training
     }
     out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if bool(config.get("compute-fisher", False)):
-        extras["fisher"] = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), seed)
+    extras.update(trained_statistics(model, task.train, config, seed))  # at the checkpoint's weights
     for name, arrays in extras.items():
         out.update({f"{EXTRA_PREFIX}{name}.{k}": v.detach().cpu() for k, v in arrays.items()})
     return out, metrics

@@ -27,10 +27,10 @@ from fl_merge.tasks.partitions import load_partitioned_task
 from fl_merge.tasks.registry import TaskData, load_task, task_fingerprint
 from .training import (
     LocalTrainConfig,
-    diagonal_fisher,
     fine_tune,
     mean_gradient,
     model_for_task,
+    trained_statistics,
 )
 from fl_merge.round.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.round.attacks import label_flip as flip_labels
@@ -180,6 +180,8 @@ def update_spec(config: Mapping[str, Any], pid: int, cfg: LocalTrainConfig,
         **{k: config.get(k) for k in ("model", "data", "data-seed", "partition-task", "alpha",
                                       "classes-per-client", "partition-pool", "compute-grad0",
                                       "grad0-samples", "compute-fisher", "fisher-samples")},
+        # Grams only when asked: every other update keeps its cache key from before they existed
+        **({k: config.get(k) for k in ("compute-gram", "gram-samples")} if config.get("compute-gram") else {}),
         "steps": cfg.steps, "lr": cfg.lr, "batch-size": cfg.batch_size, "seed": cfg.seed,
         **({"label-flip": True} if label_flip else {}),
         **({"plugins": str(config["plugins"])} if config.get("plugins") else {}),
@@ -246,8 +248,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
         "train-seconds": time.perf_counter() - t0,
     })
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if bool(config.get("compute-fisher", False)):
-        extras["fisher"] = diagonal_fisher(model, task.train, int(config.get("fisher-samples", 256)), cfg.seed)
+    extras.update(trained_statistics(model, task.train, config, cfg.seed))  # fisher, gram
     # Extra per-client arrays travel in the same ArrayRecord under "extra.<name>.":
     # Flower's strategies expect exactly one ArrayRecord per reply.
     for name, arrays in extras.items():

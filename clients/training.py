@@ -19,6 +19,7 @@ from fl_merge.tasks.registry import TaskData
 from fl_merge.models.evaluation import evaluate
 from fl_merge.models.registry import TaskModel, build_model, is_merged_key
 from fl_merge.models.training import fit
+from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,62 @@ def diagonal_fisher(model: TaskModel, data: TensorDataset, n_samples: int, seed:
                 if g is not None:  # None: the parameter is outside the graph (zero gradient)
                     fisher[k] += g.pow(2)
     return {k: v / len(x_all) for k, v in fisher.items()}
+
+
+def gram_matrices(model: TaskModel, data: TensorDataset, n_samples: int,
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """RegMean's statistics (Jin et al., ICLR 2023): per torch.nn.Linear of the backbone, the
+    Gram matrix of its inputs over the first N = n_samples training examples,
+
+        G = X^T X / R,   X [R, d_in] every input row the layer saw (R = N, or N x tokens for
+        a text backbone: padding positions included, as the authors' hook does),
+
+    keyed by the layer's weight ("backbone.<module>.weight"), float32 [d_in, d_in], exactly
+    symmetric. The mean over rows is the authors' normalisation (bloomberg/dataless-model-
+    merging, local_trainer.py compute_grams; FusionBench's the same). Convolutions get none:
+    the paper covers linear layers only (their kernels are then averaged)."""
+    model.eval()
+    device = next(model.parameters()).device
+    linears = {name: m for name, m in model.backbone.named_modules() if isinstance(m, nn.Linear)}
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
+    rows = dict.fromkeys(linears, 0)
+
+    def hook(name: str):
+        def add(_module: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name].addmm_(x.T, x)
+            rows[name] += x.shape[0]
+        return add
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        x_all = data.tensors[0][:n_samples]
+        with torch.no_grad():
+            for i in range(0, len(x_all), batch_size):
+                model.backbone(x_all[i : i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, g in sums.items():
+        g = g / max(rows[name], 1)
+        out[f"backbone.{name}.weight"] = ((g + g.T) / 2).cpu()
+    return out
+
+
+def trained_statistics(model: TaskModel, data: TensorDataset, config: Mapping, seed: int
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+    """The statistics of the fine-tuned model the round asked for (training flags
+    ``compute-<name>``, fl_merge/round/merging.py train_requests): "fisher" (diagonal Fisher,
+    `fisher-samples` examples) and "gram" (`gram_matrices`, `gram-samples` examples)."""
+    out = {}
+    if bool(config.get("compute-fisher", False)):
+        out["fisher"] = diagonal_fisher(model, data, int(config.get("fisher-samples", 256)), seed)
+    if bool(config.get("compute-gram", False)):  # only for the merged weights (merge-keys)
+        is_merged = key_matcher([str(p) for p in config.get("merge-keys", DEFAULT_MERGE_KEYS)])
+        grams = gram_matrices(model, data, int(config.get("gram-samples", 1000)))
+        out["gram"] = {k: v for k, v in grams.items() if is_merged(k)}
+    return out
 
 
 def mean_gradient(model: TaskModel, data: TensorDataset, n_samples: int = 1024,

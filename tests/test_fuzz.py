@@ -148,6 +148,20 @@ def _per_client(k, values):
     )
 
 
+def _grams(tvs) -> list:
+    """regmean's Gram matrices: for every 2-D float tensor [d_out, d_in] of the first client,
+    I + 1 1^T [d_in, d_in] (symmetric positive definite), the same for every client."""
+    ref = tvs[0] if isinstance(tvs, (list, tuple)) and tvs and isinstance(tvs[0], dict) else {}
+    g = {n: torch.eye(v.shape[1]) + 1.0 for n, v in ref.items() if isinstance(v, torch.Tensor)
+         and v.dim() == 2 and v.is_floating_point() and v.layout == torch.strided}
+    return [dict(g) for _ in (tvs if isinstance(tvs, (list, tuple)) else [])]
+
+
+def _extras(fis, tvs) -> dict:
+    """What the methods needing client statistics get: Fisher, and regmean's Grams."""
+    return {"fisher": fis, "gram": _grams(tvs)}
+
+
 @st.composite
 def merge_calls(draw):
     faults = draw(st.one_of(st.just(set()), st.sets(st.sampled_from(FAULTS), min_size=1, max_size=2)))
@@ -181,11 +195,13 @@ def merge_calls(draw):
     if "extras" in faults:
         extras = draw(st.sampled_from([{}, {"fisher": []}, {"fisher": "x"}, {"junk": []}, "abc", 3,
                                        {"fisher": [None] * k}, {"fisher": {"w": 1}}]))
-    elif method == "fisher" or draw(st.booleans()):
+    elif method in ("fisher", "regmean") or draw(st.booleans()):
         extras = {"fisher": [{n: v.detach().to(torch.float32).abs() if isinstance(v, torch.Tensor)
                               and not v.is_sparse and not v.is_complex() else v
                               for n, v in tv.items()} if isinstance(tv, dict) else tv
                              for tv in (tvs if isinstance(tvs, (list, tuple)) else [])]}
+        if method == "regmean":
+            extras["gram"] = _grams(tvs)
     if "device" in faults:
         device = draw(st.sampled_from(["junk", "cuda:7", "cuda", 3, 2.5, "meta", ["cpu"]]))
     else:
@@ -256,7 +272,7 @@ def test_valid_inputs_merge_with_every_method(method, k, seed, dtype, shape, wei
         check_method_params(method, {}, k)
     except MergeInputError:
         return  # too few clients for this method: covered by the first test
-    out = merge(method, tvs, weights, [3] * k, extras={"fisher": fis}, theta0=_base(method, tvs))
+    out = merge(method, tvs, weights, [3] * k, extras=_extras(fis, tvs), theta0=_base(method, tvs))
     for key, r in tvs[0].items():
         assert out[key].shape == r.shape and out[key].dtype == r.dtype
         assert _finite(out[key]), (method, key, out[key])
@@ -281,7 +297,7 @@ def test_extreme_but_finite_values_stay_finite(method, dtype, top, k):
     if not _takes(method, k, **kw):
         tvs, fis, k = tvs[:2], fis[:2], 2  # slerp: exactly two models
     try:
-        out = merge(method, tvs, local_steps=[4] * k, extras={"fisher": fis},
+        out = merge(method, tvs, local_steps=[4] * k, extras=_extras(fis, tvs),
                     theta0=_base(method, tvs), **kw)
     except MergeInputError as e:
         assert method in MAY_OVERFLOW and "overflows" in str(e), e
@@ -356,7 +372,7 @@ def test_zero_size_tensors_merge_to_zero_size_tensors(method):
         k = 5 if _takes(method, 5) else 2
         tvs = [{n: _tensor(s, torch.float32, i) for n, s in layout.items()} for i in range(k)]
         fis = [{n: v.abs() for n, v in tv.items()} for tv in tvs]
-        out = merge(method, tvs, local_steps=[2] * k, extras={"fisher": fis},
+        out = merge(method, tvs, local_steps=[2] * k, extras=_extras(fis, tvs),
                     theta0=_base(method, tvs))
         assert {n: tuple(v.shape) for n, v in out.items()} == layout
 
@@ -369,7 +385,7 @@ def test_inputs_requiring_grad_merge_without_autograd():
         k = 5 if _takes(method, 5) else 2
         fis = [{"w": torch.ones(4)} for _ in tvs[:k]]
         base = {"w": torch.randn(4, requires_grad=True)} if get_method(method).needs.theta0 else None
-        out = merge(method, tvs[:k], local_steps=[2] * k, extras={"fisher": fis}, theta0=base)
+        out = merge(method, tvs[:k], local_steps=[2] * k, extras=_extras(fis, tvs[:k]), theta0=base)
         assert not out["w"].requires_grad and _finite(out["w"])
 
 
@@ -398,7 +414,7 @@ PLAUSIBLE = {
     "measure-heterogeneity": [True, False], "ensemble": [True, False],
     "test-all-etas": [True, False, "true"], "local-steps": ["10", 5, "1..5", "10,20,30,40"],
     "lr": ["0.01", 0.1, "0.003..0.03"], "batch-size": ["32", 16, "16..64"], "seed": [0, 3],
-    "data-seed": [0, 1], "fisher-samples": [1, 256], "device": ["auto", "cpu"],
+    "data-seed": [0, 1], "fisher-samples": [1, 256], "gram-samples": [1, 1000], "device": ["auto", "cpu"],
     "cache": [True, False], "output-dir": ["", "/tmp/fl-merge-fuzz"],
     "round-timeout": [10.0, 1800], "connect-timeout": [5, 120.0], "min-clients": [0, 1, 2],
     "attack": ["", "sign_flip", "scale", "alie"], "attackers": ["", "last:1", "0"],

@@ -28,7 +28,8 @@ from fl_merge.core.values import parse_value
 PROG = "fl-merge merge"
 # YAML keys (the long flags' names with '_' for '-'); `params` is a mapping there.
 CONFIG_KEYS = ("base", "models", "method", "params", "lambda", "eta", "out", "dtype",
-               "max_shard_size", "non_float", "weights", "local_steps", "normalisers", "lines")
+               "max_shard_size", "non_float", "weights", "local_steps", "normalisers", "lines",
+               "extras")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", nargs="+", type=float, help="per-model local steps (fednova)")
     p.add_argument("--normalisers", nargs="+", type=float,
                    help="per-model FedNova normalisers a_i")
+    p.add_argument("--extras", nargs="+", action="extend", default=[], metavar="NAME=F1,...,FK",
+                   help="per-model arrays a method needs, one safetensors file per model keyed by "
+                        "the base's tensor names (gram=g1.safetensors,g2.safetensors for regmean)")
     return p
+
+
+def parse_extras(items: Sequence[str]) -> dict[str, list[str]]:
+    """['gram=a.st,b.st'] -> {'gram': ['a.st', 'b.st']}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, files = str(item).partition("=")
+        if not sep or not name or not files or name in out:
+            raise MergeInputError(f"--extras wants name=F1,...,FK once per name, got {item!r}")
+        out[name] = [f for f in files.split(",") if f]
+    return out
 
 
 def parse_params(items: Sequence[str]) -> dict:
@@ -112,6 +127,9 @@ def load_config(path: str) -> dict:
     if unknown:
         raise MergeInputError(f"config {path}: unknown key(s) {unknown}; known: "
                               f"{', '.join(CONFIG_KEYS)}")
+    extras = cfg.get("extras") or {}
+    if not isinstance(extras, dict) or any(not isinstance(v, list) for v in extras.values()):
+        raise MergeInputError(f"config {path}: extras must map a name to a list of files, got {extras!r}")
     for key in ("params", "lines"):
         if not isinstance(cfg.get(key) or {}, dict):
             raise MergeInputError(f"config {path}: {key} must be a mapping, got {cfg[key]!r}")
@@ -137,6 +155,7 @@ def resolve(argv: Sequence[str] | None) -> dict:
         opts["params"] = parse_params(opts.pop("param", []))
         if "lines" in opts:
             opts["lines"] = parse_params(opts["lines"])
+        opts["extras"] = parse_extras(opts.pop("extras", []))
     for key, flag in (("base", "--base"), ("models", "--models"), ("method", "--method"),
                       ("out", "--out")):
         if opts.get(key) in (None, "", []):
@@ -158,14 +177,16 @@ def resolve(argv: Sequence[str] | None) -> dict:
     for name, v in (("lambda", lam), ("eta", eta)):
         if v is not None and not isinstance(v, (int, float)) or isinstance(v, bool):
             raise MergeInputError(f"{name} must be a number, got {v!r}")
+    extras = {str(n): [str(f) for f in fs] for n, fs in (opts.pop("extras", None) or {}).items()}
     if lam is not None:
-        scope = method_scope(method, params)
+        scope = method_scope(method, params, list(extras))
         if scope.startswith("refused"):
             raise MergeInputError(f"merge method '{method}' cannot merge checkpoint files: "
                                   f"{scope[9:]}")
         eta = eta_for_lambda(method, float(lam), len(models), params)
     kw = {"base": str(opts.pop("base")), "models": models, "method": method,
-          "eta": float(eta), "out": str(opts.pop("out")), "params": params}
+          "eta": float(eta), "out": str(opts.pop("out")), "params": params,
+          **({"extras": extras} if extras else {})}
     if opts.get("dtype") is not None:
         kw["dtype"] = parse_dtype(opts.pop("dtype"))
     if opts.get("max_shard_size") is not None:

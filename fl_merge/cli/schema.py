@@ -28,7 +28,7 @@ from fl_merge.config.run_config import RunConfig
 GROUP_KEYS = {
     # _target_: a user's model builder by import path (fl_merge/config/plugins.py), model.name its name
     "model": ("name", "_target_", "pretrain_steps", "pretrain_seed"),
-    "training": ("local_steps", "lr", "batch_size", "fisher_samples"),
+    "training": ("local_steps", "lr", "batch_size", "fisher_samples", "gram_samples"),
     "eval": ("etas", "weighting", "test_all_etas"),
     "runtime": ("device", "cache", "output_dir", "round_timeout", "connect_timeout",
                 "num_supernodes", "client_gpus"),

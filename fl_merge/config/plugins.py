@@ -89,7 +89,7 @@ def _import(plugin: Plugin) -> Any:
         if plugin.kind == "module":
             return importlib.import_module(plugin.target)
         return pkgutil.resolve_name(plugin.target)
-    except (ImportError, AttributeError, ValueError) as e:
+    except (ImportError, AttributeError, ValueError, TypeError) as e:  # TypeError: a relative name ('.')
         raise PluginError(f"plugin '{plugin.item}': cannot import '{plugin.target}' ({e}); give an "
                           "import path module.function that every process of the run can import "
                           "(installed or on PYTHONPATH)") from None

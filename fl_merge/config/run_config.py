@@ -93,6 +93,7 @@ class RunConfig:
     seed: int = 0  # client i trains with seed + i
     data_seed: int = 0
     fisher_samples: int = 256  # examples per client for the diagonal Fisher (method=fisher)
+    gram_samples: int = 1000  # examples per client for the Gram matrices (method=regmean)
     device: str = DEFAULT_DEVICE  # where the server aggregates and clients train: auto | cpu | cuda
     cache: bool = True  # reuse identical client updates from the client-update cache
     # Server memory for large models (fl_merge/io/spill.py): each train reply written to a spill
@@ -237,6 +238,8 @@ class RunConfig:
                                   f"(torch {torch.__version__}): use device=auto or device=cpu")
         if self.fisher_samples <= 0:
             raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
+        if self.gram_samples <= 0:
+            raise ConfigError(f"gram-samples must be positive, got {self.gram_samples}")
         if self.pretrain_steps <= 0:
             raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
         if not 0 <= self.min_clients <= k:
@@ -336,7 +339,7 @@ class ResolvedConfig:
             "lr": compact(self.lrs),
             "batch-size": compact(self.batch_sizes),
             "seed": list(self.seeds),
-            "fisher-samples": self.run.fisher_samples,
+            "fisher-samples": self.run.fisher_samples, "gram-samples": self.run.gram_samples,
             "cache": self.run.cache,
             # Attacks and faults: clients parse these with fl_merge.round.attacks.parse_plan.
             "attack": self.run.attack, "attackers": self.run.attackers,

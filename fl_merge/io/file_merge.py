@@ -15,7 +15,11 @@ file (`register(..., per_tensor_exact=..., needs=...)`):
   whole update) run on each tensor alone: a per-tensor (layer-wise) variant of the method,
   as mergekit runs TIES;
 * methods needing per-model arrays that checkpoints do not carry (`Needs.extras`, e.g.
-  fisher) are refused.
+  fisher's diagonal Fisher, regmean's Gram matrices) take them from one safetensors file per
+  model and array (`extras={"gram": [F1, ..., FK]}`, `--extras gram=F1,...,FK`), keyed by the
+  base's tensor names: a DIAGONAL array holds every float tensor of the base with its shape, a
+  GRAM one a [d_in, d_in] matrix for some 2-D tensors [d_out, d_in] (the same ones in every
+  file); without them such a method is refused.
 
 Non-float tensors (BatchNorm's num_batches_tracked, int buffers) are never merged: they are
 copied from the base when every model holds the same values, and otherwise the merge stops
@@ -39,7 +43,8 @@ from typing import Any
 import torch
 
 from fl_merge.merging.lines import check_lines, layer_scales
-from fl_merge.merging.registry import check_method_params, is_per_tensor_exact, normalized_weights
+from fl_merge.merging.registry import (GRAM, check_method_params, extra_layouts, is_per_tensor_exact,
+                                       normalized_weights)
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.streaming import work_dtype
 from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
@@ -53,22 +58,25 @@ NON_FLOAT_POLICIES = ("agree", "base")
 CHUNK = 1 << 15
 
 
-def method_scope(method: str, params: dict | None = None) -> str:
+def method_scope(method: str, params: dict | None = None, extras: Sequence[str] = ()) -> str:
     """'exact' (per tensor is the method), 'per-tensor' (a layer-wise variant of a
-    whole-vector method) or 'refused: <why>' for `method` with `params`."""
+    whole-vector method) or 'refused: <why>' for `method` with `params`, given files of the
+    per-model arrays named in `extras`."""
     m = get_method(method)
-    if m.needs.extras:
-        return (f"refused: needs per-model {', '.join(m.needs.extras)} arrays, which "
-                "checkpoints do not carry (use fl_merge.merge(..., extras=...) or a Flower round)")
+    lacking = [n for n in m.needs.extras if n not in extras]
+    if lacking:
+        return (f"refused: needs per-model {', '.join(lacking)} arrays, which checkpoints do not "
+                f"carry: give one safetensors file per model, --extras {lacking[0]}=F1,...,FK")
     return "exact" if is_per_tensor_exact(method, params) else "per-tensor"
 
 
-def check_merge_inputs(method: str, params: dict, num_models: int,
-                       weights=None, local_steps=None, normalisers=None, names=None) -> None:
-    """Every merge argument checked before a file is read: the method is usable on files,
-    its parameters, the per-model weights / steps / normalisers, and the model count (by a
-    merge of one zero coordinate per model, which runs fl_merge.merge's own validation)."""
-    scope = method_scope(method, params)
+def check_merge_inputs(method: str, params: dict, num_models: int, weights=None, local_steps=None,
+                       normalisers=None, names=None, extras: Sequence[str] = ()) -> None:
+    """Every merge argument checked before a file is read: the method is usable on files
+    (given files of the `extras` it needs), its parameters, the per-model weights / steps /
+    normalisers, and the model count (by a merge of one zero coordinate per model, which runs
+    fl_merge.merge's own validation)."""
+    scope = method_scope(method, params, extras)
     if scope.startswith("refused"):
         raise MergeInputError(f"merge method '{method}' cannot merge checkpoint files: {scope[9:]}")
     check_method_params(method, params, num_models)
@@ -77,10 +85,59 @@ def check_merge_inputs(method: str, params: dict, num_models: int,
         raise MergeInputError(
             f"merge method '{method}' needs each model's local step count: pass --local-steps "
             f"N1 ... N{num_models} (or --normalisers a1 ... a{num_models}, FedNova's a_i)")
-    probe = [{"probe": torch.zeros(1)} for _ in range(num_models)]
-    base = {"probe": torch.zeros(1)} if m.takes_theta0 else None
+    unused = sorted(set(extras) - set(m.needs.extras))
+    if unused:
+        raise MergeInputError(f"merge method '{method}' uses no per-model {unused[0]} arrays "
+                              f"(it needs: {', '.join(m.needs.extras) or 'none'})")
+    shape = (1, 1) if m.needs.extras else (1,)  # 1 x 1: a weight a GRAM array fits
+    probe = [{"probe": torch.zeros(shape)} for _ in range(num_models)]
+    base = {"probe": torch.zeros(shape)} if m.takes_theta0 else None
+    given = {n: [{"probe": torch.ones(shape)} for _ in range(num_models)] for n in m.needs.extras}
     merge(method, probe, weights, local_steps, normalisers=normalisers, names=names, theta0=base,
-          **params)
+          extras=given or None, **params)
+
+
+def open_extras(extras: Mapping[str, Sequence[str | os.PathLike]], base: Checkpoint,
+                num_models: int, method: str) -> dict[str, list[Checkpoint]]:
+    """name -> one opened file per model, checked against the base by the array's layout
+    (shapes only: values are checked per tensor by fl_merge.merge before anything is written
+    to the output's final place)."""
+    layouts = extra_layouts()
+    out: dict[str, list[Checkpoint]] = {}
+    try:
+        for name, files in extras.items():
+            files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+            if len(files) != num_models:
+                raise MergeInputError(f"--extras {name}: {len(files)} file(s) for {num_models} models "
+                                      "(one per model, in the models' order)")
+            cks = out[name] = [Checkpoint(f, f"{name} file {f}") for f in files]
+            gram = layouts[name] == GRAM
+            for ck in cks:
+                if gram and set(ck.keys) != set(cks[0].keys):
+                    raise MergeInputError(f"{ck.role} covers other tensors than {cks[0].role}")
+                want = set(ck.keys) if gram else {k for k in base.keys if base.info(k).is_float}
+                for key in sorted(want):
+                    if key not in base.keys or key not in ck.keys:
+                        raise MergeInputError(f"{ck.role} {'has' if gram else 'lacks'} tensor '{key}'"
+                                              f"{', which the base lacks' if gram else ''}")
+                    b = tuple(base.info(key).shape)
+                    if gram and len(b) != 2:
+                        raise MergeInputError(f"{ck.role}: tensor '{key}' is {list(b)} in the base, "
+                                              "not a 2-D weight [d_out, d_in]")
+                    shape = (b[1], b[1]) if gram else b
+                    if tuple(ck.info(key).shape) != shape:
+                        raise MergeInputError(f"{ck.role}: tensor '{key}' has shape "
+                                              f"{list(ck.info(key).shape)}, the base's {list(b)} "
+                                              f"needs {list(shape)}")
+            if gram and not cks[0].keys:
+                raise MergeInputError(f"--extras {name}: the files hold no matrix ({method} needs a "
+                                      "[d_in, d_in] one for some 2-D tensor [d_out, d_in])")
+    except MergeInputError:
+        for cks in out.values():
+            for ck in cks:
+                ck.close()
+        raise
+    return out
 
 
 def plan(base: Checkpoint, models: Sequence[Checkpoint], dtype: torch.dtype | None
@@ -244,9 +301,11 @@ def merge_files(
     local_steps: Sequence[float] | None = None,
     normalisers: Sequence[float] | None = None,
     lines: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Sequence[str | os.PathLike]] | None = None,
 ) -> list[Path]:
     """Merge checkpoint files into `out` (see the module docstring); returns the files
-    written. Every input is checked before anything is written; the output is atomic."""
+    written. `extras`: per-model array files, name -> one file per model. Every input is
+    checked before anything is written; the output is atomic."""
     params = dict(params or {})
     if lines is not None:
         lines = check_lines(lines, allow_auto=False)
@@ -257,21 +316,25 @@ def merge_files(
         raise MergeInputError(f"model {next(n for i, n in enumerate(given) if n in given[:i])} "
                               "is given twice")
     names = model_names(models)
-    check_merge_inputs(method, params, len(models), weights, local_steps, normalisers, names)
+    extras = dict(extras or {})
+    check_merge_inputs(method, params, len(models), weights, local_steps, normalisers, names,
+                       list(extras))
     if dtype is not None and not dtype.is_floating_point:
         raise MergeInputError(f"dtype must be a floating-point type, got {dtype}")
     base_ck = Checkpoint(base, "base")
     cks = [Checkpoint(m, f"model {m}") for m in models]
+    stats: dict[str, list[Checkpoint]] = {}
     try:
+        stats = open_extras(extras, base_ck, len(cks), method)
         return _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes,
-                           non_float, weights, local_steps, normalisers, names, lines)
+                           non_float, weights, local_steps, normalisers, names, stats, lines)
     finally:
-        for ck in (base_ck, *cks):
+        for ck in (base_ck, *cks, *(c for files in stats.values() for c in files)):
             ck.close()
 
 
 def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, non_float,
-                weights, local_steps, normalisers, names, lines=None) -> list[Path]:
+                weights, local_steps, normalisers, names, stats, lines=None) -> list[Path]:
     specs = plan(base_ck, cks, dtype)
     scale = {}  # LiNeS: eta * scale(key) per float tensor
     if lines is not None:
@@ -280,6 +343,10 @@ def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, 
     check_non_float(base_ck, cks, non_float)
     per_model = {"weights": weights, "local_steps": local_steps, "normalisers": normalisers,
                  "names": names}
+
+    def extras_of(key: str) -> dict:
+        return {"extras": {n: [{key: c.get(key)} if key in c.keys else {} for c in files]
+                           for n, files in stats.items()}} if stats else {}
     with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
         warnings.simplefilter("ignore", UserWarning)
         coefs = linear_coefficients(method, params, len(cks), weights, local_steps, normalisers)
@@ -298,7 +365,7 @@ def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, 
             with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
                 warnings.simplefilter("ignore", UserWarning)
                 merged = merge_tensor(method, key, theta0, thetas, eta_key, out_dtype, params,
-                                      **per_model)
+                                      **per_model, **extras_of(key))
             del thetas
             yield key, merged
             del merged, theta0  # before the next tensor is read: peak stays one tensor's worth

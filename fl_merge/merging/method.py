@@ -31,14 +31,22 @@ class Derived:
         return self.doc
 
 
+# How a per-client statistic (an "extra") is laid out; fl_merge/merging/statistics.py checks it.
+DIAGONAL = "diagonal"  # one array per task-vector key, of its shape, non-negative (a diagonal Fisher)
+GRAM = "gram"  # for the 2-D weights [d_out, d_in] it covers (the same for every client), a
+#               symmetric [d_in, d_in] matrix: the Gram matrix of that layer's inputs
+LAYOUTS = {DIAGONAL: "", GRAM: "[d_in, d_in] per linear weight"}  # layout -> its docs' note
+
+
 @dataclass(frozen=True)
 class Needs:
     """The client statistics a method cannot run without.
 
     local_steps: each client's local step count; normalisers: FedNova's a_i per client (a
     client without one falls back on its local steps); extras: names of per-client arrays
-    with the task vectors' keys and shapes (e.g. "fisher": a Flower round asks its clients
-    for them with the training flag ``compute-<name>``); theta0: the base model itself, for
+    (e.g. "fisher": a Flower round asks its clients for them with the training flag
+    ``compute-<name>``); layouts: extra name -> its layout where it is not DIAGONAL (the
+    task vectors' keys and shapes), e.g. {"gram": GRAM}; theta0: the base model itself, for
     methods defined on the models theta_i = theta0 + tau_i rather than on their task
     vectors (slerp, karcher: norms and angles of the models)."""
 
@@ -46,11 +54,25 @@ class Needs:
     normalisers: bool = False
     extras: tuple[str, ...] = ()
     theta0: bool = False
+    layouts: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        stray = sorted(set(self.layouts) - set(self.extras))
+        if stray:
+            raise ValueError(f"Needs: layouts given for {stray}, which are not among extras")
+        bad = {n: v for n, v in self.layouts.items() if v not in LAYOUTS}
+        if bad:
+            raise ValueError(f"Needs: unknown layout(s) {bad}; known: {', '.join(LAYOUTS)}")
+
+    def layout(self, name: str) -> str:
+        """The layout of extra `name` (DIAGONAL unless declared otherwise)."""
+        return self.layouts.get(name, DIAGONAL)
 
     def describe(self) -> str:
         """One line for the docs' table ("" when the method needs nothing)."""
         out = (["local steps"] if self.local_steps else []) + \
-            (["normalisers (else local steps)"] if self.normalisers else []) + list(self.extras)
+            (["normalisers (else local steps)"] if self.normalisers else []) + \
+            [f"{n} ({LAYOUTS[self.layout(n)]})" if LAYOUTS[self.layout(n)] else n for n in self.extras]
         return ", ".join(out)  # theta0 is the server's own, not something clients send
 
 

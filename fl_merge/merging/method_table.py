@@ -48,8 +48,8 @@ def _row(m: MergeMethod) -> list[str]:
     exact, varies = _declared(m.per_tensor_exact, m)
     exact = ("exact" if exact else "per-tensor variant") + (
         " at the defaults, by parameters" if varies else "")
-    if m.needs.extras:
-        exact = "refused (needs " + ", ".join(m.needs.extras) + ")"
+    if m.needs.extras:  # checkpoints do not carry them: files of them beside (fl_merge/io/file_merge.py)
+        exact += " given --extras " + ", ".join(f"{n}=..." for n in m.needs.extras)
     source = m.paper.citation if m.paper else ""
     if m.paper and m.paper.code:
         source += f"; code: {m.paper.code}"

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from fl_merge.merging import statistics
 from fl_merge.merging.streaming import iter_blocks, linear_combination, work_dtype
 from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
     local_steps_tensor,
@@ -35,6 +36,8 @@ from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
 )
 from fl_merge.core.registration import METHOD_MODULES, BuiltinRegistry
 from fl_merge.merging.method import (  # noqa: F401  (public here too: method files import them)
+    DIAGONAL,
+    GRAM,
     Derived,
     MergeMethod,
     Needs,
@@ -91,6 +94,14 @@ def register(
         if needs.theta0 and (coordinatewise or "theta0" not in sig):
             raise ValueError(f"merge method '{name}' needs theta0: it must be whole-vector and "
                              "take a 'theta0' argument")
+        known = extra_layouts()
+        clash = [n for n in needs.extras if known.get(n, needs.layout(n)) != needs.layout(n)]
+        if clash:
+            raise ValueError(f"merge method '{name}': extra '{clash[0]}' is laid out as "
+                             f"{known[clash[0]]} by other methods, not {needs.layout(clash[0])}")
+        if coordinatewise and any(needs.layout(n) != DIAGONAL for n in needs.extras):
+            raise ValueError(f"merge method '{name}': a coordinate-wise method takes only "
+                             "per-coordinate (DIAGONAL) extras; make it whole-vector")
         knobs = dict(space or {})
         unknown = sorted(set(knobs) - set(params))
         if unknown:
@@ -193,7 +204,12 @@ def is_per_tensor_exact(method: str, params: Mapping | None = None) -> bool:
 
 def known_extras() -> set[str]:
     """Names of extra per-client arrays some registered method uses."""
-    return {n for m in _METHODS.values() for n in m.needs.extras}
+    return set(extra_layouts())
+
+
+def extra_layouts() -> dict[str, str]:
+    """Every extra some registered method uses -> its layout (`Needs.layouts`)."""
+    return {n: m.needs.layout(n) for m in _METHODS.values() for n in m.needs.extras}
 
 
 def check_extras(
@@ -203,62 +219,12 @@ def check_extras(
     names: Sequence[str] | None = None,
 ) -> dict:
     """Validate per-client extra arrays against the task vectors; return the ones `method`
-    uses. Every given array must be known to some method, hold one dict per client with the
-    task vectors' keys and shapes, floating point, finite and non-negative (they are
-    diagonal second-moment statistics such as Fisher estimates)."""
-    if extras is not None and not isinstance(extras, Mapping):
-        raise MergeInputError(
-            f"extras must be a dict {{name: [one dict of tensors per client]}}, got {extras!r}"
-        )
-    extras = dict(extras or {})
-    k = len(task_vectors)
-    names = [str(n) for n in names] if names is not None else [f"client {i}" for i in range(k)]
-    missing = [n for n in method.needs.extras if n not in extras]
-    if missing:
-        raise MergeInputError(
-            f"merge method '{method.name}' needs extras {missing}: pass "
-            f"extras={{'{missing[0]}': [one dict of tensors per client]}}"
-        )
-    unknown = sorted(set(extras) - known_extras(), key=str)
-    if unknown:
-        raise MergeInputError(
-            f"unknown extras {unknown}; methods use: {sorted(known_extras()) or 'none'}"
-        )
-    ref = task_vectors[0]
-    for ename, per_client in extras.items():
-        if isinstance(per_client, (Mapping, str, bytes)) or not isinstance(per_client, Sequence) \
-                or len(per_client) != k:
-            got = ("a dict" if isinstance(per_client, Mapping) else f"{len(per_client)} entries"
-                   if isinstance(per_client, Sequence) else type(per_client).__name__)
-            raise MergeInputError(f"extras['{ename}'] must hold one dict per client ({k}), got {got}")
-        for name, ex in zip(names, per_client):
-            if not isinstance(ex, Mapping):
-                raise MergeInputError(
-                    f"{name}: extras['{ename}'] is {type(ex).__name__}, not a dict of tensors"
-                )
-            if set(ex.keys()) != set(ref.keys()):
-                diff = sorted(set(ex.keys()) ^ set(ref.keys()))
-                raise MergeInputError(
-                    f"{name}: extras['{ename}'] keys differ from the task vector's: {diff[:5]}"
-                )
-            for key, v in ex.items():
-                if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point \
-                        or v.layout != torch.strided or v.device.type == "meta":
-                    raise MergeInputError(
-                        f"{name}: extras['{ename}']['{key}'] must be a floating-point tensor"
-                    )
-                if tuple(v.shape) != tuple(ref[key].shape):
-                    raise MergeInputError(
-                        f"{name}: extras['{ename}']['{key}'] has shape {tuple(v.shape)}, "
-                        f"the task vector has {tuple(ref[key].shape)}"
-                    )
-                if not all_finite(v):
-                    raise MergeInputError(f"{name}: extras['{ename}']['{key}'] contains NaN or Inf")
-                if v.numel() and float(v.min()) < 0:
-                    raise MergeInputError(
-                        f"{name}: extras['{ename}']['{key}'] has negative entries"
-                    )
-    return {n: extras[n] for n in method.needs.extras}
+    uses. Every given array must be known to some method and hold one dict per client, laid
+    out as its layout says (fl_merge/merging/statistics.py): a DIAGONAL one (e.g. Fisher) with
+    the task vectors' keys and shapes, finite and non-negative; a GRAM one a symmetric
+    [d_in, d_in] matrix per 2-D weight it covers."""
+    return statistics.check_extras(method.name, method.needs.extras, extra_layouts(), extras,
+                                   task_vectors, names)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

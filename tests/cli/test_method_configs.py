@@ -70,7 +70,9 @@ def test_composed_params_run_through_merge(name):
     method = params.pop("name")
     k = 2 if get_method(method).min_clients and _refuses(method, params, 6) else 6  # slerp: 2
     tvs = [{"a": torch.randn(4, 3), "b": torch.randn(3)} for _ in range(k)]
-    extras = {"fisher": [{"a": torch.rand(4, 3), "b": torch.rand(3)} for _ in range(k)]}
+    xs = [torch.randn(8, 3) for _ in range(k)]  # regmean: Grams of the inputs of "a" [4, 3]
+    extras = {"fisher": [{"a": torch.rand(4, 3), "b": torch.rand(3)} for _ in range(k)],
+              "gram": [{"a": x.T @ x / 8} for x in xs]}
     base = {"a": torch.randn(4, 3), "b": torch.randn(3)} if get_method(method).needs.theta0 else None
     out = merge(method, tvs, local_steps=[3] * k, extras=extras, theta0=base, **params)
     assert set(out) == {"a", "b"} and out["a"].shape == (4, 3)

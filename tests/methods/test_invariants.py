@@ -39,7 +39,11 @@ THETA0 = {n: v * 3.0 for n, v in make(1, seed=77)[0].items()}
 
 def call(method, tvs, weights=None, steps=None, fis=None, names=None, **kw):
     steps = steps if steps is not None else [5] * len(tvs)
-    extras = {"fisher": fis if fis is not None else fisher(len(tvs))}
+    fis = fis if fis is not None else fisher(len(tvs))
+    # regmean's Gram of the inputs of "a" [6, 5], built from the client's own Fisher draw of
+    # "b" [5] (f f^T + diag(f): symmetric, positive definite), so it moves with its client
+    grams = [{"a": torch.outer(f["b"], f["b"]) + torch.diag(f["b"])} for f in fis]
+    extras = {"fisher": fis, "gram": grams}
     return merge(method, tvs, weights, steps, normalisers=steps, extras=extras, names=names,
                  theta0=THETA0, **kw)
 

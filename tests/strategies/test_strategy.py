@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.error import Error
 
 from fl_merge import MergeInputError
+from fl_merge.methods import get_method
 from fl_merge_strategies import MergeRoundError, OneShotMerge
 from fl_merge_strategies.merge_round import run_round
 
@@ -33,12 +34,14 @@ def _standard(shift: float, n: int, classes: int = 4) -> RecordDict:
 
 def _rich(seed: int, steps: int, grid_eval: bool = True) -> RecordDict:
     """Our ClientApp's reply: weights, head, local-steps, partition id, fine-tuned scores,
-    a Fisher extra and the grid capability."""
+    a Fisher extra, a Gram of backbone.w's inputs (regmean) and the grid capability."""
     g = torch.Generator().manual_seed(seed)
     state = {"backbone.w": torch.randn(3, 2, generator=g), "backbone.b": torch.randn(2, generator=g),
              "head.weight": torch.randn(4, 2, generator=g), "head.bias": torch.zeros(4)}
     state.update({f"extra.fisher.{k}": torch.rand(v.shape, generator=g)
                   for k, v in state.items() if k.startswith("backbone.")})
+    x = torch.randn(5, 2, generator=g)
+    state["extra.gram.backbone.w"] = x.T @ x / 5
     metrics = {"num-examples": 10 * (seed + 1), "local-steps": steps, "partition-id": seed,
                "finetuned-val-accuracy": 0.8, "finetuned-accuracy": 0.8, "finetuned-loss": 0.1}
     if grid_eval:
@@ -309,13 +312,13 @@ def test_every_method_runs_through_the_round_as_merge_would(method):
     # Independent: clients ordered by partition id, task vectors over the backbone only.
     states = [split_extras(replies[100 + i]["arrays"].to_torch_state_dict()) for i in range(n)]
     taus = [task_vector(w, r.theta0, list(r.theta0)) for w, _ in states]
-    fisher = {"fisher": [e["fisher"] for _, e in states]}
+    needed = {name: [e[name] for _, e in states] for name in get_method(method).needs.extras}
     # Clients are identified by partition (DARE keys its masks by it, stable across runs).
     names = [f"partition {i}" for i in range(n)]
     # slerp and karcher are defined on the models theta0 + tau_i: the round passes theta0
     base = dict(r.theta0) if get_method(method).needs.theta0 else None
     expected = merge(method, taus, weights=[10.0 * (i + 1) for i in range(n)], local_steps=steps,
-                     names=names, extras=fisher if method == "fisher" else None, theta0=base)
+                     names=names, extras=needed or None, theta0=base)
     assert set(r.delta) == set(r.theta0)
     for k in r.theta0:
         torch.testing.assert_close(r.delta[k], expected[k])
@@ -692,7 +695,7 @@ def test_message_bytes_count_empty_config_values_as_nothing():
     assert _bytes(content) == (2 * 8 + len("coef")) + (2 + len("m"))
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "fisher", "median"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "fisher", "median", "regmean"])
 def test_spilled_round_equals_the_in_memory_round_and_an_independent_merge(tmp_path, method):
     """spill_dir: each train reply pulled on its own and written to disk as it arrives, task
     vectors too (fl_merge/io/spill.py); the Deltas, heads and choices are those of the
@@ -712,7 +715,7 @@ def test_spilled_round_equals_the_in_memory_round_and_an_independent_merge(tmp_p
     taus = [task_vector(w, _theta0(), list(_theta0())) for w, _ in states]
     expected = merge(method, taus, weights=[10.0, 20.0, 30.0], local_steps=steps,
                      names=[f"partition {i}" for i in range(3)],
-                     extras={"fisher": [e["fisher"] for _, e in states]} if method == "fisher" else None)
+                     extras={n: [e[n] for _, e in states] for n in get_method(method).needs.extras} or None)
     for k in _theta0():
         torch.testing.assert_close(spilled.delta[k], expected[k], rtol=0, atol=0)
         torch.testing.assert_close(spilled.delta[k], plain.delta[k], rtol=0, atol=0)
