@@ -28,6 +28,7 @@ from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.deploy.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
 from fl_merge.round.candidates import check_lines_layers
+from fl_merge.merging.registry import check_model_fits
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.tables import choice_origin, format_comparison
@@ -67,6 +68,8 @@ def load_theta0(cfg: ResolvedConfig) -> StateDict:
     try:
         merged = check_merge_keys(theta0, cfg.merge_keys)
         check_lines_layers(run.lines, run.search, merged)  # LiNeS's pattern finds its layers
+        for method, _ in cfg.methods:  # the SVD / least-squares methods find a 2-D weight
+            check_model_fits(method, {k: tuple(theta0[k].shape) for k in merged})
         # run-config client checkpoints: names, shapes and step information fit theta0
         check_client_checkpoints(cfg.client_checkpoints, cfg.checkpoint_steps, theta0,
                                  key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from fl_merge.merging.lines import check_lines, layer_scales
-from fl_merge.merging.registry import (GRAM, check_method_params, extra_layouts, is_per_tensor_exact,
-                                       normalized_weights)
+from fl_merge.merging.registry import (GRAM, check_method_params, check_model_fits, extra_layouts,
+                                       is_per_tensor_exact, normalized_weights)
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.streaming import work_dtype
 from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
@@ -325,6 +325,8 @@ def merge_files(
     cks = [Checkpoint(m, f"model {m}") for m in models]
     stats: dict[str, list[Checkpoint]] = {}
     try:
+        check_model_fits(method, {k: tuple(base_ck.info(k).shape) for k in base_ck.keys
+                                  if base_ck.info(k).is_float})
         stats = open_extras(extras, base_ck, len(cks), method)
         return _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes,
                            non_float, weights, local_steps, normalisers, names, stats, lines)

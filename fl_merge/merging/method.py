@@ -112,6 +112,9 @@ class MergeMethod:
     paper, formula: its source and a one-line formula of Delta, for the docs' table.
     min_clients: a check ``(K, params) -> None`` raising MergeInputError when K is too small.
     check_params: a check ``(params) -> None`` raising MergeInputError on invalid values.
+    merges_matrices: it merges 2-D weight matrices by their structure (SVD, least squares)
+        and only averages or keeps the other tensors: a model with no 2-D tensor among the
+        merged ones is refused before any training (`registry.check_model_fits`).
     coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
         **params) -> c[K]``; `merge` then streams the clients' rows with fused multiply-adds
         instead of gathering [K, n] blocks (same result as `fn`, the reference on a block).
@@ -132,6 +135,7 @@ class MergeMethod:
     aliases: tuple[str, ...] = ()
     min_clients: Callable[[int, dict], None] | None = None
     check_params: Callable[[dict], None] | None = None
+    merges_matrices: bool = False
     coefficients: Callable | None = None
     takes_local_steps: bool = False
     takes_normalisers: bool = False

@@ -73,6 +73,7 @@ def register(
     min_clients: Callable[[int, dict], None] | None = None,
     check_params: Callable[[dict], None] | None = None,
     coefficients: Callable | None = None,
+    merges_matrices: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` as merge method `name` (and its aliases), with everything
     fl-merge reads about it (`MergeMethod` says what each declaration means). Its
@@ -120,6 +121,7 @@ def register(
             paper=Paper(paper) if isinstance(paper, str) else paper, formula=formula,
             summary=(inspect.getdoc(fn) or "").split("\n")[0], aliases=tuple(aliases),
             min_clients=min_clients, check_params=check_params, coefficients=coefficients,
+            merges_matrices=merges_matrices,
             takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
             takes_names="names" in sig, takes_extras="extras" in sig, takes_device="device" in sig,
             takes_theta0="theta0" in sig and not coordinatewise,
@@ -192,6 +194,20 @@ def register_again(name: str, fn: Callable) -> bool:
         raise ValueError(f"merge method '{name}' registered twice")
     _METHODS[name] = dataclasses.replace(declared, name=name, aliases=())
     return True
+
+
+def check_model_fits(method: str, shapes: Mapping[str, Sequence[int]]) -> None:
+    """MergeInputError (one line) when `method` merges weight matrices (`merges_matrices`)
+    and none of the merged tensors `shapes` (key -> shape) is 2-D: the SVD and
+    least-squares methods would only average (or keep) every tensor. Called on theta0 before
+    any training and on the base checkpoint before `fl-merge merge` writes anything."""
+    m = get_method(method)
+    if m.merges_matrices and shapes and not any(len(s) == 2 and 0 not in s for s in shapes.values()):
+        some = ", ".join(f"{k} {list(s)}" for k, s in list(shapes.items())[:3])
+        raise MergeInputError(
+            f"merge method '{method}' merges 2-D weight matrices, but none of the {len(shapes)} "
+            f"merged tensors is one ({some}{', ...' if len(shapes) > 3 else ''}): it would only "
+            "average them; merge the model's linear weights (merge-keys) or use fedavg")
 
 
 def is_per_tensor_exact(method: str, params: Mapping | None = None) -> bool:

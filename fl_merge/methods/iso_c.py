@@ -32,6 +32,7 @@ def flat_spectrum(m: torch.Tensor) -> torch.Tensor:
 
 @register(
     "iso_c", coordinatewise=False, lambda_scale="delta",
+    merges_matrices=True,  # SVD / least squares per 2-D weight; a model without one is refused
     per_tensor_exact=True,  # every tensor is merged on its own
     formula="per 2-D tensor: M = K sum_i p_i tau_i = U S V^T (rank r), Delta = mean(s_1..s_r) "
             "U_r V_r^T; other tensors: sum_i p_i tau_i; lambda = the paper's alpha",

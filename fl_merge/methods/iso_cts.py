@@ -55,6 +55,7 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
 
 @register(
     "iso_cts", coordinatewise=False, lambda_scale="delta", check_params=_check_fraction,
+    merges_matrices=True,  # SVD / least squares per 2-D weight; a model without one is refused
     per_tensor_exact=True,  # every tensor is merged on its own
     formula="per 2-D tensor: common subspace = top k = int(f min(shape)) singular vectors of "
             "M = K sum_i p_i tau_i, plus each K p_i tau_i's top (min(shape) - k)/K outside it; "

@@ -56,6 +56,7 @@ def regmean_matrix(taus: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], 
 
 @register(
     "regmean", coordinatewise=False, needs=Needs(extras=("gram",), layouts={"gram": GRAM}),
+    merges_matrices=True,  # SVD / least squares per 2-D weight; a model without one is refused
     check_params=_check, lambda_scale="delta",
     per_tensor_exact=True,  # every linear layer is solved on its own
     # alpha: the authors' configs use 0.1 (most) and 0.9 (DeBERTa NER); 1 is plain RegMean

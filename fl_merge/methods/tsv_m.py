@@ -36,6 +36,7 @@ def tsv_matrix(mats: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tenso
 
 @register(
     "tsv_m", coordinatewise=False, lambda_scale="delta",
+    merges_matrices=True,  # SVD / least squares per 2-D weight; a model without one is refused
     per_tensor_exact=True,  # every matrix is merged on its own, every other tensor averaged
     formula="per 2-D tensor: top floor(r/K) SVD triplets of each tau_i (singular values times "
             "p_i / mean p), stacked U and V orthogonalised (P Q^T of their SVD), "

@@ -88,6 +88,7 @@ def adam(x: torch.Tensor, grad, iters: int, lr: float) -> torch.Tensor:
 
 @register(
     "wudi", coordinatewise=False, check_params=_check, lambda_scale="delta",
+    merges_matrices=True,  # SVD / least squares per 2-D weight; a model without one is refused
     per_tensor_exact=True,  # every matrix is optimised on its own; other tensors per tensor
     formula="per 2-D tensor: iters Adam steps (lr) from sum_i c_i tau_i on sum_i c_i "
             "norm((tau_m - tau_i) tau_i^T)^2 / norm(tau_i)^2, c_i = K p_i; other tensors 0 "

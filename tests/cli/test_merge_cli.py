@@ -470,3 +470,17 @@ def test_random_masks_do_not_depend_on_where_the_files_are(pool, capsys, tmp_pat
     assert all(torch.equal(first[n], again[n]) for n in SHAPES)
     assert model_names(["/x/a/m.safetensors", "/x/b/m.safetensors"]) == ["a/m.safetensors", "b/m.safetensors"]
     assert model_names(["/x/a/m.safetensors"]) == ["m.safetensors"]
+
+
+def test_a_matrix_method_on_a_checkpoint_without_matrices_is_one_line(tmp_path, capsys):
+    """tsv_m on a checkpoint holding only vectors: one error line, nothing written."""
+    base = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(2):
+        save_file({k: v + i + 1 for k, v in base.items()}, str(tmp_path / f"m{i}.safetensors"))
+    out = tmp_path / "out.safetensors"
+    rc, err = run(["--base", tmp_path / "base.safetensors", "--models", tmp_path / "m0.safetensors",
+                   tmp_path / "m1.safetensors", "--method", "tsv_m", "--eta", 1, "--out", out], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "merge method 'tsv_m' merges 2-D weight matrices, but none of the 2 merged tensors" in err
+    assert not out.exists()

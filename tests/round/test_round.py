@@ -122,6 +122,23 @@ def test_load_theta0_checks_merge_keys_before_any_client_trains(tmp_path):
         load_theta0(bad)
 
 
+def test_load_theta0_refuses_a_matrix_method_without_a_matrix_before_any_client_trains(tmp_path):
+    """tsv_m and the other SVD / least-squares methods merge 2-D weights: merge-keys that
+    select only vectors and convolutions would make them plain averaging, refused up front."""
+    from fl_merge_strategies.server_app import load_theta0
+
+    save_file({"enc.w": torch.zeros(2), "conv.w": torch.zeros(4, 3, 3, 3), "fc.w": torch.zeros(5, 4)},
+              str(tmp_path / "m.safetensors"))
+    only_vectors = dict(base_checkpoint=str(tmp_path / "m.safetensors"), merge_keys="enc.*,conv.*")
+    for method in ("tsv_m", "iso_c", "iso_cts", "wudi", "regmean"):
+        with pytest.raises(ConfigError, match=rf"merge method '{method}' merges 2-D weight matrices, "
+                                              r"but none of the 2 merged tensors is one \(conv.w \[4, 3, 3, 3\], enc.w \[2\]\)"):
+            load_theta0(RunConfig(**only_vectors, method=f"fedavg,{method}").resolve())
+    assert set(load_theta0(RunConfig(**only_vectors, method="fedavg").resolve())) == {"enc.w", "conv.w", "fc.w"}
+    with_fc = dict(only_vectors, merge_keys="enc.*,fc.*")
+    assert set(load_theta0(RunConfig(**with_fc, method="tsv_m").resolve())) == {"enc.w", "conv.w", "fc.w"}
+
+
 def test_grid_capability_is_the_announced_protocol_version():
     assert speaks_grid({"fl-merge-protocol": 1}) and speaks_grid({"fl-merge-protocol": 1.0})
     assert not any(speaks_grid(m) for m in ({}, {"fl-merge-protocol": 2}, {"fl-merge-protocol": True}))
