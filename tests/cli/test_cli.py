@@ -280,7 +280,7 @@ def test_single_run(tmp_path, env):
     assert "ties (eta=1)" in proc.stdout and "normalized" in proc.stdout
     assert f"results: {run_dir}" in proc.stdout
     meta = json.loads((run_dir / "run.json").read_text())
-    assert meta["methods"]["ties"]["params"] == {"density": 0.3}
+    assert meta["methods"]["ties"]["params"] == {"density": 0.3, "convention": "fl-merge"}
     assert meta["config"]["num-clients"] == 2 and meta["config"]["output-dir"] == str(run_dir)
     rows = read_rows(run_dir / "results.csv")
     assert {r["task"] for r in rows} == {"rotate90", "invert"}

@@ -15,11 +15,14 @@ from fl_merge.round.selection import apply_choice
 from fl_merge.round.settings import CoefficientSettings, PrescreenSettings, RoundSettings
 from fl_merge.round.updates import ClientUpdate
 
+# every parameter of ties other than density, at its default (a method's full parameters)
+TIES_DEFAULTS = {"convention": "fl-merge"}
+
 
 def test_build_labels_methods_adds_the_base_eta_and_fills_typed_sub_settings():
     st = RoundSettings.build(methods=["fedavg", ("ties", {"density": 0.3})], etas=[2.0, 0.5, 2.0],
                              learn_coefficients="task", coef_rounds=3, prescreen=0.25, finalists=2)
-    assert st.methods == {"fedavg": ("fedavg", {}), "ties": ("ties", {"density": 0.3})}
+    assert st.methods == {"fedavg": ("fedavg", {}), "ties": ("ties", {"density": 0.3, **TIES_DEFAULTS})}
     assert st.etas == [0.0, 0.5, 2.0]  # sorted, duplicates gone, 0 (the base) added
     assert st.lambdas is None  # search off: the shared etas
     assert st.coefficients == CoefficientSettings("task", "supervised", 3, 0.05)
@@ -61,7 +64,7 @@ def test_the_resolved_config_builds_the_same_settings_as_the_keywords(tmp_path):
                     weighting="num-examples", greedy_soup=True, prescreen=0.5, finalists=2, spill=True,
                     attack="sign_flip", attackers="2", measure_heterogeneity=False, min_clients=2).resolve()
     st = cfg.round_settings(tmp_path)
-    assert st.methods == {"fedavg": ("fedavg", {}), "ties": ("ties", {"density": 0.4})}
+    assert st.methods == {"fedavg": ("fedavg", {}), "ties": ("ties", {"density": 0.4, **TIES_DEFAULTS})}
     assert st.etas == [0.0, 1.0, 2.0] and st.lambdas is None and st.search == "paper"
     assert st.weighting == "num-examples" and st.greedy_soup and not st.ensemble
     assert st.prescreen == PrescreenSettings(0.5, 2) and st.spill_dir == str(tmp_path)
@@ -77,7 +80,8 @@ def test_strategy_takes_the_settings_or_keywords_never_both():
     st = RoundSettings.build(method="median")
     assert OneShotMerge(settings=st).settings is st
     assert OneShotMerge(method="median").settings == st
-    assert TiesMerge(method_params={"density": 0.2}).settings.methods == {"ties": ("ties", {"density": 0.2})}
+    assert TiesMerge(method_params={"density": 0.2}).settings.methods == {
+        "ties": ("ties", {"density": 0.2, **TIES_DEFAULTS})}
     with pytest.raises(ValueError, match="either as `settings` or as keyword arguments \\(etas\\)"):
         OneShotMerge(settings=st, etas=[1.0])
 

@@ -362,7 +362,7 @@ def _three_clients() -> dict:
 def test_several_methods_share_one_training_pass_and_one_evaluate_message():
     s = _three_methods()
     assert list(s.settings.methods) == ["fedavg", "ties[density=0.5]", "ties[density=1.0]"]
-    assert s.settings.methods["ties[density=0.5]"] == ("ties", {"density": 0.5})  # full parameters
+    assert s.settings.methods["ties[density=0.5]"] == ("ties", {"density": 0.5, "convention": "fl-merge"})  # full parameters
     grid = FakeGrid(_three_clients())
     r = _run(s, grid)
     assert set(r.deltas) == set(s.settings.methods)
