@@ -86,6 +86,10 @@ class MergeMethod:
     paper, formula: its source and a one-line formula of Delta, for the docs' table.
     min_clients: a check ``(K, params) -> None`` raising MergeInputError when K is too small.
     check_params: a check ``(params) -> None`` raising MergeInputError on invalid values.
+    personal: the method gives each client its own model (`fl_merge.merging.personal`): its fn
+        (whole-vector) returns a `PersonalDeltas`, and so does `merge`; a round scores each
+        client on its own model theta0 + eta * Delta_i. Client weights are refused (each
+        client gets its own model), and `fl-merge merge` (one output file) refuses it.
     coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
         **params) -> c[K]``; `merge` then streams the clients' rows with fused multiply-adds
         instead of gathering [K, n] blocks (same result as `fn`, the reference on a block).
@@ -107,6 +111,7 @@ class MergeMethod:
     min_clients: Callable[[int, dict], None] | None = None
     check_params: Callable[[dict], None] | None = None
     coefficients: Callable | None = None
+    personal: bool = False
     takes_local_steps: bool = False
     takes_normalisers: bool = False
     takes_names: bool = False

@@ -34,6 +34,7 @@ from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
     normalized_weights,
 )
 from fl_merge.core.registration import METHOD_MODULES, BuiltinRegistry
+from fl_merge.merging.personal import PersonalDeltas, check_uniform_weights, finish_personal
 from fl_merge.merging.method import (  # noqa: F401  (public here too: method files import them)
     Derived,
     MergeMethod,
@@ -68,6 +69,7 @@ def register(
     min_clients: Callable[[int, dict], None] | None = None,
     check_params: Callable[[dict], None] | None = None,
     coefficients: Callable | None = None,
+    personal: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` as merge method `name` (and its aliases), with everything
     fl-merge reads about it (`MergeMethod` says what each declaration means). Its
@@ -86,6 +88,9 @@ def register(
             raise ValueError(f"merge method '{name}': needs must be a Needs(...), got {needs!r}")
         if needs.extras and "extras" not in sig:
             raise ValueError(f"merge method '{name}' needs extras but takes no 'extras' argument")
+        if personal and (coordinatewise or coefficients is not None):
+            raise ValueError(f"merge method '{name}': a personal method is a whole-vector one "
+                             "returning PersonalDeltas (coordinatewise=False, no coefficients)")
         knobs = dict(space or {})
         unknown = sorted(set(knobs) - set(params))
         if unknown:
@@ -104,7 +109,7 @@ def register(
             paper=Paper(paper) if isinstance(paper, str) else paper, formula=formula,
             summary=(inspect.getdoc(fn) or "").split("\n")[0], aliases=tuple(aliases),
             min_clients=min_clients, check_params=check_params, coefficients=coefficients,
-            takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
+            personal=bool(personal), takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
             takes_names="names" in sig, takes_extras="extras" in sig, takes_device="device" in sig,
         )
         for n in (name, *aliases):
@@ -290,8 +295,12 @@ def merge(
     device: str | torch.device | None = "cpu",
     extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
     **params,
-) -> StateDict:
+) -> StateDict | PersonalDeltas:
     """Delta = method(task_vectors) under the mean convention; theta = theta0 + eta * Delta.
+
+    A personal method (EMR) returns a `PersonalDeltas` instead: client i's own update is
+    ``result.delta(i)`` (or by name), its model ``result.model(theta0, i, eta)``; it refuses
+    unequal `weights`.
 
     Validates everything before any arithmetic: the method and its parameters (names and
     values), the task vectors (same keys/shapes/dtypes, finite; `names` label clients in
@@ -309,6 +318,8 @@ def merge(
     full_params = check_method_params(method, params)
     check_task_vectors(task_vectors, names)
     k = len(task_vectors)
+    if m.personal:
+        check_uniform_weights(method, weights)
     p = normalized_weights(weights, k)
     steps = local_steps_tensor(local_steps, k)
     if m.needs.local_steps and steps is None:
@@ -334,6 +345,8 @@ def merge(
         per_client = {"local_steps": steps, "normalisers": norm,
                       "names": None if names is None else [str(n) for n in names]}
         out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev)
+    if m.personal:
+        return finish_personal(method, out, k, names)
     for key, v in out.items():
         if not all_finite(v):
             raise MergeInputError(
@@ -353,6 +366,8 @@ def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, 
         if m.takes_device:
             extra["device"] = dev
         out = m.fn(task_vectors, p, **extra, **full_params)
+        if m.personal:
+            return out
         return {key: v.to("cpu") for key, v in out.items()}
 
     ref = task_vectors[0]
@@ -372,3 +387,4 @@ def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, 
             res = m.fn(stacked, pw, **extra, **kw, **full_params)
             flat_out[key][s:e].copy_(res.reshape(-1))
     return {key: v.reshape(ref[key].shape) for key, v in flat_out.items()}
+
