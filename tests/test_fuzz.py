@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from fl_merge import MergeInputError, available_methods, merge
+from fl_merge import MergeInputError, PersonalDeltas, available_methods, merge
 from fl_merge.merging.registry import check_method_params
 from fl_merge.methods import get_method
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, flower_keys
@@ -189,6 +189,12 @@ def _finite(v):
     return bool(torch.isfinite(v.float()).all())
 
 
+def _as_deltas(out):
+    """The Deltas a merge result gives: one shared Delta, or a personal method's (EMR) one
+    per client."""
+    return [out.delta(i) for i in range(len(out))] if isinstance(out, PersonalDeltas) else [out]
+
+
 @fuzz(800)
 @given(call=merge_calls())
 def test_merge_returns_a_valid_delta_or_a_clear_error(call):
@@ -206,6 +212,11 @@ def test_merge_returns_a_valid_delta_or_a_clear_error(call):
     # It merged: the inputs were valid float task vectors, and the result mirrors them.
     assert _valid_floats(tvs)
     ref = tvs[0]
+    for delta in _as_deltas(out):  # one shared Delta, or each client's own (EMR)
+        _check_delta(delta, ref, call, params)
+
+
+def _check_delta(out, ref, call, params):
     assert isinstance(out, dict) and list(out) == list(ref)
     for key, r in ref.items():
         v = out[key]
@@ -241,10 +252,15 @@ def test_valid_inputs_merge_with_every_method(method, k, seed, dtype, shape, wei
         check_method_params(method, {}, k)
     except MergeInputError:
         return  # too few clients for this method: covered by the first test
-    out = merge(method, tvs, weights, [3] * k, extras={"fisher": fis})
-    for key, r in tvs[0].items():
-        assert out[key].shape == r.shape and out[key].dtype == r.dtype
-        assert _finite(out[key]), (method, key, out[key])
+    try:
+        result = merge(method, tvs, weights, [3] * k, extras={"fisher": fis})
+    except MergeInputError as e:  # a personal method (EMR) takes no unequal weights
+        assert get_method(method).personal and "takes no client weights" in str(e), e
+        return
+    for out in _as_deltas(result):
+        for key, r in tvs[0].items():
+            assert out[key].shape == r.shape and out[key].dtype == r.dtype
+            assert _finite(out[key]), (method, key, out[key])
 
 
 # DARE rescales kept entries by 1 / (1 - drop_rate): a value near the dtype's maximum may
@@ -268,7 +284,7 @@ def test_extreme_but_finite_values_stay_finite(method, dtype, top, k):
     except MergeInputError as e:
         assert method in MAY_OVERFLOW and "overflows" in str(e), e
         return
-    assert all(_finite(v) for v in out.values()), out
+    assert all(_finite(v) for d in _as_deltas(out) for v in d.values()), out
 
 
 def _tvs(k=3, shape=(3,)):
@@ -338,7 +354,7 @@ def test_zero_size_tensors_merge_to_zero_size_tensors(method):
         tvs = [{n: _tensor(s, torch.float32, i) for n, s in layout.items()} for i in range(5)]
         fis = [{n: v.abs() for n, v in tv.items()} for tv in tvs]
         out = merge(method, tvs, local_steps=[2] * 5, extras={"fisher": fis})
-        assert {n: tuple(v.shape) for n, v in out.items()} == layout
+        assert all({n: tuple(v.shape) for n, v in d.items()} == layout for d in _as_deltas(out))
 
 
 def test_inputs_requiring_grad_merge_without_autograd():
@@ -347,8 +363,8 @@ def test_inputs_requiring_grad_merge_without_autograd():
     tvs = [{"w": torch.randn(4, requires_grad=True)} for _ in range(5)]
     for method in METHODS:
         fis = [{"w": torch.ones(4)} for _ in tvs]
-        out = merge(method, tvs, local_steps=[2] * 5, extras={"fisher": fis})
-        assert not out["w"].requires_grad and _finite(out["w"])
+        for out in _as_deltas(merge(method, tvs, local_steps=[2] * 5, extras={"fisher": fis})):
+            assert not out["w"].requires_grad and _finite(out["w"])
 
 
 # --------------------------------------------------------------------------- config loader

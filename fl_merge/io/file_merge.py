@@ -49,6 +49,10 @@ def method_scope(method: str, params: dict | None = None) -> str:
     """'exact' (per tensor is the method), 'per-tensor' (a layer-wise variant of a
     whole-vector method) or 'refused: <why>' for `method` with `params`."""
     m = get_method(method)
+    if m.personal:
+        return ("refused: it gives each model its own merged model (one shared vector, a mask and "
+                "a scale per model), which one output file cannot hold (use fl_merge.merge(...)"
+                ".model(theta0, i) or a Flower run, which writes one file per task)")
     if m.needs.extras:
         return (f"refused: needs per-model {', '.join(m.needs.extras)} arrays, which "
                 "checkpoints do not carry (use fl_merge.merge(..., extras=...) or a Flower round)")

@@ -56,8 +56,9 @@ def emr(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tenso
     K = 1: s = sign(tau_1), m_1 = [tau_1 != 0], lambda_1 = 1: the client's own model exactly.
     Tuning-free: no knob is searched; a round searches only the global eta (its lambda grid,
     the paper's point 1.0 included), on validation like every other method.
-    Memory: the unified vector, K bool masks (one byte per coordinate each) and one tensor
-    of temporaries at a time; arithmetic in float32 at least on `device`.
+    Memory: the unified vector, K bool masks (one byte per coordinate each) and, per
+    tensor, a few temporaries (K copies of it only when a cast or a device move is needed); arithmetic in float32 at least on `device`, the sign's sum and
+    the mean magnitudes in float64 (values near the dtype's maximum stay finite).
     """
     ref = task_vectors[0]
     dtype = task_vectors_dtype(task_vectors)
@@ -68,21 +69,22 @@ def emr(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tenso
     masks: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     for key, r in ref.items():
         taus = [tv[key].to(device=device, dtype=dtype) for tv in task_vectors]
-        total = torch.zeros(r.shape, dtype=dtype, device=device)
+        total = torch.zeros(r.shape, dtype=torch.float64, device=device)  # no overflow near the max
         for t in taus:
             total.add_(t)
         sign = torch.where(total > 0, 1.0, -1.0).to(dtype)
-        eps = torch.zeros_like(total)
+        del total
+        eps = torch.zeros(r.shape, dtype=dtype, device=device)
         for i, t in enumerate(taus):
             agree = t * sign > 0
             masks[i][key] = agree.cpu()
             torch.maximum(eps, torch.where(agree, t.abs(), 0.0), out=eps)
             if t.numel():
-                scales[i] += float(t.abs().mean())
+                scales[i] += float(t.abs().mean(dtype=torch.float64))
         uni = eps.mul_(sign)
         if r.numel():
             for i in range(k):
-                kept[i] += float(torch.where(masks[i][key].to(device), uni.abs(), 0.0).mean())
+                kept[i] += float(torch.where(masks[i][key].to(device), uni.abs(), 0.0).mean(dtype=torch.float64))
         unified[key] = uni.to(device="cpu", dtype=r.dtype)
     rescale = [float(s / c) if c > 0 else 0.0 for s, c in zip(scales.tolist(), kept.tolist())]
     return PersonalDeltas(unified, masks, rescale, [str(i) for i in range(k)])
