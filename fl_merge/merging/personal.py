@@ -91,9 +91,17 @@ def delta_nbytes(delta: Mapping[str, torch.Tensor] | PersonalDeltas) -> int:
     return sum(v.numel() * v.element_size() for v in delta.values())
 
 
-def check_uniform_weights(method: str, weights: Sequence[float] | torch.Tensor | None) -> None:
-    """A personal method gives each client its own model: client weights have no meaning for
-    it. None or equal weights pass; others are a MergeInputError (one line)."""
+def check_personal_inputs(method: str, weights: Sequence[float] | torch.Tensor | None,
+                          names: Sequence[str] | None) -> None:
+    """What a personal method cannot take, before any arithmetic (MergeInputError, one line):
+    unequal client weights (it gives each client its own model: weights mean nothing to it;
+    None or equal weights pass) and repeated client names (a client's model is found by its
+    name)."""
+    if names is not None:
+        labels = [str(n) for n in names]
+        dup = sorted({n for n in labels if labels.count(n) > 1})
+        if dup:
+            raise MergeInputError(f"merge method '{method}': client names must be unique, {dup} repeat")
     if weights is None:
         return
     w = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]

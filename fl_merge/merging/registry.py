@@ -34,7 +34,7 @@ from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
     normalized_weights,
 )
 from fl_merge.core.registration import METHOD_MODULES, BuiltinRegistry
-from fl_merge.merging.personal import PersonalDeltas, check_uniform_weights, finish_personal
+from fl_merge.merging.personal import PersonalDeltas, check_personal_inputs, finish_personal
 from fl_merge.merging.method import (  # noqa: F401  (public here too: method files import them)
     Derived,
     MergeMethod,
@@ -318,9 +318,9 @@ def merge(
     full_params = check_method_params(method, params)
     check_task_vectors(task_vectors, names)
     k = len(task_vectors)
-    if m.personal:
-        check_uniform_weights(method, weights)
     p = normalized_weights(weights, k)
+    if m.personal:
+        check_personal_inputs(method, weights, names)
     steps = local_steps_tensor(local_steps, k)
     if m.needs.local_steps and steps is None:
         raise MergeInputError(f"merge method '{method}' needs every client's local_steps")

@@ -135,6 +135,8 @@ def test_result_types_dtype_and_client_lookup():
         got.delta("w")
     with pytest.raises(MergeInputError, match="out of range"):
         got.delta(3)
+    with pytest.raises(MergeInputError, match=r"client names must be unique, \['x'\] repeat"):
+        merge("emr", tvs, names=["x", "y", "x"])
     assert not hasattr(got, "items")  # not a Delta: nothing can use it as one shared model
     theta0 = {k: torch.zeros(v.shape) for k, v in tvs[0].items()}
     m = got.model(theta0, "x", eta=0.5)
