@@ -124,5 +124,11 @@ def finish_personal(method: str, out: object, k: int, names: Sequence[str] | Non
     bad = [labels[i] for i, s in enumerate(out.scales) if not math.isfinite(s)]
     if bad:
         raise MergeInputError(f"merge method '{method}': the scale of {', '.join(bad)} is not finite")
+    for i, s in enumerate(out.scales):  # each client's Delta_i must fit its dtype too
+        for key, u in unified.items():
+            if u.numel() and s * float(torch.where(out.masks[i][key].cpu(), u.abs(), 0).max()) > \
+                    torch.finfo(u.dtype).max:
+                raise MergeInputError(f"merge method '{method}': the update of {labels[i]} overflows "
+                                      f"{u.dtype} at '{key}' (its scale {s:.4g} times the unified vector)")
     return PersonalDeltas(unified, [{key: v.to("cpu") for key, v in mk.items()} for mk in out.masks],
                           [float(s) for s in out.scales], labels)

@@ -162,3 +162,14 @@ def test_zero_size_tensors_add_nothing():
     got = merge("emr", tvs)
     assert got.unified["empty"].shape == (0, 3)
     check(got, tvs)
+
+
+def test_a_rescaled_update_beyond_the_dtype_is_a_clear_error():
+    # b disagrees with the elected sign at w[0]: lambda_b = mean(3e4, 6e4) / mean(0, 6e4) = 1.5,
+    # and 1.5 * 6e4 = 9e4 is beyond float16's 65504
+    a = {"w": torch.tensor([6e4, 6e4], dtype=torch.float16)}
+    b = {"w": torch.tensor([-3e4, 6e4], dtype=torch.float16)}
+    with pytest.raises(MergeInputError, match=r"^merge method 'emr': the update of 1 overflows torch.float16 at 'w'"):
+        merge("emr", [a, b])
+    got = merge("emr", [{"w": a["w"].float()}, {"w": b["w"].float()}])
+    assert got.scales[1] == pytest.approx(1.5) and float(got.delta(1)["w"].abs().max()) == pytest.approx(9e4, rel=1e-3)
