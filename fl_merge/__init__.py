@@ -2,7 +2,8 @@
 
 Task vector tau_i = theta_i - theta0. An aggregator returns a mean-like update Delta and the
 merged model is theta0 + eta * Delta; Task Arithmetic with lambda is one-shot FedAvg with
-eta = K * lambda.
+eta = K * lambda. A personal method (EMR) returns a `PersonalDeltas` instead, one model per
+client: ``merge("emr", tvs).model(theta0, i)`` is client i's.
 
 The public API is what this module names; docs/architecture.md maps the packages behind it.
 `run` and `RunConfig` load Flower and Hydra's side of the library on first use, so
@@ -15,6 +16,7 @@ from typing import Any
 
 from fl_merge.core.task_vectors import MergeInputError, apply_update, split_state, task_vector
 from fl_merge.io.merged import load_merged
+from fl_merge.merging.personal import PersonalDeltas
 from fl_merge.methods import available_methods, merge
 from fl_merge.methods.fedavg import eta_for_task_arithmetic
 
@@ -31,6 +33,7 @@ _LAZY = {
 __all__ = [
     "ConfigError",
     "MergeInputError",
+    "PersonalDeltas",
     "RunConfig",
     "apply_update",
     "available_methods",

@@ -22,7 +22,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_merge.round.failures import attribute, unscored_tasks
-from fl_merge.round.candidates import candidate_lines, candidate_methods, plan_candidates, search_record
+from fl_merge.round.candidates import (candidate_lines, candidate_methods, personal_method,
+                                      plan_candidates, search_record)
 from fl_merge.round.merging import collude, measure, merge_methods, train_requests
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.prescreen import with_full_validation
@@ -208,7 +209,8 @@ def tables_step(x: Exchange, st: RoundSettings, r: MergeRound, trained: Trained,
         chosen = c.method in choice and choice[c.method][0] == label
         r.rows += result_rows(c.method, c.name, c.params, r.best_etas[c.method] if chosen else None,
                               scores[label], by_task, st.attack_plan, knobs=c.knobs,
-                              lam=lambda e, c=c: c.lam(e, k), finetuned=chosen)
+                              lam=lambda e, c=c: c.lam(e, k), finetuned=chosen,
+                              own_model=personal_method(c.name))  # EMR: each task on its own model
     r.metrics = summary_metrics(r.rows, r.best_etas, {m: ch["lambda"] for m, ch in r.choices.items()})
     # The prediction ensemble and the best single run (optional): reference models,
     # scored on val and test in one message; they change no method's choice.

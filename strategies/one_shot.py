@@ -40,6 +40,7 @@ from fl_merge.round.scoring import (
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.io.spill import SpillDir, split_extras_lazy
+from fl_merge.merging.personal import is_personal, own_delta
 from fl_merge.core.task_vectors import StateDict, split_extras
 from .sending import _bytes, _send, _send_each
 
@@ -116,7 +117,8 @@ class OneShotMerge(FedAvg):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Any = None) -> Result:
         """Flower's entry point: the whole round (strategies.merge_round.run_round); the
-        returned arrays are the primary method's merged model at its chosen eta."""
+        returned arrays are the primary method's merged model at its chosen eta (none for a
+        personal primary method such as EMR: each client's model is `outcome.merged_state(eta, label, client)`)."""
         from .merge_round import run_round
 
         if num_rounds != 1:
@@ -127,8 +129,9 @@ class OneShotMerge(FedAvg):
         self.outcome = run_round(self, grid, initial_arrays.to_torch_state_dict(), dict(train_config or {}),
                                  dict(evaluate_config or {}), timeout)
         out = self.outcome
-        return Result(arrays=ArrayRecord(out.merged_state(out.best_eta)) if out.best_eta is not None
-                      else ArrayRecord())
+        if out.best_eta is None or out.personal(out.primary):  # EMR: one model per client, none shared
+            return Result(arrays=ArrayRecord())
+        return Result(arrays=ArrayRecord(out.merged_state(out.best_eta)))
 
     # ------------------------------------------------------------------ train
     def train(self, grid: Grid, theta0: StateDict, config: Mapping[str, Any], timeout: float,
@@ -193,11 +196,12 @@ class OneShotMerge(FedAvg):
                      shared: tuple[ArrayRecord, list[ArrayRecord]] | None = None) -> Message:
         """theta0 + the client's per-task parameters, each method's Delta once ("delta",
         "delta-1", ... in label order) and the etas to score each at. `shared`: theta0's and
-        the Deltas' ArrayRecords made once for every client's message (their Arrays are
-        shared, not copied K times)."""
+        this client's Delta records, the shared ones made once for every client's message
+        (their Arrays are shared, not copied K times; a personal method's is the client's own)."""
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "server-round": 1,
                             **grid_config(grids, splits)})
-        base, records = shared or (ArrayRecord(theta0), [ArrayRecord(deltas[m]) for m in grids])
+        base, records = shared or (ArrayRecord(theta0),
+                                   [ArrayRecord(own_delta(deltas[m], client.identity)) for m in grids])
         content = RecordDict({
             self.arrayrecord_key: ArrayRecord({**base, **ArrayRecord(client.per_task)}),
             **{delta_key(i): ArrayRecord(dict(r)) for i, r in enumerate(records)},
@@ -220,15 +224,26 @@ class OneShotMerge(FedAvg):
         """Every client scores the candidates in `grids` on `splits` (grid or plain protocol,
         all messages sent at once); (scores[label][task][split], failures of `phase`)."""
         sent: list[tuple[ClientUpdate, Message, Any]] = []
-        shared = None
+        base: ArrayRecord | None = None
+        shared: dict[str, ArrayRecord] = {}  # a shared Delta's record, made once for every client
         for c in clients:
             if c.grid_eval:
-                shared = shared or (ArrayRecord(theta0), [ArrayRecord(deltas[m]) for m in grids])
-                sent.append((c, self.grid_message(c, theta0, deltas, grids, splits, config, shared), None))
+                base = base if base is not None else ArrayRecord(theta0)
+                records = []  # a personal method's (EMR) Delta is the client's own, never shared
+                for m in grids:
+                    if is_personal(deltas[m]):
+                        records.append(ArrayRecord(deltas[m].delta(c.identity)))
+                        continue
+                    if m not in shared:
+                        shared[m] = ArrayRecord(deltas[m])
+                    records.append(shared[m])
+                sent.append((c, self.grid_message(c, theta0, deltas, grids, splits, config, (base, records)),
+                             None))
                 continue
             for req in plain_requests(grids, splits):
                 label, eta, split = req
-                state = candidate_state(theta0, c.per_task, deltas[label] if label else None, eta)
+                state = candidate_state(theta0, c.per_task, own_delta(deltas[label], c.identity) if label else None,
+                                        eta)
                 sent.append((c, self.plain_message(c, state, split, label, eta, config), req))
         replies, elapsed = _send(grid, [m for _, m, _ in sent], timeout)
         silent = no_reply_reason(elapsed, timeout)

@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_merge.merging.learned import learn_coefficients, make_blocks
+from fl_merge.merging.personal import delta_nbytes
 from fl_merge.io.spill import SpillDir
 from fl_merge.round import coefficients as coef
 from fl_merge.round.candidates import Candidate
@@ -73,8 +74,7 @@ def score_batched(x: Exchange, clients: Sequence[Any], theta0: StateDict, deltas
     (fl_merge.round.scoring.delta_batches): the same scores table, bounded message size. A
     client failing in several batches is named once later (fl_merge.round.failures.attribute).
     `config`: the evaluate config, default x.config."""
-    first = deltas[next(iter(grids))]
-    size = sum(v.numel() * v.element_size() for v in first.values())
+    size = delta_nbytes(deltas[next(iter(grids))])  # one client's Delta (a personal method's too)
     scores: dict = {}
     failures: list = []
     for batch in delta_batches(list(grids), size):

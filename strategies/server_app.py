@@ -162,6 +162,14 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         # No run id or time here: identical runs give identical files (run.json has them).
         meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(heads),  # heads inside
                 "model": cfg.run.model}
+        if r.personal(label):  # EMR: each task's own model, one file each (README's layout)
+            for c in r.clients:
+                task = r.task_name(c)
+                path = out / results.personal_model_file(label, task)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                results.save_merged_model(path, r.merged_state(eta, label, c), {task: c.per_task},
+                                          {**meta, "tasks": task})
+            continue
         results.save_merged_model(out / results.model_file(label, primary=i == 0),
                                   r.merged_state(eta, label), heads, meta)
     if r.predictions:
@@ -170,7 +178,9 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         (out / PREDICTIONS_FILE).unlink(missing_ok=True)
     results.write_json(out / results.RUN_FILE, {
         "run_id": run_id, "config": cfg.run.to_flower(), "tasks": cfg.tasks,
-        "methods": {label: {"name": n, "params": p, "eta": r.best_etas[label], **r.choices.get(label, {})}
+        # own_model: a personal method (EMR): each task scored on its own model (K models)
+        "methods": {label: {"name": n, "params": p, "eta": r.best_etas[label], **r.choices.get(label, {}),
+                            **({results.OWN_MODEL: True} if r.personal(label) else {})}
                     for label, (n, p) in r.methods.items()},
         "selection": r.selection,  # the criterion the setting and eta were chosen by (validation)
         # Each method's space (knob grids, settings, lambdas) and the number of candidates

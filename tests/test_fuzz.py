@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from fl_merge import MergeInputError, available_methods, merge
+from fl_merge import MergeInputError, PersonalDeltas, available_methods, merge
 from fl_merge.merging.registry import check_method_params
 from fl_merge.methods import get_method
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, flower_keys
@@ -220,6 +220,12 @@ def _finite(v):
     return bool(torch.isfinite(v.float()).all())
 
 
+def _as_deltas(out):
+    """The Deltas a merge result gives: one shared Delta, or a personal method's (EMR) one
+    per client."""
+    return [out.delta(i) for i in range(len(out))] if isinstance(out, PersonalDeltas) else [out]
+
+
 @fuzz(800)
 @given(call=merge_calls())
 def test_merge_returns_a_valid_delta_or_a_clear_error(call):
@@ -237,6 +243,11 @@ def test_merge_returns_a_valid_delta_or_a_clear_error(call):
     # It merged: the inputs were valid float task vectors, and the result mirrors them.
     assert _valid_floats(tvs)
     ref = tvs[0]
+    for delta in _as_deltas(out):  # one shared Delta, or each client's own (EMR)
+        _check_delta(delta, ref, call, params)
+
+
+def _check_delta(out, ref, call, params):
     assert isinstance(out, dict) and list(out) == list(ref)
     for key, r in ref.items():
         v = out[key]
@@ -272,15 +283,21 @@ def test_valid_inputs_merge_with_every_method(method, k, seed, dtype, shape, wei
         check_method_params(method, {}, k)
     except MergeInputError:
         return  # too few clients for this method: covered by the first test
-    out = merge(method, tvs, weights, [3] * k, extras=_extras(fis, tvs), theta0=_base(method, tvs))
-    for key, r in tvs[0].items():
-        assert out[key].shape == r.shape and out[key].dtype == r.dtype
-        assert _finite(out[key]), (method, key, out[key])
+    try:
+        result = merge(method, tvs, weights, [3] * k, extras=_extras(fis, tvs), theta0=_base(method, tvs))
+    except MergeInputError as e:  # a personal method (EMR) takes no unequal weights
+        assert get_method(method).personal and "takes no client weights" in str(e), e
+        return
+    for out in _as_deltas(result):
+        for key, r in tvs[0].items():
+            assert out[key].shape == r.shape and out[key].dtype == r.dtype
+            assert _finite(out[key]), (method, key, out[key])
 
 
 # DARE rescales kept entries by 1 / (1 - drop_rate): a value near the dtype's maximum may
 # truly leave the range; that is a clear overflow error, never an Inf in the result.
-MAY_OVERFLOW = {"dare"}
+# EMR's rescaler lambda_i >= 1 multiplies the unified vector the same way (tests/methods/test_emr.py).
+MAY_OVERFLOW = {"dare", "emr"}
 
 
 @pytest.mark.parametrize("k", [4, 5])  # even K: the median averages two middle values
@@ -302,7 +319,7 @@ def test_extreme_but_finite_values_stay_finite(method, dtype, top, k):
     except MergeInputError as e:
         assert method in MAY_OVERFLOW and "overflows" in str(e), e
         return
-    assert all(_finite(v) for v in out.values()), out
+    assert all(_finite(v) for d in _as_deltas(out) for v in d.values()), out
 
 
 def _tvs(k=3, shape=(3,)):
@@ -374,7 +391,7 @@ def test_zero_size_tensors_merge_to_zero_size_tensors(method):
         fis = [{n: v.abs() for n, v in tv.items()} for tv in tvs]
         out = merge(method, tvs, local_steps=[2] * k, extras=_extras(fis, tvs),
                     theta0=_base(method, tvs))
-        assert {n: tuple(v.shape) for n, v in out.items()} == layout
+        assert all({n: tuple(v.shape) for n, v in d.items()} == layout for d in _as_deltas(out))
 
 
 def test_inputs_requiring_grad_merge_without_autograd():
@@ -386,7 +403,8 @@ def test_inputs_requiring_grad_merge_without_autograd():
         fis = [{"w": torch.ones(4)} for _ in tvs[:k]]
         base = {"w": torch.randn(4, requires_grad=True)} if get_method(method).needs.theta0 else None
         out = merge(method, tvs[:k], local_steps=[2] * k, extras=_extras(fis, tvs[:k]), theta0=base)
-        assert not out["w"].requires_grad and _finite(out["w"])
+        for d in _as_deltas(out):
+            assert not d["w"].requires_grad and _finite(d["w"])
 
 
 # --------------------------------------------------------------------------- config loader

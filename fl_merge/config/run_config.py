@@ -221,13 +221,13 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         from fl_merge.round.prescreen import check_prescreen
+        from fl_merge.round.candidates import check_weighting
 
         try:
             check_prescreen(self.prescreen, self.finalists, self.test_all_etas)
+            check_weighting(self.weighting, [name for name, _ in methods])  # EMR: uniform only
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.weighting not in ("uniform", "num-examples"):
-            raise ConfigError(f"weighting must be 'uniform' or 'num-examples', got '{self.weighting}'")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
         if self.device == "cuda":

@@ -63,6 +63,10 @@ def method_scope(method: str, params: dict | None = None, extras: Sequence[str] 
     whole-vector method) or 'refused: <why>' for `method` with `params`, given files of the
     per-model arrays named in `extras`."""
     m = get_method(method)
+    if m.personal:
+        return ("refused: it gives each model its own merged model (one shared vector, a mask and "
+                "a scale per model), which one output file cannot hold (use fl_merge.merge(...)"
+                ".model(theta0, i) or a Flower run, which writes one file per task)")
     lacking = [n for n in m.needs.extras if n not in extras]
     if lacking:
         return (f"refused: needs per-model {', '.join(lacking)} arrays, which checkpoints do not "

@@ -86,12 +86,42 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in name)
+
+
 def model_file(method_label: str, primary: bool) -> str:
     """merged.safetensors for the run's primary method, merged-<label>.safetensors else."""
     if primary:
         return MODEL_FILE
-    safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in method_label)
-    return f"merged-{safe}.safetensors"
+    return f"merged-{_safe(method_label)}.safetensors"
+
+
+def personal_model_file(method_label: str, task: str) -> str:
+    """A personal method's (EMR's) model of one task: merged-<label>/<task>.safetensors, one
+    file per task in merged.safetensors' format (that task's own backbone and its head:
+    fl_merge.load_merged(path, task) reads it). Primary or not: such a method has no one
+    merged model, so a run whose primary method is personal writes no merged.safetensors."""
+    return f"merged-{_safe(method_label)}/{_safe(task)}.safetensors"
+
+
+# Result rows of a personal method (EMR) carry own_model = true: each task's merged row is
+# that task scored on its OWN model (K models, or 1 vector + K masks), not on one shared model.
+OWN_MODEL = "own_model"
+OWN_MODEL_NOTE = "own model per task"
+
+
+def own_model_methods(rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The methods whose rows are each task scored on its own model (a personal method)."""
+    return {str(r["method"]) for r in rows if _truthy(r.get(OWN_MODEL))}
+
+
+def method_heading(method: str, eta: float | None, own_model: bool) -> str:
+    """A method's column heading in summaries and the report: its chosen eta, and for a
+    personal method that each task was scored on its own model."""
+    inside = [f"eta={eta:g}"] if eta is not None else []
+    inside += [OWN_MODEL_NOTE] if own_model else []
+    return f"{method} ({', '.join(inside)})" if inside else method
 
 
 def summary_rows(rows: Iterable[Mapping[str, Any]], split: str = "test") -> list[dict[str, Any]]:
@@ -125,12 +155,14 @@ def chosen_etas(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 
 def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
     """A plain-text table of `summary_rows` (readable in logs and terminals alike): one
-    column per method, its chosen eta in the header."""
+    column per method, its chosen eta in the header (and "own model per task" for a personal
+    method such as EMR: not a single-model result)."""
     rows = list(rows)
     table = summary_rows(rows)
     etas = chosen_etas(rows)
+    own = own_model_methods(rows)
     columns = [("base", "base"), ("finetuned", "fine-tuned"),
-               *((m, f"{m} (eta={etas[m]:g})") for m in etas)]
+               *((m, method_heading(m, etas[m], m in own)) for m in etas)]
     widths = [max(10, len(h) + 2) for _, h in columns]
     lines = [title] if title else []
     lines.append(f"{'task':<16}" + "".join(f"{h:>{w}}" for (_, h), w in zip(columns, widths)))

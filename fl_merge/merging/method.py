@@ -115,6 +115,10 @@ class MergeMethod:
     merges_matrices: it merges 2-D weight matrices by their structure (SVD, least squares)
         and only averages or keeps the other tensors: a model with no 2-D tensor among the
         merged ones is refused before any training (`registry.check_model_fits`).
+    personal: the method gives each client its own model (`fl_merge.merging.personal`): its fn
+        (whole-vector) returns a `PersonalDeltas`, and so does `merge`; a round scores each
+        client on its own model theta0 + eta * Delta_i. Client weights are refused (each
+        client gets its own model), and `fl-merge merge` (one output file) refuses it.
     coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
         **params) -> c[K]``; `merge` then streams the clients' rows with fused multiply-adds
         instead of gathering [K, n] blocks (same result as `fn`, the reference on a block).
@@ -137,6 +141,7 @@ class MergeMethod:
     check_params: Callable[[dict], None] | None = None
     merges_matrices: bool = False
     coefficients: Callable | None = None
+    personal: bool = False
     takes_local_steps: bool = False
     takes_normalisers: bool = False
     takes_names: bool = False

@@ -50,6 +50,8 @@ def _row(m: MergeMethod) -> list[str]:
         " at the defaults, by parameters" if varies else "")
     if m.needs.extras:  # checkpoints do not carry them: files of them beside (fl_merge/io/file_merge.py)
         exact += " given --extras " + ", ".join(f"{n}=..." for n in m.needs.extras)
+    if m.personal:
+        exact = "refused (personal: one model per client)"
     source = m.paper.citation if m.paper else ""
     if m.paper and m.paper.code:
         source += f"; code: {m.paper.code}"

@@ -35,6 +35,7 @@ from fl_merge.merging.per_client import (  # noqa: F401  (public here too)
     normalized_weights,
 )
 from fl_merge.core.registration import METHOD_MODULES, BuiltinRegistry
+from fl_merge.merging.personal import PersonalDeltas, check_personal_inputs, finish_personal
 from fl_merge.merging.method import (  # noqa: F401  (public here too: method files import them)
     DIAGONAL,
     GRAM,
@@ -74,6 +75,7 @@ def register(
     check_params: Callable[[dict], None] | None = None,
     coefficients: Callable | None = None,
     merges_matrices: bool = False,
+    personal: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` as merge method `name` (and its aliases), with everything
     fl-merge reads about it (`MergeMethod` says what each declaration means). Its
@@ -103,6 +105,9 @@ def register(
         if coordinatewise and any(needs.layout(n) != DIAGONAL for n in needs.extras):
             raise ValueError(f"merge method '{name}': a coordinate-wise method takes only "
                              "per-coordinate (DIAGONAL) extras; make it whole-vector")
+        if personal and (coordinatewise or coefficients is not None):
+            raise ValueError(f"merge method '{name}': a personal method is a whole-vector one "
+                             "returning PersonalDeltas (coordinatewise=False, no coefficients)")
         knobs = dict(space or {})
         unknown = sorted(set(knobs) - set(params))
         if unknown:
@@ -121,7 +126,7 @@ def register(
             paper=Paper(paper) if isinstance(paper, str) else paper, formula=formula,
             summary=(inspect.getdoc(fn) or "").split("\n")[0], aliases=tuple(aliases),
             min_clients=min_clients, check_params=check_params, coefficients=coefficients,
-            merges_matrices=merges_matrices,
+            merges_matrices=merges_matrices, personal=bool(personal),
             takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
             takes_names="names" in sig, takes_extras="extras" in sig, takes_device="device" in sig,
             takes_theta0="theta0" in sig and not coordinatewise,
@@ -279,8 +284,12 @@ def merge(
     extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
     theta0: Mapping[str, torch.Tensor] | None = None,
     **params,
-) -> StateDict:
+) -> StateDict | PersonalDeltas:
     """Delta = method(task_vectors) under the mean convention; theta = theta0 + eta * Delta.
+
+    A personal method (EMR) returns a `PersonalDeltas` instead: client i's own update is
+    ``result.delta(i)`` (or by name), its model ``result.model(theta0, i, eta)``; it refuses
+    unequal `weights`.
 
     Validates everything before any arithmetic: the method and its parameters (names and
     values), the task vectors (same keys/shapes/dtypes, finite; `names` label clients in
@@ -300,6 +309,8 @@ def merge(
     check_task_vectors(task_vectors, names)
     k = len(task_vectors)
     p = normalized_weights(weights, k)
+    if m.personal:
+        check_personal_inputs(method, weights, names)
     steps = local_steps_tensor(local_steps, k)
     if m.needs.local_steps and steps is None:
         raise MergeInputError(f"merge method '{method}' needs every client's local_steps")
@@ -325,6 +336,8 @@ def merge(
         per_client = {"local_steps": steps, "normalisers": norm,
                       "names": None if names is None else [str(n) for n in names]}
         out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev, base)
+    if m.personal:
+        return finish_personal(method, out, k, names)
     for key, v in out.items():
         if not all_finite(v):
             raise MergeInputError(
@@ -347,6 +360,8 @@ def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, 
         if m.takes_theta0:
             extra["theta0"] = theta0
         out = m.fn(task_vectors, p, **extra, **full_params)
+        if m.personal:
+            return out
         return {key: v.to("cpu") for key, v in out.items()}
 
     ref = task_vectors[0]
@@ -366,3 +381,4 @@ def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, 
             res = m.fn(stacked, pw, **extra, **kw, **full_params)
             flat_out[key][s:e].copy_(res.reshape(-1))
     return {key: v.reshape(ref[key].shape) for key, v in flat_out.items()}
+

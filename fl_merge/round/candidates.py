@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.core.values import parse_value, split_list
 from fl_merge.merging.lines import check_lines, depths, lines_settings
+from fl_merge.merging.registry import get_method
 from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta
 from fl_merge.merging.search import LAMBDAS, Derived, expand, knob_grids
 
@@ -45,6 +47,32 @@ class Candidate:
     def lam(self, eta: float, num_models: int) -> float:
         """The paper's lambda of `eta` for this setting."""
         return lambda_for_eta(self.name, eta, num_models, self.params)
+
+
+WEIGHTINGS = ("uniform", "num-examples")
+
+
+def personal_method(name: str) -> bool:
+    """Whether registered method `name` gives each client its own model (EMR); False for a
+    name that is no registered method (e.g. the greedy soup's candidate)."""
+    try:
+        return get_method(name).personal
+    except MergeInputError:
+        return False
+
+
+def check_weighting(weighting: str, names: Sequence[str]) -> str:
+    """ValueError, one line, for an unknown weighting, or num-examples with a personal method
+    (EMR gives each client its own model: client weights mean nothing to it, and it would
+    silently ignore them)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
+    personal = [n for n in names if personal_method(n)]
+    if weighting != "uniform" and personal:
+        raise ValueError(f"weighting={weighting} cannot apply to {', '.join(personal)}: it gives each "
+                         "client its own model and takes no client weights; use weighting=uniform "
+                         "(or run it in a run of its own)")
+    return weighting
 
 
 def check_search(search: str) -> str:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fl_merge.round.updates import ClientUpdate
 from fl_merge.core.task_vectors import StateDict, apply_update
+from fl_merge.merging.personal import is_personal, own_delta
 
 if TYPE_CHECKING:
     from fl_merge.round.settings import RoundSettings
@@ -19,7 +20,7 @@ class MergeRound:
     task_names: list[str] | None = None  # partition id -> task name
     theta0: StateDict = field(default_factory=dict)
     clients: list[ClientUpdate] = field(default_factory=list)  # usable, in partition-id order
-    deltas: dict[str, StateDict] = field(default_factory=dict)  # label -> Delta
+    deltas: dict[str, Any] = field(default_factory=dict)  # label -> Delta (PersonalDeltas: per client)
     best_etas: dict[str, float] = field(default_factory=dict)  # label -> eta chosen on val
     selection: str = ""  # the criterion eta was chosen by
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -69,9 +70,22 @@ class MergeRound:
         """The primary method's chosen eta."""
         return self.best_etas.get(self.primary)
 
-    def merged_state(self, eta: float, method: str | None = None) -> StateDict:
-        """theta0 + eta * Delta (of `method`, a label; default the primary)."""
-        return apply_update(self.theta0, self.deltas[method or self.primary], eta)
+    def personal(self, method: str | None = None) -> bool:
+        """Whether `method` (a label; default the primary) gives each client its own model
+        (a personal method such as EMR: its Delta is a PersonalDeltas)."""
+        return is_personal(self.deltas.get(method or self.primary))
+
+    def merged_state(self, eta: float, method: str | None = None, client: ClientUpdate | None = None
+                     ) -> StateDict:
+        """theta0 + eta * Delta (of `method`, a label; default the primary). A personal
+        method (EMR) has no one merged model: `client`'s own, theta0 + eta * Delta_i, and
+        without a client a ValueError saying so."""
+        label = method or self.primary
+        if self.personal(label) and client is None:
+            raise ValueError(f"method '{label}' gives each client its own model, not one merged "
+                             "model: merged_state(eta, method, client) is that client's")
+        delta = self.deltas[label] if client is None else own_delta(self.deltas[label], client.identity)
+        return apply_update(self.theta0, delta, eta)
 
     def task_name(self, client: ClientUpdate) -> str:
         """tasks[partition id], 'client-<pid>' beyond the list, 'node-<id>' without an id."""

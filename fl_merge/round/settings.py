@@ -17,12 +17,10 @@ from fl_merge.merging.lines import check_lines, lines_settings
 from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
 from fl_merge.round.attacks import AttackPlan
-from fl_merge.round.candidates import Grid, check_search, method_spaces, parse_lines
+from fl_merge.round.candidates import Grid, check_search, check_weighting, method_spaces, parse_lines
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
 from fl_merge.round.merging import Methods, given_params, label_methods
 from fl_merge.round.prescreen import check_prescreen
-
-WEIGHTINGS = ("uniform", "num-examples")
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,6 @@ def _check(search: str, given: Methods, lambdas: list[float] | None, weighting: 
         raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
     if lambdas is not None and (not lambdas or lambdas[0] <= 0):
         raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be 'uniform' or 'num-examples', got '{weighting}'")
+    check_weighting(weighting, names)
     coef.check_settings(*coefficients, "adam", names)
     check_prescreen(prescreen, finalists, test_all_etas)

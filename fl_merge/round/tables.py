@@ -9,7 +9,7 @@ from typing import Any
 
 from fl_merge.round.attacks import AttackPlan
 from fl_merge.models.evaluation import normalized_accuracy
-from fl_merge.io.results import mean
+from fl_merge.io.results import OWN_MODEL, mean
 from fl_merge.round.prescreen import PRESCREEN
 from fl_merge.round.protocol import CORRECT, FINETUNED_ACCURACY, FINETUNED_LOSS, FINETUNED_VAL_ACCURACY
 from fl_merge.round.updates import ClientUpdate
@@ -30,13 +30,14 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
                 scores: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
                 by_task: Mapping[str, ClientUpdate], plan: AttackPlan,
                 knobs: Mapping[str, Any] | None = None, lam: Callable[[float], float] | None = None,
-                finetuned: bool = True) -> list[dict[str, Any]]:
+                finetuned: bool = True, own_model: bool = False) -> list[dict[str, Any]]:
     """Rows of one method (one knob setting of it): model is base (eta 0), finetuned (the
     client's own model, when it reported its accuracy; only with `finetuned`) or merged
     (eta > 0; `selected` marks the chosen eta, none when best_eta is None: a setting not
     chosen; never on the prescreen's "val-prescreen" rows). knobs: the setting's searched values (JSON column); lam(eta): the paper's
     lambda of each eta (nan without it). normalized_accuracy is nan where the fine-tuned
-    accuracy is unknown."""
+    accuracy is unknown. own_model: a personal method (EMR): every row's `own_model` column
+    says each task was scored on its own model, not on one shared model."""
     params_json = json.dumps(dict(params), sort_keys=True)
     knobs_json = json.dumps(dict(knobs or {}), sort_keys=True)
     rows = []
@@ -46,7 +47,7 @@ def result_rows(label: str, name: str, params: Mapping[str, Any], best_eta: floa
         common = {"method": label, "method_name": name, "params": params_json, "knobs": knobs_json,
                   "task": task,
                   "partition_id": pid, "node_id": c.node_id,
-                  "attacker": plan.attacks(pid) if pid is not None else False}
+                  "attacker": plan.attacks(pid) if pid is not None else False, OWN_MODEL: own_model}
         ft = finetuned_scores(c)
         for split in ("val", "test", PRESCREEN):  # PRESCREEN: a validation subset (prescreen.py)
             ref = ft["val" if split == PRESCREEN else split]

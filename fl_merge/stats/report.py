@@ -33,6 +33,8 @@ from fl_merge.io.results import (  # noqa: E402
     RESULTS_FILE,
     RUN_FILE,
     read_rows,
+    method_heading,
+    own_model_methods,
     summary_rows,
     write_rows,
 )
@@ -145,8 +147,9 @@ def _draw_accuracy(ax: plt.Axes, rows: Sequence[Mapping[str, Any]], split: str =
     methods = _method_order(r for r in rows if r["model"] == "merged")
     etas = {str(r["method"]): r["eta"] for r in rows
             if r["model"] == "merged" and _is_selected(r) and r["split"] == split}
+    own = own_model_methods(rows)  # personal methods (EMR): each task on its own model
     series = [("base", "base"), ("finetuned", "fine-tuned"),
-              *((m, f"{m} (eta={etas[m]:g})" if m in etas else m) for m in methods)]
+              *((m, method_heading(m, etas.get(m), m in own)) for m in methods)]
     n = len(series)
     width = 0.8 / n
     colors = ["lightgray", "dimgray", *plt.get_cmap("tab10").colors]

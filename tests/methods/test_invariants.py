@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.merging.registry import check_method_params
-from fl_merge.methods import available_methods, merge
+from fl_merge.methods import available_methods, get_method, merge
 
 SHAPES = {"a": (6, 5), "b": (5,), "c": (2, 3, 4)}
 K = 7
@@ -61,9 +61,15 @@ def dist(a, b):
     return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)) ** 0.5
 
 
+# Personal methods (EMR) return one model per client, not one Delta: their own test checks
+# the same invariants per client (tests/methods/test_emr.py).
+PERSONAL = {"emr"}
+SHARED = [m for m in available_methods() if m not in PERSONAL]
+
+
 # Every method is symmetric in its clients (Krum/Multi-Krum up to exact score ties); DARE
 # keys its random masks by client name, so clients permuted with their names keep them.
-@pytest.mark.parametrize("method", available_methods())
+@pytest.mark.parametrize("method", SHARED)
 def test_permutation_of_clients(method):
     k = clients_for(method)
     tvs, w = make(k), [1.0, 2.0, 0.5, 3.0, 1.0, 1.5, 2.5][:k]
@@ -105,14 +111,15 @@ NOT_IDENTICAL = {
 }
 
 # Every other registered method (a new method file) is held to it at its defaults.
-IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in available_methods()
+IDENTICAL_CASES = IDENTICAL + [(m, {}) for m in SHARED
                                if m not in {n for n, _ in IDENTICAL} and m not in NOT_IDENTICAL]
 
 
 def test_identical_list_names_registered_methods():
     assert {m for m, _ in IDENTICAL} <= set(available_methods())
     assert set(NOT_IDENTICAL) <= set(available_methods())
-    assert {m for m, _ in IDENTICAL_CASES} | set(NOT_IDENTICAL) == set(available_methods())
+    assert {m for m in available_methods() if get_method(m).personal} == PERSONAL
+    assert {m for m, _ in IDENTICAL_CASES} | set(NOT_IDENTICAL) == set(SHARED)
 
 
 @pytest.mark.parametrize("method,kw", IDENTICAL_CASES)

@@ -294,9 +294,11 @@ def test_bad_method_fails_at_construction_and_missing_steps_at_merge():
         _run(OneShotMerge(method="fednova"), FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
 
 
-@pytest.mark.parametrize("method", __import__("fl_merge").available_methods())
+@pytest.mark.parametrize("method", [m for m in __import__("fl_merge").available_methods()
+                                    if not get_method(m).personal])
 def test_every_method_runs_through_the_round_as_merge_would(method):
-    """The round hands merge() the right task vectors, weights, local steps and extras."""
+    """The round hands merge() the right task vectors, weights, local steps and extras.
+    (A personal method, EMR, takes no weights and gives one model per client: test_personal.py.)"""
     from fl_merge import merge
     from fl_merge.core.task_vectors import split_extras, task_vector
     from fl_merge.merging.registry import check_method_params, get_method
