@@ -236,12 +236,9 @@ class RunConfig:
             if not torch.cuda.is_available():
                 raise ConfigError("device=cuda but torch sees no CUDA GPU on this machine "
                                   f"(torch {torch.__version__}): use device=auto or device=cpu")
-        if self.fisher_samples <= 0:
-            raise ConfigError(f"fisher-samples must be positive, got {self.fisher_samples}")
-        if self.gram_samples <= 0:
-            raise ConfigError(f"gram-samples must be positive, got {self.gram_samples}")
-        if self.pretrain_steps <= 0:
-            raise ConfigError(f"pretrain-steps must be positive, got {self.pretrain_steps}")
+        for key in ("fisher-samples", "gram-samples", "pretrain-steps"):
+            if getattr(self, key.replace("-", "_")) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key.replace('-', '_'))}")
         if not 0 <= self.min_clients <= k:
             raise ConfigError(f"min-clients must be in 0..num-clients={k}, got {self.min_clients}")
         for key in ("round-timeout", "connect-timeout"):
