@@ -104,12 +104,21 @@ def child(args) -> dict:
     import torch
 
     from fl_merge.merging.registry import resolve_device
-    from fl_merge.methods import merge
+    from fl_merge.methods import get_method, merge
 
     if args.threads:
         torch.set_num_threads(args.threads)
     k = args.clients
     shapes, tvs, fis = build(shapes_for(args), k, extras=args.case == "fisher")
+    needs = None if args.case == "copy" or args.case.startswith("flwr:") else get_method(args.case).needs
+    theta0 = grams = None
+    if needs is not None and needs.theta0:  # slerp, karcher: defined on the models
+        theta0 = {n: torch.randn(s) for n, s in shapes.items()}
+    if needs is not None and "gram" in needs.extras:  # regmean: X^T X / rows per 2-D weight
+        grams = []
+        for _ in range(k):
+            xs = {n: torch.randn(64, s[1]) for n, s in shapes.items() if len(s) == 2}
+            grams.append({n: x.T @ x / 64 for n, x in xs.items()})
     gc.collect()
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
@@ -141,10 +150,12 @@ def child(args) -> dict:
         params, _ = CASES.get(args.case, ({}, None))
         weights = [100 + i for i in range(k)]
         steps = [10 + 5 * i for i in range(k)]
-        ex = {"fisher": fis} if fis is not None else None
+        ex = {"fisher": fis} if fis is not None else {"gram": grams} if grams is not None else None
+        if get_method(args.case).personal:  # EMR takes no client weights
+            weights = None
 
         def run():
-            out = merge(args.case, tvs, weights, steps, extras=ex, device=dev, **params)
+            out = merge(args.case, tvs, weights, steps, extras=ex, device=dev, theta0=theta0, **params)
             if cuda:
                 torch.cuda.synchronize()
             return out
