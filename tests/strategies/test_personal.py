@@ -27,19 +27,16 @@ def _expected(replies, theta0, pids):
     out = {p: {} for p in pids}
     num = {p: 0.0 for p in pids}
     den = {p: 0.0 for p in pids}
+    unified = {}
     for key in theta0:
         x = torch.stack([taus[p][key].double() for p in pids])
         s = torch.where(x.sum(0) > 0, 1.0, -1.0).double()
         agree = x * s > 0
-        uni = s * torch.where(agree, x.abs(), 0.0).amax(0)
+        unified[key] = (s * torch.where(agree, x.abs(), 0.0).amax(0), agree)
         for j, p in enumerate(pids):
             num[p] += float(x[j].abs().mean())
-            den[p] += float((uni * agree[j]).abs().mean())
-    for key in theta0:
-        x = torch.stack([taus[p][key].double() for p in pids])
-        s = torch.where(x.sum(0) > 0, 1.0, -1.0).double()
-        agree = x * s > 0
-        uni = s * torch.where(agree, x.abs(), 0.0).amax(0)
+            den[p] += float((unified[key][0] * agree[j]).abs().mean())
+    for key, (uni, agree) in unified.items():
         for j, p in enumerate(pids):
             out[p][key] = (num[p] / den[p]) * uni * agree[j]
     return out
