@@ -23,15 +23,16 @@ def _check_ratio(params: dict) -> None:
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise (x - min) / (max - min); 0 on a constant row (the authors' code gives NaN)."""
-    lo = x.amin(1, keepdim=True)
-    span = x.amax(1, keepdim=True) - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    """(x - min) / (max - min) over one client's vector; 0 when it is constant (the authors'
+    code gives NaN)."""
+    lo = x.amin()
+    span = x.amax() - lo
+    return (x - lo) / span if span > 0 else torch.zeros_like(x)
 
 
 def _sorted_at(x: torch.Tensor, index: int) -> torch.Tensor:
-    """Each row's entry at position `index` of its ascending order, as a column."""
-    return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
+    """The entry at position `index` of x's ascending order (a 0-d tensor)."""
+    return torch.kthvalue(x, index + 1).values
 
 
 @register(
@@ -102,15 +103,13 @@ def pcb(
     for tv, w in zip(task_vectors, weights.tolist()):
         x = row(tv)
         a = x.abs()
-        lo = _sorted_at(a[None], int(n * CLIP))
-        hi = _sorted_at(a[None], int(n * (1 - CLIP) - 1))
-        a = torch.minimum(torch.maximum(a[None], lo), hi)[0]
-        score = torch.exp(k * (_minmax(a[None])[0].square_() - 1.0))  # intra-balancing
+        a = a.clamp_(_sorted_at(a, int(n * CLIP)), _sorted_at(a, int(n * (1 - CLIP) - 1)))
+        score = torch.exp(k * (_minmax(a).square_() - 1.0))  # intra-balancing
         score.mul_(torch.tanh(x * total))  # inter-balancing
         clipped = a.mul_(torch.sign(x))
         del x
-        score = torch.maximum(score, _sorted_at(score[None], int(n * (1.0 - ratio)))[0])
-        s = _minmax(score[None])[0].mul_(w)
+        score = score.clamp_(min=_sorted_at(score, int(n * (1.0 - ratio))))
+        s = _minmax(score).mul_(w)
         del score
         den.add_(s)
         num.add_(s.mul_(clipped))
