@@ -31,7 +31,8 @@ from typing import Any
 
 from fl_merge.cli import schema
 from fl_merge.core.values import split_list
-from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, check_client_gpus
+from fl_merge.config.parsing import check_client_gpus
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 
 # The copy inside the package in a wheel install; ./configs in a checkout or editable install.
 _PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

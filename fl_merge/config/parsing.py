@@ -157,3 +157,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: '{value}' is not a finite number")
     return str(value)
+
+
+def check_client_gpus(gpus: Any, where: str) -> float:
+    """A simulated client's GPU share (Flower client resources num_gpus): a number >= 0,
+    and > 0 only where torch sees a CUDA GPU (Ray would otherwise wait forever)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0:
+        raise ConfigError(f"{where}={gpus!r} must be a number >= 0 (GPU share per client)")
+    if gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}={gpus} but torch sees no CUDA GPU on this machine")
+    return float(gpus)

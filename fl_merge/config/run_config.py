@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.models.device import DEFAULT_DEVICE, DEVICES
+from fl_merge.core.seeds import client_seeds
 from fl_merge.core.values import split_list
 from fl_merge.round.attacks import AttackPlan
 from fl_merge.round.settings import RoundSettings
@@ -27,6 +28,7 @@ from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_
     _coerce,
     _number,
     _per_client,
+    check_client_gpus,
     parse_method_params,
     resolve_methods,
 )
@@ -90,7 +92,8 @@ class RunConfig:
     local_steps: str = "150"
     lr: str = "0.01"
     batch_size: str = "64"
-    seed: int = 0  # client i trains with seed + i
+    seed: int = 0  # root of the clients' training seeds (fl_merge/core/seeds.py)
+    client_seeds: str = "spawn"  # spawn: independent streams per client and replicate | offset: seed + i
     data_seed: int = 0
     fisher_samples: int = 256  # examples per client for the diagonal Fisher (method=fisher)
     gram_samples: int = 1000  # examples per client for the Gram matrices (method=regmean)
@@ -245,10 +248,16 @@ class RunConfig:
             value = getattr(self, key.replace("-", "_"))
             if not value > 0:
                 raise ConfigError(f"{key} must be a positive number of seconds, got {value}")
+        from fl_merge.core.seeds import check_scheme
+
+        try:
+            check_scheme(self.client_seeds)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for key in ("seed", "data-seed", "pretrain-seed"):
             value = getattr(self, key.replace("-", "_"))
-            # client i trains with seed + i: every client's seed must be a valid 64-bit seed
-            top = INT64_MAX - (k - 1 if key == "seed" else 0)
+            # offset: client i trains with seed + i, and every client's seed must fit 64 bits
+            top = INT64_MAX - (k - 1 if key == "seed" and self.client_seeds == "offset" else 0)
             if not 0 <= value <= top:
                 raise ConfigError(f"{key} must be in 0..{top}, got {value}")
         from fl_merge.round.attacks import AttackConfigError, parse_plan
@@ -284,7 +293,7 @@ class RunConfig:
             local_steps=steps,
             lrs=lrs,
             batch_sizes=batches,
-            seeds=[self.seed + i for i in range(k)],
+            seeds=client_seeds(self.seed, k, self.client_seeds),
             attack_plan=plan,
             merge_keys=merge_keys,
             lambdas=lambdas,
@@ -379,19 +388,6 @@ class ResolvedConfig:
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
-
-
-def check_client_gpus(gpus: Any, where: str) -> float:
-    """A simulated client's GPU share (Flower client resources num_gpus): a number >= 0,
-    and > 0 only where torch sees a CUDA GPU (Ray would otherwise wait forever)."""
-    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0:
-        raise ConfigError(f"{where}={gpus!r} must be a number >= 0 (GPU share per client)")
-    if gpus > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{where}={gpus} but torch sees no CUDA GPU on this machine")
-    return float(gpus)
 
 
 def flower_keys() -> list[str]:

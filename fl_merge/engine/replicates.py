@@ -5,12 +5,14 @@
         -- num-clients=2 method=task_arithmetic,ties
     python -m fl_merge.engine.replicates --table RUN_DIR RUN_DIR ...   (runs already made)
 
-Each replicate is the same run config with only `seed` changed (client i trains with seed + i;
-with --data-seeds `data-seed` too), written to <out>/seed-<s>/. The table (replicates.csv,
-replicates.png in <out>) has, per method (and the base), the mean over seeds of its
-mean-over-tasks test accuracy at the eta chosen on validation with a 95% t interval, and the
-paired per-seed difference against Task Arithmetic (else fedavg) with its t interval, marked
-where that interval excludes 0 (fl_merge.stats.intervals).
+Each replicate is the same run config with only `seed` changed (the root of its clients'
+training seeds: with client-seeds=spawn, the default, no two clients of any replicates share
+a seed, fl_merge/core/seeds.py; with --data-seeds `data-seed` too), written to
+<out>/seed-<s>/. The table (replicates.csv, replicates.png in <out>) has, per method (and
+the base), the mean over seeds of its mean-over-tasks test accuracy at the eta chosen on
+validation with a 95% t interval, and the paired per-seed difference against Task
+Arithmetic (else fedavg) with its t interval, marked where its Holm-adjusted paired-t
+p-value over the table's comparisons is below 0.05 (fl_merge.stats.multiplicity).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.io import results
-from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig, check_client_gpus
+from fl_merge.config.parsing import check_client_gpus
+from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.deploy.processes import ERROR_TAG, RunFailed, child_env, stream_child
 
 __all__ = ["ENGINES", "LOG_FILE", "Outcome", "RunFailed", "prepare", "run"]

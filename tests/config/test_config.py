@@ -9,6 +9,7 @@ import pytest
 
 from fl_merge.config.run_config import ConfigError, RunConfig
 from fl_merge.cli.launch import main as launch_main
+from fl_merge.core.seeds import client_seeds
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,14 +31,17 @@ def test_per_client_training_values_expand_by_partition():
     train = cfg.train_config()
     assert train["local-steps"] == [10, 20, 30]  # heterogeneous: a list by partition id
     assert train["lr"] == 0.05  # uniform: a scalar any standard client can read
-    assert train["seed"] == [0, 1, 2]
+    assert train["seed"] == client_seeds(0, 3)  # one independent stream per client
     assert train["tasks"] == cfg.tasks
+    offset = RunConfig.from_flower({"num-clients": 3, "seed": 5, "client-seeds": "offset"}).resolve()
+    assert offset.train_config()["seed"] == [5, 6, 7]  # the scheme of the numbers before Dec 2026
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"method": "nope"}, "unknown merge method 'nope'"),
+        ({"client-seeds": "random"}, "client-seeds must be one of spawn, offset"),
         ({"tasks": "rotate90,nope"}, "unknown task(s) ['nope']"),
         ({"suite": "nope"}, "unknown task suite 'nope'"),
         ({"num-clients": 9}, "num-clients=9 but only 8 tasks are available"),
