@@ -35,6 +35,7 @@ from fl_merge.io.merged import merged_metadata_of
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
+HERE = Path(__file__).resolve().parent  # the writer subprocess imports this module from here
 
 # Sizes: a few MB per file, so a write takes long enough to be interrupted in its middle.
 ROWS, BLOB = 40, 60_000
@@ -189,7 +190,7 @@ def _of(pid: int, path: Path) -> bool:
 # --------------------------------------------------------------------------- the kill test
 
 def _start_writer(base: Path, start: int) -> subprocess.Popen:
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(TESTS)!r}]; "
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(HERE)!r}]; "
             f"from test_durability import writer_main; writer_main({str(base)!r}, {start})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
