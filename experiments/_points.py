@@ -141,7 +141,8 @@ def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, ti
     axes[0].set_ylabel("mean test accuracy over tasks")
     axes[0].set_title("mean over seeds, 95% t CI", fontsize=9)
     axes[1].set_ylabel(f"accuracy - {ref} (paired by seed)")
-    axes[1].set_title("paired difference, 95% t CI (* = excludes 0)", fontsize=9)
+    axes[1].set_title("paired difference, 95% t CI (* = Holm-adjusted p < 0.05 over the "
+                      "setting's comparisons)", fontsize=9)
     axes[1].axhline(0.0, color="grey", lw=0.8)
     for ax in axes:
         ax.set_xlabel(measure + " (measured, mean over seeds)")
