@@ -71,6 +71,34 @@ def tabulate(points: Sequence[Mapping[str, Any]], reference: str) -> list[dict[s
     return rows
 
 
+def table_families(rows: Sequence[dict[str, Any]], correction: str = "holm") -> list[dict[str, Any]]:
+    """Adjust the rows' raw `p_value`s over the whole table instead of per setting: per
+    reference, every distinct method comparison in the table is one family (the findings), the
+    base's comparisons another (whether merging helps at all). A comparison repeated in several
+    settings (the same updates: same model, difference and interval) counts once and shares
+    its adjusted p. Sets p_adjusted, correction, significant (p_adjusted < 0.05) and family
+    (e.g. "holm over 18 methods vs fedavg") on every row, in place; reference rows and rows
+    without a p-value (one seed, identical to the reference) get NaN and no mark."""
+    from fl_merge.stats.multiplicity import ALPHA, adjust
+
+    def key(r: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (r["reference"], r["model"], *(round(float(r[k]), 12) for k in ("diff", "diff_low", "diff_high")))
+
+    groups: dict[tuple[str, str], dict[tuple[Any, ...], float]] = {}
+    for r in rows:
+        if r["model"] != r["reference"] and not math.isnan(float(r.get("p_value", math.nan))):
+            kind = "base" if r["model"] == "base" else "methods"
+            groups.setdefault((str(r["reference"]), kind), {})[key(r)] = float(r["p_value"])
+    adjusted: dict[tuple[Any, ...], tuple[float, str]] = {}
+    for (ref, kind), fam in groups.items():
+        for k, q in zip(fam, adjust(list(fam.values()), correction)):
+            adjusted[k] = (q, f"{correction} over {len(fam)} {kind} vs {ref}")
+    for r in rows:
+        q, fam = adjusted.get(key(r), (math.nan, "")) if r["model"] != r["reference"] else (math.nan, "")
+        r.update(p_adjusted=q, correction=correction, significant=bool(q < ALPHA), family=fam)
+    return list(rows)
+
+
 def _mean(values: Sequence[float]) -> float:
     v = [float(x) for x in values if not math.isnan(float(x))]
     return sum(v) / len(v) if v else math.nan
@@ -78,30 +106,46 @@ def _mean(values: Sequence[float]) -> float:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -> str:
     """The rows as a Markdown table in percentage points, `*` where the paired difference is
-    significant after the Holm correction over each setting's comparisons (over_seed_table),
-    and in how many seeds the within-run bootstrap CI excluded 0."""
+    `significant` (its p-value adjusted over its family: `over_seed_table`'s per setting or
+    `table_families`' over the table), the raw and adjusted p, and in how many seeds the
+    run's own bootstrap CI over test examples excluded 0 (a raw count, no mark)."""
     head = ["setting", *measures, "model", "accuracy [95% CI]", "vs " + str(rows[0]["reference"]),
-            "within-seed CI excl. 0"]
+            "p raw / adj.", "seeds whose own CI excl. 0 (uncorrected)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = f"{100 * r['mean']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-        if r["model"] == r["reference"]:
+        ref = r["model"] == r["reference"]
+        if ref:
             diff = "(reference)"
         else:
             diff = (f"{100 * r['diff']:+.1f} [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
                     + (" *" if r.get("significant") else ""))
         cells = [str(r["setting"]), *(f"{float(r.get(m, math.nan)):.3g}" for m in measures),
-                 str(r["model"]), acc, diff,
-                 "" if r["model"] == r["reference"] else str(r.get("within_seed", ""))]
+                 str(r["model"]), acc, diff, "" if ref else _p_cell(r),
+                 "" if ref else str(r.get("within_seed", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _p_cell(r: Mapping[str, Any]) -> str:
+    p, q = float(r.get("p_value", math.nan)), float(r.get("p_adjusted", math.nan))
+    return "-" if math.isnan(p) else f"{p:.2g} / {q:.2g}"
+
+
+def mark_caption(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What a `*` in `markdown_table` means and over which families."""
+    fams = list(dict.fromkeys(str(r["family"]) for r in rows if r.get("family")))
+    where = ("; families: " + ", ".join(fams)) if fams else (
+        " over each setting's comparisons against " + str(rows[0]["reference"]))
+    return ("`*` = adjusted p < 0.05 (paired t test over seeds, " + str(rows[0].get("correction", "holm"))
+            + " correction" + where + "); `-`: no test (identical to the reference in every seed).")
 
 
 def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, title: str,
                  models: Sequence[str], families: Mapping[str, str] | None = None) -> None:
     """Two panels against `measure` (x: its mean over seeds): accuracy of each model with its
     95% CI as error bars, and its paired difference vs the reference (red star where it is
-    significant after the Holm correction). `families` (setting -> family) draws each family with its own marker."""
+    `significant`: adjusted over the table with `table_families`, else per setting). `families` (setting -> family) draws each family with its own marker."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +185,9 @@ def plot_against(rows: Sequence[Mapping[str, Any]], measure: str, path: Path, ti
     axes[0].set_ylabel("mean test accuracy over tasks")
     axes[0].set_title("mean over seeds, 95% t CI", fontsize=9)
     axes[1].set_ylabel(f"accuracy - {ref} (paired by seed)")
-    axes[1].set_title("paired difference, 95% t CI (* = excludes 0)", fontsize=9)
+    axes[1].set_title(f"paired difference, 95% t CI (* = {rows[0].get('correction', 'holm')}-adjusted "
+                      f"p < 0.05 over {'the table' if rows[0].get('family') is not None else 'each setting'})",
+                      fontsize=9)
     axes[1].axhline(0.0, color="grey", lw=0.8)
     for ax in axes:
         ax.set_xlabel(measure + " (measured, mean over seeds)")
@@ -174,14 +220,15 @@ def experiment_args(doc: str, name: str, seeds: Sequence[int], root: Path) -> tu
 
 def write_tables(points: Sequence[Mapping[str, Any]], out: Path, docs: Path, name: str,
                  measures: Sequence[str]) -> list[dict[str, Any]]:
-    """Tabulate against fedavg; write the points (out/points.json), docs/<name>.csv and
-    docs/<name>.md (the run count and time, then the table); print the table; the rows."""
+    """Tabulate against fedavg, adjust over the whole table (`table_families`); write the
+    points (out/points.json), docs/<name>.csv and docs/<name>.md (the run count and time, the
+    table, what its marks mean); print the table; the rows."""
     from fl_merge.io.results import write_rows
 
-    rows = tabulate(points, reference="fedavg")
+    rows = table_families(tabulate(points, reference="fedavg"))
     dump_points(points, out / "points.json")
     write_rows(docs / f"{name}.csv", rows)
-    table = timing_line(points) + "\n\n" + markdown_table(rows, measures)
+    table = timing_line(points) + "\n\n" + markdown_table(rows, measures) + "\n\n" + mark_caption(rows)
     (docs / f"{name}.md").write_text(table + "\n")
     print(table)
     return rows

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _points import markdown_table, read_point, tabulate  # noqa: E402
+from _points import mark_caption, markdown_table, read_point, table_families, tabulate  # noqa: E402
 
 from fl_merge.io.results import write_rows  # noqa: E402
 
 # The references each comparison is paired against.
 REFERENCES = {"learned": ("task_arithmetic", "ties"), "diwa": ("task_arithmetic", "ensemble", "best-single")}
+TITLES = {"learned_headroom": "Learned coefficients, headroom suite, 3 seeds",
+          "diwa": "DiWA: rotate90, 4 diverse runs on the same data, 3 seeds"}
 
 
 def points(dirs: Mapping[str, Path]) -> list[dict[str, Any]]:
@@ -35,17 +37,20 @@ def points(dirs: Mapping[str, Path]) -> list[dict[str, Any]]:
 
 
 def compare(pts: Sequence[Mapping[str, Any]], references: Sequence[str]) -> list[dict[str, Any]]:
-    """tabulate() once per reference: rows of every model against each reference. The runs'
-    own within-run bootstrap marks are against their Task Arithmetic, so they are kept only
-    for the first reference."""
+    """tabulate() once per reference: rows of every model against each reference, the
+    p-values Holm-adjusted over the table (`table_families`: per reference, the methods'
+    distinct comparisons one family, the base's another). The runs' own within-run bootstrap
+    counts are against their Task Arithmetic, so they are kept only for the first reference."""
     rows = []
     for i, ref in enumerate(references):
         rows += tabulate(pts if i == 0 else [{**p, "within": {}} for p in pts], reference=ref)
-    return rows
+    return table_families(rows)
 
 
 def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """One panel per reference: each (setting, model)'s paired difference with its 95% t CI."""
+    """One panel per reference: each (setting, model)'s paired difference with its 95% t CI,
+    a red `*` only where it is `significant`: its paired t p-value Holm-adjusted over its
+    family (`compare`: table_families), never the raw interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,13 +71,14 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
                [100 * (float(r["diff_high"]) - float(r["diff"])) for r in sel]]
         ax.errorbar(range(len(sel)), ys, yerr=err, fmt="o", capsize=4)
         for i, r in enumerate(sel):
-            if r["excludes_zero"]:
+            if r.get("significant"):
                 ax.annotate("*", (i, 100 * float(r["diff_high"])), ha="center", va="bottom", color="red",
                             fontsize=14)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(sel)), names, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(f"test accuracy - {ref}, points (paired by seed)")
-        ax.set_title(f"vs {ref}: 95% t CI over seeds (* excludes 0)", fontsize=9)
+        ax.set_title(f"vs {ref}: 95% t CI over seeds (* Holm-adjusted p < 0.05 over the table)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
@@ -90,11 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = compare(points({k: Path(v) for k, v in dirs.items()}), REFERENCES[args.which])
     name = {"learned": "learned_headroom", "diwa": "diwa"}[args.which]
     write_rows(args.docs / f"{name}.csv", rows)
-    plot(rows, args.docs / f"{name}.png", {"learned": "Learned coefficients, headroom suite, 3 seeds",
-                                           "diwa": "DiWA: rotate90, 4 diverse runs on the same data, 3 seeds"}[
-        args.which])
+    plot(rows, args.docs / f"{name}.png", TITLES[name])
     for ref in REFERENCES[args.which]:
-        print(markdown_table([r for r in rows if r["reference"] == ref], []), "\n")
+        sel = [r for r in rows if r["reference"] == ref]
+        print(markdown_table(sel, []), "\n\n" + mark_caption(sel), "\n")
     return 0
 
 

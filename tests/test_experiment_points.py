@@ -56,7 +56,10 @@ def test_tabulate_gives_t_intervals_and_paired_differences(points):
     assert rows["fednova"]["within_seed"] == "1/3"
     md = points.markdown_table(list(rows.values()), ["steps_cv"])
     assert "| r=2 | 0.3 | fednova | 70.0 [" in md and "| +10.0 [" in md and "*" not in md
-    assert md.splitlines()[3].endswith("] | 1/3 |")
+    from scipy import stats as sps
+
+    p = sps.ttest_1samp([0.1, 0.2, 0.0], 0.0).pvalue  # 0.225: one comparison, adjusted = raw
+    assert md.splitlines()[3].endswith(f"] | {p:.2g} / {p:.2g} | 1/3 |")
 
 
 def test_tabulate_marks_a_difference_whose_interval_excludes_zero(points):
@@ -64,7 +67,37 @@ def test_tabulate_marks_a_difference_whose_interval_excludes_zero(points):
            for s, d in enumerate((0.10, 0.11, 0.12))]
     row = [r for r in points.tabulate(pts, "ta") if r["model"] == "m"][0]
     assert row["excludes_zero"] and row["diff_low"] > 0
-    assert points.markdown_table([row], []).rstrip().endswith("+13.5] * |  |")
+    from scipy import stats as sps
+
+    p = sps.ttest_1samp([0.10, 0.11, 0.12], 0.0).pvalue
+    assert points.markdown_table([row], []).rstrip().endswith(f"+13.5] * | {p:.2g} / {p:.2g} |  |")
+
+
+def test_table_families_adjust_over_the_table_methods_and_base_apart(points):
+    from scipy import stats as sps
+
+    # two settings; "t" is the same comparison in both (same updates), "u" differs, base apart
+    d = {("a", "t"): (0.02, 0.03, 0.04), ("b", "t"): (0.02, 0.03, 0.04),
+         ("a", "u"): (0.01, 0.03, 0.02), ("b", "u"): (0.00, 0.05, 0.01),
+         ("a", "base"): (-0.1, -0.12, -0.11), ("b", "base"): (-0.2, -0.25, -0.22)}
+    pts = [{"setting": st, "seed": k, "measures": {},
+            "acc": {"ref": 0.5, **{m: 0.5 + v[k] for (s2, m), v in d.items() if s2 == st}}}
+           for st in "ab" for k in range(3)]
+    rows = points.table_families(points.tabulate(pts, "ref"))
+    raw = {k: float(sps.ttest_1samp(v, 0.0).pvalue) for k, v in d.items()}
+    methods = [("a", "t"), ("a", "u"), ("b", "u")]  # ("b", "t") is ("a", "t") again: counted once
+    bases = [("a", "base"), ("b", "base")]
+    want = {**dict(zip(methods, _holm_by_hand([raw[k] for k in methods]))),
+            **dict(zip(bases, _holm_by_hand([raw[k] for k in bases])))}
+    want[("b", "t")] = want[("a", "t")]
+    by = {(r["setting"], r["model"]): r for r in rows}
+    for k, q in want.items():
+        assert by[k]["p_value"] == pytest.approx(raw[k]) and by[k]["p_adjusted"] == pytest.approx(q)
+        assert by[k]["significant"] == (q < 0.05)
+    assert by[("a", "u")]["family"] == "holm over 3 methods vs ref"
+    assert by[("a", "base")]["family"] == "holm over 2 base vs ref"
+    assert math.isnan(by[("a", "ref")]["p_adjusted"]) and not by[("a", "ref")]["significant"]
+    assert "holm over 3 methods vs ref, holm over 2 base vs ref" in points.mark_caption(rows)
 
 
 def test_tabulate_refuses_repeated_seeds_and_missing_reference(points):
@@ -158,3 +191,63 @@ def test_issue16_tables_pair_every_model_with_each_reference_by_seed():
     # the runs' own bootstrap marks are against Task Arithmetic: shown for that reference only
     assert rows[("task_arithmetic", "learned-block")]["within_seed"] == "1/3"
     assert rows[("ties", "learned-block")]["within_seed"] == ""
+
+
+def _holm_by_hand(p):
+    """Holm's step-down adjusted p-values written out: sort ascending, multiply the i-th
+    smallest by (m - i), carry the running maximum, cap at 1."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (len(p) - rank) * p[i])
+        out[i] = min(1.0, running)
+    return out
+
+
+def test_issue16_plot_stars_only_what_survives_holm(tmp_path, monkeypatch):
+    from scipy import stats as sps
+    import matplotlib.pyplot as plt
+
+    i16 = _load("issue16_tables")
+    diffs = {"raw_only": (0.02, 0.03, 0.04), "strong": (0.10, 0.101, 0.102), "none": (0.0, 0.05, -0.05)}
+    pts = [{"setting": "s", "seed": k, "acc": {"task_arithmetic": 0.5, **{m: 0.5 + d[k] for m, d in diffs.items()}},
+            "measures": {}} for k in range(3)]
+    rows = i16.compare(pts, ["task_arithmetic"])
+    models = list(diffs)
+    raw = [float(sps.ttest_1samp(diffs[m], 0.0).pvalue) for m in models]
+    holm = dict(zip(models, _holm_by_hand(raw)))
+    assert raw[0] < 0.05 <= holm["raw_only"] and holm["strong"] < 0.05 <= holm["none"]
+    by = {r["model"]: r for r in rows}
+    assert by["raw_only"]["excludes_zero"]  # its raw interval excludes 0 ...
+    assert by["raw_only"]["p_adjusted"] == pytest.approx(holm["raw_only"])
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    i16.plot(rows, tmp_path / "p.png", "t")
+    ax = figs[0].axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    starred = [names[round(t.xy[0])] for t in ax.texts if t.get_text() == "*"]
+    assert starred == ["strong"]  # ... but only the Holm survivor is starred
+    assert "Holm" in ax.get_title()
+    plt.close("all")
+
+
+def test_readjust_recovers_the_per_seed_t_test_from_a_written_table(tmp_path):
+    from scipy import stats as sps
+
+    from fl_merge.io.results import read_rows, write_rows
+
+    pts = _load("_points")
+    ra = _load("readjust")
+    diffs = {"m": (0.02, 0.05, 0.03), "n": (-0.01, 0.04, 0.0), "base": (-0.1, -0.15, -0.12)}
+    pts_ = [{"setting": "s", "seed": k, "measures": {},
+             "acc": {"ref": 0.6, **{m: 0.6 + d[k] for m, d in diffs.items()}}} for k in range(3)]
+    # the table as the old experiments wrote it: intervals, no p-values
+    old = [{k: v for k, v in r.items() if k not in ("p_value", "p_adjusted", "correction", "significant")}
+           for r in pts.tabulate(pts_, "ref")]
+    write_rows(tmp_path / "t.csv", old)
+    rows = {r["model"]: r for r in ra.readjust(read_rows(tmp_path / "t.csv"))}
+    raw = {m: float(sps.ttest_1samp(d, 0.0).pvalue) for m, d in diffs.items()}
+    for m in diffs:
+        assert rows[m]["p_value"] == pytest.approx(raw[m], rel=1e-9)
+    assert rows["m"]["p_adjusted"] == pytest.approx(_holm_by_hand([raw["m"], raw["n"]])[0])
+    assert rows["base"]["p_adjusted"] == pytest.approx(raw["base"])  # its own family of one

@@ -106,9 +106,10 @@ def _same_config(runs: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
 def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Over-seed table of runs of one config differing only in seed: per method (then base),
     the per-seed accuracies, their mean with a 95% t interval (NaN bounds for one seed), and
-    the paired per-seed difference against Task Arithmetic/fedavg with its t interval and
-    whether it excludes 0; `within_seed_marked` 'k/n': in k of the n runs the within-run
-    paired bootstrap over test examples already excluded 0. ValueError when the runs are not
+    the paired per-seed difference against Task Arithmetic/fedavg with its t interval, whether
+    it excludes 0 and its raw and Holm-adjusted p (`over_seed_table`); `within_seed_marked`
+    'k/n': in k of the n runs the within-run paired bootstrap over test examples excluded 0 (a
+    raw, uncorrected count that marks nothing). ValueError when the runs are not
     replicates of one config."""
     if not run_dirs:
         raise ValueError("replicate_table needs at least one run directory")
@@ -170,7 +171,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """replicates.png: per model the mean with its CI as error bars; beside it the paired
-    difference vs the reference with its CI, `*` above those whose CI excludes 0."""
+    difference vs the reference with its CI, `*` above those `significant` after the table's
+    multiple-comparison correction (Holm by default)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -112,6 +112,21 @@ def merge_arguments(clients: Sequence[ClientUpdate], weighting: str) -> dict[str
             "names": [c.identity for c in clients]}
 
 
+def fednova_note(method_names: Sequence[str], metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The run's note when fednova ran and every client's FedNova normaliser is the same
+    (`fednova-a`, else its local steps, the fallback merge() uses): fednova's coefficients
+    p_i a_eff / a_i are then p_i, so it merges exactly fedavg's Delta and an equal score is
+    by construction, not a measured tie. [] otherwise, or when a client reported neither."""
+    if "fednova" not in method_names or not metrics:
+        return []
+    a = [m.get(FEDNOVA_A, m.get(LOCAL_STEPS)) for m in metrics]
+    if any(v is None for v in a) or len({float(v) for v in a}) != 1:
+        return []
+    return [f"fednova = fedavg by construction: every client's FedNova normaliser is "
+            f"{float(a[0]):g} (same optimizer, same local steps), so fednova's weights are "
+            "fedavg's; their equal scores are not a measured tie"]
+
+
 def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[StateDict]] | None:
     """The per-client extra arrays `method` needs, or a MergeRoundError naming who lacks them."""
     extras = {n: [c.extras.get(n, {}) for c in clients] for n in get_method(method).needs_extras}

@@ -182,7 +182,8 @@ def comparison_rows(predictions: Mapping[str, Mapping[str, list[int]]], referenc
                     seed: int = 0) -> list[dict[str, Any]]:
     """One row per model (methods, then base): mean test accuracy over tasks with its 95%
     paired-bootstrap CI over test examples and, with a reference method, the paired
-    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats.intervals).
+    difference against it with its CI and whether that CI excludes 0 (fl_merge.stats.intervals;
+    a raw one-seed fact, uncorrected: `format_comparison` marks nothing with it).
     A test set every client shares counts once (`one_test_set`)."""
     if not predictions:
         return []
@@ -198,14 +199,17 @@ def comparison_rows(predictions: Mapping[str, Mapping[str, list[int]]], referenc
 
 
 def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The comparison as text: `acc [low, high]` and `diff [low, high]` with `*` where the
-    difference's CI excludes 0."""
+    """The comparison as text: `acc [low, high]` and `diff [low, high]`, no marks. One run is
+    one seed: its intervals are over test examples only (training-seed and selection noise
+    are not in them) and the differences are not corrected for being several, so nothing is
+    marked (issue 27); the rows keep the raw `excludes_zero` fact for whoever counts it."""
     if not rows:
         return ""
     ref = rows[0].get("reference")
-    lines = ["test accuracy, 95% paired bootstrap CI over test examples"
-             + (f"; difference vs {ref} (* = CI excludes 0)" if ref else "")]
+    lines = ["test accuracy, one seed: 95% paired bootstrap CI over test examples only "
+             "(training-seed and selection noise are not in it)"
+             + (f"; difference vs {ref}, uncorrected, no marks" if ref else "")]
     for r in rows:
-        diff = (r["diff"], r["diff_low"], r["diff_high"], r["excludes_zero"]) if ref else None
+        diff = (r["diff"], r["diff_low"], r["diff_high"], False) if ref else None
         lines.append(ci_line(r["model"], 20, r["accuracy"], r["ci_low"], r["ci_high"], diff).rstrip())
     return "\n".join(lines)

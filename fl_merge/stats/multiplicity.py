@@ -52,6 +52,23 @@ def paired_p_value(differences: Sequence[float]) -> float:
     return float(sps.ttest_1samp(d, 0.0).pvalue)
 
 
+def p_from_t_interval(diff: float, low: float, high: float, n: int, level: float = 0.95) -> float:
+    """The paired t test's two-sided p-value recovered from the t interval it shares its
+    statistic with: for n per-replicate differences with mean `diff` and interval
+    diff +- t_{n-1,(1+level)/2} s / sqrt(n) = [low, high], the standard error is
+    (high - low) / 2 / t_{n-1,(1+level)/2}, t = diff / se, p = 2 P(T_{n-1} > |t|). Exactly
+    `paired_p_value` of the differences, for tables that kept the interval but not the
+    per-seed values. Same conventions: NaN with n < 2 or a NaN bound; an interval of no
+    width is NaN when diff is 0 and 0.0 otherwise."""
+    if n < 2 or any(math.isnan(float(v)) for v in (diff, low, high)):
+        return math.nan
+    half = (float(high) - float(low)) / 2
+    if half <= 0.0:
+        return math.nan if float(diff) == 0.0 else 0.0
+    se = half / float(sps.t.ppf((1 + level) / 2, n - 1))
+    return float(2 * sps.t.sf(abs(float(diff)) / se, n - 1))
+
+
 def adjust(p_values: Sequence[float], correction: str = "holm") -> list[float]:
     """The adjusted p-values of one family, in the given order (NaN entries stay NaN and
     are left out of the family)."""

@@ -34,3 +34,16 @@ def test_median_matches_numpy_on_random_shapes(shapes, k, seed):
     out = merge("median", tvs)
     got = np.concatenate([out[n].numpy().ravel() for n in shapes])
     np.testing.assert_allclose(got, np.median(x, axis=0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 4, 6, 8])
+def test_even_k_is_the_mean_of_the_two_middle_values_not_the_lower_one(k):
+    rng = np.random.default_rng(100 + k)
+    x = rng.normal(size=(k, 7, 5)).astype(np.float32)
+    out = merge("median", [{"w": torch.from_numpy(x[i])} for i in range(k)])["w"].numpy()
+    srt = np.sort(x, axis=0)
+    mean_of_middle = (srt[k // 2 - 1] + srt[k // 2]) / 2  # the rule, written out
+    lower_middle = srt[(k - 1) // 2]  # what torch.median would give
+    np.testing.assert_allclose(out, mean_of_middle, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, np.median(x, axis=0), rtol=1e-6, atol=1e-6)
+    assert np.abs(out - lower_middle).max() > 1e-3  # random data: the two rules differ

@@ -76,3 +76,24 @@ def test_caption_and_unknown_correction():
     assert "NOT corrected" in caption("none", 3, "fedavg")
     with pytest.raises(ValueError, match="unknown multiple-comparison correction 'bonf'.*holm"):
         check_correction("bonf")
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_p_recovered_from_a_t_interval_is_scipys_t_test(n):
+    from fl_merge.stats.multiplicity import p_from_t_interval
+
+    rng = np.random.default_rng(n)
+    for _ in range(5):
+        d = rng.normal(0.01, 0.02, n)
+        half = sps.t.ppf(0.975, n - 1) * np.std(d, ddof=1) / math.sqrt(n)  # the t CI, by hand
+        mean = float(np.mean(d))
+        want = sps.ttest_1samp(d, 0.0).pvalue
+        assert p_from_t_interval(mean, mean - half, mean + half, n) == pytest.approx(want, rel=1e-9)
+
+
+def test_p_from_a_degenerate_t_interval():
+    from fl_merge.stats.multiplicity import p_from_t_interval
+
+    assert math.isnan(p_from_t_interval(0.0, 0.0, 0.0, 3))  # identical to the reference
+    assert p_from_t_interval(0.03, 0.03, 0.03, 3) == 0.0  # the same gap in every seed
+    assert math.isnan(p_from_t_interval(0.1, math.nan, math.nan, 1))  # one seed

@@ -343,6 +343,12 @@ def test_fednova_uses_the_normalisers_clients_report():
     for k in r.theta0:
         expected = a_eff * sum(t[k] / ai for t, ai in zip(taus, a)) / 3
         torch.testing.assert_close(r.delta[k], expected)
+    assert not any("by construction" in n for n in r.notes)
+    # equal normalisers: fednova is fedavg by construction, and the run's notes say so
+    for rep in replies.values():
+        rep["metrics"]["fednova-a"] = 4.0
+    r = _run(OneShotMerge(method="fednova", etas=[1.0]), FakeGrid(replies))
+    assert any("fednova = fedavg by construction" in n for n in r.notes), r.notes
 
 
 def test_fisher_merge_names_clients_without_fisher():
