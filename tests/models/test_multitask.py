@@ -137,7 +137,8 @@ def test_scores_are_each_tasks_accuracy_and_loss_through_its_own_head():
                 logits = h(trained(x))
             acc = float((logits.argmax(1) == y).float().mean())
             assert row[f"{split}-accuracy"] == pytest.approx(acc)
-            assert row[f"{split}-loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
+            loss = float(nn.functional.cross_entropy(logits, y))
+            assert row[f"{split}-loss"] == pytest.approx(loss, rel=1e-5)
     # theta0's own state scores the base
     theta0 = {f"backbone.{k}": v for k, v in net.state_dict().items()}
     base = score_multitask(net, theta0, heads, tasks, splits=("test",))
