@@ -94,7 +94,7 @@ def _pick(config: ConfigRecord, key: str, pid: int) -> Any:
     return value
 
 
-def _task_for(config: ConfigRecord, pid: int) -> TaskData:
+def task_for(config: ConfigRecord, pid: int) -> TaskData:
     """tasks[pid] (data=tasks), or partition pid of one task split across all clients."""
     tasks = list(config["tasks"])
     if pid >= len(tasks):
@@ -156,7 +156,7 @@ def local_train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Ten
     if ckpt and label_flip:
         raise ValueError(f"partition {pid} brings a checkpoint ({ckpt}): it cannot train on flipped labels")
     if ckpt:
-        state, metrics = checkpoint_update(config, pid, theta0, ckpt, _task_for(config, pid),
+        state, metrics = checkpoint_update(config, pid, theta0, ckpt, task_for(config, pid),
                                            int(_pick(config, "seed", pid)), node_config)
     else:
         state, metrics = _train(config, pid, theta0, cache_dir, label_flip=label_flip)
@@ -223,7 +223,7 @@ def _train(config: Mapping[str, Any], pid: int, theta0: dict[str, torch.Tensor],
     if use_cache and (hit := load_update(key, cache_dir)) is not None:
         state, metrics = hit
         return state, {**metrics, "cached": 1}
-    task = _task_for(config, pid)
+    task = task_for(config, pid)
     if label_flip:
         # Train on y -> C-1-y, but keep the probe head fitted on the true labels: the attack
         # is in the backbone's update, not in a head that would undo it.
@@ -297,7 +297,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     concatenated in that order (for paired bootstrap CIs; docs/protocol.md).
     Without a delta, score the received model on config 'split' (default test)."""
     config, pid = _receive(msg, context)
-    task = _task_for(config, pid)
+    task = task_for(config, pid)
     state = msg.content["arrays"].to_torch_state_dict()
     model_name = str(config["model"])
     device = client_device(config.get("device"))
@@ -366,7 +366,7 @@ def coefficients(msg: Message, context: Context) -> Message:
     from .coefficients import answer
 
     config, pid = _receive(msg, context)
-    task = _task_for(config, pid)
+    task = task_for(config, pid)
     device = client_device(config.get("device"))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
     metrics = answer(msg.content, context.state, task,
@@ -382,7 +382,7 @@ def ensemble(msg: Message, context: Context) -> Message:
     from .ensemble import answer
 
     config, pid = _receive(msg, context)
-    task = _task_for(config, pid)
+    task = task_for(config, pid)
     device = client_device(config.get("device"))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
     metrics = answer(msg.content, task, lambda s: model_for_task(str(config["model"]), task, s, seed, device))

@@ -34,15 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def client_task(resolved, pid: int):
-    """Client `pid`'s TaskData, as clients/client_app.py builds it."""
-    from fl_merge.tasks.partitions import load_partitioned_task
-    from fl_merge.tasks.registry import load_task
+    """Client `pid`'s TaskData, built by the client's own code from the task config."""
+    from fl_merge_clients.client_app import task_for
 
-    run = resolved.run
-    if run.data == "tasks":
-        return load_task(resolved.tasks[pid], run.data_seed)
-    return load_partitioned_task(run.partition_task, run.data, len(resolved.tasks), pid, run.alpha,
-                                 run.classes_per_client, run.data_seed, run.partition_pool)
+    return task_for(resolved.task_config(), pid)
 
 
 def main() -> None:
