@@ -105,7 +105,8 @@ def task_for(config: ConfigRecord, pid: int) -> TaskData:
         return load_task(tasks[pid], seed)
     return load_partitioned_task(
         str(config["partition-task"]), scheme, len(tasks), pid, float(config["alpha"]),
-        int(config["classes-per-client"]), seed, int(config["partition-pool"]))
+        int(config["classes-per-client"]), seed, int(config["partition-pool"]),
+        str(config.get("partition-probe", "heldout")))
 
 
 def _is_merged(config: Mapping[str, Any]):
@@ -180,6 +181,10 @@ def update_spec(config: Mapping[str, Any], pid: int, cfg: LocalTrainConfig,
         **{k: config.get(k) for k in ("model", "data", "data-seed", "partition-task", "alpha",
                                       "classes-per-client", "partition-pool", "compute-grad0",
                                       "grad0-samples", "compute-fisher", "fisher-samples")},
+        # the head's probe data decides the pool (fl_merge/tasks/partitions.py); runs before it
+        # existed fitted on val and keep their cache keys
+        **({"partition-probe": config.get("partition-probe", "heldout")}
+           if config.get("data", "tasks") != "tasks" and config.get("partition-probe", "heldout") != "val" else {}),
         # Grams only when asked: every other update keeps its cache key from before they existed
         **({k: config.get(k) for k in ("compute-gram", "gram-samples")} if config.get("compute-gram") else {}),
         "steps": cfg.steps, "lr": cfg.lr, "batch-size": cfg.batch_size, "seed": cfg.seed,

@@ -16,10 +16,11 @@ from fl_merge.engine.run import RunFailed, run  # noqa: E402
 
 
 # The numbers these scripts committed to docs/ were measured when client i trained with
-# seed + i (fl_merge/core/seeds.py "offset"), so that is what they reproduce unless a script
-# names client-seeds itself. Those over-seed numbers share client seeds between replicates;
-# re-measuring them with independent replicates (client-seeds=spawn) is issue 27 item 5.
-MEASURED_WITH = {"client-seeds": "offset"}
+# seed + i (fl_merge/core/seeds.py "offset") and a split task's head was fitted on its
+# validation split (fl_merge/tasks/partitions.py "val"), so that is what they reproduce unless
+# a script names those keys itself. Those over-seed numbers share client seeds between
+# replicates; re-measuring them under the new defaults is issue 27 item 5.
+MEASURED_WITH = {"client-seeds": "offset", "partition-probe": "val"}
 
 
 def run_point(out_dir: Path, overrides: dict[str, object]) -> Path:

@@ -46,6 +46,7 @@ class RunConfig:
     alpha: float = 0.5  # Dirichlet concentration (data=dirichlet): small = skewed labels
     classes_per_client: int = 2  # data=pathological
     partition_pool: int = 8000  # training examples split across the clients
+    partition_probe: str = "heldout"  # the head's data (data != tasks): heldout | val (runs before Dec 2026)
     model: str = "mnist-cnn"
     # Parameters merged: fnmatch patterns of their names (comma list); the rest are per-task.
     merge_keys: str = "backbone.*"
@@ -185,6 +186,8 @@ class RunConfig:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         if not 1 <= self.classes_per_client:
             raise ConfigError(f"classes-per-client must be at least 1, got {self.classes_per_client}")
+        if self.partition_probe not in ("heldout", "val"):
+            raise ConfigError(f"partition-probe must be heldout or val, got '{self.partition_probe}'")
         if self.partition_pool < 10 * k:
             raise ConfigError(f"partition-pool={self.partition_pool} is too small for {k} clients")
         try:
@@ -328,6 +331,7 @@ class ResolvedConfig:
             "model": run.model, "tasks": list(self.tasks), "data-seed": run.data_seed,
             "data": run.data, "partition-task": run.partition_task, "alpha": run.alpha,
             "classes-per-client": run.classes_per_client, "partition-pool": run.partition_pool,
+            "partition-probe": run.partition_probe,
             "device": run.device,  # where clients train and score too (not part of a cache key)
             "plugins": run.plugins,  # each client registers them before building its task and model
         }

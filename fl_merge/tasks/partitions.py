@@ -4,8 +4,9 @@ The split is done by flwr-datasets partitioners on an in-memory `datasets.Datase
 task's training pool: IID, Dirichlet(alpha) over labels (smaller alpha = more skewed), or
 pathological (each client sees only `classes_per_client` classes), or shared (no split:
 every client trains on the whole pool, so clients differ only by seed, lr and steps: DiWA). Every client shares the
-task's label space and one frozen head (a probe fitted on the task's public validation
-split, like a zero-shot head everyone has), and is scored on the task's global val/test.
+task's label space and one frozen head (a probe fitted on public training examples no client
+holds, like a zero-shot head everyone has; not on the validation split that selects lambda),
+and is scored on the task's global val/test.
 """
 
 from __future__ import annotations
@@ -55,15 +56,40 @@ def partition_indices(labels: np.ndarray, scheme: str, num_partitions: int, part
     return np.sort(np.asarray(part.load_partition(partition_id)["idx"], dtype=np.int64))
 
 
+PROBES = ("heldout", "val")
+
+
 @functools.lru_cache(maxsize=8)
 def load_partitioned_task(task: str, scheme: str, num_partitions: int, partition_id: int,
                           alpha: float = 0.5, classes_per_client: int = 2, seed: int = 0,
-                          pool: int = 8000) -> TaskData:
+                          pool: int = 8000, probe: str = "heldout") -> TaskData:
     """Client `partition_id`'s share of `task`: train = its partition of a training pool of
-    `pool` examples; val/test = the task's global splits; probe = the val split."""
-    full = load_task(task, seed, SplitSizes(train=pool))
-    x, y = full.train.tensors
+    `pool` examples; val/test = the task's global splits; the head's probe data (`probe`):
+
+    * "heldout" (default): public examples of the task's training data that no client holds
+      and that are not the validation split which selects lambda and the knobs (as many as
+      the validation split has; the pool shrinks to fit when the task has fewer);
+    * "val": the validation split itself (what runs did before December 2026; the head is
+      then fitted on the split that also chooses the setting)."""
+    if probe not in PROBES:
+        raise ValueError(f"partition-probe must be one of {', '.join(PROBES)}, got '{probe}'")
+    if probe == "val":
+        full = load_task(task, seed, SplitSizes(train=pool))
+        x, y = full.train.tensors
+        held = full.val
+    else:
+        n_probe = SplitSizes().val
+        full = load_task(task, seed, SplitSizes(train=pool + n_probe))
+        x, y = full.train.tensors
+        n_probe = min(n_probe, len(full.val)) if len(y) < pool + n_probe else n_probe
+        n_pool = min(pool, len(y) - n_probe)
+        if n_pool < 10 * num_partitions:
+            raise ValueError(f"task '{task}' has {len(y)} training examples: too few for a probe "
+                             f"split of {n_probe} and {num_partitions} clients; lower num-clients "
+                             f"or use partition-probe=val")
+        held = TensorDataset(x[n_pool:n_pool + n_probe], y[n_pool:n_pool + n_probe])
+        x, y = x[:n_pool], y[:n_pool]
     idx = torch.as_tensor(partition_indices(y.numpy(), scheme, num_partitions, partition_id,
                                             alpha, classes_per_client, seed))
     return replace(full, name=f"{task}/{partition_id}", train=TensorDataset(x[idx], y[idx]),
-                   probe=full.val)
+                   probe=held)

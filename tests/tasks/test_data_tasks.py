@@ -258,7 +258,8 @@ def test_hugging_face_dataset_offline_is_one_clear_error(monkeypatch):
 def test_a_csv_task_is_split_across_clients_by_dirichlet(bbc):
     """One code path partitions built-in and data tasks (fl_merge/tasks/partitions.py): disjoint
     shares of the training pool, label-skewed, each equal to flwr-datasets' own partition
-    of the same labels; shared val/test and a probe head fitted on val."""
+    of the same labels; shared val/test; the head's probe data held out of the pool, disjoint
+    from every client's share and from the validation split that selects lambda."""
     from flwr_datasets.partitioner import DirichletPartitioner
 
     from fl_merge.tasks.partitions import load_partitioned_task
@@ -268,15 +269,25 @@ def test_a_csv_task_is_split_across_clients_by_dirichlet(bbc):
     run = RunConfig(num_clients=3, data="dirichlet", alpha=0.3, partition_task=spec,
                     partition_pool=150, model="minilm-l6").resolve()
     assert run.tasks == [f"{spec}/{i}" for i in range(3)]
-    full = load_task(spec, 0, SplitSizes(train=150))
-    pool_x, pool_y = full.train.tensors
+    full = load_task(spec, 0, SplitSizes(train=150 + SplitSizes().val))
     parts = [load_partitioned_task(spec, "dirichlet", 3, i, alpha=0.3, pool=150) for i in range(3)]
+    probe = set(map(bytes, parts[0].probe.tensors[0].numpy()))
+    # 300 rows: 180 train, 45 val; the probe takes as many as val has, the pool the rest
+    assert len(full.train) == 180 and len(probe) == len(full.val) == 45
+    n_pool = 180 - 45
+    pool_x, pool_y = full.train.tensors[0][:n_pool], full.train.tensors[1][:n_pool]
+    assert probe == set(map(bytes, full.train.tensors[0][n_pool:].numpy()))
+    assert all(set(map(bytes, p.probe.tensors[0].numpy())) == probe for p in parts)  # one head
+    assert not probe & set(map(bytes, pool_x.numpy()))  # no client trains on the head's data
+    assert not probe & set(map(bytes, full.val.tensors[0].numpy()))  # nor does it select lambda
+    legacy = load_partitioned_task(spec, "dirichlet", 3, 0, alpha=0.3, pool=150, probe="val")
+    assert legacy.probe is legacy.val
     rows = [set(map(bytes, p.train.tensors[0].numpy())) for p in parts]
-    assert sum(len(r) for r in rows) == len(pool_y) == 150
+    assert sum(len(r) for r in rows) == len(pool_y) == n_pool
     assert set.union(*rows) == set(map(bytes, pool_x.numpy()))  # disjoint, covering the pool
     import datasets
 
-    ds = datasets.Dataset.from_dict({"idx": np.arange(150), "label": pool_y.numpy()}).shuffle(seed=0)
+    ds = datasets.Dataset.from_dict({"idx": np.arange(n_pool), "label": pool_y.numpy()}).shuffle(seed=0)
     ref = DirichletPartitioner(num_partitions=3, partition_by="label", alpha=0.3,
                                min_partition_size=10, seed=0)
     ref.dataset = ds
@@ -284,9 +295,9 @@ def test_a_csv_task_is_split_across_clients_by_dirichlet(bbc):
     for i, p in enumerate(parts):
         idx = np.sort(np.asarray(ref.load_partition(i)["idx"]))
         assert p.train.tensors[1].tolist() == pool_y[idx].tolist()
-        assert p.probe is p.val and torch.equal(p.test.tensors[0], full.test.tensors[0])
+        assert torch.equal(p.test.tensors[0], full.test.tensors[0])
         share = np.bincount(p.train.tensors[1].numpy(), minlength=5) / len(p.train)
-        skews.append(0.5 * np.abs(share - np.bincount(pool_y.numpy(), minlength=5) / 150).sum())
+        skews.append(0.5 * np.abs(share - np.bincount(pool_y.numpy(), minlength=5) / n_pool).sum())
     assert max(skews) > 0.2  # alpha=0.3: at least one client's label mix is far from the pool's
 
 
