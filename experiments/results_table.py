@@ -108,6 +108,10 @@ def table(run_dir: Path) -> tuple[list[str], list[dict[str, object]]]:
         elif r["model"] == "merged" and r["selected"] is True:
             put(str(r["method"]), r, f"{float(r['eta']):g}")
     for label, entry in by_model.items():
+        missing = [t for t in tasks if t not in entry]
+        if missing:  # a client lost mid-run (run.log names it): no mean over fewer tasks
+            raise SystemExit(f"{run_dir}: {label} has no test score for {', '.join(missing)} "
+                             f"(a client was lost; see {run_dir / 'run.log'}): rerun with --rerun")
         entry["absolute"] = sum(float(entry[t]) for t in tasks) / len(tasks)  # type: ignore[arg-type]
         entry["normalized"] = sum(normalized[label]) / len(normalized[label])
     return tasks, list(by_model.values())

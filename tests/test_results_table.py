@@ -63,6 +63,15 @@ def test_table_reports_test_accuracy_at_the_chosen_eta(tmp_path, results_table):
     assert "| fedavg | 0.5 | 70.0 | 60.0 | 65.0 | 76.4 |" in md
 
 
+def test_a_run_that_lost_a_client_is_refused_not_averaged(tmp_path, results_table):
+    # ties' test score on task b is missing (its client was lost mid-run)
+    rows = [r for r in _rows() if not (r["method"] == "ties" and r["model"] == "merged"
+                                       and r["task"] == "b" and r["split"] == "test")]
+    write_rows(tmp_path / "results.csv", rows)
+    with pytest.raises(SystemExit, match="ties has no test score for b .*rerun with --rerun"):
+        results_table.table(tmp_path)
+
+
 def test_timing_line_says_cold_or_cached(tmp_path, results_table):
     (tmp_path / "run.json").write_text(json.dumps({"clients": [{"cached": 0}, {"cached": 0}]}))
     (tmp_path / "wall.json").write_text(json.dumps({"seconds": 600}))

@@ -138,6 +138,12 @@ def test_headroom_suite_and_preset_resolve():
     assert cfg.tasks == ["rotate90", "invert", "patch-shuffle"] and job.run.num_clients == 3
     assert cfg.local_steps == [50, 50, 50] and cfg.lrs == [0.01] * 3 and job.run.model == "mnist-cnn"
     assert job.run.search == "paper" and cfg.lambdas == list(LAMBDAS)
+    assert job.run.client_seeds == "offset"  # the seed scheme its documented numbers used
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        v2 = build_job(compose(CONFIG_NAME, overrides=["+experiment=headroom_v2"]))
+    # the suite chosen on validation (docs/headroom_design.csv): 4 tasks, 150 steps, new seeds
+    assert v2.run.resolve().tasks == ["rotate90", "invert", "noise", "patch-shuffle"]
+    assert v2.run.resolve().local_steps == [150] * 4 and v2.run.client_seeds == "spawn"
 
 
 # Text -> value, written out by hand: what every place that reads a value from text gives.
