@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from fl_merge.io.results import RESULTS_FILE, RUN_FILE, mean, read_rows, write_rows
 from fl_merge.round.tables import reference_label
 from fl_merge.stats.intervals import ci_line, over_seed_table, seed_marks
-from fl_merge.stats.multiplicity import NAMES, caption
+from fl_merge.stats.multiplicity import CORRECTIONS, NAMES, caption
 
 if TYPE_CHECKING:
     from fl_merge.config.run_config import ResolvedConfig
@@ -103,7 +103,7 @@ def _same_config(runs: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
             raise ValueError(f"{d} ran methods {list(run['methods'])}, {first_dir} {list(first['methods'])}")
 
 
-def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+def replicate_table(run_dirs: Sequence[Path], correction: str = "holm") -> list[dict[str, Any]]:
     """Over-seed table of runs of one config differing only in seed: per method (then base),
     the per-seed accuracies, their mean with a 95% t interval (NaN bounds for one seed), and
     the paired per-seed difference against Task Arithmetic/fedavg with its t interval, whether
@@ -121,7 +121,7 @@ def replicate_table(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     references = [m for m in loaded[0][2] if m not in methods and m != "base"]
     models = [*methods, *references, "base"]
     stats = over_seed_table({model: [acc.get(model, math.nan) for _, _, acc in loaded]
-                             for model in models}, ref)
+                             for model in models}, ref, correction)
     rows = []
     for model in models:
         values = [acc.get(model, math.nan) for _, _, acc in loaded]
@@ -208,9 +208,10 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_replicates(run_dirs: Sequence[Path], out: Path) -> list[dict[str, Any]]:
-    """replicates.csv and replicates.png under `out` from `replicate_table(run_dirs)`."""
-    rows = replicate_table(run_dirs)
+def write_replicates(run_dirs: Sequence[Path], out: Path, correction: str = "holm") -> list[dict[str, Any]]:
+    """replicates.csv and replicates.png under `out` from `replicate_table(run_dirs,
+    correction)` (fl_merge.stats.multiplicity: holm, bh or none)."""
+    rows = replicate_table(run_dirs, correction)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / TABLE_FILE, rows)
@@ -227,8 +228,8 @@ def run_once(cfg: ResolvedConfig, engine: str = "simulation") -> Path:
 
 
 def run_replicates(overrides: Mapping[str, Any], seeds: Sequence[int], out: Path,
-                   run: Callable[[ResolvedConfig], Path] = run_once, data_seeds: bool = False
-                   ) -> list[dict[str, Any]]:
+                   run: Callable[[ResolvedConfig], Path] = run_once, data_seeds: bool = False,
+                   correction: str = "holm") -> list[dict[str, Any]]:
     """Run the config once per seed (`run`: one resolved config -> its output dir), then write
     the over-seed table under `out`. Every config is resolved (checked) once, before the first
     run starts."""
@@ -237,7 +238,7 @@ def run_replicates(overrides: Mapping[str, Any], seeds: Sequence[int], out: Path
 
     resolved = [RunConfig.from_flower(c).resolve() for c in configs]  # ConfigError before any training
     dirs = [run(cfg) for cfg in resolved]
-    return write_replicates(dirs, out)
+    return write_replicates(dirs, out, correction)
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, str]:
@@ -254,17 +255,20 @@ def main(argv: Sequence[str] | None = None,
     p.add_argument("--out", help="where seed-<s>/ and the table go (default outputs/replicates-<time>)")
     p.add_argument("--data-seeds", action="store_true", help="each replicate also sets data-seed to its seed")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="only build the table from these runs")
+    p.add_argument("--correction", default="holm", choices=sorted(CORRECTIONS),
+                   help="multiple-comparison correction of the marks (default holm; bh: Benjamini-Hochberg)")
     p.add_argument("overrides", nargs="*", help="run-config overrides key=value (after --)")
     a = p.parse_args(argv)
     try:
         if a.table:
             out = Path(a.out) if a.out else Path(a.table[0]).parent
-            rows = write_replicates([Path(d) for d in a.table], out)
+            rows = write_replicates([Path(d) for d in a.table], out, a.correction)
         else:
             if not a.seeds:
                 raise ValueError("give --seeds (e.g. --seeds 0,1,2) or --table RUN_DIR ...")
             out = Path(a.out or f"outputs/replicates-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-            rows = run_replicates(_overrides(a.overrides), parse_seeds(a.seeds), out, run, a.data_seeds)
+            rows = run_replicates(_overrides(a.overrides), parse_seeds(a.seeds), out, run, a.data_seeds,
+                                  a.correction)
     except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

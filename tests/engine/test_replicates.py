@@ -103,6 +103,18 @@ def test_replicate_table_matches_hand_computation(tmp_path):
     assert "Holm-adjusted p < 0.05 over the family of 2 comparisons vs task_arithmetic" in text
 
 
+def test_the_correction_is_an_option_benjamini_hochberg_written_out(tmp_path, capsys):
+    dirs = [_fake_run(tmp_path, s) for s in (0, 1, 2)]
+    rows = {r["model"]: r for r in rep.write_replicates(dirs, tmp_path / "bh", correction="bh")}
+    # BH over m = 2 sorted p-values p(1) <= p(2): adjusted p(2) = p(2), p(1) = min(2 p(1), p(2))
+    p = sorted((rows[m]["p_value"], m) for m in ("ties", "base"))
+    assert rows[p[1][1]]["p_adjusted"] == pytest.approx(p[1][0], rel=1e-9)
+    assert rows[p[0][1]]["p_adjusted"] == pytest.approx(min(2 * p[0][0], p[1][0]), rel=1e-9)
+    assert {rows[m]["correction"] for m in ("ties", "base")} == {"bh"}
+    assert rep.main(["--table", *map(str, dirs), "--out", str(tmp_path / "cli"), "--correction", "bh"]) == 0
+    assert "Benjamini-Hochberg" in capsys.readouterr().out
+
+
 def test_one_seed_has_unknown_interval(tmp_path):
     rows = rep.replicate_table([_fake_run(tmp_path, 1)])
     assert rows[1]["mean"] == pytest.approx(0.70) and math.isnan(rows[1]["ci_low"])
