@@ -68,6 +68,10 @@ def run_suite(suite: str, out: Path, rerun: bool, prescreen: float = 0.0,
     if not rerun and (run_dir / "results.csv").exists() and (run_dir / "run.json").exists():
         print(f"[reuse] {run_dir}", flush=True)
         return run_dir
+    if rerun and run_dir.exists():  # run_point would reuse the old results otherwise
+        import shutil
+
+        shutil.rmtree(run_dir)
     start = time.perf_counter()
     run_point(run_dir, suite_overrides(suite, prescreen=prescreen, methods=methods))
     write_json(run_dir / "wall.json", {"seconds": time.perf_counter() - start})
