@@ -19,17 +19,17 @@ from typing import Any
 MEASURES = ("steps_cv", "mean_cosine", "b_dissimilarity")
 
 
-def read_point(run_dir: Path, setting: str, seed: int) -> dict[str, Any]:
+def read_point(run_dir: Path, setting: str, seed: int, measures: Sequence[str] = MEASURES) -> dict[str, Any]:
     """One run as a point: accuracies from fl_merge.engine.replicates.run_accuracies (each method at
-    its validation choice, and the base) and the MEASURES found in run.json."""
+    its validation choice, and the base) and the `measures` found in run.json."""
     from fl_merge.engine.replicates import run_accuracies
 
     run, acc = run_accuracies(Path(run_dir))
     het = run.get("heterogeneity") or {}
-    measures = {m: float(het[m]) for m in MEASURES if het.get(m) is not None}
+    found = {m: float(het[m]) for m in measures if het.get(m) is not None}
     seconds = float((run.get("timings") or {}).get("total-seconds", math.nan))
     within = {str(c["model"]): bool(c.get("excludes_zero")) for c in run.get("comparison", [])}
-    return {"setting": setting, "seed": seed, "acc": acc, "measures": measures, "seconds": seconds,
+    return {"setting": setting, "seed": seed, "acc": acc, "measures": found, "seconds": seconds,
             "within": within}
 
 
