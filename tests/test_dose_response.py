@@ -1,0 +1,218 @@
+"""experiments/dose_response.py and its helpers (_dose.py, _dose_plots.py), without training:
+the points resolve as run configs, the training-heterogeneity points keep their mean
+(checked with numpy), replicates use independent seeds away from the design seeds, the
+multi-task reference is shared exactly where its inputs are equal, the tables of hand-made
+run directories match scipy's t intervals and Holm written out, and --dry-run's plan and
+estimate."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    """The experiment module as the script imports it (one module object: its dataclasses
+    and _dose's constants are the script's own)."""
+    if str(ROOT / "experiments") not in sys.path:
+        sys.path.insert(0, str(ROOT / "experiments"))
+    return importlib.import_module(name)
+
+
+dose = _load("_dose")
+dr = _load("dose_response")
+
+
+def _resolve(overrides):
+    from fl_merge.config.run_config import RunConfig
+
+    return RunConfig.from_flower({**overrides, "output-dir": "/tmp/unused"}).resolve()
+
+
+def test_every_point_resolves_with_the_new_seed_scheme_and_its_methods():
+    assert len(dose.POINTS) == len(dose.BY_NAME) == 13
+    for p in dose.POINTS:
+        for r in (0, 1):
+            o = dose.run_overrides(p, r)
+            res = _resolve(o)
+            assert o["client-seeds"] == "spawn" and o["partition-probe"] == "heldout"
+            assert [m for m, _ in res.methods] == list(dose.METHODS) and res.run.search == "paper"
+            assert res.run.prescreen == 0.25 and res.run.finalists == 3 and len(res.tasks) == 4
+            _resolve(dose.multitask_key(o)[1])  # the reference's own overrides resolve too
+    assert _resolve(dose.run_overrides(dose.BY_NAME["skew-a0.03"], 0)).run.alpha == 0.03
+    assert _resolve(dose.run_overrides(dose.BY_NAME["tasks-mid"], 0)).tasks == [
+        "rotate90", "rot180-5to9", "parity", "digits8x8"]
+    # every series names known points, in order of increasing heterogeneity
+    assert all(p in dose.BY_NAME for doses in dose.SERIES.values() for p, _ in doses)
+    assert [p for p, _ in dose.SERIES["label skew (rotate90 split)"]] == [
+        "skew-iid", "skew-a10", "skew-a1", "skew-a0.3", "skew-a0.1", "skew-a0.03"]
+
+
+@pytest.mark.parametrize("key, names, mean", [("local_steps", ("steps-mild", "steps-wide"), 150.0),
+                                              ("lrs", ("lr-mild", "lr-wide"), 0.01)])
+def test_training_spreads_keep_the_arithmetic_mean_and_grow(key, names, mean):
+    base = getattr(_resolve(dose.run_overrides(dose.BY_NAME[dose.SUITE], 0)), key)
+    assert base == [mean] * 4
+    cvs = []
+    for name in names:
+        per_rep = [np.array(getattr(_resolve(dose.run_overrides(dose.BY_NAME[name], r)), key), dtype=float)
+                   for r in range(4)]
+        for v in per_rep:
+            assert v.mean() == pytest.approx(mean, rel=1e-12)
+        # the rotation: over K replicates every client gets every value exactly once
+        assert all(sorted(col) == sorted(per_rep[0]) for col in np.array(per_rep).T)
+        cvs.append(per_rep[0].std() / per_rep[0].mean())  # population CV, numpy
+    assert 0 < cvs[0] < cvs[1]
+
+
+def test_replicates_have_independent_seeds_away_from_the_design_seeds():
+    seeds = dose.replicate_seeds(10)
+    assert seeds == list(range(10, 20)) and not set(seeds) & {1000, 1001}
+    client = []
+    for r, s in enumerate(seeds):
+        o = dose.run_overrides(dose.BY_NAME[dose.SUITE], r)
+        assert o["seed"] == o["data-seed"] == s
+        client += _resolve(o).seeds
+    assert len(set(client)) == 40  # no two clients of any replicates share a training seed
+    with pytest.raises(ValueError, match="design seeds"):
+        dose.replicate_seeds(1000)
+
+
+def test_the_multitask_reference_is_shared_exactly_where_its_inputs_are_equal():
+    keys = {(p.name, r): dose.multitask_key(dose.run_overrides(p, r)) for p in dose.POINTS for r in (0, 1)}
+    spread = [dose.SUITE, "steps-mild", "steps-wide", "lr-mild", "lr-wide"]
+    assert len({keys[(n, 0)][0] for n in spread}) == 1  # same data, seeds, mean steps and lr
+    assert keys[(dose.SUITE, 0)][2:] == (150, 0.01)
+    assert keys[(dose.SUITE, 0)][0] != keys[(dose.SUITE, 1)][0]
+    assert len({k[0] for k in keys.values()}) == 2 * 9  # 9 distinct references per replicate
+
+
+def test_select_points_by_point_and_series_names():
+    got = dose.select_points("tasks-near,lr spread (mean 0.01)")
+    assert [p.name for p in got] == ["tasks-near", dose.SUITE, "lr-mild", "lr-wide"]
+    with pytest.raises(ValueError, match="unknown point or series 'nope'"):
+        dose.select_points("nope")
+
+
+# ---------------------------------------------------------------------- hand-made runs
+
+TASKS = ["a", "b", "c", "d"]
+
+
+def _acc(point: str, seed: int) -> dict[str, float]:
+    """Accuracies of one fake run, a fixed function of (point, seed)."""
+    rng = np.random.default_rng([sum(map(ord, point)), seed])
+    ta = 0.70 + 0.02 * rng.standard_normal()
+    return {"task_arithmetic": ta, "ties": ta + 0.03 + 0.01 * rng.standard_normal(),
+            "tsv_m": ta + 0.001 * rng.standard_normal(), "regmean": ta - 0.02 + 0.01 * rng.standard_normal(),
+            "base": ta - 0.1 + 0.01 * rng.standard_normal(), "individual": ta + 0.1 + 0.02 * rng.standard_normal(),
+            "multitask": ta + 0.05 + 0.02 * rng.standard_normal(), "cos": float(rng.uniform(0, 1))}
+
+
+def _fake_run(p, mt_path: Path) -> None:
+    """A finished run as write_outputs leaves it (run.json, results.csv; every task scored the
+    run's accuracy) and its multi-task reference file."""
+    from fl_merge.io.results import write_rows
+
+    acc = _acc(p.point.name, p.seed)
+    p.run_dir.mkdir(parents=True)
+    rows = []
+    for m in dose.METHODS:
+        for t in TASKS:
+            common = {"method": m, "task": t, "split": "test"}
+            rows += [{**common, "model": "base", "eta": 0.0, "selected": False, "accuracy": acc["base"]},
+                     {**common, "model": "merged", "eta": 0.5, "selected": True, "accuracy": acc[m]},
+                     {**common, "model": "merged", "eta": 1.0, "selected": False, "accuracy": 0.0},
+                     {**common, "model": "finetuned", "eta": math.nan, "selected": False,
+                      "accuracy": acc["individual"]}]
+    write_rows(p.run_dir / "results.csv", rows)
+    run = {"config": p.overrides, "tasks": TASKS, "methods": {m: {"name": m, "params": {}} for m in dose.METHODS},
+           "heterogeneity": {"mean_cosine": acc["cos"], "steps_cv": 0.0},
+           "clients": [{"lr": 0.01, "train-seconds": 10.0, "cached": 0}] * 4,
+           "timings": {"aggregate-seconds": 2.0, "validation-evaluate-seconds": 30.0,
+                       "test-evaluate-seconds": 5.0, "total-seconds": 100.0}}
+    (p.run_dir / "run.json").write_text(json.dumps(run))
+    (p.run_dir / dr.WALL_FILE).write_text(json.dumps({"wall": 120.0}))
+    if not mt_path.exists():
+        mt_path.parent.mkdir(parents=True, exist_ok=True)
+        mt_path.write_text(json.dumps({"rows": [{"multitask-test-accuracy": acc["multitask"]}],
+                                       "seconds": {"total": 50.0}}))
+
+
+def _holm(p):
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (len(p) - rank) * p[i])
+        out[i] = min(1.0, running)
+    return out
+
+
+def test_tables_of_hand_made_runs(tmp_path):
+    from fl_merge.io.results import read_rows
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    names = ["skew-iid", "skew-a10", "skew-a1"]
+    runs = dr.plan(dose.select_points(",".join(names)), 3, out)
+    for p in runs:
+        _fake_run(p, dr.mt_file(out, p.mt_key))
+    dr.main(["--tables-only", "--replicates", "3", "--points", ",".join(names), "--out", str(out), "--docs", str(docs)])
+    rows = {(r["setting"], r["model"]): r for r in read_rows(docs / "dose_response.csv")}
+    accs = [_acc("skew-iid", s) for s in (10, 11, 12)]
+    # TA's loss against the individual models: individual - TA per replicate, t interval by hand
+    d = np.array([a["individual"] - a["task_arithmetic"] for a in accs])
+    half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    r = rows[("skew-iid", "individual")]
+    assert r["diff"] == pytest.approx(d.mean()) and r["diff_high"] == pytest.approx(d.mean() + half)
+    mt = np.array([a["multitask"] - a["task_arithmetic"] for a in accs])
+    assert rows[("skew-iid", "multitask")]["diff"] == pytest.approx(mt.mean())
+    # Holm within the point: the 3 methods one family, the 3 references another
+    for kind in (("ties", "tsv_m", "regmean"), ("base", "individual", "multitask")):
+        raw = [sps.ttest_1samp([a[m] - a["task_arithmetic"] for a in accs], 0.0).pvalue for m in kind]
+        for m, q in zip(kind, _holm(raw)):
+            assert rows[("skew-iid", m)]["p_adjusted"] == pytest.approx(q)
+            assert rows[("skew-iid", m)]["significant"] == (q < 0.05)
+    assert rows[("skew-iid", "ties")]["family"] == "holm over 3 methods vs task_arithmetic at skew-iid"
+    # predictors: mean_cosine's held-out R^2 leaving one point out, by sklearn
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import LeaveOneGroupOut, cross_val_predict
+
+    all_acc = [(n, _acc(n, s)) for s in (10, 11, 12) for n in names]
+    x = np.array([[a["cos"]] for _, a in all_acc])
+    y = np.array([a["individual"] - a["task_arithmetic"] for _, a in all_acc])
+    pred = cross_val_predict(LinearRegression(), x, y, groups=[n for n, _ in all_acc], cv=LeaveOneGroupOut())
+    pr = {(r["target"], r["measure"]): r for r in read_rows(docs / "dose_response_predictors.csv")}
+    assert pr[("loss_individual", "mean_cosine")]["r2_heldout"] == pytest.approx(r2_score(y, pred))
+    assert pr[("loss_individual", "mean_cosine")]["n_points"] == 3
+    # cost: the run.json timings split, each reference's seconds counted once
+    cost = read_rows(docs / "dose_response_cost.csv")
+    assert len(cost) == 9 and cost[0]["merge"] == 2.0 and cost[0]["scoring"] == 35.0
+    assert cost[0]["train_and_other"] == 63.0 and cost[0]["train_client_sum"] == 40.0
+    assert sum(c["multitask"] for c in cost) == 9 * 50.0  # 3 points x 3 replicates, none shared
+    for f in ("dose_response_label.png", "dose_response_predictors.png", "dose_response.md"):
+        assert (docs / f).stat().st_size > 0
+    md = (docs / "dose_response.md").read_text()
+    assert "Bound: not computed" in md and "| skew-iid | individual | 3 |" in md
+
+
+def test_dry_run_lists_the_plan_and_estimates_from_timed_runs(tmp_path, capsys):
+    dr.main(["--dry-run", "--replicates", "2", "--points", "steps-mild,lr-mild", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert text.count("[to run]") == 4 and "local-steps=125,175,200,100" in text  # replicate 1 rotated
+    assert "planned: 4 runs (0 done, 4 to run), 2 multi-task references (0 done, 2 to compute)" in text
+    assert f"estimate: {(4 * 240 + 2 * 60) / 3600:.1f} h = 4 x 240 s + 2 x 60 s (prior" in text
+    runs = dr.plan(dose.select_points("steps-mild,lr-mild"), 2, tmp_path)
+    _fake_run(runs[0], dr.mt_file(tmp_path, runs[0].mt_key))  # wall 120 s, reference 50 s
+    dr.main(["--dry-run", "--replicates", "2", "--points", "steps-mild,lr-mild", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert text.count("[done]") == 1 and "3 x 120 s + 1 x 50 s (median of 1 timed runs" in text
