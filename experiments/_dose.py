@@ -18,8 +18,12 @@ otherwise pins the old scheme.
   merge, so mnist-far's loss is mostly that one task), it is the suite the training points
   use, and so its runs serve three series at once;
 * training heterogeneity on headroom-v2 at equal ARITHMETIC mean: local steps 150 for all,
-  then 100,125,175,200 and 50,100,200,250 (mean 150); lr 0.01 for all, then
-  0.006,0.008,0.012,0.014 and 0.002,0.006,0.014,0.018 (mean 0.01). Arithmetic, not geometric:
+  then 100,150,150,200 and 50,150,150,250 (mean 150); lr 0.01 for all, then
+  0.006,0.01,0.01,0.014 and 0.002,0.01,0.01,0.018 (mean 0.01). Two clients keep the mean
+  value and two move apart symmetrically: the two that keep it train exactly the updates of
+  the headroom-v2 point's run of the same replicate (same task, seed, steps and lr), so they
+  come from the client-update cache (half the clients of these 4 points never train), and
+  each spread is paired with the reference point through them. Arithmetic, not geometric:
   to first order a task vector is -lr_i * sum of its s_i gradient steps, so with equal client
   gradients Task Arithmetic's sum of task vectors is the same at every spread with the same
   sum of lr_i s_i (and the same total compute, so the multi-task reference is the same
@@ -82,8 +86,8 @@ def _split(alpha: float | None) -> Point:
     return Point(f"skew-a{alpha:g}", {"data": "dirichlet", "alpha": alpha, "partition-task": SPLIT_TASK})
 
 
-STEPS = {"steps-mild": (100, 125, 175, 200), "steps-wide": (50, 100, 200, 250)}
-LRS = {"lr-mild": (0.006, 0.008, 0.012, 0.014), "lr-wide": (0.002, 0.006, 0.014, 0.018)}
+STEPS = {"steps-mild": (100, 150, 150, 200), "steps-wide": (50, 150, 150, 250)}
+LRS = {"lr-mild": (0.006, 0.01, 0.01, 0.014), "lr-wide": (0.002, 0.01, 0.01, 0.018)}
 POINTS: tuple[Point, ...] = (
     _split(None), *(_split(a) for a in (10.0, 1.0, 0.3, 0.1, 0.03)),
     Point("tasks-near", {"data": "tasks", "suite": "mnist-near"}),

@@ -74,6 +74,24 @@ def test_training_spreads_keep_the_arithmetic_mean_and_grow(key, names, mean):
     assert 0 < cvs[0] < cvs[1]
 
 
+def test_spread_points_share_the_clients_that_keep_the_mean_with_the_reference_run():
+    """Their client-update cache specs (task, data, seed, steps, lr, extras asked for) equal
+    the headroom-v2 run's for exactly the two clients at the mean value: those never train."""
+    from fl_merge.round.merging import given_params, train_requests
+    from fl_merge_clients.client_app import train_values, update_spec
+
+    def specs(name, r):
+        res = _resolve(dose.run_overrides(dose.BY_NAME[name], r))
+        cfg = {**res.train_config(), **train_requests(given_params(res.methods), True)}
+        return [update_spec(cfg, i, train_values(cfg, i)) for i in range(4)]
+
+    for r in (0, 3):
+        ref = specs(dose.SUITE, r)
+        assert all(s.get("compute-gram") and s.get("compute-grad0") for s in ref)  # regmean, measures
+        for name in ("steps-mild", "steps-wide", "lr-mild", "lr-wide"):
+            assert sum(a == b for a, b in zip(specs(name, r), ref)) == 2
+
+
 def test_replicates_have_independent_seeds_away_from_the_design_seeds():
     seeds = dose.replicate_seeds(10)
     assert seeds == list(range(10, 20)) and not set(seeds) & {1000, 1001}
@@ -208,7 +226,7 @@ def test_tables_of_hand_made_runs(tmp_path):
 def test_dry_run_lists_the_plan_and_estimates_from_timed_runs(tmp_path, capsys):
     dr.main(["--dry-run", "--replicates", "2", "--points", "steps-mild,lr-mild", "--out", str(tmp_path)])
     text = capsys.readouterr().out
-    assert text.count("[to run]") == 4 and "local-steps=125,175,200,100" in text  # replicate 1 rotated
+    assert text.count("[to run]") == 4 and "local-steps=150,150,200,100" in text  # replicate 1 rotated
     assert "planned: 4 runs (0 done, 4 to run), 2 multi-task references (0 done, 2 to compute)" in text
     assert f"estimate: {(4 * 240 + 2 * 60) / 3600:.1f} h = 4 x 240 s + 2 x 60 s (prior" in text
     runs = dr.plan(dose.select_points("steps-mild,lr-mild"), 2, tmp_path)
