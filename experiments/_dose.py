@@ -199,7 +199,8 @@ def run_cost(run_dir: Path, point: str, seed: int, wall: float, multitask_second
     merge = aggregate-seconds (the task vectors and every method's candidates), scoring =
     validation + test evaluation, train_and_other = the server's total-seconds minus those
     (theta0, the clients' training and replies, the heterogeneity measures, writing);
-    train_client_sum = the clients' own training seconds added up (they run side by side);
+    train_client_sum = the training seconds of the clients that trained in this run, added
+    up (they run side by side; a client whose update came from the cache adds 0);
     wall = the whole run_point call here (Ray start-up included; NaN for a run made
     earlier); multitask = the reference's seconds when it was computed for this run (0 when
     shared or cached)."""
@@ -211,7 +212,8 @@ def run_cost(run_dir: Path, point: str, seed: int, wall: float, multitask_second
     clients = run.get("clients", [])
     return {"point": point, "seed": seed, "wall": wall, "total": total, "train_and_other": total - merge - scoring,
             "merge": merge, "scoring": scoring,
-            "train_client_sum": sum(float(c.get("train-seconds", 0.0)) for c in clients),
+            "train_client_sum": sum(float(c.get("train-seconds", 0.0)) for c in clients
+                                    if not int(c.get("cached", 0))),
             "cached_clients": sum(int(c.get("cached", 0)) for c in clients), "clients": len(clients),
             "multitask": multitask_seconds}
 

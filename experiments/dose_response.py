@@ -122,27 +122,38 @@ def dry_run(runs: Sequence[Planned], out: Path) -> str:
     return "\n".join(lines)
 
 
-def execute(runs: Sequence[Planned], out: Path) -> None:
+def execute(runs: Sequence[Planned], out: Path) -> list[str]:
     """Run what is missing: each run (timed here, Ray start-up included) and then its
-    multi-task reference unless one with its key exists."""
+    multi-task reference unless one with its key exists. A run or reference that fails is
+    named (and in out/failures.txt) and the next one goes on: an unattended experiment of
+    hours does not stop at one bad point; the tables count it as missing."""
     from _runner import run_point
     from multitask_reference import reference, write_reference
 
+    failures = []
     for i, p in enumerate(runs):
         print(f"== {i + 1}/{len(runs)}: {p.point.name} replicate {p.replicate} (seed {p.seed})", flush=True)
-        if not p.done():
-            t0 = time.perf_counter()
-            run_point(p.run_dir, p.overrides)
-            (p.run_dir / WALL_FILE).write_text(json.dumps({"wall": time.perf_counter() - t0}))
-        path = mt_file(out, p.mt_key)
-        if not path.exists():
-            res = reference(p.mt_overrides, p.mt_steps, p.mt_lr)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_reference(res, path.with_suffix(".csv"))
-            path.write_text(json.dumps({**res, "overrides": {k: str(v) for k, v in p.mt_overrides.items()}},
-                                       indent=1, default=str))
-            print(f"multi-task reference {p.mt_key}: {res['rows'][-1]['multitask-test-accuracy']:.4f} "
-                  f"in {res['seconds']['total']:.0f} s", flush=True)
+        try:
+            if not p.done():
+                t0 = time.perf_counter()
+                run_point(p.run_dir, p.overrides)
+                (p.run_dir / WALL_FILE).write_text(json.dumps({"wall": time.perf_counter() - t0}))
+            path = mt_file(out, p.mt_key)
+            if not path.exists():
+                res = reference(p.mt_overrides, p.mt_steps, p.mt_lr)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_reference(res, path.with_suffix(".csv"))
+                path.write_text(json.dumps({**res, "overrides": {k: str(v) for k, v in p.mt_overrides.items()}},
+                                           indent=1, default=str))
+                print(f"multi-task reference {p.mt_key}: {res['rows'][-1]['multitask-test-accuracy']:.4f} "
+                      f"in {res['seconds']['total']:.0f} s", flush=True)
+        except (SystemExit, Exception) as e:  # run_point raises SystemExit for a failed run
+            failures.append(f"{p.point.name} seed {p.seed}: {e}")
+            print(f"FAILED {failures[-1]}", flush=True)
+    if failures:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failures.txt").write_text("\n".join(failures) + "\n")
+    return failures
 
 
 def collect(runs: Sequence[Planned], out: Path) -> tuple[list[dict[str, Any]], int]:
@@ -223,12 +234,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.dry_run:
         print(dry_run(runs, a.out.resolve()))
         return
-    if not a.tables_only:
-        execute(runs, a.out.resolve())
+    failures = [] if a.tables_only else execute(runs, a.out.resolve())
     points, missing = collect(runs, a.out.resolve())
     if not points:
         raise SystemExit("no finished run to tabulate (run without --tables-only first)")
     print(report(points, read_costs(runs, a.out.resolve()), a.docs, a.replicates, missing))
+    if failures:
+        print(f"{len(failures)} failed (out/failures.txt): " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def _fake_run(p, mt_path: Path) -> None:
     write_rows(p.run_dir / "results.csv", rows)
     run = {"config": p.overrides, "tasks": TASKS, "methods": {m: {"name": m, "params": {}} for m in dose.METHODS},
            "heterogeneity": {"mean_cosine": acc["cos"], "steps_cv": 0.0},
-           "clients": [{"lr": 0.01, "train-seconds": 10.0, "cached": 0}] * 4,
+           "clients": [{"lr": 0.01, "train-seconds": 10.0, "cached": 0}] * 3
+           + [{"lr": 0.01, "train-seconds": 99.0, "cached": 1}],  # from the cache: did not train here
            "timings": {"aggregate-seconds": 2.0, "validation-evaluate-seconds": 30.0,
                        "test-evaluate-seconds": 5.0, "total-seconds": 100.0}}
     (p.run_dir / "run.json").write_text(json.dumps(run))
@@ -215,7 +216,7 @@ def test_tables_of_hand_made_runs(tmp_path):
     # cost: the run.json timings split, each reference's seconds counted once
     cost = read_rows(docs / "dose_response_cost.csv")
     assert len(cost) == 9 and cost[0]["merge"] == 2.0 and cost[0]["scoring"] == 35.0
-    assert cost[0]["train_and_other"] == 63.0 and cost[0]["train_client_sum"] == 40.0
+    assert cost[0]["train_and_other"] == 63.0 and cost[0]["train_client_sum"] == 30.0
     assert sum(c["multitask"] for c in cost) == 9 * 50.0  # 3 points x 3 replicates, none shared
     for f in ("dose_response_label.png", "dose_response_predictors.png", "dose_response.md"):
         assert (docs / f).stat().st_size > 0
@@ -234,3 +235,28 @@ def test_dry_run_lists_the_plan_and_estimates_from_timed_runs(tmp_path, capsys):
     dr.main(["--dry-run", "--replicates", "2", "--points", "steps-mild,lr-mild", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert text.count("[done]") == 1 and "3 x 120 s + 1 x 50 s (median of 1 timed runs" in text
+
+
+def test_execute_goes_on_past_a_failed_run_and_names_it(tmp_path, monkeypatch):
+    import _runner
+    import multitask_reference
+
+    runs = dr.plan(dose.select_points("skew-iid,skew-a10"), 1, tmp_path)
+
+    def fake_run_point(run_dir, overrides):
+        if "alpha" in overrides:
+            raise SystemExit("point failed: no")
+        _fake_run(next(p for p in runs if p.run_dir == run_dir), tmp_path / "unused.json")
+
+    made = []
+    monkeypatch.setattr(_runner, "run_point", fake_run_point)
+    monkeypatch.setattr(multitask_reference, "reference", lambda o, steps, lr: made.append((steps, lr)) or {
+        "rows": [{"multitask-test-accuracy": 0.8}], "seconds": {"total": 1.0}})
+    monkeypatch.setattr(multitask_reference, "write_reference", lambda res, path: path)
+    failures = dr.execute(runs, tmp_path)
+    assert failures == ["skew-a10 seed 10: point failed: no"]
+    assert (tmp_path / "failures.txt").read_text() == failures[0] + "\n"
+    assert made == [(150, 0.01)] and runs[0].done() and not runs[1].done()
+    assert json.loads((runs[0].run_dir / dr.WALL_FILE).read_text())["wall"] >= 0
+    points, missing = dr.collect(runs, tmp_path)
+    assert [p["setting"] for p in points] == ["skew-iid"] and missing == 1
