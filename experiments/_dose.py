@@ -101,8 +101,10 @@ BY_NAME = {p.name: p for p in POINTS}
 SERIES: dict[str, list[tuple[str, str]]] = {
     "label skew (rotate90 split)": [("skew-iid", "iid"), *((f"skew-a{a:g}", f"alpha {a:g}")
                                                              for a in (10, 1, 0.3, 0.1, 0.03))],
-    "task dissimilarity": [("tasks-near", "mnist-near"), ("tasks-mid", "mnist-mid"), (SUITE, "far: headroom-v2")],
-    "local-steps spread (mean 150)": [(SUITE, "150 x4"), *((n, ",".join(map(str, v))) for n, v in STEPS.items())],
+    "task dissimilarity": [("tasks-near", "mnist-near"), ("tasks-mid", "mnist-mid"),
+                           (SUITE, "far: headroom-v2")],
+    "local-steps spread (mean 150)": [(SUITE, "150 x4"),
+                                      *((n, ",".join(map(str, v))) for n, v in STEPS.items())],
     "lr spread (mean 0.01)": [(SUITE, "0.01 x4"), *((n, ",".join(map(str, v))) for n, v in LRS.items())],
 }
 
@@ -210,7 +212,8 @@ def run_cost(run_dir: Path, point: str, seed: int, wall: float, multitask_second
     merge = t.get("aggregate-seconds", 0.0)
     scoring = t.get("validation-evaluate-seconds", 0.0) + t.get("test-evaluate-seconds", 0.0)
     clients = run.get("clients", [])
-    return {"point": point, "seed": seed, "wall": wall, "total": total, "train_and_other": total - merge - scoring,
+    return {"point": point, "seed": seed, "wall": wall, "total": total,
+            "train_and_other": total - merge - scoring,
             "merge": merge, "scoring": scoring,
             "train_client_sum": sum(float(c.get("train-seconds", 0.0)) for c in clients
                                     if not int(c.get("cached", 0))),
@@ -238,7 +241,8 @@ def point_families(rows: Sequence[dict[str, Any]], correction: str = "holm") -> 
     return list(rows)
 
 
-def estimate_seconds(planned_runs: int, planned_multitask: int, costs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def estimate_seconds(planned_runs: int, planned_multitask: int,
+                     costs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The planned work's seconds from a per-run estimate: the median wall (else total) of the
     runs timed so far, PRIOR_RUN_SECONDS without any; the same for the multi-task references
     (median of those computed, else PRIOR_MULTITASK_SECONDS)."""

@@ -63,7 +63,8 @@ def plot_series(rows: Sequence[Mapping[str, Any]], series: str, doses: Sequence[
     axes[0].set_ylabel("accuracy difference, points (paired by replicate)")
     axes[0].set_title("Task Arithmetic's loss (positive: TA is below)", fontsize=9)
     axes[1].set_title("method - Task Arithmetic (* Holm-adjusted p < 0.05 within the point)", fontsize=9)
-    counts = [int(by[(p, "task_arithmetic")].get("n_seeds", 0)) for _, p, _ in present if (p, "task_arithmetic") in by]
+    counts = [int(by[(p, "task_arithmetic")].get("n_seeds", 0)) for _, p, _ in present
+              if (p, "task_arithmetic") in by]
     n = min(counts) if counts else 0
     fig.suptitle(f"{series}: means over {n} of {replicates} planned replicates, 95% t bands", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
@@ -144,11 +145,12 @@ def predictors_markdown(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> st
                    "Kendall tau over points (p) |")
         out.append("|---|---|---|---|---|---|")
         for r in rows:
-            f = lambda k: "-" if math.isnan(float(r[k])) else f"{float(r[k]):.2f}"  # noqa: E731
+            def f(k: str, spec: str = ".2f", r: Mapping[str, Any] = r) -> str:
+                return "-" if math.isnan(float(r[k])) else format(float(r[k]), spec)
+
             out.append(f"| {r['measure']} | {r['n_runs']} / {r['n_points']} | {f('r2_heldout')} "
-                       f"[{f('r2_low')}, {f('r2_high')}] | {f('r2_in_sample')} | "
-                       f"{'-' if math.isnan(float(r['slope'])) else format(float(r['slope']), '.3g')} | "
-                       f"{f('kendall_tau')} ({'-' if math.isnan(float(r['kendall_p'])) else format(float(r['kendall_p']), '.2g')}) |")
+                       f"[{f('r2_low')}, {f('r2_high')}] | {f('r2_in_sample')} | {f('slope', '.3g')} | "
+                       f"{f('kendall_tau')} ({f('kendall_p', '.2g')}) |")
         out.append("")
     return "\n".join(out)
 

@@ -114,9 +114,11 @@ def dry_run(runs: Sequence[Planned], out: Path) -> str:
     todo = [p for p in runs if not p.done()]
     est = _dose.estimate_seconds(len(todo), len(mt_todo), read_costs(runs, out))
     basis = (f"median of {int(est['measured'])} timed runs" if est["measured"] else
-             f"prior {_dose.PRIOR_RUN_SECONDS:.0f} s per run, {_dose.PRIOR_MULTITASK_SECONDS:.0f} s per reference")
+             f"prior {_dose.PRIOR_RUN_SECONDS:.0f} s per run, "
+             f"{_dose.PRIOR_MULTITASK_SECONDS:.0f} s per reference")
     lines.append(f"planned: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run), "
-                 f"{len(keys)} multi-task references ({len(keys) - len(mt_todo)} done, {len(mt_todo)} to compute)")
+                 f"{len(keys)} multi-task references ({len(keys) - len(mt_todo)} done, "
+                 f"{len(mt_todo)} to compute)")
     lines.append(f"estimate: {est['total'] / 3600:.1f} h = {len(todo)} x {est['per_run']:.0f} s + "
                  f"{len(mt_todo)} x {est['per_multitask']:.0f} s ({basis}; 2-core machine, runs one at a time)")
     return "\n".join(lines)
@@ -199,7 +201,8 @@ def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], do
                                          _dose.REFERENCE))
     write_rows(docs / "dose_response.csv", rows)
     tables = predictor_tables(points)
-    write_rows(docs / "dose_response_predictors.csv", [{"target": t, **r} for t, rs in tables.items() for r in rs])
+    write_rows(docs / "dose_response_predictors.csv",
+               [{"target": t, **r} for t, rs in tables.items() for r in rs])
     write_rows(docs / "dose_response_cost.csv", costs)
     for series, doses in _dose.SERIES.items():
         plot_series(rows, series, doses, _dose.METHODS, docs / f"dose_response_{slug(series)}.png", replicates)

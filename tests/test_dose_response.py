@@ -132,7 +132,8 @@ def _acc(point: str, seed: int) -> dict[str, float]:
     ta = 0.70 + 0.02 * rng.standard_normal()
     return {"task_arithmetic": ta, "ties": ta + 0.03 + 0.01 * rng.standard_normal(),
             "tsv_m": ta + 0.001 * rng.standard_normal(), "regmean": ta - 0.02 + 0.01 * rng.standard_normal(),
-            "base": ta - 0.1 + 0.01 * rng.standard_normal(), "individual": ta + 0.1 + 0.02 * rng.standard_normal(),
+            "base": ta - 0.1 + 0.01 * rng.standard_normal(),
+            "individual": ta + 0.1 + 0.02 * rng.standard_normal(),
             "multitask": ta + 0.05 + 0.02 * rng.standard_normal(), "cos": float(rng.uniform(0, 1))}
 
 
@@ -153,7 +154,8 @@ def _fake_run(p, mt_path: Path) -> None:
                      {**common, "model": "finetuned", "eta": math.nan, "selected": False,
                       "accuracy": acc["individual"]}]
     write_rows(p.run_dir / "results.csv", rows)
-    run = {"config": p.overrides, "tasks": TASKS, "methods": {m: {"name": m, "params": {}} for m in dose.METHODS},
+    run = {"config": p.overrides, "tasks": TASKS,
+           "methods": {m: {"name": m, "params": {}} for m in dose.METHODS},
            "heterogeneity": {"mean_cosine": acc["cos"], "steps_cv": 0.0},
            "clients": [{"lr": 0.01, "train-seconds": 10.0, "cached": 0}] * 3
            + [{"lr": 0.01, "train-seconds": 99.0, "cached": 1}],  # from the cache: did not train here
@@ -184,7 +186,8 @@ def test_tables_of_hand_made_runs(tmp_path):
     runs = dr.plan(dose.select_points(",".join(names)), 3, out)
     for p in runs:
         _fake_run(p, dr.mt_file(out, p.mt_key))
-    dr.main(["--tables-only", "--replicates", "3", "--points", ",".join(names), "--out", str(out), "--docs", str(docs)])
+    dr.main(["--tables-only", "--replicates", "3", "--points", ",".join(names), "--out", str(out),
+             "--docs", str(docs)])
     rows = {(r["setting"], r["model"]): r for r in read_rows(docs / "dose_response.csv")}
     accs = [_acc("skew-iid", s) for s in (10, 11, 12)]
     # TA's loss against the individual models: individual - TA per replicate, t interval by hand

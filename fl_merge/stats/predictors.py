@@ -48,7 +48,8 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return float(ya.mean() - b * xa.mean()), b
 
 
-def _check(x: Sequence[float], y: Sequence[float], groups: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check(x: Sequence[float], y: Sequence[float], groups: Sequence[Any]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ga = np.asarray([str(g) for g in groups])
     if not len(xa) == len(ya) == len(ga):

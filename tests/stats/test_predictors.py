@@ -138,8 +138,8 @@ def test_rank_predictors_orders_by_held_out_r2_and_skips_missing_values():
     noise = rng.normal(size=len(y))
     partial = x.copy()
     partial[:3] = np.nan  # the first point has no value of this measure
-    rows = rank_predictors({"noise": noise, "good": x, "partial": partial, "few": [math.nan] * 15 + list(x[15:])},
-                           y, g, num_resamples=100)
+    few = [math.nan] * 15 + list(x[15:])
+    rows = rank_predictors({"noise": noise, "good": x, "partial": partial, "few": few}, y, g, num_resamples=100)
     assert [r["measure"] for r in rows][:1] == ["good"]
     by = {r["measure"]: r for r in rows}
     assert by["good"]["r2_heldout"] == pytest.approx(heldout_r2(x, y, g))
