@@ -225,7 +225,14 @@ def point_families(rows: Sequence[dict[str, Any]], correction: str = "holm") -> 
     """Adjust the tabulated rows' raw p-values per POINT: the methods' differences to Task
     Arithmetic at a point are one family, its REFERENCES (base, individual, multitask)
     another. Sets p_adjusted, correction, significant (< 0.05) and family on every row, in
-    place; the reference row and rows without a p get NaN and no mark."""
+    place; the reference row and rows without a p get NaN and no mark. Also `mdd`: the
+    smallest true difference to Task Arithmetic the row's paired t test over its n
+    replicates would detect with 80% power at Holm's strictest level, 0.05 / (family size),
+    with the standard deviation of its differences as measured (recovered from its t
+    interval; fl_merge.stats.intervals.minimum_detectable_difference)."""
+    from scipy import stats as sps
+
+    from fl_merge.stats.intervals import minimum_detectable_difference
     from fl_merge.stats.multiplicity import ALPHA, adjust
 
     fams: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -233,11 +240,14 @@ def point_families(rows: Sequence[dict[str, Any]], correction: str = "holm") -> 
         if r["model"] != r["reference"] and not math.isnan(float(r.get("p_value", math.nan))):
             kind = "references" if r["model"] in REFERENCES else "methods"
             fams.setdefault((str(r["setting"]), kind), []).append(r)
-        r.update(p_adjusted=math.nan, correction=correction, significant=False, family="")
+        r.update(p_adjusted=math.nan, correction=correction, significant=False, family="", mdd=math.nan)
     for (setting, kind), fam in fams.items():
         for r, q in zip(fam, adjust([float(r["p_value"]) for r in fam], correction)):
+            n = int(r["n_seeds"])
+            sd = (float(r["diff_high"]) - float(r["diff_low"])) / 2 / sps.t.ppf(0.975, n - 1) * math.sqrt(n)
             r.update(p_adjusted=q, significant=bool(q < ALPHA),
-                     family=f"{correction} over {len(fam)} {kind} vs {r['reference']} at {setting}")
+                     family=f"{correction} over {len(fam)} {kind} vs {r['reference']} at {setting}",
+                     mdd=minimum_detectable_difference(sd, n, ALPHA / len(fam)))
     return list(rows)
 
 

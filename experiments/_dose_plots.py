@@ -22,9 +22,11 @@ def slug(series: str) -> str:
 
 
 def _band(ax, xs, rows, color, label, marker="o"):
+    def bound(key: str) -> list[float]:  # a NaN bound (one replicate) draws no band
+        return [100 * float(r[key]) if not math.isnan(float(r[key])) else y for r, y in zip(rows, ys)]
+
     ys = [100 * float(r["diff"]) for r in rows]
-    lo = [100 * float(r["diff_low"]) if not math.isnan(float(r["diff_low"])) else y for r, y in zip(rows, ys)]
-    hi = [100 * float(r["diff_high"]) if not math.isnan(float(r["diff_high"])) else y for r, y in zip(rows, ys)]
+    lo, hi = bound("diff_low"), bound("diff_high")
     ax.plot(xs, ys, marker=marker, color=color, label=label)
     ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
     for x, r, h in zip(xs, rows, hi):
@@ -109,9 +111,10 @@ def _pp(v: Any, sign: bool = True) -> str:
 def results_markdown(rows: Sequence[Mapping[str, Any]], measures: Sequence[str]) -> str:
     """Per point and model: accuracy [95% t CI], difference to Task Arithmetic [95% paired t
     CI] with `*` where its Holm-adjusted p < 0.05 within the point's family, p raw / adjusted,
-    and the point's mean measures; in percentage points."""
+    the minimum detectable difference (`mdd`) and the point's mean measures; in percentage
+    points."""
     head = ["point", "model", "n", "accuracy [95% CI]", "vs task_arithmetic [95% CI]", "p raw / adj.",
-            *measures]
+            "MDD", *measures]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ref = r["model"] == r["reference"]
@@ -121,6 +124,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], measures: Sequence[str])
         cells = [str(r["setting"]), str(r["model"]), str(r.get("n_seeds", "")),
                  f"{_pp(r['mean'], False)} [{_pp(r['ci_low'], False)}, {_pp(r['ci_high'], False)}]", diff,
                  "" if ref or math.isnan(p) else f"{p:.2g} / {q:.2g}",
+                 "" if ref else _pp(r.get("mdd", math.nan), False),
                  *(f"{float(r.get(m, math.nan)):.3g}" for m in measures)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -131,7 +135,9 @@ RESULTS_CAPTION = ("`*` = Holm-adjusted p < 0.05 (paired t test over replicates)
                    "references' (base, individual, multitask) another. individual's difference is "
                    "TA's loss against the individual models with the sign flipped (individual - TA), "
                    "multitask's the one-shot FL gap (multi-task - TA). Intervals are unadjusted 95% t "
-                   "intervals.")
+                   "intervals. MDD: the smallest true difference the row's test would detect with "
+                   "80% power at Holm's strictest level (0.05 / family size), given the spread of "
+                   "its differences over the replicates, in points.")
 
 
 def predictors_markdown(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
@@ -167,7 +173,8 @@ def cost_markdown(costs: Sequence[Mapping[str, Any]]) -> str:
 
     for p in points:
         cs = [c for c in costs if str(c["point"]) == p]
-        lines.append(f"| {p} | {len(cs)} | " + " | ".join(mean([float(c[k]) for c in cs]) for k in keys) + " |")
+        cells = " | ".join(mean([float(c[k]) for c in cs]) for k in keys)
+        lines.append(f"| {p} | {len(cs)} | {cells} |")
     total = {k: sum(float(c[k]) for c in costs if not math.isnan(float(c[k]))) for k in keys}
     lines.append(f"| **all (sum)** | {len(costs)} | " + " | ".join(f"{total[k]:.0f}" for k in keys) + " |")
     return "\n".join(lines)

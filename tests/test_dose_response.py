@@ -204,6 +204,12 @@ def test_tables_of_hand_made_runs(tmp_path):
             assert rows[("skew-iid", m)]["p_adjusted"] == pytest.approx(q)
             assert rows[("skew-iid", m)]["significant"] == (q < 0.05)
     assert rows[("skew-iid", "ties")]["family"] == "holm over 3 methods vs task_arithmetic at skew-iid"
+    # the minimum detectable difference: 80% power at 0.05 / 3 with the measured spread, by
+    # the power of the paired t test written out with scipy's noncentral t
+    sd_ties = np.std([a["ties"] - a["task_arithmetic"] for a in accs], ddof=1)
+    crit, nc = sps.t.ppf(1 - 0.05 / 6, 2), rows[("skew-iid", "ties")]["mdd"] / (sd_ties / math.sqrt(3))
+    lower = sps.nct.cdf(-crit, 2, nc)
+    assert sps.nct.sf(crit, 2, nc) + (0.0 if math.isnan(lower) else lower) == pytest.approx(0.8, abs=1e-6)
     # predictors: mean_cosine's held-out R^2 leaving one point out, by sklearn
     from sklearn.linear_model import LinearRegression
     from sklearn.metrics import r2_score

@@ -53,6 +53,34 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tu
     return t_interval([float(x) - float(y) for x, y in zip(a, b)], level)
 
 
+def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean of n paired differences with standard deviation `sd` that the
+    two-sided one-sample t test at level `alpha` detects with probability `power`: d * sd,
+    d the standardized effect at which P(|T| > t_{1-alpha/2, n-1}) = power, T noncentral t
+    with n - 1 degrees of freedom and noncentrality d sqrt(n) (Cohen 1988, ch. 2), solved
+    with scipy's brentq (statsmodels' TTestPower.solve_power gives the same d where it
+    converges, but not at n = 3 with alpha / 3). Under a multiple-comparison correction pass
+    the level the comparison must meet (e.g. alpha / m, Holm's first step over m
+    comparisons). NaN with n < 2 or a NaN sd."""
+    if n < 2 or math.isnan(float(sd)):
+        return math.nan
+    from scipy.optimize import brentq
+
+    df, crit = n - 1, float(sps.t.ppf(1 - alpha / 2, n - 1))
+
+    def gap(d: float) -> float:
+        nc = d * math.sqrt(n)
+        # P(T < -crit) as P(T' > crit), T' with noncentrality -nc: scipy's nct.cdf far in the
+        # tail can be NaN where this is a clean 0
+        lower = float(sps.nct.sf(crit, df, -nc))
+        return float(sps.nct.sf(crit, df, nc)) + (0.0 if math.isnan(lower) else lower) - power
+
+    hi = 1.0
+    while gap(hi) < 0:
+        hi *= 2
+    return float(brentq(gap, 0.0, hi, xtol=1e-12)) * float(sd)
+
+
 def excludes_zero(low: float, high: float) -> bool:
     """True when the interval [low, high] lies strictly on one side of 0 (NaN: False)."""
     return bool(low > 0 or high < 0)
