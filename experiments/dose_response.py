@@ -199,6 +199,9 @@ def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], do
     order = [p.name for p in _dose.POINTS]
     rows = _dose.point_families(tabulate(sorted(points, key=lambda p: order.index(p["setting"])),
                                          _dose.REFERENCE))
+    for r in rows:  # which series the point belongs to, and its dose there
+        r["series"] = "; ".join(f"{s}: {label}" for s, doses in _dose.SERIES.items()
+                                for p, label in doses if p == r["setting"])
     write_rows(docs / "dose_response.csv", rows)
     tables = predictor_tables(points)
     write_rows(docs / "dose_response_predictors.csv",

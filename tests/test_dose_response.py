@@ -197,6 +197,7 @@ def test_tables_of_hand_made_runs(tmp_path):
     assert r["diff"] == pytest.approx(d.mean()) and r["diff_high"] == pytest.approx(d.mean() + half)
     mt = np.array([a["multitask"] - a["task_arithmetic"] for a in accs])
     assert rows[("skew-iid", "multitask")]["diff"] == pytest.approx(mt.mean())
+    assert rows[("skew-a10", "ties")]["series"] == "label skew (rotate90 split): alpha 10"
     # Holm within the point: the 3 methods one family, the 3 references another
     for kind in (("ties", "tsv_m", "regmean"), ("base", "individual", "multitask")):
         raw = [sps.ttest_1samp([a[m] - a["task_arithmetic"] for a in accs], 0.0).pvalue for m in kind]
