@@ -251,17 +251,25 @@ def point_families(rows: Sequence[dict[str, Any]], correction: str = "holm") -> 
     return list(rows)
 
 
-def estimate_seconds(planned_runs: int, planned_multitask: int,
+def estimate_seconds(todo: Sequence[str], planned_multitask: int,
                      costs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The planned work's seconds from a per-run estimate: the median wall (else total) of the
-    runs timed so far, PRIOR_RUN_SECONDS without any; the same for the multi-task references
-    (median of those computed, else PRIOR_MULTITASK_SECONDS)."""
+    """The seconds of the runs still to do (`todo`: their points' names) and of the references
+    still to compute, from per-run estimates: a run costs the median wall (else total) of its
+    point's runs timed so far, else of all timed runs, else PRIOR_RUN_SECONDS (a spread point,
+    half of whose clients come from the cache, is cheaper than a fresh one once one of its
+    runs is timed); a reference the median of those computed, else PRIOR_MULTITASK_SECONDS.
+    Returns the total, the mean per run, the per-reference seconds and how many runs were
+    timed."""
     import statistics
 
-    walls = [float(c["wall"]) if not math.isnan(float(c["wall"])) else float(c["total"]) for c in costs]
-    walls = [w for w in walls if not math.isnan(w)]
+    def seconds(c: Mapping[str, Any]) -> float:
+        return float(c["wall"]) if not math.isnan(float(c["wall"])) else float(c["total"])
+
+    timed = [(str(c["point"]), seconds(c)) for c in costs if not math.isnan(seconds(c))]
+    overall = statistics.median([s for _, s in timed]) if timed else PRIOR_RUN_SECONDS
+    per_point = {p: statistics.median([s for q, s in timed if q == p]) for p, _ in timed}
+    runs = sum(per_point.get(p, overall) for p in todo)
     mts = [float(c["multitask"]) for c in costs if float(c.get("multitask", 0.0)) > 0]
-    per_run = statistics.median(walls) if walls else PRIOR_RUN_SECONDS
     per_mt = statistics.median(mts) if mts else PRIOR_MULTITASK_SECONDS
-    return {"per_run": per_run, "per_multitask": per_mt, "runs": planned_runs, "multitask": planned_multitask,
-            "total": planned_runs * per_run + planned_multitask * per_mt, "measured": float(len(walls))}
+    return {"total": runs + planned_multitask * per_mt, "per_run": runs / len(todo) if todo else 0.0,
+            "per_multitask": per_mt, "measured": float(len(timed))}

@@ -107,20 +107,23 @@ def dry_run(runs: Sequence[Planned], out: Path) -> str:
     lines = []
     for p in runs:
         extra = {k: v for k, v in p.overrides.items() if k not in _dose.COMMON}
-        lines.append(f"{'[done]  ' if p.done() else '[to run]'} {p.point.name:<12} replicate {p.replicate:>2} "
+        status = "[done]  " if p.done() else "[to run]"
+        lines.append(f"{status} {p.point.name:<12} replicate {p.replicate:>2} "
                      + " ".join(f"{k}={v}" for k, v in extra.items()) + f"  (multitask {p.mt_key})")
     keys = list(dict.fromkeys(p.mt_key for p in runs))
     mt_todo = [k for k in keys if not mt_file(out, k).exists()]
     todo = [p for p in runs if not p.done()]
-    est = _dose.estimate_seconds(len(todo), len(mt_todo), read_costs(runs, out))
-    basis = (f"median of {int(est['measured'])} timed runs" if est["measured"] else
+    est = _dose.estimate_seconds([p.point.name for p in todo], len(mt_todo), read_costs(runs, out))
+    basis = (f"medians of {int(est['measured'])} timed runs, per point where timed"
+             if est["measured"] else
              f"prior {_dose.PRIOR_RUN_SECONDS:.0f} s per run, "
              f"{_dose.PRIOR_MULTITASK_SECONDS:.0f} s per reference")
     lines.append(f"planned: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run), "
                  f"{len(keys)} multi-task references ({len(keys) - len(mt_todo)} done, "
                  f"{len(mt_todo)} to compute)")
-    lines.append(f"estimate: {est['total'] / 3600:.1f} h = {len(todo)} x {est['per_run']:.0f} s + "
-                 f"{len(mt_todo)} x {est['per_multitask']:.0f} s ({basis}; 2-core machine, runs one at a time)")
+    lines.append(f"estimate: {est['total'] / 3600:.1f} h = {len(todo)} runs x {est['per_run']:.0f} s + "
+                 f"{len(mt_todo)} x {est['per_multitask']:.0f} s ({basis}; 2-core machine, "
+                 f"runs one at a time)")
     return "\n".join(lines)
 
 
@@ -145,8 +148,8 @@ def execute(runs: Sequence[Planned], out: Path) -> list[str]:
                 res = reference(p.mt_overrides, p.mt_steps, p.mt_lr)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_reference(res, path.with_suffix(".csv"))
-                path.write_text(json.dumps({**res, "overrides": {k: str(v) for k, v in p.mt_overrides.items()}},
-                                           indent=1, default=str))
+                given = {k: str(v) for k, v in p.mt_overrides.items()}
+                path.write_text(json.dumps({**res, "overrides": given}, indent=1, default=str))
                 print(f"multi-task reference {p.mt_key}: {res['rows'][-1]['multitask-test-accuracy']:.4f} "
                       f"in {res['seconds']['total']:.0f} s", flush=True)
         except (SystemExit, Exception) as e:  # run_point raises SystemExit for a failed run
@@ -208,7 +211,8 @@ def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], do
                [{"target": t, **r} for t, rs in tables.items() for r in rs])
     write_rows(docs / "dose_response_cost.csv", costs)
     for series, doses in _dose.SERIES.items():
-        plot_series(rows, series, doses, _dose.METHODS, docs / f"dose_response_{slug(series)}.png", replicates)
+        plot_series(rows, series, doses, _dose.METHODS, docs / f"dose_response_{slug(series)}.png",
+                    replicates)
     plot_predictors(tables, docs / "dose_response_predictors.png")
     total = sum(float(c["wall"]) if not math.isnan(float(c["wall"])) else float(c["total"]) for c in costs)
     total += sum(float(c["multitask"]) for c in costs)
@@ -217,7 +221,8 @@ def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], do
             f"{total / 3600:.2f} h of run time in all (wall per run where timed here, else run.json "
             f"total-seconds; plus the references).")
     md = "\n\n".join([head, results_markdown(rows, ["mean_cosine", "b_dissimilarity", "steps_cv", "lr_cv"]),
-                      RESULTS_CAPTION, "Which measured quantity predicts Task Arithmetic's loss, across runs:",
+                      RESULTS_CAPTION,
+                      "Which measured quantity predicts Task Arithmetic's loss, across runs:",
                       predictors_markdown(tables), BOUND_NOTE, "Where the time went (seconds):",
                       cost_markdown(costs)])
     (docs / "dose_response.md").write_text(md + "\n")

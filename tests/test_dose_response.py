@@ -239,12 +239,23 @@ def test_dry_run_lists_the_plan_and_estimates_from_timed_runs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("[to run]") == 4 and "local-steps=150,150,200,100" in text  # replicate 1 rotated
     assert "planned: 4 runs (0 done, 4 to run), 2 multi-task references (0 done, 2 to compute)" in text
-    assert f"estimate: {(4 * 240 + 2 * 60) / 3600:.1f} h = 4 x 240 s + 2 x 60 s (prior" in text
+    assert f"estimate: {(4 * 240 + 2 * 60) / 3600:.1f} h = 4 runs x 240 s + 2 x 60 s (prior" in text
     runs = dr.plan(dose.select_points("steps-mild,lr-mild"), 2, tmp_path)
     _fake_run(runs[0], dr.mt_file(tmp_path, runs[0].mt_key))  # wall 120 s, reference 50 s
     dr.main(["--dry-run", "--replicates", "2", "--points", "steps-mild,lr-mild", "--out", str(tmp_path)])
     text = capsys.readouterr().out
-    assert text.count("[done]") == 1 and "3 x 120 s + 1 x 50 s (median of 1 timed runs" in text
+    assert text.count("[done]") == 1 and "3 runs x 120 s + 1 x 50 s (medians of 1 timed runs" in text
+
+
+def test_the_estimate_prices_each_point_by_its_own_timed_runs():
+    costs = [{"point": "a", "wall": 100.0, "total": 90.0, "multitask": 40.0},
+             {"point": "a", "wall": 300.0, "total": 290.0, "multitask": 0.0},
+             {"point": "b", "wall": math.nan, "total": 50.0, "multitask": 0.0}]  # made earlier: total
+    est = dose.estimate_seconds(["a", "b", "c"], 2, costs)
+    # a: median(100, 300) = 200; b: its own 50; c: median of all three timed = 100; references 40 each
+    assert est["total"] == 200 + 50 + 100 + 2 * 40 and est["measured"] == 3
+    prior = dose.estimate_seconds(["a"], 1, [])
+    assert prior["total"] == dose.PRIOR_RUN_SECONDS + dose.PRIOR_MULTITASK_SECONDS
 
 
 def test_execute_goes_on_past_a_failed_run_and_names_it(tmp_path, monkeypatch):
