@@ -67,10 +67,15 @@ REFERENCES = ("base", "individual", "multitask")
 # run.json `heterogeneity` keys read as candidate predictors; lr_cv is computed from the clients' lrs
 MEASURES = ("mean_cosine", "min_cosine", "sign_agreement", "unanimous_fraction", "b_dissimilarity",
             "grad_diversity", "norm_cv", "norm_mean", "steps_cv", "lr_steps_cv")
-# Before any run is timed: seconds per run (training, merging, scoring, Ray start-up) and per
-# multi-task reference on the 2-core machine; see dose_response.py's --dry-run.
+# Before any run is timed (dose_response.py --dry-run), on the 2-core machine. A run: the
+# closest measured runs are docs/dissimilarity.md's (K=4, 150 steps, 72 validation candidates
+# without prescreen): 303 s each beside other jobs; here 80 candidates with prescreen 0.25
+# (32 whole-split passes instead of 72; headroom.md measured the prescreen at about half the
+# run time where scoring dominates) -> about 240 s. A multi-task reference: 13 s measured
+# (experiments/multitask_reference.py, headroom-v2 and Dirichlet 0.03 at 150 joint steps,
+# beside a text run) -> 20 s.
 PRIOR_RUN_SECONDS = 240.0
-PRIOR_MULTITASK_SECONDS = 60.0
+PRIOR_MULTITASK_SECONDS = 20.0
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def test_dry_run_lists_the_plan_and_estimates_from_timed_runs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("[to run]") == 4 and "local-steps=150,150,200,100" in text  # replicate 1 rotated
     assert "planned: 4 runs (0 done, 4 to run), 2 multi-task references (0 done, 2 to compute)" in text
-    assert f"estimate: {(4 * 240 + 2 * 60) / 3600:.1f} h = 4 runs x 240 s + 2 x 60 s (prior" in text
+    assert f"estimate: {(4 * 240 + 2 * 20) / 3600:.1f} h = 4 runs x 240 s + 2 x 20 s (prior" in text
     runs = dr.plan(dose.select_points("steps-mild,lr-mild"), 2, tmp_path)
     _fake_run(runs[0], dr.mt_file(tmp_path, runs[0].mt_key))  # wall 120 s, reference 50 s
     dr.main(["--dry-run", "--replicates", "2", "--points", "steps-mild,lr-mild", "--out", str(tmp_path)])
