@@ -1,6 +1,8 @@
 """fl-merge on Flower's deployment engine: a real SuperLink and 2 SuperNodes as separate
 processes on 127.0.0.1, each node choosing its task by --node-config with its own cache
-dir. Insecure: the merged model equals the one from the simulation engine. Secure (TLS +
+dir. Insecure: every merged model equals the one from the simulation engine, for Task
+Arithmetic, for RegMean (whose clients send a Gram matrix per linear layer beside their
+update) and for EMR (whose clients are each sent a model of their own). Secure (TLS +
 SuperNode auth): an unregistered SuperNode is refused and the run completes without it.
 
 The commands are the ones in docs/deployment.md. Every process is stopped at the end, also
@@ -125,8 +127,14 @@ def _federation(tmp_path: Path, secure: bool = False, extra_nodes: int = 0):
         assert not any(_port_open(p) for p in ports)  # nothing left listening
 
 
-def _flwr_run(env: dict, out: Path) -> subprocess.CompletedProcess:
-    items = " ".join(f"{k}={_toml(v)}" for k, v in {**RUN_CONFIG, "output-dir": str(out)}.items())
+# The insecure run's methods: one plain, one with a second client statistic (Gram matrices
+# travel from the clients), one personal (a different model travels to each client).
+MESSAGE_KINDS = {"method": "fedavg,regmean,emr"}
+
+
+def _flwr_run(env: dict, out: Path, extra: dict | None = None) -> subprocess.CompletedProcess:
+    config = {**RUN_CONFIG, **(extra or {}), "output-dir": str(out)}
+    items = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
     return subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream",
                            "--run-config", items], env=env, capture_output=True, text=True, timeout=600,
                           check=False)
@@ -135,7 +143,7 @@ def _flwr_run(env: dict, out: Path) -> subprocess.CompletedProcess:
 def test_deployed_merge_equals_simulated_merge(tmp_path):
     with _federation(tmp_path) as (env, work, _):
         out = work / "deployed"
-        proc = _flwr_run(env, out)
+        proc = _flwr_run(env, out, MESSAGE_KINDS)
     assert (out / results.MODEL_FILE).exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # The same run through the simulation engine.
@@ -147,7 +155,7 @@ def test_deployed_merge_equals_simulated_merge(tmp_path):
     from fl_merge_strategies.server_app import run_one_shot
 
     sim_out = work / "simulated"
-    cfg = RunConfig.from_flower({**RUN_CONFIG, "output-dir": str(sim_out)}).resolve()
+    cfg = RunConfig.from_flower({**RUN_CONFIG, **MESSAGE_KINDS, "output-dir": str(sim_out)}).resolve()
     app = ServerApp()
 
     @app.main()
@@ -156,13 +164,21 @@ def test_deployed_merge_equals_simulated_merge(tmp_path):
 
     run_simulation(app, client_app, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    deployed, simulated = (load_file(str(d / results.MODEL_FILE)) for d in (out, sim_out))
-    assert set(deployed) == set(simulated)
-    for k in deployed:  # same updates, same Delta, same eta: the same merged model
-        torch.testing.assert_close(deployed[k], simulated[k], rtol=1e-5, atol=1e-6)
+    files = sorted(p.relative_to(out) for p in out.rglob("*.safetensors"))
+    # merged.safetensors (fedavg), merged-<regmean label>, and emr's one model per task
+    assert len(files) == 4 and sum(f.parent.name.startswith("merged-") for f in files) == 2, files
+    assert files == sorted(p.relative_to(sim_out) for p in sim_out.rglob("*.safetensors"))
+    for f in files:  # same updates, same statistics, same Delta, same eta: the same models
+        deployed, simulated = load_file(str(out / f)), load_file(str(sim_out / f))
+        assert set(deployed) == set(simulated)
+        for k in deployed:
+            torch.testing.assert_close(deployed[k], simulated[k], rtol=1e-5, atol=1e-6)
+    personal = [load_file(str(out / f)) for f in files if f.parent.name.startswith("merged-")]
+    assert any(not torch.equal(personal[0][k], personal[1][k]) for k in personal[0])  # own models
     dep_rows, sim_rows = (results.read_rows(d / results.RESULTS_FILE) for d in (out, sim_out))
     assert [r["accuracy"] for r in dep_rows] == pytest.approx([r["accuracy"] for r in sim_rows])
     assert {r["task"] for r in dep_rows} == {"rotate90", "invert"}
+    assert {"fedavg", "regmean", "emr"} <= {r["method"] for r in dep_rows}
 
 
 def test_secure_mode_refuses_an_unregistered_supernode(tmp_path):
