@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as sps
+from holm_reference import holm_by_hand
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,15 +170,6 @@ def _fake_run(p, mt_path: Path) -> None:
                                        "seconds": {"total": 50.0}}))
 
 
-def _holm(p):
-    order = sorted(range(len(p)), key=lambda i: p[i])
-    out, running = [0.0] * len(p), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, (len(p) - rank) * p[i])
-        out[i] = min(1.0, running)
-    return out
-
-
 def test_tables_of_hand_made_runs(tmp_path):
     from fl_merge.io.results import read_rows
 
@@ -201,7 +193,7 @@ def test_tables_of_hand_made_runs(tmp_path):
     # Holm within the point: the 3 methods one family, the 3 references another
     for kind in (("ties", "tsv_m", "regmean"), ("base", "individual", "multitask")):
         raw = [sps.ttest_1samp([a[m] - a["task_arithmetic"] for a in accs], 0.0).pvalue for m in kind]
-        for m, q in zip(kind, _holm(raw)):
+        for m, q in zip(kind, holm_by_hand(raw)):
             assert rows[("skew-iid", m)]["p_adjusted"] == pytest.approx(q)
             assert rows[("skew-iid", m)]["significant"] == (q < 0.05)
     assert rows[("skew-iid", "ties")]["family"] == "holm over 3 methods vs task_arithmetic at skew-iid"

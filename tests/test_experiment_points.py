@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from holm_reference import holm_by_hand
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +88,8 @@ def test_table_families_adjust_over_the_table_methods_and_base_apart(points):
     raw = {k: float(sps.ttest_1samp(v, 0.0).pvalue) for k, v in d.items()}
     methods = [("a", "t"), ("a", "u"), ("b", "u")]  # ("b", "t") is ("a", "t") again: counted once
     bases = [("a", "base"), ("b", "base")]
-    want = {**dict(zip(methods, _holm_by_hand([raw[k] for k in methods]))),
-            **dict(zip(bases, _holm_by_hand([raw[k] for k in bases])))}
+    want = {**dict(zip(methods, holm_by_hand([raw[k] for k in methods]))),
+            **dict(zip(bases, holm_by_hand([raw[k] for k in bases])))}
     want[("b", "t")] = want[("a", "t")]
     by = {(r["setting"], r["model"]): r for r in rows}
     for k, q in want.items():
@@ -193,17 +194,6 @@ def test_issue16_tables_pair_every_model_with_each_reference_by_seed():
     assert rows[("ties", "learned-block")]["within_seed"] == ""
 
 
-def _holm_by_hand(p):
-    """Holm's step-down adjusted p-values written out: sort ascending, multiply the i-th
-    smallest by (m - i), carry the running maximum, cap at 1."""
-    order = sorted(range(len(p)), key=lambda i: p[i])
-    out, running = [0.0] * len(p), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, (len(p) - rank) * p[i])
-        out[i] = min(1.0, running)
-    return out
-
-
 def test_issue16_plot_stars_only_what_survives_holm(tmp_path, monkeypatch):
     from scipy import stats as sps
     import matplotlib.pyplot as plt
@@ -215,7 +205,7 @@ def test_issue16_plot_stars_only_what_survives_holm(tmp_path, monkeypatch):
     rows = i16.compare(pts, ["task_arithmetic"])
     models = list(diffs)
     raw = [float(sps.ttest_1samp(diffs[m], 0.0).pvalue) for m in models]
-    holm = dict(zip(models, _holm_by_hand(raw)))
+    holm = dict(zip(models, holm_by_hand(raw)))
     assert raw[0] < 0.05 <= holm["raw_only"] and holm["strong"] < 0.05 <= holm["none"]
     by = {r["model"]: r for r in rows}
     assert by["raw_only"]["excludes_zero"]  # its raw interval excludes 0 ...
@@ -249,5 +239,5 @@ def test_readjust_recovers_the_per_seed_t_test_from_a_written_table(tmp_path):
     raw = {m: float(sps.ttest_1samp(d, 0.0).pvalue) for m, d in diffs.items()}
     for m in diffs:
         assert rows[m]["p_value"] == pytest.approx(raw[m], rel=1e-9)
-    assert rows["m"]["p_adjusted"] == pytest.approx(_holm_by_hand([raw["m"], raw["n"]])[0])
+    assert rows["m"]["p_adjusted"] == pytest.approx(holm_by_hand([raw["m"], raw["n"]])[0])
     assert rows["base"]["p_adjusted"] == pytest.approx(raw["base"])  # its own family of one
