@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats as sps
 from holm_reference import holm_by_hand
+from scipy import stats as sps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +78,9 @@ def test_training_spreads_keep_the_arithmetic_mean_and_grow(key, names, mean):
 def test_spread_points_share_the_clients_that_keep_the_mean_with_the_reference_run():
     """Their client-update cache specs (task, data, seed, steps, lr, extras asked for) equal
     the headroom-v2 run's for exactly the two clients at the mean value: those never train."""
-    from fl_merge.round.merging import given_params, train_requests
     from fl_merge_clients.client_app import train_values, update_spec
+
+    from fl_merge.round.merging import given_params, train_requests
 
     def specs(name, r):
         res = _resolve(dose.run_overrides(dose.BY_NAME[name], r))

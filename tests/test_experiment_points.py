@@ -195,8 +195,8 @@ def test_issue16_tables_pair_every_model_with_each_reference_by_seed():
 
 
 def test_issue16_plot_stars_only_what_survives_holm(tmp_path, monkeypatch):
-    from scipy import stats as sps
     import matplotlib.pyplot as plt
+    from scipy import stats as sps
 
     i16 = _load("issue16_tables")
     diffs = {"raw_only": (0.02, 0.03, 0.04), "strong": (0.10, 0.101, 0.102), "none": (0.0, 0.05, -0.05)}
