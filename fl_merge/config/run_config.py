@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.models.device import DEFAULT_DEVICE, DEVICES
-from fl_merge.core.seeds import client_seeds
+from fl_merge.core.seeds import check_scheme, client_seeds
 from fl_merge.core.values import split_list
 from fl_merge.round.attacks import AttackPlan
 from fl_merge.round.settings import RoundSettings
@@ -186,8 +186,6 @@ class RunConfig:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         if not 1 <= self.classes_per_client:
             raise ConfigError(f"classes-per-client must be at least 1, got {self.classes_per_client}")
-        if self.partition_probe not in ("heldout", "val"):
-            raise ConfigError(f"partition-probe must be heldout or val, got '{self.partition_probe}'")
         if self.partition_pool < 10 * k:
             raise ConfigError(f"partition-pool={self.partition_pool} is too small for {k} clients")
         try:
@@ -251,10 +249,11 @@ class RunConfig:
             value = getattr(self, key.replace("-", "_"))
             if not value > 0:
                 raise ConfigError(f"{key} must be a positive number of seconds, got {value}")
-        from fl_merge.core.seeds import check_scheme
+        from fl_merge.tasks.partitions import check_probe
 
         try:
             check_scheme(self.client_seeds)
+            check_probe(self.partition_probe)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for key in ("seed", "data-seed", "pretrain-seed"):

@@ -59,6 +59,13 @@ def partition_indices(labels: np.ndarray, scheme: str, num_partitions: int, part
 PROBES = ("heldout", "val")
 
 
+def check_probe(probe: str) -> str:
+    """`probe` when it names a probe split; ValueError naming the known ones otherwise."""
+    if probe not in PROBES:
+        raise ValueError(f"partition-probe must be one of {', '.join(PROBES)}, got '{probe}'")
+    return probe
+
+
 @functools.lru_cache(maxsize=8)
 def load_partitioned_task(task: str, scheme: str, num_partitions: int, partition_id: int,
                           alpha: float = 0.5, classes_per_client: int = 2, seed: int = 0,
@@ -71,9 +78,7 @@ def load_partitioned_task(task: str, scheme: str, num_partitions: int, partition
       the validation split has; the pool shrinks to fit when the task has fewer);
     * "val": the validation split itself (what runs did before December 2026; the head is
       then fitted on the split that also chooses the setting)."""
-    if probe not in PROBES:
-        raise ValueError(f"partition-probe must be one of {', '.join(PROBES)}, got '{probe}'")
-    if probe == "val":
+    if check_probe(probe) == "val":
         full = load_task(task, seed, SplitSizes(train=pool))
         x, y = full.train.tensors
         held = full.val
