@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fl_merge.models.evaluation import evaluate
 from fl_merge.models.registry import MERGED_PREFIX
+from fl_merge.models.training import epoch_batches
 
 
 class TaskSplits(Protocol):
@@ -109,9 +110,10 @@ def train_multitask(
     every task k and minimises the mean over tasks of the cross-entropy through task k's own
     head, L = 1/K sum_k CE(head_k(backbone(x_k)), y_k), one backbone forward per task (a
     task's batch is never mixed with another's, as a client sees it). Batches come by epochs
-    of a seeded permutation per task, as `fit` draws them: ONE torch.Generator seeded with
-    `seed` draws the K first permutations in task order, then each new epoch's permutation
-    of a task when that task runs out; with K=1 the batch order is exactly `fit`'s. The
+    of a seeded permutation per task, as `fit` draws them (`epoch_batches`): ONE
+    torch.Generator seeded with `seed` draws the K first permutations in task order, then
+    each new epoch's permutation of a task when that task runs out; with K=1 the batch order
+    is exactly `fit`'s. The
     optimiser is torch.optim.SGD on the backbone's trainable parameters, heavy-ball
     `momentum` (0.9, as clients), no dampening, no Nesterov, no weight decay.
 
@@ -126,11 +128,9 @@ def train_multitask(
     for h in frozen:
         h.requires_grad_(False)
     data = [t.train.tensors for t in tasks]
-    sizes = [len(y) for _, y in data]
-    sizes_bs = [min(batch_size, n) for n in sizes]
     gen = torch.Generator().manual_seed(seed)
-    perms = [torch.randperm(n, generator=gen) for n in sizes]
-    pos = [0] * len(tasks)
+    # one generator, each task's epochs drawn when that task first needs one (task order)
+    batches = [epoch_batches(len(y), min(batch_size, len(y)), gen) for _, y in data]
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     net.train()
@@ -141,11 +141,8 @@ def train_multitask(
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         losses = []
-        for k, ((x, y), head) in enumerate(zip(data, frozen)):
-            if pos[k] + sizes_bs[k] > sizes[k]:
-                perms[k], pos[k] = torch.randperm(sizes[k], generator=gen), 0
-            idx = perms[k][pos[k] : pos[k] + sizes_bs[k]]
-            pos[k] += sizes_bs[k]
+        for (x, y), head, order in zip(data, frozen, batches):
+            idx = next(order)
             losses.append(loss_fn(head(net(x[idx].to(device))), y[idx].to(device)))
         loss = torch.stack(losses).mean()
         loss.backward()

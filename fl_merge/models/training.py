@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,18 @@ class FitResult:
     first_loss: float  # mean loss over the first few steps
     last_loss: float  # mean loss over the last few steps
     fednova_a: float  # FedNova's normaliser ||a||_1 for the steps and optimizer that ran
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless minibatch indices into `n` examples, by epochs of a permutation drawn from `gen`
+    when first needed (an epoch's tail shorter than `batch_size` is skipped): `fit`'s order,
+    and each task's order in multi-task training (fl_merge/models/multitask.py)."""
+    perm, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos : pos + batch_size]
+        pos += batch_size
 
 
 def fit(
@@ -55,14 +68,10 @@ def fit(
     model.train()
     window = max(1, min(10, steps // 5))
     losses: list[float] = []
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
+    batches = epoch_batches(n, bs, gen)
     bar = tqdm(total=steps, desc=desc, disable=None if desc else True, leave=False)
     for _ in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + bs]
-        pos += bs
+        idx = next(batches)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[idx].to(device)), y[idx].to(device))
         loss.backward()
