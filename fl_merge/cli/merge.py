@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import yaml
 
 from fl_merge.merging.lines import check_lines
-from fl_merge.merging.scales import eta_for_lambda, lambda_scale
+from fl_merge.merging.scales import check_eta, check_lambda, eta_for_lambda, lambda_scale
 from fl_merge.methods import available_methods
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
 from fl_merge.io.checkpoints import FORMATS, parse_dtype, parse_size
@@ -174,9 +174,8 @@ def resolve(argv: Sequence[str] | None) -> dict:
                               f"(the scale of Delta), got {'both' if lam is not None else 'neither'}")
     models = [str(m) for m in opts.pop("models")]
     method, params = str(opts.pop("method")), opts.pop("params")
-    for name, v in (("lambda", lam), ("eta", eta)):
-        if v is not None and not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise MergeInputError(f"{name} must be a number, got {v!r}")
+    lam = None if lam is None else check_lambda(lam)  # the run config's rules, shared
+    eta = None if eta is None else check_eta(eta)
     extras = {str(n): [str(f) for f in fs] for n, fs in (opts.pop("extras", None) or {}).items()}
     if lam is not None:
         scope = method_scope(method, params, list(extras))

@@ -50,6 +50,7 @@ from fl_merge.merging.streaming import work_dtype
 from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_checkpoint
 from fl_merge.io.checkpoints import Checkpoint
+from fl_merge.merging.scales import check_eta
 from fl_merge.core.task_vectors import MergeInputError
 
 NON_FLOAT_POLICIES = ("agree", "base")
@@ -311,6 +312,7 @@ def merge_files(
     written. `extras`: per-model array files, name -> one file per model. Every input is
     checked before anything is written; the output is atomic."""
     params = dict(params or {})
+    eta = check_eta(eta)
     if lines is not None:
         lines = check_lines(lines, allow_auto=False)
     if not models:

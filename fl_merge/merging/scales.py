@@ -14,16 +14,55 @@ scale differently, and each method declares which way at registration (`lambda_s
   (theta0 + t * mean_i tau_i), it has no scale of its own, so lambda = eta = 1 is the paper.
 
 So `--lambda 0.3` means Task Arithmetic's lambda for every method, converted here.
+
+Which scales are accepted is decided here too, once for every entry point (the run
+config's `lambdas`/`etas`, OneShotMerge's settings, `fl-merge merge --lambda/--eta`):
+`check_lambda` (positive and finite: 0 is the base itself, a negative lambda would subtract
+the task vectors) and `check_eta` (finite and >= 0: 0 is the base, which a grid includes).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.merging.registry import check_method_params, get_method
 
 SCALES = ("sum", "delta")
+
+
+def _scale_value(value: Any, name: str) -> float:
+    """`value` (a number or its text, not a bool) as a float; MergeInputError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MergeInputError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise MergeInputError(f"{name}: '{value}' is not a number") from None
+
+
+def check_lambda(value: Any, name: str = "lambda") -> float:
+    """`value` as a lambda (a method's scale in its paper's units): a positive finite
+    number, else MergeInputError (a ValueError) naming `name`. The one rule for the run
+    config's `lambdas` and for `fl-merge merge --lambda`."""
+    lam = _scale_value(value, name)
+    if not 0 < lam < math.inf:
+        raise MergeInputError(f"{name} must be positive and finite, got {value!r} (0 is the base "
+                              "itself; a negative lambda would subtract the task vectors)")
+    return lam
+
+
+def check_eta(value: Any, name: str = "eta") -> float:
+    """`value` as an eta (the scale of the mean-like Delta): a finite number >= 0 (0 is the
+    base), else MergeInputError naming `name`. The one rule for the run config's `etas` and
+    for `fl-merge merge --eta`."""
+    eta = _scale_value(value, name)
+    if not 0 <= eta < math.inf:
+        raise MergeInputError(f"{name} must be finite and >= 0, got {value!r} (0 is the base "
+                              "itself; a negative eta would subtract the task vectors)")
+    return eta
 
 
 def lambda_scale(method: str, params: Mapping[str, Any] | None = None) -> str:

@@ -24,7 +24,7 @@ from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.core.values import parse_value, split_list
 from fl_merge.merging.lines import check_lines, depths, lines_settings
 from fl_merge.merging.registry import get_method
-from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta
+from fl_merge.merging.scales import check_lambda, eta_for_lambda, lambda_for_eta
 from fl_merge.merging.search import LAMBDAS, Derived, expand, knob_grids
 
 SEARCH_MODES = ("paper", "off")
@@ -209,12 +209,7 @@ def resolve_lambdas(search: str, lambdas: str, etas: str, methods: Sequence[tupl
         raise ValueError("give lambdas (each method's own scale) or etas (one shared eta grid), not both")
     if not lambdas.strip():
         return list(LAMBDAS) if search == "paper" and not etas.strip() else None
-    values = []
-    for item in split_list(lambdas):
-        try:
-            values.append(float(item))
-        except ValueError:
-            raise ValueError(f"lambdas: '{item}' is not a number") from None
-    if not values or not all(0 < v < float("inf") for v in values):
+    values = [check_lambda(item, "lambdas") for item in split_list(lambdas)]
+    if not values:
         raise ValueError(f"lambdas must be positive finite numbers, got '{lambdas}'")
     return sorted(set(values))

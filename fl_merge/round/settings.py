@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fl_merge.merging.lines import check_lines, lines_settings
+from fl_merge.merging.scales import check_lambda
 from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
 from fl_merge.round.attacks import AttackPlan
@@ -161,8 +162,10 @@ def _check(search: str, given: Methods, lambdas: list[float] | None, weighting: 
     grids = [f"{label}.{k}" for label, (_, p) in given.items() for k, v in p.items() if is_grid(v)]
     if grids and search != "paper":
         raise ValueError(f"several values given for {', '.join(grids)} (a grid): that needs search=paper")
-    if lambdas is not None and (not lambdas or lambdas[0] <= 0):
+    if lambdas is not None and not lambdas:
         raise ValueError(f"lambdas must be positive numbers, at least one, got {lambdas}")
+    for lam in lambdas or ():
+        check_lambda(lam, "lambdas")
     check_weighting(weighting, names)
     coef.check_settings(*coefficients, "adam", names)
     check_prescreen(prescreen, finalists, test_all_etas)

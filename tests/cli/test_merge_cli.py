@@ -417,6 +417,33 @@ def test_lambda_converts_by_each_methods_scale(pool, capsys):
     assert eta_for_lambda("ties", 0.25, 3) == 0.25 and eta_for_lambda("median", 0.25, 3) == 0.75
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--lambda", -0.3], "lambda must be positive and finite, got -0.3"),
+    (["--lambda", 0], "lambda must be positive and finite, got 0.0"),
+    (["--lambda", "inf"], "lambda must be positive and finite"),
+    (["--eta", -1], "eta must be finite and >= 0, got -1.0"),
+])
+def test_a_scale_the_run_config_refuses_is_one_line_and_writes_nothing(pool, capsys, argv, needle):
+    tmp, _, _, b, ms = pool
+    before = sorted(p.name for p in tmp.rglob("*"))
+    rc, err = run(["--base", b, "--models", *ms, "--method", "ties", *argv, "--out", tmp / "o"], capsys)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp.rglob("*")) == before
+
+
+def test_the_file_merge_and_the_run_config_refuse_the_same_lambdas(tmp_path, capsys):
+    """Issue 29: `fl-merge merge --lambda -0.3` was accepted while a run refused lambdas=-0.3."""
+    from fl_merge.config.run_config import ConfigError, RunConfig
+
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("base: b.safetensors\nmodels: [m.safetensors]\nmethod: fedavg\nlambda: -0.3\nout: o\n")
+    rc, err = run([cfg], capsys)
+    with pytest.raises(ConfigError) as run_config:
+        RunConfig(num_clients=2, lambdas="-0.3").resolve()
+    assert rc == 2 and "lambda must be positive and finite, got -0.3" in err
+    assert "lambdas must be positive and finite, got '-0.3'" in str(run_config.value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_checkpoint_reads_what_safetensors_reads_in_every_format(tmp_path, dtype):
     base, models = make_pool(dtype=dtype)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fl_merge import apply_update, merge
-from fl_merge.merging.scales import eta_for_lambda, lambda_for_eta, lambda_scale
+from fl_merge.core.task_vectors import MergeInputError
+from fl_merge.merging.scales import check_eta, check_lambda, eta_for_lambda, lambda_for_eta, lambda_scale
 from fl_merge.methods import available_methods
 
 THETA0 = {"w": torch.tensor([0.5, -1.0, 2.0, 0.0])}
@@ -66,3 +67,24 @@ def test_bad_inputs_say_what_is_wrong():
         eta_for_lambda("fedavg", 0.3, 0)
     with pytest.raises(ValueError, match="unknown"):
         eta_for_lambda("no-such-method", 0.3, 2)
+
+
+@pytest.mark.parametrize("value, ok", [(0.3, 0.3), ("0.3", 0.3), (2, 2.0), (0, None), (-0.3, None),
+                                       (float("inf"), None), (float("nan"), None), ("x", None),
+                                       (True, None), (None, None)])
+def test_a_lambda_is_a_positive_finite_number(value, ok):
+    if ok is None:
+        with pytest.raises(MergeInputError, match="^lambda"):
+            check_lambda(value)
+    else:
+        assert check_lambda(value) == ok
+
+
+@pytest.mark.parametrize("value, ok", [(0, 0.0), (1.5, 1.5), ("2", 2.0), (-1e-9, None), (float("inf"), None),
+                                       (float("nan"), None), (False, None)])
+def test_an_eta_is_a_finite_number_not_below_zero(value, ok):
+    if ok is None:
+        with pytest.raises(MergeInputError, match="^eta"):
+            check_eta(value)
+    else:
+        assert check_eta(value) == ok

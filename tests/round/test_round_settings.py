@@ -38,7 +38,8 @@ def test_default_lambdas_follow_the_search_mode():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"weighting": "by-size"}, "weighting must be 'uniform' or 'num-examples', got 'by-size'"),
-    ({"lambdas": [0.0, 1.0]}, "lambdas must be positive numbers"),
+    ({"lambdas": [0.0, 1.0]}, "lambdas must be positive and finite, got 0.0"),
+    ({"lambdas": [-0.3]}, "lambdas must be positive and finite, got -0.3"),
     ({"lambdas": "all"}, "lambdas must be a list of numbers, None or 'default', got 'all'"),
     ({"methods": [("fedgma", {"rho": [0.1, 0.5]})]}, "fedgma.rho (a grid): that needs search=paper"),
     ({"methods": ["fedavg"], "method_params": {"x": 1}}, "give method_params inside `methods`"),
