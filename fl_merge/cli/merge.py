@@ -2,7 +2,7 @@
 
     fl-merge merge --base BASE --models M1 M2 ... --method NAME [--param k=v ...]
                    (--lambda L | --eta E | --lines alpha=A beta=B [pattern=RE])
-                   --out OUT.safetensors
+                   --out (OUT.safetensors | FOLDER) [--overwrite]
     fl-merge merge CONFIG.yaml
 
 Also `python -m fl_merge.cli.merge ...`. The engine is fl_merge.io.file_merge; docs/merge.md.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -22,6 +23,7 @@ from fl_merge.methods import available_methods
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
 from fl_merge.io.checkpoints import FORMATS, parse_dtype, parse_size
 from fl_merge.io.file_merge import NON_FLOAT_POLICIES, merge_files, method_scope
+from fl_merge.io.merge_output import base_model_folder, is_folder_output
 from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.core.values import parse_value
 
@@ -29,7 +31,7 @@ PROG = "fl-merge merge"
 # YAML keys (the long flags' names with '_' for '-'); `params` is a mapping there.
 CONFIG_KEYS = ("base", "models", "method", "params", "lambda", "eta", "out", "dtype",
                "max_shard_size", "non_float", "weights", "local_steps", "normalisers", "lines",
-               "extras")
+               "extras", "overwrite")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor of layer l of L gets lambda = A + B (l-1)/(L-1), a tensor "
                         "without a layer index A (fl_merge/merging/lines.py)")
     p.add_argument("--out", help="OUT.safetensors (shards + index beside it when large) "
-                   "or a folder")
+                   "or a folder: a Hugging Face model folder with the base folder's config.json, "
+                   "tokenizer and other non-weight files")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing output (a non-empty folder, or OUT.safetensors "
+                        "and its shards) whole; without it an existing output is refused")
     p.add_argument("--dtype", help="output float dtype (default: the base's per tensor)")
     p.add_argument("--max-shard-size", default=None,
                    help=f"largest output shard, e.g. 2GB (default {DEFAULT_MAX_SHARD_BYTES:,} bytes)")
@@ -190,12 +196,32 @@ def resolve(argv: Sequence[str] | None) -> dict:
         kw["dtype"] = parse_dtype(opts.pop("dtype"))
     if opts.get("max_shard_size") is not None:
         kw["max_shard_bytes"] = parse_size(opts.pop("max_shard_size"))
+    if opts.get("overwrite") is not None:
+        if not isinstance(opts["overwrite"], bool):
+            raise MergeInputError(f"overwrite must be true or false, got {opts['overwrite']!r}")
+        kw["overwrite"] = opts.pop("overwrite")
     for key in ("non_float", "weights", "local_steps", "normalisers"):
         if opts.get(key) is not None:
             kw[key] = opts.pop(key)
     if lines is not None:
         kw["lines"] = lines
     return kw
+
+
+def output_note(base: str, out: str) -> str:
+    """What the user should know about loading the output with transformers, or ''."""
+    folder = base_model_folder(base)
+    if not is_folder_output(out):
+        return "" if folder is None else (
+            f"{out} holds the weights only; give --out FOLDER for a Hugging Face model folder "
+            f"with {folder}'s config.json and tokenizer, which transformers loads")
+    if folder is None:
+        return (f"{out} has no config.json: the base {base} is a lone file, not a model folder "
+                "(transformers.AutoModel needs config.json; give the base as its folder)")
+    if not (Path(out) / "config.json").is_file():
+        return (f"{out} has no config.json because {folder} has none: transformers.AutoModel "
+                "cannot load it")
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{PROG}: {kw['method']} of {len(kw['models'])} models at eta={kw['eta']:g} -> "
           + ", ".join(str(f) for f in files))
+    note = output_note(kw["base"], kw["out"])
+    if note:
+        print(f"{PROG}: note: {note}")
     return 0
 
 

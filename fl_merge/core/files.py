@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -52,7 +53,9 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete temporary files in `directory` left by writers that died mid-write: those of
-    a dead process on this host, and any older than STALE_TEMP_SECONDS. Returns them."""
+    a dead process on this host, and any older than STALE_TEMP_SECONDS. A temporary folder
+    (a folder output staged whole, fl_merge/io/merge_output.py) only when its process on this
+    host is dead: its own mtime does not move while a long write fills it. Returns them."""
     removed = []
     try:
         entries = list(os.scandir(directory))
@@ -66,6 +69,11 @@ def remove_stale_temps(directory: Path) -> list[Path]:
         pid = int(m["pid"] or m["old"])
         ours = m["old"] is not None or m["host"] == _HOST
         try:
+            if entry.is_dir(follow_symlinks=False):
+                if ours and m["pid"] and not _pid_alive(pid):
+                    shutil.rmtree(entry.path)
+                    removed.append(Path(entry.path))
+                continue
             old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
             if old or (ours and not _pid_alive(pid)):
                 os.unlink(entry.path)

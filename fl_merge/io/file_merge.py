@@ -50,6 +50,7 @@ from fl_merge.merging.streaming import work_dtype
 from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_checkpoint
 from fl_merge.io.checkpoints import Checkpoint
+from fl_merge.io.merge_output import check_output, write_output
 from fl_merge.merging.scales import check_eta
 from fl_merge.core.task_vectors import MergeInputError
 
@@ -307,10 +308,13 @@ def merge_files(
     normalisers: Sequence[float] | None = None,
     lines: Mapping[str, Any] | None = None,
     extras: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Merge checkpoint files into `out` (see the module docstring); returns the files
-    written. `extras`: per-model array files, name -> one file per model. Every input is
-    checked before anything is written; the output is atomic."""
+    """Merge checkpoint files into `out` (see the module docstring; a folder `out` is a
+    Hugging Face model folder with the base's config and tokenizer, fl_merge/io/merge_output.py);
+    returns the files written. `extras`: per-model array files, name -> one file per model.
+    Every input is checked before anything is written; an existing output is refused unless
+    `overwrite`, and replaced whole."""
     params = dict(params or {})
     eta = check_eta(eta)
     if lines is not None:
@@ -325,6 +329,8 @@ def merge_files(
     extras = dict(extras or {})
     check_merge_inputs(method, params, len(models), weights, local_steps, normalisers, names,
                        list(extras))
+    extra_files = [f for fs in extras.values() for f in ([fs] if isinstance(fs, (str, os.PathLike)) else fs)]
+    check_output(out, overwrite, [base, *models, *extra_files])
     if dtype is not None and not dtype.is_floating_point:
         raise MergeInputError(f"dtype must be a floating-point type, got {dtype}")
     base_ck = Checkpoint(base, "base")
@@ -381,4 +387,5 @@ def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, 
     meta = {"format": "pt", "merged_by": "fl-merge merge", "method": method, "eta": repr(eta)}
     if lines is not None:
         meta["lines"] = repr({k: lines[k] for k in ("alpha", "beta", "pattern")})
-    return write_checkpoint(out, specs, tensors(), max_shard_bytes, meta)
+    return write_output(out, lambda path: write_checkpoint(path, specs, tensors(), max_shard_bytes, meta),
+                        base_ck.path, dtype)
