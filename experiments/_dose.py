@@ -278,3 +278,39 @@ def estimate_seconds(todo: Sequence[str], planned_multitask: int,
     per_mt = statistics.median(mts) if mts else PRIOR_MULTITASK_SECONDS
     return {"total": runs + planned_multitask * per_mt, "per_run": runs / len(todo) if todo else 0.0,
             "per_multitask": per_mt, "measured": float(len(timed))}
+
+
+def dose_effects(points: Sequence[Mapping[str, Any]], quantity: str = "accuracy", model: str = REFERENCE,
+                 correction: str = "holm") -> list[dict[str, Any]]:
+    """The dose-response itself: per SERIES, a quantity at each dose minus at the series' first
+    (least heterogeneous) dose, paired by replicate seed (the same seeds and, for the spread
+    points, the same two mean-keeping clients), in points: mean, paired t interval, raw p
+    (one-sample t test of the differences) and the p adjusted over the series' doses (one
+    family per series). Only seeds with both points count (`n`). quantity "accuracy":
+    `model`'s test accuracy (comparable across doses where the tasks are the same: the skew
+    and spread series); "gap": the one-shot FL gap, multitask - `model` (each task set
+    against its own multi-task model, so comparable across task sets too)."""
+    if quantity not in ("accuracy", "gap"):
+        raise ValueError(f"quantity must be accuracy or gap, got {quantity!r}")
+    from fl_merge.stats.intervals import paired_t
+    from fl_merge.stats.multiplicity import ALPHA, adjust, paired_p_value
+
+    acc = {(str(p["setting"]), int(p["seed"])): 100 * (
+        float(p["acc"][model]) if quantity == "accuracy" else float(p["acc"]["multitask"]) - float(p["acc"][model]))
+        for p in points}
+    rows: list[dict[str, Any]] = []
+    for series, doses in SERIES.items():
+        first, first_label = doses[0]
+        fam = []
+        for name, label in doses[1:]:
+            seeds = sorted(s for (q, s) in acc if q == name and (first, s) in acc)
+            diffs = [acc[(name, s)] - acc[(first, s)] for s in seeds]
+            mean_, low, high = paired_t([acc[(name, s)] for s in seeds], [acc[(first, s)] for s in seeds])
+            fam.append({"series": series, "dose": label, "point": name, "against": first_label,
+                        "model": model, "quantity": quantity, "n": len(seeds), "diff": mean_, "diff_low": low,
+                        "diff_high": high, "p_value": paired_p_value(diffs)})
+        for r, q in zip(fam, adjust([r["p_value"] for r in fam], correction)):
+            r.update(p_adjusted=q, significant=bool(q < ALPHA),
+                     family=f"{correction} over the {len(fam)} doses of {series}")
+        rows += fam
+    return rows

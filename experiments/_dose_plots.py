@@ -178,3 +178,16 @@ def cost_markdown(costs: Sequence[Mapping[str, Any]]) -> str:
     total = {k: sum(float(c[k]) for c in costs if not math.isnan(float(c[k]))) for k in keys}
     lines.append(f"| **all (sum)** | {len(costs)} | " + " | ".join(f"{total[k]:.0f}" for k in keys) + " |")
     return "\n".join(lines)
+
+
+def effects_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """_dose.dose_effects's rows: per series and dose, the model's accuracy difference to the
+    series' first dose [95% paired t CI], `*` where the p adjusted within the series < 0.05."""
+    lines = ["| quantity | series | dose | vs | n | difference [95% CI] | p raw / adj. |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, q = float(r["p_value"]), float(r["p_adjusted"])
+        mark = " *" if r["significant"] else ""
+        lines.append(f"| {r['quantity']} | {r['series']} | {r['dose']} | {r['against']} | {r['n']} | {float(r['diff']):+.1f} "
+                     f"[{float(r['diff_low']):+.1f}, {float(r['diff_high']):+.1f}]{mark} | "
+                     + ("-" if math.isnan(p) else f"{p:.2g} / {q:.2g}") + " |")
+    return "\n".join(lines)

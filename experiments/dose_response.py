@@ -16,7 +16,7 @@ quantity predicts TA's loss (fl_merge.stats.predictors: held-out R^2 leaving one
 a bootstrap CI over points, Kendall's tau over point means).
 
 Writes docs/dose_response.csv (point x model), docs/dose_response_predictors.csv,
-docs/dose_response_cost.csv (per run: where the time went), docs/dose_response_<series>.png,
+docs/dose_response_effects.csv (each dose against its series' first), docs/dose_response_cost.csv (per run: where the time went), docs/dose_response_<series>.png,
 docs/dose_response_predictors.png and docs/dose_response.md (the tables); runs and
 references under --out. Finished runs and references are reused (rerun: same command).
 
@@ -192,8 +192,8 @@ def predictor_tables(points: Sequence[dict[str, Any]], seed: int = 0) -> dict[st
 def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], docs: Path, replicates: int,
            missing: int) -> str:
     """Tabulate, write the docs files and figures, return the Markdown (also docs/dose_response.md)."""
-    from _dose_plots import (RESULTS_CAPTION, cost_markdown, plot_predictors, plot_series,
-                             predictors_markdown, results_markdown, slug)
+    from _dose_plots import (RESULTS_CAPTION, cost_markdown, effects_markdown, plot_predictors,
+                             plot_series, predictors_markdown, results_markdown, slug)
     from _points import tabulate
 
     from fl_merge.io.results import write_rows
@@ -206,6 +206,8 @@ def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], do
         r["series"] = "; ".join(f"{s}: {label}" for s, doses in _dose.SERIES.items()
                                 for p, label in doses if p == r["setting"])
     write_rows(docs / "dose_response.csv", rows)
+    effects = _dose.dose_effects(points) + _dose.dose_effects(points, "gap")
+    write_rows(docs / "dose_response_effects.csv", effects)
     tables = predictor_tables(points)
     write_rows(docs / "dose_response_predictors.csv",
                [{"target": t, **r} for t, rs in tables.items() for r in rs])
@@ -222,6 +224,13 @@ def report(points: Sequence[dict[str, Any]], costs: Sequence[dict[str, Any]], do
             f"total-seconds; plus the references).")
     md = "\n\n".join([head, results_markdown(rows, ["mean_cosine", "b_dissimilarity", "steps_cv", "lr_cv"]),
                       RESULTS_CAPTION,
+                      "The dose-response of Task Arithmetic: its test accuracy, then its one-shot FL gap "
+                      "(multi-task - TA), at each dose minus at the series' first dose, paired by "
+                      "replicate (points; the accuracies of different task sets are not comparable, "
+                      "their gaps are):",
+                      effects_markdown(effects),
+                      "`*` = Holm-adjusted p < 0.05 over the series' doses (one family per series; "
+                      "paired t test over replicates); intervals are unadjusted 95% paired t intervals.",
                       "Which measured quantity predicts Task Arithmetic's loss, across runs:",
                       predictors_markdown(tables), BOUND_NOTE, "Where the time went (seconds):",
                       cost_markdown(costs)])

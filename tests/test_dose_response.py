@@ -274,3 +274,49 @@ def test_execute_goes_on_past_a_failed_run_and_names_it(tmp_path, monkeypatch):
     assert json.loads((runs[0].run_dir / dr.WALL_FILE).read_text())["wall"] >= 0
     points, missing = dr.collect(runs, tmp_path)
     assert [p["setting"] for p in points] == ["skew-iid"] and missing == 1
+
+
+def test_dose_effects_pair_by_seed_and_holm_within_each_series():
+    """Each dose against its series' first dose, paired by seed: the interval is scipy's
+    one-sample t interval of the differences, p its t test, Holm (written out) per series;
+    a seed missing at either point is left out."""
+    rng = np.random.default_rng(0)
+    points = []
+    for series, doses in dose.SERIES.items():
+        for i, (name, _) in enumerate(doses):
+            for s in range(10, 15):
+                if name == "skew-a1" and s == 14:
+                    continue  # a missing run
+                points.append({"setting": name, "seed": s, "acc": {"task_arithmetic": 0.9 - 0.02 * i * (
+                    "skew" in name) + 0.003 * s + rng.normal(0, 0.004)}})
+    got = dose.dose_effects(points)
+    assert [r["point"] for r in got] == [n for doses in dose.SERIES.values() for n, _ in doses[1:]]
+    acc = {(p["setting"], p["seed"]): 100 * p["acc"]["task_arithmetic"] for p in points}
+    for series, doses in dose.SERIES.items():
+        rows = [r for r in got if r["series"] == series]
+        ps = []
+        for r, (name, _) in zip(rows, doses[1:]):
+            seeds = [s for s in range(10, 15) if (name, s) in acc and (doses[0][0], s) in acc]
+            d = np.array([acc[(name, s)] - acc[(doses[0][0], s)] for s in seeds])
+            ci = sps.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=sps.sem(d))
+            assert r["n"] == len(d) and r["diff"] == pytest.approx(d.mean())
+            assert (r["diff_low"], r["diff_high"]) == pytest.approx(ci)
+            assert r["p_value"] == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+            ps.append(r["p_value"])
+        assert [r["p_adjusted"] for r in rows] == pytest.approx(holm_by_hand(ps))
+    skew = [r for r in got if r["series"].startswith("label skew")]
+    assert skew[1]["n"] == 4 and all(r["significant"] for r in skew[1:])  # -2 points a dose: clear
+
+
+def test_dose_effects_on_the_gap_use_each_points_own_multitask_model():
+    points = [{"setting": n, "seed": s, "acc": {"task_arithmetic": ta, "multitask": mt}}
+              for s in (10, 11, 12)
+              for n, ta, mt in (("tasks-near", 0.88 + s / 1000, 0.92), ("tasks-mid", 0.91 + s / 900, 0.96),
+                                (dose.SUITE, 0.80, 0.90 + s / 800))]
+    rows = {r["point"]: r for r in dose.dose_effects(points, "gap") if r["series"] == "task dissimilarity"}
+    gaps = {(p["setting"], p["seed"]): 100 * (p["acc"]["multitask"] - p["acc"]["task_arithmetic"]) for p in points}
+    for name in ("tasks-mid", dose.SUITE):
+        d = [gaps[(name, s)] - gaps[("tasks-near", s)] for s in (10, 11, 12)]
+        assert rows[name]["diff"] == pytest.approx(np.mean(d)) and rows[name]["quantity"] == "gap"
+    with pytest.raises(ValueError, match="accuracy or gap"):
+        dose.dose_effects(points, "loss")
