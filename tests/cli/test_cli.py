@@ -178,6 +178,9 @@ def test_sweep_expands_like_hydra_and_is_validated_up_front():
 @pytest.mark.parametrize("argv, message", [
     (["method=nope"], "Could not find 'method/nope'; available options in 'method': breadcrumbs"),
     (["data.alpha=0.1"], "Could not override 'data.alpha'"),
+    (["lamdas=[0.1,0.3]"], "Could not override 'lamdas': the composed config has no such key (did you mean 'lambdas'?)"),
+    (["method=ties", "method.densty=0.3"], "(did you mean 'method.density'?)"),
+    (["+lamdas=0.3"], "RunConfig has no field 'lamdas') (did you mean 'lambdas'?)"),
     (["num_clients=9"], "num-clients=9 but only 8 tasks"),
     (["method=ties", "method.density=2"], "density"),
     (["-m", "method=fedavg,krum", "search=off"], "job [method=krum search=off]"),
