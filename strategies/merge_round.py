@@ -41,13 +41,14 @@ from .phases import Exchange, RoundMessages, learn_phase, prescreen_phase, score
 Scores = dict[str, dict[str, Any]]  # candidate label -> task -> split -> {"etas", "accuracy", "loss"}
 
 
-def phase(name: str, spilling: bool = False) -> None:
-    """Log the start of a phase with its wall-clock time (benchmarks/deployment_large.py
-    reads these markers to split its memory samples by phase); a spilling round (large
-    models) also hands the last phase's freed message buffers back to the system."""
+def phase(r: MergeRound, name: str, spilling: bool = False) -> None:
+    """Log the start of a phase of round `r`: how far into the round and how long the phase
+    before took (fl_merge.round.clock; benchmarks/deployment_large.py reads these markers to
+    split its memory samples by phase); a spilling round (large models) also hands the last
+    phase's freed message buffers back to the system."""
     if spilling:
         release_freed_memory()
-    log(INFO, "fl-merge phase %s t=%.3f", name, time.time())
+    log(INFO, "%s", r.phases.mark(name))
 
 
 @dataclass
@@ -101,11 +102,11 @@ def train_step(x: Exchange, st: RoundSettings, r: MergeRound, train_config: Mapp
     """theta0 to every client; replies become ClientUpdates and task vectors over the
     merge-key patterns (malformed or non-finite ones left out, every failure named);
     colluding attackers replace their task vectors."""
-    phase("train", x.spilling)
+    phase(r, "train", x.spilling)
     config = {**train_config, **train_requests(st.methods, st.measure_heterogeneity)}
     updates, r.failures = x.strategy.train(x.grid, r.theta0, config, x.timeout, x.spill)
     t0 = time.perf_counter()
-    phase("aggregate", x.spilling)
+    phase(r, "aggregate", x.spilling)
     r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, st.is_merged, x.spill)
     r.failures += left_out
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
@@ -151,7 +152,7 @@ def validation_step(x: Exchange, st: RoundSettings, r: MergeRound, deltas: Mappi
     """Every candidate scored on validation (and on test too with test_all_etas); with a
     prescreen, on a validation subset first and each method's finalists on all of it."""
     t1 = time.perf_counter()
-    phase("validation", x.spilling)
+    phase(r, "validation", x.spilling)
     ft_val = {r.task_name(c): finetuned_scores(c)["val"] for c in r.clients}
     grids = {label: c.etas for label, c in r.candidates.items()}
     splits = ["val", "test"] if st.test_all_etas else ["val"]
@@ -186,7 +187,7 @@ def test_step(x: Exchange, st: RoundSettings, r: MergeRound, scores: Scores, cho
     if st.test_all_etas:
         return
     t2 = time.perf_counter()
-    phase("test", x.spilling)
+    phase(r, "test", x.spilling)
     first = next(iter(r.candidates))
     scored = [c for c in r.clients if r.task_name(c) in scores[first]]
     test, lost = score_batched(x, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],

@@ -141,6 +141,21 @@ def test_standard_client_replies_merge_weighted_by_examples():
     assert [r.task_name(c) for c in r.clients] == ["node-11", "node-12"]
 
 
+def test_the_round_logs_each_phase_with_seconds_into_the_round(caplog):
+    import logging
+
+    from fl_merge.round.clock import PHASE_PATTERN
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        _run(OneShotMerge(method="fedavg", etas=[0.5, 1.0]),
+             FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
+    marks = [m.groups() for m in map(PHASE_PATTERN.search, caplog.messages) if m]
+    assert [name for name, _ in marks] == ["train", "aggregate", "validation", "test"]
+    seconds = [float(s) for _, s in marks]
+    assert seconds == sorted(seconds) and seconds[-1] < 60  # elapsed, not an epoch timestamp (~1.7e9)
+    assert any("(validation took" in m for m in caplog.messages if "phase test" in m)
+
+
 def test_uniform_weighting_is_the_plain_mean():
     r = _run(OneShotMerge(method="task_arithmetic", etas=[1.0]),
              FakeGrid({1: _standard(1.0, 100), 2: _standard(4.0, 300)}))
