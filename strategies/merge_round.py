@@ -28,7 +28,7 @@ from fl_merge.round.merging import collude, fednova_note, measure, merge_methods
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.prescreen import with_full_validation
 from fl_merge.round.scoring import chosen_plan
-from fl_merge.round.selection import Choice, apply_choice, choose_settings
+from fl_merge.round.selection import Choice, apply_choice, choose_settings, edge_notes
 from fl_merge.round.settings import RoundSettings
 from fl_merge.round.tables import add_references, chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
@@ -178,6 +178,7 @@ def choose_step(x: Exchange, st: RoundSettings, r: MergeRound, trained: Trained,
     if st.greedy_soup:
         soup_phase(x, st, r, trained.task_vectors, scores, deltas, ft_val, choice)
     apply_choice(r, choice, deltas)
+    r.notes += edge_notes(choice, {label: c.etas for label, c in r.candidates.items()})
     return choice
 
 
