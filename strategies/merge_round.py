@@ -24,7 +24,8 @@ from flwr.serverapp import Grid
 from fl_merge.round.failures import attribute, unscored_tasks
 from fl_merge.round.candidates import (candidate_lines, candidate_methods, personal_method,
                                       plan_candidates, search_record)
-from fl_merge.round.merging import collude, fednova_note, measure, merge_methods, train_requests
+from fl_merge.round.merging import (collude, fednova_note, measure, median_note, merge_arguments,
+                                   merge_methods, train_requests)
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.prescreen import with_full_validation
 from fl_merge.round.scoring import chosen_plan
@@ -224,7 +225,9 @@ def tables_step(x: Exchange, st: RoundSettings, r: MergeRound, trained: Trained,
     r.predictions, missing = chosen_predictions(chosen_scores, r.best_etas)
     r.notes += missing
     r.notes += add_references(r.predictions, references)
-    r.notes += fednova_note([c.name for c in r.candidates.values()], [c.metrics for c in r.clients])
+    names = [c.name for c in r.candidates.values()]
+    r.notes += fednova_note(names, [c.metrics for c in r.clients])
+    r.notes += median_note(names, k, merge_arguments(r.clients, st.weighting)["weights"])
     r.comparison = comparison_rows(r.predictions, reference_label(st.methods))
     r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], trained.asked, r.task_names)
     r.unscored_tasks = unscored_tasks(r.failures)

@@ -172,6 +172,13 @@ def test_a_chosen_eta_at_the_edge_of_its_grid_is_named_in_the_notes_and_the_summ
     assert "warning:" not in format_summary(r.rows)
 
 
+def test_median_of_two_clients_is_fedavg_and_the_round_says_so():
+    r = _run(OneShotMerge(methods=["fedavg", "median"], etas=[1.0], measure_heterogeneity=False),
+             FakeGrid({1: _standard(1.0, 10), 2: _standard(4.0, 30)}))
+    torch.testing.assert_close(r.deltas["median"]["backbone.w"], r.deltas["fedavg"]["backbone.w"])
+    assert [n for n in r.notes if n.startswith("median = fedavg by construction at K=2")]
+
+
 def test_uniform_weighting_is_the_plain_mean():
     r = _run(OneShotMerge(method="task_arithmetic", etas=[1.0]),
              FakeGrid({1: _standard(1.0, 100), 2: _standard(4.0, 300)}))
