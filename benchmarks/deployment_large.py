@@ -2,8 +2,8 @@
 loopback (insecure SuperLink + K SuperNodes as processes), with wall time and a memory
 breakdown: the resident memory of every process (SuperLink, flwr-serverapp, each SuperNode
 and its flwr-clientapp, Flower's superexec helpers) sampled over time with psutil, and the
-peak of each in every phase of the round (the ServerApp logs "fl-merge phase <name> t=<unix
-time>" when a phase starts; strategies/merge_round.py).
+peak of each in every phase of the round (the ServerApp logs "fl-merge phase <name> starts
+<seconds> s into the round" when a phase starts; fl_merge/round/clock.py).
 
     python benchmarks/deployment_large.py [--model wide-mlp --clients 2 --local-steps 5
         --database memory --run-config "spill=true measure-heterogeneity=false"]
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -32,9 +31,10 @@ from pathlib import Path
 
 import psutil
 
+from fl_merge.round.clock import PHASE_PATTERN
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PHASE = re.compile(r"fl-merge phase (\S+) t=([0-9.]+)")
 # command-line fragments -> role (first match wins; the SuperExec helpers are Flower's)
 ROLES = (("flwr-serverapp", "serverapp"), ("flwr-clientapp", "clientapp"),
          ("superexec", "superexec"), ("flower-superlink", "superlink"),
@@ -68,6 +68,18 @@ def sample_tree(pid: int) -> dict[str, tuple[float, float]]:
         rss, anon = out.get(role, (0.0, 0.0))
         out[role] = (rss + mi.rss / 2**20, anon + (mi.rss - mi.shared) / 2**20)
     return out
+
+
+def wall_marks(seen: list[tuple[float, str, float]]) -> list[tuple[float, str]]:
+    """(wall time the line was read, phase, seconds into the round) per phase marker ->
+    (wall time the phase started, phase), sorted. A line is read some time after it is
+    logged (Flower streams the logs), never before: the round's start is taken as the
+    earliest `read - seconds into the round` of all the markers, the one read with the
+    least delay."""
+    if not seen:
+        return []
+    start = min(read - elapsed for read, _, elapsed in seen)
+    return sorted((start + elapsed, name) for _, name, elapsed in seen)
 
 
 def phase_at(t: float, marks: list[tuple[float, str]]) -> str:
@@ -135,6 +147,7 @@ def main() -> None:
     procs: dict[str, subprocess.Popen] = {}
     samples: list[tuple[float, str, str, float, float]] = []
     marks: list[tuple[float, str]] = []
+    seen: list[tuple[float, str, float]] = []  # (read at, phase, seconds into the round)
     stop, killed = threading.Event(), threading.Event()
 
     def kill_all() -> None:
@@ -184,14 +197,15 @@ def main() -> None:
         procs["flwr-run"] = run
         for line in run.stdout:
             lines.append(line)
-            if m := PHASE.search(line):
-                marks.append((float(m.group(2)), m.group(1)))
+            if m := PHASE_PATTERN.search(line):
+                seen.append((time.time(), m.group(1), float(m.group(2))))
         run.wait()
         seconds = time.perf_counter() - t0
         ok = (out / "merged.safetensors").exists() and not killed.is_set()
     finally:
         stop.set()
         kill_all()
+        marks += wall_marks(seen)
     if not ok:  # the breakdown up to the failure is still printed (and saved) below
         sys.stderr.write("".join(lines)[-3000:])
         print(f"THE RUN FAILED{' (watchdog)' if killed.is_set() else ''}; logs in {work}")

@@ -24,11 +24,12 @@ from flwr.serverapp import Grid
 from fl_merge.round.failures import attribute, unscored_tasks
 from fl_merge.round.candidates import (candidate_lines, candidate_methods, personal_method,
                                       plan_candidates, search_record)
-from fl_merge.round.merging import collude, fednova_note, measure, merge_methods, train_requests
+from fl_merge.round.merging import (collude, fednova_note, measure, median_note, merge_arguments,
+                                   merge_methods, train_requests)
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.prescreen import with_full_validation
 from fl_merge.round.scoring import chosen_plan
-from fl_merge.round.selection import Choice, apply_choice, choose_settings
+from fl_merge.round.selection import Choice, apply_choice, choose_settings, edge_notes
 from fl_merge.round.settings import RoundSettings
 from fl_merge.round.tables import add_references, chosen_predictions, comparison_rows, reference_label
 from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
@@ -41,13 +42,14 @@ from .phases import Exchange, RoundMessages, learn_phase, prescreen_phase, score
 Scores = dict[str, dict[str, Any]]  # candidate label -> task -> split -> {"etas", "accuracy", "loss"}
 
 
-def phase(name: str, spilling: bool = False) -> None:
-    """Log the start of a phase with its wall-clock time (benchmarks/deployment_large.py
-    reads these markers to split its memory samples by phase); a spilling round (large
-    models) also hands the last phase's freed message buffers back to the system."""
+def phase(r: MergeRound, name: str, spilling: bool = False) -> None:
+    """Log the start of a phase of round `r`: how far into the round and how long the phase
+    before took (fl_merge.round.clock; benchmarks/deployment_large.py reads these markers to
+    split its memory samples by phase); a spilling round (large models) also hands the last
+    phase's freed message buffers back to the system."""
     if spilling:
         release_freed_memory()
-    log(INFO, "fl-merge phase %s t=%.3f", name, time.time())
+    log(INFO, "%s", r.phases.mark(name))
 
 
 @dataclass
@@ -101,11 +103,11 @@ def train_step(x: Exchange, st: RoundSettings, r: MergeRound, train_config: Mapp
     """theta0 to every client; replies become ClientUpdates and task vectors over the
     merge-key patterns (malformed or non-finite ones left out, every failure named);
     colluding attackers replace their task vectors."""
-    phase("train", x.spilling)
+    phase(r, "train", x.spilling)
     config = {**train_config, **train_requests(st.methods, st.measure_heterogeneity)}
     updates, r.failures = x.strategy.train(x.grid, r.theta0, config, x.timeout, x.spill)
     t0 = time.perf_counter()
-    phase("aggregate", x.spilling)
+    phase(r, "aggregate", x.spilling)
     r.clients, task_vectors, left_out = collect_updates(updates, r.theta0, st.is_merged, x.spill)
     r.failures += left_out
     asked = len(updates) + len(r.failures) - len(left_out)  # every node sent the train message
@@ -151,7 +153,7 @@ def validation_step(x: Exchange, st: RoundSettings, r: MergeRound, deltas: Mappi
     """Every candidate scored on validation (and on test too with test_all_etas); with a
     prescreen, on a validation subset first and each method's finalists on all of it."""
     t1 = time.perf_counter()
-    phase("validation", x.spilling)
+    phase(r, "validation", x.spilling)
     ft_val = {r.task_name(c): finetuned_scores(c)["val"] for c in r.clients}
     grids = {label: c.etas for label, c in r.candidates.items()}
     splits = ["val", "test"] if st.test_all_etas else ["val"]
@@ -177,6 +179,7 @@ def choose_step(x: Exchange, st: RoundSettings, r: MergeRound, trained: Trained,
     if st.greedy_soup:
         soup_phase(x, st, r, trained.task_vectors, scores, deltas, ft_val, choice)
     apply_choice(r, choice, deltas)
+    r.notes += edge_notes(choice, {label: c.etas for label, c in r.candidates.items()})
     return choice
 
 
@@ -186,7 +189,7 @@ def test_step(x: Exchange, st: RoundSettings, r: MergeRound, scores: Scores, cho
     if st.test_all_etas:
         return
     t2 = time.perf_counter()
-    phase("test", x.spilling)
+    phase(r, "test", x.spilling)
     first = next(iter(r.candidates))
     scored = [c for c in r.clients if r.task_name(c) in scores[first]]
     test, lost = score_batched(x, scored, r.theta0, r.deltas, chosen_plan(r.best_etas), ["test"],
@@ -222,7 +225,9 @@ def tables_step(x: Exchange, st: RoundSettings, r: MergeRound, trained: Trained,
     r.predictions, missing = chosen_predictions(chosen_scores, r.best_etas)
     r.notes += missing
     r.notes += add_references(r.predictions, references)
-    r.notes += fednova_note([c.name for c in r.candidates.values()], [c.metrics for c in r.clients])
+    names = [c.name for c in r.candidates.values()]
+    r.notes += fednova_note(names, [c.metrics for c in r.clients])
+    r.notes += median_note(names, k, merge_arguments(r.clients, st.weighting)["weights"])
     r.comparison = comparison_rows(r.predictions, reference_label(st.methods))
     r.failures, _ = attribute(r.failures, [c.partition_id for c in r.clients], trained.asked, r.task_names)
     r.unscored_tasks = unscored_tasks(r.failures)

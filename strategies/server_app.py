@@ -123,7 +123,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         outcome.timings["total-seconds"] = time.perf_counter() - t0
         with writing:
             held["busy"] = True
-            phase("write", settings.spill_dir is not None)
+            phase(outcome, "write", settings.spill_dir is not None)
             write_outputs(out, outcome, cfg, run_id)
             held["done"] = True
     except Exception:

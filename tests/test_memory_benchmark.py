@@ -40,3 +40,13 @@ def test_phase_peaks_by_hand():
     assert peaks["aggregate"] == {"superlink/superlink": (150, 100), "node/supernode": (70, 60),
                                   "superlink/total": (150, 100), "node/total": (70, 60)}
     assert peaks["whole run"]["superlink/total"] == (800, 700)
+
+
+def test_phase_markers_become_wall_times_from_the_least_delayed_line():
+    # (read at, phase, seconds into the round): the round began at wall time 1000; lines are
+    # read 0.5 s, 0.2 s and 3 s after they were logged (Flower streams the logs in batches)
+    seen = [(1000.5, "train", 0.0), (1010.2, "aggregate", 10.0), (1023.0, "validation", 20.0)]
+    assert bench.wall_marks(seen) == [(1000.2, "train"), (1010.2, "aggregate"), (1020.2, "validation")]
+    assert bench.wall_marks([]) == []
+    assert [bench.phase_at(t, bench.wall_marks(seen)) for t in (999, 1005, 1019, 1021)] == [
+        "start", "train", "aggregate", "validation"]

@@ -22,10 +22,12 @@ from fl_merge.io import results
 from fl_merge.io import store
 from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, Job, _is_hydra_override, build_job, plan
 from fl_merge.config.run_config import ConfigError
+from fl_merge.cli.usage import help_page, version_line
 
 SUMMARY = "fl_merge.cli.callbacks.SweepSummary"
-# Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them).
-_HYDRA_PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version",
+# Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them);
+# -h/--help and --version are fl-merge's own (fl_merge.cli.usage), Hydra's help is --hydra-help.
+_HYDRA_PASSTHROUGH = {"--hydra-help", "--cfg", "-c", "--info", "-i",
                       "--shell-completion", "-sc", "--experimental-rerun", "--resolve",
                       "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
 
@@ -164,6 +166,16 @@ def _hydra(argv: Sequence[str], state: Sweep) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """`fl-merge [overrides]` / `fl-merge -m [sweep overrides]`; returns the exit code."""
+    if "--version" in argv:
+        print(version_line("fl-merge"))
+        return 0
+    if "-h" in argv or "--help" in argv:
+        try:
+            print(help_page([a for a in argv if not a.startswith("-")]))
+        except ConfigError as e:
+            print(f"fl-merge: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     multirun = "-m" in argv or "--multirun" in argv
     jobs: list[Job] | None = None
     if not any(a.split("=", 1)[0] in _HYDRA_PASSTHROUGH for a in argv):

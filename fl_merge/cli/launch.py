@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
+from fl_merge.cli.usage import version_line
 from fl_merge.core.values import parse_value
 from fl_merge.io import results
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
@@ -35,9 +37,8 @@ def _parse_run_config(items: list[str]) -> dict:
 
     out: dict = {}
     for item in items:
-        if item.endswith(".toml") and Path(item).is_file():
-            with open(item, "rb") as f:
-                out.update(tomllib.load(f))
+        if item.endswith(".toml") and (Path(item).is_file() or "=" not in item):
+            out.update(_read_toml(item))
             continue
         for pair in shlex.split(item):
             if "=" not in pair:
@@ -47,8 +48,26 @@ def _parse_run_config(items: list[str]) -> dict:
     return out
 
 
+def _read_toml(path: str) -> dict:
+    """A --run-config TOML file's keys; ConfigError (one line) when it is missing or not TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--run-config {path}: no such file (give a TOML file of run-config keys "
+                          "or key=value items)") from None
+    except OSError as e:
+        raise ConfigError(f"--run-config {path}: cannot read this TOML file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--run-config {path} is not valid TOML: {e}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-merge-run", description=__doc__.split("\n")[0])
+    intro, _, rest = __doc__.partition("\n\n")  # the first sentence whole, then the rest as it is
+    parser = argparse.ArgumentParser(prog="fl-merge-run", epilog="example:\n" + rest,
+                                     description=textwrap.fill(" ".join(intro.split()), 88),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line("fl-merge-run"))
     parser.add_argument("--run-config", "-c", action="append", default=[],
                         help="run-config keys (fl_merge.config.run_config.RunConfig, dashed), e.g. "
                              "'method=fedavg num-clients=6', or a TOML file of them")

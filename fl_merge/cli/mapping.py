@@ -25,12 +25,13 @@ Mapping onto the Flower run config (`to_flower`), then ``RunConfig.from_flower(.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fl_merge.cli import schema
-from fl_merge.core.values import split_list
+from fl_merge.core.values import did_you_mean, split_list
 from fl_merge.config.parsing import check_client_gpus
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 
@@ -147,7 +148,8 @@ def to_flower(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
     def put(path: str, name: str, value: Any) -> None:
         if name not in fields:
-            raise ConfigError(f"'{path}' is not a fl-merge setting (RunConfig has no field '{name}')")
+            raise ConfigError(f"'{path}' is not a fl-merge setting (RunConfig has no field "
+                              f"'{name}'){did_you_mean(name, sorted(fields))}")
         if value is not None:
             flower[name.replace("_", "-")] = _scalar(path, value)
 
@@ -224,6 +226,59 @@ def _compose_error(e: BaseException) -> str:
     return line
 
 
+def config_paths(node: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config (plain containers), groups included: 'model',
+    'model.name', ..., 'seed'; Hydra's own keys left out."""
+    out = []
+    for key, value in node.items():
+        if key == "hydra" or str(key).startswith("_"):
+            continue
+        out.append(f"{prefix}{key}")
+        if isinstance(value, Mapping):
+            out += config_paths(value, f"{prefix}{key}.")
+    return out
+
+
+def key_hint(key: str, paths: Sequence[str]) -> str:
+    """' (did you mean X?)' for a key the config lacks: the key of the same name in another
+    group ('lr' -> 'training.lr'), else the closest path a letter or two off ('lamdas' ->
+    'lambdas'); '' when none is close."""
+    leaf = key.rsplit(".", 1)[-1]
+    same = [p for p in paths if p != key and p.rsplit(".", 1)[-1] == leaf]
+    return f" (did you mean '{same[0]}'?)" if same else did_you_mean(key, paths)
+
+
+def _missing_key(e: BaseException) -> str | None:
+    """The key of an override Hydra refused because the config has no such key, else None."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    found = re.match(r"Could not override '([^']+)'", str(e))
+    missing = isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError))
+    return found.group(1) if found and missing else None
+
+
+def composition_error(e: BaseException, overrides: Sequence[str]) -> str:
+    """`_compose_error`'s line, but for an override of a key that does not exist: that it
+    does not, and the key meant (`key_hint` over the config composed without it) instead of
+    Hydra's advice to add it with '+' (fl-merge would refuse it then). Call it inside
+    Hydra's initialize_config_dir, as `plan` does."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    key = _missing_key(e)
+    if key is None:
+        return _compose_error(e)
+    rest = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key]
+    try:
+        paths = config_paths(OmegaConf.to_container(compose(CONFIG_NAME, overrides=rest)))
+    except (HydraException, OmegaConfBaseException):
+        paths = []
+    return (f"Could not override '{key}': the composed config has no such key{key_hint(key, paths)}; "
+            "`fl-merge [GROUP=OPTION ...] --help` lists its keys")
+
+
 def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     """The jobs of a command line, expanded by Hydra's own BasicSweeper (the sweeper
     `fl-merge -m` runs; cartesian product in the order given). A sweep without -m is a
@@ -258,7 +313,7 @@ def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:
             try:
                 cfg = compose(CONFIG_NAME, overrides=job_overrides)
             except (HydraException, OmegaConfBaseException) as e:  # composition errors
-                raise ConfigError(where + _compose_error(e)) from None
+                raise ConfigError(where + composition_error(e, job_overrides)) from None
             try:
                 job = build_job(cfg, job_overrides)
             except ConfigError as e:

@@ -20,6 +20,7 @@ import yaml
 from fl_merge.merging.lines import check_lines
 from fl_merge.merging.scales import check_eta, check_lambda, eta_for_lambda, lambda_scale
 from fl_merge.methods import available_methods
+from fl_merge.cli.usage import version_line
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
 from fl_merge.io.checkpoints import FORMATS, parse_dtype, parse_size
 from fl_merge.io.file_merge import NON_FLOAT_POLICIES, merge_files, method_scope
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                "of a whole-vector method; lambda scale 'sum': eta = K * lambda, 'delta': "
                "eta = lambda):\n" + methods_help()
                + "\n\nSee docs/merge.md.")
+    p.add_argument("--version", action="version", version=version_line(PROG))
     p.add_argument("config", nargs="?", help="YAML file with keys " + ", ".join(CONFIG_KEYS)
                    + " (instead of the flags)")
     p.add_argument("--base", help="the pretrained model theta0")

@@ -20,6 +20,7 @@ from typing import Any
 from fl_merge.io import results, store
 from fl_merge.stats import selection
 from fl_merge.cli.mapping import run_config_fields
+from fl_merge.cli.usage import version_line
 
 
 def _plot_eta(rows: list[dict[str, Any]], best: list[dict[str, Any]], path: Path) -> Path:
@@ -131,6 +132,7 @@ def main(argv: Sequence[str]) -> int:
         prog="fl-merge report",
         description="Best setting per method (chosen on validation), and plots in <dir>/report/, "
                     "for every run at any depth under a directory.")
+    parser.add_argument("--version", action="version", version=version_line("fl-merge report"))
     parser.add_argument("dir", help="a multirun sweep dir, a run dir, or any dir holding runs")
     parser.add_argument("--measure", action="append",
                         help="het_ measure or run-config key for the accuracy-vs-heterogeneity "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fl_merge.core.values import parse_value, split_list
+from fl_merge.core.values import did_you_mean, parse_value, split_list
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,11 @@ class ConfigError(ValueError):
 
         super().__init__(one_line(message), *args)
 
+
+def unknown_key(key: str, known: list[str]) -> ConfigError:
+    """The error for a run-config key that does not exist: the closest known key when one is
+    a letter or two off (`lamdas` -> did you mean 'lambdas'?), then every known key."""
+    return ConfigError(f"unknown run-config key '{key}'{did_you_mean(key, known)}; known: {', '.join(known)}")
 
 
 def parse_method_params(text: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_
     _per_client,
     check_client_gpus,
     parse_method_params,
-    resolve_methods,
+    resolve_methods, unknown_key,
 )
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shared")
@@ -140,7 +140,7 @@ class RunConfig:
                 raise ConfigError(f"run-config key {key!r} is not a string; known: {', '.join(flower_keys())}")
             name = key.replace("-", "_")
             if name not in names:
-                raise ConfigError(f"unknown run-config key '{key}'; known: {', '.join(flower_keys())}")
+                raise unknown_key(key, flower_keys())
             kwargs[name] = _coerce(key, value, names[name].type)
         return cls(**kwargs)
 

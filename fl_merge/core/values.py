@@ -2,11 +2,13 @@
 parameters (``ties.density=0.3``, `fl_merge.config.parsing`), ``fl-merge merge --param``,
 ``fl-merge-run --run-config`` items and the cells of a results CSV (`fl_merge.io.results`);
 and the one splitter of a list written as text (`split_list`: method names, tasks, etas,
-lambdas).
+lambdas); `did_you_mean`, the hint for a mistyped key.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -29,3 +31,11 @@ def split_list(text: str) -> list[str]:
     """The items of a list written as text, separated by commas and/or spaces, empty ones
     left out: 'a, b c' -> ['a', 'b', 'c']."""
     return [t for t in (s.strip() for s in str(text).replace(" ", ",").split(",")) if t]
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """The tail of an error line naming an unknown key: " (did you mean 'x'?)" with the
+    closest of `known` to the mistyped `word` (difflib's similarity ratio at least 0.8: a
+    letter or two off), "" when none is that close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
+    return f" (did you mean '{close[0]}'?)" if close else ""

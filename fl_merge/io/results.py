@@ -19,6 +19,7 @@ import torch
 from fl_merge.core.files import atomic_write_text
 from fl_merge.core.values import parse_value
 from fl_merge.core.safetensors_writer import save_tensors
+from fl_merge.models.evaluation import edge_note
 
 RESULTS_FILE = "results.csv"
 MODEL_FILE = "merged.safetensors"
@@ -156,7 +157,8 @@ def chosen_etas(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
     """A plain-text table of `summary_rows` (readable in logs and terminals alike): one
     column per method, its chosen eta in the header (and "own model per task" for a personal
-    method such as EMR: not a single-model result)."""
+    method such as EMR: not a single-model result); then a warning line per method whose
+    chosen eta is at the edge of its grid (`edge_notes`)."""
     rows = list(rows)
     table = summary_rows(rows)
     etas = chosen_etas(rows)
@@ -175,7 +177,23 @@ def format_summary(rows: Iterable[Mapping[str, Any]], title: str = "") -> str:
             return f"{v:.3f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-"
 
         lines.append(f"{t['task']:<16}" + "".join(f"{fmt(k):>{w}}" for (k, _), w in zip(columns, widths)))
+    lines += [f"warning: {note}" for note in edge_notes(rows)]
     return "\n".join(lines)
+
+
+def edge_notes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """fl_merge.models.evaluation.edge_note per method of a results table: its chosen eta
+    (the selected merged rows) against every eta its chosen setting (same knobs) was scored
+    at on validation (the prescreen's rows too: its whole grid)."""
+    rows = list(rows)
+    chosen = {r["method"]: (float(r["eta"]), r.get("knobs")) for r in rows
+              if r["model"] == "merged" and _truthy(r["selected"])}
+    notes = []
+    for method, (eta, knobs) in chosen.items():
+        etas = [float(r["eta"]) for r in rows if r["method"] == method and r.get("knobs") == knobs
+                and r["model"] == "merged" and str(r["split"]).startswith("val")]
+        notes.append(edge_note(method, eta, etas))
+    return [n for n in notes if n]
 
 
 def mean(values: list[float]) -> float:

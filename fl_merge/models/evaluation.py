@@ -1,4 +1,5 @@
-"""Scoring a model on a split, normalized accuracy and choosing eta."""
+"""Scoring a model on a split, normalized accuracy, choosing eta and whether the chosen eta
+sits at the edge of its grid."""
 
 from __future__ import annotations
 
@@ -63,3 +64,25 @@ def select_eta(
     candidates = [j for j, e in enumerate(etas) if e > 0] or list(range(len(etas)))
     best = max(candidates, key=lambda j: (means[j], -etas[j]))
     return float(etas[best]), means
+
+
+def grid_edge(eta: float, etas: Sequence[float]) -> str | None:
+    """Where a chosen eta sits in the grid it was chosen from: "largest" (the grid's top),
+    "smallest" (its lowest eta above 0; 0 is the base, never chosen) or None (inside the
+    grid, or a grid with one eta above 0: nothing was searched)."""
+    tried = sorted({float(e) for e in etas if e > 0})
+    if len(tried) < 2 or eta not in tried:
+        return None
+    return "largest" if eta == tried[-1] else "smallest" if eta == tried[0] else None
+
+
+def edge_note(method: str, eta: float, etas: Sequence[float]) -> str | None:
+    """The warning for a method whose eta chosen on validation is at the edge of its grid
+    (`grid_edge`): the best eta may lie outside the grid. None inside it."""
+    edge = grid_edge(eta, etas)
+    if edge is None:
+        return None
+    tried = sorted({float(e) for e in etas if e > 0})
+    beyond = "above" if edge == "largest" else "below"
+    return (f"{method}: the chosen eta={eta:g} is the {edge} of the {len(tried)} tried "
+            f"({tried[0]:g}..{tried[-1]:g}): the best may lie {beyond} the grid; widen it (lambdas= or etas=)")

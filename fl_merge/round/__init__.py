@@ -10,7 +10,8 @@ from the resolved run config; every step reads them from there.
 The message protocol these steps serve is named in `protocol` and written in docs/protocol.md.
 Also here: the Byzantine attacks and faults a round can simulate (`attacks`), theta0 from a
 checkpoint (`base`), the learned-coefficient and ensemble phases (`coefficients`,
-`ensemble`), two-stage validation scoring (`prescreen`) and failure records (`failures`).
+`ensemble`), two-stage validation scoring (`prescreen`), failure records (`failures`) and the phase
+lines' clock (`clock`).
 
 May import: fl_merge.core, merging, methods, models, tasks, io, stats; never config, the
 Flower glue, the engine or the CLI.

@@ -127,6 +127,26 @@ def fednova_note(method_names: Sequence[str], metrics: Sequence[Mapping[str, Any
             "fedavg's; their equal scores are not a measured tie"]
 
 
+MEAN_METHODS = ("fedavg", "task_arithmetic")  # one method: the weighted mean of the task vectors
+
+
+def median_note(method_names: Sequence[str], k: int, weights: Sequence[float] | None) -> list[str]:
+    """The run's note when median ran on k=2 clients (`weights`: the round's p_i, None =
+    uniform): the coordinate-wise median of two values is their mean, so median merges the
+    unweighted mean of the two task vectors, which is fedavg's (Task Arithmetic's) Delta when
+    the weights are equal. [] when median did not run or k is not 2."""
+    if "median" not in method_names or k != 2:
+        return []
+    if weights is not None and float(weights[0]) != float(weights[1]):
+        return ["median at K=2 is the unweighted mean of the two task vectors (the median of two values "
+                "is their mean): fedavg with uniform weights, not this run's weighted fedavg"]
+    also = [m for m in MEAN_METHODS if m in method_names]
+    return ["median = fedavg by construction at K=2: the median of two values is their mean, so "
+            "median merges fedavg's (Task Arithmetic's) uniform Delta"
+            + (f"; its scores differ from {also[0]}'s only by their eta grids, not a measured "
+               "difference" if also else "")]
+
+
 def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[StateDict]] | None:
     """The per-client extra arrays `method` needs, or a MergeRoundError naming who lacks them."""
     extras = {n: [c.extras.get(n, {}) for c in clients] for n in get_method(method).needs_extras}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fl_merge.round.clock import PhaseClock
 from fl_merge.round.updates import ClientUpdate
 from fl_merge.core.task_vectors import StateDict, apply_update
 from fl_merge.merging.personal import is_personal, own_delta
@@ -30,6 +31,7 @@ class MergeRound:
     unscored_tasks: list[str] = field(default_factory=list)  # merged, client lost before test
     heterogeneity: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    phases: PhaseClock = field(default_factory=PhaseClock)  # started with the round: phase lines
     notes: list[str] = field(default_factory=list)  # degraded protocol, e.g. missing metrics
     # The search (fl_merge.round.candidates): every candidate scored on validation, and per
     # method its choice {"candidate", "knobs", "lambda", "eta", "validation"}.

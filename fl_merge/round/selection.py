@@ -3,10 +3,10 @@ client did not report its fine-tuned validation accuracy (the results say which)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fl_merge.models.evaluation import select_eta
+from fl_merge.models.evaluation import edge_note, select_eta
 from fl_merge.round.outcome import MergeRound
 from fl_merge.core.task_vectors import StateDict
 
@@ -76,3 +76,11 @@ def apply_choice(r: MergeRound, choice: Choice, deltas: Mapping[str, StateDict])
         r.choices[m] = {"candidate": label, "knobs": c.knobs, "lambda": c.lam(eta, k), "eta": eta,
                         "validation": value}
     r.deltas = {m: deltas[label] for m, (label, _, _) in choice.items()}
+
+
+def edge_notes(choice: Choice, grids: Mapping[str, Sequence[float]]) -> list[str]:
+    """One warning per method whose eta chosen on validation is the largest or the smallest
+    of its chosen candidate's grid (`grids`: candidate label -> its etas): the best eta may
+    lie outside what was tried (fl_merge.models.evaluation.edge_note)."""
+    notes = [edge_note(method, eta, grids[label]) for method, (label, eta, _) in choice.items()]
+    return [n for n in notes if n]

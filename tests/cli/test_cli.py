@@ -12,6 +12,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,9 @@ def test_sweep_expands_like_hydra_and_is_validated_up_front():
 @pytest.mark.parametrize("argv, message", [
     (["method=nope"], "Could not find 'method/nope'; available options in 'method': breadcrumbs"),
     (["data.alpha=0.1"], "Could not override 'data.alpha'"),
+    (["lamdas=[0.1,0.3]"], "Could not override 'lamdas': the composed config has no such key (did you mean 'lambdas'?)"),
+    (["method=ties", "method.densty=0.3"], "(did you mean 'method.density'?)"),
+    (["+lamdas=0.3"], "RunConfig has no field 'lamdas') (did you mean 'lambdas'?)"),
     (["num_clients=9"], "num-clients=9 but only 8 tasks"),
     (["method=ties", "method.density=2"], "density"),
     (["-m", "method=fedavg,krum", "search=off"], "job [method=krum search=off]"),
@@ -311,6 +315,16 @@ def test_jobs_differing_only_in_method_reuse_client_updates(sweeps):
     first, _ = sweeps[0]
     assert _cached(first, 0) == [0, 0]  # trained
     assert _cached(first, 1) == [1, 1]  # same training config, other method: reused
+
+
+def test_the_median_job_says_it_is_fedavg_at_k2_and_its_phase_lines_count_seconds(sweeps):
+    first, _ = sweeps[0]
+    median_job = first / "1"  # method=fedavg,median: job 1 is median, on num_clients=2
+    notes = json.loads((median_job / "run.json").read_text())["notes"]
+    assert any(n.startswith("median = fedavg by construction at K=2") for n in notes), notes
+    log = (median_job / "run.log").read_text()
+    assert re.search(r"fl-merge phase test starts [0-9.]+ s into the round \(validation took", log), log[-3000:]
+    assert not re.search(r"fl-merge phase \w+ t=\d", log)  # no raw epoch timestamps
 
 
 def test_second_invocation_trains_nothing(sweeps):

@@ -56,7 +56,8 @@ def test_per_client_training_values_expand_by_partition():
         ({"method": "krum", "method-params": "f=1"}, "needs more than 2f+2 = 4 clients, got 4"),
         ({"method": "ties", "method-params": "density=2"}, "density"),
         ({"etas": "0"}, "etas must be non-negative with at least one above 0"),
-        ({"no-such-key": 1}, "unknown run-config key 'no-such-key'"),
+        ({"no-such-key": 1}, "unknown run-config key 'no-such-key'; known: num-clients"),
+        ({"lamdas": "0.3"}, "unknown run-config key 'lamdas' (did you mean 'lambdas'?); known:"),
     ],
 )
 def test_bad_config_is_one_clear_error(overrides, message):
@@ -74,6 +75,8 @@ def test_bad_config_is_one_clear_error(overrides, message):
         (["--run-config", 'local-steps=""'], "local-steps is missing"),
         (["--run-config", "num-clients=4", "--num-supernodes", "2"],
          "num-clients=4 is larger than the 2 available clients"),
+        (["--run-config", "lamdas=0.3"], "(did you mean 'lambdas'?)"),
+        (["--run-config", "no-such.toml"], "--run-config no-such.toml: no such file"),
     ],
 )
 def test_launcher_rejects_bad_config_before_starting_anything(args, message, capsys, tmp_path):
@@ -103,6 +106,20 @@ def test_several_methods_and_their_parameters():
         with pytest.raises(ConfigError) as err:
             RunConfig.from_flower(bad).resolve()
         assert message in str(err.value)
+
+
+def test_run_config_toml_file_read_or_named_when_wrong(tmp_path):
+    from fl_merge.cli.launch import _parse_run_config
+
+    good = tmp_path / "run.toml"
+    good.write_text('method = "ties"\nnum-clients = 3\n')
+    assert _parse_run_config([str(good), "seed=2"]) == {"method": "ties", "num-clients": 3, "seed": 2}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("method = \n")
+    with pytest.raises(ConfigError, match=r"bad.toml is not valid TOML: Invalid value \(at line 1"):
+        _parse_run_config([str(bad)])
+    with pytest.raises(ConfigError, match="is not key=value"):  # a plain word is still that
+        _parse_run_config(["ties"])
 
 
 def test_boolean_keys_accept_toml_and_text():

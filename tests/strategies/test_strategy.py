@@ -141,6 +141,44 @@ def test_standard_client_replies_merge_weighted_by_examples():
     assert [r.task_name(c) for c in r.clients] == ["node-11", "node-12"]
 
 
+def test_the_round_logs_each_phase_with_seconds_into_the_round(caplog):
+    import logging
+
+    from fl_merge.round.clock import PHASE_PATTERN
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        _run(OneShotMerge(method="fedavg", etas=[0.5, 1.0]),
+             FakeGrid({1: _standard(1.0, 10), 2: _standard(2.0, 10)}))
+    marks = [m.groups() for m in map(PHASE_PATTERN.search, caplog.messages) if m]
+    assert [name for name, _ in marks] == ["train", "aggregate", "validation", "test"]
+    seconds = [float(s) for _, s in marks]
+    assert seconds == sorted(seconds) and seconds[-1] < 60  # elapsed, not an epoch timestamp (~1.7e9)
+    assert any("(validation took" in m for m in caplog.messages if "phase test" in m)
+
+
+def test_a_chosen_eta_at_the_edge_of_its_grid_is_named_in_the_notes_and_the_summary():
+    from fl_merge.io.results import format_summary
+
+    clients = {101: _rich(0, 10), 102: _rich(1, 10)}  # grid clients: they score with `score`
+    rising = FakeGrid(clients, score=lambda i, eta, split: 0.5 + 0.1 * eta)  # best at the top
+    r = _run(OneShotMerge(method="fedavg", etas=[0.5, 1.0, 2.0], measure_heterogeneity=False), rising)
+    assert r.best_etas["fedavg"] == 2.0
+    edge = [n for n in r.notes if "is the largest of the 3 tried (0.5..2)" in n]
+    assert len(edge) == 1 and edge[0].startswith("fedavg: the chosen eta=2")
+    assert f"warning: {edge[0]}" in format_summary(r.rows).splitlines()
+    peaked = FakeGrid(clients, score=lambda i, eta, split: 0.9 - abs(eta - 1.0) / 4)  # best inside
+    r = _run(OneShotMerge(method="fedavg", etas=[0.5, 1.0, 2.0], measure_heterogeneity=False), peaked)
+    assert r.best_etas["fedavg"] == 1.0 and not any("tried" in n for n in r.notes)
+    assert "warning:" not in format_summary(r.rows)
+
+
+def test_median_of_two_clients_is_fedavg_and_the_round_says_so():
+    r = _run(OneShotMerge(methods=["fedavg", "median"], etas=[1.0], measure_heterogeneity=False),
+             FakeGrid({1: _standard(1.0, 10), 2: _standard(4.0, 30)}))
+    torch.testing.assert_close(r.deltas["median"]["backbone.w"], r.deltas["fedavg"]["backbone.w"])
+    assert [n for n in r.notes if n.startswith("median = fedavg by construction at K=2")]
+
+
 def test_uniform_weighting_is_the_plain_mean():
     r = _run(OneShotMerge(method="task_arithmetic", etas=[1.0]),
              FakeGrid({1: _standard(1.0, 100), 2: _standard(4.0, 300)}))
