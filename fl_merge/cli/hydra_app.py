@@ -129,7 +129,9 @@ def task(cfg: Any, state: Sweep) -> None:
         # Pretrains (or loads) the base here, with a progress bar in a terminal.
         outcome = run(resolved, num_supernodes=job.num_supernodes, client_gpus=job.client_gpus,
                       stream=not multirun, progress=not multirun)
-    except (RunFailed, ConfigError) as e:
+    except ConfigError as e:  # found before any process started (e.g. merge-keys vs theta0)
+        state.fail(2, f"{where}: {e}")
+    except RunFailed as e:
         state.fail(1, f"{where} failed: {e}")
     if multirun:
         sweep_dir = Path(hc.sweep.dir).resolve()

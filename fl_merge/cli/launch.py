@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run(resolved, num_supernodes=supernodes, client_gpus=gpus, engine=args.engine,
                       app=Path(args.app) if args.app else None, keep_superlink=args.keep_superlink)
-    except (RunFailed, ConfigError) as e:
+    except (RunFailed, ConfigError) as e:  # ConfigError: found before any process started
         print(f"fl-merge-run: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     print()
     print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
                                                "(merged at the eta chosen on validation)"))
