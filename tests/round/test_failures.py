@@ -76,3 +76,14 @@ def test_a_failure_record_after_lost_replies_points_at_the_caches_even_with_no_f
     assert failure_record("x", "train", [], [], [])["cached_updates"] == "no client finished"
     finished = [{"partition_id": 0}]
     assert failure_record("x", "train", finished, [], [])["cached_updates"] == CACHE_NOTE
+
+
+def test_flowers_status_details_of_a_failed_run_become_the_one_line_cause():
+    """`flwr ls` reports a failed run's exception as 'Simulation failed with exception: ...'
+    (flwr.simulation.app); the launcher's one line shows the exception's own text."""
+    from fl_merge.engine.superlink import failure_details
+
+    assert failure_details("Simulation failed with exception: merge-keys ['x.*'] match none") == \
+        "merge-keys ['x.*'] match none"
+    assert failure_details("Task failed with unknown error.\n") == "Task failed with unknown error."
+    assert failure_details("") == ""
