@@ -22,6 +22,7 @@ from fl_merge.io import results
 from fl_merge.io import store
 from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, Job, _is_hydra_override, build_job, plan
 from fl_merge.config.run_config import ConfigError
+from fl_merge.round.failures import EXIT_STATUS_HELP, lost_clients_exit, lost_clients_report
 
 SUMMARY = "fl_merge.cli.callbacks.SweepSummary"
 # Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them).
@@ -37,6 +38,7 @@ class Sweep:
         self.jobs = jobs
         self.multirun = multirun
         self.done = 0
+        self.exit_code = 0  # LOST_CLIENTS_EXIT once a job's results lost clients it did not allow
         self.sweep_dir: Path | None = None
         self.started = time.monotonic()
         self.bar = None
@@ -148,6 +150,9 @@ def task(cfg: Any, state: Sweep) -> None:
         print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
                                                    "(merged at the eta chosen on validation)"))
         print(f"\nresults: {outcome.out_dir}")
+    for line in lost_clients_report(outcome.meta, job.run.min_clients, job.run.num_clients):
+        state.say(f"fl-merge: {where}: {line}" if multirun else f"fl-merge: {line}", err=True)
+    state.exit_code = max(state.exit_code, lost_clients_exit(outcome.meta, job.run.min_clients))
 
 
 def _hydra(argv: Sequence[str], state: Sweep) -> None:
@@ -162,6 +167,8 @@ def _hydra(argv: Sequence[str], state: Sweep) -> None:
         hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")(job)()
     finally:
         sys.argv = old
+        if "--help" in argv or "-h" in argv:  # after Hydra's page: what fl-merge's exit codes mean
+            print(EXIT_STATUS_HELP)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -206,4 +213,4 @@ def main(argv: Sequence[str]) -> int:
         state.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0  # a multirun's summary: fl_merge.cli.callbacks.SweepSummary
+    return state.exit_code  # a multirun's summary: fl_merge.cli.callbacks.SweepSummary

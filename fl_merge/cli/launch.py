@@ -25,6 +25,7 @@ from fl_merge.core.values import parse_value
 from fl_merge.io import results
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
+from fl_merge.round.failures import EXIT_STATUS_HELP, lost_clients_exit, lost_clients_report
 
 
 def _parse_run_config(items: list[str]) -> dict:
@@ -48,7 +49,8 @@ def _parse_run_config(items: list[str]) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-merge-run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fl-merge-run", description=__doc__.split("\n")[0],
+                                     epilog=EXIT_STATUS_HELP)
     parser.add_argument("--run-config", "-c", action="append", default=[],
                         help="run-config keys (fl_merge.config.run_config.RunConfig, dashed), e.g. "
                              "'method=fedavg num-clients=6', or a TOML file of them")
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
                                                "(merged at the eta chosen on validation)"))
     print(f"\nresults: {outcome.out_dir}")
-    return 0
+    for line in lost_clients_report(outcome.meta, run_cfg.min_clients, run_cfg.num_clients):
+        print(f"fl-merge-run: {line}", file=sys.stderr)  # at the end, where it is seen
+    return lost_clients_exit(outcome.meta, run_cfg.min_clients)
 
 
 def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, gpus: float) -> int:
