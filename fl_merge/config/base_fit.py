@@ -15,6 +15,7 @@ reading any weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +39,7 @@ def base_layout(path: str) -> dict[str, torch.Tensor]:
     safetensors headers, never the weights. A torch pickle cannot be read in part, so the
     reader holds it once here and lets it go. ConfigError when it cannot be read."""
     try:
-        with Checkpoint(path, ROLE, pickles=True) as ck:
+        with Checkpoint(Path(path).expanduser(), ROLE, pickles=True) as ck:
             infos = {k: ck.info(k) for k in ck.keys}
     except MergeInputError as e:
         raise ConfigError(str(e)) from None
