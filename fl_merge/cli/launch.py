@@ -142,9 +142,17 @@ def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, g
     if not args.data_seeds:
         base["data-seed"] = run_cfg.data_seed
 
+    lost: list[str] = []  # each replicate's lost clients, named at the end
+    code = 0
+
     def one(cfg: ResolvedConfig) -> Path:  # resolved once, by run_replicates
-        return run(cfg, num_supernodes=supernodes, client_gpus=gpus,
-                   engine=args.engine, app=Path(args.app) if args.app else None).out_dir
+        nonlocal code
+        outcome = run(cfg, num_supernodes=supernodes, client_gpus=gpus,
+                      engine=args.engine, app=Path(args.app) if args.app else None)
+        k, floor = cfg.run.num_clients, cfg.run.min_clients
+        lost.extend(f"seed {cfg.run.seed}: {line}" for line in lost_clients_report(outcome.meta, floor, k))
+        code = max(code, lost_clients_exit(outcome.meta, floor))
+        return outcome.out_dir
 
     try:
         rows = run_replicates(base, parse_seeds(args.seeds), Path(run_cfg.output_dir), one, args.data_seeds)
@@ -154,7 +162,9 @@ def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, g
     print()
     print(format_table(rows))
     print(f"\nreplicates: {run_cfg.output_dir}")
-    return 0
+    for line in lost:
+        print(f"fl-merge-run: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
