@@ -293,7 +293,8 @@ def test_a_run_that_lost_a_client_names_it_last_and_exits_3(tmp_path, env):
     WARNING, and its last lines say which task was lost and why; exit 3, since min-clients
     (0) did not allow losses (the allowance itself: tests/round/test_failures.py)."""
     run_dir = tmp_path / "run"
-    proc = _fl_merge([*TINY, "training.local_steps=15", "attack.faults=nan@1", f"hydra.run.dir={run_dir}"],
+    # local_steps=10: its own client updates in the module's cache (the sweeps below train 15)
+    proc = _fl_merge([*TINY, "training.local_steps=10", "attack.faults=nan@1", f"hydra.run.dir={run_dir}"],
                      tmp_path, env)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "WARNING" in proc.stdout + proc.stderr and f"results: {run_dir}" in proc.stdout
