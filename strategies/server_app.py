@@ -20,20 +20,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_merge.io import results
-from fl_merge.io.client_checkpoints import CheckpointClientError, check_client_checkpoints
+from fl_merge.config.base_fit import check_fits_base
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.io.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.stats.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.deploy.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
-from fl_merge.round.candidates import check_lines_layers
-from fl_merge.merging.registry import check_model_fits
-from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
-from fl_merge.core.task_vectors import MergeInputError, StateDict
+from fl_merge.core.task_vectors import StateDict
 from .merge_round import phase, run_round
 from .one_shot import OneShotMerge
 
@@ -65,16 +62,7 @@ def load_theta0(cfg: ResolvedConfig) -> StateDict:
 
         theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
                                                                seed=run.pretrain_seed), progress=False)
-    try:
-        merged = check_merge_keys(theta0, cfg.merge_keys)
-        check_lines_layers(run.lines, run.search, merged)  # LiNeS's pattern finds its layers
-        for method, _ in cfg.methods:  # the SVD / least-squares methods find a 2-D weight
-            check_model_fits(method, {k: tuple(theta0[k].shape) for k in merged})
-        # run-config client checkpoints: names, shapes and step information fit theta0
-        check_client_checkpoints(cfg.client_checkpoints, cfg.checkpoint_steps, theta0,
-                                 key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)
-    except (MergeKeysError, CheckpointClientError, MergeInputError) as e:
-        raise ConfigError(str(e)) from None
+    check_fits_base(cfg, theta0)  # also checked before the run started (fl_merge.engine.run)
     return theta0
 
 

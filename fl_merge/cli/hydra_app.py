@@ -23,6 +23,7 @@ from fl_merge.io import store
 from fl_merge.cli.mapping import CONFIG_DIR, CONFIG_NAME, Job, _is_hydra_override, build_job, plan
 from fl_merge.config.run_config import ConfigError
 from fl_merge.cli.usage import help_page, version_line
+from fl_merge.round.failures import EXIT_STATUS_HELP, lost_clients_exit, lost_clients_report
 
 SUMMARY = "fl_merge.cli.callbacks.SweepSummary"
 # Hydra flags after which we do not plan/validate jobs ourselves (Hydra handles them);
@@ -39,6 +40,7 @@ class Sweep:
         self.jobs = jobs
         self.multirun = multirun
         self.done = 0
+        self.exit_code = 0  # LOST_CLIENTS_EXIT once a job's results lost clients it did not allow
         self.sweep_dir: Path | None = None
         self.started = time.monotonic()
         self.bar = None
@@ -131,7 +133,9 @@ def task(cfg: Any, state: Sweep) -> None:
         # Pretrains (or loads) the base here, with a progress bar in a terminal.
         outcome = run(resolved, num_supernodes=job.num_supernodes, client_gpus=job.client_gpus,
                       stream=not multirun, progress=not multirun)
-    except (RunFailed, ConfigError) as e:
+    except ConfigError as e:  # found before any process started (e.g. merge-keys vs theta0)
+        state.fail(2, f"{where}: {e}")
+    except RunFailed as e:
         state.fail(1, f"{where} failed: {e}")
     if multirun:
         sweep_dir = Path(hc.sweep.dir).resolve()
@@ -148,6 +152,9 @@ def task(cfg: Any, state: Sweep) -> None:
         print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
                                                    "(merged at the eta chosen on validation)"))
         print(f"\nresults: {outcome.out_dir}")
+    for line in lost_clients_report(outcome.meta, job.run.min_clients, job.run.num_clients):
+        state.say(f"fl-merge: {where}: {line}" if multirun else f"fl-merge: {line}", err=True)
+    state.exit_code = max(state.exit_code, lost_clients_exit(outcome.meta, job.run.min_clients))
 
 
 def _hydra(argv: Sequence[str], state: Sweep) -> None:
@@ -162,6 +169,8 @@ def _hydra(argv: Sequence[str], state: Sweep) -> None:
         hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")(job)()
     finally:
         sys.argv = old
+        if "--help" in argv or "-h" in argv:  # after Hydra's page: what fl-merge's exit codes mean
+            print(EXIT_STATUS_HELP)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -216,4 +225,4 @@ def main(argv: Sequence[str]) -> int:
         state.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0  # a multirun's summary: fl_merge.cli.callbacks.SweepSummary
+    return state.exit_code  # a multirun's summary: fl_merge.cli.callbacks.SweepSummary

@@ -27,6 +27,7 @@ from fl_merge.core.values import parse_value
 from fl_merge.io import results
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
+from fl_merge.round.failures import EXIT_STATUS_HELP, lost_clients_exit, lost_clients_report
 
 
 def _parse_run_config(items: list[str]) -> dict:
@@ -64,7 +65,8 @@ def _read_toml(path: str) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     intro, _, rest = __doc__.partition("\n\n")  # the first sentence whole, then the rest as it is
-    parser = argparse.ArgumentParser(prog="fl-merge-run", epilog="example:\n" + rest,
+    parser = argparse.ArgumentParser(prog="fl-merge-run",
+                                     epilog="example:\n" + rest + "\n" + EXIT_STATUS_HELP,
                                      description=textwrap.fill(" ".join(intro.split()), 88),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version_line("fl-merge-run"))
@@ -138,14 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run(resolved, num_supernodes=supernodes, client_gpus=gpus, engine=args.engine,
                       app=Path(args.app) if args.app else None, keep_superlink=args.keep_superlink)
-    except (RunFailed, ConfigError) as e:
+    except (RunFailed, ConfigError) as e:  # ConfigError: found before any process started
         print(f"fl-merge-run: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     print()
     print(results.format_summary(outcome.rows, "fl-merge: test accuracy per task "
                                                "(merged at the eta chosen on validation)"))
     print(f"\nresults: {outcome.out_dir}")
-    return 0
+    for line in lost_clients_report(outcome.meta, run_cfg.min_clients, run_cfg.num_clients):
+        print(f"fl-merge-run: {line}", file=sys.stderr)  # at the end, where it is seen
+    return lost_clients_exit(outcome.meta, run_cfg.min_clients)
 
 
 def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, gpus: float) -> int:
@@ -157,9 +161,17 @@ def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, g
     if not args.data_seeds:
         base["data-seed"] = run_cfg.data_seed
 
+    lost: list[str] = []  # each replicate's lost clients, named at the end
+    code = 0
+
     def one(cfg: ResolvedConfig) -> Path:  # resolved once, by run_replicates
-        return run(cfg, num_supernodes=supernodes, client_gpus=gpus,
-                   engine=args.engine, app=Path(args.app) if args.app else None).out_dir
+        nonlocal code
+        outcome = run(cfg, num_supernodes=supernodes, client_gpus=gpus,
+                      engine=args.engine, app=Path(args.app) if args.app else None)
+        k, floor = cfg.run.num_clients, cfg.run.min_clients
+        lost.extend(f"seed {cfg.run.seed}: {line}" for line in lost_clients_report(outcome.meta, floor, k))
+        code = max(code, lost_clients_exit(outcome.meta, floor))
+        return outcome.out_dir
 
     try:
         rows = run_replicates(base, parse_seeds(args.seeds), Path(run_cfg.output_dir), one, args.data_seeds)
@@ -169,7 +181,9 @@ def _replicates(args: argparse.Namespace, run_cfg: RunConfig, supernodes: int, g
     print()
     print(format_table(rows))
     print(f"\nreplicates: {run_cfg.output_dir}")
-    return 0
+    for line in lost:
+        print(f"fl-merge-run: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

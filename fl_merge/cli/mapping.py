@@ -34,6 +34,8 @@ from fl_merge.cli import schema
 from fl_merge.core.values import did_you_mean, split_list
 from fl_merge.config.parsing import check_client_gpus
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
+from fl_merge.config.base_fit import check_fits_base, theta0_layout
+from fl_merge.io.output_paths import unwritable_reason
 
 # The copy inside the package in a wheel install; ./configs in a checkout or editable install.
 _PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -199,6 +201,8 @@ def build_job(cfg: Any, overrides: Sequence[str] = ()) -> Job:
         raise ConfigError(f"runtime.num_supernodes={supernodes} must be an integer of at least "
                           f"num_clients={run.num_clients}")
     gpus = check_client_gpus(options.get("client_gpus", 0.0), "runtime.client_gpus")
+    if run.output_dir and (why := unwritable_reason(run.output_dir)) is not None:
+        raise ConfigError(f"runtime.output_dir={run.output_dir} cannot be written: {why}")
     return Job(list(overrides), flower, run, supernodes, gpus, resolved)
 
 
@@ -299,14 +303,17 @@ def expand(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
 
 
 def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:
-    """Compose and validate every job before anything runs; raises ConfigError naming the
-    job (in a sweep) and what is wrong, in one line."""
+    """Compose and validate every job before anything runs, against its base model too
+    (`fl_merge.config.base_fit`: merge-keys, client checkpoints; the base is pretrained here
+    when not cached); raises ConfigError naming the job (in a sweep) and what is wrong, in
+    one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     mine = [o for o in overrides if not _is_hydra_override(o)]
     jobs: list[Job] = []
+    layouts: dict[tuple, dict | None] = {}  # theta0's names and shapes, once per base of the command
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3", job_name="fl-merge"):
         for job_overrides in expand(mine, multirun):
             where = f"job [{' '.join(job_overrides)}]: " if multirun else ""
@@ -316,6 +323,12 @@ def plan(overrides: Sequence[str], multirun: bool) -> list[Job]:
                 raise ConfigError(where + composition_error(e, job_overrides)) from None
             try:
                 job = build_job(cfg, job_overrides)
+                run = job.run  # merge-keys and client checkpoints against theta0, before any job runs
+                base = (run.base_checkpoint, run.model, run.pretrain_steps, run.pretrain_seed, run.plugins)
+                if base not in layouts:
+                    layouts[base] = theta0_layout(job.resolved)
+                if layouts[base] is not None:  # None: a hub model, checked when the run loads it
+                    check_fits_base(job.resolved, layouts[base])
             except ConfigError as e:
                 raise ConfigError(where + str(e)) from None
             if multirun and job.run.output_dir:

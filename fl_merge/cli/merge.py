@@ -25,6 +25,7 @@ from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
 from fl_merge.io.checkpoints import FORMATS, parse_dtype, parse_size
 from fl_merge.io.file_merge import NON_FLOAT_POLICIES, merge_files, method_scope
 from fl_merge.io.merge_output import base_model_folder, is_folder_output
+from fl_merge.io.output_paths import unwritable_reason
 from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.core.values import parse_value
 
@@ -169,6 +170,9 @@ def resolve(argv: Sequence[str] | None) -> dict:
         if opts.get(key) in (None, "", []):
             raise MergeInputError(f"missing {flag} (usage: {PROG} --base BASE --models M1 M2 ... "
                                   "--method NAME (--lambda L | --eta E) --out OUT.safetensors)")
+    out_problem = unwritable_reason(opts["out"], as_file=str(opts["out"]).endswith(".safetensors"))
+    if out_problem is not None:  # before any checkpoint is read
+        raise MergeInputError(f"--out {opts['out']} cannot be written: {out_problem}")
     lam, eta = opts.pop("lambda_", None), opts.pop("eta", None)
     lines = opts.pop("lines", None)
     if lines is not None:

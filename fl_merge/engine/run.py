@@ -6,7 +6,9 @@ Every way of running fl-merge goes through `run`: Hydra `fl-merge` (one call per
 1. validates the config (`RunConfig.resolve()`, ConfigError before anything starts; an
    entry point that has resolved it already passes the `ResolvedConfig`, which is not
    resolved again) and fixes the output dir (``output-dir``, else ``./outputs/<time>-<methods>``);
-2. pretrains (or loads from the cache) the base model here, so the run finds it cached;
+2. pretrains (or loads from the cache) the base model here, so the run finds it cached, and
+   checks the config against it (`fl_merge.config.base_fit`: merge-keys, client checkpoints;
+   ConfigError before any process starts);
 3. executes the Flower run with one of two engines:
    * ``simulation`` (default): Flower's in-process engine (`flwr.simulation.run_simulation`)
      in a child process of its own session (repeated runs in one process leak Ray state);
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_merge.io import results
+from fl_merge.io.output_paths import unwritable_reason
 from fl_merge.config.parsing import check_client_gpus
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.deploy.processes import ERROR_TAG, RunFailed, child_env, stream_child
@@ -55,7 +58,8 @@ def prepare(cfg: RunConfig | ResolvedConfig, num_supernodes: int | None = None, 
             keys: tuple[str, str] = ("num-supernodes", "client-gpus")) -> tuple[ResolvedConfig, int, float]:
     """Validate (a RunConfig is resolved here, a ResolvedConfig is taken as it is); returns
     the resolved config with its output dir fixed (absolute), the SuperNode count and the
-    GPU share per client. Raises ConfigError (one line)."""
+    GPU share per client. Raises ConfigError (one line), also for an output dir that cannot
+    be written (fl_merge.io.output_paths; nothing is created)."""
     resolved = cfg if isinstance(cfg, ResolvedConfig) else cfg.resolve()
     k = resolved.run.num_clients
     supernodes = num_supernodes or k
@@ -63,7 +67,10 @@ def prepare(cfg: RunConfig | ResolvedConfig, num_supernodes: int | None = None, 
         raise ConfigError(f"{keys[0]}={supernodes} must be an integer of at least "
                           f"num-clients={k} (one SuperNode per client)")
     gpus = check_client_gpus(client_gpus, keys[1])
-    return resolved.with_output_dir(resolved.output_dir()), supernodes, gpus
+    out = resolved.output_dir()
+    if (why := unwritable_reason(out)) is not None:  # before any process starts
+        raise ConfigError(f"output-dir {out} cannot be written: {why}")
+    return resolved.with_output_dir(out), supernodes, gpus
 
 
 def run(cfg: RunConfig | ResolvedConfig, *, num_supernodes: int | None = None, client_gpus: float = 0.0,
@@ -79,8 +86,14 @@ def run(cfg: RunConfig | ResolvedConfig, *, num_supernodes: int | None = None, c
     out = Path(run_cfg.output_dir)
     from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
-    pretrained_backbone(run_cfg.model, PretrainConfig(steps=run_cfg.pretrain_steps,
-                                                      seed=run_cfg.pretrain_seed), progress=progress)
+    theta0 = pretrained_backbone(run_cfg.model, PretrainConfig(steps=run_cfg.pretrain_steps,
+                                                               seed=run_cfg.pretrain_seed), progress=progress)
+    from fl_merge.config.base_fit import base_layout, check_fits_base
+
+    # theta0's names and shapes against merge-keys and client checkpoints, before any process
+    # starts (the ServerApp checks again); a base-checkpoint is read by its headers only.
+    check_fits_base(resolved, base_layout(run_cfg.base_checkpoint) if run_cfg.base_checkpoint else theta0)
+    del theta0
     log_path = out / LOG_FILE
     from fl_merge.round.failures import FAILURE_FILE
 

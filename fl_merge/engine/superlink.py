@@ -114,8 +114,9 @@ class LocalSuperLink:
         return None if code is None else exit_text(code)
 
 
-def _run_status(env: dict[str, str]) -> tuple[str, str]:
-    """(run id, status text) of the one run on our private SuperLink."""
+def _run_status(env: dict[str, str]) -> tuple[str, str, str]:
+    """(run id, status text, status details) of the one run on our private SuperLink; the
+    details of a failed run hold the ServerApp's exception (`failure_details`)."""
     out = subprocess.run([_bin("flwr"), "ls", "--format", "json"], env=env, capture_output=True,
                          text=True, timeout=60)
     try:
@@ -125,7 +126,19 @@ def _run_status(env: dict[str, str]) -> tuple[str, str]:
     if not runs:
         raise RunFailed("the SuperLink reports no run: `flwr run` did not submit it")
     run = runs[-1]
-    return str(run.get("run-id", "?")), str(run.get("status", "?"))
+    return str(run.get("run-id", "?")), str(run.get("status", "?")), str(run.get("status-details") or "")
+
+
+FLOWER_FAILURE_PREFIX = "Simulation failed with exception: "
+
+
+def failure_details(details: str) -> str:
+    """Flower's status details of a failed run (`flwr ls`) as the cause in one line: the
+    ServerApp's exception text without Flower's prefix; '' when Flower gave none."""
+    text = details.strip()
+    if text.startswith(FLOWER_FAILURE_PREFIX):
+        text = text[len(FLOWER_FAILURE_PREFIX):]
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def toml_value(v: object) -> str:
@@ -181,15 +194,16 @@ def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, s
             raise RunFailed(f"`flwr run` exited with code {code} (log: {log_path}; "
                             f"SuperLink log: {link.log_file})")
         try:
-            run_id, status = _run_status(env)
+            run_id, status, details = _run_status(env)
         except RunFailed:
             if (how := link.died()) is not None:  # it died after `flwr run` returned
                 raise RunFailed(f"the SuperLink died before the run's status was read ({how}); "
                                 f"log: {log_path}; SuperLink log: {link.log_file}") from None
             raise
-        if status != "finished:completed":
-            raise RunFailed(f"Flower run {run_id} ended as '{status}' (log: {log_path}; "
-                            f"SuperLink log: {link.log_file})")
+        if status != "finished:completed":  # the cause, as Flower recorded it, in the one line
+            cause = failure_details(details)
+            raise RunFailed(f"Flower run {run_id} ended as '{status}'{': ' + cause if cause else ''} "
+                            f"(log: {log_path}; SuperLink log: {link.log_file})")
         ok = True
     finally:
         if keep_superlink and link.proc is not None:

@@ -35,6 +35,7 @@ import torch
 from fl_merge.core.files import remove_stale_temps, sync_directory, temp_path
 from fl_merge.core.safetensors_writer import HF_WEIGHTS
 from fl_merge.core.task_vectors import MergeInputError
+from fl_merge.io.output_paths import unwritable_reason
 
 # Weights in any format a model folder may hold: never copied from the base.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
@@ -58,14 +59,11 @@ def file_output_layout(out: Path) -> list[Path]:
 
 
 def _writable_place(out: Path) -> None:
-    """The nearest existing folder above `out` is a folder this process may write in."""
-    place = out.parent
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise MergeInputError(f"--out {out}: {place} is a file, not a folder")
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise MergeInputError(f"--out {out}: cannot write in {place} (permission denied)")
+    """`out` can be written (fl_merge.io.output_paths.unwritable_reason, the check the run's
+    output-dir gets too); else one-line MergeInputError."""
+    why = unwritable_reason(out, as_file=not is_folder_output(out))
+    if why is not None:
+        raise MergeInputError(f"--out {out} cannot be written: {why}")
 
 
 def check_output(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike]) -> None:

@@ -110,3 +110,53 @@ def failure_record(reason: str, stage: str, finished: Sequence[Mapping[str, Any]
     return {"status": "failed", "reason": reason, "stage": stage, "finished_clients": list(finished),
             "lost_clients": list(failures), "missing_tasks": list(missing_tasks),
             "cached_updates": cached}
+
+
+# Exit status of a run that finished but lost clients the user did not allow to lose
+# (`fl-merge-run`, `fl-merge`; README "Exit status"): distinct from 1 (failed) and 2 (bad input).
+LOST_CLIENTS_EXIT = 3
+EXIT_STATUS_HELP = (
+    "exit status: 0 the run finished with every client (or lost only what min-clients allows); "
+    "1 the run failed (failure.json says why); 2 bad input, found before anything started; "
+    f"{LOST_CLIENTS_EXIT} the run finished but lost clients: the last lines name each lost task "
+    "and why (run.json failures); set min-clients=N to accept a run that keeps N")
+
+
+def lost_clients(meta: Mapping[str, Any]) -> list[str]:
+    """One line per client a finished run lost, from its run.json: which task (else which
+    client), at which stage and why, and what that did to the results (not merged, or merged
+    but not scored on test). [] when none was lost."""
+    lines = []
+    for f in meta.get("failures") or []:
+        who = f"task {f['task']}, {f['client']}," if f.get("task") else str(f["client"])
+        effect = ("not merged, no results" if f.get("stage") == "train"
+                  else "merged, but not scored on test")
+        lines.append(f"{who} lost at {f.get('stage', '?')}: {f.get('reason', '?')}; {effect}")
+    named = {f.get("task") for f in meta.get("failures") or []}
+    lines += [f"task {t}: no usable update; not merged, no results"
+              for t in meta.get("missing_tasks") or [] if t not in named]
+    return lines
+
+
+def lost_clients_exit(meta: Mapping[str, Any], min_clients: int) -> int:
+    """0, or LOST_CLIENTS_EXIT when the run lost a client and the user did not allow losses:
+    min-clients 0 (the default) asks for every client; min-clients N > 0 allows the round to
+    go on with N of them, so a finished run with losses is then what was asked for."""
+    return LOST_CLIENTS_EXIT if lost_clients(meta) and min_clients <= 0 else 0
+
+
+def lost_clients_report(meta: Mapping[str, Any], min_clients: int, num_clients: int) -> list[str]:
+    """What a CLI prints at the end of a finished run that lost clients: a head line (how
+    many, and the exit status or that min-clients allowed it), then `lost_clients`' lines.
+    [] when none was lost."""
+    lost = lost_clients(meta)
+    if not lost:
+        return []
+    head = f"the results lost {len(lost)} of {num_clients} clients"
+    if lost_clients_exit(meta, min_clients):
+        kept = max(num_clients - len(lost), 1)
+        head += (f"; exit status {LOST_CLIENTS_EXIT} (to accept a run that keeps at least {kept}, "
+                 f"set min-clients={kept})")
+    else:
+        head += f" (allowed: min-clients={min_clients})"
+    return [head, *lost]

@@ -291,6 +291,24 @@ def test_single_run(tmp_path, env):
     assert (run_dir / "merged.safetensors").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
 
 
+def test_a_run_that_lost_a_client_names_it_last_and_exits_3(tmp_path, env):
+    """A client whose update is NaN is left out: the run finishes with the other, keeps its
+    WARNING, and its last lines say which task was lost and why; exit 3, since min-clients
+    (0) did not allow losses (the allowance itself: tests/round/test_failures.py)."""
+    run_dir = tmp_path / "run"
+    # local_steps=10: its own client updates in the module's cache (the sweeps below train 15)
+    proc = _fl_merge([*TINY, "training.local_steps=10", "attack.faults=nan@1", f"hydra.run.dir={run_dir}"],
+                     tmp_path, env)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "WARNING" in proc.stdout + proc.stderr and f"results: {run_dir}" in proc.stdout
+    last = proc.stderr.strip().splitlines()[-2:]
+    assert last[0] == ("fl-merge: the results lost 1 of 2 clients; exit status 3 (to accept a run "
+                       "that keeps at least 1, set min-clients=1)")
+    assert re.fullmatch(r"fl-merge: task invert, node \d+ \(partition 1\), lost at train: non-finite "
+                        r"update in backbone\.\S+; not merged, no results", last[1]), last[1]
+    assert json.loads((run_dir / "run.json").read_text())["missing_tasks"] == ["invert"]
+
+
 def test_multirun_appends_tidy_rows_to_one_sweep_file(sweeps):
     sweep_dir, proc = sweeps[0]
     rows = read_rows(sweep_dir / "results.csv")

@@ -229,7 +229,8 @@ def test_flwr_run_demo_path(tmp_path, capsys, monkeypatch):
 
 
 def test_flwr_run_failure_is_reported(tmp_path, capsys):
-    """flwr run exits 0 when the run fails: the launcher must read the status and fail."""
+    """flwr run exits 0 when the run fails: the launcher must read the status and fail, with
+    the ServerApp's own error (read back from Flower) in its one line and in failure.json."""
     app = tmp_path / "app"
     app.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -244,4 +245,7 @@ def test_flwr_run_failure_is_reported(tmp_path, capsys):
                         f'num-clients=2 output-dir="{tmp_path / "out"}"'])
     err = capsys.readouterr().err
     assert code == 1
-    assert "ended as 'finished:failed'" in err
+    (line,) = [x for x in err.splitlines() if x.startswith("fl-merge-run: error: ")]
+    assert "ended as 'finished:failed': deliberately broken (log: " in line
+    failure = json.loads((tmp_path / "out" / "failure.json").read_text())
+    assert "ended as 'finished:failed': deliberately broken" in failure["reason"]

@@ -182,3 +182,26 @@ def test_fl_merge_run_seeds_runs_each_seed_through_the_run_path(tmp_path, monkey
     assert "drop seed= from --run-config" in capsys.readouterr().err
     assert launch.main(["--seeds", "0,0"]) == 2 and "distinct" in capsys.readouterr().err
     assert asked == []
+
+
+def test_fl_merge_run_seeds_names_a_replicates_lost_client_last_and_exits_3(tmp_path, monkeypatch, capsys):
+    """A replicate that finished without a client (seed 1 here) is named at the end with its
+    seed, and the command exits 3 (min-clients 0 allows no loss)."""
+    from fl_merge.cli import launch
+    from fl_merge.engine.run import Outcome
+
+    lost = {"failures": [{"client": "node 4 (partition 1)", "task": "invert", "stage": "train",
+                          "reason": "non-finite update in backbone.0.weight"}], "missing_tasks": ["invert"]}
+
+    def fake_run(cfg, **kw):
+        return Outcome(_fake_run(tmp_path / "runs", cfg.run.seed), [], lost if cfg.run.seed == 1 else {})
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    rc = launch.main(["--engine", "simulation", "--seeds", "0,1",
+                      "--run-config", f"num-clients=2 output-dir=\"{tmp_path / 'rep'}\""])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 3
+    assert err[-2:] == ["fl-merge-run: seed 1: the results lost 1 of 2 clients; exit status 3 (to accept a "
+                        "run that keeps at least 1, set min-clients=1)",
+                        "fl-merge-run: seed 1: task invert, node 4 (partition 1), lost at train: non-finite "
+                        "update in backbone.0.weight; not merged, no results"]

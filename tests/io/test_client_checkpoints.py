@@ -230,8 +230,10 @@ def test_the_hydra_cli_takes_checkpoints_as_a_list(tmp_path):
 
     for n in "ab":
         save_file(_state(1), str(tmp_path / f"{n}.safetensors"))
+    save_file(_state(0), str(tmp_path / "base.safetensors"))  # plan checks the checkpoints against it
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    job = plan(["num_clients=2", f"client_checkpoints=[{a},{b}]", "checkpoint_steps=[10,20]"], False)[0]
+    job = plan(["num_clients=2", f"client_checkpoints=[{a},{b}]", "checkpoint_steps=[10,20]",
+                f"base_checkpoint={tmp_path / 'base.safetensors'}", "merge_keys='enc.*'"], False)[0]
     assert job.flower["client-checkpoints"] == f"{a},{b}" and job.flower["checkpoint-steps"] == "10,20"
     resolved = job.run.resolve()
     assert resolved.client_checkpoints == [str(a), str(b)] and resolved.checkpoint_steps == [10, 20]
