@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fl_merge.core.values import parse_value
 from fl_merge.io import results
-from fl_merge.config.flower_app import app_run_config, read_flower_app, split_run_config
+from fl_merge.config.flower_app import app_run_config, check_client_app, read_flower_app, split_run_config
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
 
@@ -104,8 +104,7 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, i
         if args.seeds is not None and app.own_clients:
             raise ConfigError("--seeds does not run an app with its own ClientApp yet: run one "
                               "seed=... at a time")
-        if str(app.path) not in sys.path:  # its modules (base-checkpoint python:, plugins) import here
-            sys.path.insert(0, str(app.path))
+        check_client_app(app)  # also puts its folder on the path (base-checkpoint python:, plugins)
         overrides, app_config = split_run_config(app_run_config(app, overrides))
         own_clients = app.own_clients
     run_cfg = RunConfig.from_flower(overrides)  # unset keys: RunConfig's defaults

@@ -65,6 +65,27 @@ def read_flower_app(directory: str | Path) -> FlowerApp:
                      str(components["clientapp"]))
 
 
+def check_client_app(app: FlowerApp) -> None:
+    """The app's ClientApp imports (its directory first on the path) and is a flwr ClientApp;
+    ConfigError (one line) before anything starts otherwise."""
+    import importlib
+    import sys
+
+    from flwr.clientapp import ClientApp
+
+    module, _, attr = app.clientapp.partition(":")
+    if str(app.path) not in sys.path:
+        sys.path.insert(0, str(app.path))
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except Exception as e:  # the user's module: any error while importing it
+        raise ConfigError(f"clientapp = \"{app.clientapp}\" of {app.path / 'pyproject.toml'} does not "
+                          f"import: {type(e).__name__}: {e}") from None
+    if not isinstance(found, ClientApp):
+        raise ConfigError(f"clientapp = \"{app.clientapp}\" of {app.path / 'pyproject.toml'} is a "
+                          f"{type(found).__name__}, not a flwr ClientApp")
+
+
 def app_run_config(app: FlowerApp, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The run config a run of `app` gets: its declared values, `overrides` on top.
     ConfigError for an override of a key the app does not declare (Flower refuses it)."""

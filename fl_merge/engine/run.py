@@ -119,12 +119,12 @@ def _execute(resolved: ResolvedConfig, engine: str, supernodes: int, gpus: float
                 "parent": os.getpid(), "client_gpus": gpus}
         extra_path: list[str] = []
         if app is not None:  # the app's own ClientApp, with the app's whole run config
-            from fl_merge.config.flower_app import read_flower_app
+            from fl_merge.config.flower_app import flower_overrides, read_flower_app
 
             flower_app = read_flower_app(app)
+            sent = flower_overrides(flower_app, run_cfg.to_flower(), resolved.app_config)
             spec.update(app=str(flower_app.path), client_app=flower_app.clientapp,
-                        own_clients=resolved.own_clients,
-                        client_run_config={**flower_app.config, **resolved.app_config, **run_cfg.to_flower()})
+                        own_clients=resolved.own_clients, client_run_config=sent)  # as `flwr run` sends
             extra_path = [str(flower_app.path)]
         cmd = [sys.executable, "-m", "fl_merge.engine.run", "_job", json.dumps(spec)]
         code, error = stream_child(cmd, log_path, stream, child_env(extra_path))

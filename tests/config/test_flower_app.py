@@ -17,6 +17,7 @@ from fl_merge.cli.launch import resolve_args
 from fl_merge.config.flower_app import (
     OUTPUT_DIR_VAR,
     app_run_config,
+    check_client_app,
     flower_overrides,
     model_label,
     read_flower_app,
@@ -62,6 +63,18 @@ def test_the_apps_values_are_the_defaults_and_only_declared_keys_may_be_overridd
     with pytest.raises(ConfigError, match=r"run-config key 'ensemble' is not declared in .*pyproject.toml "
                                           r"\[tool.flwr.app.config\], so Flower refuses"):
         app_run_config(app, {"ensemble": True})
+
+
+def test_a_clientapp_that_does_not_import_is_one_line_before_start(tmp_path, capsys):
+    (tmp_path / "my_app").mkdir()
+    (tmp_path / "my_app" / "client.py").write_text("import not_installed_anywhere\n")
+    assert launch_main(["--app", str(_app(tmp_path))]) == 2
+    assert capsys.readouterr().err == (
+        f'fl-merge-run: error: clientapp = "my_app.client:app" of {tmp_path / "pyproject.toml"} does not '
+        "import: ModuleNotFoundError: No module named 'not_installed_anywhere'\n")
+    (tmp_path / "my_app" / "client.py").write_text("app = 1\n")
+    with pytest.raises(ConfigError, match="is a int, not a flwr ClientApp"):
+        check_client_app(read_flower_app(tmp_path))
 
 
 def test_keys_that_are_not_fl_merges_belong_to_the_app():
