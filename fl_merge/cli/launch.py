@@ -5,7 +5,8 @@
 
 What it adds to a bare `flwr run .`:
 * validates the run config before anything starts (one-line error, exit 2); the defaults
-  are RunConfig's (fl_merge/config/run_config.py), whatever the current directory;
+  are RunConfig's (fl_merge/config/run_config.py), whatever the current directory, or with
+  --app DIR those the app declares (docs/own_app.md);
 * pretrains/caches the base model here, with a progress bar in your terminal;
 * starts its own local SuperLink on free ports in a private FLWR_HOME (fl_merge.engine.superlink);
 * reads the run's final status (flwr run exits 0 even when a run fails) and exits 1 on
