@@ -103,8 +103,8 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, i
     if args.app is not None:  # the app's declared values are the defaults (Flower's rule)
         app = read_flower_app(args.app)
         if args.seeds is not None and app.own_clients:
-            raise ConfigError("--seeds does not run an app with its own ClientApp yet: run one "
-                              "seed=... at a time")
+            raise ConfigError("--seeds sets fl-merge's seed per replicate, which only fl-merge's own "
+                              "ClientApp trains with: run your app once per seed of its own")
         check_client_app(app)  # also puts its folder on the path (base-checkpoint python:, plugins)
         overrides, app_config = split_run_config(app_run_config(app, overrides))
         own_clients = app.own_clients

@@ -99,6 +99,8 @@ def test_the_launcher_reads_the_apps_config_not_fl_merges_defaults(tmp_path, cap
     assert resolved.tasks == ["lo", "mid", "hi"] and resolved.own_clients
     assert resolved.app_config == {"sgd-steps": 30, "sgd-lr": 0.3}
     assert resolved.run.ensemble is False  # not declared: RunConfig's default
+    assert launch_main(["--app", str(EXAMPLE), "--seeds", "0,1"]) == 2
+    assert "--seeds sets fl-merge's seed per replicate" in capsys.readouterr().err
     assert launch_main(["--app", str(EXAMPLE), "--run-config", "ensemble=true"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fl-merge-run: error: run-config key 'ensemble' is not declared")
