@@ -181,9 +181,12 @@ class _WithRunConfig:
         self.inner, self.run_config = inner, run_config
 
     def __call__(self, message: Any, context: Any) -> Any:
-        for key, value in self.run_config.items():
-            context.run_config.setdefault(key, value)
-        return self.inner(message, context)
+        from flwr.app import Context
+
+        # Flower's Context refuses a changed run_config: the same node and state, a fuller config
+        return self.inner(message, Context(run_id=context.run_id, node_id=context.node_id,
+                                           node_config=context.node_config, state=context.state,
+                                           run_config={**self.run_config, **dict(context.run_config)}))
 
 
 def job_main(argv: Sequence[str]) -> int:
