@@ -7,20 +7,30 @@ file or a directory holding model.safetensors). `merge-keys` and run-config
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
-from logging import INFO
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_merge.io import results
 from fl_merge.config.base_fit import check_fits_base
+from fl_merge.config.flower_app import (
+    LAUNCHER_LOG_VAR,
+    FlowerApp,
+    model_label,
+    read_flower_app,
+    server_output_dir,
+    split_run_config,
+)
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.io.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.stats.report import run_figure
@@ -149,7 +159,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         eta = r.best_etas[label]
         # No run id or time here: identical runs give identical files (run.json has them).
         meta = {"method": name, "params": params, "eta": eta, "tasks": ",".join(heads),  # heads inside
-                "model": cfg.run.model}
+                "model": model_label(cfg.run.model, cfg.run.base_checkpoint, cfg.own_clients)}
         if r.personal(label):  # EMR: each task's own model, one file each (README's layout)
             for c in r.clients:
                 task = r.task_name(c)
@@ -211,15 +221,57 @@ def choice_lines(r: MergeRound) -> list[str]:
     return out
 
 
+def installed_app(grid: Grid) -> FlowerApp | None:
+    """The Flower app this ServerApp was installed from (its pyproject.toml in Flower's app
+    folder), or None where there is none (Flower's in-process engine)."""
+    from flwr.common.config import get_project_dir
+
+    try:
+        run = grid.run
+        path = get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
+        return read_flower_app(path) if (path / "pyproject.toml").is_file() else None
+    except (ValueError, AttributeError, OSError):  # no FAB (run_simulation), or unreadable
+        return None
+
+
+@contextmanager
+def run_log(out: Path, enabled: bool) -> Iterator[None]:
+    """Copy this process's Flower log lines to <out>/run.log while the run lasts (a bare
+    `flwr run`: fl-merge-run writes run.log from the streamed output itself)."""
+    if not enabled:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / results.LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        yield
+    except Exception as e:
+        log(ERROR, "fl-merge: the run failed: %s", e)
+        raise
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+        handler.close()
+
+
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp whose config is RunConfig defaults <- Flower run config <- `overrides`
-    (tests use overrides; `flwr run` uses --run-config)."""
+    (tests use overrides; `flwr run` uses --run-config). Keys that are not fl-merge's are the
+    app's own (for its ClientApp); an app whose ClientApp is not fl-merge's names its own
+    tasks and model (docs/own_app.md). The output dir is made absolute and logged first."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_flower({**dict(context.run_config), **dict(overrides or {})}).resolve()
-        run_one_shot(grid, cfg, run_id=context.run_id)
+        flower_app = installed_app(grid)
+        ours, _ = split_run_config({**dict(context.run_config), **dict(overrides or {})})
+        ours["output-dir"] = server_output_dir(str(ours.get("output-dir", "")), os.environ)
+        cfg = RunConfig.from_flower(ours).resolve(own_clients=bool(flower_app and flower_app.own_clients))
+        out = cfg.output_dir()  # absolute: a relative one is under this process's working directory
+        log(INFO, "fl-merge: output %s", out)
+        with run_log(out, enabled=LAUNCHER_LOG_VAR not in os.environ):
+            run_one_shot(grid, cfg.with_output_dir(out), run_id=context.run_id)
 
     return app
 

@@ -5,7 +5,8 @@
 
 What it adds to a bare `flwr run .`:
 * validates the run config before anything starts (one-line error, exit 2); the defaults
-  are RunConfig's (fl_merge/config/run_config.py), whatever the current directory;
+  are RunConfig's (fl_merge/config/run_config.py), whatever the current directory, or with
+  --app DIR those the app declares (docs/own_app.md);
 * pretrains/caches the base model here, with a progress bar in your terminal;
 * starts its own local SuperLink on free ports in a private FLWR_HOME (fl_merge.engine.superlink);
 * reads the run's final status (flwr run exits 0 even when a run fails) and exits 1 on
@@ -17,6 +18,7 @@ What it adds to a bare `flwr run .`:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
 import tomllib
@@ -25,6 +27,7 @@ from pathlib import Path
 from fl_merge.cli.usage import version_line
 from fl_merge.core.values import parse_value
 from fl_merge.io import results
+from fl_merge.config.flower_app import app_run_config, check_client_app, read_flower_app, split_run_config
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
 from fl_merge.round.failures import EXIT_STATUS_HELP, lost_clients_exit, lost_clients_report
@@ -78,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-gpus", type=float, default=0.0,
                         help="GPU share per simulated client, e.g. 0.25 (default 0: CPU only)")
     parser.add_argument("--app", default=None,
-                        help="the Flower app directory (default: this installation's checkout)")
+                        help="a Flower app directory whose ServerApp is fl-merge's, e.g. your own "
+                             "ClientApp's (docs/own_app.md); its [tool.flwr.app.config] values are the "
+                             "defaults and only the keys it declares may be set (default: this "
+                             "installation's checkout)")
     parser.add_argument("--engine", default="superlink", choices=ENGINES,
                         help="superlink: `flwr run` on a private local SuperLink (default); "
                              "simulation: Flower's in-process engine, as `fl-merge` uses")
@@ -114,16 +120,23 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, i
             raise ConfigError("--seeds sets seed per replicate: drop seed= from --run-config")
     elif args.data_seeds:
         raise ConfigError("--data-seeds goes with --seeds (replicates), e.g. --seeds 0,1,2 --data-seeds")
+    own_clients, app_config = False, {}
+    if args.app is not None:  # the app's declared values are the defaults (Flower's rule)
+        app = read_flower_app(args.app)
+        if args.seeds is not None and app.own_clients:
+            raise ConfigError("--seeds sets fl-merge's seed per replicate, which only fl-merge's own "
+                              "ClientApp trains with: run your app once per seed of its own")
+        check_client_app(app)  # also puts its folder on the path (base-checkpoint python:, plugins)
+        overrides, app_config = split_run_config(app_run_config(app, overrides))
+        own_clients = app.own_clients
     run_cfg = RunConfig.from_flower(overrides)  # unset keys: RunConfig's defaults
     supernodes = args.num_supernodes or run_cfg.num_clients
     if supernodes < run_cfg.num_clients:
         raise ConfigError(f"num-clients={run_cfg.num_clients} is larger than the "
                           f"{supernodes} available clients (--num-supernodes)")
-    resolved, supernodes, gpus = prepare(run_cfg, supernodes, args.client_gpus,
+    resolved, supernodes, gpus = prepare(run_cfg.resolve(own_clients), supernodes, args.client_gpus,
                                          ("--num-supernodes", "--client-gpus"))
-    if args.app is not None and not (Path(args.app) / "pyproject.toml").is_file():
-        raise ConfigError(f"--app {args.app}: no pyproject.toml there (a Flower app directory)")
-    return args, resolved, supernodes, gpus
+    return args, dataclasses.replace(resolved, app_config=app_config), supernodes, gpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fl-merge-run: error: {e}", file=sys.stderr)
         return 2
     run_cfg = resolved.run
-    print(f"fl-merge: {run_cfg.num_clients} clients; method={run_cfg.method}; "
-          f"output {run_cfg.output_dir}", flush=True)
+    print(f"fl-merge: {run_cfg.num_clients} clients ({', '.join(resolved.tasks)}); "
+          f"method={run_cfg.method}; output {run_cfg.output_dir}", flush=True)
     if args.seeds is not None:
         return _replicates(args, run_cfg, supernodes, gpus)
     try:

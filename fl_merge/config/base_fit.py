@@ -53,13 +53,25 @@ def as_layout(theta0: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in theta0.items()}
 
 
+def launch_layout(base_checkpoint: str, theta0: Mapping[str, torch.Tensor] | None
+                  ) -> Mapping[str, torch.Tensor] | None:
+    """What the launcher checks before any process starts: base-checkpoint's headers when set,
+    else the registry's theta0 it already holds. None for a ``python:<module>:<function>``
+    base: the app's code is importable in the ServerApp, not here, so the ServerApp checks it."""
+    from fl_merge.round.base import PYTHON_PREFIX
+
+    if base_checkpoint.startswith(PYTHON_PREFIX):
+        return None
+    return base_layout(base_checkpoint) if base_checkpoint else theta0
+
+
 def theta0_layout(cfg: ResolvedConfig, progress: bool = True) -> dict[str, torch.Tensor] | None:
     """The layout (`as_layout`) of the run's theta0: base-checkpoint's headers, else the
     model registry's base (pretrained once and cached, as the run itself would). None for a
     hub model (published weights, possibly a download): the run checks it when it loads it."""
     run = cfg.run
     if run.base_checkpoint:
-        return base_layout(run.base_checkpoint)
+        return launch_layout(run.base_checkpoint, None)
     from fl_merge.models.registry import PretrainConfig, get_model_spec, pretrained_backbone
 
     if get_model_spec(run.model).load_pretrained is not None:

@@ -147,10 +147,11 @@ class RunConfig:
     def to_flower(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
-    def resolve(self) -> ResolvedConfig:
-        """Validate every field and expand per-client lists; raises ConfigError."""
-        from fl_merge.tasks.registry import UnknownTaskError, check_model_fits, check_tasks, suite_tasks
-        from fl_merge.models.registry import get_model_spec
+    def resolve(self, own_clients: bool = False) -> ResolvedConfig:
+        """Validate every field and expand per-client lists; raises ConfigError. `own_clients`:
+        the app's ClientApp is not fl-merge's, so task names and model are the user's labels
+        (fl_merge.config.task_names)."""
+        from fl_merge.config.task_names import check_model, resolve_task_names
         from fl_merge.core.task_vectors import MergeInputError
 
         from fl_merge.config.plugins import PluginError, load_plugins
@@ -164,37 +165,14 @@ class RunConfig:
             raise ConfigError(f"num-clients must be at least 1, got {k}")
         if self.data not in ("tasks", *PARTITION_SCHEMES):
             raise ConfigError(f"data must be tasks, {', '.join(PARTITION_SCHEMES)}; got '{self.data}'")
-        try:
-            if self.data != "tasks":
-                check_tasks([self.partition_task])
-                tasks = [f"{self.partition_task}/{i}" for i in range(k)]
-            elif self.tasks.strip():
-                tasks = split_list(self.tasks)
-                check_tasks(tasks)
-            else:
-                tasks = suite_tasks(self.suite)
-        except UnknownTaskError as e:
-            raise ConfigError(str(e)) from None
-        if k > len(tasks):
-            raise ConfigError(
-                f"num-clients={k} but only {len(tasks)} tasks are available ({', '.join(tasks)})"
-            )
-        tasks = tasks[:k]
-        if len(set(tasks)) != len(tasks):
-            raise ConfigError(f"tasks repeat: {tasks}")
+        tasks = resolve_task_names(self, own_clients)
         if not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         if not 1 <= self.classes_per_client:
             raise ConfigError(f"classes-per-client must be at least 1, got {self.classes_per_client}")
         if self.partition_pool < 10 * k:
             raise ConfigError(f"partition-pool={self.partition_pool} is too small for {k} clients")
-        try:
-            spec = get_model_spec(self.model)
-            spec.check_installed()
-            check_model_fits(spec.input_kind, self.model,
-                             [self.partition_task] if self.data != "tasks" else tasks)
-        except (ValueError, OSError, ImportError) as e:  # unknown, missing path or extra, wrong kind
-            raise ConfigError(str(e)) from None
+        check_model(self, tasks, own_clients)
         try:
             methods = resolve_methods(self.method, self.method_params, k, self.search)
         except MergeInputError as e:
@@ -301,6 +279,7 @@ class RunConfig:
             lambdas=lambdas,
             client_checkpoints=checkpoints,
             checkpoint_steps=checkpoint_steps,
+            own_clients=own_clients,
         )
 
 
@@ -322,6 +301,8 @@ class ResolvedConfig:
     lambdas: list[float] | None = None  # the lambda grid; None: the shared etas
     client_checkpoints: list[str] = field(default_factory=list)  # absolute paths, '' = trains
     checkpoint_steps: list[int] = field(default_factory=list)  # 0 = not given
+    own_clients: bool = False  # the app's own ClientApp (resolve's own_clients)
+    app_config: dict[str, Any] = field(default_factory=dict)  # an app's own (not fl-merge's) keys
 
     def task_config(self) -> dict[str, Any]:
         """What a client needs to build its data and model (train and evaluate messages)."""

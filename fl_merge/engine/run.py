@@ -43,7 +43,7 @@ from fl_merge.deploy.processes import ERROR_TAG, RunFailed, child_env, stream_ch
 
 __all__ = ["ENGINES", "LOG_FILE", "Outcome", "RunFailed", "prepare", "run"]
 
-LOG_FILE = "run.log"
+LOG_FILE = results.LOG_FILE
 ENGINES = ("simulation", "superlink")
 
 
@@ -84,22 +84,26 @@ def run(cfg: RunConfig | ResolvedConfig, *, num_supernodes: int | None = None, c
     resolved, supernodes, gpus = prepare(cfg, num_supernodes, client_gpus)
     run_cfg = resolved.run
     out = Path(run_cfg.output_dir)
-    from fl_merge.models.registry import PretrainConfig, pretrained_backbone
+    theta0 = None
+    if not (resolved.own_clients and run_cfg.base_checkpoint):  # else no registry model is used
+        from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
-    theta0 = pretrained_backbone(run_cfg.model, PretrainConfig(steps=run_cfg.pretrain_steps,
-                                                               seed=run_cfg.pretrain_seed), progress=progress)
-    from fl_merge.config.base_fit import base_layout, check_fits_base
+        theta0 = pretrained_backbone(run_cfg.model, PretrainConfig(steps=run_cfg.pretrain_steps,
+                                                                   seed=run_cfg.pretrain_seed), progress=progress)
+    from fl_merge.config.base_fit import check_fits_base, launch_layout
 
     # theta0's names and shapes against merge-keys and client checkpoints, before any process
     # starts (the ServerApp checks again); a base-checkpoint is read by its headers only.
-    check_fits_base(resolved, base_layout(run_cfg.base_checkpoint) if run_cfg.base_checkpoint else theta0)
-    del theta0
+    layout = launch_layout(run_cfg.base_checkpoint, theta0)
+    if layout is not None:
+        check_fits_base(resolved, layout)
+    del theta0, layout
     log_path = out / LOG_FILE
     from fl_merge.round.failures import FAILURE_FILE
 
     (out / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier run into this directory
     try:
-        _execute(run_cfg, engine, supernodes, gpus, log_path, stream, app, keep_superlink)
+        _execute(resolved, engine, supernodes, gpus, log_path, stream, app, keep_superlink)
         try:
             rows = results.read_rows(out / results.RESULTS_FILE)
             meta = json.loads((out / results.RUN_FILE).read_text())
@@ -119,22 +123,33 @@ def _record_failure(path: Path, reason: str) -> None:
         results.write_json(path, {"status": "failed", "reason": reason})
 
 
-def _execute(run_cfg: RunConfig, engine: str, supernodes: int, gpus: float, log_path: Path,
+def _execute(resolved: ResolvedConfig, engine: str, supernodes: int, gpus: float, log_path: Path,
              stream: bool, app: Path | None, keep_superlink: bool) -> None:
     """The run itself, in a child process (simulation) or through `flwr run` (superlink):
     each is a process of its own that receives the flat run config and resolves it once
-    (job_main here; the ServerApp's main under `flwr run`)."""
+    (job_main here; the ServerApp's main under `flwr run`). `app`: a Flower app directory
+    whose ClientApp runs (default: fl-merge's own)."""
+    run_cfg = resolved.run
     if engine == "simulation":
         spec = {"run_config": run_cfg.to_flower(), "num_supernodes": supernodes,
                 "parent": os.getpid(), "client_gpus": gpus}
+        extra_path: list[str] = []
+        if app is not None:  # the app's own ClientApp, with the app's whole run config
+            from fl_merge.config.flower_app import flower_overrides, read_flower_app
+
+            flower_app = read_flower_app(app)
+            sent = flower_overrides(flower_app, run_cfg.to_flower(), resolved.app_config)
+            spec.update(app=str(flower_app.path), client_app=flower_app.clientapp,
+                        own_clients=resolved.own_clients, client_run_config=sent)  # as `flwr run` sends
+            extra_path = [str(flower_app.path)]
         cmd = [sys.executable, "-m", "fl_merge.engine.run", "_job", json.dumps(spec)]
-        code, error = stream_child(cmd, log_path, stream, child_env())
+        code, error = stream_child(cmd, log_path, stream, child_env(extra_path))
         if code != 0:
             raise RunFailed(f"the run failed (exit {code}): {error} (log: {log_path})")
     else:
         from fl_merge.engine.superlink import flwr_run
 
-        flwr_run(run_cfg, supernodes, gpus, log_path, stream, app, keep_superlink)
+        flwr_run(run_cfg, supernodes, gpus, log_path, stream, app, keep_superlink, resolved.app_config)
 
 
 def _die_with_parent(parent: int | None) -> None:
@@ -158,6 +173,38 @@ def _error_line(e: BaseException) -> str:
     return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
+def _client_app(spec: dict[str, Any]) -> Any:
+    """fl-merge's ClientApp, or the app's own (`client_app` in `app`), which gets the app's
+    run config in its Context as under `flwr run` (Flower's in-process engine passes none)."""
+    if "client_app" not in spec:
+        from fl_merge_clients.client_app import app
+
+        return app
+    from flwr.clientapp import ClientApp
+    from flwr.supercore.object_ref import load_app
+
+    inner = load_app(spec["client_app"], ConfigError, spec["app"])
+    if not isinstance(inner, ClientApp):
+        raise ConfigError(f"clientapp {spec['client_app']} is not a flwr ClientApp")
+    return _WithRunConfig(inner, spec["client_run_config"])
+
+
+class _WithRunConfig:
+    """A ClientApp seen through Flower's in-process engine with the run config `flwr run`
+    would have given it (keys it already has are kept)."""
+
+    def __init__(self, inner: Any, run_config: dict[str, Any]):
+        self.inner, self.run_config = inner, run_config
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        from flwr.app import Context
+
+        # Flower's Context refuses a changed run_config: the same node and state, a fuller config
+        return self.inner(message, Context(run_id=context.run_id, node_id=context.node_id,
+                                           node_config=context.node_config, state=context.state,
+                                           run_config={**self.run_config, **dict(context.run_config)}))
+
+
 def job_main(argv: Sequence[str]) -> int:
     """The child: one in-process Flower simulation of a validated run config."""
     spec = json.loads(argv[0])
@@ -165,10 +212,11 @@ def job_main(argv: Sequence[str]) -> int:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fl_merge_clients.client_app import app as client_app
     from fl_merge_strategies.server_app import run_one_shot
 
-    cfg = RunConfig.from_flower(spec["run_config"]).resolve()  # this process's one resolution
+    # this process's one resolution
+    cfg = RunConfig.from_flower(spec["run_config"]).resolve(own_clients=bool(spec.get("own_clients")))
+    client_app = _client_app(spec)
     holder: dict[str, Any] = {}
     app = ServerApp()
 

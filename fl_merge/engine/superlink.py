@@ -150,15 +150,17 @@ def toml_value(v: object) -> str:
 
 
 def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, stream: bool,
-             app: Path | None = None, keep_superlink: bool = False) -> None:
+             app: Path | None = None, keep_superlink: bool = False,
+             app_config: dict | None = None) -> None:
     """`flwr run <app> --stream` of a prepared config (output dir fixed) on a private
     SuperLink; the streamed output goes to `log_path` (and stdout). `app`: the Flower app
-    directory (default: this installation's, `app_dir`). Raises RunFailed."""
+    directory (default: this installation's, `app_dir`); only the keys it declares are sent
+    (Flower refuses others), `app_config` for its own keys. Raises RunFailed."""
+    from fl_merge.config.flower_app import LAUNCHER_LOG_VAR, OUTPUT_DIR_VAR, flower_overrides, read_flower_app
     from fl_merge.models.registry import cache_root
 
-    app = Path(app).resolve() if app is not None else app_dir()
-    if not (app / "pyproject.toml").is_file():
-        raise ConfigError(f"--app {app}: no pyproject.toml there (a Flower app directory has one)")
+    flower_app = read_flower_app(app if app is not None else app_dir())
+    app = flower_app.path
     flwr_home = Path(tempfile.mkdtemp(prefix="fl-merge-flwr-"))
     env = {
         **child_env(),
@@ -171,6 +173,8 @@ def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, s
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         TAG_VAR: new_tag(),  # everything this run starts, found and stopped afterwards
         "FL_MERGE_CACHE": str(cache_root()),
+        OUTPUT_DIR_VAR: run_cfg.output_dir,  # for an app that does not declare output-dir
+        LAUNCHER_LOG_VAR: str(log_path),  # this process writes run.log, not the ServerApp
         # The SuperLink starts its helpers (superexec, simulation) by name: they must be
         # this environment's, also when the venv is not activated (e.g. `make test`).
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -179,13 +183,13 @@ def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, s
     ok = False
     try:
         link.start()
-        # Every key, in RunConfig's own (pyproject's) types: the run does not depend on the
-        # app's pyproject defaults.
-        items = " ".join(f"{k}={toml_value(v)}" for k, v in run_cfg.to_flower().items())
+        # Every key the app declares, fl-merge's in RunConfig's own (pyproject's) types.
+        sent = flower_overrides(flower_app, run_cfg.to_flower(), app_config or {})
+        items = " ".join(f"{k}={toml_value(v)}" for k, v in sent.items())
         cmd = [_bin("flwr"), "run", str(app), "--stream",
                "--federation-config", f"num-supernodes={supernodes} client-resources-num-cpus=1 "
                                       f"client-resources-num-gpus={gpus}",
-               "--run-config", items]
+               *(["--run-config", items] if items else [])]
         code, _ = stream_child(cmd, log_path, stream, env)
         if (how := link.died()) is not None:
             raise RunFailed(f"the SuperLink died during the run ({how}); `flwr run` exited with "

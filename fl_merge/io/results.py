@@ -24,6 +24,7 @@ from fl_merge.models.evaluation import edge_note
 RESULTS_FILE = "results.csv"
 MODEL_FILE = "merged.safetensors"
 RUN_FILE = "run.json"
+LOG_FILE = "run.log"  # the run's console output (fl-merge-run, or the ServerApp under a bare `flwr run`)
 
 def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
                extra: Mapping[str, Any] | None = None, columns: Sequence[str] = ()) -> Path:

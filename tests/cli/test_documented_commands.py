@@ -69,8 +69,8 @@ def resolve_command(line: str) -> int:
     returns the number of jobs. Raises ConfigError."""
     argv = shlex.split(line)
     prog, args = argv[0].rsplit("/", 1)[-1], argv[1:]
-    if prog == "fl-merge-run":
-        resolve_args(args)
+    if prog == "fl-merge-run":  # an --app path in the docs is relative to the checkout
+        resolve_args([str(ROOT / a) if i and args[i - 1] == "--app" else a for i, a in enumerate(args)])
         return 1
     overrides, skip = [], False
     for a in args:

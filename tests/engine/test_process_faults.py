@@ -227,8 +227,8 @@ def test_superlink_killed_mid_round_then_rerun_from_the_caches(federation, capsy
     # The ServerApp ends by itself (fl_merge's parent watch; Flower's own retries never end).
     _wait("the orphaned ServerApp to end by itself", lambda: not _alive(serverapp[0]), 90)
     serverapp_s = time.monotonic() - t_kill
-    # No half-written output: only failure.json, saying why.
-    assert sorted(p.name for p in out.iterdir()) == [FAILURE_FILE]
+    # No half-written output: only failure.json, saying why, beside the ServerApp's run.log.
+    assert sorted(p.name for p in out.iterdir()) == [FAILURE_FILE, "run.log"]
     failure = json.loads((out / FAILURE_FILE).read_text())
     assert failure["status"] == "failed" and "the SuperLink went away" in failure["reason"], failure
     assert "client-update cache" in failure["cached_updates"]

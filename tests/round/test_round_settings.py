@@ -123,9 +123,9 @@ def _count_resolutions(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = RunConfig.resolve
 
-    def counting(self):
+    def counting(self, *args, **kwargs):  # resolve(own_clients=...)
         calls.append(1)
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(RunConfig, "resolve", counting)
     return calls
