@@ -18,6 +18,7 @@ What it adds to a bare `flwr run .`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import textwrap
@@ -27,7 +28,8 @@ from pathlib import Path
 from fl_merge.cli.usage import version_line
 from fl_merge.core.values import parse_value
 from fl_merge.io import results
-from fl_merge.config.flower_app import app_run_config, check_client_app, read_flower_app, split_run_config
+from fl_merge.config.flower_app import (app_imports, app_run_config, check_client_app, read_flower_app,
+                                        split_run_config)
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.engine.run import ENGINES, RunFailed, prepare, run
 from fl_merge.round.failures import EXIT_STATUS_HELP, lost_clients_exit, lost_clients_report
@@ -126,7 +128,6 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, i
         if args.seeds is not None and app.own_clients:
             raise ConfigError("--seeds sets fl-merge's seed per replicate, which only fl-merge's own "
                               "ClientApp trains with: run your app once per seed of its own")
-        check_client_app(app)  # also puts its folder on the path (base-checkpoint python:, plugins)
         overrides, app_config = split_run_config(app_run_config(app, overrides))
         own_clients = app.own_clients
     run_cfg = RunConfig.from_flower(overrides)  # unset keys: RunConfig's defaults
@@ -134,7 +135,13 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, i
     if supernodes < run_cfg.num_clients:
         raise ConfigError(f"num-clients={run_cfg.num_clients} is larger than the "
                           f"{supernodes} available clients (--num-supernodes)")
-    resolved, supernodes, gpus = prepare(run_cfg.resolve(own_clients), supernodes, args.client_gpus,
+    # The app's code (its ClientApp, a python: base-checkpoint, plugins) is imported for the
+    # checks only: afterwards this process's sys.path and modules are as before.
+    with app_imports(app.path) if args.app is not None else contextlib.nullcontext():
+        if args.app is not None:
+            check_client_app(app)
+        resolved = run_cfg.resolve(own_clients)
+    resolved, supernodes, gpus = prepare(resolved, supernodes, args.client_gpus,
                                          ("--num-supernodes", "--client-gpus"))
     return args, dataclasses.replace(resolved, app_config=app_config), supernodes, gpus
 

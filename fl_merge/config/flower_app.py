@@ -10,9 +10,10 @@ ClientApp and are left to it. Pure functions: nothing here starts or imports the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +66,31 @@ def read_flower_app(directory: str | Path) -> FlowerApp:
                      str(components["clientapp"]))
 
 
-def check_client_app(app: FlowerApp) -> None:
-    """The app's ClientApp imports (its directory first on the path) and is a flwr ClientApp;
-    ConfigError (one line) before anything starts otherwise."""
-    import importlib
+@contextlib.contextmanager
+def app_imports(path: Path) -> Iterator[None]:
+    """The app's directory first on sys.path while the launcher checks the app (its ClientApp,
+    a ``python:`` base-checkpoint, plugins); afterwards sys.path is as it was. Left there, it
+    leaked into every later child process: Flower's Ray backend copies sys.path into
+    PYTHONPATH (a test session runs many apps in one process, and a later run got another
+    app's ServerApp). The modules imported stay in sys.modules (registries refer to them)."""
     import sys
+
+    before = list(sys.path)
+    sys.path.insert(0, str(path))
+    try:
+        yield
+    finally:
+        sys.path[:] = before
+
+
+def check_client_app(app: FlowerApp) -> None:
+    """The app's ClientApp imports and is a flwr ClientApp; ConfigError (one line) before
+    anything starts otherwise. Run inside `app_imports(app.path)`."""
+    import importlib
 
     from flwr.clientapp import ClientApp
 
     module, _, attr = app.clientapp.partition(":")
-    if str(app.path) not in sys.path:
-        sys.path.insert(0, str(app.path))
     try:
         found = getattr(importlib.import_module(module), attr)
     except Exception as e:  # the user's module: any error while importing it
@@ -92,6 +107,11 @@ def app_run_config(app: FlowerApp, overrides: Mapping[str, Any]) -> dict[str, An
     undeclared = [k for k in overrides if k not in app.config]
     if undeclared:
         key = undeclared[0]
+        from fl_merge.core.values import did_you_mean
+
+        if hint := did_you_mean(key, app.config):  # a typo of a declared key
+            raise ConfigError(f"run-config key '{key}' is not declared in {app.path / 'pyproject.toml'} "
+                              f"[tool.flwr.app.config]{hint}")
         raise ConfigError(f"run-config key '{key}' is not declared in {app.path / 'pyproject.toml'} "
                           f"[tool.flwr.app.config], so Flower refuses to override it: declare it there "
                           f"(e.g. {key} = ...) or leave it out")

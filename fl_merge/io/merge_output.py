@@ -70,11 +70,14 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str |
     """Before any input is read: `out` can be written, holds no earlier output unless
     `overwrite`, and replacing it would delete none of `inputs`; else one-line MergeInputError."""
     out = Path(out)
+    if is_folder_output(out) and out.exists() and not out.is_dir():
+        raise MergeInputError(f"--out {out} is a file; a path without .safetensors names a "
+                              "folder (give X.safetensors to write one file)")
+    if not is_folder_output(out) and out.is_dir():
+        raise MergeInputError(f"--out {out} is a folder; a path ending in .safetensors names a "
+                              "file (drop the suffix to write a Hugging Face folder)")
     _writable_place(out)
     if is_folder_output(out):
-        if out.exists() and not out.is_dir():
-            raise MergeInputError(f"--out {out} is a file; a path without .safetensors names a "
-                                  "folder (give X.safetensors to write one file)")
         here = Path.cwd().resolve()
         if out.resolve() == here or out.resolve() in here.parents:
             raise MergeInputError(f"--out {out} is the current folder or holds it, and the merge "
@@ -83,9 +86,6 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str |
         held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         replaced = [out.resolve()] if held else []
     else:
-        if out.is_dir():
-            raise MergeInputError(f"--out {out} is a folder; a path ending in .safetensors names a "
-                                  "file (drop the suffix to write a Hugging Face folder)")
         layout = file_output_layout(out)
         held = [p.name for p in layout]
         replaced = [p.resolve() for p in layout]

@@ -185,3 +185,15 @@ def test_a_bare_flwr_run_finds_its_app_and_writes_run_log(tmp_path, monkeypatch)
     with run_log(tmp_path / "launched", enabled=False):
         log(logging.INFO, "fl-merge-run writes this one")
     assert not (tmp_path / "launched").exists()
+
+
+def test_checking_an_app_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    """The launcher puts the app's folder on sys.path for its checks only. (Left there, the app leaked into every later child process of
+    the test session through Flower's Ray backend, which copies sys.path into PYTHONPATH: a
+    later fl-merge-run there ran another app's ServerApp.)"""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    path = list(sys.path)
+    resolve_args(["--app", str(EXAMPLE)])
+    assert sys.path == path
