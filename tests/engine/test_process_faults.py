@@ -8,7 +8,7 @@ output) says when it is training and when its update is in the node's cache.
    orphaned flwr-clientapp ends by itself (Flower's parent monitor).
 2. The SuperLink SIGKILLed after two clients cached their update and while the third
    trains: `flwr run` exits non-zero naming the lost connection, the ServerApp writes
-   failure.json (the only file in the output directory) and ends by itself (fl_merge's
+   failure.json (beside its run.log, the only files in the output directory) and ends by itself (fl_merge's
    parent watch), the SuperNodes give up after --max-wait-time and end on SIGTERM, their
    ClientApps with them; a re-run with a fresh SuperLink and the same node caches reuses
    the finished updates (the third client's too if it finished after the kill: its
