@@ -109,11 +109,11 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         strategy = OneShotMerge(settings=settings, fraction_train=1.0, fraction_evaluate=1.0,
                                 min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k)
         held["round"] = r = new_round(settings, theta0)  # what a failure record reports
-        wait_for_clients(grid, k, run.connect_timeout)
         try:
+            wait_for_clients(grid, k, run.connect_timeout)
             outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(),
                                 run.round_timeout, r)
-        except MergeRoundError as e:
+        except (MergeRoundError, ConfigError) as e:  # ConfigError: too few clients connected
             with writing:
                 write_failure(out, str(e), getattr(e, "partial", None))
                 held["done"] = True

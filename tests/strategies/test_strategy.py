@@ -785,3 +785,24 @@ def test_spilled_round_names_failed_and_malformed_clients_and_cleans_up(tmp_path
         _run(OneShotMerge(method="fedavg", etas=[1.0], spill_dir=str(tmp_path)),
              FakeGrid({11: Error(code=0, reason="boom"), 12: Error(code=0, reason="boom")}))
     assert list(tmp_path.iterdir()) == []  # also when the round fails
+
+
+def test_too_few_clients_connected_leaves_failure_json(tmp_path):
+    """A ServerApp whose clients never all connect (a bare `flwr run` with Flower's default 2
+    simulated SuperNodes for 3 clients) fails with one line and leaves failure.json saying
+    so, as every failed run does; it used to leave only run.log."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fl_merge.config.run_config import ConfigError, RunConfig
+    from fl_merge_strategies.server_app import run_one_shot
+
+    save_file(_theta0(), str(tmp_path / "base.safetensors"))
+    out = tmp_path / "out"
+    cfg = RunConfig(num_clients=2, base_checkpoint=str(tmp_path / "base.safetensors"), output_dir=str(out),
+                    connect_timeout=0.2).resolve()
+    with pytest.raises(ConfigError, match="only 1 of num-clients=2 clients connected after 0s"):
+        run_one_shot(FakeGrid({1: _standard(1.0, 10)}), cfg)
+    record = json.loads((out / "failure.json").read_text())
+    assert record["status"] == "failed" and "only 1 of num-clients=2 clients connected" in record["reason"]
