@@ -136,7 +136,7 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, ResolvedConfig, i
         raise ConfigError(f"num-clients={run_cfg.num_clients} is larger than the "
                           f"{supernodes} available clients (--num-supernodes)")
     # The app's code (its ClientApp, a python: base-checkpoint, plugins) is imported for the
-    # checks only: afterwards this process's sys.path and modules are as before.
+    # checks only: afterwards this process's sys.path is as before (app_imports).
     with app_imports(app.path) if args.app is not None else contextlib.nullcontext():
         if args.app is not None:
             check_client_app(app)

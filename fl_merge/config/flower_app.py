@@ -5,7 +5,8 @@ Flower's rules, which fl-merge follows: the app's ``[tool.flwr.app.config]`` val
 run's defaults, and a run may override only keys the app declares (Flower refuses any other
 with "Invalid run configuration"). fl-merge's ServerApp takes RunConfig's default for every
 fl-merge key the app does not declare; keys that are not fl-merge's belong to the app's own
-ClientApp and are left to it. Pure functions: nothing here starts or imports the app.
+ClientApp and are left to it. Pure functions but two: `check_client_app` imports the
+app's ClientApp, inside `app_imports`, which holds the app's folder on sys.path meanwhile.
 """
 
 from __future__ import annotations

@@ -62,13 +62,20 @@ def resolve_task_names(run: TaskSettings, own_clients: bool) -> list[str]:
     return tasks
 
 
+def uses_registry_model(run: TaskSettings, own_clients: bool) -> bool:
+    """Whether `model` names a model of fl-merge's registry that the run builds (theta0 comes
+    from it): always for fl-merge's own clients; for an app's own clients only without a
+    base-checkpoint (with one, `model` is just a label)."""
+    return not (own_clients and run.base_checkpoint)
+
+
 def check_model(run: TaskSettings, tasks: list[str], own_clients: bool) -> None:
     """`model` is one fl-merge builds for these tasks; for an app's own clients with a
     base-checkpoint it is only a name (no check), without one it is where theta0 comes from."""
     from fl_merge.models.registry import get_model_spec
     from fl_merge.tasks.registry import check_model_fits
 
-    if own_clients and run.base_checkpoint:
+    if not uses_registry_model(run, own_clients):
         return
     try:
         spec = get_model_spec(run.model)

@@ -85,7 +85,9 @@ def run(cfg: RunConfig | ResolvedConfig, *, num_supernodes: int | None = None, c
     run_cfg = resolved.run
     out = Path(run_cfg.output_dir)
     theta0 = None
-    if not (resolved.own_clients and run_cfg.base_checkpoint):  # else no registry model is used
+    from fl_merge.config.task_names import uses_registry_model
+
+    if uses_registry_model(run_cfg, resolved.own_clients):
         from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
         theta0 = pretrained_backbone(run_cfg.model, PretrainConfig(steps=run_cfg.pretrain_steps,
