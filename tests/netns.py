@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -112,6 +113,21 @@ class Network:
         out = []
         for name in self.made:
             out += [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split()]
+        return out
+
+    def left_after(self, seconds: float) -> dict[int, str]:
+        """The processes still inside the network after waiting up to `seconds` for them to
+        end, each with its command line. Flower's detached children (the SuperExec, its
+        ServerApp, an orphaned ClientApp) end on their own once their parent is gone, but
+        only after their parent monitor notices (every 0.2 s) and their SIGINT handler
+        finishes: seconds, not instantly."""
+        deadline = time.monotonic() + seconds
+        while (pids := self.pids()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
         return out
 
     def destroy(self) -> None:
