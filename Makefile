@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # Everything but the real multi-process deployment tests (at most 12 min on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not deployment"
+	$(PY) -m pytest -q -m "not deployment" --durations=25
 
 # Real SuperLink/SuperNode processes (loopback, network namespaces, killed processes; Flower's
 # fixed 30 s heartbeat makes each lost-node test wait ~1 min): ~10 min on 2 cores. CI runs both.

@@ -5,9 +5,6 @@ where it stopped."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import sys
 from pathlib import Path
 
@@ -26,23 +23,6 @@ from fl_merge.engine.run import RunFailed, run  # noqa: E402
 MEASURED_WITH = {"client-seeds": "offset", "partition-probe": "val"}
 
 
-@contextlib.contextmanager
-def _machine_lock():
-    """Hold the file lock named by $FL_MERGE_RUN_LOCK (if set) for one point: two Flower
-    simulations at once on one machine break each other, so other jobs that take the same
-    lock (`flock FILE cmd`) run between points instead of beside them."""
-    path = os.environ.get("FL_MERGE_RUN_LOCK")
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run_point(out_dir: Path, overrides: dict[str, object]) -> Path:
     """Run fl-merge with these run-config overrides (over MEASURED_WITH) into out_dir
     (unless already done)."""
@@ -52,8 +32,7 @@ def run_point(out_dir: Path, overrides: dict[str, object]) -> Path:
     print(f"[run] {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
     cfg = RunConfig.from_flower({**MEASURED_WITH, **overrides, "output-dir": str(out_dir)})
     try:
-        with _machine_lock():
-            run(cfg, stream=False, progress=False)
+        run(cfg, stream=False, progress=False)
     except RunFailed as e:
         raise SystemExit(f"point failed: {e}") from None
     return out_dir

@@ -23,8 +23,8 @@ from fl_merge.io.results import write_rows  # noqa: E402
 
 # The references each comparison is paired against.
 REFERENCES = {"learned": ("task_arithmetic", "ties"), "diwa": ("task_arithmetic", "ensemble", "best-single")}
-TITLES = {"learned_headroom": "Learned coefficients, headroom suite, 3 seeds",
-          "diwa": "DiWA: rotate90, 4 diverse runs on the same data, 3 seeds"}
+TITLES = {"learned_headroom": "Learned coefficients, headroom-v2, {n} independent replicates",
+          "diwa": "DiWA: rotate90, 4 diverse runs on the same data, {n} independent replicates"}
 
 
 def points(dirs: Mapping[str, Path]) -> list[dict[str, Any]]:
@@ -93,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     args = parser.parse_args(argv)
     dirs = dict(item.split("=", 1) for item in args.runs)
-    rows = compare(points({k: Path(v) for k, v in dirs.items()}), REFERENCES[args.which])
+    pts = points({k: Path(v) for k, v in dirs.items()})
+    rows = compare(pts, REFERENCES[args.which])
     name = {"learned": "learned_headroom", "diwa": "diwa"}[args.which]
     write_rows(args.docs / f"{name}.csv", rows)
-    plot(rows, args.docs / f"{name}.png", TITLES[name])
+    plot(rows, args.docs / f"{name}.png", TITLES[name].format(n=len({p["seed"] for p in pts})))
     for ref in REFERENCES[args.which]:
         sel = [r for r in rows if r["reference"] == ref]
         print(markdown_table(sel, []), "\n\n" + mark_caption(sel), "\n")
