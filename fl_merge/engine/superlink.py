@@ -178,11 +178,10 @@ def flwr_run(run_cfg: RunConfig, supernodes: int, gpus: float, log_path: Path, s
         # The SuperLink starts its helpers (superexec, simulation) by name: they must be
         # this environment's, also when the venv is not activated (e.g. `make test`).
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        # A Ray of its own per run: without an address, ray.init() joins the cluster named in
-        # <Ray temp dir>/ray_current_cluster, i.e. ANOTHER run's that is still going, and both
-        # break (two sweeps or tests at once). A user's own RAY_ADDRESS / RAY_TMPDIR win.
+        # A Ray of its own per run: without an address, ray.init() joins the cluster that
+        # `ray start` recorded in <Ray temp dir>/ray/ray_current_cluster (a user's cluster on
+        # the same machine, maybe with no CPU free for our clients). A user's RAY_ADDRESS wins.
         "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
-        "RAY_TMPDIR": os.environ.get("RAY_TMPDIR") or str(flwr_home / "ray"),
     }
     link = LocalSuperLink(flwr_home, env)
     ok = False
