@@ -303,7 +303,9 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     etas-per-delta[i] etas. Reply lists "<split>-accuracy"/"<split>-loss" run delta-major;
     with test among the splits also "test-correct": every candidate's 0/1 per test example,
     concatenated in that order (for paired bootstrap CIs; docs/protocol.md).
-    Without a delta, score the received model on config 'split' (default test)."""
+    Without a delta, score the received model on config 'split' (default test). With
+    chunked messages (config 'chunk-theta0') the message holds config only: theta0, this
+    client's per-task parameters and the Deltas are node-local files (clients/chunked.py)."""
     config, pid = _receive(msg, context)
     task = task_for(config, pid)
     model_name = str(config["model"])

@@ -11,6 +11,8 @@ failures (docs/protocol.md, protocol version 1):
   in its train reply gets theta0 + its per-task parameters, each method's Delta once and the
   eta grid in ONE message; any other client gets one ordinary evaluate message per candidate
   and split (a full model in "arrays", config "split"), replying `accuracy` and `loss`.
+* with `chunk_bytes` (run-config chunk-mib) both go to fl-merge's own clients as bounded
+  groups of tensors and config-only messages (strategies/chunked.py).
 
 Why `start` is not FedAvg's: FedAvg.start runs configure/aggregate callbacks per round, so a
 second evaluation (test at the eta chosen on validation) had to be sent from inside
