@@ -287,8 +287,8 @@ def train(msg: Message, context: Context) -> Message:
     elif fault == "timeout":
         time.sleep(float(config.get("fault-delay", 0.0)))
     if chunked.holds_chunks(config):  # the weights stay here; the server asks for each group
-        return Message(RecordDict({"metrics": MetricRecord(chunked.keep_update(config, context, state, metrics))}),
-                       reply_to=msg)
+        kept = chunked.keep_update(config, context, state, metrics)
+        return Message(RecordDict({"metrics": MetricRecord(kept)}), reply_to=msg)
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

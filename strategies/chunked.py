@@ -29,8 +29,8 @@ from flwr.serverapp import Grid
 
 from fl_merge.io.spill import JoinedState, SpillDir, split_extras_lazy
 from fl_merge.merging.personal import is_personal
-from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT, REPLY_GROUPS,
-                                   SLOT_KEY, THETA0_GROUPS, ChunkTraffic, chunk_groups)
+from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT,
+                                   REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, ChunkTraffic, chunk_groups)
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.round.scoring import grid_config
@@ -96,8 +96,10 @@ def chunked_train(strategy: Any, grid: Grid, theta0: StateDict, config: Mapping[
     """OneShotMerge.train with chunked messages (see the module's docstring): (updates,
     failures), each update's arrays in `spill` files, read back memory-mapped."""
     cfg = {**config, PROTOCOL_KEY: PROTOCOL_VERSION, "merge-keys": list(strategy.settings.merge_keys)}
-    nodes = [m.metadata.dst_node_id for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(cfg), grid)]
-    counts, refused = send_groups(grid, "theta0", {n: theta0 for n in nodes}, traffic, timeout, "the base model")
+    sampled = strategy.configure_train(1, ArrayRecord(), ConfigRecord(cfg), grid)  # Flower's sampling
+    nodes = [m.metadata.dst_node_id for m in sampled]
+    counts, refused = send_groups(grid, "theta0", {n: theta0 for n in nodes}, traffic, timeout,
+                                  "the base model")
     traffic.theta0_groups = len(chunk_groups(theta0, traffic.limit))
     traffic.nodes -= set(refused)  # a plain client holds no files (and has no chunk_drop)
     messages = []
@@ -109,7 +111,8 @@ def chunked_train(strategy: Any, grid: Grid, theta0: StateDict, config: Mapping[
             content = RecordDict({"arrays": record, "config": ConfigRecord(cfg)})
         else:
             traffic.add("train", 0)
-            content = RecordDict({"config": ConfigRecord({**cfg, THETA0_GROUPS: counts[n], LIMIT_KEY: traffic.limit})})
+            chunk_cfg = {THETA0_GROUPS: counts[n], LIMIT_KEY: traffic.limit}
+            content = RecordDict({"config": ConfigRecord({**cfg, **chunk_cfg})})
         messages.append(Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN))
 
     def settle(reply: Message) -> ClientUpdate | dict[str, Any] | str:
@@ -195,7 +198,8 @@ def fetch_updates(grid: Grid, held: Mapping[int, dict[str, Any]], spill: SpillDi
 
 def chunked_score_messages(grid: Grid, clients: Sequence[ClientUpdate], deltas: Mapping[str, Any],
                            grids: Mapping[str, list[float]], splits: Sequence[str], config: Mapping[str, Any],
-                           traffic: ChunkTraffic, timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+                           traffic: ChunkTraffic, timeout: float
+                           ) -> tuple[dict[int, Message], dict[int, str]]:
     """Each Delta (a personal method's: the client's own) and each client's per-task
     parameters as groups, then per client a score message with config only: ({node: score
     message}, {node: why its groups failed})."""
@@ -216,8 +220,9 @@ def chunked_score_messages(grid: Grid, clients: Sequence[ClientUpdate], deltas: 
     for c in clients:
         if c.node_id in failed:
             continue
-        cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "server-round": 1, **grid_config(grids, splits),
-                            THETA0_GROUPS: traffic.theta0_groups, DELTA_GROUPS: delta_counts[c.node_id],
+        cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "server-round": 1,
+                            **grid_config(grids, splits), THETA0_GROUPS: traffic.theta0_groups,
+                            DELTA_GROUPS: delta_counts[c.node_id],
                             OWN_GROUPS: own[c.node_id]})
         traffic.add("score", 0)
         messages[c.node_id] = Message(content=RecordDict({"config": cfg}), dst_node_id=c.node_id,

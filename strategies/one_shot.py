@@ -232,9 +232,10 @@ class OneShotMerge(FedAvg):
         """Every client scores the candidates in `grids` on `splits` (grid or plain protocol,
         all messages sent at once); (scores[label][task][split], failures of `phase`)."""
         sent: list[tuple[ClientUpdate, Message, Any]] = []
+        # chunked: each Delta in groups, then config-only score messages (strategies/chunked.py)
         chunked, lost = ({}, {}) if self.chunks is None else chunked_score_messages(
-            grid, [c for c in clients if c.grid_eval and c.chunked], deltas, grids, splits, config, self.chunks,
-            timeout)  # each Delta in groups, then config-only score messages (strategies/chunked.py)
+            grid, [c for c in clients if c.grid_eval and c.chunked], deltas, grids, splits, config,
+            self.chunks, timeout)
         base: ArrayRecord | None = None
         shared: dict[str, ArrayRecord] = {}  # a shared Delta's record, made once for every client
         for c in clients:

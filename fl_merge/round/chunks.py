@@ -52,7 +52,8 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return nbytes(t.dtype, tuple(t.shape))
 
 
-def chunk_groups(layout: Mapping[str, torch.Tensor], limit: int, what: str = "the base model") -> list[list[str]]:
+def chunk_groups(layout: Mapping[str, torch.Tensor], limit: int,
+                 what: str = "the base model") -> list[list[str]]:
     """`layout`'s names, in its order, cut into consecutive groups of at most `limit` bytes of
     tensor data each (a group is filled until the next tensor would not fit). ChunkSizeError
     naming the largest tensor above the limit, its size and the smallest chunk-mib that

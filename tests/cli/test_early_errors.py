@@ -40,8 +40,9 @@ MISTAKES = {  # what the user set -> what the one line says
                           "client 0 (rotate90) checkpoint {i}/client.safetensors: tensor 'enc.w' has "
                           "shape [3, 3] but the model's 'enc.w' has [2, 3]"),
     "output-dir": ({"output-dir": "{i}/a-file/run"}, "{i}/a-file is a file, not a folder"),
-    "chunk-mib": ({"chunk-mib": 0.5}, "chunk-mib=0.5 is smaller than the base model's tensor 'backbone.7.weight' "
-                                      "(802816 bytes, 0.765625 MiB): set chunk-mib to at least 0.766"),
+    "chunk-mib": ({"chunk-mib": 0.5},
+                  "chunk-mib=0.5 is smaller than the base model's tensor 'backbone.7.weight' "
+                  "(802816 bytes, 0.765625 MiB): set chunk-mib to at least 0.766"),
 }
 HYDRA_KEYS = {"merge-keys": "merge_keys", "base-checkpoint": "base_checkpoint", "num-clients": "num_clients",
               "client-checkpoints": "client_checkpoints", "output-dir": "runtime.output_dir",

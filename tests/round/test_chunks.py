@@ -49,8 +49,8 @@ def test_a_tensor_larger_than_the_limit_names_itself_its_size_and_the_smallest_c
     with pytest.raises(ChunkSizeError) as e:
         chunk_groups(big, chunk_limit(0.5))
     msg = str(e.value)
-    assert msg == ("chunk-mib=0.5 is smaller than the base model's tensor 'huge' (1200000 bytes, 1.14441 MiB): "
-                   "set chunk-mib to at least 1.145")
+    assert msg == ("chunk-mib=0.5 is smaller than the base model's tensor 'huge' "
+                   "(1200000 bytes, 1.14441 MiB): set chunk-mib to at least 1.145")
     assert len(chunk_groups(big, chunk_limit(1.145))) == 2  # the advice works: small + huge | big
     with pytest.raises(ChunkSizeError):
         chunk_groups(big, chunk_limit(1.144))  # and is the smallest in thousandths of a MiB

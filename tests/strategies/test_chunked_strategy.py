@@ -52,8 +52,8 @@ class ChunkGrid:
     def __init__(self, folder):
         self.asked: list[Message] = []
         self.ready: dict[str, Message] = {}
-        self.nodes = {n: Context(run_id=1, node_id=n, node_config={"cache-dir": str(folder)}, state=RecordDict(),
-                                 run_config={}) for n in (0, 1)}
+        self.nodes = {n: Context(run_id=1, node_id=n, node_config={"cache-dir": str(folder)},
+                                 state=RecordDict(), run_config={}) for n in (0, 1)}
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -85,15 +85,18 @@ class ChunkGrid:
             if THETA0_GROUPS not in cfg:
                 return reply
             theta0 = chunked.theta0(cfg, ctx)
-            assert all(torch.equal(theta0[k], v) for k, v in _theta0().items()) and set(theta0) == set(_theta0())
-            metrics = chunked.keep_update(cfg, ctx, reply["arrays"].to_torch_state_dict(), dict(reply["metrics"]))
+            assert set(theta0) == set(_theta0())
+            assert all(torch.equal(theta0[k], v) for k, v in _theta0().items())
+            state, metrics = reply["arrays"].to_torch_state_dict(), dict(reply["metrics"])
+            metrics = chunked.keep_update(cfg, ctx, state, metrics)
             return RecordDict({"metrics": MetricRecord(metrics)})
         if THETA0_GROUPS in cfg:
             state, loaders = chunked.scoring_inputs(cfg, ctx)
             deltas = [load() for load in loaders]
         else:
             state = m.content["arrays"].to_torch_state_dict()
-            deltas = [m.content[k].to_torch_state_dict() for k in m.content.array_records if k.startswith("delta")]
+            deltas = [m.content[k].to_torch_state_dict()
+                      for k in m.content.array_records if k.startswith("delta")]
         etas = [float(e) for e in cfg["etas"]]
         counts = list(cfg["etas-per-delta"])
         pairs = [(d, etas[sum(counts[:i]) + j]) for i, d in enumerate(deltas) for j in range(counts[i])]
