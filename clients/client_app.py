@@ -36,12 +36,14 @@ from fl_merge.round.attacks import AttackPlan, attack_update, parse_plan
 from fl_merge.round.attacks import label_flip as flip_labels
 from fl_merge.io.client_checkpoints import checkpoint_for
 from fl_merge.models.device import client_device
-from fl_merge.models.evaluation import evaluate, evaluate_examples
+from fl_merge.models.evaluation import evaluate
 from fl_merge.config.plugins import load_run_plugins
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 from fl_merge.round.prescreen import FRACTION_KEY, first_fraction
-from fl_merge.round.protocol import CORRECT, PROTOCOL_KEY, PROTOCOL_VERSION
-from fl_merge.core.task_vectors import EXTRA_PREFIX, apply_update
+from fl_merge.round.protocol import PROTOCOL_KEY, PROTOCOL_VERSION
+from fl_merge.core.task_vectors import EXTRA_PREFIX
+from . import chunked
+from .grid_scoring import score_grid
 
 app = ClientApp()
 
@@ -270,7 +272,8 @@ def train(msg: Message, context: Context) -> Message:
     fault = attack_plan(config).faults.get(pid)
     if fault == "crash":
         raise RuntimeError(f"injected fault: partition {pid} crashed during training")
-    theta0 = msg.content["arrays"].to_torch_state_dict()
+    theta0 = chunked.theta0(config, context) if chunked.holds_chunks(config) else \
+        msg.content["arrays"].to_torch_state_dict()
     state, metrics = local_train(config, pid, theta0, _cache_dir(context), context.node_config)
     # Announce the grid evaluation capability (docs/protocol.md): the server then sends
     # theta0 + each Delta once + the eta grid instead of one model per candidate.
@@ -283,10 +286,10 @@ def train(msg: Message, context: Context) -> Message:
         state = {**state, first: state[first].flatten()[:-1]}  # wrong shape
     elif fault == "timeout":
         time.sleep(float(config.get("fault-delay", 0.0)))
-    return Message(
-        RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
-        reply_to=msg,
-    )
+    if chunked.holds_chunks(config):  # the weights stay here; the server asks for each group
+        kept = chunked.keep_update(config, context, state, metrics)
+        return Message(RecordDict({"metrics": MetricRecord(kept)}), reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -300,47 +303,25 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     etas-per-delta[i] etas. Reply lists "<split>-accuracy"/"<split>-loss" run delta-major;
     with test among the splits also "test-correct": every candidate's 0/1 per test example,
     concatenated in that order (for paired bootstrap CIs; docs/protocol.md).
-    Without a delta, score the received model on config 'split' (default test)."""
+    Without a delta, score the received model on config 'split' (default test). With
+    chunked messages (config 'chunk-theta0') the message holds config only: theta0, this
+    client's per-task parameters and the Deltas are node-local files (clients/chunked.py)."""
     config, pid = _receive(msg, context)
     task = task_for(config, pid)
-    state = msg.content["arrays"].to_torch_state_dict()
     model_name = str(config["model"])
     device = client_device(config.get("device"))
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0  # for a probe head only
     metrics: dict[str, Any] = {"num-examples": len(task.test), "partition-id": pid}
     records = msg.content.array_records
-    deltas = [records[k] for k in ["delta", *(f"delta-{i}" for i in range(1, len(records)))]
-              if k in records]
+    if chunked.holds_chunks(config):  # theta0, per-task parameters, Deltas: node-local files
+        state, deltas = chunked.scoring_inputs(config, context)
+    else:
+        state = records["arrays"].to_torch_state_dict()
+        deltas = [lambda r=records[k]: r.to_torch_state_dict()
+                  for k in ["delta", *(f"delta-{i}" for i in range(1, len(records)))] if k in records]
     if deltas:
-        splits = [str(s) for s in config.get("splits", ["val", "test"])]
-        bad = [s for s in splits if s not in ("val", "test")]
-        if bad or not splits:
-            raise ValueError(f"splits must be a non-empty list of 'val'/'test', got {splits}")
-        grids = _eta_grids(config, len(deltas))
-        data = {"val": first_fraction(task.val, float(config.get(FRACTION_KEY, 0.0))), "test": task.test}
-        scores: dict[str, list[float]] = {f"{s}-{m}": [] for s in splits for m in ("accuracy", "loss")}
-        correct: list[int] = []  # test only: per candidate, per example
-        # eta = 0 is theta0 whatever the delta: score once
-        base: dict[str, tuple[float, float, list[int]]] = {}
-        for record, etas in zip(deltas, grids):
-            delta = record.to_torch_state_dict()
-            for eta in etas:
-                model = None if eta == 0 and base else model_for_task(
-                    model_name, task, apply_update(state, delta, eta), seed, device)
-                for split in splits:
-                    if eta == 0 and split in base:
-                        acc, loss, right = base[split]
-                    else:
-                        acc, loss, right = evaluate_examples(model, data[split])
-                        if eta == 0:
-                            base[split] = (acc, loss, right)
-                    scores[f"{split}-accuracy"].append(acc)
-                    scores[f"{split}-loss"].append(loss)
-                    if split == "test":
-                        correct += right
-        metrics.update(scores)
-        if correct:
-            metrics[f"test-{CORRECT}"] = correct
+        metrics.update(score_grid(config, task, state, deltas,
+                                  lambda s: model_for_task(model_name, task, s, seed, device)))
     else:
         split = str(config.get("split", "test"))
         if split not in ("val", "test"):
@@ -349,19 +330,6 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         val = first_fraction(task.val, float(config.get(FRACTION_KEY, 0.0)))  # a prescreen's subset
         metrics["accuracy"], metrics["loss"] = evaluate(model, val if split == "val" else task.test)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-def _eta_grids(config: ConfigRecord, num_deltas: int) -> list[list[float]]:
-    """The etas to score for each delta (see evaluate_model)."""
-    etas = [float(e) for e in config["etas"]]
-    if "etas-per-delta" not in config:
-        return [etas] * num_deltas
-    counts = [int(n) for n in config["etas-per-delta"]]
-    if len(counts) != num_deltas or sum(counts) != len(etas) or min(counts) < 0:
-        raise ValueError(f"etas-per-delta {counts} does not split {len(etas)} etas over "
-                         f"{num_deltas} deltas")
-    starts = [sum(counts[:i]) for i in range(num_deltas)]
-    return [etas[a:a + n] for a, n in zip(starts, counts)]
 
 
 @app.query()
@@ -392,3 +360,9 @@ def ensemble(msg: Message, context: Context) -> Message:
     seed = int(_pick(config, "seed", pid)) if "seed" in config else 0
     metrics = answer(msg.content, task, lambda s: model_for_task(str(config["model"]), task, s, seed, device))
     return Message(RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}), reply_to=msg)
+
+
+# Chunked messages (run-config chunk-mib; clients/chunked.py): groups of tensors in and out.
+app.query(chunked.PUT)(chunked.put)
+app.query(chunked.GET)(chunked.get)
+app.query(chunked.DROP)(chunked.drop)

@@ -36,6 +36,7 @@ from fl_merge.round.tables import finetuned_scores, result_rows, summary_metrics
 from fl_merge.io.spill import SpillDir, release_freed_memory
 from fl_merge.round.updates import MergeRoundError, check_checkpoint_steps, check_enough, collect_updates
 from fl_merge.core.task_vectors import StateDict
+from .chunked import drop_chunks
 from .ensemble_phase import ensemble_phase
 from .phases import Exchange, RoundMessages, learn_phase, prescreen_phase, score_batched, soup_phase
 
@@ -81,8 +82,8 @@ def run_round(strategy: RoundMessages, grid: Grid, theta0: StateDict, train_conf
     failure record can report what the round had); default a new one."""
     st: RoundSettings = strategy.settings
     r = r if r is not None else new_round(st, theta0)
-    x = Exchange(strategy, grid, evaluate_config, timeout,
-                 SpillDir(st.spill_dir) if st.spill_dir is not None else None)
+    x = Exchange(strategy, grid, evaluate_config, timeout,  # chunked messages need a spill folder
+                 SpillDir(st.spill_dir) if st.spill_dir is not None or st.chunk_bytes else None)
     try:
         trained = train_step(x, st, r, train_config)
         deltas = merge_step(st, r, trained)
@@ -97,6 +98,12 @@ def run_round(strategy: RoundMessages, grid: Grid, theta0: StateDict, train_conf
     finally:  # spill files never outlive the round (clients' per-task parts are in memory)
         if x.spill is not None:
             x.spill.cleanup()
+        if (chunks := getattr(strategy, "chunks", None)) is not None:  # nor the clients' chunk files
+            try:
+                drop_chunks(grid, chunks)
+            except Exception as e:  # never hide why the round stopped
+                log(WARNING, "could not tell the nodes to drop their chunk files: %s", e)
+            r.chunking = chunks.record()
 
 
 def train_step(x: Exchange, st: RoundSettings, r: MergeRound, train_config: Mapping[str, Any]) -> Trained:

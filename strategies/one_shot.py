@@ -11,6 +11,8 @@ failures (docs/protocol.md, protocol version 1):
   in its train reply gets theta0 + its per-task parameters, each method's Delta once and the
   eta grid in ONE message; any other client gets one ordinary evaluate message per candidate
   and split (a full model in "arrays", config "split"), replying `accuracy` and `loss`.
+* with `chunk_bytes` (run-config chunk-mib) both go to fl-merge's own clients as bounded
+  groups of tensors and config-only messages (strategies/chunked.py).
 
 Why `start` is not FedAvg's: FedAvg.start runs configure/aggregate callbacks per round, so a
 second evaluation (test at the eta chosen on validation) had to be sent from inside
@@ -42,6 +44,8 @@ from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
 from fl_merge.io.spill import SpillDir, split_extras_lazy
 from fl_merge.merging.personal import is_personal, own_delta
 from fl_merge.core.task_vectors import StateDict, split_extras
+from fl_merge.round.chunks import ChunkTraffic
+from .chunked import chunked_score_messages, chunked_train
 from .sending import _bytes, _send, _send_each
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
@@ -104,6 +108,7 @@ class OneShotMerge(FedAvg):
         super().__init__(**kwargs)
         self.settings = settings if settings is not None else RoundSettings.build(**round_kwargs)
         self.outcome: MergeRound | None = None  # the last round start() ran
+        self.chunks: ChunkTraffic | None = None  # a chunked round's messages (chunk_bytes > 0)
 
     def summary(self) -> None:
         st = self.settings
@@ -139,6 +144,9 @@ class OneShotMerge(FedAvg):
         """Send theta0 + `config` to the sampled nodes; (updates, failures) from the replies.
         A node that fails, never replies or sends a malformed reply is a named failure. With a
         `spill` folder each reply is spilled to disk as it arrives (its message not kept)."""
+        if self.settings.chunk_bytes:  # groups of tensors, never a whole model (strategies/chunked.py)
+            self.chunks = ChunkTraffic(self.settings.chunk_bytes)
+            return chunked_train(self, grid, theta0, config, timeout, spill or SpillDir(), self.chunks)
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION,
                             "merge-keys": list(self.settings.merge_keys)})
         messages = list(self.configure_train(1, ArrayRecord(theta0), cfg, grid))
@@ -224,9 +232,17 @@ class OneShotMerge(FedAvg):
         """Every client scores the candidates in `grids` on `splits` (grid or plain protocol,
         all messages sent at once); (scores[label][task][split], failures of `phase`)."""
         sent: list[tuple[ClientUpdate, Message, Any]] = []
+        # chunked: each Delta in groups, then config-only score messages (strategies/chunked.py)
+        chunked, lost = ({}, {}) if self.chunks is None else chunked_score_messages(
+            grid, [c for c in clients if c.grid_eval and c.chunked], deltas, grids, splits, config,
+            self.chunks, timeout)
         base: ArrayRecord | None = None
         shared: dict[str, ArrayRecord] = {}  # a shared Delta's record, made once for every client
         for c in clients:
+            if c.node_id in chunked:
+                sent.append((c, chunked[c.node_id], None))
+            if c.node_id in chunked or c.node_id in lost:  # lost: named below
+                continue
             if c.grid_eval:
                 base = base if base is not None else ArrayRecord(theta0)
                 records = []  # a personal method's (EMR) Delta is the client's own, never shared
@@ -250,6 +266,9 @@ class OneShotMerge(FedAvg):
         scores: Scores = {m: {} for m in grids}
         failures: list[dict[str, Any]] = []
         for c in clients:  # client order, not arrival order
+            if c.node_id in lost:
+                failures.append(failure(c.node_id, phase, lost[c.node_id], c))
+                continue
             mine = [(m, req) for cc, m, req in sent if cc is c]
             try:
                 part = self._client_scores(mine, replies, grids, splits, silent)

@@ -196,6 +196,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
         "coefficients": r.coefficients,  # the learned-coefficient phase ({} when off)
         "soup": r.soup,  # the greedy soup ({} when off)
         "ensemble": r.ensemble,  # the prediction ensemble and best single model ({} when off)
+        "chunking": r.chunking,  # chunked messages: counts and tensor bytes per kind ({} when off)
     })
     run_figure(out)  # report.png: cosine heatmap, norms, per-task accuracy per method
     for line in results.format_summary(r.rows, "test accuracy").splitlines():

@@ -1,7 +1,8 @@
 """Does a resolved config fit its base model theta0? The checks that need theta0's names and
 shapes: `merge-keys` select some of its parameters, LiNeS's pattern finds its layers, the
-SVD / least-squares methods find a 2-D weight, and run-config `client-checkpoints` have its
-names and shapes (and step information where a method needs it).
+SVD / least-squares methods find a 2-D weight, every tensor fits one chunked message
+(`chunk-mib`), and run-config `client-checkpoints` have its names and shapes (and step
+information where a method needs it).
 
 One function, `check_fits_base`, run before any process starts (so a mistake is one line,
 exit 2, no SuperLink): by `fl_merge.engine.run.run` on the base it pretrains or loads anyway
@@ -28,6 +29,7 @@ from fl_merge.io.client_checkpoints import CheckpointClientError, check_client_c
 from fl_merge.merging.registry import check_model_fits
 from fl_merge.round.base import ROLE
 from fl_merge.round.candidates import check_lines_layers
+from fl_merge.round.chunks import ChunkSizeError, chunk_groups, chunk_limit
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ def check_fits_base(cfg: ResolvedConfig, theta0: Mapping[str, torch.Tensor]) -> 
             check_model_fits(method, {k: tuple(theta0[k].shape) for k in merged})
         check_client_checkpoints(cfg.client_checkpoints, cfg.checkpoint_steps, theta0,
                                  key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)
-    except (MergeKeysError, CheckpointClientError, MergeInputError) as e:
+        if cfg.run.chunk_mib:  # every tensor must fit one chunked message
+            chunk_groups(theta0, chunk_limit(cfg.run.chunk_mib))
+    except (MergeKeysError, CheckpointClientError, MergeInputError, ChunkSizeError) as e:
         raise ConfigError(str(e)) from None
     return merged

@@ -20,6 +20,7 @@ from fl_merge.models.device import DEFAULT_DEVICE, DEVICES
 from fl_merge.core.seeds import check_scheme, client_seeds
 from fl_merge.core.values import split_list
 from fl_merge.round.attacks import AttackPlan
+from fl_merge.round.chunks import chunk_limit
 from fl_merge.round.settings import RoundSettings
 from fl_merge.config.parsing import (  # noqa: F401  (ConfigError, parse_method_params: public here too)
     DEFAULT_ETAS,
@@ -104,6 +105,10 @@ class RunConfig:
     # file under output-dir as it arrives, task vectors too, read back memory-mapped; removed
     # when the round ends. Same results; docs/deployment.md "Memory".
     spill: bool = False
+    # > 0: every message to and from fl-merge's own clients carries at most this many MiB of
+    # tensors (theta0, updates and Deltas cut into groups; fl_merge/round/chunks.py); implies
+    # spill. 0: whole-model messages. docs/protocol.md "Chunked messages".
+    chunk_mib: float = 0.0
     # Heterogeneity measures in results (fl_merge/stats/heterogeneity.py): clients also send their gradient
     # at theta0, which doubles every train reply; false for large models through deployment.
     measure_heterogeneity: bool = True
@@ -221,6 +226,11 @@ class RunConfig:
         for key in ("fisher-samples", "gram-samples", "pretrain-steps"):
             if getattr(self, key.replace("-", "_")) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key.replace('-', '_'))}")
+        if not 0 <= self.chunk_mib < float("inf"):
+            raise ConfigError(f"chunk-mib must be 0 (off) or a positive number of MiB, got {self.chunk_mib}")
+        if self.chunk_mib and (self.learn_coefficients != "off" or self.ensemble):
+            raise ConfigError("chunk-mib does not cover learn-coefficients or ensemble yet (their messages "
+                              "hold whole models): set chunk-mib=0 or turn them off")
         if not 0 <= self.min_clients <= k:
             raise ConfigError(f"min-clients must be in 0..num-clients={k}, got {self.min_clients}")
         for key in ("round-timeout", "connect-timeout"):
@@ -349,7 +359,8 @@ class ResolvedConfig:
             lambdas=self.lambdas, learn_coefficients=run.learn_coefficients,
             coef_objective=run.coef_objective, coef_rounds=run.coef_rounds, coef_lr=run.coef_lr,
             greedy_soup=run.greedy_soup, ensemble=run.ensemble, prescreen=run.prescreen, lines=run.lines,
-            finalists=run.finalists, spill_dir=str(out) if run.spill else None,
+            finalists=run.finalists, spill_dir=str(out) if run.spill or run.chunk_mib else None,
+            chunk_bytes=chunk_limit(run.chunk_mib),
             measure_heterogeneity=run.measure_heterogeneity, min_clients=run.min_clients,
             attack_plan=self.attack_plan, merge_keys=self.merge_keys, weighting=run.weighting,
             device=run.device, task_names=self.tasks, checked=True)  # resolve() checked them

@@ -186,6 +186,28 @@ class KeyView(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
+class JoinedState(Mapping[str, torch.Tensor]):
+    """Several (mapped) states as one read-only mapping, in their order (a chunked reply's
+    groups, each in its own spill file); a name in two parts is an error."""
+
+    def __init__(self, parts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        self._where: dict[str, Mapping[str, torch.Tensor]] = {}
+        for part in parts:
+            for k in part:
+                if k in self._where:
+                    raise MergeInputError(f"tensor '{k}' arrived in two chunks")
+                self._where[k] = part
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 def split_extras_lazy(state: Mapping[str, torch.Tensor]
                       ) -> tuple[KeyView, dict[str, KeyView]]:
     """`fl_merge.core.task_vectors.split_extras` without reading a tensor: (weights, {name:

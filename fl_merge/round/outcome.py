@@ -49,6 +49,9 @@ class MergeRound:
     # The prediction ensemble (fl_merge/round/ensemble.py), when it ran: members, the best
     # single run chosen on validation, test accuracies, bytes sent.
     ensemble: dict[str, Any] = field(default_factory=dict)
+    # Chunked messages (run-config chunk-mib, fl_merge/round/chunks.py), when on: messages and
+    # tensor bytes per kind, the largest message's tensor bytes.
+    chunking: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:

@@ -64,6 +64,7 @@ class RoundSettings:
     coefficients: CoefficientSettings = field(default_factory=CoefficientSettings)
     greedy_soup: bool = False
     spill_dir: str | None = None  # train replies and task vectors spilled there (large models)
+    chunk_bytes: int = 0  # > 0: messages to/from fl-merge's own clients carry at most this (chunks.py)
     prescreen: PrescreenSettings = field(default_factory=PrescreenSettings)
     ensemble: bool = False
     lines: dict[str, Any] | None = None  # LiNeS as given (fl_merge/merging/lines.py); None: off
@@ -102,6 +103,7 @@ class RoundSettings:
         coef_lr: float = 0.05,
         greedy_soup: bool = False,
         spill_dir: str | None = None,
+        chunk_bytes: int = 0,
         prescreen: float = 0.0,
         finalists: int = 3,
         ensemble: bool = False,
@@ -147,7 +149,7 @@ class RoundSettings:
             attack_plan=attack_plan or AttackPlan(),
             coefficients=CoefficientSettings(learn_coefficients, coef_objective, int(coef_rounds),
                                              float(coef_lr)),
-            greedy_soup=bool(greedy_soup), spill_dir=spill_dir,
+            greedy_soup=bool(greedy_soup), spill_dir=spill_dir, chunk_bytes=int(chunk_bytes),
             prescreen=PrescreenSettings(float(prescreen), int(finalists)), ensemble=bool(ensemble),
             lines=None if lines is None else dict(lines),
         )

@@ -35,6 +35,7 @@ class ClientUpdate:
     state: StateDict  # full local weights as sent
     per_task: StateDict = field(default_factory=dict)  # its non-merged parameters (head)
     extras: dict[str, StateDict] = field(default_factory=dict)  # e.g. {"fisher": {...}}
+    chunked: bool = False  # holds theta0 in node-local chunks: scored with chunked messages
 
     @property
     def partition_id(self) -> int | None:

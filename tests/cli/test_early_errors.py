@@ -1,7 +1,8 @@
 """Mistakes found before anything starts, in both run CLIs as a user types them: merge-keys
 that select nothing of the base, a client checkpoint whose shapes or names disagree with the
-base, an output folder that cannot be written. Each is one line on stderr, exit 2, no
-SuperLink or simulation started (no run.log, no temporary SuperLink folder), nothing written."""
+base, an output folder that cannot be written, a chunk-mib below the base's largest tensor.
+Each is one line on stderr, exit 2, no SuperLink or simulation started (no run.log, no
+temporary SuperLink folder), nothing written."""
 
 from __future__ import annotations
 
@@ -39,9 +40,13 @@ MISTAKES = {  # what the user set -> what the one line says
                           "client 0 (rotate90) checkpoint {i}/client.safetensors: tensor 'enc.w' has "
                           "shape [3, 3] but the model's 'enc.w' has [2, 3]"),
     "output-dir": ({"output-dir": "{i}/a-file/run"}, "{i}/a-file is a file, not a folder"),
+    "chunk-mib": ({"chunk-mib": 0.5},
+                  "chunk-mib=0.5 is smaller than the base model's tensor 'backbone.7.weight' "
+                  "(802816 bytes, 0.765625 MiB): set chunk-mib to at least 0.766"),
 }
 HYDRA_KEYS = {"merge-keys": "merge_keys", "base-checkpoint": "base_checkpoint", "num-clients": "num_clients",
-              "client-checkpoints": "client_checkpoints", "output-dir": "runtime.output_dir"}
+              "client-checkpoints": "client_checkpoints", "output-dir": "runtime.output_dir",
+              "chunk-mib": "chunk_mib"}
 
 
 @pytest.mark.parametrize("prog", ["fl-merge-run", "fl-merge"])

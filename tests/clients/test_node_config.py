@@ -45,10 +45,10 @@ def test_cache_dir_is_node_local(tmp_path):
 
 
 def test_eta_grids_per_delta():
-    from fl_merge_clients.client_app import _eta_grids
+    from fl_merge_clients.grid_scoring import eta_grids
 
-    assert _eta_grids(ConfigRecord({"etas": [0.0, 1.0]}), 2) == [[0.0, 1.0], [0.0, 1.0]]
+    assert eta_grids(ConfigRecord({"etas": [0.0, 1.0]}), 2) == [[0.0, 1.0], [0.0, 1.0]]
     cfg = ConfigRecord({"etas": [0.0, 1.0, 0.0, 2.5, 3.0], "etas-per-delta": [2, 3]})
-    assert _eta_grids(cfg, 2) == [[0.0, 1.0], [0.0, 2.5, 3.0]]
+    assert eta_grids(cfg, 2) == [[0.0, 1.0], [0.0, 2.5, 3.0]]
     with pytest.raises(ValueError, match=r"etas-per-delta \[2, 2\] does not split 5 etas over 2 deltas"):
-        _eta_grids(ConfigRecord({"etas": [0.0, 1.0, 0.0, 2.5, 3.0], "etas-per-delta": [2, 2]}), 2)
+        eta_grids(ConfigRecord({"etas": [0.0, 1.0, 0.0, 2.5, 3.0], "etas-per-delta": [2, 2]}), 2)

@@ -1,0 +1,128 @@
+"""fl-merge's own client's side of chunked messages (run-config `chunk-mib`, docs/protocol.md
+"Chunked messages").
+
+Every group of tensors the server sends (`chunk_put`: theta0, each Delta, the client's own
+per-task parameters) is written to a node-local safetensors file; the train and score
+messages that follow carry config only and say how many groups of each the client holds.
+The client reads them back memory-mapped (fl_merge.io.spill.MappedState), trains or scores
+as with whole-model messages, and keeps its update in node-local files too, one per group,
+which the server fetches one at a time (`chunk_get`). Files, not Flower's node state: in a
+deployment each message may run in a new ClientApp process, and Flower's context state
+travels with every message. The folder is keyed by run and node, under node-config
+`cache-dir` (default the system's temp folder), and removed when the server says the run is
+done with it (`chunk_drop`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from safetensors.torch import load_file, save_file
+
+from fl_merge.io.spill import JoinedState, MappedState
+from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT,
+                                   REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, chunk_groups)
+
+__all__ = ["PUT", "GET", "DROP", "put", "get", "drop", "holds_chunks", "theta0", "keep_update",
+           "scoring_inputs", "chunk_folder"]
+
+FOLDER = "fl-merge-chunks"
+UPDATE = "update"  # the slot of the client's own update (full weights and extras)
+
+
+def chunk_folder(context: Context) -> Path:
+    """This run's node-local folder on this node."""
+    base = context.node_config.get("cache-dir") or tempfile.gettempdir()
+    return Path(str(base)).expanduser() / FOLDER / f"run-{context.run_id}-node-{context.node_id}"
+
+
+def _path(folder: Path, slot: str, index: int) -> Path:
+    if not slot.replace("-", "").isalnum() or index < 0:
+        raise ValueError(f"bad chunk slot '{slot}' or index {index}")
+    return folder / f"{slot}-{index:05d}.safetensors"
+
+
+def _write(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """One group to `path`, whole or not at all (written beside it, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(part))
+    os.replace(part, path)
+
+
+def _read(folder: Path, slot: str, count: int) -> JoinedState:
+    """The `count` groups of `slot` as one memory-mapped state; an error naming a missing file."""
+    paths = [_path(folder, slot, i) for i in range(count)]
+    for p in paths:
+        if not p.exists():
+            raise ValueError(f"chunk file {p} is missing: this node did not receive {slot} group "
+                             f"{paths.index(p)} of {count} (was the node restarted mid-run?)")
+    return JoinedState([MappedState(p) for p in paths])
+
+
+def holds_chunks(config: Mapping[str, Any]) -> bool:
+    """Whether a train or score message refers to chunks this node holds (else whole-model)."""
+    return THETA0_GROUPS in config
+
+
+def put(msg: Message, context: Context) -> Message:
+    """Store one group of tensors (config: slot and index) in this run's node-local folder."""
+    config = msg.content["config"]
+    path = _path(chunk_folder(context), str(config[SLOT_KEY]), int(config[INDEX_KEY]))
+    record = msg.content.array_records.get("arrays", ArrayRecord())
+    _write(path, record.to_torch_state_dict())
+    return Message(RecordDict({"metrics": MetricRecord({"chunk-tensors": len(record)})}), reply_to=msg)
+
+
+def get(msg: Message, context: Context) -> Message:
+    """One group of this client's update (config: index), removed here once read."""
+    path = _path(chunk_folder(context), UPDATE, int(msg.content["config"][INDEX_KEY]))
+    if not path.exists():
+        raise ValueError(f"chunk file {path} is missing: this node holds no such group of its update")
+    tensors = load_file(str(path))
+    path.unlink()
+    return Message(RecordDict({"arrays": ArrayRecord(tensors)}), reply_to=msg)
+
+
+def drop(msg: Message, context: Context) -> Message:
+    """The run is done with this node: remove its node-local folder (and the parent when empty)."""
+    folder = chunk_folder(context)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()
+    except OSError:  # another run's folder is still there, or it is already gone
+        pass
+    return Message(RecordDict({"metrics": MetricRecord({"chunk-dropped": 1})}), reply_to=msg)
+
+
+def theta0(config: Mapping[str, Any], context: Context) -> dict[str, torch.Tensor]:
+    """theta0 from its node-local groups (memory-mapped, in the server's order)."""
+    return dict(_read(chunk_folder(context), "theta0", int(config[THETA0_GROUPS])))
+
+
+def keep_update(config: Mapping[str, Any], context: Context, state: Mapping[str, torch.Tensor],
+                metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Write this client's update (weights and extras) as groups of at most the config's
+    chunk-bytes each; the reply's metrics, with the number of groups."""
+    folder = chunk_folder(context)
+    groups = chunk_groups(state, int(config[LIMIT_KEY]), "this client's update")
+    for i, names in enumerate(groups):
+        _write(_path(folder, UPDATE, i), {k: state[k] for k in names})
+    return {**metrics, REPLY_GROUPS: len(groups)}
+
+
+def scoring_inputs(config: Mapping[str, Any], context: Context) -> tuple[dict[str, torch.Tensor], list]:
+    """(theta0 with this client's per-task parameters, a loader per Delta) from the node-local
+    groups a score message names."""
+    folder = chunk_folder(context)
+    state = {**_read(folder, "theta0", int(config[THETA0_GROUPS])),
+             **_read(folder, "own", int(config.get(OWN_GROUPS, 0)))}
+    counts = [int(n) for n in config[DELTA_GROUPS]]
+    return state, [lambda i=i, n=n: _read(folder, f"delta-{i}", n) for i, n in enumerate(counts)]

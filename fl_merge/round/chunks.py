@@ -1,0 +1,95 @@
+"""Chunked messages (run-config `chunk-mib`, docs/protocol.md "Chunked messages"): a model's
+tensors cut into groups of bounded size, so that no message of the round to or from one of
+fl-merge's own (grid) clients carries a whole model.
+
+`chunk_groups` decides the groups (a pure function of names, shapes and dtypes: it reads no
+weights, so it runs on theta0's ``meta`` layout before any process starts); `ChunkTraffic`
+counts what the chunked round sent and received, per kind of message, for run.json
+`chunking`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_merge.core.safetensors_writer import nbytes, plan_shards
+
+MIB = 1 << 20
+
+# Config of a chunk message (server -> client) and of the messages that refer to chunks.
+SLOT_KEY = "chunk-slot"  # which node-local file set a group belongs to: theta0, delta-<i>, own, update
+INDEX_KEY = "chunk-index"  # the group's position in its slot
+LIMIT_KEY = "chunk-bytes"  # train config: the client cuts its reply's tensors into groups of this size
+THETA0_GROUPS = "chunk-theta0"  # train config: how many theta0 groups the client holds
+DELTA_GROUPS = "chunk-deltas"  # score config: per Delta, how many groups the client holds
+OWN_GROUPS = "chunk-own"  # score config: how many groups of the client's per-task parameters
+REPLY_GROUPS = "chunk-groups"  # train reply metric: how many groups the client holds of its update
+# Message actions of fl-merge's own ClientApp (Flower QUERY messages "query.<action>").
+PUT, GET, DROP = "chunk_put", "chunk_get", "chunk_drop"
+
+
+class ChunkSizeError(ValueError):
+    """A tensor does not fit one chunk: the message names it and the smallest chunk-mib."""
+
+
+def chunk_limit(chunk_mib: float) -> int:
+    """chunk-mib (MiB, fractions allowed) in bytes; 0 = chunking off."""
+    return int(round(float(chunk_mib) * MIB))
+
+
+def smallest_chunk_mib(tensor_bytes: int) -> float:
+    """The smallest chunk-mib, in thousandths of a MiB, whose limit holds `tensor_bytes`."""
+    return math.ceil(tensor_bytes * 1000 / MIB) / 1000
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """A tensor's data bytes from its shape and dtype (works on ``meta`` tensors)."""
+    return nbytes(t.dtype, tuple(t.shape))
+
+
+def chunk_groups(layout: Mapping[str, torch.Tensor], limit: int,
+                 what: str = "the base model") -> list[list[str]]:
+    """`layout`'s names, in its order, cut into consecutive groups of at most `limit` bytes of
+    tensor data each (a group is filled until the next tensor would not fit). ChunkSizeError
+    naming the largest tensor above the limit, its size and the smallest chunk-mib that
+    works. No tensors: no groups."""
+    if limit <= 0:
+        raise ValueError(f"the chunk limit must be positive, got {limit} bytes")
+    sizes = [(k, tensor_bytes(v)) for k, v in layout.items()]
+    over = [(k, s) for k, s in sizes if s > limit]
+    if over:
+        name, size = max(over, key=lambda ks: ks[1])
+        raise ChunkSizeError(
+            f"chunk-mib={limit / MIB:.6g} is smaller than {what}'s tensor '{name}' ({size} bytes, "
+            f"{size / MIB:.6g} MiB): set chunk-mib to at least {smallest_chunk_mib(size):g}")
+    return plan_shards(sizes, limit) if sizes else []
+
+
+@dataclass
+class ChunkTraffic:
+    """What a chunked round exchanged: per kind of message (theta0, train, update, delta,
+    own, score, get, drop) the number of messages and their tensor bytes, the largest
+    message's tensor bytes, and the nodes that hold node-local files (to be told to drop them)."""
+
+    limit: int
+    messages: dict[str, int] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+    largest: int = 0
+    nodes: set[int] = field(default_factory=set)
+    theta0_groups: int = 0  # how many groups of theta0 each chunked client holds
+
+    def add(self, kind: str, nbytes_: int, count: int = 1) -> None:
+        self.messages[kind] = self.messages.get(kind, 0) + count
+        self.tensor_bytes[kind] = self.tensor_bytes.get(kind, 0) + nbytes_ * count
+        self.largest = max(self.largest, nbytes_)
+
+    def record(self) -> dict[str, Any]:
+        """run.json `chunking`."""
+        return {"chunk-bytes": self.limit, "messages": dict(self.messages),
+                "tensor-bytes": dict(self.tensor_bytes), "largest-message-tensor-bytes": self.largest,
+                "nodes": len(self.nodes)}

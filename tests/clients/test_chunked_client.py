@@ -1,0 +1,72 @@
+"""fl-merge's client's side of chunked messages (clients/chunked.py), handler by handler as
+the SuperNode calls them: each group the server puts is a node-local file under node-config
+cache-dir, keyed by run and node; theta0 and the score inputs are read back from them; the
+update is cut into groups the server gets one by one; drop leaves nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fl_merge.round.chunks import (DELTA_GROUPS, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT, REPLY_GROUPS,
+                                   SLOT_KEY, THETA0_GROUPS, chunk_groups)
+from fl_merge_clients import chunked
+
+
+def _put(ctx: Context, slot: str, index: int, tensors: dict) -> None:
+    msg = Message(RecordDict({"config": ConfigRecord({SLOT_KEY: slot, INDEX_KEY: index}),
+                              "arrays": ArrayRecord(tensors)}),
+                  dst_node_id=ctx.node_id, message_type=f"query.{PUT}")
+    chunked.put(msg, ctx)
+
+
+@pytest.fixture
+def node(tmp_path):
+    return Context(run_id=7, node_id=3, node_config={"cache-dir": str(tmp_path)}, state=RecordDict(),
+                   run_config={})
+
+
+def test_groups_put_become_theta0_and_the_score_inputs(node, tmp_path, message_identity):
+    g = torch.Generator().manual_seed(0)
+    theta0 = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g),
+              "c": torch.randn(2, 2, generator=g).half()}
+    groups = chunk_groups(theta0, 60)
+    assert len(groups) >= 2
+    for i, names in enumerate(groups):
+        _put(node, "theta0", i, {k: theta0[k] for k in names})
+    folder = tmp_path / "fl-merge-chunks" / "run-7-node-3"
+    want = [f"theta0-{i:05d}.safetensors" for i in range(len(groups))]
+    assert sorted(p.name for p in folder.iterdir()) == want
+    got = chunked.theta0({THETA0_GROUPS: len(groups)}, node)
+    assert list(got) == list(theta0) and all(torch.equal(got[k], theta0[k]) for k in theta0)
+    delta = {"a": torch.ones(3, 4), "b": torch.full((5,), 2.0)}
+    _put(node, "delta-0", 0, {"a": delta["a"]})
+    _put(node, "delta-0", 1, {"b": delta["b"]})
+    _put(node, "own", 0, {"c": torch.zeros(2, 2).half()})
+    config = {THETA0_GROUPS: len(groups), DELTA_GROUPS: [2], OWN_GROUPS: 1}
+    state, loaders = chunked.scoring_inputs(config, node)
+    assert torch.equal(state["c"], torch.zeros(2, 2).half()) and torch.equal(state["a"], theta0["a"])
+    (load,) = loaders
+    assert {k: v.tolist() for k, v in load().items()} == {k: v.tolist() for k, v in delta.items()}
+    with pytest.raises(ValueError, match=r"chunk file .*delta-0-00002.safetensors is missing: "
+                                         r"this node did not receive delta-0 group 2 of 3"):
+        chunked.scoring_inputs({THETA0_GROUPS: len(groups), DELTA_GROUPS: [3]}, node)[1][0]()
+
+
+def test_the_update_is_kept_in_groups_got_one_by_one_then_dropped(node, tmp_path, message_identity):
+    state = {"w": torch.arange(12.0).reshape(3, 4), "extra.fisher.w": torch.ones(3, 4), "h": torch.zeros(2)}
+    metrics = chunked.keep_update({LIMIT_KEY: 56}, node, state, {"num-examples": 5})
+    assert metrics == {"num-examples": 5, REPLY_GROUPS: 2}  # w (48) | fisher (48) + h (8) = 56
+    back = {}
+    for i in range(2):
+        msg = Message(RecordDict({"config": ConfigRecord({INDEX_KEY: i})}), dst_node_id=3,
+                      message_type=f"query.{GET}")
+        back.update(chunked.get(msg, node).content["arrays"].to_torch_state_dict())
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
+    folder = tmp_path / "fl-merge-chunks" / "run-7-node-3"
+    assert not list(folder.glob("update-*"))  # each group's file goes once the server has it
+    _put(node, "theta0", 0, {"w": state["w"]})
+    done = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3, message_type="query.chunk_drop")
+    chunked.drop(done, node)
+    assert list(tmp_path.iterdir()) == []  # the run's folder and the emptied parent are gone

@@ -1,0 +1,94 @@
+"""Chunked messages' grouping (fl_merge/round/chunks.py): a model's tensors in its order, cut
+into groups of at most chunk-mib MiB; a tensor larger than that is one line, before any
+process starts (fl_merge/config/base_fit.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fl_merge.config.base_fit import check_fits_base
+from fl_merge.config.run_config import ConfigError, RunConfig
+from fl_merge.round.chunks import MIB, ChunkSizeError, ChunkTraffic, chunk_groups, chunk_limit
+
+
+def layout(sizes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in sizes.items()}
+
+
+# Bytes: a 40, b 24 (fp16), c 60, d 8, e 100, f 0 (an empty tensor), g 4 (int32 scalar).
+MODEL = layout({"a": ((10,), torch.float32), "b": ((3, 4), torch.float16), "c": ((15,), torch.float32),
+                "d": ((2,), torch.float32), "e": ((25,), torch.float32), "f": ((0,), torch.float32),
+                "g": ((), torch.int32)})
+
+
+def test_groups_fill_in_order_until_the_next_tensor_would_not_fit():
+    # Packed by hand, limit 100: a+b = 64 (+c would be 124) | c+d = 68 (+e 168) | e+f+g = 104?
+    # no: e+f = 100, +g 104 > 100 | g.
+    assert chunk_groups(MODEL, 100) == [["a", "b"], ["c", "d"], ["e", "f"], ["g"]]
+    # Limit 132: a+b+c = 124 (+d 132 fits exactly) | e+f+g = 104.
+    assert chunk_groups(MODEL, 132) == [["a", "b", "c", "d"], ["e", "f", "g"]]
+    assert chunk_groups(MODEL, 10**9) == [list(MODEL)]  # one group holds it all
+    assert chunk_groups({}, 100) == []  # no tensors, no messages
+
+
+def test_every_group_respects_the_limit_and_keeps_every_name_once_in_order():
+    model = layout({f"t{i}": ((i % 7 + 1, 3), torch.float32) for i in range(40)})
+    for limit in (84, 100, 250, 1000):
+        groups = chunk_groups(model, limit)
+        assert [k for g in groups for k in g] == list(model)
+        assert all(sum(model[k].numel() * 4 for k in g) <= limit for g in groups)
+        # greedy: no group could have taken the next group's first tensor
+        for g, nxt in zip(groups, groups[1:]):
+            assert sum(model[k].numel() * 4 for k in g) + model[nxt[0]].numel() * 4 > limit
+
+
+def test_a_tensor_larger_than_the_limit_names_itself_its_size_and_the_smallest_chunk_mib():
+    big = layout({"small": ((4,), torch.float32), "huge": ((300_000,), torch.float32),
+                  "big": ((200_000,), torch.float32)})
+    with pytest.raises(ChunkSizeError) as e:
+        chunk_groups(big, chunk_limit(0.5))
+    msg = str(e.value)
+    assert msg == ("chunk-mib=0.5 is smaller than the base model's tensor 'huge' "
+                   "(1200000 bytes, 1.14441 MiB): set chunk-mib to at least 1.145")
+    assert len(chunk_groups(big, chunk_limit(1.145))) == 2  # the advice works: small + huge | big
+    with pytest.raises(ChunkSizeError):
+        chunk_groups(big, chunk_limit(1.144))  # and is the smallest in thousandths of a MiB
+
+
+def test_chunk_limit_is_mib_in_bytes():
+    assert chunk_limit(0) == 0 and chunk_limit(1) == MIB and chunk_limit(0.25) == MIB // 4
+
+
+def test_traffic_counts_messages_and_the_largest_one():
+    t = ChunkTraffic(100)
+    t.add("theta0", 60, 2)
+    t.add("get", 0, 3)
+    t.add("update", 90)
+    assert t.record() == {"chunk-bytes": 100, "messages": {"theta0": 2, "get": 3, "update": 1},
+                          "tensor-bytes": {"theta0": 120, "get": 0, "update": 90},
+                          "largest-message-tensor-bytes": 90, "nodes": 0}
+
+
+def test_a_chunk_mib_below_the_base_models_largest_tensor_is_one_line_before_anything_starts(theta0):
+    cfg = RunConfig.from_flower({"chunk-mib": 0.5}).resolve()
+    with pytest.raises(ConfigError) as e:
+        check_fits_base(cfg, theta0)
+    assert str(e.value) == ("chunk-mib=0.5 is smaller than the base model's tensor 'backbone.7.weight' "
+                            "(802816 bytes, 0.765625 MiB): set chunk-mib to at least 0.766")
+    check_fits_base(RunConfig.from_flower({"chunk-mib": 0.766}).resolve(), theta0)  # fits
+
+
+@pytest.mark.parametrize("value, why", [
+    (-1, "chunk-mib must be 0 (off) or a positive number of MiB, got -1.0"),
+    ("inf", "chunk-mib: 'inf' is not a finite number"), ("nan", "chunk-mib: 'nan' is not a finite number")])
+def test_a_negative_or_infinite_chunk_mib_is_one_line(value, why):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_flower({"chunk-mib": value}).resolve()
+    assert str(e.value) == why
+
+
+def test_chunking_with_whole_model_phases_is_one_line():
+    with pytest.raises(ConfigError, match="^chunk-mib does not cover learn-coefficients or ensemble yet"):
+        RunConfig.from_flower({"chunk-mib": 1, "ensemble": True}).resolve()
+

@@ -1,0 +1,148 @@
+"""The server's side of chunked messages (strategies/chunked.py) through a fake Grid whose
+nodes answer with fl-merge's real chunk handlers (clients/chunked.py, node-local files under
+a test folder): a round with one chunk-capable node and one that refuses chunks (a ClientApp
+without the handlers) gives the same Deltas and rows as the whole-message round; the
+refusing node gets whole models; no message to the chunked node holds more than the limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.error import Error
+
+from fl_merge.core.task_vectors import apply_update
+from fl_merge.round.chunks import THETA0_GROUPS
+from fl_merge_clients import chunked
+from fl_merge_strategies import OneShotMerge
+from fl_merge_strategies.merge_round import run_round
+
+pytestmark = pytest.mark.usefixtures("message_identity")
+LIMIT = 32  # bytes: theta0 is backbone.w (24) | backbone.b (12); no update group holds two tensors
+
+
+def _theta0() -> dict[str, torch.Tensor]:
+    return {"backbone.w": torch.zeros(3, 2), "backbone.b": torch.zeros(3)}
+
+
+def _reply(seed: int) -> RecordDict:
+    g = torch.Generator().manual_seed(seed)
+    state = {"backbone.w": torch.randn(3, 2, generator=g), "backbone.b": torch.randn(3, generator=g),
+             "head.weight": torch.randn(4, 2, generator=g), "head.bias": torch.randn(4, generator=g),
+             "extra.fisher.backbone.w": torch.rand(3, 2, generator=g)}
+    metrics = {"num-examples": 10, "partition-id": seed, "finetuned-val-accuracy": 0.8,
+               "finetuned-accuracy": 0.8, "finetuned-loss": 0.1, "fl-merge-protocol": 1}
+    return RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+
+
+def _accuracy(state) -> float:
+    """A score that identifies the model a node was asked to score (weights and head)."""
+    return float(torch.sigmoid(state["backbone.w"].sum() - state["backbone.b"].sum() + state["head.bias"][0]))
+
+
+def _tensor_bytes(m: Message) -> int:
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for r in m.content.array_records.values() for a in r.values())
+
+
+class ChunkGrid:
+    """Node 0 runs the chunk handlers on its own folder; node 1 has none (errors on them)."""
+
+    def __init__(self, folder):
+        self.asked: list[Message] = []
+        self.ready: dict[str, Message] = {}
+        self.nodes = {n: Context(run_id=1, node_id=n, node_config={"cache-dir": str(folder)},
+                                 state=RecordDict(), run_config={}) for n in (0, 1)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.ready.pop(i) for i in self.push_messages(messages) if i in self.ready]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"m{len(self.asked)}"
+            self.asked.append(m)
+            ids.append(m.metadata.message_id)
+            self.ready[m.metadata.message_id] = Message(self._answer(m), reply_to=m)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.ready.pop(i) for i in message_ids if i in self.ready]
+
+    def _answer(self, m):
+        node, kind, cfg = m.metadata.dst_node_id, m.metadata.message_type, m.content["config"]
+        ctx = self.nodes[node]
+        if kind.startswith("query."):
+            if node == 1:
+                return Error(code=0, reason=f"No query function registered with name '{kind[6:]}'")
+            return getattr(chunked, kind[len("query.chunk_"):])(m, ctx).content
+        if kind == MessageType.TRAIN:
+            reply = _reply(node)
+            if THETA0_GROUPS not in cfg:
+                return reply
+            theta0 = chunked.theta0(cfg, ctx)
+            assert set(theta0) == set(_theta0())
+            assert all(torch.equal(theta0[k], v) for k, v in _theta0().items())
+            state, metrics = reply["arrays"].to_torch_state_dict(), dict(reply["metrics"])
+            metrics = chunked.keep_update(cfg, ctx, state, metrics)
+            return RecordDict({"metrics": MetricRecord(metrics)})
+        if THETA0_GROUPS in cfg:
+            state, loaders = chunked.scoring_inputs(cfg, ctx)
+            deltas = [load() for load in loaders]
+        else:
+            state = m.content["arrays"].to_torch_state_dict()
+            deltas = [m.content[k].to_torch_state_dict()
+                      for k in m.content.array_records if k.startswith("delta")]
+        etas = [float(e) for e in cfg["etas"]]
+        counts = list(cfg["etas-per-delta"])
+        pairs = [(d, etas[sum(counts[:i]) + j]) for i, d in enumerate(deltas) for j in range(counts[i])]
+        metrics = {"num-examples": 10}
+        for split in cfg["splits"]:
+            metrics[f"{split}-accuracy"] = [_accuracy(apply_update(state, d, eta)) for d, eta in pairs]
+            metrics[f"{split}-loss"] = [0.0] * len(pairs)
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _round(chunk_bytes: int, folder):
+    grid = ChunkGrid(folder)
+    strategy = OneShotMerge(methods=["fedavg", "ties"], etas=[0.5, 1.0, 2.0], chunk_bytes=chunk_bytes)
+    return run_round(strategy, grid, _theta0(), {}, {"model": "m"}, 10.0), grid
+
+
+def test_a_chunked_round_equals_the_whole_message_round_and_a_refusing_node_gets_whole_models(tmp_path):
+    whole, _ = _round(0, tmp_path / "whole")
+    r, grid = _round(LIMIT, tmp_path / "chunked")
+    assert not r.failures and [c.chunked for c in r.clients] == [True, False]
+    for label in whole.deltas:
+        assert all(torch.equal(r.deltas[label][k], whole.deltas[label][k]) for k in whole.deltas[label])
+    assert r.rows == whole.rows and r.best_etas == whole.best_etas
+    to = {n: [m for m in grid.asked if m.metadata.dst_node_id == n] for n in (0, 1)}
+    assert max(_tensor_bytes(m) for m in to[0]) <= LIMIT
+    assert not any(m.content.array_records for m in to[0] if m.metadata.message_type in ("train", "evaluate"))
+    # node 1 refused the first group, then got today's messages: theta0 whole, then a grid message
+    assert [m.metadata.message_type for m in to[1]] == ["query.chunk_put", "train", "evaluate", "evaluate"]
+    assert _tensor_bytes(to[1][1]) == sum(v.numel() * 4 for v in _theta0().values())
+    # theta0: node 0's two groups and node 1's refused first one; node 0's update in 5 groups
+    assert r.chunking["messages"]["theta0"] == 3 and r.chunking["messages"]["get"] == 5
+    assert r.chunking["messages"]["drop"] == 1  # node 0 only: node 1 holds nothing
+    assert list(tmp_path.joinpath("chunked").iterdir()) == []  # node 0's folder is gone
+
+
+def test_a_node_lost_while_its_update_is_fetched_is_named_and_its_files_are_dropped(tmp_path):
+    class LosingGrid(ChunkGrid):
+        def _answer(self, m):
+            if m.metadata.message_type == "query.chunk_get" and m.content["config"]["chunk-index"] == 2:
+                return Error(code=0, reason="node 0 went away")
+            return super()._answer(m)
+
+    grid = LosingGrid(tmp_path)
+    r = run_round(OneShotMerge(method="fedavg", etas=[1.0], chunk_bytes=LIMIT), grid, _theta0(), {},
+                  {"model": "m"}, 10.0)
+    assert [c.node_id for c in r.clients] == [1]
+    assert [(f["node_id"], f["stage"], f["reason"]) for f in r.failures] == [
+        (0, "train", "group 2 of its update: node 0 went away")]
+    assert list(tmp_path.iterdir()) == []  # told to drop what it still held
