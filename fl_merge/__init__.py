@@ -18,7 +18,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # name -> module of the public names, each loaded on first use (PEP 562): `import fl_merge`,
-# which every `fl_merge.*` module runs first, loads no torch (fl_merge.deploy.supernode, the
+# which every `fl_merge.*` module runs first, loads no torch (fl_merge.deploy.launchers, the
 # SuperNode launcher, stays as small as Flower's own flower-supernode).
 _LAZY = {
     "MergeInputError": "fl_merge.core.task_vectors",

@@ -2,7 +2,7 @@
 SuperLink accepts before anything starts, and, once set, Flower's own SuperNode code (its
 fleet connection, against a stand-in SuperLink, and its heartbeat sender) announces it and
 paces its heartbeats by it. These fail if flwr renames or stops reading what
-fl_merge.deploy.supernode sets. The real deployment runs it in test_process_faults.py and
+fl_merge.deploy.launchers sets. The real deployment runs it in test_process_faults.py and
 test_multihost.py."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flwr.common.constant import HEARTBEAT_CALL_TIMEOUT, HEARTBEAT_MAX_INTERVAL,
 from flwr.proto.fleet_pb2 import ActivateNodeResponse  # pylint: disable=E0611
 from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatResponse  # pylint: disable=E0611
 
-from fl_merge.deploy import supernode
-from fl_merge.deploy.supernode import check_heartbeat_interval, lost_after, set_heartbeat_interval
+from fl_merge.deploy import launchers
+from fl_merge.deploy.launchers import check_heartbeat_interval, lost_after, set_heartbeat_interval
 
 
 def test_intervals_flower_accepts_pass_and_others_are_named():
@@ -40,9 +40,9 @@ def restored(monkeypatch):
     """Whatever a test sets in flwr's modules is put back afterwards."""
     import importlib
 
-    for name in supernode.PATCHED:
+    for name in launchers.HEARTBEAT_MODULES:
         module = importlib.import_module(name)
-        monkeypatch.setattr(module, supernode.PATCHED_NAME, getattr(module, supernode.PATCHED_NAME))
+        monkeypatch.setattr(module, launchers.HEARTBEAT_NAME, getattr(module, launchers.HEARTBEAT_NAME))
 
 
 class _StandInSuperLink:
@@ -111,7 +111,7 @@ def test_the_heartbeat_sender_waits_by_the_interval_set(restored):
 
 def test_a_bad_interval_is_one_line_before_flower_starts():
     for value, why in (("5", "must be 10..1800 seconds"), ("abc", "invalid float value: 'abc'")):
-        proc = subprocess.run([sys.executable, "-m", "fl_merge.deploy.supernode", "--heartbeat-interval", value,
+        proc = subprocess.run([sys.executable, "-m", "fl_merge.deploy.launchers", "supernode", "--heartbeat-interval", value,
                                "--insecure", "--superlink", "127.0.0.1:9"], capture_output=True, text=True,
                               timeout=120, check=False)
         assert proc.returncode == 2, proc.stderr
@@ -120,9 +120,10 @@ def test_a_bad_interval_is_one_line_before_flower_starts():
         assert "Flower SuperNode" not in proc.stdout + proc.stderr  # nothing started
 
 
-def test_the_launcher_loads_no_torch():
-    """A SuperNode needs none of fl-merge's torch side: fl-merge-supernode stays as small as
-    flower-supernode (its ClientApps, processes of their own, load what they need)."""
-    code = "import sys, fl_merge.deploy.supernode; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+def test_the_launchers_load_no_torch():
+    """A SuperNode or SuperLink needs none of fl-merge's torch side: fl-merge-supernode and
+    fl-merge-superlink stay as small as Flower's own (their ClientApps / ServerApp,
+    processes of their own, load what they need)."""
+    code = "import sys, fl_merge.deploy.launchers; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "[]"
