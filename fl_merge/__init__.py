@@ -6,24 +6,30 @@ eta = K * lambda. A personal method (EMR) returns a `PersonalDeltas` instead, on
 client: ``merge("emr", tvs).model(theta0, i)`` is client i's.
 
 The public API is what this module names; docs/architecture.md maps the packages behind it.
-`run` and `RunConfig` load Flower and Hydra's side of the library on first use, so
-``import fl_merge`` (and ``import fl_merge.methods``) stays free of them.
+Every public name is loaded on first use: ``import fl_merge`` loads no torch, and `run` and
+`RunConfig` load Flower and Hydra's side of the library, so ``import fl_merge.methods`` stays
+free of them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fl_merge.core.task_vectors import MergeInputError, apply_update, split_state, task_vector
-from fl_merge.io.merged import load_merged
-from fl_merge.merging.personal import PersonalDeltas
-from fl_merge.methods import available_methods, merge
-from fl_merge.methods.fedavg import eta_for_task_arithmetic
-
 __version__ = "0.1.0"
 
-# name -> module of the public names loaded on first use (PEP 562)
+# name -> module of the public names, each loaded on first use (PEP 562): `import fl_merge`,
+# which every `fl_merge.*` module runs first, loads no torch (fl_merge.deploy.launchers, the
+# SuperNode launcher, stays as small as Flower's own flower-supernode).
 _LAZY = {
+    "MergeInputError": "fl_merge.core.task_vectors",
+    "apply_update": "fl_merge.core.task_vectors",
+    "split_state": "fl_merge.core.task_vectors",
+    "task_vector": "fl_merge.core.task_vectors",
+    "load_merged": "fl_merge.io.merged",
+    "PersonalDeltas": "fl_merge.merging.personal",
+    "available_methods": "fl_merge.methods",
+    "merge": "fl_merge.methods",
+    "eta_for_task_arithmetic": "fl_merge.methods.fedavg",
     "run": "fl_merge.engine.run",
     "RunConfig": "fl_merge.config.run_config",
     "ConfigError": "fl_merge.config.run_config",

@@ -8,7 +8,8 @@ authentication (every node's key registered). `flwr run` runs on the SuperLink's
    to a crawl after it sent its update. The round gives up on each (Flower's heartbeat, not
    the round timeout, which is set far away), finishes with the rest (min-clients allows),
    and run.json names each lost node once, by node id, partition and task, with the
-   heartbeat reason.
+   heartbeat reason. Its SuperNodes run `fl-merge-supernode --heartbeat-interval 10`, so a
+   silent node is declared lost 20 s after its last heartbeat (60 s with Flower's default).
 
 Needs root and iproute2; skipped otherwise. Every process is stopped and every namespace
 deleted at the end, also on failure.
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -97,10 +99,13 @@ class Federation:
 
 
 @contextlib.contextmanager
-def federation(tmp_path: Path, nodes: int):
+def federation(tmp_path: Path, nodes: int, heartbeat: float | None = None):
     """SuperLink on host "link" (10.213.0.1), SuperNode i on host "node<i>" with
     partition-id=i, its own cache dir and its own registered key; TLS with a test CA whose
-    server certificate carries the SuperLink's subnet address."""
+    server certificate carries the SuperLink's subnet address. With `heartbeat`, the
+    SuperNodes are started by fl-merge-supernode announcing that interval."""
+    launcher = ([str(BIN / "fl-merge-supernode"), "--heartbeat-interval", str(heartbeat)] if heartbeat
+                else [str(BIN / "flower-supernode")])
     hosts = ["link", *(f"node{i}" for i in range(nodes))]
     with netns.network(hosts) as net:
         link = f"{net.ip('link')}:{PORT}"
@@ -129,7 +134,7 @@ def federation(tmp_path: Path, nodes: int):
                 reg = net.run("link", [str(BIN / "flwr"), "supernode", "register", str(pub), CONNECTION],
                               env=env, capture_output=True, text=True, timeout=120, check=False)
                 assert "registered successfully" in reg.stdout, reg.stdout + reg.stderr
-                fed.start(f"node{i}", [str(BIN / "flower-supernode"), "--superlink", link,
+                fed.start(f"node{i}", [*launcher, "--superlink", link,
                                        "--root-certificates", str(ca["ca"]), "--auth-supernode-private-key",
                                        str(key), "--node-config",
                                        f'partition-id={i} num-partitions={nodes} '
@@ -232,13 +237,13 @@ class _Stream:
 def test_cut_and_throttled_links_are_given_up_and_named(tmp_path):
     """3 hosts. node0's link goes down while it trains (its ClientApp has started); node1's
     link is throttled to 1 kbit/s right after it sent its update, so it never returns its
-    validation scores. Round timeout 600 s: what ends each wait is Flower's heartbeat (a
-    node is offline 2 x 30 s after its last heartbeat). The run completes with node1's and
-    node2's updates (min-clients=2), scored by node2."""
+    validation scores. Round timeout 600 s: what ends each wait is Flower's heartbeat (the
+    nodes announce 10 s, so a node is offline 2 x 10 s after its last heartbeat). The run
+    completes with node1's and node2's updates (min-clients=2), scored by node2."""
     out = tmp_path / "out"
     cfg = {"num-clients": 3, "min-clients": 2, "local-steps": "20", "etas": "1", "cache": False,
            "round-timeout": 600, "output-dir": str(out)}
-    with federation(tmp_path, nodes=3) as fed:
+    with federation(tmp_path, nodes=3, heartbeat=10) as fed:
         proc = fed.flwr_run(cfg, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         stream = _Stream(proc)
         _wait_for(r"Start `flwr-clientapp` process", lambda: fed.log("node0"), proc, 600)
@@ -251,6 +256,9 @@ def test_cut_and_throttled_links_are_given_up_and_named(tmp_path):
         proc.wait(timeout=900)
         stream.thread.join(timeout=30)
         ids = [fed.node_id(i) for i in range(3)]
+        with sqlite3.connect(tmp_path / "state.db") as db:  # the interval the SuperLink judges them by
+            intervals = {i for (i,) in db.execute("SELECT heartbeat_interval FROM node")}
+    assert intervals == {10.0}
     log = stream.text()
     assert (out / results.RUN_FILE).exists(), log[-3000:] + fed.log("superlink")[-2000:]
     measured = {"train gave up on the cut node after (s)":

@@ -5,7 +5,10 @@ output) says when it is training and when its update is in the node's cache.
 
 1. A SuperNode SIGKILLed while its ClientApp trains: the round completes with the other
    two, the lost node is named once (node id, partition, task, heartbeat reason), and its
-   orphaned flwr-clientapp ends by itself (Flower's parent monitor).
+   orphaned flwr-clientapp ends by itself (Flower's parent monitor). The SuperNodes are
+   started by `fl-merge-supernode --heartbeat-interval 10` (Flower's shortest), so the lost
+   node is declared 20 s after its last heartbeat, not 60 s; the SuperLink's state records
+   the interval each node announced.
 2. The SuperLink SIGKILLed after two clients cached their update and while the third
    trains: `flwr run` exits non-zero naming the lost connection, the ServerApp writes
    failure.json (beside its run.log, the only files in the output directory) and ends by itself (fl_merge's
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ from test_deployment import BIN, ROOT, _free_port, _toml
 
 pytestmark = pytest.mark.deployment
 TASKS = ["rotate90", "invert", "patch-shuffle"]  # mnist8's first three: partitions 0, 1, 2
+HEARTBEAT = 10.0  # seconds: Flower's shortest; a node is lost 2 x this after its last heartbeat
 
 
 def _wait(what: str, check, timeout: float, poll: float = 0.2):
@@ -97,9 +102,12 @@ class Federation:
         _wait("the SuperLink's port", lambda: _listening(self.port), 60)
         return link
 
-    def supernode(self, pid: int, log: str, *extra: str) -> subprocess.Popen:
+    def supernode(self, pid: int, log: str, *extra: str, heartbeat: float | None = None) -> subprocess.Popen:
+        """SuperNode `pid`; with `heartbeat`, started by fl-merge-supernode with that interval."""
         node = f'partition-id={pid} num-partitions={len(TASKS)} cache-dir="{self.tmp / f"cache{pid}"}"'
-        return self.start([str(BIN / "flower-supernode"), "--insecure", "--superlink",
+        launcher = ([str(BIN / "fl-merge-supernode"), "--heartbeat-interval", str(heartbeat)] if heartbeat
+                    else [str(BIN / "flower-supernode")])
+        return self.start([*launcher, "--insecure", "--superlink",
                            f"127.0.0.1:{self.port}", *extra, "--node-config", node,
                            "--port", str(_free_port())], log)
 
@@ -167,10 +175,11 @@ def _cached(pid: int) -> str:
 
 
 def test_supernode_killed_while_training(federation, capsys):
-    """3 SuperNodes, min-clients 2; node 1 is SIGKILLed while its ClientApp trains."""
+    """3 SuperNodes announcing a 10 s heartbeat, min-clients 2; node 1 is SIGKILLed while its
+    ClientApp trains."""
     fed = federation
     fed.superlink("superlink")
-    nodes = [fed.supernode(i, f"node{i}.log") for i in range(3)]
+    nodes = [fed.supernode(i, f"node{i}.log", heartbeat=HEARTBEAT) for i in range(3)]
     out = fed.tmp / "out"
     run = fed.flwr_run({"num-clients": 3, "min-clients": 2, "local-steps": "30,600,30", "etas": "1",
                         "search": "off", "round-timeout": 300.0, "output-dir": str(out)}, "run.log")
@@ -194,6 +203,8 @@ def test_supernode_killed_while_training(federation, capsys):
     assert meta["missing_tasks"] == ["invert"]
     assert {r["task"] for r in results.read_rows(out / results.RESULTS_FILE)} == {"rotate90", "patch-shuffle"}
     assert not (out / FAILURE_FILE).exists()
+    with sqlite3.connect(fed.tmp / "superlink.db") as db:  # what the SuperLink judges them by
+        assert {i for (i,) in db.execute("SELECT heartbeat_interval FROM node")} == {HEARTBEAT}
     with capsys.disabled():
         print(f"\n[supernode kill] orphaned ClientApp ended {orphan_s:.0f}s after the kill; the round "
               f"finished {round_s:.0f}s after it")
