@@ -33,8 +33,11 @@ The mergekit side (mergekit 0.1.5, the dev extra):
   p_i = 1/K for ties (normalize: true divides by the agreeing weights, as fl-merge's mean);
   ties at density 0.2 with fl-merge's `--param convention=mergekit` (each tensor trimmed
   alone to exactly k entries, an exact-0 vote elects +: mergekit's rules,
-  fl_merge/merging/conventions.py). Task Arithmetic sums the same terms in another order
-  (ulp-level differences); TIES is bit-identical.
+  fl_merge/merging/conventions.py). Both compute the same Delta; they differ in rounding
+  only, by at most 1 fp16 ulp on a fraction of the entries: Task Arithmetic sums the same
+  terms in another order, and both methods add lambda * Delta to theta0 in one rounding
+  (torch's add with alpha) where mergekit rounds lambda * Delta first (measured: the
+  TIES Deltas are bit-identical before that step).
 """
 
 from __future__ import annotations
