@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +196,12 @@ def check_non_float(base: Checkpoint, models: Sequence[Checkpoint], policy: str 
                     "--non-float base")
 
 
-def merge_tensor(method: str, key: str, theta0: torch.Tensor, thetas: Sequence[torch.Tensor],
+def merge_tensor(method: str, key: str, theta0: torch.Tensor, thetas: Iterable[torch.Tensor],
                  eta: float, out_dtype: torch.dtype, params: dict, **per_model) -> torch.Tensor:
     """theta0 + eta * merge(method, [{key: theta_i - theta0}]) for one tensor, computed in
     float32 (float64 when the base is) and cast to `out_dtype`; `per_model`: weights,
-    local_steps, normalisers, names for fl_merge.merge."""
+    local_steps, normalisers, names for fl_merge.merge. `thetas` is iterated once (a
+    generator reading the files keeps one model's tensor in its file dtype at a time)."""
     work = work_dtype(theta0.dtype)
     base = theta0.to(work)
     taus = [{key: t.to(work).sub_(base) if t.dtype != work else t.sub(base)} for t in thetas]
@@ -375,7 +376,9 @@ def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, 
                 yield key, linear_tensor(base_ck, cks, key, [eta_key * c for c in coefs], out_dtype)
                 continue
             theta0 = base_ck.get(key)
-            thetas = [c.get(key) for c in cks]
+            # read one model at a time: merge_tensor turns each into its float32 task vector
+            # and lets the file's tensor go before the next is read
+            thetas = (c.get(key) for c in cks)
             with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
                 warnings.simplefilter("ignore", UserWarning)
                 merged = merge_tensor(method, key, theta0, thetas, eta_key, out_dtype, params,

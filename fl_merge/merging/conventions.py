@@ -23,12 +23,17 @@ The rules, and where ours differ:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fl_merge.core.task_vectors import MergeInputError
 
 CONVENTIONS = ("fl-merge", "mergekit")
 L1_EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
+# Coordinates per block of `disjoint_mean`: its temporaries are K x BLOCK (4 MiB each in
+# float32 for K = 4), not K x n (1 GiB for K = 4 and a 4096 x 16384 matrix). A power of two.
+BLOCK = 1 << 18
 
 
 def check_convention(params: dict) -> None:
@@ -44,15 +49,23 @@ def _magnitudes(x: torch.Tensor) -> torch.Tensor:
     return a.float() if a.device.type == "cpu" else a
 
 
-def topk_exact(x: torch.Tensor, density: float) -> torch.Tensor:
-    """x with all but its k = max(1, floor(density n)) largest |x| zeroed, the k chosen
-    by torch.argsort(|x|, descending=True) (mergekit's magnitude sparsification)."""
+def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The flat boolean mask of the k = max(1, floor(density n)) largest |x|, the k chosen
+    by torch.argsort(|x|, descending=True) (mergekit's magnitude sparsification); None when
+    every entry is kept (density >= 1, or x is empty)."""
     n = x.numel()
     if density >= 1 or n == 0:
-        return x
-    keep = torch.zeros(n, dtype=x.dtype, device=x.device)
-    keep[torch.argsort(_magnitudes(x), descending=True)[: max(1, int(density * n))]] = 1
-    return x * keep.reshape(x.shape)
+        return None
+    keep = torch.zeros(n, dtype=torch.bool, device=x.device)
+    keep[torch.argsort(_magnitudes(x), descending=True)[: max(1, int(density * n))]] = True
+    return keep
+
+
+def topk_exact(x: torch.Tensor, density: float) -> torch.Tensor:
+    """x with all but its top k entries (`topk_mask`) zeroed: x * 1 and x * 0 (signed
+    zeros), as a 0/1 float mask gives."""
+    keep = topk_mask(x, density)
+    return x if keep is None else x * keep.reshape(x.shape)
 
 
 def rank_window(x: torch.Tensor, bottom: int, top: int) -> torch.Tensor:
@@ -73,14 +86,33 @@ def l1_rescale(x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def disjoint_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """mergekit's TIES consensus on trimmed x[K, n] with weights p[K]: s = +1 where
-    sum_i p_i x_i >= 0 else -1, Delta = sum_{i: sign(p_i x_i) = s} p_i x_i / sum of
-    those p_i (0 where none agrees)."""
-    w = weights.to(x.dtype).reshape(-1, 1)
-    wx = x * w
-    positive = wx.sum(0) >= 0
-    agree = torch.where(positive, wx > 0, wx < 0).to(x.dtype)
-    num = (wx * agree).sum(0)
-    den = (w * agree).sum(0)
-    return num / torch.where(den == 0, torch.ones_like(den), den)
+def column_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering n columns: blocks of `block` columns starting at
+    multiples of `block`, the last one also taking the remainder (so no block is narrower
+    than `block` unless n is)."""
+    starts = list(range(0, n - n % block, block)) or [0]
+    return [(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
+
+
+def disjoint_mean(rows: Sequence[torch.Tensor], weights: torch.Tensor,
+                  masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """mergekit's TIES consensus on the K trimmed rows x_i = rows[i] * masks[i] (flat
+    tensors of n entries; a mask None keeps the row whole) with weights p[K]: s = +1 where
+    sum_i p_i x_i >= 0 else -1, Delta = sum_{i: sign(p_i x_i) = s} p_i x_i / sum of those
+    p_i (0 where none agrees). Coordinate by coordinate, so it runs on `column_blocks` of
+    BLOCK coordinates: the trimmed [K, n] stack and its temporaries exist one block at a
+    time, with the same bits as one pass over the whole stack (each block is wide and
+    starts at a multiple of a power of two, so torch sums each coordinate over K along the
+    same code path)."""
+    masks = list(masks) if masks is not None else [None] * len(rows)
+    w = weights.to(rows[0].dtype).reshape(-1, 1)
+    out = torch.empty(rows[0].numel(), dtype=rows[0].dtype, device=rows[0].device)
+    for s, e in column_blocks(out.numel(), BLOCK):
+        wx = torch.stack([r[s:e] if m is None else r[s:e] * m[s:e] for r, m in zip(rows, masks)])
+        wx.mul_(w)
+        positive = wx.sum(0) >= 0
+        agree = torch.where(positive, wx > 0, wx < 0).to(wx.dtype)
+        den = (w * agree).sum(0)
+        num = wx.mul_(agree).sum(0)
+        out[s:e] = num / torch.where(den == 0, torch.ones_like(den), den)
+    return out

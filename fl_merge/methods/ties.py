@@ -123,18 +123,23 @@ def ties_mergekit(
 ) -> StateDict:
     """TIES by mergekit's rules (`fl_merge.merging.conventions`), tensor by tensor as
     mergekit runs it: each client's tensor (after `transform`, DARE's masks) keeps exactly
-    its top k = max(1, floor(density n)) entries (`conventions.topk_exact`), then
-    `conventions.disjoint_mean` (an exact-0 sum elects +). Memory: K x the largest tensor."""
+    its top k = max(1, floor(density n)) entries (`conventions.topk_mask`), then
+    `conventions.disjoint_mean` (an exact-0 sum elects +), block by block. Memory per
+    tensor: the K clients' tensors in the work dtype (views of the inputs when they already
+    are), K boolean masks, one argsort (values and int64 indices) at a time, and [K, block]
+    temporaries."""
     ref = task_vectors[0]
     dtype = task_vectors_dtype(task_vectors)
     pw = weights.to(device=device, dtype=dtype)
     out = {}
     for key in ref:
-        rows = []
+        rows, masks = [], []
         for i, tv in enumerate(task_vectors):
             x = tv[key].reshape(-1).to(device=device, dtype=dtype)
-            rows.append(conventions.topk_exact(x if transform is None else transform(i, key, x), density))
-        out[key] = conventions.disjoint_mean(torch.stack(rows), pw)
+            rows.append(x if transform is None else transform(i, key, x))
+            masks.append(conventions.topk_mask(rows[-1], density))
+        out[key] = conventions.disjoint_mean(rows, pw, masks)
+        del rows, masks
     return streaming.to_output(out, ref)
 
 

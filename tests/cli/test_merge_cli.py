@@ -363,13 +363,24 @@ def _bad_cases(tmp, b, ms):
         "neither": (["--base", b, "--models", *ms, "--method", "fedavg"], "neither"),
         "config": ([bad_cfg], "lr"),
         "pickle": (["--base", tmp / "w.bin", "--models", *ms, *common], "torch pickle"),
+        # a sharded checkpoint whose index names a shard that is not there, or a shard
+        # that does not hold the tensor the index puts in it
+        "lost-shard": (["--base", b, "--models", ms[0], tmp / "lost", *common],
+                       "model-00002-of-00002.safetensors'] named in"),
+        "wrong-shard": (["--base", b, "--models", ms[0], tmp / "wrong", *common],
+                        "which does not hold it"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "keys", "shape", "method", "param", "both", "neither",
-                                  "config", "pickle"])
+                                  "config", "pickle", "lost-shard", "wrong-shard"])
 def test_bad_input_is_one_line_and_writes_nothing(pool, capsys, case):
     tmp, base, models, b, ms = pool
+    for name, shard in (("lost", 2), ("wrong", 1)):  # a sharded model missing one shard's worth
+        save_sharded(models[0], tmp / name)
+        (tmp / name / f"model-0000{shard}-of-00002.safetensors").unlink()
+    (tmp / "wrong" / "model-00001-of-00002.safetensors").write_bytes(
+        (tmp / "wrong" / "model-00002-of-00002.safetensors").read_bytes())
     save_file({n: v for n, v in models[0].items() if n != "enc.weight"}, str(tmp / "other.safetensors"))
     save_file({**models[0], "head.weight": torch.zeros(6, 3)}, str(tmp / "shape.safetensors"))
     (tmp / "w.bin").write_bytes(b"x")

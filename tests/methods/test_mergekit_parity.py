@@ -172,3 +172,18 @@ def test_report_measured_differences():
     """Prints the max |fl-merge - mergekit| per case and dtype (run with -s to see it)."""
     for name, value in sorted(MEASURED.items()):
         print(f"mergekit parity: {name}: {value:.3g}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.mk_method in ("ties", "dare_ties")], ids=lambda c: c.id)
+def test_parity_holds_when_the_consensus_runs_in_blocks(case, checkpoints, tmp_path, monkeypatch):
+    """conventions.disjoint_mean runs on blocks of BLOCK coordinates (the files' tensors are
+    a few of its blocks at 1 << 18); with blocks of 256 every tensor here spans several
+    blocks and a remainder, and the files stay equal to mergekit's whole-tensor ones."""
+    from fl_merge.merging import conventions
+
+    monkeypatch.setattr(conventions, "BLOCK", 256)
+    assert max(len(conventions.column_blocks(n, 256)) for n in (40, 960, 1536)) == 6
+    base, models = checkpoints["fp16"]
+    ours = run_ours(case, base, models, tmp_path / "ours.safetensors")
+    theirs = run_mergekit(case, base, models, torch.float16, tmp_path / "mergekit")
+    assert_parity(case, ours, theirs, [read(p) for p in (base, *models)])
