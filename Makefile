@@ -27,8 +27,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not deployment" --durations=25
 
-# Real SuperLink/SuperNode processes (loopback, network namespaces, killed processes; Flower's
-# fixed 30 s heartbeat makes each lost-node test wait ~1 min): ~10 min on 2 cores. CI runs both.
+# Real SuperLink/SuperNode processes (loopback, network namespaces, killed processes, cut links;
+# the lost-node tests use a 10 s heartbeat, so each waits ~20 s): ~8 min on 2 cores. CI runs both.
 test-deployment: $(STAMP)
 	$(PY) -m pytest -q -m deployment
 
