@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fl_merge.cli.launch import main as launch_main
-from fl_merge.deploy.processes import process_tree
+from fl_merge.deploy.processes import stop_group
 from fl_merge.engine.superlink import _free_port
 from fl_merge.io import results
 
@@ -45,14 +45,7 @@ def user_ray_cluster(monkeypatch):
             time.sleep(0.5)
         yield
     finally:
-        procs = process_tree(proc.pid)
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        stop_group(proc.pid, grace=15, wait=proc.wait, first=signal.SIGTERM)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
