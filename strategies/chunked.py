@@ -36,7 +36,7 @@ from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.round.scoring import grid_config
 from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure, short_reason
 from fl_merge.core.task_vectors import StateDict
-from .sending import _send, _send_each
+from .sending import _send, _send_each, state_record
 
 DROP_TIMEOUT = 60.0  # seconds to wait for the nodes' acknowledgements of chunk_drop
 
@@ -106,7 +106,7 @@ def chunked_train(strategy: Any, grid: Grid, theta0: StateDict, config: Mapping[
     for n in nodes:
         if n in refused:  # a plain client: today's whole-model message
             log(INFO, "node %s takes no chunked messages (%s): it gets whole-model messages", n, refused[n])
-            record = ArrayRecord(theta0)
+            record = state_record(theta0)
             traffic.add("whole-train", record_bytes(record))
             content = RecordDict({"arrays": record, "config": ConfigRecord(cfg)})
         else:

@@ -19,7 +19,7 @@ from fl_merge.round.settings import RoundSettings
 from fl_merge.round.tables import finetuned_scores
 from fl_merge.core.task_vectors import StateDict
 from .phases import Exchange
-from .sending import _bytes, _send
+from .sending import _bytes, _send, state_record
 
 
 def ensemble_phase(x: Exchange, st: RoundSettings, r: MergeRound, task_vectors: list[StateDict],
@@ -33,8 +33,8 @@ def ensemble_phase(x: Exchange, st: RoundSettings, r: MergeRound, task_vectors: 
     cfg = ConfigRecord({**x.config, PROTOCOL_KEY: PROTOCOL_VERSION, **ens.request_config(k)})
     msgs = []
     for c in r.clients:
-        content = RecordDict({s.arrayrecord_key: ArrayRecord({**r.theta0, **c.per_task}),
-                              **{f"{ens.MEMBER_PREFIX}{i}": ArrayRecord(tv) for i, tv in enumerate(task_vectors)},
+        content = RecordDict({s.arrayrecord_key: ArrayRecord({**state_record(r.theta0), **ArrayRecord(c.per_task)}),
+                              **{f"{ens.MEMBER_PREFIX}{i}": state_record(tv) for i, tv in enumerate(task_vectors)},
                               s.configrecord_key: cfg})
         msgs.append((c, Message(content=content, dst_node_id=c.node_id,
                                 message_type=f"{MessageType.EVALUATE}.{ens.ACTION}")))

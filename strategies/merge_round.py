@@ -83,7 +83,7 @@ def run_round(strategy: RoundMessages, grid: Grid, theta0: StateDict, train_conf
     st: RoundSettings = strategy.settings
     r = r if r is not None else new_round(st, theta0)
     x = Exchange(strategy, grid, evaluate_config, timeout,  # chunked messages need a spill folder
-                 SpillDir(st.spill_dir) if st.spill_dir is not None or st.chunk_bytes else None)
+                 SpillDir(st.spill_dir) if st.spilling else None)
     try:
         trained = train_step(x, st, r, train_config)
         deltas = merge_step(st, r, trained)
@@ -94,6 +94,7 @@ def run_round(strategy: RoundMessages, grid: Grid, theta0: StateDict, train_conf
         return r
     except MergeRoundError as e:
         e.partial = r  # what the round had when it stopped: the ServerApp's failure.json
+        r.close()  # a failed round writes no model: its kept files go now
         raise
     finally:  # spill files never outlive the round (clients' per-task parts are in memory)
         if x.spill is not None:
@@ -145,7 +146,8 @@ def merge_step(st: RoundSettings, r: MergeRound, trained: Trained) -> dict[str, 
                                    st.lines)
     check_enough(k, st.min_clients, candidate_methods(r.candidates), r.failures)  # e.g. Krum, K < 3
     deltas = merge_methods(candidate_methods(r.candidates), r.clients, trained.task_vectors, st.weighting,
-                           st.device, candidate_lines(r.candidates), theta0=r.theta0)
+                           st.device, candidate_lines(r.candidates), theta0=r.theta0, store=r.store,
+                           group_bytes=st.group_bytes)
     r.timings["aggregate-seconds"] = time.perf_counter() - trained.aggregate_start
     r.search = search_record(r.candidates, st.spaces, st.search, st.lambdas, k)
     if st.measure_heterogeneity:

@@ -46,7 +46,7 @@ from fl_merge.merging.personal import is_personal, own_delta
 from fl_merge.core.task_vectors import StateDict, split_extras
 from fl_merge.round.chunks import ChunkTraffic
 from .chunked import chunked_score_messages, chunked_train
-from .sending import _bytes, _send, _send_each
+from .sending import _bytes, _send, _send_each, state_record
 
 Scores = dict[str, dict[str, Part]]  # label -> task -> split -> {"etas", "accuracy", "loss"}
 # OneShotMerge's keyword arguments that are the round's settings (RoundSettings.build's)
@@ -136,7 +136,7 @@ class OneShotMerge(FedAvg):
         out = self.outcome
         if out.best_eta is None or out.personal(out.primary):  # EMR: one model per client, none shared
             return Result(arrays=ArrayRecord())
-        return Result(arrays=ArrayRecord(out.merged_state(out.best_eta)))
+        return Result(arrays=ArrayRecord(dict(out.merged_state(out.best_eta))))
 
     # ------------------------------------------------------------------ train
     def train(self, grid: Grid, theta0: StateDict, config: Mapping[str, Any], timeout: float,
@@ -149,7 +149,7 @@ class OneShotMerge(FedAvg):
             return chunked_train(self, grid, theta0, config, timeout, spill or SpillDir(), self.chunks)
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION,
                             "merge-keys": list(self.settings.merge_keys)})
-        messages = list(self.configure_train(1, ArrayRecord(theta0), cfg, grid))
+        messages = list(self.configure_train(1, state_record(theta0), cfg, grid))
 
         def settle(reply: Message) -> ClientUpdate | str:
             """A train reply as a ClientUpdate (weights and extras in a spill file when the
@@ -208,8 +208,8 @@ class OneShotMerge(FedAvg):
         (their Arrays are shared, not copied K times; a personal method's is the client's own)."""
         cfg = ConfigRecord({**config, PROTOCOL_KEY: PROTOCOL_VERSION, "server-round": 1,
                             **grid_config(grids, splits)})
-        base, records = shared or (ArrayRecord(theta0),
-                                   [ArrayRecord(own_delta(deltas[m], client.identity)) for m in grids])
+        base, records = shared or (state_record(theta0),
+                                   [state_record(own_delta(deltas[m], client.identity)) for m in grids])
         content = RecordDict({
             self.arrayrecord_key: ArrayRecord({**base, **ArrayRecord(client.per_task)}),
             **{delta_key(i): ArrayRecord(dict(r)) for i, r in enumerate(records)},
@@ -244,14 +244,14 @@ class OneShotMerge(FedAvg):
             if c.node_id in chunked or c.node_id in lost:  # lost: named below
                 continue
             if c.grid_eval:
-                base = base if base is not None else ArrayRecord(theta0)
+                base = base if base is not None else state_record(theta0)
                 records = []  # a personal method's (EMR) Delta is the client's own, never shared
                 for m in grids:
                     if is_personal(deltas[m]):
                         records.append(ArrayRecord(deltas[m].delta(c.identity)))
                         continue
                     if m not in shared:
-                        shared[m] = ArrayRecord(deltas[m])
+                        shared[m] = state_record(deltas[m])
                     records.append(shared[m])
                 sent.append((c, self.grid_message(c, theta0, deltas, grids, splits, config, (base, records)),
                              None))
@@ -350,8 +350,8 @@ class OneShotMerge(FedAvg):
                             **coef.request_config(coefs, blocks, config[coef.OBJECTIVE], with_vectors)})
         records: dict[str, Any] = {self.configrecord_key: cfg}
         if with_vectors:
-            records[coef.BASE] = ArrayRecord({**theta0, **client.per_task})
-            records.update({f"{coef.VECTOR_PREFIX}{i}": ArrayRecord(tv) for i, tv in enumerate(task_vectors)})
+            records[coef.BASE] = ArrayRecord({**state_record(theta0), **ArrayRecord(client.per_task)})
+            records.update({f"{coef.VECTOR_PREFIX}{i}": state_record(tv) for i, tv in enumerate(task_vectors)})
         return Message(content=RecordDict(records), dst_node_id=client.node_id, message_type=MessageType.QUERY)
 
 

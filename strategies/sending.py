@@ -8,13 +8,20 @@ pulls each reply on its own as it arrives and keeps only what a callback makes o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fl_merge.io.spill import release_freed_memory
+
+
+def state_record(state: Mapping[str, Any]) -> ArrayRecord:
+    """An ArrayRecord of any mapping of tensors: a large model's theta0, Deltas and task
+    vectors are memory-mapped mappings (fl_merge/io/spill.py), which Flower's ArrayRecord
+    takes only as a dict (of the mapped tensors: no copy until Flower serialises them)."""
+    return ArrayRecord(state if isinstance(state, dict) else {k: state[k] for k in state})
 
 
 def _bytes(content: RecordDict) -> int:

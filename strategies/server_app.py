@@ -37,6 +37,7 @@ from fl_merge.stats.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.deploy.processes import watch_parent
 from fl_merge.round.failures import FAILURE_FILE, failure_record, stopped_reason
+from fl_merge.io.spill import release_freed_memory
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
@@ -109,9 +110,12 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         strategy = OneShotMerge(settings=settings, fraction_train=1.0, fraction_evaluate=1.0,
                                 min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k)
         held["round"] = r = new_round(settings, theta0)  # what a failure record reports
+        del theta0  # a large model's now lives in r.store, memory-mapped: no copy held here
+        if settings.spilling:
+            release_freed_memory()
         try:
             wait_for_clients(grid, k, run.connect_timeout)
-            outcome = run_round(strategy, grid, theta0, cfg.train_config(), cfg.task_config(),
+            outcome = run_round(strategy, grid, r.theta0, cfg.train_config(), cfg.task_config(),
                                 run.round_timeout, r)
         except (MergeRoundError, ConfigError) as e:  # ConfigError: too few clients connected
             with writing:
@@ -121,17 +125,26 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         outcome.timings["total-seconds"] = time.perf_counter() - t0
         with writing:
             held["busy"] = True
-            phase(outcome, "write", settings.spill_dir is not None)
+            phase(outcome, "write", settings.spilling)
             write_outputs(out, outcome, cfg, run_id)
             held["done"] = True
     except Exception:
         stop_watch.set()
+        _close(held)
         raise
     except BaseException:  # Flower stops this process: record why; the watch stays armed,
         record_stop()  # in case Flower's shutdown hangs on the lost SuperLink
+        _close(held)
         raise
     stop_watch.set()
+    _close(held)  # the results are written: a large model's kept files go
     return outcome
+
+
+def _close(held: dict[str, Any]) -> None:
+    """Remove the files the round kept (a large model's theta0 and Deltas), if any."""
+    if held.get("round") is not None:
+        held["round"].close()
 
 
 def write_failure(out: Path, reason: str, r: MergeRound | None, replies_lost: bool = False) -> None:

@@ -110,10 +110,38 @@ def apply_update(
         raise MergeInputError(f"update has parameters the base model lacks: {unknown[:5]}")
     out: StateDict = {k: v.detach().clone() for k, v in base.items()}
     for k, d in delta.items():
-        b = base[k]
-        dtype = _work_dtype(b.dtype)
-        out[k] = (b.to(dtype) + eta * d.to(device=b.device, dtype=dtype)).to(b.dtype)
+        out[k] = updated_tensor(base[k], d, eta)
     return out
+
+
+def updated_tensor(b: torch.Tensor, d: torch.Tensor, eta: float) -> torch.Tensor:
+    """b + eta * d, computed in b's working dtype (float32 at least) and returned in b's
+    dtype and on b's device."""
+    dtype = _work_dtype(b.dtype)
+    return (b.to(dtype) + eta * d.to(device=b.device, dtype=dtype)).to(b.dtype)
+
+
+class UpdatedState(Mapping[str, torch.Tensor]):
+    """`apply_update(base, delta, eta)` one tensor at a time: each lookup computes that
+    tensor (same arithmetic), nothing is held, so a merged model of any size is written
+    tensor by tensor from (memory-mapped) theta0 and Delta. Unknown Delta keys are refused
+    at once, as apply_update refuses them."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], eta: float) -> None:
+        unknown = [k for k in delta if k not in base]
+        if unknown:
+            raise MergeInputError(f"update has parameters the base model lacks: {unknown[:5]}")
+        self._base, self._delta, self._eta = base, delta, float(eta)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        b = self._base[key]
+        return updated_tensor(b, self._delta[key], self._eta) if key in self._delta else b.detach().clone()
+
+    def __iter__(self):
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
 
 
 def check_task_vectors(

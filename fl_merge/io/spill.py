@@ -69,6 +69,9 @@ class MappedState(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
+    def __contains__(self, key: object) -> bool:  # without mapping the tensor
+        return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -182,6 +185,9 @@ class KeyView(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
+
     def __len__(self) -> int:
         return len(self._names)
 
@@ -203,6 +209,9 @@ class JoinedState(Mapping[str, torch.Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
 
     def __len__(self) -> int:
         return len(self._where)

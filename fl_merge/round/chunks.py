@@ -20,6 +20,9 @@ import torch
 from fl_merge.core.safetensors_writer import nbytes, plan_shards
 
 MIB = 1 << 20
+# How much of the task vectors a spilling round that is not chunked (spill=true alone) merges
+# at once (fl_merge/round/group_merge.py).
+DEFAULT_GROUP_BYTES = 256 * MIB
 
 # Config of a chunk message (server -> client) and of the messages that refer to chunks.
 SLOT_KEY = "chunk-slot"  # which node-local file set a group belongs to: theta0, delta-<i>, own, update

@@ -16,6 +16,8 @@ from fl_merge.merging.lines import lines_update
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.search import check_space_params
 from fl_merge.round.attacks import ATTACKS, AttackPlan
+from fl_merge.round.group_merge import DEFAULT_GROUP_BYTES, groupable, keep_on_disk, merge_in_groups
+from fl_merge.io.spill import SpillDir
 from fl_merge.stats.heterogeneity import heterogeneity_report
 from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, NUM_EXAMPLES
 from fl_merge.round.updates import ClientUpdate, MergeRoundError
@@ -160,30 +162,42 @@ def extras_for(method: str, clients: Sequence[ClientUpdate]) -> dict[str, list[S
 
 def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vectors: list[StateDict],
                   weighting: str, device: str = "cpu", lines: Mapping[str, Mapping[str, Any]] | None = None,
-                  theta0: StateDict | None = None) -> dict[str, StateDict]:
+                  theta0: StateDict | None = None, store: SpillDir | None = None,
+                  group_bytes: int = DEFAULT_GROUP_BYTES) -> dict[str, StateDict]:
     """label -> Delta = fl_merge.merge(method, task_vectors, ...), all from the same updates;
     `theta0` (the round's base model) for the methods defined on the models (slerp, karcher);
     a label in `lines` gets its LiNeS-scaled update (fl_merge/merging/lines.py), each
-    (method, params) merged once however many LiNeS settings scale it."""
+    (method, params) merged once however many LiNeS settings scale it.
+
+    store: large models (fl_merge/round/group_merge.py): every Delta is written there and
+    returned memory-mapped; a method that is itself on groups of whole tensors is merged
+    group by group (`group_bytes` of task vectors each), never a whole Delta in memory."""
     args = merge_arguments(clients, weighting)
     lines, unscaled, out = dict(lines or {}), {}, {}
     base = None
     if theta0 is not None and task_vectors:
         base = {k: theta0[k] for k in task_vectors[0] if k in theta0}
 
-    def delta(name: str, params: dict[str, Any]) -> StateDict:
-        return merge(name, task_vectors, args["weights"], args["local_steps"], names=args["names"],
-                     normalisers=args["normalisers"], device=device, extras=extras_for(name, clients),
-                     theta0=base, **params)
+    def delta(name: str, params: dict[str, Any], tvs=task_vectors, extras=None, base=base) -> StateDict:
+        return merge(name, tvs, args["weights"], args["local_steps"], names=args["names"],
+                     normalisers=args["normalisers"], device=device,
+                     extras=extras_for(name, clients) if extras is None else extras, theta0=base, **params)
 
-    for label, (name, params) in methods.items():
+    for i, (label, (name, params)) in enumerate(methods.items()):
+        if store is not None and task_vectors and groupable(name, params, label in lines):
+            out[label] = merge_in_groups(
+                lambda tvs, extras, b, name=name, params=params: delta(name, params, tvs, extras or None, b),
+                task_vectors, extras_for(name, clients), base, group_bytes, store, f"delta-{i}")
+            continue
         if label not in lines:
             out[label] = delta(name, params)
-            continue
-        key = (name, repr(sorted(params.items())))
-        if key not in unscaled:
-            unscaled[key] = delta(name, params)
-        out[label] = lines_update(name, unscaled[key], lines[label], task_vectors, args["weights"], params)
+        else:
+            key = (name, repr(sorted(params.items())))
+            if key not in unscaled:
+                unscaled[key] = delta(name, params)
+            out[label] = lines_update(name, unscaled[key], lines[label], task_vectors, args["weights"], params)
+        if store is not None:
+            out[label] = keep_on_disk(out[label], store, f"delta-{i}")
     return out
 
 

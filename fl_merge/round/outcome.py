@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from fl_merge.round.clock import PhaseClock
 from fl_merge.round.updates import ClientUpdate
-from fl_merge.core.task_vectors import StateDict, apply_update
+from fl_merge.core.task_vectors import StateDict, UpdatedState, apply_update
+from fl_merge.io.spill import SpillDir
 from fl_merge.merging.personal import is_personal, own_delta
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class MergeRound:
     # Chunked messages (run-config chunk-mib, fl_merge/round/chunks.py), when on: messages and
     # tensor bytes per kind, the largest message's tensor bytes.
     chunking: dict[str, Any] = field(default_factory=dict)
+    # Large models (run-config spill or chunk-mib): the folder that holds theta0 and every
+    # Delta as memory-mapped files until the results are written (`close`).
+    store: SpillDir | None = None
 
     @property
     def primary(self) -> str:
@@ -90,7 +94,15 @@ class MergeRound:
             raise ValueError(f"method '{label}' gives each client its own model, not one merged "
                              "model: merged_state(eta, method, client) is that client's")
         delta = self.deltas[label] if client is None else own_delta(self.deltas[label], client.identity)
+        if self.store is not None:  # large models: computed one tensor at a time when read
+            return UpdatedState(self.theta0, delta, eta)
         return apply_update(self.theta0, delta, eta)
+
+    def close(self) -> None:
+        """Remove the files the round kept on disk (theta0 and Deltas of a large model); the
+        round's Deltas cannot be read after this."""
+        if self.store is not None:
+            self.store.cleanup()
 
     def task_name(self, client: ClientUpdate) -> str:
         """tasks[partition id], 'client-<pid>' beyond the list, 'node-<id>' without an id."""
@@ -105,9 +117,13 @@ class MergeRound:
 def new_round(settings: RoundSettings, theta0: StateDict) -> MergeRound:
     """An empty round for `settings`: its methods
     (a copy: the round records each method's chosen setting there), etas, task names and
-    theta0 (cloned, unless the round spills: large models get no second copy; theta0 is
-    never modified)."""
-    return MergeRound(methods=dict(settings.methods), etas=list(settings.etas),
-                      task_names=settings.task_names,
-                      theta0={k: v.detach().clone() for k, v in theta0.items()}
-                      if settings.spill_dir is None else dict(theta0))
+    theta0. theta0 is never modified: a small model's is cloned; a large model's (the round
+    spills or chunks) is written to the round's `store` and read back memory-mapped, one
+    tensor at a time, so the ServerApp holds no copy of it between messages."""
+    r = MergeRound(methods=dict(settings.methods), etas=list(settings.etas), task_names=settings.task_names)
+    if not settings.spilling:
+        r.theta0 = {k: v.detach().clone() for k, v in theta0.items()}
+        return r
+    r.store = SpillDir(settings.spill_dir)
+    r.theta0 = dict(theta0) if not theta0 else r.store.write("theta0", theta0)
+    return r

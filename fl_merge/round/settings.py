@@ -19,6 +19,7 @@ from fl_merge.merging.search import LAMBDAS, is_grid
 from fl_merge.round import coefficients as coef
 from fl_merge.round.attacks import AttackPlan
 from fl_merge.round.candidates import Grid, check_search, check_weighting, method_spaces, parse_lines
+from fl_merge.round.chunks import DEFAULT_GROUP_BYTES
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher, parse_merge_keys
 from fl_merge.round.merging import Methods, given_params, label_methods
 from fl_merge.round.prescreen import check_prescreen
@@ -73,6 +74,18 @@ class RoundSettings:
     def is_merged(self) -> Callable[[str], bool]:
         """Whether a parameter name is merged (matches a merge-key pattern)."""
         return key_matcher(self.merge_keys)
+
+    @property
+    def spilling(self) -> bool:
+        """A large-model round (spill or chunk-mib): updates, task vectors, theta0 and the
+        Deltas live in memory-mapped files, not in the ServerApp's memory."""
+        return self.spill_dir is not None or self.chunk_bytes > 0
+
+    @property
+    def group_bytes(self) -> int:
+        """How many bytes of task vectors a large-model round merges at once: one chunk, or
+        DEFAULT_GROUP_BYTES when only spilling."""
+        return self.chunk_bytes or DEFAULT_GROUP_BYTES
 
     @property
     def fixed_methods(self) -> Methods:

@@ -87,15 +87,19 @@ def test_strategy_takes_the_settings_or_keywords_never_both():
         OneShotMerge(settings=st, etas=[1.0])
 
 
-def test_new_round_copies_methods_and_clones_theta0_unless_spilling():
+def test_new_round_copies_methods_and_clones_theta0_unless_spilling(tmp_path):
     theta0 = {"w": torch.ones(2)}
     st = RoundSettings.build(method="fedavg", etas=[1.0], task_names=["a", "b"])
     r = new_round(st, theta0)
     assert r.methods == st.methods and r.methods is not st.methods
     assert r.etas == [0.0, 1.0] and r.task_names == ["a", "b"]
     assert torch.equal(r.theta0["w"], theta0["w"]) and r.theta0["w"] is not theta0["w"]
-    spilling = new_round(RoundSettings.build(spill_dir="/tmp/x"), theta0)
-    assert spilling.theta0["w"] is theta0["w"]  # no second copy of a large model
+    spilling = new_round(RoundSettings.build(spill_dir=str(tmp_path)), theta0)
+    # no second copy of a large model in memory: theta0 is in the round's files, mapped
+    assert spilling.theta0.path.parent == spilling.store.path and spilling.store.path.parent == tmp_path
+    assert torch.equal(spilling.theta0["w"], theta0["w"])
+    spilling.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_apply_choice_records_eta_lambda_params_and_delta():

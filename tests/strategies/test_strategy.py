@@ -768,7 +768,11 @@ def test_spilled_round_equals_the_in_memory_round_and_an_independent_merge(tmp_p
     assert spilled.best_etas == plain.best_etas and spilled.rows == plain.rows
     for c, (w, _) in zip(spilled.clients, states):
         torch.testing.assert_close(c.per_task["head.weight"], w["head.weight"], rtol=0, atol=0)
-    assert list(tmp_path.iterdir()) == []  # the spill folder went with the round
+    # the round's updates and task vectors went with the round; theta0 and the Deltas stay
+    # on disk for the results until the round is closed
+    assert [p.name.startswith(".spill-") for p in tmp_path.iterdir()] == [True]
+    spilled.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_spilled_round_names_failed_and_malformed_clients_and_cleans_up(tmp_path):
@@ -780,6 +784,7 @@ def test_spilled_round_names_failed_and_malformed_clients_and_cleans_up(tmp_path
     torch.testing.assert_close(r.delta["backbone.w"], torch.full((3, 2), 2.0))
     reasons = {f["node_id"]: f["reason"] for f in r.failures}
     assert reasons == {12: "non-finite update in backbone.w", 13: "out of memory"}
+    r.close()
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(MergeRoundError, match="only 0 usable client update"):
         _run(OneShotMerge(method="fedavg", etas=[1.0], spill_dir=str(tmp_path)),
