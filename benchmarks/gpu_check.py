@@ -1,8 +1,13 @@
-"""The prepared GPU check (issue 17): three measurements, cuda against cpu side by side, in
+"""The prepared GPU check (issues 17 and 28): four measurements, cuda against cpu side by side, in
 at most about 8 minutes on one GPU. Run it through `benchmarks/gpu_check.sh [OUT_DIR]`.
 
   aggregation  fl_merge.merge of K=8 task vectors of --params float32 parameters, per method,
                best of 3 on cpu and on cuda: seconds and the cpu/cuda ratio;
+  chunked      a large-model round's merge (fl_merge/round/group_merge.py): the task vectors of
+               K=4 clients on disk (memory-mapped, as the ServerApp reads them), merged group
+               by group (--chunk-mib of task vectors per group, each group's Delta written to
+               disk at once) on each device, per method: seconds, the cpu/cuda ratio and the
+               largest |difference| between the two devices' Deltas;
   minilm       MiniLM-L6 fine-tuning steps per second (batch 32, 64 tokens, SGD) on cpu and on
                cuda: the ratio;
   vision8      one vision8 run (EfficientNet-Lite0, 8 clients x 200 steps, Task Arithmetic and
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -30,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("aggregation", "minilm", "vision8")
+PARTS = ("aggregation", "chunked", "minilm", "vision8")
+CHUNKED_METHODS = ("fedavg", "median", "ties", "tsv_m", "iso_c")  # coordinate-wise and per-matrix
+CHUNKED_PARAMS = {"ties": {"convention": "mergekit"}}  # per tensor: merged group by group
 METHODS = ("fedavg", "median", "trimmed_mean", "ties", "geometric_median", "fisher",
            # issue 26's methods: per-matrix SVD (tsv_m, iso_c, iso_cts), per-matrix Adam (wudi),
            # whole-vector order statistics (pcb), the mergekit family (della, sce, karcher)
@@ -98,6 +106,45 @@ def aggregation(devices: list[str], params: int, clients: int = 8) -> list[dict]
         row["ratio"] = row["seconds_0"] / row["seconds_1"]
         rows.append(row)
     return rows
+
+
+def chunked(devices: list[str], params: int, chunk_mib: float, out: Path, clients: int = 4) -> list[dict]:
+    """A large-model round's merge on each device: the task vectors written to disk and read
+    back memory-mapped (fl_merge.io.spill), each method merged group by group
+    (fl_merge.round.group_merge.merge_in_groups) with each group's Delta written to disk;
+    seconds per device (one run after a warm-up), the ratio and max |Delta_0 - Delta_1|."""
+    import torch
+
+    from fl_merge.io.spill import SpillDir
+    from fl_merge.methods import merge
+    from fl_merge.round.chunks import chunk_limit
+    from fl_merge.round.group_merge import merge_in_groups
+
+    g = torch.Generator().manual_seed(1)
+    side = min(1024, math.isqrt(max(params // 4, 1)))  # 1024 x 1024 layers; at least 4 groups' worth
+    layers = max(1, params // (side * side))
+    store = SpillDir(out)
+    try:
+        tvs = [store.write(f"tau-{i}", {f"layer{j}.weight": torch.randn(side, side, generator=g)
+                                        for j in range(layers)}) for i in range(clients)]
+        rows = []
+        for method in CHUNKED_METHODS:
+            kw = CHUNKED_PARAMS.get(method, {})
+            row: dict = {"part": "chunked", "method": method, "params": layers * side * side,
+                         "clients": clients, "chunk_mib": chunk_mib, "method_params": kw}
+            results = []
+            for i, device in enumerate(devices):
+                def run(d=device):
+                    return merge_in_groups(lambda t, e, b: merge(method, t, device=d, **kw), tvs, None, None,
+                                           chunk_limit(chunk_mib), store, f"{method}-{i}")
+                row[f"seconds_{i}"] = best_seconds(run, device, repeat=1)  # each run writes its Delta
+                results.append(run())
+            row["ratio"] = row["seconds_0"] / row["seconds_1"]
+            row["max_abs_diff"] = max(float((results[0][k] - results[1][k]).abs().max()) for k in results[0])
+            rows.append(row)
+        return rows
+    finally:
+        store.cleanup()
 
 
 def minilm(devices: list[str], steps: dict[str, int]) -> list[dict]:
@@ -171,6 +218,15 @@ def report(rows: list[dict], devices: list[str]) -> str:
         lines += [f"| {r['method']} | {r['seconds_0']:.3f} | {r['seconds_1']:.4f} | {r['ratio']:.1f}x |"
                   for r in agg]
         lines.append("")
+    big = [r for r in rows if r["part"] == "chunked"]
+    if big:
+        lines += [f"A large-model round's merge, group by group from memory-mapped task vectors, "
+                  f"K={big[0]['clients']}, {big[0]['params']:,} parameters, {big[0]['chunk_mib']:g} MiB "
+                  "groups, after one warm-up run:", "",
+                  f"| method | {a} s | {b} s | {a}/{b} | max abs diff |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['seconds_0']:.3f} | {r['seconds_1']:.4f} | {r['ratio']:.1f}x | "
+                  f"{r['max_abs_diff']:.2e} |" for r in big]
+        lines.append("")
     for r in (r for r in rows if r["part"] == "minilm"):
         lines += [f"MiniLM-L6 training, batch {r['batch']} x {r['tokens']} tokens: "
                   f"{r['steps_per_s_0']:.2f} steps/s on {a}, {r['steps_per_s_1']:.2f} on {b} "
@@ -189,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--devices", default="cpu,cuda", help="the two devices compared (first/second)")
     ap.add_argument("--params", type=int, default=20_000_000)
+    ap.add_argument("--chunked-params", type=int, default=16 * 1024 * 1024)
+    ap.add_argument("--chunk-mib", type=float, default=16.0)
     ap.add_argument("--minilm-steps", default="cpu=5,cuda=50")
     ap.add_argument("--vision8-steps", type=int, default=200)
     ap.add_argument("--client-gpus", type=float, default=0.25)
@@ -213,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "aggregation" in parts:
         rows += aggregation(devices, args.params)
+    if "chunked" in parts:
+        rows += chunked(devices, args.chunked_params, args.chunk_mib, out)
     if "minilm" in parts:
         rows += minilm(devices, steps)
     if "vision8" in parts:

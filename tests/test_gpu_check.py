@@ -33,15 +33,23 @@ def test_without_a_gpu_it_stops_with_one_line_and_writes_nothing(tmp_path):
 
 def test_bad_parts_are_refused(tmp_path):
     res = _run(tmp_path, "--parts", "aggregation,warp")
-    assert res.returncode == 2 and "--parts only aggregation, minilm, vision8 (got warp)" in res.stderr
+    assert res.returncode == 2 and "--parts only aggregation, chunked, minilm, vision8 (got warp)" in res.stderr
     res = _run(tmp_path, "--devices", "cpu,cpu", "--parts", "vision8")
     assert res.returncode == 2 and "vision8 part runs on cuda only" in res.stderr
 
 
 def test_the_report_from_the_cpu_path(tmp_path):
-    res = _run(tmp_path, "--devices", "cpu,cpu", "--parts", "aggregation", "--params", "20000")
+    res = _run(tmp_path, "--devices", "cpu,cpu", "--parts", "aggregation,chunked", "--params", "20000",
+               "--chunked-params", str(4 * 128 * 128), "--chunk-mib", "0.13")  # 128 x 128 layers, 2 per group
     assert res.returncode == 0, res.stderr
     rows = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    big = [r for r in rows if r["part"] == "chunked"]
+    assert [r["method"] for r in big] == ["fedavg", "median", "ties", "tsv_m", "iso_c"]
+    for r in big:  # the same code on the same device: identical Deltas
+        assert r["params"] == 4 * 128 * 128 and r["max_abs_diff"] == 0.0
+        assert r["seconds_0"] > 0 and r["seconds_1"] > 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    rows = [r for r in rows if r["part"] == "aggregation"]
     assert [r["method"] for r in rows] == ["fedavg", "median", "trimmed_mean", "ties",
                                            "geometric_median", "fisher", "tsv_m", "iso_c",
                                            "iso_cts", "wudi", "consensus", "pcb", "della",
@@ -52,3 +60,5 @@ def test_the_report_from_the_cpu_path(tmp_path):
         assert r["ratio"] == pytest.approx(r["seconds_0"] / r["seconds_1"])
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert report.startswith("# GPU check (cpu against cpu)") and "| ties |" in report
+    assert "group by group" in report
+
