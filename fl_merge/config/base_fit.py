@@ -1,7 +1,7 @@
 """Does a resolved config fit its base model theta0? The checks that need theta0's names and
 shapes: `merge-keys` select some of its parameters, LiNeS's pattern finds its layers, the
-SVD / least-squares methods find a 2-D weight, every tensor fits one chunked message
-(`chunk-mib`), and run-config `client-checkpoints` have its names and shapes (and step
+SVD / least-squares methods find a 2-D weight, every tensor (and RegMean's Gram matrices)
+fits one chunked message (`chunk-mib`), and run-config `client-checkpoints` have its names and shapes (and step
 information where a method needs it).
 
 One function, `check_fits_base`, run before any process starts (so a mistake is one line,
@@ -26,10 +26,10 @@ from fl_merge.core.safetensors_writer import DTYPES
 from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.io.checkpoints import Checkpoint
 from fl_merge.io.client_checkpoints import CheckpointClientError, check_client_checkpoints
-from fl_merge.merging.registry import check_model_fits
+from fl_merge.merging.registry import check_model_fits, get_method
 from fl_merge.round.base import ROLE
 from fl_merge.round.candidates import check_lines_layers
-from fl_merge.round.chunks import ChunkSizeError, chunk_groups, chunk_limit
+from fl_merge.round.chunks import ChunkSizeError, check_grams_fit, chunk_groups, chunk_limit
 from fl_merge.round.keys import MergeKeysError, check_merge_keys, key_matcher
 
 if TYPE_CHECKING:
@@ -93,8 +93,10 @@ def check_fits_base(cfg: ResolvedConfig, theta0: Mapping[str, torch.Tensor]) -> 
             check_model_fits(method, {k: tuple(theta0[k].shape) for k in merged})
         check_client_checkpoints(cfg.client_checkpoints, cfg.checkpoint_steps, theta0,
                                  key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)
-        if cfg.run.chunk_mib:  # every tensor must fit one chunked message
+        if cfg.run.chunk_mib:  # every tensor must fit one chunked message, a Gram matrix too
             chunk_groups(theta0, chunk_limit(cfg.run.chunk_mib))
+            if any("gram" in get_method(m).needs_extras for m, _ in cfg.methods):
+                check_grams_fit(theta0, merged, chunk_limit(cfg.run.chunk_mib))
     except (MergeKeysError, CheckpointClientError, MergeInputError, ChunkSizeError) as e:
         raise ConfigError(str(e)) from None
     return merged

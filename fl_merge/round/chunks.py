@@ -73,6 +73,21 @@ def chunk_groups(layout: Mapping[str, torch.Tensor], limit: int,
     return plan_shards(sizes, limit) if sizes else []
 
 
+def check_grams_fit(layout: Mapping[str, torch.Tensor], merged: list[str], limit: int) -> None:
+    """A client's RegMean statistics travel in its chunked update too: one float32 Gram
+    matrix [d_in, d_in] per merged 2-D weight [d_out, d_in] (clients/training.py
+    gram_matrices). ChunkSizeError, before any process starts, naming the weight whose Gram
+    is above the limit and the smallest chunk-mib that holds it."""
+    grams = [(k, 4 * int(layout[k].shape[1]) ** 2) for k in merged if layout[k].dim() == 2]
+    over = [(k, b) for k, b in grams if b > limit]
+    if over:
+        name, size = max(over, key=lambda kb: kb[1])
+        raise ChunkSizeError(
+            f"chunk-mib={limit / MIB:.6g} is smaller than the Gram matrix RegMean's clients send for "
+            f"'{name}' ([{layout[name].shape[1]}, {layout[name].shape[1]}] float32, {size / MIB:.6g} MiB): "
+            f"set chunk-mib to at least {smallest_chunk_mib(size):g}")
+
+
 @dataclass
 class ChunkTraffic:
     """What a chunked round exchanged: per kind of message (theta0, train, update, delta,

@@ -92,3 +92,16 @@ def test_chunking_with_whole_model_phases_is_one_line():
     with pytest.raises(ConfigError, match="^chunk-mib does not cover learn-coefficients or ensemble yet"):
         RunConfig.from_flower({"chunk-mib": 1, "ensemble": True}).resolve()
 
+
+
+def test_regmean_gram_matrices_must_fit_a_chunk_too(theta0):
+    # mnist-cnn's largest Linear is backbone.7.weight [128, 1568]: its clients' Gram is
+    # [1568, 1568] float32 = 1568 * 1568 * 4 = 9834496 bytes = 9.37890625 MiB
+    assert tuple(theta0["backbone.7.weight"].shape) == (128, 1568)
+    cfg = RunConfig.from_flower({"chunk-mib": 0.766, "method": "regmean"}).resolve()
+    with pytest.raises(ConfigError) as e:
+        check_fits_base(cfg, theta0)
+    assert str(e.value) == ("chunk-mib=0.766 is smaller than the Gram matrix RegMean's clients send for "
+                            "'backbone.7.weight' ([1568, 1568] float32, 9.37891 MiB): set chunk-mib to at least 9.379")
+    check_fits_base(RunConfig.from_flower({"chunk-mib": 9.379, "method": "regmean"}).resolve(), theta0)
+    check_fits_base(RunConfig.from_flower({"chunk-mib": 0.766, "method": "fedavg"}).resolve(), theta0)
