@@ -142,8 +142,8 @@ def _encoder(src: HFSource, config: Any, pretrained: bool) -> nn.Module:
 # --------------------------------------------------------------------------- dtype
 
 # A checkpoint saved in float16 or bfloat16 is built and loaded in that dtype (transformers
-# reads it from the config), so a 1 GB fp16 model is 1 GB in every process, not 2 GB of
-# float32. The backbone's features leave it as float32: the task head (nn.Linear) is
+# 5 reads it from config.json in from_pretrained and from_config; 4.x would make float32), so
+# a 1 GB fp16 model is 1 GB in every process, not 2 GB of float32. The backbone's features leave it as float32: the task head (nn.Linear) is
 # float32, and pooling or a loss in half precision would lose digits.
 
 
