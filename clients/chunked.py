@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,11 @@ def drop(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"chunk-dropped": 1})}), reply_to=msg)
 
 
-def theta0(config: Mapping[str, Any], context: Context) -> dict[str, torch.Tensor]:
-    """theta0 from its node-local groups (memory-mapped, in the server's order)."""
-    return dict(_read(chunk_folder(context), "theta0", int(config[THETA0_GROUPS])))
+def theta0(config: Mapping[str, Any], context: Context) -> Mapping[str, torch.Tensor]:
+    """theta0 from its node-local groups, in the server's order: a lazy mapping whose every
+    lookup maps that one tensor, unmapped when it is freed (so a client that walks the
+    tensors one at a time never holds all of theta0's pages)."""
+    return _read(chunk_folder(context), "theta0", int(config[THETA0_GROUPS]))
 
 
 def keep_update(config: Mapping[str, Any], context: Context, state: Mapping[str, torch.Tensor],
@@ -118,11 +121,12 @@ def keep_update(config: Mapping[str, Any], context: Context, state: Mapping[str,
     return {**metrics, REPLY_GROUPS: len(groups)}
 
 
-def scoring_inputs(config: Mapping[str, Any], context: Context) -> tuple[dict[str, torch.Tensor], list]:
+def scoring_inputs(config: Mapping[str, Any], context: Context) -> tuple[Mapping[str, torch.Tensor], list]:
     """(theta0 with this client's per-task parameters, a loader per Delta) from the node-local
-    groups a score message names."""
+    groups a score message names, all lazy (memory-mapped tensor by tensor)."""
     folder = chunk_folder(context)
-    state = {**_read(folder, "theta0", int(config[THETA0_GROUPS])),
-             **_read(folder, "own", int(config.get(OWN_GROUPS, 0)))}
+    # lazy, as theta0(): this client's own parameters over theta0's where both have a name
+    state = ChainMap(_read(folder, "own", int(config.get(OWN_GROUPS, 0))),
+                     _read(folder, "theta0", int(config[THETA0_GROUPS])))
     counts = [int(n) for n in config[DELTA_GROUPS]]
     return state, [lambda i=i, n=n: _read(folder, f"delta-{i}", n) for i, n in enumerate(counts)]

@@ -26,6 +26,7 @@ from .checkpoint_client import checkpoint_update
 from fl_merge.tasks.partitions import load_partitioned_task
 from fl_merge.tasks.registry import TaskData, load_task, task_fingerprint
 from .training import (
+    CandidateModel,
     LocalTrainConfig,
     fine_tune,
     mean_gradient,
@@ -320,8 +321,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         deltas = [lambda r=records[k]: r.to_torch_state_dict()
                   for k in ["delta", *(f"delta-{i}" for i in range(1, len(records)))] if k in records]
     if deltas:
-        metrics.update(score_grid(config, task, state, deltas,
-                                  lambda s: model_for_task(model_name, task, s, seed, device)))
+        metrics.update(score_grid(config, task, deltas, CandidateModel(model_name, task, state, seed, device)))
     else:
         split = str(config.get("split", "test"))
         if split not in ("val", "test"):

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from fl_merge.core.task_vectors import apply_update
 from fl_merge.models.evaluation import evaluate_examples
 from fl_merge.round.prescreen import FRACTION_KEY, first_fraction
 from fl_merge.round.protocol import CORRECT
@@ -32,14 +31,15 @@ def eta_grids(config: Mapping[str, Any], num_deltas: int) -> list[list[float]]:
     return [etas[a:a + n] for a, n in zip(starts, counts)]
 
 
-def score_grid(config: Mapping[str, Any], task: TaskData, state: Mapping[str, torch.Tensor],
+def score_grid(config: Mapping[str, Any], task: TaskData,
                deltas: Sequence[Callable[[], Mapping[str, torch.Tensor]]],
-               build: Callable[[Mapping[str, torch.Tensor]], torch.nn.Module]) -> dict[str, Any]:
+               candidate: Callable[[Mapping[str, torch.Tensor], float], torch.nn.Module]) -> dict[str, Any]:
     """Reply metrics: "<split>-accuracy"/"<split>-loss" lists, delta-major over each delta's
     etas, on config 'splits' (default val and test); with test among them also
-    "test-correct", every candidate's 0/1 per test example in that order. `build` makes the
-    task's model from a state dict; `deltas` are loaders, each called once, when its
-    turn comes (one Delta converted at a time)."""
+    "test-correct", every candidate's 0/1 per test example in that order.
+    `candidate(delta, eta)` gives the task's model at theta0 + eta * delta (one model, its
+    weights set in place: clients/training.py CandidateModel); `deltas` are loaders, each
+    called once, when its turn comes (one Delta converted at a time)."""
     splits = [str(s) for s in config.get("splits", ["val", "test"])]
     bad = [s for s in splits if s not in ("val", "test")]
     if bad or not splits:
@@ -53,7 +53,7 @@ def score_grid(config: Mapping[str, Any], task: TaskData, state: Mapping[str, to
     for load, etas in zip(deltas, grids):
         delta = load()
         for eta in etas:
-            model = None if eta == 0 and base else build(apply_update(state, delta, eta))
+            model = None if eta == 0 and base else candidate(delta, eta)
             for split in splits:
                 if eta == 0 and split in base:
                     acc, loss, right = base[split]

@@ -17,7 +17,8 @@ from torch.utils.data import TensorDataset
 
 from fl_merge.tasks.registry import TaskData
 from fl_merge.models.evaluation import evaluate
-from fl_merge.models.registry import TaskModel, build_model, is_merged_key
+from fl_merge.models.assign import assign_weights_
+from fl_merge.models.registry import HEAD_PREFIX, MERGED_PREFIX, TaskModel, build_model, is_merged_key
 from fl_merge.models.training import fit
 from fl_merge.round.keys import DEFAULT_MERGE_KEYS, key_matcher
 
@@ -37,6 +38,7 @@ class LocalTrainConfig:
 # L2 strength of the probe head: keeps its logits moderate, so fine-tuning starts from a
 # calibrated loss instead of huge gradients through an over-confident head.
 PROBE_L2 = 1e-2
+HEAD_WEIGHT = f"{HEAD_PREFIX}weight"
 
 
 @torch.no_grad()
@@ -74,14 +76,40 @@ def model_for_task(model_name: str, task: TaskData, state: Mapping[str, torch.Te
     """A TaskModel on `device` with `state` loaded. `state` must hold the backbone; if it also
     holds a head of the right shape that head is used, else a probe head is fitted."""
     model = build_model(model_name, task.num_classes).to(device)
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if is_merged_key(k)}
-    model.backbone.load_state_dict(backbone)
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    if head and tuple(head["weight"].shape) == tuple(model.head.weight.shape):
-        model.head.load_state_dict(head)
+    load_task_weights(model, task, state, seed)
+    return model
+
+
+def load_task_weights(model: TaskModel, task: TaskData, state: Mapping[str, torch.Tensor], seed: int,
+                      delta: Mapping[str, torch.Tensor] | None = None, eta: float = 0.0) -> None:
+    """Set `model` in place, tensor by tensor, to `state` (+ eta * `delta`: the candidate
+    apply_update(state, delta, eta)): its backbone from the "backbone." names, its head from
+    "head." names of the right shape, else a probe head fitted on the new backbone, as
+    model_for_task does for a new model."""
+    assign_weights_(model.backbone, state, MERGED_PREFIX, delta, eta, what="backbone")
+    shape = tuple(state[HEAD_WEIGHT].shape) if HEAD_WEIGHT in state else None
+    if shape == tuple(model.head.weight.shape):
+        assign_weights_(model.head, state, HEAD_PREFIX, delta, eta, what="head")
     else:
         fit_probe_head(model, task, seed)
-    return model
+
+
+class CandidateModel:
+    """One task model for every candidate theta0 + eta * Delta of a scoring message: built
+    on the first call, then reused, its weights set in place (load_task_weights) for each
+    (delta, eta); `model_for_task(apply_update(state, delta, eta))` without the new state
+    dict and the new model per candidate."""
+
+    def __init__(self, model_name: str, task: TaskData, state: Mapping[str, torch.Tensor],
+                 seed: int, device: torch.device | str = "cpu") -> None:
+        self.model_name, self.task, self.state, self.seed, self.device = model_name, task, state, seed, device
+        self.model: TaskModel | None = None
+
+    def __call__(self, delta: Mapping[str, torch.Tensor], eta: float) -> TaskModel:
+        if self.model is None:
+            self.model = build_model(self.model_name, self.task.num_classes).to(self.device)
+        load_task_weights(self.model, self.task, self.state, self.seed, delta, eta)
+        return self.model
 
 
 def fine_tune(model: TaskModel, task: TaskData, cfg: LocalTrainConfig) -> dict[str, float]:

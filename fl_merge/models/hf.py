@@ -139,6 +139,19 @@ def _encoder(src: HFSource, config: Any, pretrained: bool) -> nn.Module:
     return transformers.AutoModel.from_config(config)
 
 
+# --------------------------------------------------------------------------- dtype
+
+# A checkpoint saved in float16 or bfloat16 is built and loaded in that dtype (transformers
+# 5 reads it from config.json in from_pretrained and from_config; 4.x would make float32), so
+# a 1 GB fp16 model is 1 GB in every process, not 2 GB of float32. The backbone's features leave it as float32: the task head (nn.Linear) is
+# float32, and pooling or a loss in half precision would lose digits.
+
+
+def _weights_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (float32 when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 # --------------------------------------------------------------------------- text
 
 class SentenceEncoder(nn.Module):
@@ -166,6 +179,7 @@ class SentenceEncoder(nn.Module):
         device = next(self.encoder.parameters()).device
         mask = batch["attention_mask"].to(device)
         hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        hidden = hidden.float()  # pooled in float32 whatever the weights' dtype (module note above)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
@@ -228,9 +242,9 @@ class HFImageBackbone(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(pixel_values=self.adapter(x))
+        out = self.net(pixel_values=self.adapter(x).to(_weights_dtype(self.net)))
         pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+        return (pooled if pooled is not None else out.last_hidden_state[:, 0]).float()
 
 
 def image_feature_dim(vision: Any) -> int:

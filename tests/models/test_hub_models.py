@@ -192,3 +192,23 @@ def test_a_batchnorm_without_running_statistics_is_refused_by_name():
     net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(nn.BatchNorm2d(2, track_running_stats=False)))
     with pytest.raises(ValueError, match="cannot fold BatchNorm '1.0': it keeps no running statistics"):
         fold_batchnorm(net)
+
+
+def test_an_fp16_hf_image_model_stays_fp16_and_gives_float32_features(tmp_path):
+    """Pixels go in in the weights' dtype, features come out float32 (the head's dtype),
+    close to the same weights computed in float32."""
+    folder = tmp_path / "vit16"
+    _save_vit(folder).half().save_pretrained(folder)
+    name = f"hf:{folder}"
+    theta0 = pretrained_backbone(name)
+    assert {v.dtype for v in theta0.values()} == {torch.float16}
+    model = build_model(name, num_classes=2)
+    model.load_state_dict(theta0, strict=False)
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.float16}
+    reference = build_model(name, num_classes=2).float()
+    reference.load_state_dict({k: v.float() for k, v in theta0.items()}, strict=False)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats, want = model.backbone(x), reference.backbone(x)
+    assert feats.dtype == torch.float32 and torch.allclose(feats, want, atol=2e-2, rtol=2e-2)
+    assert model(x).dtype == torch.float32
