@@ -15,8 +15,10 @@ ever visible.
   that ``transformers.AutoModel.from_pretrained`` loads: the merged backbone under the source
   folder's own tensor names (fl-merge's ``backbone.encoder.`` / ``backbone.net.`` prefix
   replaced by the source's, `hf_names`), every source tensor the run's model does not hold
-  (a CLIP pair's text tower) copied as it is, model.safetensors or shards + index, and the
-  source's config.json, tokenizer and generation files (`merge_output.model_files`).
+  (a CLIP pair's text tower, a causal LM's lm_head) copied as it is, model.safetensors or
+  shards + index, and the source's config.json, tokenizer and generation files
+  (`merge_output.model_files`). Where the installed transformers renames the file's tensors
+  at load time, the run's tensors go under transformers' own module names instead.
 """
 
 from __future__ import annotations
@@ -124,26 +126,50 @@ def hf_names(source_keys: Sequence[str], theta0_keys: Sequence[str], merged_keys
             "give the hf: folder the run's model was built from") from None
 
 
+def transformers_names(folder: Path) -> list[str]:
+    """The state-dict names of transformers' AutoModel for `folder`'s config, as the installed
+    transformers names its modules (built on the meta device: no weights are read or made)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(config)
+    return list(model.state_dict())
+
+
 def write_hf_model(out: str | os.PathLike, source: str | os.PathLike, theta0: Tensors, delta: Tensors,
                    eta: float, metadata: Mapping[str, Any],
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """The Hugging Face model folder `out` (module docstring) for the ``hf:`` model whose
     folder is `source`: built whole in a temporary sibling and renamed into place. The
-    weights keep the source's tensor order; config.json's dtype entry is set when the merged
-    weights' dtype differs from the source's. Returns the files written."""
+    weights keep the source file's names and order, its tensors that the run does not hold
+    copied; where the installed transformers renamed the file's names at load time (ViT in
+    transformers 5: ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj``),
+    the run's tensors alone under transformers' own names, which it loads as they are.
+    config.json's dtype entry is set when the merged weights' dtype differs from the
+    source's. Returns the files written."""
     meta = {"format": "pt", **merged_metadata(metadata)}  # transformers wants format=pt
     check_delta(theta0, delta)
     source = Path(source)
     with Checkpoint(source, f"hf: folder {source}", pickles=True) as ck:
-        run_of = {s: k for k, s in hf_names(ck.keys, list(theta0), list(delta), source).items()}
+        try:
+            names = hf_names(ck.keys, list(theta0), list(delta), source)
+            order = list(ck.keys)  # the source file's tensors, the run's among them
+        except MergeInputError as e:
+            try:
+                names = hf_names(transformers_names(source), list(theta0), list(delta), source)
+            except MergeInputError:
+                raise e from None
+            order = list(names.values())  # the run's tensors only
+        run_of = {s: k for k, s in names.items()}
         specs = []
-        for s in ck.keys:
-            info = ck.info(s)
+        for s in order:
+            info = ck.info(s) if s in ck.keys else None
             if s not in run_of:
                 specs.append((s, DTYPES[info.dtype], info.shape))
                 continue
             spec = _spec(s, theta0[run_of[s]])
-            if spec[2] != info.shape:
+            if info is not None and spec[2] != info.shape:
                 raise MergeInputError(f"merged Hugging Face folder: '{run_of[s]}' has shape "
                                       f"{list(spec[2])} but {source}'s '{s}' has {list(info.shape)}")
             specs.append(spec)

@@ -174,6 +174,23 @@ def test_a_clip_pair_gets_its_merged_image_tower_and_its_own_text_tower(tmp_path
     _assert_weights(state, expected)
 
 
+def test_a_model_transformers_renames_at_load_is_written_under_transformers_names(tmp_path):
+    """transformers 5 loads ViT's file names (encoder.layer.0.attention.attention.query) into
+    renamed modules (layers.0.attention.q_proj): the folder holds the modules' own names."""
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=24,
+                                 num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    torch.manual_seed(0)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path / "vit")
+    theta0 = pretrained_backbone(f"hf:{tmp_path / 'vit'}")
+    delta = _random_delta(theta0, "")
+    write_hf_model(tmp_path / "out", tmp_path / "vit", theta0, delta, ETA, META)
+    state = _loads_cleanly(transformers.AutoModel, tmp_path / "out")
+    source = transformers.AutoModel.from_pretrained(str(tmp_path / "vit")).state_dict()
+    assert set(state) == set(source)
+    expected = {k: v + ETA * delta[f"backbone.net.{k}"] for k, v in source.items()}
+    _assert_weights(state, expected)
+
+
 class Failing(dict):
     def __getitem__(self, key):
         if key.endswith("layer.3.output.dense.weight"):
@@ -208,7 +225,20 @@ def test_names_or_shapes_that_do_not_fit_the_folder_are_one_line_before_anything
     assert not (tmp_path / "out").exists()
 
 
-def test_only_hf_models_have_a_folder():
+def test_only_hf_models_have_a_folder(monkeypatch):
+    import huggingface_hub
+
     assert hf_model_folder("mnist-cnn") is None
     assert hf_model_folder(f"hf:{_minilm()}") == _minilm()
+    cached = {"owner/minilm": str(_minilm())}  # stands in for the local Hugging Face cache
+
+    def snapshot(ref, local_files_only):
+        assert local_files_only  # never a download at write time
+        if ref not in cached:
+            raise huggingface_hub.errors.LocalEntryNotFoundError(ref)
+        return cached[ref]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert hf_model_folder("hf:owner/minilm") == _minilm()
+    assert hf_model_folder("hf:owner/absent") is None
     assert hf_folder_name("merged-ties.safetensors") == "merged-ties-hf"
