@@ -32,7 +32,10 @@ from fl_merge.config.flower_app import (
     split_run_config,
 )
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
+from fl_merge.io.checkpoints import parse_size
+from fl_merge.io.merged_writer import hf_folder_name, hf_model_folder, write_hf_model, write_merged_model
 from fl_merge.io.predictions import PREDICTIONS_FILE, save_predictions
+from fl_merge.merging.personal import own_delta
 from fl_merge.stats.report import run_figure
 from fl_merge.round.base import CheckpointError, load_checkpoint
 from fl_merge.deploy.processes import watch_parent
@@ -168,6 +171,7 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
     results.write_rows(out / results.RESULTS_FILE, r.rows, extra)
     (out / FAILURE_FILE).unlink(missing_ok=True)  # an earlier failed run in this directory
     heads = {r.task_name(c): c.per_task for c in r.clients}
+    shard, hf_folder = parse_size(cfg.run.max_shard_size), hf_model_folder(cfg.run.model)
     for i, (label, (name, params)) in enumerate(r.methods.items()):
         eta = r.best_etas[label]
         # No run id or time here: identical runs give identical files (run.json has them).
@@ -178,11 +182,13 @@ def write_outputs(out: Path, r: MergeRound, cfg: ResolvedConfig, run_id: Any) ->
                 task = r.task_name(c)
                 path = out / results.personal_model_file(label, task)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                results.save_merged_model(path, r.merged_state(eta, label, c), {task: c.per_task},
-                                          {**meta, "tasks": task})
+                write_merged_model(path, r.theta0, own_delta(r.deltas[label], c.identity), eta,
+                                   {task: c.per_task}, {**meta, "tasks": task}, shard)
             continue
-        results.save_merged_model(out / results.model_file(label, primary=i == 0),
-                                  r.merged_state(eta, label), heads, meta)
+        file = results.model_file(label, primary=i == 0)  # tensor by tensor, never a merged state
+        write_merged_model(out / file, r.theta0, r.deltas[label], eta, heads, meta, shard)
+        if hf_folder is not None:  # an hf: model: also a folder transformers loads (README)
+            write_hf_model(out / hf_folder_name(file), hf_folder, r.theta0, r.deltas[label], eta, meta, shard)
     if r.predictions:
         save_predictions(out / PREDICTIONS_FILE, r.predictions, r.best_etas)
     else:  # no stale file from an earlier run in the same directory

@@ -109,6 +109,8 @@ class RunConfig:
     # tensors (theta0, updates and Deltas cut into groups; fl_merge/round/chunks.py); implies
     # spill. 0: whole-model messages. docs/protocol.md "Chunked messages".
     chunk_mib: float = 0.0
+    # Above this size the merged model files are Hugging Face shards + index (5GB, 500MB, 2GiB).
+    max_shard_size: str = "5GB"
     # Heterogeneity measures in results (fl_merge/stats/heterogeneity.py): clients also send their gradient
     # at theta0, which doubles every train reply; false for large models through deployment.
     measure_heterogeneity: bool = True
@@ -231,6 +233,12 @@ class RunConfig:
         if self.chunk_mib and (self.learn_coefficients != "off" or self.ensemble):
             raise ConfigError("chunk-mib does not cover learn-coefficients or ensemble yet (their messages "
                               "hold whole models): set chunk-mib=0 or turn them off")
+        from fl_merge.io.checkpoints import parse_size
+
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("max shard size", "max-shard-size")) from None
         if not 0 <= self.min_clients <= k:
             raise ConfigError(f"min-clients must be in 0..num-clients={k}, got {self.min_clients}")
         for key in ("round-timeout", "connect-timeout"):
