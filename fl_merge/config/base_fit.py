@@ -23,7 +23,7 @@ import torch
 
 from fl_merge.config.parsing import ConfigError
 from fl_merge.core.safetensors_writer import DTYPES
-from fl_merge.core.task_vectors import MergeInputError
+from fl_merge.core.task_vectors import MergeInputError, vector_dtype
 from fl_merge.io.checkpoints import Checkpoint
 from fl_merge.io.client_checkpoints import CheckpointClientError, check_client_checkpoints
 from fl_merge.merging.registry import check_model_fits, get_method
@@ -95,6 +95,10 @@ def check_fits_base(cfg: ResolvedConfig, theta0: Mapping[str, torch.Tensor]) -> 
                                  key_matcher(cfg.merge_keys), [m for m, _ in cfg.methods], cfg.tasks)
         if cfg.run.chunk_mib:  # every tensor must fit one chunked message, a Gram matrix too
             chunk_groups(theta0, chunk_limit(cfg.run.chunk_mib))
+            # a Delta travels in its task vectors' dtype: float32 for an fp16/bf16 model
+            chunk_groups({k: torch.empty(theta0[k].shape, dtype=vector_dtype(theta0[k].dtype), device="meta")
+                          for k in merged if theta0[k].is_floating_point()},
+                         chunk_limit(cfg.run.chunk_mib), "the float32 merged update")
             if any("gram" in get_method(m).needs_extras for m, _ in cfg.methods):
                 check_grams_fit(theta0, merged, chunk_limit(cfg.run.chunk_mib))
     except (MergeKeysError, CheckpointClientError, MergeInputError, ChunkSizeError) as e:

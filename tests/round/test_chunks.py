@@ -105,3 +105,15 @@ def test_regmean_gram_matrices_must_fit_a_chunk_too(theta0):
                             "'backbone.7.weight' ([1568, 1568] float32, 9.37891 MiB): set chunk-mib to at least 9.379")
     check_fits_base(RunConfig.from_flower({"chunk-mib": 9.379, "method": "regmean"}).resolve(), theta0)
     check_fits_base(RunConfig.from_flower({"chunk-mib": 0.766, "method": "fedavg"}).resolve(), theta0)
+
+
+def test_an_fp16_models_float32_delta_must_fit_a_chunk_too():
+    # a [512, 512] fp16 weight is 0.5 MiB; its Delta (float32, as the task vectors) is 1 MiB
+    base = {"backbone.w": torch.empty((512, 512), dtype=torch.float16, device="meta"),
+            "backbone.b": torch.empty((512,), dtype=torch.float16, device="meta")}
+    cfg = RunConfig.from_flower({"chunk-mib": 0.6, "merge-keys": "backbone.*"}).resolve()
+    with pytest.raises(ConfigError) as e:
+        check_fits_base(cfg, base)
+    assert str(e.value) == ("chunk-mib=0.6 is smaller than the float32 merged update's tensor "
+                            "'backbone.w' (1048576 bytes, 1 MiB): set chunk-mib to at least 1")
+    check_fits_base(RunConfig.from_flower({"chunk-mib": 1.0, "merge-keys": "backbone.*"}).resolve(), base)
