@@ -139,8 +139,10 @@ def warm(paths: list[str]) -> None:
                 pass
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a child process. A child's ru_maxrss starts from
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GB, CPU seconds: user + system) of a child process. On a
+    shared machine the wall time follows the load; the CPU seconds much less so (they
+    count every thread's work, including spin-waiting ones). A child's ru_maxrss starts from
     the parent's resident set at fork, so the parent never imports torch nor holds data.
     The child's stderr (mergekit's progress bars) is kept aside and shown if it fails."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -154,7 +156,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
             raise SystemExit(f"{cmd[:4]} failed with exit code {proc.returncode}: " + "\n".join(tail))
-    return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+    return wall, usage.ru_maxrss * 1024 / 1e9, usage.ru_utime + usage.ru_stime  # maxrss: KiB
 
 
 def compare_outputs(ours: Path, theirs: Path) -> str:
@@ -191,33 +193,36 @@ def main() -> None:
         py, mergekit = sys.executable, str(Path(sys.executable).parent / "mergekit-pytorch")
         subprocess.run(["sync"], check=False)
         warm(paths)
-        start_t, _ = measure([py, "-c", "import fl_merge.cli.merge"])  # interpreter + torch import
-        mk_start_t, _ = measure([py, "-c", "import mergekit.scripts.merge_raw_pytorch"])
-        read_t, read_rss = measure([py, "-c", READ, *paths])
-        so_t, so_rss = measure([py, "-c", READ_SAFE_OPEN, *paths])
-        print(f"load: {os.getloadavg()}")
+        start_t, _, _ = measure([py, "-c", "import fl_merge.cli.merge"])  # interpreter + torch import
+        mk_start_t, _, _ = measure([py, "-c", "import mergekit.scripts.merge_raw_pytorch"])
+        read_t, read_rss, _ = measure([py, "-c", READ, *paths])
+        so_t, so_rss, _ = measure([py, "-c", READ_SAFE_OPEN, *paths])
+        print(f"load: {os.getloadavg()}; {os.cpu_count()} cores")
         print(f"start-up alone (python + imports): fl-merge {start_t:5.2f} s, mergekit {mk_start_t:5.2f} s")
         print(f"read K+1 files once (Checkpoint.get): {read_t:7.2f} s   peak RSS {read_rss:5.2f} GB")
         print(f"read once, safe_open + get_tensor + sum: {so_t:7.2f} s   peak RSS {so_rss:5.2f} GB")
         for method in args.method:
             ours, theirs = tmp / "merged.safetensors", tmp / "mergekit_out"
             params = METHODS[method][0]
-            merge_t, merge_rss = measure([py, "-m", "fl_merge.cli.merge", "--base", paths[0],
+            load = os.getloadavg()[0]
+            merge_t, merge_rss, merge_cpu = measure([py, "-m", "fl_merge.cli.merge", "--base", paths[0],
                                           "--models", *paths[1:], "--method", method,
                                           *(["--param", *params] if params else []),
                                           "--lambda", str(LAMBDA), "--out", str(ours)])
             config = tmp / f"mergekit_{method}.yaml"
             config.write_text(yaml.safe_dump(mergekit_config(method, paths[0], paths[1:])))
-            mk_t, mk_rss = measure([mergekit, str(config), str(theirs), "--quiet"])
+            mk_t, mk_rss, mk_cpu = measure([mergekit, str(config), str(theirs), "--quiet"])
             agree = compare_outputs(ours, theirs)
             for f in tmp.glob("merged*"):
                 f.unlink()
             shutil.rmtree(theirs)
-            print(f"{method} (fl-merge {' '.join(params) or 'defaults'}; lambda {LAMBDA}):")
-            print(f"  fl-merge merge:   {merge_t:7.2f} s   peak RSS {merge_rss:5.2f} GB")
-            print(f"  mergekit-pytorch: {mk_t:7.2f} s   peak RSS {mk_rss:5.2f} GB")
+            print(f"{method} (fl-merge {' '.join(params) or 'defaults'}; lambda {LAMBDA}; load "
+                  f"{load:.1f} before the pair, {os.getloadavg()[0]:.1f} after):")
+            print(f"  fl-merge merge:   {merge_t:7.2f} s   peak RSS {merge_rss:5.2f} GB   CPU {merge_cpu:7.2f} s")
+            print(f"  mergekit-pytorch: {mk_t:7.2f} s   peak RSS {mk_rss:5.2f} GB   CPU {mk_cpu:7.2f} s")
             print(f"  fl-merge/mergekit: time {merge_t / mk_t:.2f} (target <= 1), peak RSS "
-                  f"{merge_rss / mk_rss:.2f} (fl-merge's target <= 1.5 GB); time merge/read "
+                  f"{merge_rss / mk_rss:.2f} (fl-merge's target <= 1.5 GB); CPU {merge_cpu / mk_cpu:.2f}; "
+                  f"time merge/read "
                   f"{merge_t / read_t:.2f}")
             print(f"  {agree}")
         print(f"load: {os.getloadavg()}")

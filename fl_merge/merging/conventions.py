@@ -24,6 +24,7 @@ The rules, and where ours differ:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -52,13 +53,35 @@ def _magnitudes(x: torch.Tensor) -> torch.Tensor:
 def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor | None:
     """The flat boolean mask of the k = max(1, floor(density n)) largest |x|, the k chosen
     by torch.argsort(|x|, descending=True) (mergekit's magnitude sparsification); None when
-    every entry is kept (density >= 1, or x is empty)."""
+    every entry is kept (density >= 1, or x is empty). The sort runs in place on the fresh
+    magnitudes (torch.sort with out=, the kernel argsort calls: the same order, one
+    n-sized copy fewer)."""
     n = x.numel()
     if density >= 1 or n == 0:
         return None
+    mags = _magnitudes(x)  # a fresh tensor (abs copies): sorting it in place is safe
+    order = torch.empty(n, dtype=torch.int64, device=x.device)
+    torch.sort(mags, descending=True, out=(mags, order))
+    del mags
     keep = torch.zeros(n, dtype=torch.bool, device=x.device)
-    keep[torch.argsort(_magnitudes(x), descending=True)[: max(1, int(density * n))]] = True
+    keep[order[: max(1, int(density * n))]] = True
     return keep
+
+
+def topk_masks(rows: Sequence[torch.Tensor], density: float,
+               workers: int | None = None) -> list[torch.Tensor | None]:
+    """`topk_mask` of each row, `workers` rows at a time (default torch.get_num_threads()).
+
+    torch's CPU sort of one row runs on one core, and it is most of a TIES merge's time;
+    Python threads run the rows' sorts side by side (torch releases the GIL inside them).
+    Each mask is what `topk_mask` gives alone (the sort is a function of its row only).
+    Memory: `workers` sorts at once, 12 bytes per entry each (float32 magnitudes sorted in
+    place, int64 order)."""
+    workers = max(1, min(len(rows), workers or torch.get_num_threads()))
+    if workers == 1 or rows[0].device.type != "cpu":
+        return [topk_mask(r, density) for r in rows]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda r: topk_mask(r, density), rows))
 
 
 def topk_exact(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -103,16 +126,36 @@ def disjoint_mean(rows: Sequence[torch.Tensor], weights: torch.Tensor,
     BLOCK coordinates: the trimmed [K, n] stack and its temporaries exist one block at a
     time, with the same bits as one pass over the whole stack (each block is wide and
     starts at a multiple of a power of two, so torch sums each coordinate over K along the
-    same code path)."""
+    same code path). Every block reuses one set of buffers (written with out=): no
+    allocation, no page faults per block; the operations are mergekit's, in its order."""
     masks = list(masks) if masks is not None else [None] * len(rows)
-    w = weights.to(rows[0].dtype).reshape(-1, 1)
-    out = torch.empty(rows[0].numel(), dtype=rows[0].dtype, device=rows[0].device)
-    for s, e in column_blocks(out.numel(), BLOCK):
-        wx = torch.stack([r[s:e] if m is None else r[s:e] * m[s:e] for r, m in zip(rows, masks)])
+    dtype, device = rows[0].dtype, rows[0].device
+    k, n = len(rows), rows[0].numel()
+    w = weights.to(dtype).reshape(-1, 1)
+    out = torch.empty(n, dtype=dtype, device=device)
+    blocks = column_blocks(n, BLOCK)
+    width = max(e - s for s, e in blocks)
+    wx_buf, agree_buf = (torch.empty(k * width, dtype=dtype, device=device) for _ in range(2))
+    pos_buf, neg_buf = (torch.empty(k * width, dtype=torch.bool, device=device) for _ in range(2))
+    vote_buf, den_buf = (torch.empty(width, dtype=dtype, device=device) for _ in range(2))
+    positive_buf = torch.empty(width, dtype=torch.bool, device=device)
+    for s, e in blocks:
+        m = e - s
+        wx, agree = wx_buf[: k * m].view(k, m), agree_buf[: k * m].view(k, m)
+        pos, neg = pos_buf[: k * m].view(k, m), neg_buf[: k * m].view(k, m)
+        vote, den, positive = vote_buf[:m], den_buf[:m], positive_buf[:m]
+        for i, (r, mask) in enumerate(zip(rows, masks)):
+            if mask is None:
+                wx[i].copy_(r[s:e])
+            else:
+                torch.mul(r[s:e], mask[s:e], out=wx[i])
         wx.mul_(w)
-        positive = wx.sum(0) >= 0
-        agree = torch.where(positive, wx > 0, wx < 0).to(wx.dtype)
-        den = (w * agree).sum(0)
-        num = wx.mul_(agree).sum(0)
-        out[s:e] = num / torch.where(den == 0, torch.ones_like(den), den)
+        torch.ge(torch.sum(wx, 0, out=vote), 0, out=positive)
+        # agree_i = sign(p_i x_i) == s: x > 0 where the vote is >= 0, else x < 0
+        torch.where(positive, torch.gt(wx, 0, out=pos), torch.lt(wx, 0, out=neg), out=pos)
+        agree.copy_(pos)
+        torch.sum(wx.mul_(agree), 0, out=vote)  # the numerator, over the agreeing clients
+        torch.sum(agree.mul_(w), 0, out=den)
+        den.masked_fill_(torch.eq(den, 0, out=positive), 1)
+        torch.div(vote, den, out=out[s:e])
     return out

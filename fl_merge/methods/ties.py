@@ -126,18 +126,19 @@ def ties_mergekit(
     its top k = max(1, floor(density n)) entries (`conventions.topk_mask`), then
     `conventions.disjoint_mean` (an exact-0 sum elects +), block by block. Memory per
     tensor: the K clients' tensors in the work dtype (views of the inputs when they already
-    are), K boolean masks, one argsort (values and int64 indices) at a time, and [K, block]
-    temporaries."""
+    are), K boolean masks, one sort (float32 magnitudes and int64 order) per worker thread
+    (`conventions.topk_masks`: the K sorts run torch.get_num_threads() at a time), and
+    [K, block] buffers."""
     ref = task_vectors[0]
     dtype = task_vectors_dtype(task_vectors)
     pw = weights.to(device=device, dtype=dtype)
     out = {}
     for key in ref:
-        rows, masks = [], []
+        rows = []
         for i, tv in enumerate(task_vectors):
             x = tv[key].reshape(-1).to(device=device, dtype=dtype)
             rows.append(x if transform is None else transform(i, key, x))
-            masks.append(conventions.topk_mask(rows[-1], density))
+        masks = conventions.topk_masks(rows, density)
         out[key] = conventions.disjoint_mean(rows, pw, masks)
         del rows, masks
     return streaming.to_output(out, ref)
