@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,7 +137,8 @@ def run_config(app: str, inputs: dict, out: Path, args: argparse.Namespace) -> s
 
 def run_app(app: str, inputs: dict, work: Path, env: dict, args: argparse.Namespace) -> dict:
     out = work / f"{app}-out"
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # no earlier run's files (merged model, failure.json)
+    out.mkdir(parents=True)
     nodes = [f'partition-id={i} num-partitions={args.clients} checkpoint="{c}" cache-dir="{work / f"node{i}"}"'
              for i, c in enumerate(inputs["checkpoints"])]
     dep = LoopbackDeployment(work / f"{app}-deploy", env, args.limit_gib, args.interval)

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from deployment_large import BIN, _free_port, sample_tree, wall_marks
 from fl_merge.round.clock import PHASE_PATTERN
 
@@ -126,10 +128,23 @@ class LoopbackDeployment:
         return RunOutcome(ok, time.perf_counter() - t0, lines, wall_marks(seen), self.watchdog)
 
     def kill_all(self) -> None:
+        """SIGKILL every process group started here and every descendant (Flower's SuperExec
+        starts the ServerApp/ClientApps in a session of its own)."""
+        tree = []
+        for p in self.procs.values():
+            try:
+                tree += psutil.Process(p.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for p in self.procs.values():
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
+                pass
+        for child in tree:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
                 pass
 
     def close(self) -> None:
