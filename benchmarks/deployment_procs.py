@@ -36,6 +36,16 @@ def median_idle(samples: list[Sample], group: str) -> dict[str, float]:
     return {r: statistics.median(table.get((t, r), 0.0) for t in times) for r in roles}
 
 
+def settled(before: dict[str, dict[str, float]] | None, now: dict[str, dict[str, float]],
+            tolerance_mb: float) -> bool:
+    """Every group's summed idle RSS within `tolerance_mb` of the previous window's, and the
+    same roles present (a process that appeared or left: not settled)."""
+    if before is None or set(before) != set(now):
+        return False
+    return all(set(before[g]) == set(now[g]) and abs(sum(before[g].values()) - sum(now[g].values()))
+               <= tolerance_mb for g in now)
+
+
 @dataclass
 class RunOutcome:
     ok: bool
@@ -86,12 +96,21 @@ class LoopbackDeployment:
         time.sleep(settle)
         threading.Thread(target=self._sample, daemon=True).start()
 
-    def idle(self, seconds: float = 3.0) -> dict[str, dict[str, float]]:
-        """group -> role -> median RSS (MB) over the next `seconds` (nothing submitted)."""
-        t0 = time.time()
-        time.sleep(seconds)
-        window = [s for s in self.samples if s[0] >= t0]
-        return {g: median_idle(window, g) for g in self.procs}
+    def idle(self, seconds: float = 3.0, tolerance_mb: float = 10.0, wait: float = 120.0
+             ) -> dict[str, dict[str, float]]:
+        """group -> role -> median RSS (MB) over a `seconds` window (nothing submitted), once
+        every group has settled: its idle differs from the previous window's by at most
+        `tolerance_mb` (a SuperNode starts its SuperExec some seconds after it connects);
+        after `wait` seconds the last window is taken as it is."""
+        deadline, before = time.time() + wait, None
+        while True:
+            t0 = time.time()
+            time.sleep(seconds)
+            window = [s for s in self.samples if s[0] >= t0]
+            now = {g: median_idle(window, g) for g in self.procs}
+            if settled(before, now, tolerance_mb) or time.time() > deadline:
+                return now
+            before = now
 
     def _sample(self) -> None:
         while not self._stop.is_set():

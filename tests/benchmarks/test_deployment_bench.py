@@ -107,3 +107,13 @@ def test_markdown_table_has_a_row_per_process_and_the_run_outcomes():
     assert text[2] == "| ServerApp | <= 1.5x | 1.50x | write | 1.50x | write |"
     assert text[3] == "| SuperLink | <= 0.5x | 0.60x (over) | train | 0.60x (over) | train |"
     assert "12 s, finished" in text[4] and "stopped: watchdog at 16.2 GiB in phase train" in text[4]
+
+
+def test_idle_is_settled_only_when_every_group_holds_still_with_the_same_processes():
+    from deployment_procs import settled
+
+    a = {"n": {"supernode": 130.0, "superexec": 26.0}}
+    b = {"n": {"supernode": 131.0, "superexec": 125.0}}  # its SuperExec still starting
+    c = {"n": {"supernode": 132.0, "superexec": 127.0}}
+    assert not settled(None, a, 10) and not settled(a, b, 10) and settled(b, c, 10)
+    assert not settled({"n": {"supernode": 130.0}}, {"n": {"supernode": 130.0, "superexec": 0.0}}, 10)
