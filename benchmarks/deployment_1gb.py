@@ -108,9 +108,12 @@ def markdown(results: dict[str, dict], model_mb: float) -> str:
 def prepare(work: Path, args: argparse.Namespace) -> dict:
     """Model, checkpoints and tasks in `work`, built in a child process (this one stays small)."""
     dims = dims_for(args.size_gib, args.hidden)
-    if largest_tensor_bytes(dims) > args.chunk_mib * 2**20:
-        raise SystemExit(f"--chunk-mib {args.chunk_mib:g} is below the model's largest tensor "
-                         f"({largest_tensor_bytes(dims) / 2**20:.0f} MiB): give a larger --chunk-mib")
+    # fl-merge sends each Delta in float32 (twice the fp16 bytes) and refuses a chunk below
+    # its largest tensor only when the validation phase starts: checked here, before anything.
+    if largest_tensor_bytes(dims, 4) > args.chunk_mib * 2**20:
+        raise SystemExit(f"--chunk-mib {args.chunk_mib:g} is below the largest tensor of the model's "
+                         f"float32 Delta ({largest_tensor_bytes(dims, 4) / 2**20:.0f} MiB): give a larger "
+                         "--chunk-mib or a smaller --hidden")
     train, val, test = (int(x) for x in args.rows.split(","))
     code = ("import sys, json; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
             "from deployment_lm import build_lm, write_checkpoints, write_tasks; "
@@ -175,7 +178,7 @@ def main() -> None:
     parser.add_argument("--size-gib", type=float, default=1.25, help="the LM's fp16 size (nearest layer count)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--chunk-mib", type=float, default=128.0)
+    parser.add_argument("--chunk-mib", type=float, default=256.0)
     parser.add_argument("--rows", default="16,8,8", help="train,val,test rows per task")
     parser.add_argument("--apps", default="fl-merge,fedavg")
     parser.add_argument("--limit-gib", type=float, default=16.0, help="watchdog: summed RSS limit")

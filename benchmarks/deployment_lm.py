@@ -43,10 +43,10 @@ def dims_for(gib: float, hidden: int = 2048) -> dict[str, int]:
     return lm_dims(hidden, max(1, round((gib * 2**30 - base) / layer)))
 
 
-def largest_tensor_bytes(dims: dict[str, int]) -> int:
-    """fp16 bytes of the largest tensor (the embeddings or an MLP matrix)."""
+def largest_tensor_bytes(dims: dict[str, int], itemsize: int = 2) -> int:
+    """Bytes of the largest tensor (the embeddings or an MLP matrix), fp16 by default."""
     h, i, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
-    return 2 * max(v * h, h * i)
+    return itemsize * max(v * h, h * i)
 
 
 def build_lm(folder: Path, dims: dict[str, int], seed: int = 0) -> int:
