@@ -7,8 +7,8 @@ with node-config checkpoint=<its fine-tuned checkpoint>) runs one round:
 
 * fl-merge: its ServerApp with checkpoint clients (no training), chunked messages
   (`chunk-mib`), spill, task_arithmetic at one eta, scoring on tiny CSV text tasks; the model
-  is `hf:<the LM's folder>` with float32 features (benchmarks/deployment_lm_plugin.py: an
-  fp16 `hf:` model fails on the float32 task head today);
+  is `hf:<the LM's folder>` (fp16 kept: fl_merge/models/hf.py pools its features in float32
+  for the task head);
 * fedavg: Flower's `flwr.serverapp.strategy.FedAvg`, one round, sending the same model to K
   plain ClientApps that return their checkpoint and evaluate the averaged model
   (benchmarks/deployment_fedavg_app), the baseline a Flower user has.
@@ -133,7 +133,7 @@ def run_config(app: str, inputs: dict, out: Path, args: argparse.Namespace) -> s
     lm = Path(inputs["checkpoints"][0]).parent / "lm"
     if app == "fedavg":
         return f'base="{lm / "model.safetensors"}" output="{out / "fedavg.safetensors"}"'
-    return (f'num-clients={args.clients} model="bench-lm" plugins="deployment_lm_plugin" tasks="{",".join(inputs["tasks"])}" '
+    return (f'num-clients={args.clients} model="hf:{lm}" tasks="{",".join(inputs["tasks"])}" '
             f'spill=true chunk-mib={args.chunk_mib:g} measure-heterogeneity=false '
             f'method="task_arithmetic" etas="1" cache=false output-dir="{out}" {args.run_config}')
 
@@ -203,7 +203,7 @@ def main() -> None:
           f"{lm_params(inputs['dims']) / 1e6:.0f}M params, {model_mb:.0f} MiB fp16; K={args.clients}; "
           f"chunk {args.chunk_mib:g} MiB; work {work}", flush=True)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
-           "FL_MERGE_CACHE": str(work / "cache"), "FL_MERGE_BENCH_LM": str(work / "lm"),
+           "FL_MERGE_CACHE": str(work / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(Path(__file__).resolve().parent),
                                                        os.environ.get("PYTHONPATH")])),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
