@@ -430,7 +430,7 @@ PLAUSIBLE = {
     "learn-coefficients": ["off", "task", "block"], "coef-rounds": [1, 5], "coef-lr": [0.05, 1],
     "coef-objective": ["supervised", "entropy"], "greedy-soup": [True, False],
     "prescreen": [0, 0.25, 1.5], "finalists": [1, 3, 0], "spill": [True, False],
-    "chunk-mib": [0.0, 0.8, 64.0],
+    "chunk-mib": [0.0, 0.8, 64.0], "max-shard-size": ["5GB", "40KB", "1.5GB", "0"],
     "measure-heterogeneity": [True, False], "ensemble": [True, False],
     "test-all-etas": [True, False, "true"], "local-steps": ["10", 5, "1..5", "10,20,30,40"],
     "lr": ["0.01", 0.1, "0.003..0.03"], "batch-size": ["32", 16, "16..64"], "seed": [0, 3],
