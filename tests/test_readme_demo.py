@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TITLE = "fl-merge: test accuracy per task"
 
 
-def readme_table(text: str) -> list[str]:
-    """The lines of the README's fenced block that starts with the demo's title."""
+def readme_tables(text: str) -> list[list[str]]:
+    """The lines of each of the README's fenced blocks that start with the demo's title (one
+    per CPU family it was measured on: their kernels round differently)."""
     blocks, block = [], None
     for line in text.splitlines():
         if line.startswith("```") and block is None:  # a fence opens a block ...
@@ -29,8 +30,8 @@ def readme_table(text: str) -> list[str]:
         elif block is not None:
             block.append(line)
     found = [b for b in blocks if b and b[0].startswith(TITLE)]
-    assert len(found) == 1, f"README.md has {len(found)} demo tables starting with {TITLE!r}"
-    return found[0]
+    assert 1 <= len(found) <= 2, f"README.md has {len(found)} demo tables starting with {TITLE!r}"
+    return found
 
 
 def printed_table(stdout: str) -> list[str]:
@@ -43,19 +44,19 @@ def printed_table(stdout: str) -> list[str]:
 
 def test_readme_table_is_parsed_from_its_block():
     text = "```bash\nmake demo\n```\nx\n```\n" + TITLE + " (a)\ntask  base\nmean  0.5\nnormalized  -\n```\n```\nother\n```\n"
-    assert readme_table(text) == [TITLE + " (a)", "task  base", "mean  0.5", "normalized  -"]
+    assert readme_tables(text) == [[TITLE + " (a)", "task  base", "mean  0.5", "normalized  -"]]
     run = "log\n" + TITLE + " (a)\ntask  base\nnormalized  -\n\nresults: out\n"
     assert printed_table(run) == [TITLE + " (a)", "task  base", "normalized  -"]
 
 
 def test_the_readme_demo_reproduces(tmp_path):
     readme = (ROOT / "README.md").read_text()
-    expected = readme_table(readme)
+    expected = readme_tables(readme)
     out = subprocess.run([sys.executable, "-m", "fl_merge.cli.launch", "--run-config",
                           f"output-dir={tmp_path / 'demo'}"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert printed_table(out.stdout) == expected, (
+    assert printed_table(out.stdout) in expected, (
         "the default demo no longer prints README.md's table: re-measure it (`make demo`) and "
         "update the README\n" + "\n".join(printed_table(out.stdout)))
     chosen = re.search(r"task_arithmetic: lambda=([0-9.]+) \(eta=([0-9.]+)\), chosen on validation",
