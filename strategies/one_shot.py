@@ -40,7 +40,7 @@ from fl_merge.round.scoring import (
     Grids, Part, assemble_plain, candidate_state, delta_key, grid_config, parse_grid_reply, plain_answer,
     plain_requests)
 from fl_merge.round.failures import no_reply_reason
-from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure
+from fl_merge.round.updates import ClientUpdate, MergeRoundError, failure, reported_task_name
 from fl_merge.io.spill import SpillDir, split_extras_lazy
 from fl_merge.merging.personal import is_personal, own_delta
 from fl_merge.core.task_vectors import StateDict, split_extras
@@ -180,8 +180,8 @@ class OneShotMerge(FedAvg):
 
     def unpack(self, msg: Message, spill: SpillDir | None = None) -> ClientUpdate:
         """A train reply as a ClientUpdate: exactly one ArrayRecord (weights, plus any
-        "extra.<name>." arrays) and one MetricRecord holding num-examples; errors name the
-        node. With a `spill` folder (fl_merge.io.spill.SpillDir) the arrays go to a spill file
+        "extra.<name>." arrays) and one MetricRecord holding num-examples, optionally a
+        ConfigRecord with the client's `task-name`; errors name the node. With a `spill` folder (fl_merge.io.spill.SpillDir) the arrays go to a spill file
         and the update reads them from there (memory-mapped, the same values)."""
         content, node = msg.content, msg.metadata.src_node_id
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -191,12 +191,13 @@ class OneShotMerge(FedAvg):
         metrics = dict(next(iter(content.metric_records.values())))
         if NUM_EXAMPLES not in metrics:
             raise MergeRoundError(f"node {node} sent no '{NUM_EXAMPLES}' metric")
+        task = reported_task_name(content.config_records, node)
         record = next(iter(content.array_records.values()))
         if spill is None:
             state, extras = split_extras(record.to_torch_state_dict())
         else:
             state, extras = split_extras_lazy(spill.write_arrays(f"node-{node}", record))
-        return ClientUpdate(node, metrics, state, extras=extras)
+        return ClientUpdate(node, metrics, state, extras=extras, task=task)
 
     # ---------------------------------------------------------------- evaluate
     def grid_message(self, client: ClientUpdate, theta0: StateDict, deltas: Mapping[str, StateDict],

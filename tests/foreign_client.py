@@ -9,7 +9,7 @@ on config "split" (val or test; a client may ignore it) and replies accuracy and
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 DIM, HIDDEN, CLASSES = 8, 16, 3
@@ -67,7 +67,9 @@ def train(msg: Message, context: Context) -> Message:
     seed = _seed(context)
     weights = local_fit(msg.content["arrays"].to_torch_state_dict(), seed)
     metrics = {"num-examples": len(dataset(seed, "train")[1]), "data-seed": seed}
-    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    # its own task name (a string: a ConfigRecord, since a MetricRecord holds numbers only)
+    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics),
+                          "meta": ConfigRecord({"task-name": f"blobs-{seed}"})})
     return Message(content, reply_to=msg)
 
 

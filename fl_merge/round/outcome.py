@@ -105,7 +105,10 @@ class MergeRound:
             self.store.cleanup()
 
     def task_name(self, client: ClientUpdate) -> str:
-        """tasks[partition id], 'client-<pid>' beyond the list, 'node-<id>' without an id."""
+        """The client's own `task-name` when it replied one, else tasks[partition id],
+        'client-<pid>' beyond the list, 'node-<id>' without an id."""
+        if client.task is not None:
+            return client.task
         pid = client.partition_id
         if pid is None:
             return f"node-{client.node_id}"

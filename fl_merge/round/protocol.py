@@ -23,6 +23,9 @@ PARTITION_ID = "partition-id"  # names the client's task (task list index)
 FINETUNED_VAL_ACCURACY = "finetuned-val-accuracy"  # for normalized validation accuracy
 FINETUNED_ACCURACY = "finetuned-accuracy"  # the client's own model on its test split
 FINETUNED_LOSS = "finetuned-loss"
+# Optional, in a ConfigRecord of the train reply (a MetricRecord holds numbers only): the
+# client's own name for its task; it names the client in every result in place of tasks=.
+TASK_NAME = "task-name"
 
 # Plain evaluation: config entry saying which split to score, reply metric names.
 SPLIT_KEY = "split"

@@ -15,7 +15,7 @@ import torch
 
 from fl_merge.merging.registry import check_method_params
 from fl_merge.io.client_checkpoints import CHECKPOINT_METRIC, CheckpointClientError, check_step_info
-from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, PARTITION_ID, speaks_grid
+from fl_merge.round.protocol import FEDNOVA_A, LOCAL_STEPS, PARTITION_ID, TASK_NAME, speaks_grid
 from fl_merge.core.task_vectors import MergeInputError, StateDict, one_line, task_vector
 
 
@@ -36,6 +36,7 @@ class ClientUpdate:
     per_task: StateDict = field(default_factory=dict)  # its non-merged parameters (head)
     extras: dict[str, StateDict] = field(default_factory=dict)  # e.g. {"fisher": {...}}
     chunked: bool = False  # holds theta0 in node-local chunks: scored with chunked messages
+    task: str | None = None  # the client's own name for its task (reply config `task-name`)
 
     @property
     def partition_id(self) -> int | None:
@@ -45,7 +46,9 @@ class ClientUpdate:
     @property
     def label(self) -> str:
         pid = self.partition_id
-        return f"node {self.node_id}" + (f" (partition {pid})" if pid is not None else "")
+        named = f"task {self.task}" if self.task is not None else None
+        within = ", ".join(x for x in (f"partition {pid}" if pid is not None else None, named) if x)
+        return f"node {self.node_id}" + (f" ({within})" if within else "")
 
     @property
     def identity(self) -> str:
@@ -53,12 +56,44 @@ class ClientUpdate:
         else the node id (a foreign client without partition-id). DARE keys its random masks
         by it, so merged results never depend on node ids or reply order."""
         pid = self.partition_id
-        return f"partition {pid}" if pid is not None else f"node {self.node_id}"
+        if pid is not None:
+            return f"partition {pid}"
+        return f"task {self.task}" if self.task is not None else f"node {self.node_id}"
 
     @property
     def grid_eval(self) -> bool:
         """The client announced the grid evaluation capability (fl_merge.round.protocol)."""
         return speaks_grid(self.metrics)
+
+
+def reported_task_name(configs: Mapping[str, Mapping[str, Any]], node: int) -> str | None:
+    """The `task-name` a train reply's ConfigRecords (name -> record) give, None when none
+    does; MergeRoundError for one that is not a non-empty single-line string without spaces
+    at either end, or two records naming different tasks."""
+    names = {r[TASK_NAME] for r in configs.values() if TASK_NAME in r}
+    if not names:
+        return None
+    if len(names) > 1:
+        raise MergeRoundError(f"node {node} replied two task names, {', '.join(sorted(map(repr, names)))}; "
+                              "reply one")
+    (name,) = names
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or "\n" in name:
+        raise MergeRoundError(f"node {node} replied {TASK_NAME}={name!r}; it must be a non-empty "
+                              "string on one line, without spaces at either end")
+    return name
+
+
+def check_distinct_tasks(clients: Sequence[ClientUpdate]) -> None:
+    """MergeRoundError when two usable clients replied the same `task-name` (the results are
+    keyed by task, so one would hide the other)."""
+    seen: dict[str, str] = {}
+    for c in clients:
+        if c.task is None:
+            continue
+        if c.task in seen:
+            raise MergeRoundError(f"{seen[c.task]} and {c.label} both replied {TASK_NAME}={c.task!r}; "
+                                  "each client's task needs its own name")
+        seen[c.task] = c.label
 
 
 def short_reason(reason: str) -> str:
@@ -89,7 +124,8 @@ def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.
     if not merged_keys:
         raise MergeRoundError("the initial model has no merged parameters (check merge-keys)")
     clients, task_vectors, failures = [], [], []
-    order = sorted(updates, key=lambda c: (math.inf if c.partition_id is None else c.partition_id, c.node_id))
+    order = sorted(updates, key=lambda c: (math.inf if c.partition_id is None else c.partition_id,
+                                           c.task or "", c.node_id))
     for c in order:
         try:
             tv = (task_vector(c.state, theta0, merged_keys) if spill is None
@@ -105,6 +141,7 @@ def collect_updates(updates: Sequence[ClientUpdate], theta0: Mapping[str, torch.
                       for k in c.state if not is_merged(k)}
         clients.append(c)
         task_vectors.append(tv)
+    check_distinct_tasks(clients)
     return clients, task_vectors, failures
 
 

@@ -1,6 +1,7 @@
 """A ClientApp written only against flwr (tests/foreign_client.py: no fl_merge import, its own
 parameter names and data) completes a round with the fl-merge ServerApp through `flwr run`;
-the scores it reports for the chosen model are those of the saved model. (One round: the same
+the scores it reports for the chosen model are those of the saved model, and its clients are
+named by the task names they reply. (One round: the same
 checks on an in-process run_simulation round proved nothing more and cost a Flower start-up.)"""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _check_outputs(out: Path) -> None:
     and the reported test accuracy at the chosen eta is the test's own evaluation of it."""
     run = json.loads((out / results.RUN_FILE).read_text())
     seeds = {c["task"]: int(c["data-seed"]) for c in run["clients"]}
-    assert sorted(seeds.values()) == [0, 1] and not any(c["grid-eval"] for c in run["clients"])
+    # each client named its task in its reply (no partition-id, no tasks=): those names
+    assert seeds == {"blobs-0": 0, "blobs-1": 1} and not any(c["grid-eval"] for c in run["clients"])
     assert run["selection"] == "mean validation accuracy"  # no fine-tuned accuracies reported
     assert any("sent no finetuned-val-accuracy" in n for n in run["notes"])
     assert run["failures"] == []
