@@ -116,9 +116,10 @@ def apply_update(
 
 def updated_tensor(b: torch.Tensor, d: torch.Tensor, eta: float) -> torch.Tensor:
     """b + eta * d, computed in b's working dtype (float32 at least) and returned in b's
-    dtype and on b's device."""
-    dtype = _work_dtype(b.dtype)
-    return (b.to(dtype) + eta * d.to(device=b.device, dtype=dtype)).to(b.dtype)
+    dtype and on b's device, with one temporary: eta * d in the working dtype, then b added
+    into it (addition commutes: the same bits as (b + eta * d))."""
+    out = d.to(device=b.device, dtype=_work_dtype(b.dtype), copy=True).mul_(eta)
+    return out.add_(b).to(b.dtype)
 
 
 class UpdatedState(Mapping[str, torch.Tensor]):

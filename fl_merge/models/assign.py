@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fl_merge.core.task_vectors import MergeInputError, vector_dtype
+from fl_merge.core.task_vectors import MergeInputError, updated_tensor
 
 BLOCK = 1 << 22  # elements per step of theta0 + eta * Delta: 16 MiB of float32
 
@@ -33,7 +33,7 @@ class WeightNamesError(ValueError):
 def assign_tensor_(target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor | None = None,
                    eta: float = 0.0, block: int = BLOCK) -> None:
     """target <- base + eta * delta (just base when delta is None), elementwise: computed in
-    vector_dtype(base.dtype) on base's device, rounded to base's dtype, copied into target
+    vector_dtype(base.dtype) on base's device (`updated_tensor`), rounded to base's dtype, copied into target
     (cast to target's dtype and device). Block by block over the flattened tensors: each
     element's arithmetic is the same as on the whole tensor."""
     if tuple(base.shape) != tuple(target.shape) or (delta is not None and tuple(delta.shape) != tuple(base.shape)):
@@ -43,20 +43,12 @@ def assign_tensor_(target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor
         target.copy_(base)
         return
     if not target.is_contiguous():  # not seen in practice: the whole tensor at once
-        target.copy_(_updated(base, delta, eta))
+        target.copy_(updated_tensor(base, delta, eta))
         return
     flat_t, flat_b, flat_d = target.view(-1), base.reshape(-1), delta.reshape(-1)
     for start in range(0, flat_t.numel(), block):
         part = slice(start, start + block)
-        flat_t[part].copy_(_updated(flat_b[part], flat_d[part], eta))
-
-
-def _updated(base: torch.Tensor, delta: torch.Tensor, eta: float) -> torch.Tensor:
-    """apply_update's (base.to(w) + eta * delta.to(w)).to(base.dtype), w = vector_dtype,
-    with one temporary: eta * delta in w, then base added into it (addition commutes)."""
-    work = vector_dtype(base.dtype)
-    out = delta.to(device=base.device, dtype=work, copy=True).mul_(eta)
-    return out.add_(base).to(base.dtype)
+        flat_t[part].copy_(updated_tensor(flat_b[part], flat_d[part], eta))
 
 
 def check_weight_names(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str,
