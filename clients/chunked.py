@@ -10,19 +10,25 @@ which the server fetches one at a time (`chunk_get`). Files, not Flower's node s
 deployment each message may run in a new ClientApp process, and Flower's context state
 travels with every message. The folder is keyed by run and node, under node-config
 `cache-dir` (default the system's temp folder), and removed when the server says the run is
-done with it (`chunk_drop`).
+done with it (`chunk_drop`). A node killed mid-round never gets that message: each folder
+names its owner (the process above the ClientApp that outlives one message: the SuperNode,
+or the simulation's Ray worker parent) and host, and the first group a node receives in a
+run removes the sibling folders of this host whose owner is gone (`sweep_orphans`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import tempfile
 from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file, save_file
@@ -32,10 +38,11 @@ from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, INDEX_KEY, LIMIT_KEY
                                    REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, chunk_groups)
 
 __all__ = ["PUT", "GET", "DROP", "put", "get", "drop", "holds_chunks", "theta0", "keep_update",
-           "scoring_inputs", "chunk_folder"]
+           "scoring_inputs", "chunk_folder", "sweep_orphans"]
 
 FOLDER = "fl-merge-chunks"
 UPDATE = "update"  # the slot of the client's own update (full weights and extras)
+OWNER = "owner.json"  # {"host", "pid", "started"} of the process that owns a run's folder
 
 
 def chunk_folder(context: Context) -> Path:
@@ -73,10 +80,47 @@ def holds_chunks(config: Mapping[str, Any]) -> bool:
     return THETA0_GROUPS in config
 
 
+def owner(pid: int | None = None) -> dict[str, Any]:
+    """This host and the process `pid` (default the parent of this ClientApp process) with its
+    start time, which tells it from a later process given the same pid."""
+    proc = psutil.Process(os.getppid() if pid is None else pid)
+    return {"host": socket.gethostname(), "pid": proc.pid, "started": proc.create_time()}
+
+
+def _alive(record: Mapping[str, Any]) -> bool:
+    try:
+        return psutil.Process(int(record["pid"])).create_time() == float(record["started"])
+    except psutil.NoSuchProcess:
+        return False
+
+
+def sweep_orphans(folder: Path) -> list[Path]:
+    """Remove the run folders beside `folder` whose owner ran on this host and is gone (a node
+    killed before its chunk_drop); a folder without an owner record, another host's, or one
+    whose owner lives is kept. Returns the folders removed."""
+    removed = []
+    for other in folder.parent.glob("run-*"):
+        try:
+            record = json.loads((other / OWNER).read_text())
+            orphan = other != folder and record["host"] == socket.gethostname() and not _alive(record)
+        except (OSError, ValueError, KeyError, TypeError):  # no record, or one being written
+            continue
+        if orphan:
+            shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    return removed
+
+
 def put(msg: Message, context: Context) -> Message:
-    """Store one group of tensors (config: slot and index) in this run's node-local folder."""
+    """Store one group of tensors (config: slot and index) in this run's node-local folder;
+    the run's first group there records the folder's owner and sweeps orphans beside it."""
     config = msg.content["config"]
-    path = _path(chunk_folder(context), str(config[SLOT_KEY]), int(config[INDEX_KEY]))
+    folder = chunk_folder(context)
+    if not (folder / OWNER).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OWNER).write_text(json.dumps(owner()))
+        sweep_orphans(folder)
+    path = _path(folder, str(config[SLOT_KEY]), int(config[INDEX_KEY]))
     record = msg.content.array_records.get("arrays", ArrayRecord())
     _write(path, record.to_torch_state_dict())
     return Message(RecordDict({"metrics": MetricRecord({"chunk-tensors": len(record)})}), reply_to=msg)

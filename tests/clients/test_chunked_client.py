@@ -5,6 +5,9 @@ update is cut into groups the server gets one by one; drop leaves nothing."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -36,7 +39,7 @@ def test_groups_put_become_theta0_and_the_score_inputs(node, tmp_path, message_i
     for i, names in enumerate(groups):
         _put(node, "theta0", i, {k: theta0[k] for k in names})
     folder = tmp_path / "fl-merge-chunks" / "run-7-node-3"
-    want = [f"theta0-{i:05d}.safetensors" for i in range(len(groups))]
+    want = ["owner.json"] + [f"theta0-{i:05d}.safetensors" for i in range(len(groups))]
     assert sorted(p.name for p in folder.iterdir()) == want
     got = chunked.theta0({THETA0_GROUPS: len(groups)}, node)
     assert list(got) == list(theta0) and all(torch.equal(got[k], theta0[k]) for k in theta0)
@@ -70,3 +73,32 @@ def test_the_update_is_kept_in_groups_got_one_by_one_then_dropped(node, tmp_path
     done = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3, message_type="query.chunk_drop")
     chunked.drop(done, node)
     assert list(tmp_path.iterdir()) == []  # the run's folder and the emptied parent are gone
+
+
+def test_a_run_s_first_group_removes_folders_whose_owner_on_this_host_is_gone(node, tmp_path, message_identity):
+    """A node killed mid-round never gets chunk_drop: its folder is removed by the next run's
+    first group on this host, once its owner process is gone; nothing else is touched."""
+    import json
+    import subprocess
+    import sys
+
+    root = tmp_path / "fl-merge-chunks"
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    records = {"run-1-node-9": chunked.owner(gone.pid),  # killed below
+               "run-2-node-9": chunked.owner(os.getpid()),  # alive: a run still going
+               "run-3-node-9": {**chunked.owner(gone.pid), "host": "another-host"},  # not ours to judge
+               "run-4-node-9": None}  # no owner record (written by an older version)
+    gone.kill()
+    gone.wait()
+    for name, record in records.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "theta0-00000.safetensors").write_bytes(b"x")
+        if record is not None:
+            (root / name / "owner.json").write_text(json.dumps(record))
+    _put(node, "theta0", 0, {"w": torch.ones(2)})
+    assert sorted(p.name for p in root.iterdir()) == ["run-2-node-9", "run-3-node-9", "run-4-node-9",
+                                                      "run-7-node-3"]
+    mine = json.loads((root / "run-7-node-3" / "owner.json").read_text())
+    assert mine["pid"] == os.getppid() and mine["host"] == socket.gethostname()
+    _put(node, "theta0", 1, {"v": torch.ones(2)})  # later groups do not sweep again
+    assert (root / "run-2-node-9").exists()
