@@ -208,9 +208,11 @@ def merge_tensor(method: str, key: str, theta0: torch.Tensor, thetas: Iterable[t
     weights, steps = per_model.pop("weights", None), per_model.pop("local_steps", None)
     if get_method(method).takes_theta0:  # slerp, karcher: defined on the models themselves
         per_model["theta0"] = {key: base}
+    del base  # a float32 copy of an fp16 base is made again below: not held while merging
     delta = merge(method, taus, weights, steps, **per_model, **params)[key]
     del taus
-    out = base.add_(delta, alpha=eta) if base is not theta0 else base.add(delta, alpha=eta)
+    out = theta0.to(work)
+    out = out.add_(delta, alpha=eta) if out is not theta0 else out.add(delta, alpha=eta)
     out = out.to(out_dtype)
     if out.dtype.is_floating_point and out.numel() and not bool(torch.isfinite(out).all()):
         raise MergeInputError(f"merged tensor '{key}' overflows {out_dtype}: use a smaller "
