@@ -133,6 +133,50 @@ def test_krum_by_groups_is_the_whole_krum(tmp_path, limit, method, params):
     assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
 
 
+def _ref_cclip(x, p, tau, iters, v0):
+    """Centered clipping written out in numpy (float64), as tests/methods/test_cclip.py."""
+    v = v0.copy()
+    for _ in range(iters):
+        upd = np.zeros_like(v)
+        for i in range(len(x)):
+            d = np.linalg.norm(x[i] - v)
+            upd += p[i] * (x[i] - v) * min(1.0, tau / d if d > 0 else 1.0)
+        v = v + upd
+    return v
+
+
+@pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
+@pytest.mark.parametrize("center", ["zero", "mean", "median", "given"])
+def test_cclip_by_groups_is_the_whole_cclip(tmp_path, limit, center):
+    tvs = _random(5, seed=4)
+    tvs[1] = {n: v * 4 for n, v in tvs[1].items()}  # clipped
+    w = [1.0, 2.0, 3.0, 2.0, 1.0]
+    x = np.stack([_flat(tv).astype(float) for tv in tvs])
+    p = np.asarray(w) / sum(w)
+    given = _random(1, seed=9)[0]
+    c = given if center == "given" else center
+    v0 = {"zero": np.zeros(x.shape[1]), "mean": p @ x, "median": np.median(x, axis=0),
+          "given": _flat(given).astype(float)}[center]
+    grouped = _grouped("cclip", tvs, w, limit, tmp_path, tau=4.0, iters=3, center=c)
+    whole = merge("cclip", tvs, w, tau=4.0, iters=3, center=c)
+    assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
+    np.testing.assert_allclose(_flat(grouped), _ref_cclip(x, p, 4.0, 3, v0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
+def test_geometric_median_by_groups_is_the_whole_one(tmp_path, limit):
+    tvs = _random(5, seed=6)
+    tvs[2] = {n: v + 10.0 for n, v in tvs[2].items()}
+    grouped = _grouped("geometric_median", tvs, None, limit, tmp_path, iters=50)
+    whole = merge("geometric_median", tvs, iters=50)
+    assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
+    # the Weiszfeld fixed point: sum_i (tau_i - v) / ||tau_i - v|| = 0, written out
+    x = np.stack([_flat(tv).astype(float) for tv in tvs])
+    v = _flat(grouped).astype(float)
+    pull = sum((xi - v) / np.linalg.norm(xi - v) for xi in x)
+    assert np.linalg.norm(pull) < 1e-3
+
+
 def test_stats_are_refused_by_a_method_without_a_pass():
     tvs = _random(3, seed=0)
     with pytest.raises(MergeInputError, match="declares no global_pass"):
@@ -152,7 +196,7 @@ def test_the_pass_validates_like_merge_before_any_work():
 def test_which_methods_go_by_groups_through_a_pass():
     assert has_global_pass("ties", {}) and groupable("ties", {})
     assert not has_global_pass("ties", {"convention": "mergekit"})  # per tensor already
-    assert has_global_pass("krum", {}) and has_global_pass("multikrum", {})
+    assert all(has_global_pass(m, {}) for m in ("krum", "multikrum", "cclip", "geometric_median"))
     assert not groupable("ties", {}, lined=True)
     assert not has_global_pass("pcb", {}) and not groupable("pcb", {})
 
@@ -194,11 +238,13 @@ BIG = {f"layer{i}.w": (256, 256) for i in range(40)}  # 40 tensors of 256 KiB: a
 DELTA_BYTES = 40 * 256 * 256 * 4
 
 
-@pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2})])
+@pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
+                                           ("cclip", {"center": "median"})])
 def test_with_the_pass_the_round_never_holds_a_whole_delta(tmp_path, monkeypatch, method, params):
     """K = 3: what the pass and the group merge hold besides one group (TIES: the radix
-    select's K x 2^15 histograms and its [K, n] blocks, ~4 MB) does not grow with the model;
-    merged whole, the Delta itself is held."""
+    select's K x 2^15 histograms, 1.6 MB, and a few [K, n] blocks, n = 16384 here) does not
+    grow with the model; merged whole, the Delta itself is held."""
+    monkeypatch.setattr(streaming, "CPU_BLOCK", 3 * 16384)
     g = torch.Generator().manual_seed(0)
     tvs = [{n: torch.randn(s, generator=g) for n, s in BIG.items()} for _ in range(3)]
     clients = [ClientUpdate(i, {"num-examples": 10, "partition-id": i}, {}) for i in range(3)]
