@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fl_merge.io.spill import SpillDir
+from fl_merge.io.spill import JoinedState, MappedState, SpillDir
 from fl_merge.merging import passes, streaming
 from fl_merge.merging.passes import global_statistics, has_global_pass
 from fl_merge.core.task_vectors import MergeInputError
@@ -239,7 +239,7 @@ DELTA_BYTES = 40 * 256 * 256 * 4
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
-                                           ("cclip", {"center": "median"})])
+                                           ("cclip", {"center": "median"}), ("geometric_median", {})])
 def test_with_the_pass_the_round_never_holds_a_whole_delta(tmp_path, monkeypatch, method, params):
     """K = 3: what the pass and the group merge hold besides one group (TIES: the radix
     select's K x 2^15 histograms, 1.6 MB, and a few [K, n] blocks, n = 16384 here) does not
@@ -261,6 +261,7 @@ def test_with_the_pass_the_round_never_holds_a_whole_delta(tmp_path, monkeypatch
 
     grouped_peak, grouped = peak(True)
     whole_peak, whole = peak(False)
+    assert isinstance(grouped, JoinedState) and isinstance(whole, MappedState)  # by groups / whole
     assert whole_peak >= DELTA_BYTES  # the check can fail: merged whole, a Delta is held
     assert grouped_peak <= DELTA_BYTES / 2, (grouped_peak, whole_peak)
     assert all(torch.equal(grouped[n], whole[n]) for n in BIG)
