@@ -122,6 +122,11 @@ class MergeMethod:
     coefficients: for linear methods (Delta = sum_i c_i tau_i), ``(p, **per_client,
         **params) -> c[K]``; `merge` then streams the clients' rows with fused multiply-adds
         instead of gathering [K, n] blocks (same result as `fn`, the reference on a block).
+    global_pass: ``(task_vectors, p, device, params) -> stats``, small global statistics of
+        the whole update (TIES's thresholds and tie sign, Krum's distances, CClip's
+        coefficients) streamed over the task vectors; fn(..., stats=stats) on any subset of
+        whole tensors is then exactly that subset of the whole merge, so a large-model round
+        merges the method group by group (fl_merge/merging/passes.py). fn takes `stats`.
     takes_*: which of the per-client arguments above fn's signature declares.
     """
 
@@ -142,6 +147,7 @@ class MergeMethod:
     merges_matrices: bool = False
     coefficients: Callable | None = None
     personal: bool = False
+    global_pass: Callable | None = None
     takes_local_steps: bool = False
     takes_normalisers: bool = False
     takes_names: bool = False

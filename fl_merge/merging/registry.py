@@ -57,7 +57,7 @@ _METHODS: dict[str, MergeMethod] = BuiltinRegistry(METHOD_MODULES)
 
 # Arguments every method receives from `merge` itself, not user hyper-parameters.
 _RESERVED = {"stacked", "weights", "task_vectors", "local_steps", "normalisers", "names",
-             "extras", "device", "theta0"}
+             "extras", "device", "theta0", "stats"}
 
 
 def register(
@@ -76,6 +76,7 @@ def register(
     coefficients: Callable | None = None,
     merges_matrices: bool = False,
     personal: bool = False,
+    global_pass: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` as merge method `name` (and its aliases), with everything
     fl-merge reads about it (`MergeMethod` says what each declaration means). Its
@@ -108,6 +109,9 @@ def register(
         if personal and (coordinatewise or coefficients is not None):
             raise ValueError(f"merge method '{name}': a personal method is a whole-vector one "
                              "returning PersonalDeltas (coordinatewise=False, no coefficients)")
+        if global_pass is not None and (coordinatewise or personal or "stats" not in sig):
+            raise ValueError(f"merge method '{name}' declares a global_pass: it must be whole-vector, "
+                             "not personal, and take a 'stats' argument (fl_merge/merging/passes.py)")
         knobs = dict(space or {})
         unknown = sorted(set(knobs) - set(params))
         if unknown:
@@ -126,7 +130,7 @@ def register(
             paper=Paper(paper) if isinstance(paper, str) else paper, formula=formula,
             summary=(inspect.getdoc(fn) or "").split("\n")[0], aliases=tuple(aliases),
             min_clients=min_clients, check_params=check_params, coefficients=coefficients,
-            merges_matrices=merges_matrices, personal=bool(personal),
+            merges_matrices=merges_matrices, personal=bool(personal), global_pass=global_pass,
             takes_local_steps="local_steps" in sig, takes_normalisers="normalisers" in sig,
             takes_names="names" in sig, takes_extras="extras" in sig, takes_device="device" in sig,
             takes_theta0="theta0" in sig and not coordinatewise,
@@ -283,6 +287,7 @@ def merge(
     device: str | torch.device | None = "cpu",
     extras: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
     theta0: Mapping[str, torch.Tensor] | None = None,
+    stats=None,
     **params,
 ) -> StateDict | PersonalDeltas:
     """Delta = method(task_vectors) under the mean convention; theta = theta0 + eta * Delta.
@@ -299,13 +304,18 @@ def merge(
     plain-SGD normaliser, with a warning), `extras` (per-client arrays
     such as ``{"fisher": [dict per client]}``) where it needs them, `theta0` (the base
     model, same keys and shapes, finite) for methods defined on the models theta0 + tau_i
-    (`Needs(theta0=True)`; ignored by the others), and the method's minimum client count. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
+    (`Needs(theta0=True)`; ignored by the others), and the method's minimum client count.
+    `stats`: what the method's `global_pass` returned on the whole task vectors
+    (fl_merge/merging/passes.py), for a merge of some of their tensors that equals that
+    part of the whole merge; only for a method that declares a pass. Arithmetic runs on `device` ('auto': cuda when available) in float32 at
     least; the result has the task vectors' dtypes and lives on the CPU, and is finite (a
     result that overflows its dtype is a MergeInputError naming the parameter). Every
     invalid input is a MergeInputError with a one-line message, never an error from torch.
     """
     m = get_method(method)
     full_params = check_method_params(method, params)
+    if stats is not None and m.global_pass is None:
+        raise MergeInputError(f"merge method '{method}' declares no global_pass: stats are not for it")
     check_task_vectors(task_vectors, names)
     k = len(task_vectors)
     p = normalized_weights(weights, k)
@@ -335,7 +345,7 @@ def merge(
     with torch.no_grad():
         per_client = {"local_steps": steps, "normalisers": norm,
                       "names": None if names is None else [str(n) for n in names]}
-        out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev, base)
+        out = _run(m, task_vectors, p, per_client, used_extras, full_params, dev, base, stats)
     if m.personal:
         return finish_personal(method, out, k, names)
     for key, v in out.items():
@@ -348,7 +358,7 @@ def merge(
 
 
 def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, dev,
-         theta0=None) -> StateDict:
+         theta0=None, stats=None) -> StateDict:
     takes = {"local_steps": m.takes_local_steps, "normalisers": m.takes_normalisers,
              "names": m.takes_names}
     extra = {n: v for n, v in per_client.items() if takes[n]}
@@ -359,6 +369,8 @@ def _run(m: MergeMethod, task_vectors, p, per_client, used_extras, full_params, 
             extra["device"] = dev
         if m.takes_theta0:
             extra["theta0"] = theta0
+        if m.global_pass is not None:
+            extra["stats"] = stats
         out = m.fn(task_vectors, p, **extra, **full_params)
         if m.personal:
             return out

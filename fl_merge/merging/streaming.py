@@ -322,14 +322,17 @@ def gram(
     also: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """float64 Gram matrix G_ij = <tau_i, tau_j> over all tensors, one streamed pass, each
-    block's products computed in float64. With `also` (flat per key on `device`) it is
-    appended as row/column K: G[K, i] = <also, tau_i>, G[K, K] = ||also||^2."""
+    block's products computed in float64. With `also` (flat per key on `device`, or a
+    function ``(key, start, end, block[K, n]) -> row[n]`` computing it block by block, which
+    may overwrite the block) it is appended as row/column K: G[K, i] = <also, tau_i>,
+    G[K, K] = ||also||^2."""
     k = len(task_vectors) + (also is not None)
     g = torch.zeros(k, k, dtype=torch.float64, device=device)
     for key, s, e, x, _ in iter_blocks(task_vectors, device, dtype):
         xd = x.double()
         if also is not None:
-            xd = torch.cat([xd, also[key][s:e].double().reshape(1, -1)])
+            row = also(key, s, e, x) if callable(also) else also[key][s:e]
+            xd = torch.cat([xd, row.double().reshape(1, -1)])
         g += xd @ xd.T
     return g.cpu()
 

@@ -42,8 +42,9 @@ def _flat_center(
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Flat per-key starting point on `device`: zeros, the weighted mean, the coordinate-wise
-    median, or a given state dict."""
+    """Flat per-key starting point on `device` for the task vectors' keys: zeros, the
+    weighted mean, the coordinate-wise median, or a given state dict (its tensors of those
+    keys)."""
     ref = task_vectors[0]
     if isinstance(center, Mapping):
         return {k: center[k].reshape(-1).to(device=device, dtype=dtype).clone() for k in ref}
@@ -54,6 +55,42 @@ def _flat_center(
     for key, s, e, x, _ in streaming.iter_blocks(task_vectors, device, dtype):
         out[key][s:e] = pw @ x if center == "mean" else median(x, pw)
     return out
+
+
+def _center_rows(center, weights: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """The starting point block by block, for `streaming.gram`: the coordinate-wise median
+    of the block (the values `_flat_center` holds) or the given state dict's slice."""
+    if isinstance(center, Mapping):
+        return lambda key, s, e, x: center[key].reshape(-1)[s:e].to(device=device, dtype=dtype)
+    pw = weights.to(device=device, dtype=dtype)
+    return lambda key, s, e, x: median(x, pw)
+
+
+def cclip_pass(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+               device: torch.device, params: dict) -> dict:
+    """CClip's global statistics (its declared pass, fl_merge/merging/passes.py):
+    ``coefficients``, float64 (a, c) with v = sum_j c_j tau_j (+ a v0 for a median or given
+    center, the last entry), from the float64 Gram matrix of (tau_1..tau_K, v0) streamed in
+    one pass (v0 computed block by block, never whole) and the iterations run on it."""
+    k = len(task_vectors)
+    dtype = task_vectors_dtype(task_vectors)
+    tau, center = float(params["tau"]), params["center"]
+    p = weights.to(torch.float64).cpu()
+    if isinstance(center, Mapping):
+        _check_center(center, task_vectors[0])
+    if isinstance(center, Mapping) or center == "median":
+        g = streaming.gram(task_vectors, device, dtype, also=_center_rows(center, weights, device, dtype))
+        coef = torch.zeros(k + 1, dtype=torch.float64)
+        coef[k] = 1.0
+    else:
+        g = streaming.gram(task_vectors, device, dtype)
+        coef = p.clone() if center == "mean" else torch.zeros(k, dtype=torch.float64)
+    for _ in range(int(params["iters"])):
+        d = streaming.sq_dist_to_combination(g, coef)[:k].sqrt()
+        w = p * torch.where(d > tau, tau / d.clamp_min(1e-300), torch.ones_like(d))
+        coef = coef * (1.0 - w.sum())
+        coef[:k] += w
+    return {"coefficients": coef}
 
 
 _CENTERS = ("zero", "mean", "median")
@@ -75,6 +112,7 @@ def _check_cclip(params: dict) -> None:
     paper=Paper("Karimireddy, He & Jaggi, ICML 2021, \"Learning from History for Byzantine "
                 "Robust Optimization\"",
                 code="SilviaTao/one_shot_fl_task_arithmetic (radius grid)"),
+    global_pass=cclip_pass,  # the coefficients of v: a large-model round merges it by groups
 )
 def cclip(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
@@ -83,6 +121,7 @@ def cclip(
     tau: float = 1.0,
     iters: int = 1,
     center="zero",
+    stats: Mapping | None = None,
 ) -> StateDict:
     """Centered clipping (Karimireddy, He & Jaggi, ICML 2021, "Learning from History for
     Byzantine Robust Optimization"): starting from v = center, repeat `iters` times
@@ -93,30 +132,23 @@ def cclip(
     "mean" (weighted mean), "median" (coordinate-wise median) or a state dict.
 
     Streaming: every iterate is v = a v0 + sum_j c_j tau_j, so all distances follow from
-    the float64 Gram matrix of (tau_1..tau_K, v0), built in one streamed pass; the
-    iterations update (a, c) only and a last pass forms v. Two passes over the clients
-    whatever `iters` (three with center="median"), memory one block plus the result.
+    the float64 Gram matrix of (tau_1..tau_K, v0), built in one streamed pass (v0 block by
+    block); the iterations update (a, c) only (`cclip_pass`) and a last pass forms v. Two
+    passes over the clients whatever `iters` (three with center="median"), memory one
+    block plus the result.
+    stats (`cclip_pass` on the whole task vectors): its coefficients are taken, and these
+    task vectors may be any subset of the whole one's tensors (a given center is read for
+    their keys only): exactly those tensors of the whole merge.
     """
+    if stats is None:
+        stats = cclip_pass(task_vectors, weights, device,
+                           {"tau": tau, "iters": iters, "center": center})
     k = len(task_vectors)
-    dtype = task_vectors_dtype(task_vectors)
-    p = weights.to(torch.float64).cpu()
-    if isinstance(center, Mapping):
-        _check_center(center, task_vectors[0])
-    if isinstance(center, Mapping) or center == "median":
-        v0 = _flat_center(task_vectors, center, weights, device, dtype)
-        g = streaming.gram(task_vectors, device, dtype, also=v0)
-        coef = torch.zeros(k + 1, dtype=torch.float64)
-        coef[k] = 1.0
-    else:
-        v0 = None
-        g = streaming.gram(task_vectors, device, dtype)
-        coef = p.clone() if center == "mean" else torch.zeros(k, dtype=torch.float64)
-    for _ in range(int(iters)):
-        d = streaming.sq_dist_to_combination(g, coef)[:k].sqrt()
-        w = p * torch.where(d > tau, tau / d.clamp_min(1e-300), torch.ones_like(d))
-        coef = coef * (1.0 - w.sum())
-        coef[:k] += w
-    extra = (float(coef[k]), v0) if v0 is not None else None
+    coef = stats["coefficients"]
+    extra = None
+    if len(coef) > k:
+        v0 = _flat_center(task_vectors, center, weights, device, task_vectors_dtype(task_vectors))
+        extra = (float(coef[k]), v0)
     return streaming.linear_combination(task_vectors, coef[:k], device, extra=extra)
 
 

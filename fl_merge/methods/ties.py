@@ -54,12 +54,45 @@ def _top_count(total: int, density: float) -> int:
     return max(1, int(density * total))
 
 
+def _thresholds(task_vectors, device, dtype, density: float, transform=None) -> list[float]:
+    """Each client's k-th largest |tau_i| over its whole task vector (k = _top_count)."""
+    total = sum(v.numel() for v in task_vectors[0].values())
+    count = _top_count(total, density)
+    if transform is None:
+        ranks = [[total - count + 1]] * len(task_vectors)
+        return [r[0] for r in streaming.abs_order_stats(task_vectors, ranks, device, dtype)]
+    return [streaming.kth_largest_abs(tv, count, device, dtype, lambda key, x, i=i: transform(i, key, x))
+            for i, tv in enumerate(task_vectors)]
+
+
+def ties_pass(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+              device: torch.device, params: dict) -> dict | None:
+    """TIES's global statistics (its declared pass, fl_merge/merging/passes.py), streamed:
+    ``thresholds`` (each client's k-th largest |tau_i| over the whole vector: two radix
+    passes) and ``tie_sign`` (the majority of the elected signs over the whole vector, the
+    sign an exact-0 sum takes: one more pass over [K, n] blocks). None for
+    convention=mergekit (per tensor already)."""
+    if params["convention"] == "mergekit":
+        return None
+    dtype = task_vectors_dtype(task_vectors)
+    if sum(v.numel() for v in task_vectors[0].values()) == 0:
+        return {"thresholds": [0.0] * len(task_vectors), "tie_sign": 0.0}
+    thr_list = _thresholds(task_vectors, device, dtype, float(params["density"]))
+    thr = torch.tensor(thr_list, dtype=dtype, device=device)
+    pw = weights.to(device=device, dtype=dtype)
+    balance = 0
+    for _, _, _, x, _ in streaming.iter_blocks(task_vectors, device, dtype):
+        balance += ties_block(x, thr, pw)[1]
+    return {"thresholds": thr_list, "tie_sign": float((balance > 0) - (balance < 0))}
+
+
 def ties_merge(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
     device: torch.device,
     density: float,
     transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+    stats: Mapping | None = None,
 ) -> StateDict:
     """TIES over whole task vectors; `transform(client, key, flat_tensor)` optionally rewrites
     each client's tensor first (DARE). Without a transform the merge streams [K, n] blocks;
@@ -72,21 +105,21 @@ def ties_merge(
     only after a full pass, so the pass runs with tie_sign 0 and the tensors holding a tie
     decided by a nonzero entry are merged again with the majority sign (rare: the sum must
     cancel exactly); when the majority sign is itself 0 the first pass is already the
-    reference's result (it then keeps the negative entries)."""
+    reference's result (it then keeps the negative entries).
+
+    stats (`ties_pass` on the whole task vectors; no transform): the thresholds and the
+    tie sign are taken from it, and these task vectors (any subset of the whole one's
+    tensors) are merged in one pass with that sign: exactly those tensors of the whole
+    merge (a tensor without a live tie is the same under either sign)."""
     ref = task_vectors[0]
     dtype = task_vectors_dtype(task_vectors)
     total = sum(v.numel() for v in ref.values())
     if total == 0:  # only zero-size tensors: nothing to trim or merge
         return {key: torch.empty_like(r, device="cpu") for key, r in ref.items()}
-    count = _top_count(total, density)
-    if transform is None:
-        ranks = [[total - count + 1]] * len(task_vectors)
-        thr_list = [r[0] for r in streaming.abs_order_stats(task_vectors, ranks, device, dtype)]
+    if stats is not None and transform is None:
+        thr_list, first_sign = stats["thresholds"], float(stats["tie_sign"])
     else:
-        thr_list = [
-            streaming.kth_largest_abs(tv, count, device, dtype, lambda key, x, i=i: transform(i, key, x))
-            for i, tv in enumerate(task_vectors)
-        ]
+        thr_list, first_sign = _thresholds(task_vectors, device, dtype, density, transform), 0.0
     thr = torch.tensor(thr_list, dtype=dtype, device=device)
     pw = weights.to(device=device, dtype=dtype)
     out = streaming.empty_like_flat(ref, device, dtype)
@@ -107,9 +140,9 @@ def ties_merge(
                 tied.add(key)
         return balance, tied
 
-    balance, tied = run(list(ref), 0.0)
+    balance, tied = run(list(ref), first_sign)
     majority = float((balance > 0) - (balance < 0))
-    if tied and majority != 0:
+    if stats is None and tied and majority != 0:
         run([key for key in ref if key in tied], majority)
     return streaming.to_output(out, ref)
 
@@ -160,6 +193,7 @@ def _check_ties(params: dict) -> None:
     space={"density": (0.1, 0.2, 0.3)},
     # mergekit's TIES trims each tensor alone: per tensor is then the method itself
     per_tensor_exact=lambda params: params["convention"] == "mergekit",
+    global_pass=ties_pass,  # thresholds + tie sign: a large-model round merges it by groups
     formula="keep each client's top density fraction of abs(tau_i), elect the sign by mass (an "
             "exact 0 takes the majority of the elected signs), mean over the agreeing clients; "
             "convention=mergekit: per tensor, exactly k kept, an exact 0 elects +",
@@ -173,6 +207,7 @@ def ties(
     device: torch.device = torch.device("cpu"),
     density: float = 0.2,
     convention: str = "fl-merge",
+    stats: Mapping | None = None,
 ) -> StateDict:
     """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
 
@@ -222,5 +257,5 @@ def ties(
     """
     if convention == "mergekit":
         return ties_mergekit(task_vectors, weights, device, density)
-    return ties_merge(task_vectors, weights, device, density)
+    return ties_merge(task_vectors, weights, device, density, stats=stats)
 

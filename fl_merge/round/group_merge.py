@@ -9,11 +9,17 @@ the group's tensors, and each group's Delta is written to a spill file at once. 
 is a read-only mapping over those files (`fl_merge.io.spill.JoinedState`), read one tensor at
 a time by everything that follows (the scoring messages, the merged-model writer).
 
-That is the method itself only where running it on a set of whole tensors is (`groupable`):
+That is the method itself where running it on a set of whole tensors is (`groupable`):
 coordinate-wise methods and those that declare `per_tensor_exact` (a group is a union of
-tensors). A method that needs the whole update at once (a top-k threshold over the whole
-model, a norm, a personal method's per-client masks, LiNeS' whole-model scale) is merged as
-today, whole, and then written to disk: its peak is one Delta, not one per method.
+tensors), and the whole-update methods that declare a `global_pass`
+(fl_merge/merging/passes.py): the pass streams once over the whole (memory-mapped) task
+vectors for a few global numbers, then each group is merged with them fixed, exactly that
+group of the whole merge: TIES (default convention: each client's top-k threshold and the
+majority tie sign), Krum and Multi-Krum (the selected clients), CClip and the geometric
+median (their coefficients in the task vectors, from the Gram matrix). Their peak is one
+group, not one Delta. The others (PCB, hetero, a personal method's per-client masks,
+LiNeS' whole-model scale, ...) are merged as before, whole, and then written to disk: their
+peak is one Delta, not one per method.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from fl_merge.io.spill import JoinedState, KeyView, SpillDir
 from fl_merge.merging.personal import is_personal
+from fl_merge.merging.passes import has_global_pass
 from fl_merge.merging.registry import get_method, is_per_tensor_exact
 from fl_merge.round.chunks import DEFAULT_GROUP_BYTES, chunk_groups
 
@@ -37,10 +44,12 @@ GroupMerge = Callable[[Sequence[Tensors], Mapping[str, Sequence[Tensors]] | None
 
 def groupable(method: str, params: Mapping[str, Any], lined: bool = False) -> bool:
     """Whether `method` with `params` merged on groups of whole tensors is the method itself:
-    per-tensor exact (coordinate-wise methods are), not personal, and not LiNeS-scaled
-    (`lined`: its 'auto' scale reads the whole merged update)."""
+    per-tensor exact (coordinate-wise methods are) or given its declared global pass's
+    statistics (`merge(..., stats=...)`), not personal, and not LiNeS-scaled (`lined`: its
+    'auto' scale reads the whole merged update)."""
     m = get_method(method)
-    return not lined and not m.personal and is_per_tensor_exact(method, params)
+    return not lined and not m.personal and (
+        is_per_tensor_exact(method, params) or has_global_pass(method, params))
 
 
 def restrict(state: Tensors, keys: Sequence[str]) -> KeyView:

@@ -13,6 +13,7 @@ from typing import Any
 from flwr.common.logger import log
 
 from fl_merge.merging.lines import lines_update
+from fl_merge.merging.passes import global_statistics, has_global_pass
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.search import check_space_params
 from fl_merge.round.attacks import ATTACKS, AttackPlan
@@ -170,23 +171,30 @@ def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vector
     (method, params) merged once however many LiNeS settings scale it.
 
     store: large models (fl_merge/round/group_merge.py): every Delta is written there and
-    returned memory-mapped; a method that is itself on groups of whole tensors is merged
-    group by group (`group_bytes` of task vectors each), never a whole Delta in memory."""
+    returned memory-mapped; a method that is itself on groups of whole tensors, or is given
+    its declared global pass's statistics (fl_merge/merging/passes.py, computed here once
+    over the whole task vectors), is merged group by group (`group_bytes` of task vectors
+    each), never a whole Delta in memory."""
     args = merge_arguments(clients, weighting)
     lines, unscaled, out = dict(lines or {}), {}, {}
     base = None
     if theta0 is not None and task_vectors:
         base = {k: theta0[k] for k in task_vectors[0] if k in theta0}
 
-    def delta(name: str, params: dict[str, Any], tvs=task_vectors, extras=None, base=base) -> StateDict:
+    def delta(name: str, params: dict[str, Any], tvs=task_vectors, extras=None, base=base,
+              stats=None) -> StateDict:
         return merge(name, tvs, args["weights"], args["local_steps"], names=args["names"],
                      normalisers=args["normalisers"], device=device,
-                     extras=extras_for(name, clients) if extras is None else extras, theta0=base, **params)
+                     extras=extras_for(name, clients) if extras is None else extras, theta0=base,
+                     **({} if stats is None else {"stats": stats}), **params)
 
     for i, (label, (name, params)) in enumerate(methods.items()):
         if store is not None and task_vectors and groupable(name, params, label in lines):
+            stats = global_statistics(name, task_vectors, args["weights"], names=args["names"],
+                                      device=device, **params) if has_global_pass(name, params) else None
             out[label] = merge_in_groups(
-                lambda tvs, extras, b, name=name, params=params: delta(name, params, tvs, extras or None, b),
+                lambda tvs, extras, b, name=name, params=params, stats=stats:
+                    delta(name, params, tvs, extras or None, b, stats),
                 task_vectors, extras_for(name, clients), base, group_bytes, store, f"delta-{i}")
             continue
         if label not in lines:

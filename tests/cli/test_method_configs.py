@@ -16,7 +16,7 @@ from fl_merge.methods import available_methods, get_method, merge
 
 # Arguments a method function receives from `merge`, not hyper-parameters.
 NOT_PARAMS = {"stacked", "task_vectors", "p", "weights", "local_steps", "normalisers", "names", "extras",
-              "device", "theta0"}
+              "device", "theta0", "stats"}
 
 
 def composed_method(*overrides: str) -> dict:

@@ -237,3 +237,34 @@ def test_a_registered_function_registers_again_under_another_name(scratch_regist
     assert (m.name, m.space, m.lambda_scale, m.fn) == ("m7", {"alpha": (0.5,)}, "delta", _mean)
     with pytest.raises(ValueError, match="'m8' registered twice"):
         reg.register_again("m8", _mean)
+
+
+def test_a_global_pass_is_declared_checked_and_its_stats_reach_the_method(scratch_registry):
+    """A method reading one global number (here: the largest |tau| over the whole update)
+    declares its pass; merged on any part with the pass's stats it is that part of the
+    whole merge, without them each part would use its own maximum."""
+    import torch
+    from fl_merge.merging.passes import global_statistics, has_global_pass
+    reg = scratch_registry
+
+    def largest(task_vectors, weights, device, params):
+        return max(float(v.abs().max()) for tv in task_vectors for v in tv.values())
+
+    def normalised_mean(task_vectors, weights, stats=None):
+        top = largest(task_vectors, weights, None, {}) if stats is None else stats
+        return {k: sum(p * tv[k] for p, tv in zip(weights, task_vectors)) / top for k in task_vectors[0]}
+
+    with pytest.raises(ValueError, match="declares a global_pass: it must be whole-vector, not personal, "
+                                         "and take a 'stats' argument"):
+        reg.register("m9", coordinatewise=False, global_pass=largest)(lambda task_vectors, weights: {})
+    with pytest.raises(ValueError, match="declares a global_pass"):
+        reg.register("m9", coordinatewise=True, global_pass=largest)(lambda stacked, weights, stats=None: stacked[0])
+    reg.register("m10", coordinatewise=False, global_pass=largest)(normalised_mean)
+    assert has_global_pass("m10") and "stats" not in reg.get_method("m10").params
+    tvs = [{"a": torch.tensor([1.0, -8.0]), "b": torch.tensor([2.0])},
+           {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([-2.0])}]
+    stats = global_statistics("m10", tvs, [1.0, 3.0])
+    assert stats == 8.0
+    part = reg.merge("m10", [{"b": tv["b"]} for tv in tvs], [1.0, 3.0], stats=stats)
+    assert part["b"].tolist() == [(0.25 * 2.0 - 0.75 * 2.0) / 8.0]
+    assert reg.merge("m10", [{"b": tv["b"]} for tv in tvs], [1.0, 3.0])["b"].tolist() == [-0.5]
