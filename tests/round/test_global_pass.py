@@ -234,8 +234,8 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-BIG = {f"layer{i}.w": (256, 256) for i in range(40)}  # 40 tensors of 256 KiB: a Delta of 10 MiB
-DELTA_BYTES = 40 * 256 * 256 * 4
+BIG = {f"layer{i}.w": (256, 256) for i in range(24)}  # 24 tensors of 256 KiB: a Delta of 6 MiB
+DELTA_BYTES = 24 * 256 * 256 * 4
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
