@@ -83,6 +83,8 @@ def send_groups(grid: Grid, slot: str, states: Mapping[int, Mapping[str, Any]], 
                 records[id(state)] = ArrayRecord({k: state[k] for k in plans[id(state)][i]})
             sent.append((node, _message(node, PUT, {SLOT_KEY: slot, INDEX_KEY: i}, records[id(state)])))
             traffic.add(slot.split("-")[0], record_bytes(records[id(state)]))
+        log(INFO, "fl-merge chunks: %s group %d/%d to node(s) %s", slot, i + 1,
+            max(counts.values()), " ".join(str(n) for n, _ in sent))
         replies, elapsed = _send(grid, [m for _, m in sent], timeout)
         for node, m in sent:
             why = _reason(replies.get(m.metadata.message_id), no_reply_reason(elapsed, timeout))
@@ -165,6 +167,7 @@ def fetch_updates(grid: Grid, held: Mapping[int, dict[str, Any]], spill: SpillDi
     for i in range(max((int(m[REPLY_GROUPS]) for m in held.values()), default=0)):
         asked = [n for n, m in held.items() if i < int(m[REPLY_GROUPS]) and n not in lost]
         messages = [_message(n, GET, {INDEX_KEY: i}) for n in asked]
+        log(INFO, "fl-merge chunks: update group %d from node(s) %s", i + 1, " ".join(str(n) for n in asked))
         traffic.add("get", 0, len(messages))
 
         def keep(reply: Message, i: int = i) -> Any:
