@@ -72,6 +72,18 @@ def process_rows(peaks: dict[str, dict[str, tuple[float, float]]], idle: dict[st
     return rows
 
 
+def peak_step(samples: list, group: str, role: str, steps: list[tuple[float, str]]
+              ) -> tuple[float, float, str]:
+    """(peak RSS MB of `group`/`role`, its wall time, the last ServerApp step line logged
+    before it, "" if none): which wave of group messages the process peaked in (the log
+    line reaches the benchmark a moment after the ServerApp sends the wave)."""
+    rows = [(rss, t) for t, g, r, rss, _ in samples if g == group and r == role]
+    if not rows:
+        return 0.0, 0.0, ""
+    rss, t = max(rows)
+    return rss, t, max([(ts, line) for ts, line in steps if ts <= t], default=(0.0, ""))[1]
+
+
 def target_of(process: str) -> float:
     return TARGETS[process.split()[0]]
 
@@ -168,8 +180,13 @@ def run_app(app: str, inputs: dict, work: Path, env: dict, args: argparse.Namesp
     if not ok:
         sys.stderr.write("".join(outcome.lines)[-3000:])
         print(f"{app}: run {'stopped' if stopped else 'FAILED'}; logs in {dep.work}", flush=True)
+    link_mb, link_t, link_step = peak_step(dep.samples, "superlink", "superlink", outcome.steps)
+    if link_step:
+        print(f"{app}: SuperLink peak {link_mb:.0f} MB (idle {idle.get('superlink', {}).get('superlink', 0):.0f}) "
+              f"after '{link_step}'", flush=True)
     return {"ok": ok, "seconds": outcome.seconds, "stopped": stopped, "idle": idle,
-            "rows": process_rows(peaks, idle, args.clients), "marks": outcome.marks,
+            "rows": process_rows(peaks, idle, args.clients), "marks": outcome.marks, "steps": outcome.steps,
+            "superlink_peak": {"mb": link_mb, "time": link_t, "after": link_step},
             "peaks": peaks, "samples": dep.samples if args.samples else []}
 
 

@@ -25,6 +25,7 @@ from deployment_large import BIN, _free_port, sample_tree, wall_marks
 from fl_merge.round.clock import PHASE_PATTERN
 
 Sample = tuple[float, str, str, float, float]  # (time, group, role, rss MB, anon MB)
+STEP_MARK = "fl-merge chunks:"  # the ServerApp's line as each wave of group messages is sent
 
 
 def median_idle(samples: list[Sample], group: str) -> dict[str, float]:
@@ -53,6 +54,7 @@ class RunOutcome:
     lines: list[str]
     marks: list[tuple[float, str]]  # (wall time the phase started, phase)
     watchdog: str = ""  # "summed RSS X GiB > Y GiB in phase P" when the watchdog stopped it
+    steps: list[tuple[float, str]] = field(default_factory=list)  # (wall time, "fl-merge chunks: ..." line)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class LoopbackDeployment:
         """`flwr run app loopback --stream --run-config ...`, its log read line by line."""
         seen: list[tuple[float, str, float]] = []
         lines: list[str] = []
+        steps: list[tuple[float, str]] = []
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "loopback", "--stream",
                                  "--run-config", run_config], env=self.env, stdout=subprocess.PIPE,
@@ -142,9 +145,11 @@ class LoopbackDeployment:
                 sys.stdout.write(line)
             if m := PHASE_PATTERN.search(line):
                 seen.append((time.time(), m.group(1), float(m.group(2))))
+            if (at := line.find(STEP_MARK)) >= 0:
+                steps.append((time.time(), line[at:].strip()))
         proc.wait()
         ok = proc.returncode == 0 and not self.killed.is_set()
-        return RunOutcome(ok, time.perf_counter() - t0, lines, wall_marks(seen), self.watchdog)
+        return RunOutcome(ok, time.perf_counter() - t0, lines, wall_marks(seen), self.watchdog, steps)
 
     def kill_all(self) -> None:
         """SIGKILL every process group started here and every descendant (Flower's SuperExec

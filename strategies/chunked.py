@@ -7,7 +7,12 @@ of tensors (fl_merge.round.chunks.chunk_groups).
   only. The client replies metrics and how many groups its update has; the server fetches
   each group (`chunk_get`, one message per group and client, each reply pulled on its own and
   written to that client's spill file at once), so the round reads the same memory-mapped
-  update as with spill=true. A node that refuses the first `chunk_put` (a plain Flower
+  update as with spill=true.
+* which group messages are in flight together is fl_merge.round.chunks.plan_waves's
+  decision: about one group's bytes (GROUPS_IN_FLIGHT chunks) wait in the SuperLink at a
+  time. A group that every node gets (theta0, a shared Delta) is stored there once (Flower's
+  object store keeps one copy of equal content) and goes to all nodes in one wave; payloads
+  that differ per node (update groups, a personal method's Deltas) go one node at a time. A node that refuses the first `chunk_put` (a plain Flower
   client has no such handler) gets today's whole-model train message instead, and is
   scored as today.
 * scoring: theta0 is already on the client; each Delta and the client's own per-task
@@ -18,6 +23,7 @@ of tensors (fl_merge.round.chunks.chunk_groups).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -29,8 +35,9 @@ from flwr.serverapp import Grid
 
 from fl_merge.io.spill import JoinedState, SpillDir, split_extras_lazy
 from fl_merge.merging.personal import is_personal
-from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT,
-                                   REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, ChunkTraffic, chunk_groups)
+from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, GROUPS_IN_FLIGHT, INDEX_KEY, LIMIT_KEY, OWN_GROUPS,
+                                   PUT, REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, ChunkTraffic, Transfer,
+                                   chunk_groups, plan_waves)
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.round.scoring import grid_config
@@ -59,11 +66,16 @@ def _reason(reply: Message | None, silent: str) -> str | None:
     return short_reason(reply.error.reason) if reply.has_error() else None
 
 
+def _budget(traffic: ChunkTraffic) -> int:
+    return GROUPS_IN_FLIGHT * traffic.limit
+
+
 def send_groups(grid: Grid, slot: str, states: Mapping[int, Mapping[str, Any]], traffic: ChunkTraffic,
                 timeout: float, what: str) -> tuple[dict[int, int], dict[int, str]]:
     """Each node's state (the same object for nodes that get the same tensors: its groups are
-    then made once) as `chunk_put` messages into `slot`, group after group: every node's
-    group i is sent and acknowledged before group i + 1 is made. Returns ({node: number of
+    then made once and sent together) as `chunk_put` messages into `slot`, group after
+    group, in the waves of `plan_waves` (about one group's bytes in the SuperLink at a time):
+    a wave is sent and acknowledged before the next one is made. Returns ({node: number of
     groups}, {node: why it failed}); a node that fails gets no further groups."""
     plans: dict[int, list[list[str]]] = {}
     counts: dict[int, int] = {}
@@ -72,17 +84,26 @@ def send_groups(grid: Grid, slot: str, states: Mapping[int, Mapping[str, Any]], 
             plans[id(state)] = chunk_groups(state, traffic.limit, what)
         counts[node] = len(plans[id(state)])
     traffic.nodes.update(states)
+    transfers = [Transfer(node, i, (id(state), i), traffic.limit)
+                 for i in range(max(counts.values(), default=0))
+                 for node, state in states.items() if i < counts[node]]
     failed: dict[int, str] = {}
-    for i in range(max(counts.values(), default=0)):
-        records: dict[int, ArrayRecord] = {}
+    waves = plan_waves(transfers, _budget(traffic))
+    for w, wave in enumerate(waves):
+        records: dict[Any, ArrayRecord] = {}  # one per content: made once, sent to each node
         sent: list[tuple[int, Message]] = []
-        for node, state in states.items():
-            if node in failed or i >= counts[node]:
+        for t in wave:
+            if t.node in failed:
                 continue
-            if id(state) not in records:
-                records[id(state)] = ArrayRecord({k: state[k] for k in plans[id(state)][i]})
-            sent.append((node, _message(node, PUT, {SLOT_KEY: slot, INDEX_KEY: i}, records[id(state)])))
-            traffic.add(slot.split("-")[0], record_bytes(records[id(state)]))
+            state = states[t.node]
+            if t.content not in records:
+                records[t.content] = ArrayRecord({k: state[k] for k in plans[id(state)][t.index]})
+            sent.append((t.node, _message(t.node, PUT, {SLOT_KEY: slot, INDEX_KEY: t.index}, records[t.content])))
+            traffic.add(slot.split("-")[0], record_bytes(records[t.content]))
+        if not sent:
+            continue
+        log(INFO, "fl-merge chunks: %s wave %d/%d: group %s to node(s) %s", slot, w + 1, len(waves),
+            "/".join(sorted({str(t.index) for t in wave})), " ".join(str(n) for n, _ in sent))
         replies, elapsed = _send(grid, [m for _, m in sent], timeout)
         for node, m in sent:
             why = _reason(replies.get(m.metadata.message_id), no_reply_reason(elapsed, timeout))
@@ -158,37 +179,51 @@ def _chunked_metrics(reply: Message) -> dict[str, Any]:
 
 def fetch_updates(grid: Grid, held: Mapping[int, dict[str, Any]], spill: SpillDir, traffic: ChunkTraffic,
                   timeout: float) -> tuple[dict[int, ClientUpdate], dict[int, str]]:
-    """Each node's update, group by group (`chunk_get`; each reply pulled on its own and
-    written to a spill file as it arrives): ({node: ClientUpdate}, {node: why it failed})."""
-    parts: dict[int, list] = {n: [] for n in held}
+    """Each node's update, group by group (`chunk_get`), in the waves of `plan_waves`: every
+    reply is a different payload of up to one chunk, so with one group's budget one node is
+    asked at a time and the SuperLink holds one reply (not one per node) until the ServerApp
+    pulls it and writes it to a spill file. ({node: ClientUpdate}, {node: why it failed})."""
+    parts: dict[int, dict[int, Any]] = {n: {} for n in held}
     lost: dict[int, str] = {}
-    for i in range(max((int(m[REPLY_GROUPS]) for m in held.values()), default=0)):
-        asked = [n for n, m in held.items() if i < int(m[REPLY_GROUPS]) and n not in lost]
-        messages = [_message(n, GET, {INDEX_KEY: i}) for n in asked]
+    transfers = [Transfer(n, i, (n, i), traffic.limit)
+                 for i in range(max((int(m[REPLY_GROUPS]) for m in held.values()), default=0))
+                 for n, m in held.items() if i < int(m[REPLY_GROUPS])]
+    waves = plan_waves(transfers, _budget(traffic))
+
+    written = itertools.count()
+
+    def keep(reply: Message) -> Any:
+        if reply.has_error():
+            return short_reason(reply.error.reason)
+        records = list(reply.content.array_records.values())
+        if len(records) != 1:
+            return f"replied {len(records)} ArrayRecords to chunk_get; expected one"
+        traffic.add("update", record_bytes(records[0]))
+        return spill.write_arrays(f"node-{reply.metadata.src_node_id}-{next(written)}", records[0])
+
+    for w, wave in enumerate(waves):
+        asked = [t for t in wave if t.node not in lost]
+        if not asked:
+            continue
+        log(INFO, "fl-merge chunks: update wave %d/%d: group %s from node(s) %s", w + 1, len(waves),
+            "/".join(sorted({str(t.index) for t in asked})), " ".join(str(t.node) for t in asked))
+        messages = [_message(t.node, GET, {INDEX_KEY: t.index}) for t in asked]
         traffic.add("get", 0, len(messages))
-
-        def keep(reply: Message, i: int = i) -> Any:
-            if reply.has_error():
-                return short_reason(reply.error.reason)
-            records = list(reply.content.array_records.values())
-            if len(records) != 1:
-                return f"replied {len(records)} ArrayRecords to chunk_get {i}; expected one"
-            traffic.add("update", record_bytes(records[0]))
-            return spill.write_arrays(f"node-{reply.metadata.src_node_id}-{i}", records[0])
-
         kept, elapsed, sent = _send_each(grid, messages, timeout, keep)
-        for mid, node in sent:
+        for (mid, node), t in zip(sent, asked):
             got = kept.get(mid, no_reply_reason(elapsed, timeout))
+            if node in lost:
+                continue  # an earlier group of this wave failed: its reason is kept
             if isinstance(got, str):
-                lost[node] = f"group {i} of its update: {got}"
+                lost[node] = f"group {t.index} of its update: {got}"
             else:
-                parts[node].append(got)
+                parts[node][t.index] = got
     updates = {}
     for node, metrics in held.items():
         if node in lost:
             continue
         try:
-            state, extras = split_extras_lazy(JoinedState(parts[node]))
+            state, extras = split_extras_lazy(JoinedState([parts[node][i] for i in sorted(parts[node])]))
         except Exception as e:  # a name in two groups
             lost[node] = str(e)
             continue

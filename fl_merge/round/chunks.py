@@ -3,15 +3,16 @@ tensors cut into groups of bounded size, so that no message of the round to or f
 fl-merge's own (grid) clients carries a whole model.
 
 `chunk_groups` decides the groups (a pure function of names, shapes and dtypes: it reads no
-weights, so it runs on theta0's ``meta`` layout before any process starts); `ChunkTraffic`
-counts what the chunked round sent and received, per kind of message, for run.json
-`chunking`.
+weights, so it runs on theta0's ``meta`` layout before any process starts); `plan_waves`
+decides which group messages are in flight together, so that the SuperLink holds about one
+group at a time; `ChunkTraffic` counts what the chunked round sent and received, per kind of
+message, for run.json `chunking`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,10 @@ OWN_GROUPS = "chunk-own"  # score config: how many groups of the client's per-ta
 REPLY_GROUPS = "chunk-groups"  # train reply metric: how many groups the client holds of its update
 # Message actions of fl-merge's own ClientApp (Flower QUERY messages "query.<action>").
 PUT, GET, DROP = "chunk_put", "chunk_get", "chunk_drop"
+# How many distinct groups' bytes the server lets sit in the SuperLink at once (plan_waves'
+# budget, in multiples of the chunk limit): a group waits there from its push until its
+# receiver confirms it (a node for chunk_put, the ServerApp for a chunk_get reply).
+GROUPS_IN_FLIGHT = 1
 
 
 class ChunkSizeError(ValueError):
@@ -86,6 +91,42 @@ def check_grams_fit(layout: Mapping[str, torch.Tensor], merged: list[str], limit
             f"chunk-mib={limit / MIB:.6g} is smaller than the Gram matrix RegMean's clients send for "
             f"'{name}' ([{layout[name].shape[1]}, {layout[name].shape[1]}] float32, {size / MIB:.6g} MiB): "
             f"set chunk-mib to at least {smallest_chunk_mib(size):g}")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One group message of a round, to or from `node`: group `index` of a slot. Transfers
+    whose payload is the same bytes (one state's group sent to several nodes) share
+    `content`; the SuperLink stores such a payload once (Flower's object store is
+    content-addressed). `nbytes`: the payload's tensor bytes (at most the chunk limit)."""
+
+    node: int
+    index: int
+    content: Hashable
+    nbytes: int
+
+
+def plan_waves(transfers: Sequence[Transfer], budget: int) -> list[list[Transfer]]:
+    """`transfers`, in their order, cut into waves (each sent and answered before the next
+    is sent) whose distinct payloads (bytes counted once per `content`) add up to at most
+    `budget`. A transfer whose content is already in a wave joins that wave (its bytes are
+    there already); a transfer above the budget travels alone. No transfers: no waves."""
+    if budget <= 0:
+        raise ValueError(f"the in-flight budget must be positive, got {budget} bytes")
+    waves: list[list[Transfer]] = []
+    wave_of: dict[Hashable, int] = {}
+    used = 0
+    for t in transfers:
+        if t.content in wave_of:
+            waves[wave_of[t.content]].append(t)
+            continue
+        if not waves or used + t.nbytes > budget:
+            waves.append([])
+            used = 0
+        waves[-1].append(t)
+        wave_of[t.content] = len(waves) - 1
+        used += t.nbytes
+    return waves
 
 
 @dataclass

@@ -118,3 +118,13 @@ def test_idle_is_settled_only_when_every_group_holds_still_with_the_same_process
     c = {"n": {"supernode": 132.0, "superexec": 127.0}}
     assert not settled(None, a, 10) and not settled(a, b, 10) and settled(b, c, 10)
     assert not settled({"n": {"supernode": 130.0}}, {"n": {"supernode": 130.0, "superexec": 0.0}}, 10)
+
+
+def test_peak_step_names_the_last_server_step_logged_before_the_peak():
+    samples = [(1.0, "superlink", "superlink", 100.0, 90.0), (2.0, "superlink", "superlink", 900.0, 880.0),
+               (3.0, "superlink", "superlink", 300.0, 290.0), (2.0, "supernode0", "supernode", 5000.0, 0.0)]
+    steps = [(0.5, "fl-merge chunks: theta0 group 1/2"), (1.5, "fl-merge chunks: update group 1"),
+             (2.5, "fl-merge chunks: update group 2")]
+    assert bench.peak_step(samples, "superlink", "superlink", steps) == (900.0, 2.0, "fl-merge chunks: update group 1")
+    assert bench.peak_step(samples, "superlink", "superlink", []) == (900.0, 2.0, "")
+    assert bench.peak_step(samples, "nobody", "superlink", steps) == (0.0, 0.0, "")

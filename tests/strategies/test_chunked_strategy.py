@@ -146,3 +146,46 @@ def test_a_node_lost_while_its_update_is_fetched_is_named_and_its_files_are_drop
     assert [(f["node_id"], f["stage"], f["reason"]) for f in r.failures] == [
         (0, "train", "group 2 of its update: node 0 went away")]
     assert list(tmp_path.iterdir()) == []  # told to drop what it still held
+
+
+class TwoChunkNodes(ChunkGrid):
+    """Nodes 0 and 2 both run the chunk handlers; each push is recorded as one batch of
+    (message type, node, chunk index): what is in flight in the SuperLink together."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.nodes = {n: Context(run_id=1, node_id=n, node_config={"cache-dir": str(folder)},
+                                 state=RecordDict(), run_config={}) for n in (0, 2)}
+        self.batches: list[list[tuple[str, int, int]]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.batches.append([(m.metadata.message_type, m.metadata.dst_node_id,
+                              m.content["config"].get("chunk-index", -1)) for m in messages])
+        return super().push_messages(messages)
+
+
+def test_one_update_group_is_in_flight_at_a_time_and_a_shared_theta0_group_goes_to_every_node_at_once(tmp_path):
+    def round_(chunk_bytes, grid):
+        strategy = OneShotMerge(methods=["fedavg", "ties"], etas=[0.5, 1.0, 2.0], chunk_bytes=chunk_bytes)
+        return run_round(strategy, grid, _theta0(), {}, {"model": "m"}, 10.0)
+
+    grid = TwoChunkNodes(tmp_path / "two")
+    r, whole = round_(LIMIT, grid), round_(0, TwoChunkNodes(tmp_path / "whole"))
+    assert not r.failures and [c.node_id for c in r.clients] == [0, 2]
+    gets = [b for b in grid.batches if b[0][0] == "query.chunk_get"]
+    # each node's update: 5 groups (LIMIT holds one tensor), asked one node at a time, group by
+    # group (the nodes in Flower's sampling order)
+    assert all(len(b) == 1 for b in gets)
+    assert [(i, {n for _, n, j in sum(gets, []) if j == i}) for i in range(5)] == [(i, {0, 2}) for i in range(5)]
+    assert [b[0][2] for b in gets] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    puts = [b for b in grid.batches if b[0][0] == "query.chunk_put"]
+    # theta0's 2 groups, the Deltas' and the own groups: every batch is one group to both nodes
+    # (the same payload for fedavg and ties; each node's own head is its own payload, one node at a time)
+    assert [sorted(b) for b in puts[:2]] == [[("query.chunk_put", 0, 0), ("query.chunk_put", 2, 0)],
+                                             [("query.chunk_put", 0, 1), ("query.chunk_put", 2, 1)]]
+    assert all(len({i for _, _, i in b}) == 1 for b in puts)
+    # theta0 (2 groups); validation and test each: the fedavg and the ties Delta (2 groups each,
+    # to both nodes at once), then each node's own head (2 groups, its own payload: alone)
+    assert [len(b) for b in puts] == [2, 2] + 2 * ([2, 2, 2, 2] + [1, 1, 1, 1])
+    assert r.rows == whole.rows and r.best_etas == whole.best_etas  # the same round as whole messages
