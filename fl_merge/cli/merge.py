@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge checkpoints tensor by tensor: theta0 + eta * Delta(method, "
                     "theta_i - theta0). BASE and models: " + FORMATS + ".",
-        epilog="methods ('exact': per tensor is the method; 'per-tensor': a layer-wise variant "
-               "of a whole-vector method; lambda scale 'sum': eta = K * lambda, 'delta': "
+        epilog="methods ('exact': per tensor, or per tensor after the method's declared pass "
+               "over the whole update, is the method; 'per-tensor': a layer-wise variant of a "
+               "whole-vector method; lambda scale 'sum': eta = K * lambda, 'delta': "
                "eta = lambda):\n" + methods_help()
                + "\n\nSee docs/merge.md.")
     p.add_argument("--version", action="version", version=version_line(PROG))

@@ -2,18 +2,18 @@
 
 For each tensor name: read the base's tensor theta0 and the K models' tensors theta_i,
 form tau_i = theta_i - theta0 in float32 (float64 stays float64), Delta = fl_merge.merge(
-method, [{name: tau_i}], ...), and write theta0 + eta * Delta in the base's dtype (or the
-one asked for). Memory: K + 3 tensors of the largest size in float32, never a model.
+method, [{name: tau_i}], ...), write theta0 + eta * Delta in the base's dtype (or the one
+asked for). Memory: K + 3 tensors of the largest size in float32 (a pass: K + 1), never a model.
 
-Methods and the per-tensor scope (`method_scope`), from what each method declares in its
-file (`register(..., per_tensor_exact=..., needs=...)`):
+Methods and their scope (`method_scope`), from their `register(...)` declarations:
 
 * coordinate-wise methods, and whole-vector ones that declare per_tensor_exact (e.g.
-  breadcrumbs and model_stock, per tensor by definition; dare unless base=ties trims):
-  per tensor IS the method, exactly;
-* the other whole-vector methods (top-k thresholds, norms, distances, cosines over the
-  whole update) run on each tensor alone: a per-tensor (layer-wise) variant of the method,
-  as mergekit runs TIES;
+  breadcrumbs, model_stock; dare unless base=ties trims): per tensor IS the method;
+* ones that declare a global pass (TIES at its default convention, Krum, Multi-Krum, CClip,
+  the geometric median): the pass runs once over the task vectors streamed from the files
+  (fl_merge/io/file_passes.py), then each tensor is merged with its statistics: exact too;
+* the other whole-vector methods (DARE-TIES, PCB, hetero) run on each tensor alone: a
+  per-tensor (layer-wise) variant of the method;
 * methods needing per-model arrays that checkpoints do not carry (`Needs.extras`, e.g.
   fisher's diagonal Fisher, regmean's Gram matrices) take them from one safetensors file per
   model and array (`extras={"gram": [F1, ..., FK]}`, `--extras gram=F1,...,FK`), keyed by the
@@ -28,8 +28,7 @@ naming the tensor (or copies the base's anyway with non_float="base").
 LiNeS (`lines=`, fl_merge/merging/lines.py): tensor `key` is written with eta * scale(key),
 scale(l) = alpha + beta (l - 1) / (L - 1) from the layer index in its name; eta =
 eta_for_lambda(method, 1, K) is the paper's LiNeS (the CLI passes it). alpha must be a
-number here: "auto" needs the whole merged vector's l1 norm, which a tensor-by-tensor
-merge does not have.
+number: "auto" needs the whole merged vector's l1 norm, not known tensor by tensor.
 """
 
 from __future__ import annotations
@@ -43,13 +42,15 @@ from typing import Any
 import torch
 
 from fl_merge.merging.lines import check_lines, layer_scales
+from fl_merge.merging.passes import has_global_pass
 from fl_merge.merging.registry import (GRAM, check_method_params, check_model_fits, extra_layouts,
-                                       is_per_tensor_exact, normalized_weights)
+                                       is_per_tensor_exact, local_steps_tensor, normalisers_tensor,
+                                       normalized_weights)
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.streaming import work_dtype
-from fl_merge.merging.registry import local_steps_tensor, normalisers_tensor
 from fl_merge.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_checkpoint
 from fl_merge.io.checkpoints import Checkpoint
+from fl_merge.io.file_passes import file_pass, task_vector_of
 from fl_merge.io.merge_output import check_output, write_output
 from fl_merge.merging.scales import check_eta
 from fl_merge.core.task_vectors import MergeInputError
@@ -61,9 +62,9 @@ CHUNK = 1 << 15
 
 
 def method_scope(method: str, params: dict | None = None, extras: Sequence[str] = ()) -> str:
-    """'exact' (per tensor is the method), 'per-tensor' (a layer-wise variant of a
-    whole-vector method) or 'refused: <why>' for `method` with `params`, given files of the
-    per-model arrays named in `extras`."""
+    """'exact' (per tensor, or per tensor after its declared pass, is the method), 'per-tensor'
+    (a layer-wise variant of a whole-vector method) or 'refused: <why>' for `method` with
+    `params`, given files of the per-model arrays named in `extras`."""
     m = get_method(method)
     if m.personal:
         return ("refused: it gives each model its own merged model (one shared vector, a mask and "
@@ -73,7 +74,8 @@ def method_scope(method: str, params: dict | None = None, extras: Sequence[str] 
     if lacking:
         return (f"refused: needs per-model {', '.join(lacking)} arrays, which checkpoints do not "
                 f"carry: give one safetensors file per model, --extras {lacking[0]}=F1,...,FK")
-    return "exact" if is_per_tensor_exact(method, params) else "per-tensor"
+    exact = is_per_tensor_exact(method, params) or has_global_pass(method, params)
+    return "exact" if exact else "per-tensor"
 
 
 def check_merge_inputs(method: str, params: dict, num_models: int, weights=None, local_steps=None,
@@ -204,7 +206,7 @@ def merge_tensor(method: str, key: str, theta0: torch.Tensor, thetas: Iterable[t
     generator reading the files keeps one model's tensor in its file dtype at a time)."""
     work = work_dtype(theta0.dtype)
     base = theta0.to(work)
-    taus = [{key: t.to(work).sub_(base) if t.dtype != work else t.sub(base)} for t in thetas]
+    taus = [{key: task_vector_of(t, base, work)} for t in thetas]
     weights, steps = per_model.pop("weights", None), per_model.pop("local_steps", None)
     if get_method(method).takes_theta0:  # slerp, karcher: defined on the models themselves
         per_model["theta0"] = {key: base}
@@ -353,10 +355,10 @@ def merge_files(
 def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, non_float,
                 weights, local_steps, normalisers, names, stats, lines=None) -> list[Path]:
     specs = plan(base_ck, cks, dtype)
+    floats = [k for k, _, _ in specs if base_ck.info(k).is_float]  # the tensors merged
     scale = {}  # LiNeS: eta * scale(key) per float tensor
     if lines is not None:
-        scale = layer_scales([k for k, _, _ in specs if base_ck.info(k).is_float],
-                             lines["alpha"], lines["beta"], lines["pattern"])
+        scale = layer_scales(floats, lines["alpha"], lines["beta"], lines["pattern"])
     check_non_float(base_ck, cks, non_float)
     per_model = {"weights": weights, "local_steps": local_steps, "normalisers": normalisers,
                  "names": names}
@@ -367,6 +369,8 @@ def _merge_open(base_ck, cks, method, eta, out, params, dtype, max_shard_bytes, 
     with warnings.catch_warnings():  # check_merge_inputs' probe showed them once
         warnings.simplefilter("ignore", UserWarning)
         coefs = linear_coefficients(method, params, len(cks), weights, local_steps, normalisers)
+        # a declared pass (ties, krum, ...): once over the whole update, before any writing
+        per_model["stats"] = file_pass(method, params, base_ck, cks, floats, weights, names)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, out_dtype, _ in specs:

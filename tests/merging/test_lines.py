@@ -164,9 +164,9 @@ def test_file_merge_lines_is_the_per_layer_lambda(tmp_path, capsys, method):
     assert main(["--base", b, "--models", *ms, "--method", method, "--lines", "alpha=0.2", "beta=0.8",
                  "--out", str(out)]) == 0, capsys.readouterr().err
     got = load_file(str(out))
+    whole = merge(method, [{n: m[n] - base[n] for n in names} for m in models])  # ties: exact
     for n, lam in zip(names, (0.2, 0.2, 0.6, 1.0)):  # alpha + beta (l - 1) / 2, alpha outside blocks
-        taus = [{n: m[n] - base[n]} for m in models]
-        delta = merge(method, taus)[n]
+        delta = whole[n]
         torch.testing.assert_close(got[n], base[n] + eta_for_lambda(method, lam, 3) * delta)
 
 

@@ -21,9 +21,11 @@ import torch
 pytest.importorskip("mergekit.scripts.merge_raw_pytorch",
                     reason="mergekit is not installed (it comes with the dev extra: pip install -e '.[dev]')")
 
+from fl_merge.methods import merge
 from methods.mergekit_peer import (
     SHAPES,
     TIES,
+    WEIGHTS,
     Case,
     assert_parity,
     dare_masks,
@@ -121,33 +123,57 @@ def test_dare_masks_match_in_distribution(checkpoints, tmp_path):
     assert not torch.equal(outs["mergekit"]["embed.weight"], outs["ours"]["embed.weight"])
 
 
+def _default_ties(base, models, groups, dtype):
+    """theta0 + 1.0 * fl_merge.merge('ties', density 0.3, WEIGHTS) on the files' task
+    vectors (float32), run on each group of tensor names alone, in `dtype`."""
+    theta0, thetas = read(base), [read(m) for m in models]
+    out = {}
+    for keys in groups:
+        taus = [{k: t[k].float() - theta0[k].float() for k in keys} for t in thetas]
+        delta = merge("ties", taus, list(WEIGHTS), density=0.3)
+        out.update({k: (theta0[k].float() + delta[k]).to(dtype) for k in keys})
+    return out
+
+
 def test_ties_default_differs_at_exact_sign_ties(checkpoints, tmp_path):
-    """fp32 (no ties at the top-k threshold): fl-merge's TIES and mergekit's differ exactly
-    at the coordinates whose weighted vote is exactly 0 (embed.weight's first TIES entries):
-    there mergekit elects + and keeps model 2's entry, we take the tensor's majority sign,
-    negative here, and keep model 3's."""
+    """fp32 (no ties at the top-k threshold): `fl-merge merge`'s default TIES is the whole
+    update's (its top-k over the whole task vector; fl_merge/io/file_passes.py), so it differs
+    from mergekit's per-tensor TIES by scope. Run per tensor, fl-merge's TIES and mergekit's
+    differ exactly at the coordinates whose weighted vote is exactly 0 (embed.weight's first
+    TIES entries): there mergekit elects + and keeps model 2's entry, we take the majority
+    sign, negative here, and keep model 3's."""
     base, models = checkpoints["fp32"]
     case = Case("ties", "ties", {"density": 0.3}, "ties", {"density": 0.3}, lam=1.0)
     ours = run_ours(case, base, models, tmp_path / "ours.safetensors")
     theirs = run_mergekit(case, base, models, torch.float32, tmp_path / "mk")
+    whole = _default_ties(base, models, [list(SHAPES)], torch.float32)
+    assert all(torch.equal(ours[k], whole[k]) for k in SHAPES)
+    assert sum(int((ours[k] != theirs[k]).sum()) for k in SHAPES) > TIES  # the scope
+    per_tensor = _default_ties(base, models, [[k] for k in SHAPES], torch.float32)
     for key in SHAPES:
-        differ = (ours[key] != theirs[key]).reshape(-1).nonzero().reshape(-1).tolist()
+        differ = (per_tensor[key] != theirs[key]).reshape(-1).nonzero().reshape(-1).tolist()
         assert differ == (list(range(TIES)) if key == "embed.weight" else []), key
     theta2, theta3 = (read(p)["embed.weight"].reshape(-1)[:TIES] for p in (models[2], models[3]))
     assert torch.equal(theirs["embed.weight"].reshape(-1)[:TIES], theta2)
-    assert torch.equal(ours["embed.weight"].reshape(-1)[:TIES], theta3)
+    assert torch.equal(per_tensor["embed.weight"].reshape(-1)[:TIES], theta3)
 
 
 def test_ties_default_differs_on_fp16_threshold_ties(checkpoints, tmp_path):
     """fp16 task vectors repeat values: entries tied with the k-th largest |tau_i| are all
-    kept by fl-merge (the TIES authors' >= threshold), exactly k by mergekit."""
+    kept by fl-merge (the TIES authors' >= threshold), exactly k by mergekit (compared per
+    tensor, mergekit's scope; `fl-merge merge` itself ranks the whole update)."""
     base, models = checkpoints["fp16"]
     case = Case("ties", "ties", {"density": 0.3}, "ties", {"density": 0.3}, lam=1.0)
     ours = run_ours(case, base, models, tmp_path / "ours.safetensors")
     theirs = run_mergekit(case, base, models, torch.float16, tmp_path / "mk")
-    differ = sum(int((ours[k] != theirs[k]).sum()) for k in SHAPES)
+    whole = _default_ties(base, models, [list(SHAPES)], torch.float16)
+    assert all(torch.equal(ours[k], whole[k]) for k in SHAPES)
+    per_tensor = _default_ties(base, models, [[k] for k in SHAPES], torch.float16)
+    differ = sum(int((per_tensor[k] != theirs[k]).sum()) for k in SHAPES)
     total = sum(ours[k].numel() for k in SHAPES)
     MEASURED["ties-default/fp16 entries differing"] = differ / total
+    MEASURED["ties-default/fp16 entries differing, fl-merge merge (whole update)"] = sum(
+        int((ours[k] != theirs[k]).sum()) for k in SHAPES) / total
     assert TIES < differ < 0.05 * total
 
 
