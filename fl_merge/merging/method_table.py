@@ -48,6 +48,8 @@ def _row(m: MergeMethod) -> list[str]:
     exact, varies = _declared(m.per_tensor_exact, m)
     exact = ("exact" if exact else "per-tensor variant") + (
         " at the defaults, by parameters" if varies else "")
+    if m.global_pass is not None:  # its pass over the whole update first (fl_merge/io/file_passes.py)
+        exact = "exact (a declared pass over the files first)"
     if m.needs.extras:  # checkpoints do not carry them: files of them beside (fl_merge/io/file_merge.py)
         exact += " given --extras " + ", ".join(f"{n}=..." for n in m.needs.extras)
     if m.personal:

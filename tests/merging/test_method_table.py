@@ -62,3 +62,23 @@ def test_the_page_needs_its_markers():
     with pytest.raises(ValueError, match="no method-table markers"):
         with_table("# no table here\n")
     assert with_table(f"a\n{BEGIN}\nold\n{END}\nb\n") == f"a\n{method_table()}\nb\n"
+
+
+def test_the_file_merge_column_says_what_fl_merge_merge_does():
+    """'exact' in the table exactly where the file merge's scope (fl_merge/io/file_merge.py
+    method_scope, at the defaults, given the method's per-model arrays) is exact: a method
+    with a declared pass is exact on files too."""
+    from fl_merge.io.file_merge import method_scope
+    from fl_merge.merging.registry import available_methods, get_method
+
+    cells = {row.split(" | ")[0].removeprefix("| ").split(",")[0].strip("`"): row.split(" | ")[5]
+             for row in method_table().splitlines() if row.startswith("| `")}
+    for name, cell in cells.items():
+        m = get_method(name)
+        if m.personal:
+            continue
+        scope = method_scope(name, dict(m.params), list(m.needs.extras))
+        assert cell.startswith("exact") == (scope == "exact"), (name, cell, scope)
+    assert cells["ties"].startswith("exact") and cells["krum"].startswith("exact")
+    assert not cells["pcb"].startswith("exact")
+    assert set(cells) <= set(available_methods())
