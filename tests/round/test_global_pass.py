@@ -22,6 +22,7 @@ from fl_merge.round import group_merge, merging
 from fl_merge.round.group_merge import groupable, merge_in_groups
 from fl_merge.round.merging import merge_methods
 from fl_merge.round.updates import ClientUpdate
+from methods.test_cclip import ref_cclip as _ref_cclip
 from methods.test_ties import ref_ties_reference
 
 # four tensors of 24 float32 each (96 bytes): the group limits below cut them 1 | 1 | 1 | 1,
@@ -131,18 +132,6 @@ def test_krum_by_groups_is_the_whole_krum(tmp_path, limit, method, params):
     grouped = _grouped(method, tvs, w, limit, tmp_path, **params)
     whole = merge(method, tvs, w, **params)
     assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
-
-
-def _ref_cclip(x, p, tau, iters, v0):
-    """Centered clipping written out in numpy (float64), as tests/methods/test_cclip.py."""
-    v = v0.copy()
-    for _ in range(iters):
-        upd = np.zeros_like(v)
-        for i in range(len(x)):
-            d = np.linalg.norm(x[i] - v)
-            upd += p[i] * (x[i] - v) * min(1.0, tau / d if d > 0 else 1.0)
-        v = v + upd
-    return v
 
 
 @pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
