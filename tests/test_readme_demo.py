@@ -62,4 +62,7 @@ def test_the_readme_demo_reproduces(tmp_path):
     chosen = re.search(r"task_arithmetic: lambda=([0-9.]+) \(eta=([0-9.]+)\), chosen on validation",
                        out.stdout)
     assert chosen, out.stdout[-2000:]
-    assert f"`task_arithmetic: lambda={chosen[1]} (eta={chosen[2]}), chosen on validation" in readme
+    # the log line the README gives right after the table that matched
+    after = readme[readme.index("\n".join(printed_table(out.stdout))):]
+    line = re.search(r"`task_arithmetic: lambda=([0-9.]+) \(eta=([0-9.]+)\), chosen on validation", after)
+    assert line and line.groups() == chosen.groups(), (chosen[0], line and line[0])
