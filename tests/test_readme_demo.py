@@ -9,6 +9,7 @@ changes what the demo computes, this fails until the README is re-measured."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +50,27 @@ def test_readme_table_is_parsed_from_its_block():
     assert printed_table(run) == [TITLE + " (a)", "task  base", "normalized  -"]
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_the_readme_demo_reproduces(tmp_path):
+    """`make demo` as a user runs it (also the launcher's path through a real local SuperLink:
+    status read back, summary printed, nothing left running)."""
     readme = (ROOT / "README.md").read_text()
     expected = readme_tables(readme)
+    demo = tmp_path / "demo"
+    # from a directory that is not the checkout, without --app (it used to die there)
     out = subprocess.run([sys.executable, "-m", "fl_merge.cli.launch", "--run-config",
-                          f"output-dir={tmp_path / 'demo'}"], cwd=tmp_path, capture_output=True,
+                          f"output-dir={demo}"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    # the launcher's own SuperLink is stopped, and the streamed `flwr run` output is kept
+    ports = [int(p) for p in re.findall(r"Using SuperLink: local \(127\.0\.0\.1:(\d+)\)",
+                                        out.stdout + out.stderr)]
+    assert ports and not any(port_open(p) for p in ports), ports
+    assert (demo / "run.log").stat().st_size > 0 and f"results: {demo}" in out.stdout
     assert printed_table(out.stdout) in expected, (
         "the default demo no longer prints README.md's table: re-measure it (`make demo`) and "
         "update the README\n" + "\n".join(printed_table(out.stdout)))

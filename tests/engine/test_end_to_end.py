@@ -2,7 +2,8 @@
 
 Each Flower run costs ~10 s of Ray start-up, so one simulation (and its spilled twin, shared
 with test_merged_model through conftest.fisher_runs) feeds several checks and the launcher is
-run twice (a good run and a deliberately broken app).
+run here once, on a deliberately broken app (its good run is the README demo's,
+tests/test_readme_demo.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -197,35 +197,6 @@ def test_crashing_client_is_left_out_and_attacker_flips_its_update(tmp_path):
     for k, v in strategy.theta0.items():
         torch.testing.assert_close(strategy.deltas["fedavg"][k], (tau0[k] + attacker.state[k] - v) / 2,
                                    rtol=1e-5, atol=1e-6)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def test_flwr_run_demo_path(tmp_path, capsys, monkeypatch):
-    """`fl-merge-run` (the README demo) with K=2: real SuperLink, status read, summary
-    printed, nothing left running."""
-    out = tmp_path / "run"
-    ports = []
-    real_free_port = __import__("fl_merge.engine.superlink", fromlist=["_free_port"])._free_port
-
-    def spy():
-        ports.append(real_free_port())
-        return ports[-1]
-
-    monkeypatch.setattr("fl_merge.engine.superlink._free_port", spy)
-    # From a directory that is not the checkout, without --app (it used to die there).
-    monkeypatch.chdir(tmp_path)
-    code = launch_main(["--run-config", f'num-clients=2 local-steps=30 etas="1" output-dir="{out}"'])
-    printed = capsys.readouterr().out
-    assert code == 0
-    assert "fine-tuned" in printed and "mean" in printed and str(out) in printed
-    rows = results.read_rows(out / results.RESULTS_FILE)
-    assert {r["task"] for r in rows} == {"rotate90", "invert"}
-    assert ports and not any(_port_open(p) for p in ports)  # SuperLink stopped
-    assert (out / "run.log").stat().st_size > 0  # the streamed `flwr run` output, kept
 
 
 def test_flwr_run_failure_is_reported(tmp_path, capsys):
