@@ -28,7 +28,7 @@ DEFAULT_GROUP_BYTES = 256 * MIB
 # Config of a chunk message (server -> client) and of the messages that refer to chunks.
 SLOT_KEY = "chunk-slot"  # which node-local file set a group belongs to: theta0, delta-<i>, own, update
 INDEX_KEY = "chunk-index"  # the group's position in its slot
-LIMIT_KEY = "chunk-bytes"  # train config: the client cuts its reply's tensors into groups of this size
+LIMIT_KEY = "chunk-bytes"  # train config: the chunk limit (an update group never exceeds it)
 # Train config, optional (protocol version 1 still; docs/protocol.md): the limit the server
 # asks for the update's groups, its chunk_get replies (reply_limit); a client that ignores
 # it cuts at chunk-bytes, which the server still accepts.
