@@ -6,8 +6,9 @@ per-task parameters) is written to a node-local safetensors file; the train and 
 messages that follow carry config only and say how many groups of each the client holds.
 The client reads them back memory-mapped (fl_merge.io.spill.MappedState), trains or scores
 as with whole-model messages, and keeps its update in node-local files too, one per group,
-which the server fetches one at a time (`chunk_get`). Files, not Flower's node state: in a
-deployment each message may run in a new ClientApp process, and Flower's context state
+which the server fetches one at a time (`chunk_get`): groups of at most the train config's
+reply limit (`chunk-reply-bytes`, about half a chunk; `update_limit`). Files, not Flower's
+node state: in a deployment each message may run in a new ClientApp process, and Flower's context state
 travels with every message. The folder is keyed by run and node, under node-config
 `cache-dir` (default the system's temp folder), and removed when the server says the run is
 done with it (`chunk_drop`). A node killed mid-round never gets that message: each folder
@@ -35,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from fl_merge.io.spill import JoinedState, MappedState
 from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT,
-                                   REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, chunk_groups)
+                                   REPLY_GROUPS, REPLY_LIMIT_KEY, SLOT_KEY, THETA0_GROUPS, chunk_groups,
+                                   largest_tensor, reply_limit)
 
 __all__ = ["PUT", "GET", "DROP", "put", "get", "drop", "holds_chunks", "theta0", "keep_update",
            "scoring_inputs", "chunk_folder", "sweep_orphans"]
@@ -154,12 +156,22 @@ def theta0(config: Mapping[str, Any], context: Context) -> Mapping[str, torch.Te
     return _read(chunk_folder(context), "theta0", int(config[THETA0_GROUPS]))
 
 
+def update_limit(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> int:
+    """The limit for this client's update groups: the train config's chunk-reply-bytes,
+    raised to the update's largest tensor and never above chunk-bytes
+    (fl_merge.round.chunks.reply_limit); chunk-bytes when the server sent no reply limit."""
+    limit = int(config[LIMIT_KEY])
+    if REPLY_LIMIT_KEY not in config:  # a server from before the reply limit
+        return limit
+    return reply_limit(limit, largest_tensor(state), int(config[REPLY_LIMIT_KEY]))
+
+
 def keep_update(config: Mapping[str, Any], context: Context, state: Mapping[str, torch.Tensor],
                 metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Write this client's update (weights and extras) as groups of at most the config's
-    chunk-bytes each; the reply's metrics, with the number of groups."""
+    """Write this client's update (weights and extras) as groups of at most `update_limit`
+    bytes each; the reply's metrics, with the number of groups."""
     folder = chunk_folder(context)
-    groups = chunk_groups(state, int(config[LIMIT_KEY]), "this client's update")
+    groups = chunk_groups(state, update_limit(config, state), "this client's update")
     for i, names in enumerate(groups):
         _write(_path(folder, UPDATE, i), {k: state[k] for k in names})
     return {**metrics, REPLY_GROUPS: len(groups)}

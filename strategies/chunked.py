@@ -4,7 +4,8 @@ of tensors (fl_merge.round.chunks.chunk_groups).
 
 * train: theta0 goes to every sampled node one group at a time (`chunk_put` messages, each
   group's replies awaited before the next group is sent), then a train message with config
-  only. The client replies metrics and how many groups its update has; the server fetches
+  only. The client replies metrics and how many groups its update has (cut at the train
+  config's reply limit, about half a chunk: fl_merge.round.chunks.reply_limit); the server fetches
   each group (`chunk_get`, one message per group and client, each reply pulled on its own and
   written to that client's spill file at once), so the round reads the same memory-mapped
   update as with spill=true.
@@ -36,8 +37,8 @@ from flwr.serverapp import Grid
 from fl_merge.io.spill import JoinedState, SpillDir, split_extras_lazy
 from fl_merge.merging.personal import is_personal
 from fl_merge.round.chunks import (DELTA_GROUPS, DROP, GET, GROUPS_IN_FLIGHT, INDEX_KEY, LIMIT_KEY, OWN_GROUPS,
-                                   PUT, REPLY_GROUPS, SLOT_KEY, THETA0_GROUPS, ChunkTraffic, Transfer,
-                                   chunk_groups, plan_waves)
+                                   PUT, REPLY_GROUPS, REPLY_LIMIT_KEY, SLOT_KEY, THETA0_GROUPS, ChunkTraffic,
+                                   Transfer, chunk_groups, largest_tensor, plan_waves, reply_limit)
 from fl_merge.round.failures import no_reply_reason
 from fl_merge.round.protocol import NUM_EXAMPLES, PROTOCOL_KEY, PROTOCOL_VERSION
 from fl_merge.round.scoring import grid_config
@@ -122,6 +123,9 @@ def chunked_train(strategy: Any, grid: Grid, theta0: StateDict, config: Mapping[
     counts, refused = send_groups(grid, "theta0", {n: theta0 for n in nodes}, traffic, timeout,
                                   "the base model")
     traffic.theta0_groups = len(chunk_groups(theta0, traffic.limit))
+    # the update's weights have theta0's layout; a client raises the limit to its own largest
+    # tensor (a head, an extra) where that is larger (fl_merge.round.chunks.reply_limit)
+    traffic.reply_limit = reply_limit(traffic.limit, largest_tensor(theta0))
     traffic.nodes -= set(refused)  # a plain client holds no files (and has no chunk_drop)
     messages = []
     for n in nodes:
@@ -132,7 +136,8 @@ def chunked_train(strategy: Any, grid: Grid, theta0: StateDict, config: Mapping[
             content = RecordDict({"arrays": record, "config": ConfigRecord(cfg)})
         else:
             traffic.add("train", 0)
-            chunk_cfg = {THETA0_GROUPS: counts[n], LIMIT_KEY: traffic.limit}
+            chunk_cfg = {THETA0_GROUPS: counts[n], LIMIT_KEY: traffic.limit,
+                         REPLY_LIMIT_KEY: traffic.reply_limit}
             content = RecordDict({"config": ConfigRecord({**cfg, **chunk_cfg})})
         messages.append(Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN))
 
@@ -180,7 +185,8 @@ def _chunked_metrics(reply: Message) -> dict[str, Any]:
 def fetch_updates(grid: Grid, held: Mapping[int, dict[str, Any]], spill: SpillDir, traffic: ChunkTraffic,
                   timeout: float) -> tuple[dict[int, ClientUpdate], dict[int, str]]:
     """Each node's update, group by group (`chunk_get`), in the waves of `plan_waves`: every
-    reply is a different payload of up to one chunk, so with one group's budget one node is
+    reply is a different payload of up to the reply limit (up to one chunk from a client that
+    ignores it: so each counts as a whole chunk), so with one group's budget one node is
     asked at a time and the SuperLink holds one reply (not one per node) until the ServerApp
     pulls it and writes it to a spill file. ({node: ClientUpdate}, {node: why it failed})."""
     parts: dict[int, dict[int, Any]] = {n: {} for n in held}

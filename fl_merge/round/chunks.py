@@ -28,7 +28,11 @@ DEFAULT_GROUP_BYTES = 256 * MIB
 # Config of a chunk message (server -> client) and of the messages that refer to chunks.
 SLOT_KEY = "chunk-slot"  # which node-local file set a group belongs to: theta0, delta-<i>, own, update
 INDEX_KEY = "chunk-index"  # the group's position in its slot
-LIMIT_KEY = "chunk-bytes"  # train config: the client cuts its reply's tensors into groups of this size
+LIMIT_KEY = "chunk-bytes"  # train config: the chunk limit (an update group never exceeds it)
+# Train config, optional (protocol version 1 still; docs/protocol.md): the limit the server
+# asks for the update's groups, its chunk_get replies (reply_limit); a client that ignores
+# it cuts at chunk-bytes, which the server still accepts.
+REPLY_LIMIT_KEY = "chunk-reply-bytes"
 THETA0_GROUPS = "chunk-theta0"  # train config: how many theta0 groups the client holds
 DELTA_GROUPS = "chunk-deltas"  # score config: per Delta, how many groups the client holds
 OWN_GROUPS = "chunk-own"  # score config: how many groups of the client's per-task parameters
@@ -58,6 +62,30 @@ def smallest_chunk_mib(tensor_bytes: int) -> float:
 def tensor_bytes(t: torch.Tensor) -> int:
     """A tensor's data bytes from its shape and dtype (works on ``meta`` tensors)."""
     return nbytes(t.dtype, tuple(t.shape))
+
+
+def largest_tensor(layout: Mapping[str, torch.Tensor]) -> int:
+    """The bytes of `layout`'s largest tensor (0 for no tensors)."""
+    return max((tensor_bytes(v) for v in layout.values()), default=0)
+
+
+def reply_limit(limit: int, largest: int, asked: int | None = None) -> int:
+    """The limit for a client's update groups (its `chunk_get` replies): `asked` (default
+    half the chunk limit, rounded up), raised to `largest` (the bytes of the update's largest
+    tensor) so that an update that fits today's chunks fits its replies, and never above
+    `limit` (a tensor above the chunk limit fails in chunk_groups, as without a reply limit).
+
+    Why half: each update group is a payload only its node sends, one node at a time, and it
+    costs Flower's SuperLink about 1.5-2.5x its bytes while it waits there (docs/deployment.md,
+    the 1.25 GiB run: 648 MiB above idle for one reply of up to 256 MiB, 0.505x the model, against a
+    0.5x target); the groups every node shares (theta0, a Delta) stay at the chunk limit."""
+    if limit <= 0:
+        raise ValueError(f"the chunk limit must be positive, got {limit} bytes")
+    if largest < 0:
+        raise ValueError(f"a tensor's bytes cannot be negative, got {largest}")
+    if asked is not None and asked <= 0:
+        raise ValueError(f"{REPLY_LIMIT_KEY} must be a positive number of bytes, got {asked}")
+    return min(limit, max(-(-limit // 2) if asked is None else asked, largest))
 
 
 def chunk_groups(layout: Mapping[str, torch.Tensor], limit: int,
@@ -132,23 +160,27 @@ def plan_waves(transfers: Sequence[Transfer], budget: int) -> list[list[Transfer
 @dataclass
 class ChunkTraffic:
     """What a chunked round exchanged: per kind of message (theta0, train, update, delta,
-    own, score, get, drop) the number of messages and their tensor bytes, the largest
-    message's tensor bytes, and the nodes that hold node-local files (to be told to drop them)."""
+    own, score, get, drop) the number of messages, their tensor bytes and the largest one's,
+    the largest message's tensor bytes, the reply limit the train messages asked for (0
+    before them), and the nodes that hold node-local files (to be told to drop them)."""
 
     limit: int
     messages: dict[str, int] = field(default_factory=dict)
     tensor_bytes: dict[str, int] = field(default_factory=dict)
+    largest_of: dict[str, int] = field(default_factory=dict)
     largest: int = 0
     nodes: set[int] = field(default_factory=set)
     theta0_groups: int = 0  # how many groups of theta0 each chunked client holds
+    reply_limit: int = 0  # REPLY_LIMIT_KEY of the train messages
 
     def add(self, kind: str, nbytes_: int, count: int = 1) -> None:
         self.messages[kind] = self.messages.get(kind, 0) + count
         self.tensor_bytes[kind] = self.tensor_bytes.get(kind, 0) + nbytes_ * count
+        self.largest_of[kind] = max(self.largest_of.get(kind, 0), nbytes_)
         self.largest = max(self.largest, nbytes_)
 
     def record(self) -> dict[str, Any]:
         """run.json `chunking`."""
-        return {"chunk-bytes": self.limit, "messages": dict(self.messages),
-                "tensor-bytes": dict(self.tensor_bytes), "largest-message-tensor-bytes": self.largest,
-                "nodes": len(self.nodes)}
+        return {"chunk-bytes": self.limit, "reply-bytes": self.reply_limit, "messages": dict(self.messages),
+                "tensor-bytes": dict(self.tensor_bytes), "largest-tensor-bytes": dict(self.largest_of),
+                "largest-message-tensor-bytes": self.largest, "nodes": len(self.nodes)}

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# Version 1 still: later additions are optional keys a side may ignore and still work (the
+# grid reply's "test-correct", the train reply's TASK_NAME, chunked messages' train config
+# "chunk-reply-bytes"; chunked messages' names are in fl_merge/round/chunks.py).
 PROTOCOL_VERSION = 1
 # In the server's config records: the protocol version the server speaks. In a client's
 # train reply metrics: the version whose grid evaluation the client speaks (its capability).

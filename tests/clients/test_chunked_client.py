@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fl_merge.round.chunks import (DELTA_GROUPS, GET, INDEX_KEY, LIMIT_KEY, OWN_GROUPS, PUT, REPLY_GROUPS,
-                                   SLOT_KEY, THETA0_GROUPS, chunk_groups)
+                                   REPLY_LIMIT_KEY, SLOT_KEY, THETA0_GROUPS, chunk_groups)
 from fl_merge_clients import chunked
 
 
@@ -73,6 +73,35 @@ def test_the_update_is_kept_in_groups_got_one_by_one_then_dropped(node, tmp_path
     done = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3, message_type="query.chunk_drop")
     chunked.drop(done, node)
     assert list(tmp_path.iterdir()) == []  # the run's folder and the emptied parent are gone
+
+
+def _got(node: Context, count: int) -> list[dict[str, torch.Tensor]]:
+    """The update's groups as the server's chunk_get replies carry them."""
+    return [chunked.get(Message(RecordDict({"config": ConfigRecord({INDEX_KEY: i})}), dst_node_id=3,
+                                message_type=f"query.{GET}"), node).content["arrays"].to_torch_state_dict()
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("config, groups", [
+    # w 48 bytes, fisher 48, h 8 (float32); chunk-bytes 112 holds all 104 in one group
+    ({LIMIT_KEY: 112}, [["w", "extra.fisher.w", "h"]]),  # a server without a reply limit: the chunk
+    ({LIMIT_KEY: 112, REPLY_LIMIT_KEY: 56}, [["w"], ["extra.fisher.w", "h"]]),  # 48 | 48 + 8 = 56
+    ({LIMIT_KEY: 112, REPLY_LIMIT_KEY: 20}, [["w"], ["extra.fisher.w"], ["h"]]),  # raised to w's 48
+    ({LIMIT_KEY: 50, REPLY_LIMIT_KEY: 500}, [["w"], ["extra.fisher.w"], ["h"]]),  # capped at the chunk, 50
+])
+def test_the_update_is_cut_at_the_reply_limit_raised_to_its_largest_tensor(node, message_identity, config,
+                                                                           groups):
+    state = {"w": torch.arange(12.0).reshape(3, 4), "extra.fisher.w": torch.ones(3, 4), "h": torch.zeros(2)}
+    metrics = chunked.keep_update(config, node, state, {"num-examples": 5})
+    assert metrics == {"num-examples": 5, REPLY_GROUPS: len(groups)}
+    got = _got(node, len(groups))
+    assert [sorted(g) for g in got] == [sorted(g) for g in groups]  # a file's names come back sorted
+    assert all(torch.equal(g[k], state[k]) for g in got for k in g)
+
+
+def test_a_bad_reply_limit_is_one_line(node):
+    with pytest.raises(ValueError, match="^chunk-reply-bytes must be a positive number of bytes, got 0$"):
+        chunked.keep_update({LIMIT_KEY: 112, REPLY_LIMIT_KEY: 0}, node, {"w": torch.ones(3)}, {})
 
 
 def test_a_run_s_first_group_removes_folders_whose_owner_on_this_host_is_gone(node, tmp_path, message_identity):

@@ -71,6 +71,10 @@ def test_no_message_carries_more_than_the_limit_and_each_kind_is_counted(chunked
     assert min(update_groups) >= 3  # weights + head, the Fisher and the gradient at theta0
     rec = r.chunking
     assert rec["chunk-bytes"] == limit and 0 < rec["largest-message-tensor-bytes"] <= limit
+    # update replies: half the chunk (0.385 MiB) raised to theta0's largest tensor, backbone.7.weight
+    # [128, 1568] float32 = 802816 bytes; every reply within it
+    assert rec["reply-bytes"] == 128 * 1568 * 4
+    assert 0 < rec["largest-tensor-bytes"]["update"] <= 128 * 1568 * 4
     # validation (one fisher setting: one Delta) and test (the chosen one): two score phases
     assert rec["messages"] == {"theta0": k * theta0_groups, "train": k, "get": sum(update_groups),
                                "update": sum(update_groups), "delta": 2 * k * delta_groups, "own": 2 * k,

@@ -9,7 +9,8 @@ import torch
 
 from fl_merge.config.base_fit import check_fits_base
 from fl_merge.config.run_config import ConfigError, RunConfig
-from fl_merge.round.chunks import MIB, ChunkSizeError, ChunkTraffic, chunk_groups, chunk_limit
+from fl_merge.round.chunks import (MIB, ChunkSizeError, ChunkTraffic, chunk_groups, chunk_limit,
+                                   largest_tensor, reply_limit)
 
 
 def layout(sizes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
@@ -64,10 +65,57 @@ def test_traffic_counts_messages_and_the_largest_one():
     t = ChunkTraffic(100)
     t.add("theta0", 60, 2)
     t.add("get", 0, 3)
-    t.add("update", 90)
-    assert t.record() == {"chunk-bytes": 100, "messages": {"theta0": 2, "get": 3, "update": 1},
+    t.add("update", 40)
+    t.add("update", 50)
+    t.reply_limit = 50
+    assert t.record() == {"chunk-bytes": 100, "reply-bytes": 50,
+                          "messages": {"theta0": 2, "get": 3, "update": 2},
                           "tensor-bytes": {"theta0": 120, "get": 0, "update": 90},
-                          "largest-message-tensor-bytes": 90, "nodes": 0}
+                          "largest-tensor-bytes": {"theta0": 60, "get": 0, "update": 50},
+                          "largest-message-tensor-bytes": 60, "nodes": 0}
+
+
+@pytest.mark.parametrize("limit, largest, asked, want", [
+    (256, 125, None, 128),  # the 1.25 GiB run in MiB: 256 MiB chunks, fp16 embedding 125 MiB -> 128
+    (256, 200, None, 200),  # a tensor above half a chunk raises it: it still travels in one reply
+    (256, 256, None, 256),  # one that fills a chunk: the chunk
+    (256, 300, None, 256),  # never above the chunk (chunk_groups then names the tensor, as before)
+    (255, 0, None, 128),  # half, rounded up
+    (1, 0, None, 1),
+    (256, 10, 64, 64),  # what the server asked for
+    (256, 100, 64, 100),  # raised to the client's own largest tensor
+    (256, 10, 1000, 256),  # and capped at the chunk
+])
+def test_the_reply_limit_is_half_a_chunk_raised_to_the_largest_tensor(limit, largest, asked, want):
+    assert reply_limit(limit, largest, asked) == want
+
+
+@pytest.mark.parametrize("args, why", [
+    ((0, 10), "the chunk limit must be positive, got 0 bytes"),
+    ((100, -1), "a tensor's bytes cannot be negative, got -1"),
+    ((100, 10, 0), "chunk-reply-bytes must be a positive number of bytes, got 0")])
+def test_a_bad_reply_limit_input_is_one_line(args, why):
+    with pytest.raises(ValueError) as e:
+        reply_limit(*args)
+    assert str(e.value) == why
+
+
+def test_groups_cut_at_the_reply_limit_fit_it_wherever_the_chunk_limit_works():
+    assert largest_tensor(MODEL) == 100 and largest_tensor({}) == 0  # e: 25 float32
+    # limit 132 (two groups above); half is 66, raised to e's 100. Packed by hand at 100:
+    # a+b = 64 (+c 124) | c+d = 68 (+e 168) | e+f = 100 (+g 104) | g
+    assert reply_limit(132, largest_tensor(MODEL)) == 100
+    assert chunk_groups(MODEL, 100) == [["a", "b"], ["c", "d"], ["e", "f"], ["g"]]
+    # limit 400 (one group of all 236 bytes): half (200) holds e. Packed by hand at 200:
+    # a+b+c+d = 132 (+e 232) | e+f+g = 104
+    assert chunk_groups(MODEL, 400) == [list(MODEL)]
+    assert reply_limit(400, 100) == 200
+    assert chunk_groups(MODEL, 200) == [["a", "b", "c", "d"], ["e", "f", "g"]]
+    # for every limit that holds the largest tensor, the reply limit does too (no new failure)
+    for limit in range(100, 400, 7):
+        r = reply_limit(limit, 100)
+        assert 100 <= r <= limit and r in (100, (limit + 1) // 2)
+        assert [k for g in chunk_groups(MODEL, r) for k in g] == list(MODEL)
 
 
 def test_a_chunk_mib_below_the_base_models_largest_tensor_is_one_line_before_anything_starts(theta0):

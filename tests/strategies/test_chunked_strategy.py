@@ -2,7 +2,9 @@
 nodes answer with fl-merge's real chunk handlers (clients/chunked.py, node-local files under
 a test folder): a round with one chunk-capable node and one that refuses chunks (a ClientApp
 without the handlers) gives the same Deltas and rows as the whole-message round; the
-refusing node gets whole models; no message to the chunked node holds more than the limit."""
+refusing node gets whole models; no message to the chunked node holds more than the limit;
+its update replies hold at most the reply limit (chunk-reply-bytes), or the chunk limit from
+a client that ignores it, with the same round either way."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.app.error import Error
 
 from fl_merge.core.task_vectors import apply_update
-from fl_merge.round.chunks import THETA0_GROUPS
+from fl_merge.round.chunks import REPLY_LIMIT_KEY, THETA0_GROUPS
 from fl_merge_clients import chunked
 from fl_merge_strategies import OneShotMerge
 from fl_merge_strategies.merge_round import run_round
@@ -189,3 +191,46 @@ def test_one_update_group_is_in_flight_at_a_time_and_a_shared_theta0_group_goes_
     # to both nodes at once), then each node's own head (2 groups, its own payload: alone)
     assert [len(b) for b in puts] == [2, 2] + 2 * ([2, 2, 2, 2] + [1, 1, 1, 1])
     assert r.rows == whole.rows and r.best_etas == whole.best_etas  # the same round as whole messages
+
+
+class ReplyGrid(ChunkGrid):
+    """ChunkGrid that keeps the tensor bytes of node 0's chunk_get replies; with `old_client`
+    node 0 ignores the train config's chunk-reply-bytes (a client from before it)."""
+
+    def __init__(self, folder, old_client: bool):
+        super().__init__(folder)
+        self.old_client, self.update_replies = old_client, []
+
+    def _answer(self, m):
+        chunked_train = m.metadata.message_type == MessageType.TRAIN and THETA0_GROUPS in m.content["config"]
+        if chunked_train and self.old_client:
+            del m.content["config"][REPLY_LIMIT_KEY]
+        answer = super()._answer(m)
+        if m.metadata.message_type == "query.chunk_get":
+            self.update_replies.append(_tensor_bytes(Message(answer, reply_to=m)))
+        return answer
+
+
+@pytest.mark.parametrize("old_client, replies", [
+    # chunk 64 bytes, theta0's largest tensor 24: the server asks for max(64 / 2, 24) = 32; the
+    # update's largest (head.weight, 32) fits. Node 0's update, packed by hand at 32:
+    # backbone.w 24 | backbone.b 12 | head.weight 32 | head.bias 16 | fisher 24
+    (False, [24, 12, 32, 16, 24]),
+    # a client that ignores it cuts at the chunk, 64: w + b 36 | head.weight + head.bias 48 | fisher 24
+    (True, [36, 48, 24]),
+])
+def test_update_replies_are_cut_at_the_reply_limit_and_the_round_is_unchanged(tmp_path, old_client, replies):
+    grid = ReplyGrid(tmp_path / "chunked", old_client)
+    strategy = OneShotMerge(methods=["fedavg", "ties"], etas=[0.5, 1.0, 2.0], chunk_bytes=64)
+    r = run_round(strategy, grid, _theta0(), {}, {"model": "m"}, 10.0)
+    whole, _ = _round(0, tmp_path / "whole")
+    assert not r.failures and [c.chunked for c in r.clients] == [True, False]
+    train = next(m for m in grid.asked if m.metadata.message_type == "train" and m.metadata.dst_node_id == 0)
+    assert r.chunking["reply-bytes"] == 32
+    if not old_client:
+        assert train.content["config"][REPLY_LIMIT_KEY] == 32
+    assert grid.update_replies == replies  # the server accepts the chunk-sized replies too
+    assert r.chunking["chunk-bytes"] == 64 and r.chunking["messages"]["get"] == len(replies)
+    for label in whole.deltas:
+        assert all(torch.equal(r.deltas[label][k], whole.deltas[label][k]) for k in whole.deltas[label])
+    assert r.rows == whole.rows and r.best_etas == whole.best_etas
