@@ -2,8 +2,8 @@
 merged model of a large fp16 causal LM, as multiples of the model's bytes.
 
 Each step runs in a fresh child process that first imports what the ServerApp imports
-(fl_merge_strategies.server_app: flwr, torch), then measures its resident set (psutil,
-sampled every 5 ms, and the kernel's ru_maxrss):
+(fl_merge_strategies.server_app: flwr, torch), then measures its resident set (sampled, and
+the kernel's ru_maxrss for the whole process):
 
 * ``old``: theta0 as before, through transformers (`load_theta0(cfg)`: AutoModel.from_pretrained,
   a whole state dict), then `new_round` writes it to the round's store;
@@ -14,7 +14,9 @@ sampled every 5 ms, and the kernel's ru_maxrss):
   measured above the RSS it started from.
 
 Printed: per step the RSS after the imports, the peak, the peak / model bytes (idle counted
-as 0, as benchmarks/deployment_1gb.py counts the ServerApp) and (peak - start) / model bytes.
+as 0, as benchmarks/deployment_1gb.py counts the ServerApp), (peak - start) / model bytes, and
+the anonymous memory above the start (RSS counts a memory-mapped file's pages once read, which
+the kernel can drop; anonymous pages it cannot), from /proc/self/status sampled every 5 ms.
 
     flock /tmp/bigmem.lock .venv/bin/python benchmarks/theta0_memory.py --size-gib 1.25
 
@@ -38,30 +40,39 @@ MIB = 2**20
 CHILD = r'''
 import gc, json, resource, sys, threading, time
 from pathlib import Path
-import psutil
 import fl_merge_strategies.server_app as sa  # what the ServerApp imports (flwr, torch)
 from fl_merge.config.run_config import RunConfig
 from fl_merge.io.spill import MappedState, release_freed_memory
 from fl_merge.round.outcome import new_round
 
 step, work, lm, tasks, chunk = sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6])
-proc, peak, stop = psutil.Process(), [0], [False]
+peak, stop = {}, [False]
+
+def status():  # MiB: VmRSS (all resident pages) and RssAnon (not file-backed: cannot be dropped)
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS:", "RssAnon:")):
+            name, value = line.split(":")
+            out[name] = int(value.split()[0]) / 1024
+    return out
 
 def sample():
     while not stop[0]:
-        peak[0] = max(peak[0], proc.memory_info().rss)
+        for name, v in status().items():
+            peak[name] = max(peak.get(name, 0.0), v)
         time.sleep(0.005)
-
-threading.Thread(target=sample, daemon=True).start()
 
 def measure(fn):
     gc.collect(); release_freed_memory(); time.sleep(0.05)
-    start = proc.memory_info().rss
-    peak[0] = start
+    start = status()
+    peak.update(start)
     t = time.perf_counter()
     out = fn()
     time.sleep(0.02)
-    return out, {"start_mib": start / 2**20, "peak_mib": peak[0] / 2**20, "seconds": time.perf_counter() - t}
+    return out, {"start_mib": start["VmRSS"], "peak_mib": peak["VmRSS"], "seconds": time.perf_counter() - t,
+                 "anon_above_mib": peak["RssAnon"] - start["RssAnon"]}
+
+threading.Thread(target=sample, daemon=True).start()
 
 cfg = RunConfig(model=f"hf:{lm}", tasks=tasks, num_clients=2, chunk_mib=chunk, spill=True,
                 method="task_arithmetic", etas="1", search="off", measure_heterogeneity=False,
@@ -140,17 +151,17 @@ def main() -> None:
     print(f"LM: {dims['num_hidden_layers']} layers, hidden {args.hidden}, {model / MIB:.0f} MiB fp16, largest "
           f"tensor {largest_tensor_bytes(dims) / MIB:.0f} MiB (fp32 {largest_tensor_bytes(dims, 4) / MIB:.0f}); "
           f"chunk {args.chunk_mib:g} MiB; work {work}", flush=True)
-    print(f"{'step':<22}{'start MiB':>10}{'peak MiB':>10}{'peak/model':>12}{'(peak-start)/model':>20}"
-          f"{'seconds':>9}  theta0")
+    print(f"{'step':<26}{'start MiB':>10}{'peak MiB':>10}{'peak/model':>12}{'(peak-start)/model':>20}"
+          f"{'anon above MiB':>16}{'seconds':>9}  theta0")
     for step in args.steps.split(","):
         rows = child(CHILD, str(ROOT), step, str(work), str(work / "lm"), inputs["tasks"], f"{args.chunk_mib:g}")
         for name, row in rows.items():
             if not isinstance(row, dict):
                 continue
-            print(f"{step + ' ' + name:<22}{row['start_mib']:>10.0f}{row['peak_mib']:>10.0f}"
+            print(f"{step + ' ' + name:<26}{row['start_mib']:>10.0f}{row['peak_mib']:>10.0f}"
                   f"{row['peak_mib'] * MIB / model:>12.3f}{(row['peak_mib'] - row['start_mib']) * MIB / model:>20.3f}"
-                  f"{row['seconds']:>9.1f}  {row.get('kind', '')}", flush=True)
-        print(f"{step:<22}maxrss {rows['maxrss_mib']:.0f} MiB = {rows['maxrss_mib'] * MIB / model:.3f}x", flush=True)
+                  f"{row['anon_above_mib']:>16.0f}{row['seconds']:>9.1f}  {row.get('kind', '')}", flush=True)
+        print(f"{step:<26}maxrss {rows['maxrss_mib']:.0f} MiB = {rows['maxrss_mib'] * MIB / model:.3f}x", flush=True)
 
 
 if __name__ == "__main__":

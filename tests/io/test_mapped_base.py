@@ -178,3 +178,19 @@ def test_the_checks_on_theta0s_names_and_shapes_run_on_a_mapped_theta0(tmp_path)
         load_theta0(RunConfig(**{**base, "merge_keys": "enc.*"}).resolve(), mapped=True)
     with pytest.raises(ConfigError, match=r"is smaller than the base model's tensor 'head.w' \(48 bytes"):
         load_theta0(RunConfig(**base, chunk_mib=0.00001).resolve(), mapped=True)
+
+
+def test_an_hf_runs_checks_read_the_mapped_theta0(folders, tmp_path):
+    from fl_merge_strategies.server_app import load_theta0
+
+    rows = "text,label\n" + "".join(f"word{i} more,{'yes' if i % 2 else 'no'}\n" for i in range(12))
+    (tmp_path / "t.csv").write_text(rows)
+    folder = folders["fp16-tied"]
+    run = dict(model=f"hf:{folder}", tasks=f"csv:{tmp_path / 't.csv'}?train=6&val=3&test=3", num_clients=1)
+    theta0 = load_theta0(RunConfig(**run, chunk_mib=1.0).resolve(), mapped=True)
+    assert isinstance(theta0, SourceState)
+    _assert_same(theta0, pretrained_backbone(f"hf:{folder}"))
+    # the embeddings, 500 x 16 fp16 = 16000 bytes, do not fit a 0.01 MiB chunk: one line, as before
+    with pytest.raises(ConfigError, match=r"smaller than the base model's tensor "
+                                          r"'backbone.encoder.embed_tokens.weight' \(16000 bytes"):
+        load_theta0(RunConfig(**run, chunk_mib=0.01).resolve(), mapped=True)
