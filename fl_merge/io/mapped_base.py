@@ -24,6 +24,8 @@ memory, not even while it is loaded, and the round keeps it as it is (no copy in
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -41,12 +43,30 @@ HF_PREFIX = "hf:"
 RENAMINGS = ("WeightRenaming", "PrefixChange")
 
 
+class HeldFile(MappedState):
+    """A `MappedState` over a file it holds open: what it maps stays the file it opened
+    even when the path is replaced later (an atomic writer's rename, e.g. a run writing
+    merged.safetensors over the one its base-checkpoint names)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._fh = open(path, "rb")  # noqa: SIM115 (closed with this object)
+        super().__init__(path)
+
+    def _map(self, length: int, offset: int) -> mmap.mmap:
+        return mmap.mmap(self._fh.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
+
+    def __del__(self) -> None:
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()
+
+
 class SourceState(Mapping[str, torch.Tensor]):
     """name -> tensor, each memory-mapped from (file, name in that file) when looked up
-    (`MappedState`: zero copy, unmapped when the tensor is freed); names in `where`'s order."""
+    (`HeldFile`: zero copy, unmapped when the tensor is freed); names in `where`'s order."""
 
     def __init__(self, where: Mapping[str, tuple[Path, str]]) -> None:
-        files = {f: MappedState(f) for f in dict.fromkeys(f for f, _ in where.values())}
+        files = {f: HeldFile(f) for f in dict.fromkeys(f for f, _ in where.values())}
         self._where = {k: (files[f], s) for k, (f, s) in where.items()}
 
     def __getitem__(self, key: str) -> torch.Tensor:

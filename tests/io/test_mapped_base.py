@@ -194,3 +194,14 @@ def test_an_hf_runs_checks_read_the_mapped_theta0(folders, tmp_path):
     with pytest.raises(ConfigError, match=r"smaller than the base model's tensor "
                                           r"'backbone.encoder.embed_tokens.weight' \(16000 bytes"):
         load_theta0(RunConfig(**run, chunk_mib=0.01).resolve(), mapped=True)
+
+
+def test_a_mapped_base_stays_the_file_it_opened_when_its_path_is_replaced(tmp_path):
+    """An atomic writer (temp file + rename) replacing the base's path, e.g. a run writing
+    merged.safetensors over the file its base-checkpoint names, does not change theta0."""
+    state = _base_checkpoint(tmp_path)
+    mapped = load_checkpoint(tmp_path / "base.safetensors", mapped=True)
+    save_file({k: v + 1 for k, v in state.items()}, str(tmp_path / "new.safetensors"))
+    (tmp_path / "new.safetensors").replace(tmp_path / "base.safetensors")
+    for k, v in state.items():
+        assert torch.equal(mapped[k], v), k
