@@ -4,7 +4,8 @@ A round that spills or chunks (run-config spill, chunk-mib) keeps theta0 in memo
 files (fl_merge/io/spill.py `MappedState`), so the ServerApp holds no copy of it between
 messages. Where theta0 is a checkpoint's own tensors, the source's files already are such
 files: `SourceState` maps each tensor where it lies (zero copy, `MappedState`'s reader:
-copy-on-write, nothing written back), so theta0 never exists whole in the ServerApp's
+copy-on-write, nothing written back; over files it holds open, `HeldFile`, so a later write
+over the same path cannot change theta0), so theta0 never exists whole in the ServerApp's
 memory, not even while it is loaded, and the round keeps it as it is (no copy into its store).
 
 * `mapped_checkpoint`: a base-checkpoint in safetensors (a file, shards + index, a Hugging
@@ -137,11 +138,21 @@ def load_time_changes(folder: str) -> str | None:
 def mapped_hf_backbone(model: str) -> tuple[SourceState | None, str]:
     """(theta0 of the ``hf:<local folder>`` `model`, memory-mapped from the folder's own
     safetensors files, and where from) when that is bit for bit what the transformers path
-    gives (module docstring); else (None, why not)."""
-    from fl_merge.models.hf import hf_source
-
+    gives (module docstring); else (None, why not). Never raises: whatever fails here (a
+    missing package or folder, a model that cannot be built on the meta device) is left to
+    the transformers path, which says it as it always did."""
     if not model.startswith(HF_PREFIX):
         return None, f"{model} is not an hf: model"
+    try:
+        return _map_hf(model)
+    except Exception as e:  # noqa: BLE001 (the caller loads through transformers instead)
+        first = (str(e).strip().splitlines() or [""])[0]
+        return None, f"it could not be mapped ({type(e).__name__}: {first})"
+
+
+def _map_hf(model: str) -> tuple[SourceState | None, str]:
+    from fl_merge.models.hf import hf_source
+
     src = hf_source(model, model[len(HF_PREFIX):])
     if not src.local:
         return None, f"{src.ref} is a hub id, not a local folder"

@@ -133,6 +133,10 @@ def test_folders_transformers_changes_at_load_fall_back_with_a_reason(tmp_path, 
     assert state is None and why == "transformers converts its tensors at load time (WeightConverter)"
     # not a local folder
     assert mapped_hf_backbone("hf:someone/some-model") == (None, "someone/some-model is a hub id, not a local folder")
+    # a model that cannot be built without weights: left to transformers, never an error here
+    monkeypatch.setattr(cm, "get_model_conversion_mapping", lambda model, *a, **k: 1 / 0)
+    state, why = mapped_hf_backbone(f"hf:{tmp_path / 'conv'}")
+    assert state is None and why == "it could not be mapped (ZeroDivisionError: division by zero)"
 
 
 def _base_checkpoint(tmp_path: Path) -> dict[str, torch.Tensor]:
