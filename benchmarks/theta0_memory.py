@@ -134,7 +134,8 @@ def child(code: str, *args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gib", type=float, default=1.25, help="the LM's fp16 size (nearest layer count)")
+    parser.add_argument("--size-gib", type=float, default=1.25,
+                        help="the LM's fp16 size (nearest layer count)")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--chunk-mib", type=float, default=256)
     parser.add_argument("--steps", default="old,new,write")
@@ -148,20 +149,24 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     inputs = child(PREPARE, str(HERE), str(work), json.dumps(dims))
     model = inputs["bytes"]
-    print(f"LM: {dims['num_hidden_layers']} layers, hidden {args.hidden}, {model / MIB:.0f} MiB fp16, largest "
-          f"tensor {largest_tensor_bytes(dims) / MIB:.0f} MiB (fp32 {largest_tensor_bytes(dims, 4) / MIB:.0f}); "
-          f"chunk {args.chunk_mib:g} MiB; work {work}", flush=True)
+    big = largest_tensor_bytes(dims) / MIB
+    print(f"LM: {dims['num_hidden_layers']} layers, hidden {args.hidden}, {model / MIB:.0f} MiB fp16, "
+          f"largest tensor {big:.0f} MiB (fp32 {2 * big:.0f}); chunk {args.chunk_mib:g} MiB; work {work}",
+          flush=True)
     print(f"{'step':<26}{'start MiB':>10}{'peak MiB':>10}{'peak/model':>12}{'(peak-start)/model':>20}"
           f"{'anon above MiB':>16}{'seconds':>9}  theta0")
     for step in args.steps.split(","):
-        rows = child(CHILD, str(ROOT), step, str(work), str(work / "lm"), inputs["tasks"], f"{args.chunk_mib:g}")
+        rows = child(CHILD, str(ROOT), step, str(work), str(work / "lm"), inputs["tasks"],
+                     f"{args.chunk_mib:g}")
         for name, row in rows.items():
             if not isinstance(row, dict):
                 continue
             print(f"{step + ' ' + name:<26}{row['start_mib']:>10.0f}{row['peak_mib']:>10.0f}"
-                  f"{row['peak_mib'] * MIB / model:>12.3f}{(row['peak_mib'] - row['start_mib']) * MIB / model:>20.3f}"
+                  f"{row['peak_mib'] * MIB / model:>12.3f}"
+                  f"{(row['peak_mib'] - row['start_mib']) * MIB / model:>20.3f}"
                   f"{row['anon_above_mib']:>16.0f}{row['seconds']:>9.1f}  {row.get('kind', '')}", flush=True)
-        print(f"{step:<26}maxrss {rows['maxrss_mib']:.0f} MiB = {rows['maxrss_mib'] * MIB / model:.3f}x", flush=True)
+        top = rows["maxrss_mib"]
+        print(f"{step:<26}maxrss {top:.0f} MiB = {top * MIB / model:.3f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def load_theta0(cfg: ResolvedConfig, mapped: bool = False) -> Mapping[str, Any]:
         theta0 = None
         if mapped and run.model.startswith("hf:"):
             theta0, how = mapped_hf_backbone(run.model)
-            log(INFO, "fl-merge: theta0 %s", how if theta0 is not None else f"loaded through transformers: {how}")
+            log(INFO, "fl-merge: theta0 %s", how if theta0 is not None
+                else f"loaded through transformers: {how}")
         if theta0 is None:
             from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
@@ -121,7 +122,7 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
         strategy = OneShotMerge(settings=settings, fraction_train=1.0, fraction_evaluate=1.0,
                                 min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k)
         held["round"] = r = new_round(settings, theta0)  # what a failure record reports
-        del theta0  # a large model's now lives in files (r.store or its own), memory-mapped: no copy held here
+        del theta0  # a large model's lives in files (r.store or its own), memory-mapped: no copy here
         if settings.spilling:
             release_freed_memory()
         try:

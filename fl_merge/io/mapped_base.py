@@ -124,8 +124,8 @@ def load_time_changes(folder: str) -> str | None:
     with torch.device("meta"):
         model = transformers.AutoModel.from_config(config)
     for m in model.modules():
-        if isinstance(m, transformers.PreTrainedModel) and (
-                getattr(m, "_keep_in_fp32_modules", None) or getattr(m, "_keep_in_fp32_modules_strict", None)):
+        kept = getattr(m, "_keep_in_fp32_modules", None) or getattr(m, "_keep_in_fp32_modules_strict", None)
+        if isinstance(m, transformers.PreTrainedModel) and kept:
             return f"{type(m).__name__} keeps modules in float32"
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping

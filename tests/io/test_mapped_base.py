@@ -127,12 +127,14 @@ def test_folders_transformers_changes_at_load_fall_back_with_a_reason(tmp_path, 
     from transformers.core_model_loading import Chunk, WeightConverter
 
     fused = WeightConverter(source_patterns="mlp.gate_up_proj.weight",
-                            target_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"], operations=[Chunk(dim=0)])
+                            target_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                            operations=[Chunk(dim=0)])
     monkeypatch.setattr(cm, "get_model_conversion_mapping", lambda model, *a, **k: [fused])
     state, why = mapped_hf_backbone(f"hf:{_llama(tmp_path / 'conv')}")
     assert state is None and why == "transformers converts its tensors at load time (WeightConverter)"
     # not a local folder
-    assert mapped_hf_backbone("hf:someone/some-model") == (None, "someone/some-model is a hub id, not a local folder")
+    assert mapped_hf_backbone("hf:someone/some-model") == \
+        (None, "someone/some-model is a hub id, not a local folder")
     # a model that cannot be built without weights: left to transformers, never an error here
     monkeypatch.setattr(cm, "get_model_conversion_mapping", lambda model, *a, **k: 1 / 0)
     state, why = mapped_hf_backbone(f"hf:{tmp_path / 'conv'}")
@@ -141,8 +143,8 @@ def test_folders_transformers_changes_at_load_fall_back_with_a_reason(tmp_path, 
 
 def _base_checkpoint(tmp_path: Path) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    state = {"backbone.b.w": torch.randn(6, 4, generator=g).half(), "backbone.a.w": torch.randn(3, generator=g),
-             "head.w": torch.randn(2, 6, generator=g)}
+    state = {"backbone.b.w": torch.randn(6, 4, generator=g).half(),
+             "backbone.a.w": torch.randn(3, generator=g), "head.w": torch.randn(2, 6, generator=g)}
     save_file(state, str(tmp_path / "base.safetensors"))
     return state
 
