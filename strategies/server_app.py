@@ -34,6 +34,7 @@ from fl_merge.config.flower_app import (
 from fl_merge.config.run_config import ConfigError, ResolvedConfig, RunConfig
 from fl_merge.io.checkpoints import parse_size
 from fl_merge.io.merged_writer import hf_folder_name, hf_model_folder, write_hf_model, write_merged_model
+from fl_merge.io.mapped_base import mapped_hf_backbone
 from fl_merge.io.predictions import PREDICTIONS_FILE, save_predictions
 from fl_merge.merging.personal import own_delta
 from fl_merge.stats.report import run_figure
@@ -44,7 +45,6 @@ from fl_merge.io.spill import release_freed_memory
 from fl_merge.round.outcome import MergeRound, new_round
 from fl_merge.round.tables import choice_origin, format_comparison
 from fl_merge.round.updates import MergeRoundError
-from fl_merge.core.task_vectors import StateDict
 from .merge_round import phase, run_round
 from .one_shot import OneShotMerge
 
@@ -62,20 +62,29 @@ def wait_for_clients(grid: Grid, k: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def load_theta0(cfg: ResolvedConfig) -> StateDict:
+def load_theta0(cfg: ResolvedConfig, mapped: bool = False) -> Mapping[str, Any]:
     """theta0 from base-checkpoint when set, else the registered model's base weights;
-    ConfigError when merge-keys select none of its parameters (before any training)."""
+    ConfigError when merge-keys select none of its parameters (before any training).
+    `mapped` (a large-model round): a safetensors base or an hf: folder's weights stay in
+    their files, memory-mapped a tensor at a time, never whole in memory
+    (fl_merge/io/mapped_base.py; an hf: folder only where that gives transformers' values)."""
     run = cfg.run
     if run.base_checkpoint:
         try:
-            theta0 = load_checkpoint(run.base_checkpoint)
+            theta0 = load_checkpoint(run.base_checkpoint, mapped)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
     else:
-        from fl_merge.models.registry import PretrainConfig, pretrained_backbone
+        theta0 = None
+        if mapped and run.model.startswith("hf:"):
+            theta0, how = mapped_hf_backbone(run.model)
+            log(INFO, "fl-merge: theta0 %s", how if theta0 is not None
+                else f"loaded through transformers: {how}")
+        if theta0 is None:
+            from fl_merge.models.registry import PretrainConfig, pretrained_backbone
 
-        theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
-                                                               seed=run.pretrain_seed), progress=False)
+            theta0 = pretrained_backbone(run.model, PretrainConfig(steps=run.pretrain_steps,
+                                                                   seed=run.pretrain_seed), progress=False)
     check_fits_base(cfg, theta0)  # also checked before the run started (fl_merge.engine.run)
     return theta0
 
@@ -108,12 +117,12 @@ def run_one_shot(grid: Grid, cfg: ResolvedConfig, run_id: Any = "") -> MergeRoun
 
     stop_watch = watch_parent(record_stop)
     try:
-        theta0 = load_theta0(cfg)
+        theta0 = load_theta0(cfg, mapped=settings.spilling)
         k = run.num_clients
         strategy = OneShotMerge(settings=settings, fraction_train=1.0, fraction_evaluate=1.0,
                                 min_train_nodes=k, min_evaluate_nodes=k, min_available_nodes=k)
         held["round"] = r = new_round(settings, theta0)  # what a failure record reports
-        del theta0  # a large model's now lives in r.store, memory-mapped: no copy held here
+        del theta0  # a large model's lives in files (r.store or its own), memory-mapped: no copy here
         if settings.spilling:
             release_freed_memory()
         try:

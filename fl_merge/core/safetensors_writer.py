@@ -123,6 +123,7 @@ def write_checkpoint(
                                            f"{t.dtype} {tuple(t.shape)}")
                     if t.numel():
                         f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                    del t  # not alive while the next one is computed: one tensor at a time
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, p in zip(temps, paths):

@@ -224,6 +224,10 @@ class Checkpoint:
         e = self._entries[key][2]
         return TensorInfo(e["dtype"], tuple(int(n) for n in e["shape"]))
 
+    def file_of(self, key: str) -> Path | None:
+        """The safetensors file holding tensor `key`; None for a torch pickle's (in memory)."""
+        return None if self._tensors else self._entries[key][0]
+
     def get(self, key: str) -> torch.Tensor:
         if self._tensors:
             return self._tensors[key].clone()

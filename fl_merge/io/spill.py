@@ -60,11 +60,14 @@ class MappedState(Mapping[str, torch.Tensor]):
             return torch.empty(shape, dtype=dtype)
         pos = self._start + lo
         aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:  # the mapping outlives the descriptor
-            m = mmap.mmap(f.fileno(), self._start + hi - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+        m = self._map(self._start + hi - aligned, aligned)
         # frombuffer keeps `m` alive for as long as the tensor lives, then unmaps it
         return torch.frombuffer(m, dtype=dtype, count=(hi - lo) // dtype.itemsize,
                                 offset=pos - aligned).reshape(shape)
+
+    def _map(self, length: int, offset: int) -> mmap.mmap:
+        with open(self.path, "rb") as f:  # the mapping outlives the descriptor
+            return mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

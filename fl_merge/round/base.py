@@ -15,12 +15,14 @@ directory is on the path of every process Flower starts for it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from fl_merge.core.task_vectors import MergeInputError
 from fl_merge.io.checkpoints import Checkpoint, pickle_file
+from fl_merge.io.mapped_base import mapped_checkpoint
 
 ROLE = "base-checkpoint"
 PYTHON_PREFIX = "python:"
@@ -75,9 +77,14 @@ def check_base_checkpoint(path: str | Path) -> None:
         _open(path).close()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """theta0 from `path`: every tensor of the checkpoint, on the CPU, in its order."""
+def load_checkpoint(path: str | Path, mapped: bool = False) -> Mapping[str, torch.Tensor]:
+    """theta0 from `path`: every tensor of the checkpoint, on the CPU, in its order. With
+    `mapped` (a large-model round) a safetensors checkpoint's tensors stay in its files,
+    memory-mapped one at a time when read (`fl_merge.io.mapped_base.mapped_checkpoint`),
+    never read whole; a torch pickle or a ``python:`` base is read whole as without."""
     if str(path).startswith(PYTHON_PREFIX):
         return _from_code(str(path))
     with _open(path) as ck:
+        if mapped and (state := mapped_checkpoint(ck)) is not None:
+            return state
         return {k: ck.get(k) for k in ck.keys}

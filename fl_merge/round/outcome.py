@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fl_merge.round.clock import PhaseClock
 from fl_merge.round.updates import ClientUpdate
 from fl_merge.core.task_vectors import StateDict, UpdatedState, apply_update
+from fl_merge.io.mapped_base import SourceState
 from fl_merge.io.spill import SpillDir
 from fl_merge.merging.personal import is_personal, own_delta
 
@@ -122,11 +123,16 @@ def new_round(settings: RoundSettings, theta0: StateDict) -> MergeRound:
     (a copy: the round records each method's chosen setting there), etas, task names and
     theta0. theta0 is never modified: a small model's is cloned; a large model's (the round
     spills or chunks) is written to the round's `store` and read back memory-mapped, one
-    tensor at a time, so the ServerApp holds no copy of it between messages."""
+    tensor at a time, so the ServerApp holds no copy of it between messages; one already
+    memory-mapped from its source's own files (`fl_merge.io.mapped_base.SourceState`) is
+    kept as it is, never copied."""
     r = MergeRound(methods=dict(settings.methods), etas=list(settings.etas), task_names=settings.task_names)
     if not settings.spilling:
         r.theta0 = {k: v.detach().clone() for k, v in theta0.items()}
         return r
     r.store = SpillDir(settings.spill_dir)
-    r.theta0 = dict(theta0) if not theta0 else r.store.write("theta0", theta0)
+    if isinstance(theta0, SourceState):  # memory-mapped where it lies already
+        r.theta0 = theta0
+    else:
+        r.theta0 = dict(theta0) if not theta0 else r.store.write("theta0", theta0)
     return r
