@@ -4,7 +4,7 @@ Some whole-vector methods read the whole update only through a few global number
 (default convention) each client's k-th largest |tau_i| and the majority of the elected
 signs, Krum / Multi-Krum the clients they select from the pairwise distances, CClip and the
 geometric median the coefficients of their result in the clients' task vectors (from the
-Gram matrix). Such a method declares, beside its function,
+Gram matrix), PCB each client's clip bounds and its score's top-ratio cut and maximum. Such a method declares, beside its function,
 ``register(..., global_pass=fn)``: ``fn(task_vectors, p, device, params) -> stats`` streams
 over the whole task vectors (memory-mapped in a large-model round, one block at a time) and
 returns those numbers; ``merge(method, some_tensors, ..., stats=stats)`` is then exactly the

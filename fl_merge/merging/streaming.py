@@ -254,35 +254,45 @@ def order_stats(
     the candidate values (typically a tiny fraction of the row; all of it only if nearly
     all values share one bucket)."""
     nb = 1 << _BUCKET_BITS
-    hist = torch.zeros(k, nb, dtype=torch.int64, device=device)
-    for x in blocks():
+    # int32 like the bucket ids: an int64 offset would promote (and copy) the whole block
+    offsets = (torch.arange(k, device=device, dtype=torch.int32) * nb).reshape(k, 1)
+
+    def ids(x: torch.Tensor) -> torch.Tensor:  # row i's bucket b as i * nb + b
         b = _buckets(x, signed)
-        for i in range(k):  # one row at a time: a K x nb count temporary would double hist
-            hist[i] += torch.bincount(b[i], minlength=nb)
-        del x, b  # not held while the next block is computed
-    cum = hist.cumsum_(1).cpu()
+        return b.add_(offsets) if b.dtype == torch.int32 else b.add_(offsets.long())
+
+    hist = torch.zeros(k * nb, dtype=torch.int64, device=device)
+    for x in blocks():
+        hist += torch.bincount(ids(x).reshape(-1), minlength=k * nb)
+        del x  # not held while the next block is computed
+    cum = hist.reshape(k, nb).cumsum_(1).cpu()
     del hist  # (on the CPU, cum is hist itself: freed below, before the second pass)
     total = int(cum[0, -1])
-    wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    wanted: dict[int, list[tuple[int, int, int]]] = {}  # bucket id -> (i, j, rank in bucket)
     for i, rs in enumerate(ranks):
         for j, r in enumerate(rs):
             if not 1 <= r <= total:
                 raise ValueError(f"rank {r} outside 1..{total}")
             bucket = int(torch.searchsorted(cum[i], r))
             below = int(cum[i, bucket - 1]) if bucket > 0 else 0
-            wanted.setdefault((i, bucket), []).append((j, r - below))
+            wanted.setdefault(i * nb + bucket, []).append((i, j, r - below))
     del cum
-    cands: dict[tuple[int, int], list[torch.Tensor]] = {w: [] for w in wanted}
+    lookup = torch.zeros(k * nb, dtype=torch.bool, device=device)
+    lookup[list(wanted)] = True
+    vals, where = [], []  # the values in wanted buckets, block by block, and their bucket ids
     for x in blocks():
-        b = _buckets(x, signed)
-        for i, bucket in wanted:
-            cands[(i, bucket)].append(x[i][b[i] == bucket])
-        del x, b
+        b = ids(x)
+        keep = lookup[b]
+        vals.append(x[keep])
+        where.append(b[keep])
+        del x, b, keep
+    cand, at = torch.cat(vals), torch.cat(where)
+    del vals, where
     out = [[0.0] * len(rs) for rs in ranks]
-    for (i, bucket), items in wanted.items():
-        vals = torch.cat(cands[(i, bucket)])
-        for j, r in items:
-            out[i][j] = float(torch.kthvalue(vals, r).values)
+    for bucket, items in wanted.items():
+        in_bucket = cand[at == bucket]
+        for i, j, r in items:
+            out[i][j] = float(torch.kthvalue(in_bucket, r).values)
     return out
 
 

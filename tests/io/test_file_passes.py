@@ -1,5 +1,5 @@
 """`fl-merge merge` of the whole-update methods that declare a pass (TIES at its default
-convention, Krum, Multi-Krum, CClip, the geometric median; fl_merge/io/file_passes.py): the
+convention, Krum, Multi-Krum, CClip, the geometric median, PCB; fl_merge/io/file_passes.py): the
 file merge of K = 3 small safetensors checkpoints equals theta0 + eta * fl_merge.merge on
 the whole task vectors (the test's own, from the tensors it wrote), TIES also the TIES
 reference code written out in numpy and Krum the selection from distances written out in
@@ -26,7 +26,7 @@ from methods.test_ties import ref_ties_reference
 from round.test_global_pass import LiveBytes
 
 SHAPES = {"enc.weight": (4, 5), "enc.bias": (6,), "head.weight": (3, 4)}
-PASS_METHODS = ("ties", "krum", "multikrum", "cclip", "geometric_median")
+PASS_METHODS = ("ties", "krum", "multikrum", "cclip", "geometric_median", "pcb")
 
 
 def _write(tmp, base, models):
@@ -88,6 +88,8 @@ CASES = {
     "cclip": ("cclip", {"tau": 1.0, "iters": 3, "center": "median"}),
     "cclip-zero": ("cclip", {"tau": 2.0, "iters": 2}),
     "geometric_median": ("geometric_median", {"iters": 50}),
+    "pcb": ("pcb", {"ratio": 0.2}),
+    "pcb-all": ("pcb", {"ratio": 1.0}),
 }
 
 
@@ -191,7 +193,7 @@ def test_the_cli_says_exact_and_merges_through_the_pass(tmp_path, capsys):
 def test_which_methods_stay_per_tensor():
     assert all(method_scope(m) == "exact" for m in PASS_METHODS)
     assert method_scope("ties", {"convention": "mergekit"}) == "exact"  # per tensor, no pass
-    assert method_scope("pcb") == method_scope("hetero") == "per-tensor"
+    assert method_scope("hetero") == "per-tensor"
     assert method_scope("dare", {"base": "ties", "density": 0.5}) == "per-tensor"
 
 
@@ -238,7 +240,8 @@ def _peak(tmp, layers: int, method: str, params: dict) -> int:
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
-                                           ("cclip", {"center": "median"}), ("geometric_median", {})])
+                                           ("cclip", {"center": "median"}), ("geometric_median", {}),
+                                           ("pcb", {})])
 def test_the_pass_on_files_does_not_grow_with_the_model(tmp_path, monkeypatch, method, params):
     """What the file merge with its pass holds at once (the K models' tensors of one or two
     names (streaming.iter_blocks keeps the last name's while it reads the next), the base's,
