@@ -1,7 +1,7 @@
 """Whole-update methods on checkpoint files through their declared passes (`fl-merge merge`).
 
 A method that declares a global pass (fl_merge/merging/passes.py: TIES at its default
-convention, Krum, Multi-Krum, CClip, the geometric median, PCB) reads the whole update only
+convention, Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES) reads the whole update only
 through a few numbers (thresholds and a tie sign, a selection, coefficients, clip bounds
 and score cuts). `file_pass`
 runs that pass once over lazy task vectors read from the files (`FileTaskVector`: model

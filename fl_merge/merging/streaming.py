@@ -250,9 +250,9 @@ def order_stats(
 
     Two passes: (1) a histogram per row of the values' bucket ids (`_buckets`), which
     locates the bucket holding each wanted rank; (2) the values falling in those buckets,
-    from which torch.kthvalue picks the exact one. Memory: one block, K x 2^15 counts and
-    the candidate values (typically a tiny fraction of the row; all of it only if nearly
-    all values share one bucket)."""
+    from which torch.kthvalue picks the exact one (exact zeros are counted, not kept).
+    Memory: one block, K x 2^15 counts and the nonzero candidate values (typically a tiny
+    fraction of the row; all of it only if nearly all values share one bucket)."""
     nb = 1 << _BUCKET_BITS
     # int32 like the bucket ids: an int64 offset would promote (and copy) the whole block
     offsets = (torch.arange(k, device=device, dtype=torch.int32) * nb).reshape(k, 1)
@@ -277,22 +277,31 @@ def order_stats(
             below = int(cum[i, bucket - 1]) if bucket > 0 else 0
             wanted.setdefault(i * nb + bucket, []).append((i, j, r - below))
     del cum
-    lookup = torch.zeros(k * nb, dtype=torch.bool, device=device)
-    lookup[list(wanted)] = True
-    vals, where = [], []  # the values in wanted buckets, block by block, and their bucket ids
+    slot = torch.full((k * nb,), -1, dtype=torch.int32, device=device)  # wanted bucket -> 0..W-1
+    slot[list(wanted)] = torch.arange(len(wanted), dtype=torch.int32, device=device)
+    # the nonzero values in wanted buckets, block by block, and their bucket ids; exact zeros
+    # (a frozen layer's task vector, DARE's dropped entries) only counted per wanted bucket
+    vals, where = [], []
+    zeros = torch.zeros(len(wanted), dtype=torch.int64, device=device)
     for x in blocks():
         b = ids(x)
-        keep = lookup[b]
+        keep = slot[b] >= 0
+        zero = keep & (x == 0)
+        zeros += torch.bincount(slot[b[zero]], minlength=len(wanted))
+        keep.logical_xor_(zero)
         vals.append(x[keep])
         where.append(b[keep])
-        del x, b, keep
+        del x, b, keep, zero
     cand, at = torch.cat(vals), torch.cat(where)
-    del vals, where
+    del vals, where, slot
+    zeros = dict(zip(wanted, zeros.tolist()))
     out = [[0.0] * len(rs) for rs in ranks]
     for bucket, items in wanted.items():
-        in_bucket = cand[at == bucket]
-        for i, j, r in items:
-            out[i][j] = float(torch.kthvalue(in_bucket, r).values)
+        in_bucket, z = cand[at == bucket], zeros[bucket]
+        neg = int((in_bucket < 0).sum())
+        for i, j, r in items:  # in order: the negative candidates, z zeros, the positive ones
+            out[i][j] = (float(torch.kthvalue(in_bucket, r).values) if r <= neg else 0.0 if r <= neg + z
+                         else float(torch.kthvalue(in_bucket, r - z).values))
     return out
 
 

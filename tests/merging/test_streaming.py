@@ -100,3 +100,18 @@ def test_signed_order_stats_are_numpy_sort(dtype):
     out = streaming.order_stats(blocks, 3, ranks, torch.device("cpu"))
     assert out == [[float(want[i, r - 1]) for r in rs] for i, rs in enumerate(ranks)]
     assert out[2][3] == float(t[2, 24])
+
+
+def test_order_stats_of_mostly_zero_magnitudes_count_the_zeros():
+    """|values| that are mostly exact zeros (DARE's dropped entries, a frozen layer): the
+    ranks inside the zeros and just past them, against numpy's sort."""
+    g = np.random.default_rng(5)
+    x = np.abs(g.standard_normal((2, 3000))) * (g.random((2, 3000)) < 0.1)
+    x[1, :5] = 1e-42  # float32 subnormals share the zeros' bucket
+    t = torch.tensor(x, dtype=torch.float32)
+    want = np.sort(t.double().numpy(), axis=1)
+    z = [int((t[i] == 0).sum()) for i in range(2)]
+    ranks = [[1, z[0], z[0] + 1, 3000], [z[1], z[1] + 1, z[1] + 5, z[1] + 6]]
+    out = streaming.order_stats(lambda: (t[:, s:s + 400] for s in range(0, 3000, 400)), 2, ranks,
+                                torch.device("cpu"), signed=False)
+    assert out == [[float(want[i, r - 1]) for r in rs] for i, rs in enumerate(ranks)]

@@ -1,7 +1,7 @@
 """Whole-update methods merged group by group through their declared passes
 (fl_merge/merging/passes.py, fl_merge/round/group_merge.py): TIES (default convention),
-Krum, Multi-Krum, CClip, the geometric median and PCB give, group by group, exactly the
-whole update's merge, and their group merge never holds a whole Delta."""
+Krum, Multi-Krum, CClip, the geometric median, PCB and DARE-TIES give, group by group,
+exactly the whole update's merge, and their group merge never holds a whole Delta."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from fl_merge.round.group_merge import groupable, merge_in_groups
 from fl_merge.round.merging import merge_methods
 from fl_merge.round.updates import ClientUpdate
 from methods.test_cclip import ref_cclip as _ref_cclip
+from methods.test_dare import mask as dare_mask
 from methods.test_pcb import ref_pcb
 from methods.test_ties import ref_ties_reference
 
@@ -202,6 +203,32 @@ def test_pcb_clip_bounds_and_cut_are_of_the_whole_update(tmp_path):
     np.testing.assert_allclose(flat, ref_pcb(x.astype(float), np.full(3, 1 / 3), 0.2), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0, 1.0, 3.0]])
+def test_dare_ties_by_groups_is_the_whole_dare_ties_bit_for_bit(tmp_path, limit, weights):
+    """Masks keyed by client name; thresholds and the tie sign of the whole dropped vectors
+    (drop rate 1/2: the rescaled integers stay exact, so exact-0 votes are exact too)."""
+    tvs, names = _integers(4, seed=2), ["ann", "bob", "cy", "dee"]
+    params = {"base": "ties", "density": 0.4, "drop_rate": 0.5, "seed": 7}
+    stats = global_statistics("dare", tvs, weights, names=names, **params)
+    store = SpillDir(tmp_path)
+    grouped = merge_in_groups(lambda t, e, b: merge("dare", t, weights, names=names, stats=stats, **params),
+                              tvs, None, None, limit, store, "dare")
+    whole = merge("dare", tvs, weights, names=names, **params)
+    assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
+    # the TIES reference code on the masked, rescaled vectors (masks written out in test_dare)
+    x = np.stack([np.concatenate([tv[n].numpy().astype(float).ravel()
+                                  * dare_mask(7, name, n, tv[n].numel(), 0.5) / 0.5 for n in SHAPES])
+                  for name, tv in zip(names, tvs)])
+    p = np.full(4, 0.25) if weights is None else np.asarray(weights) / sum(weights)
+    ref = ref_ties_reference(x, p, 0.4)
+    np.testing.assert_allclose(_flat(grouped), ref, rtol=1e-6, atol=1e-6)
+    ties = [j for j in range(x.shape[1]) if np.sign(p @ x[:, j]) == 0 and x[:, j].any()]
+    assert ties and any(ref[j] != 0 for j in ties)  # the global tie sign decided something
+    # other names draw other masks: the pass is keyed by the names it is given
+    assert global_statistics("dare", tvs, weights, names=names[::-1], **params) != stats
+
+
 def test_stats_are_refused_by_a_method_without_a_pass():
     tvs = _random(3, seed=0)
     with pytest.raises(MergeInputError, match="declares no global_pass"):
@@ -225,6 +252,8 @@ def test_which_methods_go_by_groups_through_a_pass():
     assert not groupable("ties", {}, lined=True)
     assert has_global_pass("pcb", {}) and groupable("pcb", {})
     assert not has_global_pass("hetero", {}) and not groupable("hetero", {})
+    assert has_global_pass("dare", {"base": "ties", "density": 0.5})
+    assert not has_global_pass("dare", {"base": "ties"})  # density 1: per tensor already
 
 
 # -- peak memory: the bytes of torch storages allocated and still alive, op by op ---------
