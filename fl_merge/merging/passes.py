@@ -4,8 +4,10 @@ Some whole-vector methods read the whole update only through a few global number
 (default convention) each client's k-th largest |tau_i| and the majority of the elected
 signs, Krum / Multi-Krum the clients they select from the pairwise distances, CClip and the
 geometric median the coefficients of their result in the clients' task vectors (from the
-Gram matrix). Such a method declares, beside its function,
-``register(..., global_pass=fn)``: ``fn(task_vectors, p, device, params) -> stats`` streams
+Gram matrix), PCB each client's clip bounds and its score's top-ratio cut and maximum,
+DARE-TIES TIES's numbers on the masked, rescaled vectors. Such a method declares, beside its function,
+``register(..., global_pass=fn)``: ``fn(task_vectors, p, device, params) -> stats`` (and
+``names=`` the clients' names, when fn takes them) streams
 over the whole task vectors (memory-mapped in a large-model round, one block at a time) and
 returns those numbers; ``merge(method, some_tensors, ..., stats=stats)`` is then exactly the
 whole merge restricted to those tensors. A large-model round (fl_merge/round/group_merge.py)
@@ -14,6 +16,7 @@ runs the pass once and merges group by group, so its peak is one group, not one 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,5 +60,8 @@ def global_statistics(
             m.min_clients(len(task_vectors), full)
         except MergeInputError as e:
             raise MergeInputError(f"merge method '{method}' with {len(task_vectors)} clients: {e}") from None
+    # a pass whose numbers depend on the clients' names (DARE's masks) takes them as `names`
+    kw = ({"names": None if names is None else [str(n) for n in names]}
+          if "names" in inspect.signature(m.global_pass).parameters else {})
     with torch.no_grad():
-        return m.global_pass(task_vectors, p, resolve_device(device), full)
+        return m.global_pass(task_vectors, p, resolve_device(device), full, **kw)

@@ -8,7 +8,7 @@ buffer: a yielded block is only valid until the next one is produced.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -212,20 +212,97 @@ def kth_largest_abs(
 
 
 # --------------------------------------------------------------------------------------
-# Exact order statistics of |values| by a two-pass radix select, streamed over blocks.
+# Exact order statistics by a two-pass radix select, streamed over blocks.
 
-_BUCKET_BITS = 15  # sign bit excluded: buckets 0 .. 2^15 - 1
+_BUCKET_BITS = 15  # buckets 0 .. 2^15 - 1 (|values|: the sign bit excluded)
 
 
-def _abs_buckets(a: torch.Tensor) -> torch.Tensor:
-    """Bucket id = top bits of the IEEE pattern of a non-negative float (exponent and the
-    leading mantissa bits). For non-negative floats the integer order of the bit patterns
-    is the float order, so buckets are ordered like the values they hold."""
+def _buckets(a: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """Bucket id = top bits of an order-preserving integer key of each value, so that buckets
+    are ordered like the values they hold. |values| (signed False): the IEEE pattern of a
+    non-negative float (exponent and the leading mantissa bits), whose integer order is the
+    float order. signed: the float32 image of the value (rounding to float32 never reverses
+    an order), its pattern with the magnitude bits flipped where negative (the usual radix
+    key of signed floats), its top 15 bits shifted to 0 .. 2^15 - 1 (1/64 of a binade
+    each); -0.0 falls just below +0.0."""
+    if signed:
+        bits = a.to(torch.float32).view(torch.int32)
+        key = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # one int32 temporary
+        return key.bitwise_right_shift_(32 - _BUCKET_BITS).add_(1 << (_BUCKET_BITS - 1))
     if a.dtype == torch.float64:
         return a.view(torch.int64) >> (63 - _BUCKET_BITS)
     if a.dtype == torch.float32:
         return a.view(torch.int32) >> (31 - _BUCKET_BITS)
     raise TypeError(f"order statistics need float32 or float64, got {a.dtype}")
+
+
+def order_stats(
+    blocks: Callable[[], Iterable[torch.Tensor]],
+    k: int,
+    ranks: Sequence[Sequence[int]],
+    device: torch.device,
+    signed: bool = True,
+) -> list[list[float]]:
+    """Exact order statistics of K rows of values that arrive as a stream of [K, n] blocks
+    (float32 or float64; `blocks()` is called twice and must give the same values, it may
+    compute them block by block): ``out[i][j]`` is the ranks[i][j]-th smallest value
+    (1-based) of row i. signed False: the values are non-negative (|tau|).
+
+    Two passes: (1) a histogram per row of the values' bucket ids (`_buckets`), which
+    locates the bucket holding each wanted rank; (2) the values falling in those buckets,
+    from which torch.kthvalue picks the exact one (exact zeros are counted, not kept).
+    Memory: one block, K x 2^15 counts and the nonzero candidate values (typically a tiny
+    fraction of the row; all of it only if nearly all values share one bucket)."""
+    nb = 1 << _BUCKET_BITS
+    # int32 like the bucket ids: an int64 offset would promote (and copy) the whole block
+    offsets = (torch.arange(k, device=device, dtype=torch.int32) * nb).reshape(k, 1)
+
+    def ids(x: torch.Tensor) -> torch.Tensor:  # row i's bucket b as i * nb + b
+        b = _buckets(x, signed)
+        return b.add_(offsets) if b.dtype == torch.int32 else b.add_(offsets.long())
+
+    hist = torch.zeros(k * nb, dtype=torch.int64, device=device)
+    for x in blocks():
+        hist += torch.bincount(ids(x).reshape(-1), minlength=k * nb)
+        del x  # not held while the next block is computed
+    cum = hist.reshape(k, nb).cumsum_(1).cpu()
+    del hist  # (on the CPU, cum is hist itself: freed below, before the second pass)
+    total = int(cum[0, -1])
+    wanted: dict[int, list[tuple[int, int, int]]] = {}  # bucket id -> (i, j, rank in bucket)
+    for i, rs in enumerate(ranks):
+        for j, r in enumerate(rs):
+            if not 1 <= r <= total:
+                raise ValueError(f"rank {r} outside 1..{total}")
+            bucket = int(torch.searchsorted(cum[i], r))
+            below = int(cum[i, bucket - 1]) if bucket > 0 else 0
+            wanted.setdefault(i * nb + bucket, []).append((i, j, r - below))
+    del cum
+    slot = torch.full((k * nb,), -1, dtype=torch.int32, device=device)  # wanted bucket -> 0..W-1
+    slot[list(wanted)] = torch.arange(len(wanted), dtype=torch.int32, device=device)
+    # the nonzero values in wanted buckets, block by block, and their bucket ids; exact zeros
+    # (a frozen layer's task vector, DARE's dropped entries) only counted per wanted bucket
+    vals, where = [], []
+    zeros = torch.zeros(len(wanted), dtype=torch.int64, device=device)
+    for x in blocks():
+        b = ids(x)
+        keep = slot[b] >= 0
+        zero = keep & (x == 0)
+        zeros += torch.bincount(slot[b[zero]], minlength=len(wanted))
+        keep.logical_xor_(zero)
+        vals.append(x[keep])
+        where.append(b[keep])
+        del x, b, keep, zero
+    cand, at = torch.cat(vals), torch.cat(where)
+    del vals, where, slot
+    zeros = dict(zip(wanted, zeros.tolist()))
+    out = [[0.0] * len(rs) for rs in ranks]
+    for bucket, items in wanted.items():
+        in_bucket, z = cand[at == bucket], zeros[bucket]
+        neg = int((in_bucket < 0).sum())
+        for i, j, r in items:  # in order: the negative candidates, z zeros, the positive ones
+            out[i][j] = (float(torch.kthvalue(in_bucket, r).values) if r <= neg else 0.0 if r <= neg + z
+                         else float(torch.kthvalue(in_bucket, r - z).values))
+    return out
 
 
 def abs_order_stats(
@@ -236,48 +313,12 @@ def abs_order_stats(
     keys: Sequence[str] | None = None,
 ) -> list[list[float]]:
     """Exact order statistics of |tau_i| over the tensors `keys` of each client i:
-    ``out[i][j]`` is the ranks[i][j]-th smallest |value| (1-based) of client i.
+    ``out[i][j]`` is the ranks[i][j]-th smallest |value| (1-based) of client i, by
+    `order_stats` over the task vectors' [K, n] blocks in `dtype`."""
+    def blocks() -> Iterator[torch.Tensor]:
+        return (x.abs_() for _, _, _, x, _ in iter_blocks(task_vectors, device, dtype, keys=keys))
 
-    Two streamed passes over [K, n] blocks: (1) a histogram per client of the top 15 bits of
-    |x| (its IEEE bit pattern orders like the value), which locates the bucket holding each
-    wanted rank; (2) the values falling in those buckets, from which torch.kthvalue picks
-    the exact one. Memory: one block, K x 32768 counts and the candidate values (typically
-    a tiny fraction of P; all of P only if nearly all values share one bucket).
-    """
-    k = len(task_vectors)
-    nb = 1 << _BUCKET_BITS
-    # int32 like the bucket ids: an int64 offset would promote (and copy) the whole block
-    offsets = (torch.arange(k, device=device, dtype=torch.int32) * nb).reshape(k, 1)
-    hist = torch.zeros(k * nb, dtype=torch.int64, device=device)
-    for _, _, _, x, _ in iter_blocks(task_vectors, device, dtype, keys=keys):
-        b = _abs_buckets(x.abs_())
-        if b.dtype == torch.int64:
-            b += offsets
-        else:
-            b.add_(offsets)
-        hist += torch.bincount(b.reshape(-1), minlength=k * nb)
-    cum = hist.reshape(k, nb).cumsum(1).cpu()
-    total = int(cum[0, -1])
-    wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for i, rs in enumerate(ranks):
-        for j, r in enumerate(rs):
-            if not 1 <= r <= total:
-                raise ValueError(f"rank {r} outside 1..{total}")
-            bucket = int(torch.searchsorted(cum[i], r))
-            below = int(cum[i, bucket - 1]) if bucket > 0 else 0
-            wanted.setdefault((i, bucket), []).append((j, r - below))
-    cands: dict[tuple[int, int], list[torch.Tensor]] = {w: [] for w in wanted}
-    for _, _, _, x, _ in iter_blocks(task_vectors, device, dtype, keys=keys):
-        a = x.abs_()
-        b = _abs_buckets(a)
-        for i, bucket in wanted:
-            cands[(i, bucket)].append(a[i][b[i] == bucket])
-    out = [[0.0] * len(rs) for rs in ranks]
-    for (i, bucket), items in wanted.items():
-        vals = torch.cat(cands[(i, bucket)])
-        for j, r in items:
-            out[i][j] = float(torch.kthvalue(vals, r).values)
-    return out
+    return order_stats(blocks, len(task_vectors), ranks, device, signed=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from fl_merge.core.task_vectors import MergeInputError, StateDict
 from fl_merge.merging import conventions, streaming
 from fl_merge.merging.blocks import task_vectors_dtype
 from fl_merge.merging.registry import Paper, is_integer, number_param, register
-from fl_merge.methods.ties import check_density, ties_merge, ties_mergekit
+from fl_merge.methods.ties import check_density, ties_merge, ties_mergekit, ties_transform_pass
 
 
 def dare_seed(seed: int, client: str, key: str) -> int:
@@ -42,13 +42,56 @@ def _check_dare(params: dict) -> None:
         raise MergeInputError(f"seed must be an integer, got {params['seed']!r}")
 
 
+def _is_per_tensor(params: Mapping) -> bool:
+    """Masks are per tensor by definition; the TIES top-k threshold and tie sign are not,
+    unless nothing is trimmed or mergekit's TIES (per tensor) runs."""
+    return (params["base"] != "ties" or float(params["density"]) >= 1.0
+            or params["convention"] == "mergekit")
+
+
+def _names(names: Sequence[str] | None, k: int) -> list[str]:
+    names = [f"client {i}" for i in range(k)] if names is None else list(names)
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise MergeInputError(f"dare keys its random masks by client name: names must be unique, "
+                              f"got {dup!r} twice")
+    return names
+
+
+def _transform(names: list[str], seed: int, drop_rate: float, convention: str):
+    """DARE's drop and rescale of client i's flat tensor `key`, `x` (a function of the whole
+    tensor: its mask is drawn for the whole tensor, keyed by (seed, name, key))."""
+    keep_p = 1.0 - float(drop_rate)
+
+    def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
+        if drop_rate == 0:
+            return x
+        keep = keep_mask(seed, names[i], key, x.numel(), keep_p).to(x.device).reshape(x.shape)
+        if convention == "mergekit":
+            return conventions.l1_rescale(x, x * keep)
+        return x * keep / keep_p
+
+    return transform
+
+
+def dare_pass(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+              device: torch.device, params: dict, names: Sequence[str] | None = None) -> dict | None:
+    """DARE-TIES's global statistics (its declared pass, fl_merge/merging/passes.py): TIES's
+    thresholds and tie sign over the whole dropped and rescaled vectors
+    (`ties.ties_transform_pass`; the masks are the merge's own, keyed by client name). None
+    where dare is per tensor already (base fedavg, density 1, convention=mergekit)."""
+    if _is_per_tensor(params):
+        return None
+    transform = _transform(_names(names, len(task_vectors)), params["seed"], params["drop_rate"],
+                           params["convention"])
+    return ties_transform_pass(task_vectors, weights, device, float(params["density"]), transform)
+
 
 @register(
     "dare", coordinatewise=False, check_params=_check_dare,
     lambda_scale=lambda params: "delta" if params.get("base") == "ties" else "sum",
-    # masks are per tensor by definition; the TIES top-k threshold is not, unless nothing is trimmed
-    per_tensor_exact=lambda params: (params["base"] != "ties" or float(params["density"]) >= 1.0
-                                     or params["convention"] == "mergekit"),
+    per_tensor_exact=_is_per_tensor,
+    global_pass=dare_pass,  # DARE-TIES: TIES's numbers on the dropped vectors, by groups
     space={"drop_rate": (0.5, 0.7, 0.9)},
     formula="Bernoulli(1 - drop_rate) masks seeded by (seed, client name, tensor name), rescaled "
             "by 1/(1 - drop_rate) (convention=mergekit: to the tensor's l1 norm), then the fedavg "
@@ -66,6 +109,7 @@ def dare(
     base: str = "fedavg",
     density: float = 1.0,
     convention: str = "fl-merge",
+    stats: Mapping | None = None,
 ) -> StateDict:
     """DARE, Drop And REscale (Yu et al., ICML 2024, "Language Models are Super Mario"):
     hat tau_i = m_i * tau_i / (1 - drop_rate), m_i ~ Bernoulli(1 - drop_rate) per entry,
@@ -90,28 +134,19 @@ def dare(
     clients where we average them (so only its normalize: true is this method). Its masks
     come from torch's global generator (torch.bernoulli), ours from `keep_mask`: the same
     distribution, not the same draws (the parity test feeds ours to mergekit's bernoulli).
+
+    stats (`dare_pass` on the whole task vectors, the same names and parameters): DARE-TIES
+    merges these task vectors (any subset of the whole one's tensors) with the whole
+    vectors' thresholds and tie sign: exactly those tensors of the whole merge.
     """
     ref = task_vectors[0]
     keys = list(ref)
     dtype = task_vectors_dtype(task_vectors)
-    keep_p = 1.0 - float(drop_rate)
-    names = [f"client {i}" for i in range(len(task_vectors))] if names is None else list(names)
-    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if dup is not None:
-        raise MergeInputError(f"dare keys its random masks by client name: names must be unique, "
-                              f"got {dup!r} twice")
-
-    def transform(i: int, key: str, x: torch.Tensor) -> torch.Tensor:
-        if drop_rate == 0:
-            return x
-        keep = keep_mask(seed, names[i], key, x.numel(), keep_p).to(x.device).reshape(x.shape)
-        if convention == "mergekit":
-            return conventions.l1_rescale(x, x * keep)
-        return x * keep / keep_p
-
+    transform = _transform(_names(names, len(task_vectors)), seed, drop_rate, convention)
     if base == "ties":
-        merge_ties = ties_mergekit if convention == "mergekit" else ties_merge
-        return merge_ties(task_vectors, weights, device, density, transform)
+        if convention == "mergekit":
+            return ties_mergekit(task_vectors, weights, device, density, transform)
+        return ties_merge(task_vectors, weights, device, density, transform, stats=stats)
     p = weights.tolist()
     out = {}
     for key in keys:

@@ -86,6 +86,35 @@ def ties_pass(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch
     return {"thresholds": thr_list, "tie_sign": float((balance > 0) - (balance < 0))}
 
 
+def ties_transform_pass(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+                        device: torch.device, density: float,
+                        transform: Callable[[int, str, torch.Tensor], torch.Tensor]) -> dict:
+    """`ties_pass`'s statistics of the transformed task vectors (DARE-TIES: each client's
+    tensor rewritten by `transform(client, key, flat_tensor)`, a function of the whole
+    tensor), streamed over the K clients' transformed tensors of one name at a time (memory
+    K x the largest tensor, as `ties_merge` with a transform): the thresholds by
+    `streaming.order_stats` (exact), the tie sign by one more pass."""
+    total = sum(v.numel() for v in task_vectors[0].values())
+    k = len(task_vectors)
+    if total == 0:
+        return {"thresholds": [0.0] * k, "tie_sign": 0.0}
+    dtype = task_vectors_dtype(task_vectors)
+
+    def blocks():
+        for key in task_vectors[0]:
+            if task_vectors[0][key].numel():
+                yield torch.stack([transform(i, key, tv[key].reshape(-1).to(device=device, dtype=dtype))
+                                   for i, tv in enumerate(task_vectors)])
+
+    rank = total - _top_count(total, density) + 1
+    thr_list = [r[0] for r in streaming.order_stats(lambda: (x.abs_() for x in blocks()), k,
+                                                    [[rank]] * k, device, signed=False)]
+    thr = torch.tensor(thr_list, dtype=dtype, device=device)
+    pw = weights.to(device=device, dtype=dtype)
+    balance = sum(ties_block(x, thr, pw)[1] for x in blocks())
+    return {"thresholds": thr_list, "tie_sign": float((balance > 0) - (balance < 0))}
+
+
 def ties_merge(
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
     weights: torch.Tensor,
@@ -107,16 +136,17 @@ def ties_merge(
     cancel exactly); when the majority sign is itself 0 the first pass is already the
     reference's result (it then keeps the negative entries).
 
-    stats (`ties_pass` on the whole task vectors; no transform): the thresholds and the
-    tie sign are taken from it, and these task vectors (any subset of the whole one's
-    tensors) are merged in one pass with that sign: exactly those tensors of the whole
-    merge (a tensor without a live tie is the same under either sign)."""
+    stats (`ties_pass` on the whole task vectors, or `ties_transform_pass` with the same
+    transform): the thresholds and the tie sign are taken from it, and these task vectors
+    (any subset of the whole one's tensors) are merged in one pass with that sign: exactly
+    those tensors of the whole merge (a tensor without a live tie is the same under either
+    sign)."""
     ref = task_vectors[0]
     dtype = task_vectors_dtype(task_vectors)
     total = sum(v.numel() for v in ref.values())
     if total == 0:  # only zero-size tensors: nothing to trim or merge
         return {key: torch.empty_like(r, device="cpu") for key, r in ref.items()}
-    if stats is not None and transform is None:
+    if stats is not None:
         thr_list, first_sign = stats["thresholds"], float(stats["tie_sign"])
     else:
         thr_list, first_sign = _thresholds(task_vectors, device, dtype, density, transform), 0.0

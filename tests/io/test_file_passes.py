@@ -1,5 +1,6 @@
 """`fl-merge merge` of the whole-update methods that declare a pass (TIES at its default
-convention, Krum, Multi-Krum, CClip, the geometric median; fl_merge/io/file_passes.py): the
+convention, Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES;
+fl_merge/io/file_passes.py): the
 file merge of K = 3 small safetensors checkpoints equals theta0 + eta * fl_merge.merge on
 the whole task vectors (the test's own, from the tensors it wrote), TIES also the TIES
 reference code written out in numpy and Krum the selection from distances written out in
@@ -26,7 +27,7 @@ from methods.test_ties import ref_ties_reference
 from round.test_global_pass import LiveBytes
 
 SHAPES = {"enc.weight": (4, 5), "enc.bias": (6,), "head.weight": (3, 4)}
-PASS_METHODS = ("ties", "krum", "multikrum", "cclip", "geometric_median")
+PASS_METHODS = ("ties", "krum", "multikrum", "cclip", "geometric_median", "pcb")
 
 
 def _write(tmp, base, models):
@@ -73,8 +74,8 @@ def _flat(state) -> np.ndarray:
     return np.concatenate([state[n].double().numpy().ravel() for n in SHAPES])
 
 
-def _file_merge(tmp, base, models, method, eta, weights=None, **params):
-    b, ms = _write(tmp, base, models)
+def _file_merge(tmp, theta0, models, method, eta, weights=None, **params):
+    b, ms = _write(tmp, theta0, models)
     out = tmp / "out.safetensors"
     merge_files(b, ms, method, eta, out, params, weights=weights)
     return load_file(str(out)), model_names(ms)
@@ -88,6 +89,9 @@ CASES = {
     "cclip": ("cclip", {"tau": 1.0, "iters": 3, "center": "median"}),
     "cclip-zero": ("cclip", {"tau": 2.0, "iters": 2}),
     "geometric_median": ("geometric_median", {"iters": 50}),
+    "pcb": ("pcb", {"ratio": 0.2}),
+    "pcb-all": ("pcb", {"ratio": 1.0}),
+    "dare-ties": ("dare", {"base": "ties", "density": 0.5, "drop_rate": 0.3, "seed": 3}),
 }
 
 
@@ -97,14 +101,15 @@ CASES = {
 def test_the_file_merge_is_the_whole_update_merge(tmp_path, case, unequal, dtype):
     method, params = case
     # (a weight of 1/2 would make that model the geometric median of three, per tensor too)
-    weights = None if not unequal else [1.0, 2.0, 1.0] if method == "ties" else [1.0, 1.5, 1.0]
-    pool = _integer_pool if method == "ties" else _random_pool
+    ties_like = method == "ties" or params.get("base") == "ties"
+    weights = None if not unequal else [1.0, 2.0, 1.0] if ties_like else [1.0, 1.5, 1.0]
+    pool = _integer_pool if ties_like else _random_pool
     base, models = pool(dtype)
     got, names = _file_merge(tmp_path, base, models, method, 0.5, weights, **params)
     whole = merge(method, _taus(base, models), weights, names=names, **params)
     for n in SHAPES:
         want = (base[n].float() + 0.5 * whole[n]).to(dtype)
-        torch.testing.assert_close(got[n], want, rtol=0, atol=0 if method == "ties" else 1e-6)
+        torch.testing.assert_close(got[n], want, rtol=0, atol=0 if ties_like else 1e-6)
     assert torch.equal(got["bn.num_batches_tracked"], torch.tensor(7))
     # the per-tensor variant the file merge ran before differs on these files
     per_tensor = {n: merge(method, _taus(base, models, [n]), weights, **params)[n] for n in SHAPES}
@@ -191,8 +196,8 @@ def test_the_cli_says_exact_and_merges_through_the_pass(tmp_path, capsys):
 def test_which_methods_stay_per_tensor():
     assert all(method_scope(m) == "exact" for m in PASS_METHODS)
     assert method_scope("ties", {"convention": "mergekit"}) == "exact"  # per tensor, no pass
-    assert method_scope("pcb") == method_scope("hetero") == "per-tensor"
-    assert method_scope("dare", {"base": "ties", "density": 0.5}) == "per-tensor"
+    assert method_scope("hetero") == "per-tensor"
+    assert method_scope("dare", {"base": "ties", "density": 0.5}) == "exact"  # DARE-TIES's pass
 
 
 def test_the_lazy_task_vectors_read_the_files_on_demand(tmp_path):
@@ -238,7 +243,8 @@ def _peak(tmp, layers: int, method: str, params: dict) -> int:
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
-                                           ("cclip", {"center": "median"}), ("geometric_median", {})])
+                                           ("cclip", {"center": "median"}), ("geometric_median", {}),
+                                           ("pcb", {}), ("dare", {"base": "ties", "density": 0.5})])
 def test_the_pass_on_files_does_not_grow_with_the_model(tmp_path, monkeypatch, method, params):
     """What the file merge with its pass holds at once (the K models' tensors of one or two
     names (streaming.iter_blocks keeps the last name's while it reads the next), the base's,

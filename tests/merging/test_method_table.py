@@ -79,6 +79,6 @@ def test_the_file_merge_column_says_what_fl_merge_merge_does():
             continue
         scope = method_scope(name, dict(m.params), list(m.needs.extras))
         assert cell.startswith("exact") == (scope == "exact"), (name, cell, scope)
-    assert cells["ties"].startswith("exact") and cells["krum"].startswith("exact")
-    assert not cells["pcb"].startswith("exact")
+    assert cells["ties"].startswith("exact") and cells["pcb"].startswith("exact")
+    assert not cells["hetero"].startswith("exact")
     assert set(cells) <= set(available_methods())

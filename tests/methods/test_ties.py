@@ -119,7 +119,7 @@ def test_mergekit_convention_by_hand():
 def test_mergekit_convention_is_per_tensor_exact():
     from fl_merge.io.file_merge import method_scope
     assert method_scope("ties") == "exact"  # through its declared pass (fl_merge/io/file_passes.py)
-    assert method_scope("dare", {"base": "ties", "density": 0.5}) == "per-tensor"  # no pass
+    assert method_scope("dare", {"base": "ties", "density": 0.5}) == "exact"  # its pass too
     assert method_scope("ties", {"convention": "mergekit"}) == "exact"
     assert method_scope("dare", {"base": "ties", "density": 0.5, "convention": "mergekit"}) == "exact"
 

@@ -1,7 +1,7 @@
 """Whole-update methods merged group by group through their declared passes
 (fl_merge/merging/passes.py, fl_merge/round/group_merge.py): TIES (default convention),
-Krum, Multi-Krum, CClip and the geometric median give, group by group, exactly the whole
-update's merge, and their group merge never holds a whole Delta."""
+Krum, Multi-Krum, CClip, the geometric median, PCB and DARE-TIES give, group by group,
+exactly the whole update's merge, and their group merge never holds a whole Delta."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fl_merge.io.spill import JoinedState, MappedState, SpillDir
 from fl_merge.merging import passes, streaming
@@ -23,6 +22,8 @@ from fl_merge.round.group_merge import groupable, merge_in_groups
 from fl_merge.round.merging import merge_methods
 from fl_merge.round.updates import ClientUpdate
 from methods.test_cclip import ref_cclip as _ref_cclip
+from methods.test_dare import mask as dare_mask
+from methods.test_pcb import ref_pcb
 from methods.test_ties import ref_ties_reference
 
 # four tensors of 24 float32 each (96 bytes): the group limits below cut them 1 | 1 | 1 | 1,
@@ -166,12 +167,74 @@ def test_geometric_median_by_groups_is_the_whole_one(tmp_path, limit):
     assert np.linalg.norm(pull) < 1e-3
 
 
+@pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0, 0.5, 2.0]])
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("data", ["random", "integers"])
+def test_pcb_by_groups_is_the_whole_pcb_bit_for_bit(tmp_path, limit, weights, ratio, data):
+    """Integers: many |tau| tied with the clip bounds and scores tied with the cut."""
+    tvs = _random(4, seed=8) if data == "random" else _integers(4, seed=8)
+    grouped = _grouped("pcb", tvs, weights, limit, tmp_path, ratio=ratio)
+    whole = merge("pcb", tvs, weights, ratio=ratio)
+    assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
+    # and both are the authors' PCB_merge written out in numpy (tests/methods/test_pcb.py)
+    x = np.stack([_flat(tv).astype(float) for tv in tvs])
+    p = np.full(4, 0.25) if weights is None else np.asarray(weights) / sum(weights)
+    np.testing.assert_allclose(_flat(grouped), ref_pcb(x, p, ratio), rtol=1e-6, atol=1e-6)
+
+
+def test_pcb_clip_bounds_and_cut_are_of_the_whole_update(tmp_path):
+    """P >= 10^4 (both clip bounds bite); client 0's large entries all lie in tensor a: per
+    group, b would be clipped and cut by its own order statistics."""
+    g = torch.Generator().manual_seed(5)
+    tvs = [{"a": torch.randn(100, 60, generator=g), "b": torch.randn(5000, generator=g)} for _ in range(3)]
+    tvs[0]["a"] = tvs[0]["a"] * 50
+    stats = global_statistics("pcb", tvs, ratio=0.2)
+    x = np.stack([np.concatenate([tv["a"].numpy().ravel(), tv["b"].numpy().ravel()]) for tv in tvs])
+    srt = np.sort(np.abs(x), axis=1)  # the authors' clip positions over all n = 11000 entries
+    lo, hi = int(11000 * 0.0001), int(11000 * (1 - 0.0001) - 1)
+    assert (lo, hi) == (1, 10997)
+    assert stats["clip"] == [[float(r[lo]), float(r[hi])] for r in srt]
+    whole = merge("pcb", tvs, ratio=0.2)
+    alone = merge("pcb", [{"b": tv["b"]} for tv in tvs], ratio=0.2, stats=stats)["b"]
+    assert torch.equal(alone, whole["b"])
+    assert not torch.equal(merge("pcb", [{"b": tv["b"]} for tv in tvs], ratio=0.2)["b"], whole["b"])
+    flat = np.concatenate([whole["a"].double().numpy().ravel(), whole["b"].double().numpy().ravel()])
+    np.testing.assert_allclose(flat, ref_pcb(x.astype(float), np.full(3, 1 / 3), 0.2), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0, 1.0, 3.0]])
+def test_dare_ties_by_groups_is_the_whole_dare_ties_bit_for_bit(tmp_path, limit, weights):
+    """Masks keyed by client name; thresholds and the tie sign of the whole dropped vectors
+    (drop rate 1/2: the rescaled integers stay exact, so exact-0 votes are exact too)."""
+    tvs, names = _integers(4, seed=2), ["ann", "bob", "cy", "dee"]
+    params = {"base": "ties", "density": 0.4, "drop_rate": 0.5, "seed": 7}
+    stats = global_statistics("dare", tvs, weights, names=names, **params)
+    store = SpillDir(tmp_path)
+    grouped = merge_in_groups(lambda t, e, b: merge("dare", t, weights, names=names, stats=stats, **params),
+                              tvs, None, None, limit, store, "dare")
+    whole = merge("dare", tvs, weights, names=names, **params)
+    assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
+    # the TIES reference code on the masked, rescaled vectors (masks written out in test_dare)
+    x = np.stack([np.concatenate([tv[n].numpy().astype(float).ravel()
+                                  * dare_mask(7, name, n, tv[n].numel(), 0.5) / 0.5 for n in SHAPES])
+                  for name, tv in zip(names, tvs)])
+    p = np.full(4, 0.25) if weights is None else np.asarray(weights) / sum(weights)
+    ref = ref_ties_reference(x, p, 0.4)
+    np.testing.assert_allclose(_flat(grouped), ref, rtol=1e-6, atol=1e-6)
+    ties = [j for j in range(x.shape[1]) if np.sign(p @ x[:, j]) == 0 and x[:, j].any()]
+    assert ties and any(ref[j] != 0 for j in ties)  # the global tie sign decided something
+    # other names draw other masks: the pass is keyed by the names it is given
+    assert global_statistics("dare", tvs, weights, names=names[::-1], **params) != stats
+
+
 def test_stats_are_refused_by_a_method_without_a_pass():
     tvs = _random(3, seed=0)
     with pytest.raises(MergeInputError, match="declares no global_pass"):
         merge("fedavg", tvs, stats={"thresholds": [1.0]})
     with pytest.raises(MergeInputError, match="declares no global_pass"):
-        global_statistics("pcb", tvs)
+        global_statistics("hetero", tvs)
 
 
 def test_the_pass_validates_like_merge_before_any_work():
@@ -187,10 +250,26 @@ def test_which_methods_go_by_groups_through_a_pass():
     assert not has_global_pass("ties", {"convention": "mergekit"})  # per tensor already
     assert all(has_global_pass(m, {}) for m in ("krum", "multikrum", "cclip", "geometric_median"))
     assert not groupable("ties", {}, lined=True)
-    assert not has_global_pass("pcb", {}) and not groupable("pcb", {})
+    assert has_global_pass("pcb", {}) and groupable("pcb", {})
+    assert not has_global_pass("hetero", {}) and not groupable("hetero", {})
+    assert has_global_pass("dare", {"base": "ties", "density": 0.5})
+    assert not has_global_pass("dare", {"base": "ties"})  # density 1: per tensor already
 
 
 # -- peak memory: the bytes of torch storages allocated and still alive, op by op ---------
+
+
+def _tensors(obj):
+    """The tensors in an op's (nested tuple / list / dict) arguments or results; cheaper
+    than torch's pytree flattening, which dominated the memory tests' runtime."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -208,11 +287,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                 if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
+        given = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
             st = t.untyped_storage()
             ptr = st.data_ptr()
             if ptr and ptr not in given and ptr not in self.live:
@@ -228,7 +304,8 @@ DELTA_BYTES = 24 * 256 * 256 * 4
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
-                                           ("cclip", {"center": "median"}), ("geometric_median", {})])
+                                           ("cclip", {"center": "median"}), ("geometric_median", {}),
+                                           ("pcb", {})])
 def test_with_the_pass_the_round_never_holds_a_whole_delta(tmp_path, monkeypatch, method, params):
     """K = 3: what the pass and the group merge hold besides one group (TIES: the radix
     select's K x 2^15 histograms, 1.6 MB, and a few [K, n] blocks, n = 16384 here) does not

@@ -92,7 +92,7 @@ def test_regmean_in_groups_takes_each_groups_gram_matrices(tmp_path):
 
 def test_a_whole_update_method_is_merged_whole_then_kept_on_disk(tmp_path):
     tvs = _tvs(3, seed=4)
-    m = "pcb"  # its masks need the whole update and it declares no pass (test_global_pass.py)
+    m = "hetero"  # its norms and cosines need the whole update and it declares no pass
     assert not groupable(m, {})
     store = SpillDir(tmp_path)
     kept = merge_methods({m: (m, {})}, _clients(3), tvs, "uniform", store=store, group_bytes=LIMIT)[m]
