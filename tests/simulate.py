@@ -6,14 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 
-def simulate_round(cfg: Any, num_supernodes: int) -> Any:
-    """Run `cfg` (a ResolvedConfig) on `num_supernodes` simulated clients (one CPU each);
-    returns the round's MergeRound. Fails the test when the ServerApp did not finish."""
+def simulate_round(cfg: Any, num_supernodes: int, client_app: Any = None) -> Any:
+    """Run `cfg` (a ResolvedConfig) on `num_supernodes` simulated clients (one CPU each), with
+    fl-merge's ClientApp or `client_app` (a flwr ClientApp of the test's own); returns the
+    round's MergeRound. Fails the test when the ServerApp did not finish."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fl_merge_clients.client_app import app as client_app
     from fl_merge_strategies.server_app import run_one_shot
+
+    if client_app is None:
+        from fl_merge_clients.client_app import app as client_app
 
     holder: dict[str, Any] = {}
     app = ServerApp()

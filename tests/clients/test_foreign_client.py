@@ -1,13 +1,13 @@
 """A ClientApp written only against flwr (tests/foreign_client.py: no fl_merge import, its own
-parameter names and data) completes a round with the fl-merge ServerApp through `flwr run`;
-the scores it reports for the chosen model are those of the saved model, and its clients are
-named by the task names they reply. (One round: the same
-checks on an in-process run_simulation round proved nothing more and cost a Flower start-up.)"""
+parameter names and data) completes a round with the fl-merge ServerApp in Flower's
+simulation engine; the scores it reports for the chosen model are those of the saved model,
+and its clients are named by the task names they reply. (A user's own app through `flwr
+run` and `fl-merge-run --app`, on both engines, is tests/engine/test_own_app.py; the same
+checks through `flwr run` here proved nothing more and cost a SuperLink and an app install.)"""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,6 @@ from safetensors.torch import load_file, save_file
 import foreign_client as foreign
 from fl_merge.io import results
 
-ROOT = Path(__file__).resolve().parents[2]
-TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -67,23 +65,14 @@ def _check_outputs(out: Path) -> None:
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_foreign_client_completes_a_round_through_flwr_run(tmp_path, base_checkpoint):
-    """A test-only Flower app: fl-merge's ServerApp, the foreign module as its ClientApp."""
-    from fl_merge.cli.launch import main as launch_main
+def test_foreign_client_completes_a_round(tmp_path, base_checkpoint):
+    """fl-merge's ServerApp with the foreign module as the ClientApp, as a Flower app whose
+    pyproject names it would run them."""
+    from fl_merge.config.run_config import RunConfig
+    from simulate import simulate_round
 
-    app = tmp_path / "app"
-    app.mkdir()
-    shutil.copy(ROOT / "README.md", app / "README.md")
-    shutil.copy(TESTS / "foreign_client.py", app / "foreign_client.py")
-    for pkg in ("fl_merge", "clients", "strategies"):
-        shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    toml = (ROOT / "pyproject.toml").read_text()
-    assert 'clientapp = "clients.client_app:app"' in toml
-    (app / "pyproject.toml").write_text(toml.replace('clientapp = "clients.client_app:app"',
-                                                     'clientapp = "foreign_client:app"'))
     out = tmp_path / "out"
-    code = launch_main(["--app", str(app), "--run-config",
-                        f'num-clients=2 merge-keys="enc.*" base-checkpoint="{base_checkpoint}" '
-                        f'output-dir="{out}"'])
-    assert code == 0
+    cfg = RunConfig.from_flower({"num-clients": 2, "merge-keys": "enc.*",
+                                 "base-checkpoint": str(base_checkpoint), "output-dir": str(out)}).resolve()
+    simulate_round(cfg, 2, foreign.app)
     _check_outputs(out)
