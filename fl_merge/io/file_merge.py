@@ -10,10 +10,10 @@ Methods and their scope (`method_scope`), from their `register(...)` declaration
 * coordinate-wise methods, and whole-vector ones that declare per_tensor_exact (e.g.
   breadcrumbs, model_stock; dare unless base=ties trims): per tensor IS the method;
 * ones that declare a global pass (TIES at its default convention, Krum, Multi-Krum, CClip,
-  the geometric median, PCB, DARE-TIES): the pass runs once over the task vectors streamed from the files
-  (fl_merge/io/file_passes.py), then each tensor is merged with its statistics: exact too;
-* the other whole-vector methods (hetero) run on each tensor alone: a
-  per-tensor (layer-wise) variant of the method;
+  the geometric median, PCB, DARE-TIES, hetero): the pass runs once over the task vectors
+  streamed from the files (fl_merge/io/file_passes.py), then each tensor with its stats: exact;
+* other whole-vector methods (none built in: a user's that declares neither) run on each
+  tensor alone: a per-tensor (layer-wise) variant;
 * methods needing per-model arrays that checkpoints do not carry (`Needs.extras`, e.g.
   fisher's diagonal Fisher, regmean's Gram matrices) take them from one safetensors file per
   model and array (`extras={"gram": [F1, ..., FK]}`, `--extras gram=F1,...,FK`), keyed by the

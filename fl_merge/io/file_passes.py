@@ -1,9 +1,9 @@
 """Whole-update methods on checkpoint files through their declared passes (`fl-merge merge`).
 
 A method that declares a global pass (fl_merge/merging/passes.py: TIES at its default
-convention, Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES) reads the whole update only
-through a few numbers (thresholds and a tie sign, a selection, coefficients, clip bounds
-and score cuts). `file_pass`
+convention, Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES, hetero) reads the
+whole update only through a few numbers (thresholds and a tie sign, a selection,
+coefficients, clip bounds and score cuts, a Gram matrix). `file_pass`
 runs that pass once over lazy task vectors read from the files (`FileTaskVector`: model
 i's tau_i[key] = theta_i[key] - theta0[key], read when asked, one tensor at a time, in the
 work dtype with the arithmetic of file_merge.merge_tensor); the file merge then merges

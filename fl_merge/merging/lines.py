@@ -29,6 +29,7 @@ beta = 1 - lambda) is the same function with those values.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -112,22 +113,66 @@ def layer_scales(keys: Iterable[str], alpha: float, beta: float,
 
 
 def auto_alpha(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
-               tau_mtl: Mapping[str, torch.Tensor]) -> float:
-    """||sum_i p_i tau_i||_1 / ||tau_MTL||_1 (the authors' K-task rule with weights p; 0 when
-    tau_MTL is 0), streamed tensor by tensor in float64."""
-    num = den = 0.0
-    for key, ref in tau_mtl.items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
+               delta: Mapping[str, torch.Tensor], s: float = 1.0) -> float:
+    """||sum_i p_i tau_i||_1 / ||tau_MTL||_1, tau_MTL = s * delta (in delta's dtype), the
+    authors' K-task rule with weights p (0 when tau_MTL is 0). Streamed tensor by tensor in
+    float64 (delta and the task vectors may be mapped files, read one tensor at a time):
+    each tensor's two l1 norms, then their exactly rounded sums (math.fsum), so the value
+    does not depend on the order of the tensors (a Delta merged group by group gives the
+    whole merge's alpha bit for bit)."""
+    num, den = [], []
+    for key in delta:
+        d = delta[key]
+        den.append(float((d * s).to(torch.float64).abs().sum()))
+        acc = torch.zeros(d.shape, dtype=torch.float64)
+        del d
         for p, tv in zip(weights.tolist(), task_vectors):
             acc.add_(tv[key].to(torch.float64), alpha=p)
-        num += float(acc.abs().sum())
-        den += float(ref.to(torch.float64).abs().sum())
-    return num / den if den > 0 else 0.0
+        num.append(float(acc.abs().sum()))
+        del acc
+    num_l1, den_l1 = math.fsum(num), math.fsum(den)
+    return num_l1 / den_l1 if den_l1 > 0 else 0.0
 
 
 def scale_update(delta: Mapping[str, torch.Tensor], scales: Mapping[str, float]) -> StateDict:
     """scales[key] * delta[key] per tensor (computed in float32 at least, in delta's dtype)."""
     return {key: (v.to(work_dtype(v.dtype)) * scales[key]).to(v.dtype) for key, v in delta.items()}
+
+
+class ScaledState(Mapping):
+    """scales[key] * delta[key] (`scale_update`), computed for one tensor when it is read:
+    a Delta on disk is scaled one tensor at a time, never loaded whole."""
+
+    def __init__(self, delta: Mapping[str, torch.Tensor], scales: Mapping[str, float]) -> None:
+        self._delta, self._scales = delta, scales
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return scale_update({key: self._delta[key]}, self._scales)[key]
+
+    def __iter__(self):
+        return iter(self._delta)
+
+    def __len__(self) -> int:
+        return len(self._delta)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._delta
+
+
+def lines_scales(method: str, delta: Mapping[str, torch.Tensor], lines: Mapping[str, Any],
+                 task_vectors: Sequence[Mapping[str, torch.Tensor]],
+                 weights: Sequence[float] | torch.Tensor | None = None,
+                 params: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """key -> scale(l) for `method`'s update `delta` (module docstring), the task vectors and
+    weights it came from (read for alpha="auto" only, one tensor at a time, with tau_MTL =
+    eta_for_lambda(method, 1, K) * delta), its params."""
+    full = check_lines(lines)
+    layer_of = depths(delta.keys(), full["pattern"])
+    alpha = full["alpha"]
+    if alpha == "auto":
+        s = eta_for_lambda(method, 1.0, len(task_vectors), dict(params or {}))
+        alpha = auto_alpha(task_vectors, normalized_weights(weights, len(task_vectors)), delta, s)
+    return layer_scales(layer_of, alpha, full["beta"], full["pattern"])
 
 
 def lines_update(method: str, delta: Mapping[str, torch.Tensor], lines: Mapping[str, Any],
@@ -136,14 +181,7 @@ def lines_update(method: str, delta: Mapping[str, torch.Tensor], lines: Mapping[
                  params: Mapping[str, Any] | None = None) -> StateDict:
     """scale(l) * delta per tensor for `method`'s update `delta` (module docstring), the
     task vectors and weights it came from (read for alpha="auto" only), its params."""
-    full = check_lines(lines)
-    layer_of = depths(delta.keys(), full["pattern"])
-    alpha = full["alpha"]
-    if alpha == "auto":
-        s = eta_for_lambda(method, 1.0, len(task_vectors), dict(params or {}))
-        p = normalized_weights(weights, len(task_vectors))
-        alpha = auto_alpha(task_vectors, p, {k: v * s for k, v in delta.items()})
-    return scale_update(delta, layer_scales(layer_of, alpha, full["beta"], full["pattern"]))
+    return scale_update(delta, lines_scales(method, delta, lines, task_vectors, weights, params))
 
 
 def lines_merge(method: str, task_vectors: Sequence[Mapping[str, torch.Tensor]],

@@ -5,13 +5,15 @@ Some whole-vector methods read the whole update only through a few global number
 signs, Krum / Multi-Krum the clients they select from the pairwise distances, CClip and the
 geometric median the coefficients of their result in the clients' task vectors (from the
 Gram matrix), PCB each client's clip bounds and its score's top-ratio cut and maximum,
-DARE-TIES TIES's numbers on the masked, rescaled vectors. Such a method declares, beside its function,
-``register(..., global_pass=fn)``: ``fn(task_vectors, p, device, params) -> stats`` (and
-``names=`` the clients' names, when fn takes them) streams
-over the whole task vectors (memory-mapped in a large-model round, one block at a time) and
-returns those numbers; ``merge(method, some_tensors, ..., stats=stats)`` is then exactly the
-whole merge restricted to those tensors. A large-model round (fl_merge/round/group_merge.py)
-runs the pass once and merges group by group, so its peak is one group, not one Delta.
+DARE-TIES TIES's numbers on the masked, rescaled vectors, hetero the Gram matrix itself (its
+coefficients follow from it and the weights and normalisers every merge call is given).
+Such a method declares, beside its function, ``register(..., global_pass=fn)``:
+``fn(task_vectors, p, device, params) -> stats`` (and ``names=`` the clients' names, when fn
+takes them) streams over the whole task vectors (memory-mapped in a large-model round, one
+block at a time) and returns those numbers; ``merge(method, some_tensors, ...,
+stats=stats)`` is then exactly the whole merge restricted to those tensors. A large-model
+round (fl_merge/round/group_merge.py) runs the pass once and merges group by group, so its
+peak is one group, not one Delta.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fl_merge.merging import streaming
+from fl_merge.merging.blocks import task_vectors_dtype
 from fl_merge.merging.registry import Paper, number_param, register
 from fl_merge.core.task_vectors import MergeInputError, StateDict
 
@@ -69,8 +70,19 @@ def _check_hetero(params: dict) -> None:
         raise MergeInputError(f"floor must lie in [1e-12, 1e12], got {params['floor']}")
 
 
+def hetero_pass(task_vectors: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+                device: torch.device, params: dict) -> dict:
+    """hetero's global statistics (its declared pass, fl_merge/merging/passes.py): ``gram``,
+    the float64 K x K Gram matrix G_ij = <tau_i, tau_j> over the whole task vectors, streamed
+    in one pass (`streaming.gram`). Everything else hetero reads (weights, normalisers,
+    gamma, clip, floor) is given to every merge call alike, so each call forms the same
+    coefficients b_i from it (`hetero_coefficients`)."""
+    return {"gram": streaming.gram(task_vectors, device, task_vectors_dtype(task_vectors))}
+
+
 @register(
     "hetero", coordinatewise=False, check_params=_check_hetero,
+    global_pass=hetero_pass,  # its Gram matrix: a large-model round merges it by groups
     space={"gamma": (0.5, 1.0, 2.0)},
     formula="normalise by a_i, clip to the median norm, weight by the leave-one-out cosine with "
             "the others plus a floor, rescale by a_eff",
@@ -84,6 +96,7 @@ def hetero(
     gamma: float = 1.0,
     clip: bool = True,
     floor: float = 0.01,
+    stats: Mapping | None = None,
 ) -> StateDict:
     """Heterogeneity-aware weighting (ours): normaliser-scaled, norm-clipped,
     agreement-weighted average.
@@ -114,23 +127,14 @@ def hetero(
     fallback). The floor is the weight share, relative to a fully agreeing client, of a
     client that disagrees.
 
-    Cost: one streamed pass for the K x K Gram matrix (float64 accumulation over blocks),
-    one for the weighted sum; memory one block plus the result.
+    Cost: one streamed pass for the K x K Gram matrix (`hetero_pass`, float64 products
+    block by block), one for Delta = sum_i b_i tau_i (`streaming.linear_combination`);
+    memory one block plus the result. stats (`hetero_pass` on the whole task vectors): its
+    Gram matrix is taken, and these task vectors may be any subset of the whole one's
+    tensors: exactly those tensors of the whole merge (the same weights and normalisers).
     """
-    ref = task_vectors[0]
-    dtype = streaming.work_dtype(next(iter(ref.values())).dtype)
-    k = len(task_vectors)
-    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-    for _, _, _, x, _ in streaming.iter_blocks(task_vectors, device, dtype):
-        g = (x @ x.T).double()
-        if not bool(torch.isfinite(g).all()):  # products overflowed `dtype`: redo in float64
-            xd = x.double()
-            g = xd @ xd.T
-        gram += g
-    b = hetero_coefficients(gram.cpu(), weights, normalisers, float(gamma), bool(clip),
+    if stats is None:
+        stats = hetero_pass(task_vectors, weights, device, {})
+    b = hetero_coefficients(stats["gram"], weights, normalisers, float(gamma), bool(clip),
                             float(floor))
-    bw = b.to(device=device, dtype=dtype)
-    out = streaming.empty_like_flat(ref, device, dtype)
-    for key, s, e, x, _ in streaming.iter_blocks(task_vectors, device, dtype):
-        torch.mv(x.T, bw, out=out[key][s:e])
-    return streaming.to_output(out, ref)
+    return streaming.linear_combination(task_vectors, b, device)

@@ -15,11 +15,14 @@ tensors), and the whole-update methods that declare a `global_pass`
 (fl_merge/merging/passes.py): the pass streams once over the whole (memory-mapped) task
 vectors for a few global numbers, then each group is merged with them fixed, exactly that
 group of the whole merge: TIES (default convention: each client's top-k threshold and the
-majority tie sign), Krum and Multi-Krum (the selected clients), CClip and the geometric
-median (their coefficients in the task vectors, from the Gram matrix). Their peak is one
-group, not one Delta. The others (PCB, hetero, a personal method's per-client masks,
-LiNeS' whole-model scale, ...) are merged as before, whole, and then written to disk: their
-peak is one Delta, not one per method.
+majority tie sign), Krum and Multi-Krum (the selected clients), CClip, the geometric
+median and hetero (their coefficients in the task vectors, from the Gram matrix), PCB and
+DARE-TIES. Their peak is one group, not one Delta. A LiNeS-scaled update of such a method
+is its grouped Delta scaled tensor by tensor as it is written (alpha="auto", the l1 ratio
+of the whole update, read from the files one tensor at a time: fl_merge/merging/lines.py
+`lines_scales`), bit for bit the whole LiNeS-scaled merge. The others (a personal method's
+per-client masks) are merged as before, whole, and then written to disk: their peak is one
+Delta, not one per method.
 """
 
 from __future__ import annotations
@@ -42,13 +45,13 @@ Tensors = Mapping[str, torch.Tensor]
 GroupMerge = Callable[[Sequence[Tensors], Mapping[str, Sequence[Tensors]] | None, Tensors | None], Tensors]
 
 
-def groupable(method: str, params: Mapping[str, Any], lined: bool = False) -> bool:
+def groupable(method: str, params: Mapping[str, Any]) -> bool:
     """Whether `method` with `params` merged on groups of whole tensors is the method itself:
     per-tensor exact (coordinate-wise methods are) or given its declared global pass's
-    statistics (`merge(..., stats=...)`), not personal, and not LiNeS-scaled (`lined`: its
-    'auto' scale reads the whole merged update)."""
+    statistics (`merge(..., stats=...)`), and not personal. (A LiNeS-scaled update is its
+    method's grouped Delta scaled tensor by tensor: fl_merge/round/merging.py.)"""
     m = get_method(method)
-    return not lined and not m.personal and (
+    return not m.personal and (
         is_per_tensor_exact(method, params) or has_global_pass(method, params))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fl_merge.merging.lines import lines_update
+from fl_merge.merging.lines import ScaledState, lines_scales, lines_update
 from fl_merge.merging.passes import global_statistics, has_global_pass
 from fl_merge.methods import get_method, merge
 from fl_merge.merging.search import check_space_params
@@ -174,7 +174,9 @@ def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vector
     returned memory-mapped; a method that is itself on groups of whole tensors, or is given
     its declared global pass's statistics (fl_merge/merging/passes.py, computed here once
     over the whole task vectors), is merged group by group (`group_bytes` of task vectors
-    each), never a whole Delta in memory."""
+    each), never a whole Delta in memory; its LiNeS-scaled updates too (the unscaled Delta
+    on disk, its layer scales from it, alpha="auto" included, one tensor at a time, and
+    each scaled tensor written as it is computed: the whole LiNeS update bit for bit)."""
     args = merge_arguments(clients, weighting)
     lines, unscaled, out = dict(lines or {}), {}, {}
     base = None
@@ -188,23 +190,31 @@ def merge_methods(methods: Methods, clients: Sequence[ClientUpdate], task_vector
                      extras=extras_for(name, clients) if extras is None else extras, theta0=base,
                      **({} if stats is None else {"stats": stats}), **params)
 
+    def merged(name: str, params: dict[str, Any], file: str) -> tuple[Any, bool]:
+        """(Delta, whether it is on disk already): by groups into the store where that is
+        the method itself (with its pass's statistics, computed once here), else whole."""
+        if store is None or not task_vectors or not groupable(name, params):
+            return delta(name, params), False
+        stats = global_statistics(name, task_vectors, args["weights"], names=args["names"],
+                                  device=device, **params) if has_global_pass(name, params) else None
+        return merge_in_groups(
+            lambda tvs, extras, b: delta(name, params, tvs, extras or None, b, stats),
+            task_vectors, extras_for(name, clients), base, group_bytes, store, file), True
+
     for i, (label, (name, params)) in enumerate(methods.items()):
-        if store is not None and task_vectors and groupable(name, params, label in lines):
-            stats = global_statistics(name, task_vectors, args["weights"], names=args["names"],
-                                      device=device, **params) if has_global_pass(name, params) else None
-            out[label] = merge_in_groups(
-                lambda tvs, extras, b, name=name, params=params, stats=stats:
-                    delta(name, params, tvs, extras or None, b, stats),
-                task_vectors, extras_for(name, clients), base, group_bytes, store, f"delta-{i}")
-            continue
         if label not in lines:
-            out[label] = delta(name, params)
-        else:
+            out[label], on_disk = merged(name, params, f"delta-{i}")
+        else:  # LiNeS: one unscaled Delta per (method, params), however many settings scale it
             key = (name, repr(sorted(params.items())))
             if key not in unscaled:
-                unscaled[key] = delta(name, params)
-            out[label] = lines_update(name, unscaled[key], lines[label], task_vectors, args["weights"], params)
-        if store is not None:
+                unscaled[key] = merged(name, params, f"unscaled-{i}")
+            d, on_disk = unscaled[key]
+            if on_disk:  # scaled as each tensor is written: never a whole Delta (exact: lines_scales)
+                scales = lines_scales(name, d, lines[label], task_vectors, args["weights"], params)
+                out[label] = store.write(f"delta-{i}", ScaledState(d, scales))
+            else:
+                out[label] = lines_update(name, d, lines[label], task_vectors, args["weights"], params)
+        if store is not None and not on_disk:
             out[label] = keep_on_disk(out[label], store, f"delta-{i}")
     return out
 

@@ -238,18 +238,6 @@ class _nothing:
         return False
 
 
-@pytest.mark.parametrize("method", [m for m in available_methods() if method_scope(m) == "per-tensor"])
-def test_per_tensor_methods_run_the_method_on_each_tensor_alone(pool, capsys, method):
-    _, base, models, _, ms = pool
-    params = {"krum": ["f=0"], "multikrum": ["f=0"]}.get(method, [])
-    flags = ["--param", *params] if params else []
-    got = merged_file(pool, capsys, "--method", method, "--eta", 0.7, *flags)
-    kw = {p.split("=")[0]: int(p.split("=")[1]) for p in params}
-    for n in SHAPES:
-        delta = merge(method, _taus(base, models, [n]), names=ms, **kw)[n]
-        torch.testing.assert_close(got[n], base[n] + 0.7 * delta)
-
-
 def test_ties_takes_the_whole_updates_top_k_not_each_tensors_and_lambda_is_its_own(pool, capsys):
     _, base, models, _, _ = pool
     got = merged_file(pool, capsys, "--method", "ties", "--param", "density=0.3", "--lambda", 0.8)

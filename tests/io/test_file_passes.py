@@ -1,5 +1,5 @@
 """`fl-merge merge` of the whole-update methods that declare a pass (TIES at its default
-convention, Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES;
+convention, Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES, hetero;
 fl_merge/io/file_passes.py): the
 file merge of K = 3 small safetensors checkpoints equals theta0 + eta * fl_merge.merge on
 the whole task vectors (the test's own, from the tensors it wrote), TIES also the TIES
@@ -21,13 +21,14 @@ from fl_merge.io.checkpoints import Checkpoint
 from fl_merge.io.file_merge import merge_files, method_scope, model_names
 from fl_merge.io.file_passes import file_pass, file_task_vectors
 from fl_merge.merging import streaming
-from fl_merge.methods import merge
+from fl_merge.methods import available_methods, merge
 from methods.test_cclip import ref_cclip
+from methods.test_hetero import ref_hetero
 from methods.test_ties import ref_ties_reference
 from round.test_global_pass import LiveBytes
 
 SHAPES = {"enc.weight": (4, 5), "enc.bias": (6,), "head.weight": (3, 4)}
-PASS_METHODS = ("ties", "krum", "multikrum", "cclip", "geometric_median", "pcb")
+PASS_METHODS = ("ties", "krum", "multikrum", "cclip", "geometric_median", "pcb", "hetero")
 
 
 def _write(tmp, base, models):
@@ -92,6 +93,7 @@ CASES = {
     "pcb": ("pcb", {"ratio": 0.2}),
     "pcb-all": ("pcb", {"ratio": 1.0}),
     "dare-ties": ("dare", {"base": "ties", "density": 0.5, "drop_rate": 0.3, "seed": 3}),
+    "hetero": ("hetero", {"gamma": 2.0}),
 }
 
 
@@ -177,6 +179,24 @@ def test_cclip_on_files_is_its_iteration_written_out(tmp_path):
     np.testing.assert_allclose(delta, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_hetero_on_files_with_normalisers_is_the_whole_merge_and_its_formula(tmp_path):
+    """The pass's Gram matrix, the normalisers given to every tensor's merge: the file is
+    theta0 + eta * hetero of the whole task vectors (clipping and cosines of the whole)."""
+    base, models = _random_pool(torch.float32)
+    b, ms = _write(tmp_path, base, models)
+    a, w = [2.0, 1.0, 4.0], [1.0, 2.0, 1.0]
+    merge_files(b, ms, "hetero", 0.5, tmp_path / "o.safetensors", {"clip": True}, weights=w,
+                normalisers=a)
+    got = load_file(str(tmp_path / "o.safetensors"))
+    taus = _taus(base, models)
+    whole = merge("hetero", taus, w, normalisers=a, clip=True)
+    for n in SHAPES:
+        assert torch.equal(got[n], base[n].add(whole[n], alpha=0.5)), n  # the file's theta0 + eta Delta
+    ref, _ = ref_hetero(np.stack([_flat(t) for t in taus]), np.array([0.25, 0.5, 0.25]), a, 1.0, True)
+    delta = np.concatenate([(got[n].double() - base[n].double()).numpy().ravel() for n in SHAPES])
+    np.testing.assert_allclose(delta, 0.5 * ref, rtol=1e-5, atol=1e-6)
+
+
 def test_the_cli_says_exact_and_merges_through_the_pass(tmp_path, capsys):
     base, models = _integer_pool(torch.float16)
     b, ms = _write(tmp_path, base, models)
@@ -196,8 +216,31 @@ def test_the_cli_says_exact_and_merges_through_the_pass(tmp_path, capsys):
 def test_which_methods_stay_per_tensor():
     assert all(method_scope(m) == "exact" for m in PASS_METHODS)
     assert method_scope("ties", {"convention": "mergekit"}) == "exact"  # per tensor, no pass
-    assert method_scope("hetero") == "per-tensor"
+    assert method_scope("hetero") == "exact"  # its Gram-matrix pass
     assert method_scope("dare", {"base": "ties", "density": 0.5}) == "exact"  # DARE-TIES's pass
+
+
+def test_a_whole_vector_method_without_a_pass_runs_on_each_tensor_alone(tmp_path, monkeypatch):
+    """No built-in method is per-tensor any more (hetero declares its pass); a user's
+    whole-vector method that declares neither per_tensor_exact nor a pass runs on each tensor
+    alone: here the mean scaled to unit norm, on files each tensor's own norm."""
+    import fl_merge.merging.registry as reg
+
+    monkeypatch.setattr(reg, "_METHODS", dict(reg._METHODS))
+
+    @reg.register("zz_unit_mean", coordinatewise=False)
+    def zz_unit_mean(task_vectors, weights):
+        mean = {k: sum(float(w) * tv[k] for w, tv in zip(weights, task_vectors)) for k in task_vectors[0]}
+        norm = sum(float(v.double().pow(2).sum()) for v in mean.values()) ** 0.5
+        return {k: v / norm if norm > 0 else v for k, v in mean.items()}
+
+    assert [m for m in available_methods() if method_scope(m) == "per-tensor"] == ["zz_unit_mean"]
+    base, models = _random_pool(torch.float32)
+    got, _ = _file_merge(tmp_path, base, models, "zz_unit_mean", 0.7)
+    for n in SHAPES:
+        mean = sum(t[n].double() for t in _taus(base, models)) / 3
+        want = base[n].double() + 0.7 * mean / mean.norm()  # this tensor's own norm
+        torch.testing.assert_close(got[n].double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_lazy_task_vectors_read_the_files_on_demand(tmp_path):
@@ -244,7 +287,8 @@ def _peak(tmp, layers: int, method: str, params: dict) -> int:
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
                                            ("cclip", {"center": "median"}), ("geometric_median", {}),
-                                           ("pcb", {}), ("dare", {"base": "ties", "density": 0.5})])
+                                           ("pcb", {}), ("dare", {"base": "ties", "density": 0.5}),
+                                           ("hetero", {})])
 def test_the_pass_on_files_does_not_grow_with_the_model(tmp_path, monkeypatch, method, params):
     """What the file merge with its pass holds at once (the K models' tensors of one or two
     names (streaming.iter_blocks keeps the last name's while it reads the next), the base's,

@@ -1,6 +1,6 @@
 """Whole-update methods merged group by group through their declared passes
 (fl_merge/merging/passes.py, fl_merge/round/group_merge.py): TIES (default convention),
-Krum, Multi-Krum, CClip, the geometric median, PCB and DARE-TIES give, group by group,
+Krum, Multi-Krum, CClip, the geometric median, PCB, DARE-TIES and hetero give, group by group,
 exactly the whole update's merge, and their group merge never holds a whole Delta."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fl_merge.round.merging import merge_methods
 from fl_merge.round.updates import ClientUpdate
 from methods.test_cclip import ref_cclip as _ref_cclip
 from methods.test_dare import mask as dare_mask
+from methods.test_hetero import ref_hetero
 from methods.test_pcb import ref_pcb
 from methods.test_ties import ref_ties_reference
 
@@ -229,12 +230,53 @@ def test_dare_ties_by_groups_is_the_whole_dare_ties_bit_for_bit(tmp_path, limit,
     assert global_statistics("dare", tvs, weights, names=names[::-1], **params) != stats
 
 
+def _disagreeing(k: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """A common direction plus noise; client 1 four times as long (clipped to the median
+    norm), client 3 sign-flipped (its leave-one-out cosine < 0)."""
+    common = _random(1, seed + 100)[0]
+    tvs = _random(k, seed)
+    for i, tv in enumerate(tvs):
+        for n in tv:
+            tv[n] = (0.5 * tv[n] + (-2.0 if i == 3 else 2.0) * common[n]) * (4.0 if i == 1 else 1.0)
+    return tvs
+
+
+@pytest.mark.parametrize("limit", LIMITS.values(), ids=LIMITS.keys())
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 3.0, 2.0, 1.0]])
+@pytest.mark.parametrize("normalisers", [None, [2.0, 5.0, 1.0, 3.0, 4.0]])
+@pytest.mark.parametrize("gamma,clip", [(1.0, True), (2.0, False)])
+def test_hetero_by_groups_is_the_whole_hetero_bit_for_bit(tmp_path, limit, weights, normalisers,
+                                                           gamma, clip):
+    """The Gram matrix of the whole update fixes the coefficients b_i: every group is
+    sum_i b_i tau_i over its tensors, with the norms, median and cosines of the whole."""
+    tvs = _disagreeing(5, seed=11)
+    params = {"gamma": gamma, "clip": clip}
+    stats = global_statistics("hetero", tvs, weights, **params)
+    x = np.stack([_flat(tv).astype(float) for tv in tvs])
+    np.testing.assert_allclose(stats["gram"].numpy(), x @ x.T, rtol=1e-12, atol=1e-9)
+    store = SpillDir(tmp_path)
+    grouped = merge_in_groups(
+        lambda t, e, b: merge("hetero", t, weights, normalisers=normalisers, stats=stats, **params),
+        tvs, None, None, limit, store, "hetero")
+    assert len(list(store.path.iterdir())) == GROUPS[limit]
+    whole = merge("hetero", tvs, weights, normalisers=normalisers, **params)
+    assert all(torch.equal(grouped[n], whole[n]) for n in SHAPES)
+    # hetero's formula written out in numpy (tests/methods/test_hetero.py)
+    p = np.full(5, 0.2) if weights is None else np.asarray(weights) / sum(weights)
+    ref, cos = ref_hetero(x, p, normalisers, gamma, clip)
+    assert cos[3] < 0 < min(np.delete(cos, 3))
+    np.testing.assert_allclose(_flat(grouped), ref, rtol=1e-5, atol=1e-6)
+    # each group's own norms and cosines would weigh the clients otherwise
+    alone = merge("hetero", [{"a": tv["a"]} for tv in tvs], weights, normalisers=normalisers, **params)
+    assert not torch.equal(alone["a"], whole["a"])
+
+
 def test_stats_are_refused_by_a_method_without_a_pass():
     tvs = _random(3, seed=0)
     with pytest.raises(MergeInputError, match="declares no global_pass"):
         merge("fedavg", tvs, stats={"thresholds": [1.0]})
     with pytest.raises(MergeInputError, match="declares no global_pass"):
-        global_statistics("hetero", tvs)
+        global_statistics("iso_c", tvs)
 
 
 def test_the_pass_validates_like_merge_before_any_work():
@@ -249,9 +291,8 @@ def test_which_methods_go_by_groups_through_a_pass():
     assert has_global_pass("ties", {}) and groupable("ties", {})
     assert not has_global_pass("ties", {"convention": "mergekit"})  # per tensor already
     assert all(has_global_pass(m, {}) for m in ("krum", "multikrum", "cclip", "geometric_median"))
-    assert not groupable("ties", {}, lined=True)
     assert has_global_pass("pcb", {}) and groupable("pcb", {})
-    assert not has_global_pass("hetero", {}) and not groupable("hetero", {})
+    assert has_global_pass("hetero", {}) and groupable("hetero", {})
     assert has_global_pass("dare", {"base": "ties", "density": 0.5})
     assert not has_global_pass("dare", {"base": "ties"})  # density 1: per tensor already
 
@@ -305,7 +346,7 @@ DELTA_BYTES = 24 * 256 * 256 * 4
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("krum", {"f": 0}), ("multikrum", {"f": 0, "m": 2}),
                                            ("cclip", {"center": "median"}), ("geometric_median", {}),
-                                           ("pcb", {})])
+                                           ("pcb", {}), ("hetero", {})])
 def test_with_the_pass_the_round_never_holds_a_whole_delta(tmp_path, monkeypatch, method, params):
     """K = 3: what the pass and the group merge hold besides one group (TIES: the radix
     select's K x 2^15 histograms, 1.6 MB, and a few [K, n] blocks, n = 16384 here) does not

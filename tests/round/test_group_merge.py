@@ -11,6 +11,7 @@ import torch
 from fl_merge.core.task_vectors import UpdatedState
 from fl_merge.io.spill import JoinedState, MappedState, SpillDir
 from fl_merge.methods import merge
+from fl_merge.round import group_merge
 from fl_merge.round.chunks import tensor_bytes
 from fl_merge.round.group_merge import groupable, merge_in_groups
 from fl_merge.round.merging import merge_methods
@@ -90,9 +91,10 @@ def test_regmean_in_groups_takes_each_groups_gram_matrices(tmp_path):
         np.testing.assert_allclose(grouped[n].numpy(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_whole_update_method_is_merged_whole_then_kept_on_disk(tmp_path):
+def test_a_whole_update_method_is_merged_whole_then_kept_on_disk(tmp_path, monkeypatch):
     tvs = _tvs(3, seed=4)
-    m = "hetero"  # its norms and cosines need the whole update and it declares no pass
+    m = "hetero"  # its norms and cosines need the whole update: without its pass, merged whole
+    monkeypatch.setattr(group_merge, "has_global_pass", lambda *a: False)
     assert not groupable(m, {})
     store = SpillDir(tmp_path)
     kept = merge_methods({m: (m, {})}, _clients(3), tvs, "uniform", store=store, group_bytes=LIMIT)[m]
@@ -102,8 +104,8 @@ def test_a_whole_update_method_is_merged_whole_then_kept_on_disk(tmp_path):
         assert torch.equal(kept[n], want[n])
 
 
-def test_groupable_says_no_to_personal_and_lines_scaled_methods():
-    assert groupable("fedavg", {}) and not groupable("fedavg", {}, lined=True)
+def test_groupable_says_no_to_personal_methods():
+    assert groupable("fedavg", {}) and groupable("hetero", {})
     assert not groupable("emr", {})
 
 
