@@ -15,6 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fl_merge.core.kernels import pin_cpu_kernels
+
+# Before any kernel runs in this process or in those it starts: the same bits on every
+# x86-64 machine (fl_merge/core/kernels.py; opt out with FL_MERGE_NATIVE_KERNELS=1).
+pin_cpu_kernels()
+
 __version__ = "0.1.0"
 
 # name -> module of the public names, each loaded on first use (PEP 562): `import fl_merge`,

@@ -2,8 +2,8 @@
 
 The key hashes everything that determines the update: the received weights theta0 (their
 bytes), the client's task/partition and data seed, its training values, what extras it
-must send, the model name, and TRAINER_VERSION (bump it when local training changes what it
-produces). An entry is one safetensors file written atomically, holding the update's
+must send, the model name, TRAINER_VERSION (bump it when local training changes what it
+produces) and the CPU kernels in effect (fl_merge/core/kernels.py). An entry is one safetensors file written atomically, holding the update's
 tensors plus, in its metadata, the metrics and a SHA-256 of every tensor's bytes: an entry
 that fails to load or to verify is deleted and rebuilt, never used.
 
@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fl_merge.core.kernels import kernel_tag
 from fl_merge.models.registry import cache_root
 from fl_merge.core.safetensors_writer import save_tensors
 
@@ -43,7 +44,10 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def update_key(theta0_digest: str, spec: Mapping[str, Any]) -> str:
-    payload = json.dumps({"theta0": theta0_digest, "trainer": TRAINER_VERSION, **spec},
+    # the CPU kernels decide the update's bits too (fl_merge/core/kernels.py)
+    kernels = kernel_tag()
+    payload = json.dumps({"theta0": theta0_digest, "trainer": TRAINER_VERSION, **spec,
+                          **({} if kernels == "native" else {"kernels": kernels})},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
