@@ -70,7 +70,9 @@ def test_iso_cts_float32_and_task_specific_directions():
     out = merge("iso_cts", tvs)["a"]
     assert out.dtype == torch.float32
     ref = ref_iso_cts([tv["a"].double().numpy() for tv in tvs], norm_p(None, 4))
-    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-4, atol=1e-5)
+    # float32 SVDs and products: a few 1e-5 off on entries up to ~3, by how the CPU kernels
+    # round (AVX2-pinned MKL: 2.6e-5 on one entry); still far below Iso-C's 1e-2 difference
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-4, atol=1e-4)
     iso_c = merge("iso_c", tvs)["a"].double().numpy()
     assert np.abs(ref - iso_c).max() > 1e-2
     s = np.linalg.svd(out.double().numpy(), compute_uv=False)
