@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not deployment" --durations=25
 
 # Real SuperLink/SuperNode processes (loopback, network namespaces, killed processes, cut links;
-# the lost-node tests use a 10 s heartbeat, so each waits ~20 s): ~10 min on 2 cores (9 min 28 s on a fresh clone, 8 Dec). CI runs both.
+# the lost-node tests use a 10 s heartbeat, so each waits ~20 s): ~8-10 min on 2 cores (8 min 8 s on a fresh clone, 8 Dec). CI runs both.
 test-deployment: $(STAMP)
 	$(PY) -m pytest -q -m deployment
 
