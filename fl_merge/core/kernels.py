@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+import warnings
 from collections.abc import MutableMapping
 
 # variable -> value: the AVX2 path of ATen, MKL (conditional numerical reproducibility) and oneDNN
@@ -45,13 +47,31 @@ def pins_kernels(environ: MutableMapping[str, str] | None = None, machine: str |
 def pin_cpu_kernels(environ: MutableMapping[str, str] | None = None, machine: str | None = None
                     ) -> dict[str, str]:
     """Set PINNED's variables in `environ` (default os.environ) where unset, if
-    `pins_kernels`; returns the variables set now (none when left alone)."""
+    `pins_kernels`; returns the variables set now (none when left alone). In this process
+    (`environ` None) with torch already imported, warns when torch has computed already
+    with wider kernels (`late_pin_warning`)."""
     env = os.environ if environ is None else environ
     if not pins_kernels(env, machine):
         return {}
     added = {k: v for k, v in PINNED.items() if k not in env}
     env.update(added)
+    if environ is None and added and "torch" in sys.modules:
+        import torch
+
+        why = late_pin_warning(torch.backends.cpu.get_cpu_capability())
+        if why:
+            warnings.warn(why, RuntimeWarning, stacklevel=2)
     return added
+
+
+def late_pin_warning(capability: str) -> str:
+    """Why numbers may differ ('' if not): torch reports `capability` after the pin, which is
+    not AVX2 (or below) when it computed before fl_merge was imported."""
+    if capability in ("AVX2", "DEFAULT", "NO AVX"):
+        return ""
+    return (f"fl-merge: torch computed with its {capability} kernels before fl_merge was imported, "
+            "so this process's numbers may differ from other machines'; import fl_merge first, or set "
+            "ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 before Python starts")
 
 
 def kernel_tag(environ: MutableMapping[str, str] | None = None) -> str:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fl_merge.core.kernels import OPT_OUT, PINNED, kernel_tag, pin_cpu_kernels
+from fl_merge.core.kernels import OPT_OUT, PINNED, kernel_tag, late_pin_warning, pin_cpu_kernels
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 CAPABILITY = ("import torch{pre}; x = torch.randn(1000); (x * x).sum(); "
@@ -44,3 +44,14 @@ def test_a_process_that_imports_fl_merge_computes_with_avx2_even_after_importing
     assert native in ("AVX2", "AVX512")
     assert _capability(clean, "; import fl_merge") == "AVX2"
     assert _capability({**clean, OPT_OUT: "1"}, "; import fl_merge") == native
+
+
+@pytest.mark.skipif(not X86, reason="the pinned paths are x86-64's")
+def test_torch_computing_before_fl_merge_is_imported_is_warned_about_where_it_matters():
+    clean = {k: v for k, v in os.environ.items() if k not in PINNED and k != OPT_OUT}
+    native = _capability(clean, "")
+    late = subprocess.run([sys.executable, "-W", "always", "-c",
+                           "import torch; x = torch.randn(1000); (x * x).sum(); import fl_merge"],
+                          env=clean, capture_output=True, text=True, timeout=120, check=True)
+    assert ("computed with its AVX512 kernels before fl_merge was imported" in late.stderr) == (native == "AVX512")
+    assert late_pin_warning("AVX2") == "" and "import fl_merge first" in late_pin_warning("AVX512")
