@@ -80,3 +80,10 @@ def kernel_tag(environ: MutableMapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     set_ = [f"{k}={env[k]}" for k in PINNED if k in env]
     return ",".join(set_) if set_ else "native"
+
+
+def cache_key_part(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """What a cache key adds for the kernels: nothing under native kernels (keys made before
+    the pin stay valid there), else {"kernels": kernel_tag()}."""
+    tag = kernel_tag(environ)
+    return {} if tag == "native" else {"kernels": tag}

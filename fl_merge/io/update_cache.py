@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fl_merge.core.kernels import kernel_tag
+from fl_merge.core.kernels import cache_key_part
 from fl_merge.models.registry import cache_root
 from fl_merge.core.safetensors_writer import save_tensors
 
@@ -45,9 +45,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 def update_key(theta0_digest: str, spec: Mapping[str, Any]) -> str:
     # the CPU kernels decide the update's bits too (fl_merge/core/kernels.py)
-    kernels = kernel_tag()
-    payload = json.dumps({"theta0": theta0_digest, "trainer": TRAINER_VERSION, **spec,
-                          **({} if kernels == "native" else {"kernels": kernels})},
+    payload = json.dumps({"theta0": theta0_digest, "trainer": TRAINER_VERSION, **spec, **cache_key_part()},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fl_merge.core.kernels import kernel_tag
+from fl_merge.core.kernels import cache_key_part
 from fl_merge.core.registration import MODEL_MODULES, BuiltinRegistry
 
 MERGED_PREFIX = "backbone."
@@ -157,8 +157,8 @@ def cache_root() -> Path:
 
 def base_model_path(name: str, cfg: PretrainConfig) -> Path:
     # the kernels decide the pretrained bits too (fl_merge/core/kernels.py): no reuse across them
-    key = json.dumps({"model": name, **asdict(cfg), "code": _PRETRAIN_CODE_VERSION,
-                      **({} if kernel_tag() == "native" else {"kernels": kernel_tag()})}, sort_keys=True)
+    key = json.dumps({"model": name, **asdict(cfg), "code": _PRETRAIN_CODE_VERSION, **cache_key_part()},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "base" / f"{name}-{digest}.safetensors"
 

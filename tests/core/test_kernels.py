@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fl_merge.core.kernels import OPT_OUT, PINNED, kernel_tag, late_pin_warning, pin_cpu_kernels
+from fl_merge.core.kernels import OPT_OUT, PINNED, cache_key_part, kernel_tag, late_pin_warning, pin_cpu_kernels
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 CAPABILITY = ("import torch{pre}; x = torch.randn(1000); (x * x).sum(); "
@@ -22,13 +22,14 @@ def test_an_x86_machine_gets_the_three_variables_and_a_users_own_value_is_kept()
     assert pin_cpu_kernels(env, "x86_64") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert kernel_tag(env) == "ATEN_CPU_CAPABILITY=avx2,MKL_CBWR=COMPATIBLE,ONEDNN_MAX_CPU_ISA=AVX2"
+    assert cache_key_part(env) == {"kernels": kernel_tag(env)}
 
 
 @pytest.mark.parametrize("env, machine", [({OPT_OUT: "1"}, "x86_64"), ({}, "aarch64"), ({}, "arm64")])
 def test_an_opt_out_or_another_architecture_is_left_alone(env, machine):
     before = dict(env)
     assert pin_cpu_kernels(env, machine) == {} and env == before
-    assert kernel_tag(env) == "native"
+    assert kernel_tag(env) == "native" and cache_key_part(env) == {}
 
 
 def _capability(env: dict[str, str], pre: str) -> str:
